@@ -1,0 +1,81 @@
+"""`ckptflow inspect PATH`: tree, shapes, dtypes and bytes of a checkpoint, and its manifest."""
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from converters.errors import CkptflowError
+
+DESCRIPTION = """\
+Show what a checkpoint holds: every array (MaxText/Orbax) or tensor (HF safetensors folder) with
+shape, dtype and size, the layout (scanned or not), and the ckptflow manifest when present.
+Nothing is loaded but headers and metadata.
+
+examples:
+  ckptflow inspect ./llama-mt            # or ./llama-mt/0/items
+  ckptflow inspect ./Llama-3.1-8B --json
+"""
+
+
+def add_parser(sub):
+    p = sub.add_parser("inspect", help="show tree, shapes, dtypes and bytes of a checkpoint", description=DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", metavar="PATH", help="MaxText checkpoint or HF safetensors folder")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def describe(path: str) -> dict:
+    from converters.outputs import MANIFEST
+    from converters.safetensors_io import is_safetensors_folder
+
+    p = Path(path)
+    if is_safetensors_folder(p):
+        from converters.safetensors_io import SafetensorsFolder
+
+        f = SafetensorsFolder(p)
+        arrays = {n: {"shape": list(t.shape), "dtype": str(t.dtype), "bytes": t.nbytes, "file": t.path.name} for n, t in sorted(f.tensors.items())}
+        info = {"format": "hf-safetensors", "path": str(p)}
+        cfg = p / "config.json"
+        if cfg.exists():
+            c = json.loads(cfg.read_text())
+            info["model_type"] = c.get("model_type")
+            info["architectures"] = c.get("architectures")
+    else:
+        from converters.orbax_io import CheckpointReader
+
+        r = CheckpointReader(p)
+        arrays = {}
+        for k in sorted(r.arrays):
+            shape, dtype = r.shape(k), r.dtype(k)
+            arrays[k] = {"shape": list(shape), "dtype": str(dtype), "bytes": math.prod(shape) * dtype.itemsize}
+        info = {"format": "maxtext-orbax", "path": str(r.items), "scan_layers": r.scan_layers(), "use_ocdbt": r.use_ocdbt, "use_zarr3": r.use_zarr3}
+        p = r.root
+    info["arrays"] = arrays
+    info["total_bytes"] = sum(a["bytes"] for a in arrays.values())
+    if (p / MANIFEST).exists():
+        info["manifest"] = json.loads((p / MANIFEST).read_text())
+    return info
+
+
+def run(args) -> int:
+    info = describe(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['format']}: {info['path']}")
+    for k in ("model_type", "scan_layers", "use_ocdbt", "use_zarr3"):
+        if k in info:
+            print(f"  {k}: {info[k]}")
+    width = max((len(n) for n in info["arrays"]), default=10)
+    for n, a in info["arrays"].items():
+        print(f"  {n:<{width}}  {str(a['shape']):<24} {a['dtype']:<9} {a['bytes'] / 1e6:10.2f} MB")
+    print(f"  {len(info['arrays'])} arrays, {info['total_bytes'] / 1e9:.3f} GB")
+    m = info.get("manifest")
+    if m:
+        print(f"manifest: {m['direction']} {m['family']} {json.dumps(m['options'])} from {m['source'].get('path')} "
+              f"({len(m['outputs'])} files, created {m['created']})")
+    if not info["arrays"]:
+        raise CkptflowError(f"{args.path}: no arrays found")
+    return 0

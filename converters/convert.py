@@ -1,0 +1,297 @@
+"""The two conversion directions, both driven by a family's plan (see `converters.mapping`).
+
+HF -> MaxText: validate every tensor name and shape first, then stream: each MaxText array is a lazy
+leaf whose pieces (one HF tensor, one layer of a stack, or a row block) are read, transformed and
+written one at a time. MaxText -> HF: the same plan read backwards, each HF tensor read as one slice of
+a stored array and appended to its safetensors shard as soon as it is ready.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import ml_dtypes
+import numpy as np
+
+from converters import outputs, registry
+from converters.errors import CkptflowError, MappingError
+from converters.mapping import SCAN_AXIS, Family, Leaf
+from converters.safetensors_io import (
+    PlannedTensor,
+    SafetensorsFolder,
+    ShardWriter,
+    iter_row_chunks,
+    plan_shards,
+    shard_names,
+    write_index,
+)
+from converters.transforms import run_chain
+
+DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
+ROW_CHUNK_BYTES = 256 << 20  # large 2-D tensors (embedding, lm_head) are streamed in blocks of about this size
+DEFAULT_SHARD_BYTES = 5 << 30
+
+
+def _dtype(name: str) -> np.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise CkptflowError(f"unsupported dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+def _listing(names, limit: int = 8) -> str:
+    names = sorted(names)
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+@dataclass
+class Result:
+    out: Path
+    family: str
+    bytes: int
+    tensors: int
+
+
+# ----------------------------------------------------------------------------------------- HF -> MaxText
+
+
+def load_hf_config(src: Path, hf_config: str | None = None, model: str | None = None) -> dict:
+    if hf_config:
+        return outputs.read_json(Path(hf_config), "HF config")
+    if (src / "config.json").exists():
+        return outputs.read_json(src / "config.json", "config.json")
+    if model:
+        return registry.model(model)[1]
+    raise CkptflowError(f"{src}: no config.json (pass --model NAME or --hf-config PATH)")
+
+
+def validate_hf_source(family: type[Family], cfg: dict, plan: list[Leaf], src: SafetensorsFolder) -> None:
+    """Every planned tensor present with its shape, and nothing in the folder left unconverted."""
+    d = family.dims(cfg)
+    wanted = {name: leaf.rule.hf_shape for leaf in plan for _, name in leaf.hf_names()}
+    missing = [n for n in wanted if n not in src]
+    if missing:
+        raise MappingError(f"missing tensors for a {family.name} model: {_listing(missing)}")
+    bad = [f"{n} (expected {list(s)}, got {list(src.info(n).shape)})" for n, s in wanted.items() if src.info(n).shape != s]
+    if bad:
+        raise MappingError(f"shape mismatch against config.json: {_listing(bad, 4)}")
+    extra = [n for n in src.tensors if n not in wanted and not family.is_ignored(d, n)]
+    if extra:
+        raise MappingError(f"unexpected tensors a {family.name} model does not have (wrong config.json?): {_listing(extra)}")
+
+
+def _hf_pieces(leaf: Leaf, src: SafetensorsFolder, dtype: np.dtype) -> tuple[Callable[[], Iterator], tuple[int, ...]]:
+    """The generator of `(index, block)` that fills one MaxText array, and the block shape (chunking)."""
+    r = leaf.rule
+    shape = leaf.shape
+    if leaf.hf_layers is not None:
+
+        def stacked():
+            for j, name in leaf.hf_names():
+                index = (slice(None),) * SCAN_AXIS + (j,)
+                yield index, run_chain(r.chain, src.read(name), dtype)
+
+        return stacked, shape[:SCAN_AXIS] + (1,) + shape[SCAN_AXIS + 1 :]
+
+    name = leaf.hf_name()
+    info = src.info(name)
+    if r.row_axis is None:
+        return (lambda: iter([((), run_chain(r.chain, src.read(name), dtype))])), shape
+
+    ax = r.row_axis
+    step_rows = max(1, ROW_CHUNK_BYTES // max(1, math.prod(shape) // shape[ax] * dtype.itemsize))
+
+    def rows():
+        for rs in iter_row_chunks(info.shape[0], 1, step_rows):
+            index = tuple(rs if a == ax else slice(None) for a in range(len(shape)))
+            yield index, run_chain(r.chain, src.read(name, rs), dtype)
+        # MaxText's vocab padding: rows HF does not have are zeros
+        for rs in iter_row_chunks(shape[ax] - info.shape[0], 1, step_rows):
+            rs = slice(rs.start + info.shape[0], rs.stop + info.shape[0])
+            index = tuple(rs if a == ax else slice(None) for a in range(len(shape)))
+            yield index, np.zeros(tuple(rs.stop - rs.start if a == ax else n for a, n in enumerate(shape)), dtype)
+
+    return rows, tuple(min(step_rows, n) if a == ax else n for a, n in enumerate(shape))
+
+
+def _nest(flat: dict[str, object]) -> dict:
+    tree: dict = {}
+    for path, v in flat.items():
+        node = tree
+        *parents, last = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = v
+    return tree
+
+
+def hf_to_maxtext(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    scan: bool = True,
+    dtype: str = "bfloat16",
+    model: str | None = None,
+    hf_config: str | None = None,
+    overwrite: bool = False,
+    use_ocdbt: bool = True,
+    use_zarr3: bool = True,
+    workers: int = 2,
+    progress: Callable[[int, int], object] | None = None,
+) -> Result:
+    """Convert an HF safetensors folder to a MaxText Orbax checkpoint at `out` (`out/0/items`)."""
+    from converters.orbax_io import LazyArray, WriteProgress, write_checkpoint
+
+    src = Path(src)
+    out_dtype = _dtype(dtype)
+    outputs.check_destination(out, overwrite)
+    cfg = load_hf_config(src, hf_config, model)
+    family = registry.family_for_config(cfg)
+    plan = family.plan(cfg, scan)
+    folder = SafetensorsFolder(src)
+    validate_hf_source(family, cfg, plan, folder)
+
+    flat = {}
+    for leaf in plan:
+        pieces, piece_shape = _hf_pieces(leaf, folder, out_dtype)
+        flat[leaf.path] = LazyArray(leaf.shape, out_dtype, pieces, piece_shape, name=leaf.path)
+    total = sum(a.nbytes for a in flat.values())
+    bar = progress(total, len(flat)) if progress else None
+    counter = WriteProgress(bar.update if bar is not None else None)
+
+    with outputs.atomic_dir(out, overwrite) as tmp:
+        write_checkpoint(tmp, _nest(flat), scan_layers=scan, use_ocdbt=use_ocdbt, use_zarr3=use_zarr3, workers=workers, progress=counter)
+        if bar is not None:
+            bar.close()
+        sidecar = tmp / outputs.SIDECAR
+        copied = outputs.copy_hf_extras(src, sidecar)
+        if "config.json" not in copied:
+            (sidecar / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        outputs.write_manifest(
+            tmp,
+            direction="hf->maxtext",
+            family=family.name,
+            options={"scan_layers": scan, "dtype": dtype, "use_ocdbt": use_ocdbt, "use_zarr3": use_zarr3},
+            source={"path": str(src.absolute()), "files": {p.name: p.stat().st_size for p in sorted(src.iterdir()) if p.is_file()}},
+        )
+    return Result(Path(out), family.name, total, len(flat))
+
+
+# ----------------------------------------------------------------------------------------- MaxText -> HF
+
+
+def _shape_fits(leaf: Leaf, stored: tuple[int, ...]) -> bool:
+    """Equal, or larger only along the vocab axis (training runs pad the vocabulary)."""
+    want = leaf.shape
+    if stored == want:
+        return True
+    ax = leaf.rule.row_axis
+    return ax is not None and len(stored) == len(want) and all(s == w or (a == ax and s >= w) for a, (s, w) in enumerate(zip(stored, want)))
+
+
+def choose_plan(family: type[Family], cfg: dict, stored: dict[str, tuple[int, ...]]) -> tuple[bool, list[Leaf]]:
+    """Detect scanned vs unscanned from the stored tree and check every array against the plan."""
+    plans = {scan: family.plan(cfg, scan) for scan in (True, False)}
+    overlap = {scan: len({l.path for l in p} & stored.keys()) for scan, p in plans.items()}
+    scan = max(overlap, key=overlap.get)
+    plan = plans[scan]
+    paths = {l.path for l in plan}
+    missing = paths - stored.keys()
+    if missing:
+        raise MappingError(f"checkpoint is missing arrays of a {'scanned' if scan else 'unscanned'} {family.name} model: {_listing(missing)}")
+    extra = stored.keys() - paths
+    if extra:
+        raise MappingError(f"checkpoint has arrays a {family.name} model with this config does not have: {_listing(extra)}")
+    bad = [f"{l.path} (expected {list(l.shape)}, got {list(stored[l.path])})" for l in plan if not _shape_fits(l, stored[l.path])]
+    if bad:
+        raise MappingError(f"shape mismatch between checkpoint and HF config (wrong --model?): {_listing(bad, 4)}")
+    return scan, plan
+
+
+def _hf_blocks(leaf: Leaf, j: int | None, reader, dtype: np.dtype) -> Iterator[np.ndarray]:
+    """The blocks (whole tensor, or row chunks) of one HF tensor, read from its MaxText array."""
+    r = leaf.rule
+    if j is not None:
+        yield run_chain(r.chain, reader.read(leaf.path, (slice(None),) * SCAN_AXIS + (j,)), dtype, inverse=True)
+        return
+    if r.row_axis is None:
+        yield run_chain(r.chain, reader.read(leaf.path), dtype, inverse=True)
+        return
+    ax, hf_rows = r.row_axis, r.hf_shape[0]
+    row_bytes = math.prod(r.hf_shape[1:]) * 4
+    for rs in iter_row_chunks(hf_rows, row_bytes, ROW_CHUNK_BYTES):
+        index = tuple(rs if a == ax else slice(None) for a in range(len(leaf.shape)))
+        yield run_chain(r.chain, reader.read(leaf.path, index), dtype, inverse=True)
+
+
+def maxtext_to_hf(
+    ckpt: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    dtype: str = "bfloat16",
+    model: str | None = None,
+    hf_config: str | None = None,
+    overwrite: bool = False,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: Callable[[int, int], object] | None = None,
+) -> Result:
+    """Convert a MaxText checkpoint (ours, or a training run's) to an HF safetensors folder at `out`."""
+    from converters.orbax_io import CheckpointReader, find_sidecar_dir
+
+    out_dtype = _dtype(dtype)
+    outputs.check_destination(out, overwrite)
+    reader = CheckpointReader(ckpt)
+    sidecar = find_sidecar_dir(ckpt)
+    if hf_config:
+        cfg = outputs.read_json(Path(hf_config), "HF config")
+    elif model:
+        cfg = registry.model(model)[1]
+    elif sidecar is not None:
+        cfg = outputs.read_json(sidecar / "config.json", "sidecar config.json")
+    else:
+        raise CkptflowError(f"{reader.root}: no ckptflow sidecar config; pass --model NAME or --hf-config PATH")
+    family = registry.family_for_config(cfg)
+    scan, plan = choose_plan(family, cfg, {k: reader.shape(k) for k in reader.arrays})
+
+    tensors = [(leaf, j, name) for leaf in plan for j, name in leaf.hf_names()]
+    planned = [PlannedTensor(name, leaf.rule.hf_shape, out_dtype) for leaf, _, name in tensors]
+    shards = plan_shards(planned, shard_bytes)
+    names = shard_names(len(shards))
+    total = sum(t.nbytes for t in planned)
+    bar = progress(total, len(planned)) if progress else None
+    it = iter(tensors)
+
+    with outputs.atomic_dir(out, overwrite) as tmp:
+        for shard, fname in zip(shards, names):
+            w = ShardWriter(tmp / fname, shard)
+            for t in shard:
+                leaf, j, name = next(it)
+                for block in _hf_blocks(leaf, j, reader, out_dtype):
+                    w.write(name, block)
+                    if bar is not None:
+                        bar.update(block.nbytes)
+            w.close()
+        write_index(tmp, shards, names)
+        if bar is not None:
+            bar.close()
+        if sidecar is not None:
+            outputs.copy_hf_extras(sidecar, tmp, skip=("config.json",))
+        export_cfg = family.export_config(cfg, dtype)
+        (tmp / "config.json").write_text(json.dumps(export_cfg, indent=2, sort_keys=True) + "\n")
+        if not (tmp / "generation_config.json").exists():
+            gen = {k: export_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if export_cfg.get(k) is not None}
+            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        outputs.write_manifest(
+            tmp,
+            direction="maxtext->hf",
+            family=family.name,
+            options={"scan_layers": scan, "dtype": dtype, "shard_bytes": shard_bytes},
+            source={"path": str(reader.items)},
+        )
+    return Result(Path(out), family.name, total, len(planned))

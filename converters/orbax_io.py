@@ -1,0 +1,320 @@
+"""Orbax checkpoints in MaxText's layout, written and read slice by slice.
+
+Writing: every MaxText array is a `LazyArray` (shape, dtype and a generator of `(index, piece)` pairs).
+A type handler registered for it reuses Orbax's own write spec (so the tree metadata, OCDBT manifest,
+zarr metadata and commit markers are exactly Orbax's) but writes region by region, with chunks aligned
+to the pieces (one layer of a scanned stack, a row block of an embedding), so no stacked array is ever
+built in memory. It reports `np.ndarray` as its type: the checkpoint restores as ordinary numpy leaves.
+
+Reading: the tree metadata gives the leaf names; each array is opened with tensorstore through
+Orbax's read spec and read one slice at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import math
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from converters.errors import CkptflowError, CorruptFileError
+
+Index = tuple  # a tuple of slices / ints into the global array
+PieceFn = Callable[[], Iterator[tuple[Index, np.ndarray]]]
+
+PARAM_ROOTS = ("token_embedder", "decoder", "vision_encoder", "mtp_block")
+
+
+@dataclass(eq=False)
+class LazyArray:
+    """A leaf Orbax can save without us holding it: `pieces()` yields `(index, block)` covering the array."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    pieces: PieceFn
+    piece_shape: tuple[int, ...]  # chunk shape for the stored array: one piece maps to whole chunks
+    name: str = ""
+    nbytes_hint: int = 0
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * np.dtype(self.dtype).itemsize
+
+    def __deepcopy__(self, memo):  # Orbax deep-copies host arrays before saving; ours hold no data
+        return self
+
+
+class WriteProgress:
+    """Thread-safe byte counter the CLI turns into a progress bar."""
+
+    def __init__(self, callback: Callable[[int], None] | None = None):
+        self._lock = threading.Lock()
+        self.done = 0
+        self._cb = callback
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.done += n
+        if self._cb:
+            self._cb(n)
+
+
+_handler_installed = False
+_settings = {"workers": 2, "progress": None}
+
+
+def _install_handler() -> None:
+    """Register the LazyArray handler with Orbax (once per process)."""
+    global _handler_installed
+    if _handler_installed:
+        return
+    from orbax.checkpoint import type_handlers
+    from orbax.checkpoint._src.futures import future
+    from orbax.checkpoint._src.serialization import ocdbt_utils, tensorstore_utils as ts_utils
+    import tensorstore as ts
+
+    class LazyArrayHandler(type_handlers.NumpyHandler):
+        def __init__(self):
+            super().__init__(deepcopy_host_arrays=False)
+
+        async def serialize(self, values, infos, args=None):
+            args = args or [type_handlers.SaveArgs()] * len(values)
+            return [future.CommitFutureAwaitingContractedSignals(self._write_all(values, infos, args), name="ckptflow_lazy")]
+
+        async def _write_all(self, values: Sequence[LazyArray], infos, args):
+            # Largest arrays first so the long tail is short; a small pool bounds how many pieces live at once.
+            order = sorted(range(len(values)), key=lambda i: -values[i].nbytes)
+            queue = list(order)
+            pool = concurrent.futures.ThreadPoolExecutor(max_workers=_settings["workers"])
+            loop = asyncio.get_running_loop()
+
+            async def worker():
+                while queue:
+                    i = queue.pop(0)
+                    try:
+                        await self._write_one(values[i], infos[i], args[i], pool, loop)
+                    except BaseException:
+                        queue.clear()  # stop the other workers too: the checkpoint is abandoned
+                        raise
+
+            try:
+                await asyncio.gather(*(worker() for _ in range(_settings["workers"])))
+            finally:
+                # wait for a piece still being produced so no thread calls back into a closed loop
+                pool.shutdown(wait=True, cancel_futures=True)
+
+        async def _write_one(self, value: LazyArray, info, arg, pool, loop):
+            await info.await_path_creation()
+            spec = ts_utils.build_array_write_spec(
+                info=info,
+                arg=arg,
+                global_shape=value.shape,
+                local_shape=value.piece_shape,
+                dtype=np.dtype(value.dtype),
+                use_ocdbt=info.is_ocdbt_checkpoint,
+                process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt=info.is_ocdbt_checkpoint),
+            )
+            t = await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
+            it = value.pieces()
+            sentinel = object()
+            pending = None
+            progress = _settings["progress"]
+            while True:
+                # Produce the next piece on a worker thread while the previous one is being written.
+                item = await loop.run_in_executor(pool, next, it, sentinel)
+                if pending is not None:
+                    await pending
+                if item is sentinel:
+                    break
+                index, block = item
+                if block.shape != t[index].shape:
+                    raise RuntimeError(f"{value.name}: piece {block.shape} does not fit {index} of {value.shape}")
+                pending = t[index].write(block)
+                if progress is not None:
+                    progress.add(block.nbytes)
+
+    type_handlers.register_type_handler(LazyArray, LazyArrayHandler(), override=True)
+    _handler_installed = True
+
+
+def write_checkpoint(
+    root: Path,
+    params: dict,
+    *,
+    scan_layers: bool,
+    use_ocdbt: bool = True,
+    use_zarr3: bool = True,
+    workers: int = 2,
+    progress: WriteProgress | None = None,
+) -> Path:
+    """Write `params` (a nested dict of LazyArray / np.ndarray) as MaxText's step-0 checkpoint under `root`.
+
+    Produces `<root>/0/items` with the tree `{step, params: {params: ...}, opt_state: {}}` and step metadata
+    `{"scan_layers": ...}`, as MaxText's `to_maxtext` does. Returns the items path.
+    """
+    import orbax.checkpoint as ocp
+
+    _install_handler()
+    _settings.update(workers=workers, progress=progress)
+    tree = {"step": 0, "params": {"params": params}, "opt_state": {}}
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True, max_to_keep=None)
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt, use_zarr3=use_zarr3)
+    with ocp.CheckpointManager(root, item_names=("items",), options=options, item_handlers={"items": handler}) as mgr:
+        mgr.save(0, args=ocp.args.Composite(items=ocp.args.PyTreeSave(tree)), custom_metadata={"scan_layers": scan_layers})
+        mgr.wait_until_finished()
+    return root / "0" / "items"
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def find_items_dir(path: str | os.PathLike) -> Path:
+    """Accept `<ckpt>`, `<ckpt>/0`, `<ckpt>/0/items`, or a training run dir (`checkpoints/<step>/items`, newest step)."""
+    p = Path(path)
+    if not p.exists():
+        raise CkptflowError(f"{p}: no such checkpoint")
+    for cand in (p, p / "items"):
+        if (cand / "_METADATA").exists():
+            return cand
+    for base in (p, p / "checkpoints"):
+        if not base.is_dir():
+            continue
+        steps = sorted((int(c.name), c) for c in base.iterdir() if c.name.isdigit() and (c / "items" / "_METADATA").exists())
+        if steps:
+            return steps[-1][1] / "items"
+    raise CkptflowError(f"{p}: not an Orbax checkpoint (no _METADATA in it, in items/, in <step>/items or checkpoints/<step>/items)")
+
+
+def checkpoint_root(items: Path) -> Path:
+    """The folder our sidecars live in: two levels above `<root>/<step>/items`."""
+    return items.parent.parent if items.name == "items" and items.parent.name.isdigit() else items
+
+
+def _normalize(keys: list) -> list[str]:
+    """NNX trees use integer list indices and a trailing `value`; fold them into Linen names (`layers_0`)."""
+    out: list[str] = []
+    for k in keys:
+        if isinstance(k, int) or (isinstance(k, str) and k.isdigit() and out):
+            out[-1] = f"{out[-1]}_{k}"
+        else:
+            out.append(str(k))
+    if out and out[-1] == "value":
+        out.pop()
+    return out
+
+
+@dataclass
+class StoredArray:
+    orbax_name: str  # '.'-joined key path Orbax stores the array under
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    _store: object = None
+
+
+class CheckpointReader:
+    """The parameter arrays of an Orbax checkpoint, keyed by MaxText path under `params/params` (`decoder/...`)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.items = find_items_dir(path)
+        self.root = checkpoint_root(self.items)
+        try:
+            meta = json.loads((self.items / "_METADATA").read_text())
+            tree = meta["tree_metadata"]
+        except (OSError, ValueError, KeyError) as e:
+            raise CorruptFileError(f"{self.items}/_METADATA: unreadable Orbax tree metadata ({e})") from None
+        self.use_ocdbt = bool(meta.get("use_ocdbt", True))
+        self.use_zarr3 = bool(meta.get("use_zarr3", False))
+        self.arrays: dict[str, StoredArray] = {}
+        prefixes = set()
+        for entry in tree.values():
+            keys = [km["key"] for km in entry["key_metadata"]]
+            if entry.get("value_metadata", {}).get("value_type") not in ("np.ndarray", "jax.Array"):
+                continue
+            if any(k in ("opt_state", "optimizer", "opt") for k in map(str, keys)):
+                continue  # training checkpoints: optimizer state is never read
+            norm = _normalize(keys)
+            cut = next((i for i, k in enumerate(norm) if k in PARAM_ROOTS), None)
+            if cut is None:
+                continue
+            prefixes.add(tuple(norm[:cut]))
+            self.arrays["/".join(norm[cut:])] = StoredArray(".".join(str(k) for k in keys), (), np.dtype("float32"))
+        if not self.arrays:
+            raise CkptflowError(f"{self.items}: no MaxText parameters (token_embedder/decoder) in this checkpoint")
+        if len(prefixes) > 1:
+            raise CkptflowError(f"{self.items}: parameters under several roots {sorted(prefixes)}; cannot tell which to read")
+        self._context = None
+
+    def _open(self, key: str):
+        import tensorstore as ts
+        from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+
+        a = self.arrays[key]
+        if a._store is None:
+            if self._context is None:
+                self._context = ts_utils.get_ts_context(use_ocdbt=self.use_ocdbt)
+            spec = ts_utils.ArrayReadSpec(
+                directory=self.items.as_posix(), relative_array_filename=a.orbax_name, use_zarr3=self.use_zarr3, use_ocdbt=self.use_ocdbt
+            )
+            try:
+                a._store = ts.open(ts.Spec(spec.json), open=True, read=True, context=self._context).result()
+            except Exception as e:  # tensorstore raises ValueError with a long spec dump
+                raise CorruptFileError(f"{self.items}: cannot open array {key!r}: {str(e).splitlines()[0][:200]}") from None
+            a.shape = tuple(a._store.shape)
+            a.dtype = np.dtype(a._store.dtype.numpy_dtype)
+        return a._store
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        self._open(key)
+        return self.arrays[key].shape
+
+    def dtype(self, key: str) -> np.dtype:
+        self._open(key)
+        return self.arrays[key].dtype
+
+    def read(self, key: str, index: Index = ()) -> np.ndarray:
+        t = self._open(key)
+        try:
+            return np.asarray(t[index].read().result())
+        except Exception as e:
+            raise CorruptFileError(f"{self.items}: cannot read array {key!r}: {str(e).splitlines()[0][:200]}") from None
+
+    def scan_layers(self) -> bool | None:
+        """The `scan_layers` step metadata MaxText writes, when present."""
+        meta = self.items.parent / "_CHECKPOINT_METADATA"
+        try:
+            return json.loads(meta.read_text()).get("custom_metadata", {}).get("scan_layers")
+        except (OSError, ValueError, AttributeError):
+            return None
+
+
+def read_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every parameter array in full (small models only: verification and tests)."""
+    r = CheckpointReader(path)
+    return {k: r.read(k) for k in sorted(r.arrays)}
+
+
+def find_sidecar_dir(path: str | os.PathLike) -> Path | None:
+    """`<ckpt>/ckptflow/hf`, the source HF config and tokenizer kept beside a checkpoint we wrote."""
+    items = find_items_dir(path)
+    d = checkpoint_root(items) / "ckptflow" / "hf"
+    return d if (d / "config.json").exists() else None
+
+
+def find_sidecar_hf_config(path: str | os.PathLike) -> dict | None:
+    d = find_sidecar_dir(path)
+    return json.loads((d / "config.json").read_text()) if d else None

@@ -1,0 +1,132 @@
+"""Small invertible tensor transforms: each knows its forward (HF -> MaxText) and inverse (MaxText -> HF).
+
+A mapping rule lists a chain of these; the chain runs left to right on import and right to left (each
+inverted) on export, so a family declares a transform once for both directions. Transforms act on one
+layer's tensor (the unscanned shape); the engine stacks or slices layers around them.
+
+`exact` tells whether the transform only moves elements (transpose, reshape, permutation): those run in
+the source dtype. Value-changing ones (scaling, offsets) make the engine compute in float32 and cast once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class Transform:
+    exact = True
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def inverse(self, y: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({fields})"
+
+
+@dataclass(repr=False)
+class Kernel(Transform):
+    """torch Linear weight `[out, in]` <-> MaxText kernel `[*in_dims, *out_dims]` (transpose, then reshape).
+
+    `mt_shape` is the MaxText per-layer shape and `n_in` how many of its leading axes make up `in`
+    (query `[E, N, D]`: n_in=1; attention out `[N, D, E]`: n_in=2).
+    """
+
+    mt_shape: tuple[int, ...]
+    n_in: int = 1
+
+    def forward(self, x):
+        return x.T.reshape(self.mt_shape)
+
+    def inverse(self, y):
+        n_in = math.prod(self.mt_shape[: self.n_in])
+        return y.reshape(n_in, -1).T
+
+
+@dataclass(repr=False)
+class Reshape(Transform):
+    """Plain C-order reshape, e.g. a q/k/v bias `[N*D]` <-> `[N, D]`."""
+
+    mt_shape: tuple[int, ...]
+    hf_shape: tuple[int, ...]
+
+    def forward(self, x):
+        return x.reshape(self.mt_shape)
+
+    def inverse(self, y):
+        return y.reshape(self.hf_shape)
+
+
+@dataclass(repr=False)
+class Permute(Transform):
+    """Axis permutation (e.g. a conv kernel `[O, I, H, W]` <-> `[H, W, I, O]`)."""
+
+    axes: tuple[int, ...]
+
+    def forward(self, x):
+        return x.transpose(self.axes)
+
+    def inverse(self, y):
+        return y.transpose(np.argsort(self.axes))
+
+
+class RopeInterleave(Transform):
+    """HF rotates the two halves of head_dim; MaxText's Llama rotates adjacent pairs.
+
+    Forward puts element k of the first half at 2k and element k of the second half at 2k+1 along the
+    last axis (head_dim); the inverse gathers even then odd positions.
+    """
+
+    def forward(self, x):
+        half = x.shape[-1] // 2
+        out = np.empty_like(x)
+        out[..., 0::2] = x[..., :half]
+        out[..., 1::2] = x[..., half:]
+        return out
+
+    def inverse(self, y):
+        return np.concatenate([y[..., 0::2], y[..., 1::2]], axis=-1)
+
+
+@dataclass(repr=False)
+class Scale(Transform):
+    """Multiply by a constant (e.g. MaxText bakes 1/sqrt(head_dim) into Llama's query kernel)."""
+
+    factor: float
+    exact = False
+
+    def forward(self, x):
+        return x * np.float32(self.factor)
+
+    def inverse(self, y):
+        return y / np.float32(self.factor)
+
+
+@dataclass(repr=False)
+class Offset(Transform):
+    """Add a constant (Gemma's RMSNorm multiplies by 1+w in HF, by w in MaxText)."""
+
+    value: float
+    exact = False
+
+    def forward(self, x):
+        return x + np.float32(self.value)
+
+    def inverse(self, y):
+        return y - np.float32(self.value)
+
+
+def run_chain(chain: tuple[Transform, ...], x: np.ndarray, out_dtype: np.dtype, inverse: bool = False) -> np.ndarray:
+    """Apply a chain (forward, or inverted in reverse order), computing in float32 only when a step changes values."""
+    steps = tuple(reversed(chain)) if inverse else chain
+    if not all(t.exact for t in steps):
+        x = x.astype(np.float32)
+    for t in steps:
+        x = t.inverse(x) if inverse else t.forward(x)
+    return np.ascontiguousarray(x, dtype=out_dtype)
