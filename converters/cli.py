@@ -27,7 +27,7 @@ Run `ckptflow COMMAND --help` for each command's options and examples.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ckptflow", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="ckptflow", description=DESCRIPTION, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"ckptflow {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="show library logs (Orbax, JAX) and full tracebacks")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -41,13 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
 def _quiet_libraries() -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    logging.getLogger("absl").setLevel(logging.ERROR)
+    # Orbax logs a failed background write (with its traceback) before raising it; the error line says it once.
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
     try:
         from absl import logging as absl_logging
 
-        absl_logging.set_verbosity(absl_logging.ERROR)
+        absl_logging.set_verbosity(absl_logging.FATAL)
     except ImportError:
         pass
+
+
+EXIT_CODES = """\
+exit status: 0 success; 1 verification failed (verify/golden); 2 bad input or arguments;
+3 out of memory; 4 internal error; 130 interrupted.
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,3 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         where = f" ({e.filename})" if e.filename else ""
         print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
+    except Exception as e:  # a bug or an unexpected library failure: distinct from "verification failed" (1)
+        if args.verbose:
+            raise
+        print(f"error: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+              "(run with -v for the traceback)", file=sys.stderr)
+        return 4

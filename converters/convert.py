@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -18,23 +19,29 @@ from typing import Callable, Iterator
 import ml_dtypes
 import numpy as np
 
-from converters import outputs, registry
+from converters import outputs, quant, registry
 from converters.errors import CkptflowError, MappingError
-from converters.mapping import SCAN_AXIS, Family, Leaf
+from converters.pipeline import prefetch
+from converters.mapping import Family, Leaf, Piece
 from converters.safetensors_io import (
     PlannedTensor,
+    SafetensorsFile,
     SafetensorsFolder,
     ShardWriter,
     iter_row_chunks,
     plan_shards,
+    read_tensor,
+    save_file,
     shard_names,
     write_index,
 )
 from converters.transforms import run_chain
 
 DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
-ROW_CHUNK_BYTES = 256 << 20  # large 2-D tensors (embedding, lm_head) are streamed in blocks of about this size
+ROW_CHUNK_BYTES = 64 << 20  # large 2-D tensors (embedding, lm_head) are streamed in blocks of about this size
 DEFAULT_SHARD_BYTES = 5 << 30
+# HF embedding rows a MaxText vocabulary cannot hold (Gemma3), kept beside the checkpoint for export
+DROPPED_ROWS = Path("ckptflow") / "dropped_rows.safetensors"
 
 
 def _dtype(name: str) -> np.dtype:
@@ -62,6 +69,8 @@ class Result:
 
 
 def load_hf_config(src: Path, hf_config: str | None = None, model: str | None = None) -> dict:
+    if not src.is_dir():
+        raise CkptflowError(f"{src}: not a directory (expected an HF model folder with config.json and *.safetensors)")
     if hf_config:
         return outputs.read_json(Path(hf_config), "HF config")
     if (src / "config.json").exists():
@@ -74,7 +83,7 @@ def load_hf_config(src: Path, hf_config: str | None = None, model: str | None = 
 def validate_hf_source(family: type[Family], cfg: dict, plan: list[Leaf], src: SafetensorsFolder) -> None:
     """Every planned tensor present with its shape, and nothing in the folder left unconverted."""
     d = family.dims(cfg)
-    wanted = {name: leaf.rule.hf_shape for leaf in plan for _, name in leaf.hf_names()}
+    wanted = {name: leaf.hf_shape for leaf in plan for _, name in leaf.hf_names()}
     missing = [n for n in wanted if n not in src]
     if missing:
         raise MappingError(f"missing tensors for a {family.name} model: {_listing(missing)}")
@@ -90,25 +99,24 @@ def _hf_pieces(leaf: Leaf, src: SafetensorsFolder, dtype: np.dtype) -> tuple[Cal
     """The generator of `(index, block)` that fills one MaxText array, and the block shape (chunking)."""
     r = leaf.rule
     shape = leaf.shape
-    if leaf.hf_layers is not None:
+    if not leaf.row_streamed:  # whole tensors, layer slices, (expert, layer) slices
+        pieces = leaf.pieces()
 
-        def stacked():
-            for j, name in leaf.hf_names():
-                index = (slice(None),) * SCAN_AXIS + (j,)
-                yield index, run_chain(r.chain, src.read(name), dtype)
+        def each():
+            for p in pieces:
+                x = src.read(p.hf) if p.row is None else src.read(p.hf, slice(p.row, p.row + 1))[0]
+                yield p.index, r.to_maxtext(x, dtype, leaf.part)
 
-        return stacked, shape[:SCAN_AXIS] + (1,) + shape[SCAN_AXIS + 1 :]
+        return each, leaf.piece_shape
 
     name = leaf.hf_name()
     info = src.info(name)
-    if r.row_axis is None:
-        return (lambda: iter([((), run_chain(r.chain, src.read(name), dtype))])), shape
-
     ax = r.row_axis
     step_rows = max(1, ROW_CHUNK_BYTES // max(1, math.prod(shape) // shape[ax] * dtype.itemsize))
 
     def rows():
-        for rs in iter_row_chunks(info.shape[0], 1, step_rows):
+        # HF rows beyond MaxText's vocab (Gemma3: 262208 -> 262144) are kept aside by `_save_dropped_rows`
+        for rs in iter_row_chunks(min(info.shape[0], shape[ax]), 1, step_rows):
             index = tuple(rs if a == ax else slice(None) for a in range(len(shape)))
             yield index, run_chain(r.chain, src.read(name, rs), dtype)
         # MaxText's vocab padding: rows HF does not have are zeros
@@ -118,6 +126,53 @@ def _hf_pieces(leaf: Leaf, src: SafetensorsFolder, dtype: np.dtype) -> tuple[Cal
             yield index, np.zeros(tuple(rs.stop - rs.start if a == ax else n for a, n in enumerate(shape)), dtype)
 
     return rows, tuple(min(step_rows, n) if a == ax else n for a, n in enumerate(shape))
+
+
+def _with_aliases(family: type[Family], folder: SafetensorsFolder) -> SafetensorsFolder:
+    """Tensors some writers name differently, renamed to the names the rules use (`Family.hf_aliases`)."""
+    for want, alt in family.hf_aliases:
+        names = folder.tensors
+        if not any(n.startswith(want) for n in names) and any(n.startswith(alt) for n in names):
+            folder.tensors = {(want + n[len(alt):] if n.startswith(alt) else n): info for n, info in names.items()}
+    return folder
+
+
+def _dropped_rows(plan: list[Leaf]) -> list[tuple[Leaf, str, int]]:
+    """Row-streamed tensors with more HF rows than their MaxText array: (leaf, HF name, rows MaxText keeps)."""
+    out = []
+    for leaf in plan:
+        if leaf.row_streamed and leaf.rule.hf_shape[0] > leaf.shape[leaf.rule.row_axis]:
+            out.append((leaf, leaf.hf_name(), leaf.shape[leaf.rule.row_axis]))
+    return out
+
+
+def _save_dropped_rows(plan: list[Leaf], src: SafetensorsFolder, root: Path) -> None:
+    """Keep the HF rows MaxText cannot hold, unchanged, in `DROPPED_ROWS` so export can restore them."""
+    dropped = {name: src.read(name, slice(kept, leaf.rule.hf_shape[0])) for leaf, name, kept in _dropped_rows(plan)}
+    if dropped:
+        (root / DROPPED_ROWS).parent.mkdir(parents=True, exist_ok=True)
+        save_file(root / DROPPED_ROWS, dropped)
+
+
+def _load_dropped_rows(plan: list[Leaf], root: Path) -> dict[str, np.ndarray]:
+    """The rows `_save_dropped_rows` kept, per HF name; a tensor without them gets zero rows (with a warning)."""
+    wanted = _dropped_rows(plan)
+    if not wanted:
+        return {}
+    path = root / DROPPED_ROWS
+    found = SafetensorsFile(path).tensors if path.is_file() else {}
+    out = {}
+    for leaf, name, kept in wanted:
+        shape = (leaf.rule.hf_shape[0] - kept,) + leaf.rule.hf_shape[1:]
+        if name in found and found[name].shape == shape:
+            out[name] = read_tensor(found[name])
+        else:
+            warnings.warn(
+                f"{name}: rows {kept}..{leaf.rule.hf_shape[0] - 1} are not in the MaxText checkpoint and {path} does not "
+                "have them; they are written as zeros",
+                stacklevel=3,
+            )
+    return out
 
 
 def _nest(flat: dict[str, object]) -> dict:
@@ -154,7 +209,7 @@ def hf_to_maxtext(
     cfg = load_hf_config(src, hf_config, model)
     family = registry.family_for_config(cfg)
     plan = family.plan(cfg, scan)
-    folder = SafetensorsFolder(src)
+    folder = quant.decoded_source(_with_aliases(family, SafetensorsFolder(src)), cfg)  # quantized sources decode while read
     validate_hf_source(family, cfg, plan, folder)
 
     flat = {}
@@ -169,16 +224,17 @@ def hf_to_maxtext(
         write_checkpoint(tmp, _nest(flat), scan_layers=scan, use_ocdbt=use_ocdbt, use_zarr3=use_zarr3, workers=workers, progress=counter)
         if bar is not None:
             bar.close()
+        _save_dropped_rows(plan, folder, tmp)
         sidecar = tmp / outputs.SIDECAR
         copied = outputs.copy_hf_extras(src, sidecar)
-        if "config.json" not in copied:
+        if hf_config or "config.json" not in copied:  # the config actually used, for the way back
             (sidecar / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         outputs.write_manifest(
             tmp,
             direction="hf->maxtext",
             family=family.name,
             options={"scan_layers": scan, "dtype": dtype, "use_ocdbt": use_ocdbt, "use_zarr3": use_zarr3},
-            source={"path": str(src.absolute()), "files": {p.name: p.stat().st_size for p in sorted(src.iterdir()) if p.is_file()}},
+            source=outputs.describe_source(src),  # + repo, commit sha and file sha256s when `ckptflow download` staged it
         )
     return Result(Path(out), family.name, total, len(flat))
 
@@ -214,20 +270,39 @@ def choose_plan(family: type[Family], cfg: dict, stored: dict[str, tuple[int, ..
     return scan, plan
 
 
-def _hf_blocks(leaf: Leaf, j: int | None, reader, dtype: np.dtype) -> Iterator[np.ndarray]:
-    """The blocks (whole tensor, or row chunks) of one HF tensor, read from its MaxText array."""
+def _export_tensors(plan: list[Leaf]) -> list[tuple[Leaf, str, list[Piece] | None]]:
+    """(leaf, HF name, its pieces or None when row-streamed) for every HF tensor of the model, each once."""
+    out: list = []
+    for leaf in plan:
+        if leaf.part:
+            continue  # a split HF tensor is written once, by part 0 reading all the parts
+        if leaf.row_streamed:
+            out.append((leaf, leaf.hf_name(), None))
+        else:
+            out.extend((leaf, name, pieces) for name, pieces in leaf.hf_tensors())
+    return out
+
+
+def _hf_blocks(leaf: Leaf, pieces: list[Piece] | None, reader, dtype: np.dtype, dropped: dict | None = None) -> Iterator[np.ndarray]:
+    """The blocks (whole tensor, expert rows, or row chunks) of one HF tensor, read from its MaxText array(s).
+
+    `dropped`: HF rows past the MaxText array's end (see `_load_dropped_rows`), appended unchanged; zeros if absent.
+    """
     r = leaf.rule
-    if j is not None:
-        yield run_chain(r.chain, reader.read(leaf.path, (slice(None),) * SCAN_AXIS + (j,)), dtype, inverse=True)
-        return
-    if r.row_axis is None:
-        yield run_chain(r.chain, reader.read(leaf.path), dtype, inverse=True)
+    if pieces is not None:
+        for p in pieces:
+            x = r.to_hf([reader.read(path, p.index) for path in leaf.parts or (leaf.path,)], dtype)
+            yield x if p.row is None else x[None]
         return
     ax, hf_rows = r.row_axis, r.hf_shape[0]
     row_bytes = math.prod(r.hf_shape[1:]) * 4
-    for rs in iter_row_chunks(hf_rows, row_bytes, ROW_CHUNK_BYTES):
+    kept = min(hf_rows, leaf.shape[ax])
+    for rs in iter_row_chunks(kept, row_bytes, ROW_CHUNK_BYTES):
         index = tuple(rs if a == ax else slice(None) for a in range(len(leaf.shape)))
         yield run_chain(r.chain, reader.read(leaf.path, index), dtype, inverse=True)
+    if kept < hf_rows:
+        rows = (dropped or {}).get(leaf.hf_name())
+        yield rows.astype(dtype) if rows is not None else np.zeros((hf_rows - kept,) + r.hf_shape[1:], dtype)
 
 
 def maxtext_to_hf(
@@ -257,25 +332,32 @@ def maxtext_to_hf(
     else:
         raise CkptflowError(f"{reader.root}: no ckptflow sidecar config; pass --model NAME or --hf-config PATH")
     family = registry.family_for_config(cfg)
+    cfg = family.config_for_checkpoint(cfg, set(reader.arrays))
     scan, plan = choose_plan(family, cfg, {k: reader.shape(k) for k in reader.arrays})
 
-    tensors = [(leaf, j, name) for leaf in plan for j, name in leaf.hf_names()]
-    planned = [PlannedTensor(name, leaf.rule.hf_shape, out_dtype) for leaf, _, name in tensors]
+    tensors = _export_tensors(plan)
+    planned = [PlannedTensor(name, leaf.hf_shape, out_dtype) for leaf, name, _ in tensors]
     shards = plan_shards(planned, shard_bytes)
     names = shard_names(len(shards))
     total = sum(t.nbytes for t in planned)
     bar = progress(total, len(planned)) if progress else None
     it = iter(tensors)
 
+    # blocks are read and transformed on a background thread while the previous one is written
+    dropped = _load_dropped_rows(plan, reader.root)
+    blocks = prefetch(((name, b) for leaf, name, pieces in it for b in _hf_blocks(leaf, pieces, reader, out_dtype, dropped)), depth=1)
     with outputs.atomic_dir(out, overwrite) as tmp:
         for shard, fname in zip(shards, names):
             w = ShardWriter(tmp / fname, shard)
-            for t in shard:
-                leaf, j, name = next(it)
-                for block in _hf_blocks(leaf, j, reader, out_dtype):
+            try:
+                while not w.done:
+                    name, block = next(blocks)
                     w.write(name, block)
                     if bar is not None:
                         bar.update(block.nbytes)
+            except BaseException:
+                w.abort()  # an open file would keep its disk space after the temp folder is removed
+                raise
             w.close()
         write_index(tmp, shards, names)
         if bar is not None:
@@ -292,6 +374,6 @@ def maxtext_to_hf(
             direction="maxtext->hf",
             family=family.name,
             options={"scan_layers": scan, "dtype": dtype, "shard_bytes": shard_bytes},
-            source={"path": str(reader.items)},
+            source={**outputs.describe_source(reader.root), "path": str(reader.items)},
         )
     return Result(Path(out), family.name, total, len(planned))

@@ -112,8 +112,14 @@ def _install_handler() -> None:
                         queue.clear()  # stop the other workers too: the checkpoint is abandoned
                         raise
 
+            tasks = [asyncio.ensure_future(worker()) for _ in range(_settings["workers"])]
             try:
-                await asyncio.gather(*(worker() for _ in range(_settings["workers"])))
+                await asyncio.gather(*tasks)
+            except BaseException:
+                for t in tasks:  # one failed: stop the others before the checkpoint folder is removed
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
             finally:
                 # wait for a piece still being produced so no thread calls back into a closed loop
                 pool.shutdown(wait=True, cancel_futures=True)
@@ -134,19 +140,24 @@ def _install_handler() -> None:
             sentinel = object()
             pending = None
             progress = _settings["progress"]
-            while True:
-                # Produce the next piece on a worker thread while the previous one is being written.
-                item = await loop.run_in_executor(pool, next, it, sentinel)
-                if pending is not None:
-                    await pending
-                if item is sentinel:
-                    break
-                index, block = item
-                if block.shape != t[index].shape:
-                    raise RuntimeError(f"{value.name}: piece {block.shape} does not fit {index} of {value.shape}")
-                pending = t[index].write(block)
-                if progress is not None:
-                    progress.add(block.nbytes)
+            try:
+                while True:
+                    # Produce the next piece on a worker thread while the previous one is being written.
+                    item = await loop.run_in_executor(pool, next, it, sentinel)
+                    if pending is not None:
+                        await pending
+                    if item is sentinel:
+                        break
+                    index, block = item
+                    if block.shape != t[index].shape:
+                        raise RuntimeError(f"{value.name}: piece {block.shape} does not fit {index} of {value.shape}")
+                    pending = t[index].write(block)
+                    if progress is not None:
+                        progress.add(block.nbytes)
+            except BaseException:
+                if pending is not None and not pending.done():
+                    pending.cancel()
+                raise
 
     type_handlers.register_type_handler(LazyArray, LazyArrayHandler(), override=True)
     _handler_installed = True
@@ -159,6 +170,7 @@ def write_checkpoint(
     scan_layers: bool,
     use_ocdbt: bool = True,
     use_zarr3: bool = True,
+    use_compression: bool = True,
     workers: int = 2,
     progress: WriteProgress | None = None,
 ) -> Path:
@@ -173,7 +185,7 @@ def write_checkpoint(
     _settings.update(workers=workers, progress=progress)
     tree = {"step": 0, "params": {"params": params}, "opt_state": {}}
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True, max_to_keep=None)
-    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt, use_zarr3=use_zarr3)
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt, use_zarr3=use_zarr3, use_compression=use_compression)
     with ocp.CheckpointManager(root, item_names=("items",), options=options, item_handlers={"items": handler}) as mgr:
         mgr.save(0, args=ocp.args.Composite(items=ocp.args.PyTreeSave(tree)), custom_metadata={"scan_layers": scan_layers})
         mgr.wait_until_finished()
@@ -185,7 +197,7 @@ def write_checkpoint(
 
 def find_items_dir(path: str | os.PathLike) -> Path:
     """Accept `<ckpt>`, `<ckpt>/0`, `<ckpt>/0/items`, or a training run dir (`checkpoints/<step>/items`, newest step)."""
-    p = Path(path)
+    p = Path(path).absolute()  # tensorstore's OCDBT driver refuses relative paths
     if not p.exists():
         raise CkptflowError(f"{p}: no such checkpoint")
     for cand in (p, p / "items"):
@@ -235,14 +247,16 @@ class CheckpointReader:
         try:
             meta = json.loads((self.items / "_METADATA").read_text())
             tree = meta["tree_metadata"]
-        except (OSError, ValueError, KeyError) as e:
-            raise CorruptFileError(f"{self.items}/_METADATA: unreadable Orbax tree metadata ({e})") from None
+            entries = [([km["key"] for km in e["key_metadata"]], e) for e in tree.values()]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # TypeError etc.: JSON of the wrong shape
+            raise CorruptFileError(f"{self.items}/_METADATA: unreadable Orbax tree metadata ({type(e).__name__}: {e})") from None
         self.use_ocdbt = bool(meta.get("use_ocdbt", True))
         self.use_zarr3 = bool(meta.get("use_zarr3", False))
         self.arrays: dict[str, StoredArray] = {}
         prefixes = set()
-        for entry in tree.values():
-            keys = [km["key"] for km in entry["key_metadata"]]
+        for keys, entry in entries:
+            if not isinstance(entry.get("value_metadata", {}), dict):
+                raise CorruptFileError(f"{self.items}/_METADATA: unreadable Orbax tree metadata (value_metadata of {keys} is not an object)")
             if entry.get("value_metadata", {}).get("value_type") not in ("np.ndarray", "jax.Array"):
                 continue
             if any(k in ("opt_state", "optimizer", "opt") for k in map(str, keys)):

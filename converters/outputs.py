@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import sys
+import threading
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -16,8 +21,11 @@ from converters import __version__
 from converters.errors import CkptflowError, OutputExistsError
 
 MANIFEST = "ckptflow-manifest.json"
+DOWNLOAD_MANIFEST = "ckptflow-download.json"  # written by `ckptflow download` into the folder it stages
 SIDECAR = Path("ckptflow") / "hf"  # source HF config + tokenizer, kept beside a MaxText checkpoint
 TMP_MARK = ".ckptflow-tmp-"
+OLD_MARK = ".ckptflow-old-"
+LOCK_MARK = ".ckptflow-lock"
 
 # Files (besides weights) an HF model folder needs to be used: config, generation defaults, tokenizer, processor.
 HF_EXTRA_FILES = (
@@ -37,29 +45,108 @@ HF_EXTRA_FILES = (
 )
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _clean_stale_temps(out: Path) -> None:
-    """Remove temp siblings left by killed runs for the same destination (their process is gone)."""
-    prefix = f".{out.name}{TMP_MARK}"
+    """Remove temp (and replaced-version) siblings that killed runs left for the same destination.
+
+    Called with the destination's lock held: no live process is writing any of them (a writer holds the lock),
+    so they all go, whatever their PID (a killed run's PID may since belong to another process).
+    """
+    prefixes = (f".{out.name}{TMP_MARK}", f".{out.name}{OLD_MARK}")
     if not out.parent.is_dir():
         return
     for p in out.parent.iterdir():
-        if p.name.startswith(prefix):
+        if p.name.startswith(prefixes):
+            _remove(p)
+
+
+# ------------------------------------------------------------------------------------ destination lock
+
+_held_locks: dict[tuple[str, int], list] = {}  # (lock file, thread) -> [fd, depth]: re-entrant per thread
+
+
+def lock_path(out: str | os.PathLike) -> Path:
+    out = Path(out).absolute()
+    return out.parent / f".{out.name}{LOCK_MARK}"
+
+
+@contextlib.contextmanager
+def destination_lock(out: str | os.PathLike) -> Iterator[None]:
+    """Hold the exclusive lock on writing `out`: `flock` on the hidden sibling `.NAME.ckptflow-lock`.
+
+    A second process (or thread) writing the same destination waits here until the first is done (it says so
+    once on stderr), then sees what the first left. Re-entrant within a thread. The lock file is removed on
+    release; one left by a killed process holds no lock (the kernel drops it with the process) and is reused.
+    """
+    path = lock_path(out)
+    key = (str(path), threading.get_ident())
+    if key in _held_locks:
+        _held_locks[key][1] += 1
+        try:
+            yield
+        finally:
+            _held_locks[key][1] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = _acquire(path, Path(out).absolute())
+    _held_locks[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        del _held_locks[key]
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # still holding it: a waiter on this inode sees it gone and opens the new one
+        os.close(fd)
+
+
+def _acquire(path: Path, out: Path) -> int:
+    told = False
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
             try:
-                pid = int(p.name[len(prefix):].split("-")[0])
-            except ValueError:
-                continue
-            if not _pid_alive(pid):
-                shutil.rmtree(p, ignore_errors=True)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not told:
+                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+                    print(f"ckptflow: {out} is being written by {holder}; waiting for it to finish", file=sys.stderr, flush=True)
+                    told = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            st = os.fstat(fd)
+            try:
+                cur = os.stat(path)
+                current = (cur.st_dev, cur.st_ino) == (st.st_dev, st.st_ino)
+            except FileNotFoundError:
+                current = False
+            if current:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # the holder removed this file as it released it: lock the current one
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def check_destination(out: str | os.PathLike, overwrite: bool) -> None:
@@ -73,28 +160,62 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     """Yield a temp sibling of `out` to write into; move it into place only if the block succeeds.
 
     A failed run removes its temp folder; a killed one leaves only a hidden `.NAME.ckptflow-tmp-PID-*`
-    folder, which the next run for the same destination removes. `out` never holds a partial result.
+    folder, which the next run for the same destination removes. `out` never holds a partial result: it is
+    absent, the previous complete version, or the new complete one (an existing `out` is swapped with the
+    new folder in one atomic rename where the OS allows it).
+
+    The whole block runs under `destination_lock(out)`: a concurrent run for the same destination waits,
+    then finds `out` as this one left it (and fails unless `overwrite`).
     """
-    check_destination(out, overwrite)
+    check_destination(out, overwrite)  # fail fast, before waiting for the lock
     out = Path(out).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale_temps(out)
-    tmp = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.ckptflow-old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-        _fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with destination_lock(out):
+        check_destination(out, overwrite)  # again: a run we waited for may have written it
+        _clean_stale_temps(out)
+        tmp = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            yield tmp
+            _fsync_tree(tmp)
+            if out.exists():
+                if _exchange(tmp, out):  # tmp now holds the old version
+                    _fsync_dir(out.parent)
+                    _remove(tmp)
+                else:
+                    old = out.parent / f".{out.name}{OLD_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                    out.rename(old)
+                    tmp.rename(out)
+                    _remove(old)
+            else:
+                tmp.rename(out)
+            _fsync_dir(out.parent)
+        except BaseException as e:
+            _remove(tmp)
+            if _no_space(e):  # from Python's own writes (OSError) or tensorstore's (ValueError quoting errno 28)
+                free = shutil.disk_usage(out.parent).free
+                raise CkptflowError(
+                    f"no space left on the device of {out.parent} while writing {out.name} "
+                    f"({free / 1e6:.0f} MB free once the partial output was removed; nothing was written)"
+                ) from None
+            raise
+
+
+def _no_space(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e) if isinstance(e, Exception) else ""
+    return "No space left on device" in text or "os_error_code='28'" in text or "Disk quota exceeded" in text
+
+
+def _remove(path: Path) -> None:
+    """rmtree that also catches files a just-cancelled background writer was still closing."""
+    import time
+
+    for _ in range(5):
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            return
+        time.sleep(0.1)
 
 
 def _fsync_dir(d: Path) -> None:
@@ -139,13 +260,166 @@ def file_digest(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def write_manifest(folder: Path, *, direction: str, family: str, options: dict, source: dict, digest_files: bool = True) -> dict:
-    """`ckptflow-manifest.json`: what was converted, how, and a sha256 of every file written."""
-    outputs = {}
+# ------------------------------------------------------------------------------------------ lineage manifest
+
+
+def describe_source(src: str | os.PathLike) -> dict:
+    """The `source` section of a manifest: the folder, and when `ckptflow download` staged it, where it came from
+    (`repo`, `uri`, resolved commit `revision`) and the size and sha256 of every source file.
+
+    The download record is trusted only while every file it lists is still there with its size; otherwise
+    only sizes are given (a local folder nobody hashed: re-reading 100+ GB here just for lineage is not done).
+    """
+    src = Path(src).absolute()
+    out: dict = {"path": str(src)}
+    record = None
+    try:
+        record = read_json(src / DOWNLOAD_MANIFEST, "download record")
+    except CkptflowError:
+        pass
+    files = (record or {}).get("files") if isinstance((record or {}).get("files"), dict) else None
+    if record and files and all((src / rel).is_file() and (src / rel).stat().st_size == (m or {}).get("size") for rel, m in files.items()):
+        uri = str(record.get("source") or "")
+        out["uri"] = uri
+        if uri.startswith("hf://"):
+            out["repo"] = uri.removeprefix("hf://")
+        out["revision"] = record.get("revision")
+        out["download_digest"] = record.get("digest")
+        out["files"] = {rel: {"bytes": m.get("size"), "sha256": m.get("sha256")} for rel, m in sorted(files.items())}
+    elif src.is_dir():
+        out["files"] = {p.name: {"bytes": p.stat().st_size} for p in sorted(src.iterdir()) if p.is_file()}
+    return out
+
+
+def _tensor_sources(folder: Path):
+    """(tensor name, shape, dtype, block reader) of the checkpoint in `folder`, and the paths they cover.
+
+    An HF folder's tensors come from its safetensors files; a MaxText folder's from its Orbax step folder.
+    """
+    from converters.safetensors_io import SafetensorsFile
+
+    shards = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+    if shards:
+        tensors = {}
+        for shard in shards:
+            for name, info in SafetensorsFile(shard).tensors.items():
+                tensors[name] = info
+        items = []
+        for name in sorted(tensors):
+            info = tensors[name]
+
+            def blocks(info=info):
+                with open(info.path, "rb") as f:
+                    f.seek(info.start)
+                    left = info.nbytes
+                    while left:
+                        b = f.read(min(left, 64 << 20))
+                        if not b:
+                            raise CkptflowError(f"{info.path}: truncated while reading {info.name!r}")
+                        left -= len(b)
+                        yield b
+
+            items.append((name, info.shape, info.dtype, blocks))
+        return items, {p.relative_to(folder).as_posix() for p in shards}, ()
+    if not any(folder.rglob("_METADATA")):
+        return [], set(), ()
+    import math
+
+    import numpy as np
+
+    from converters.orbax_io import CheckpointReader
+
+    reader = CheckpointReader(folder)
+    items = []
+    for key in sorted(reader.arrays):
+        shape, dtype = reader.shape(key), reader.dtype(key)
+
+        def blocks(key=key, shape=shape, dtype=dtype):
+            if not shape or shape[0] == 0:
+                yield np.ascontiguousarray(reader.read(key)).astype(dtype.newbyteorder("<"), copy=False).tobytes()
+                return
+            rows = max(1, (64 << 20) // max(1, math.prod(shape[1:]) * dtype.itemsize))
+            for r in range(0, shape[0], rows):
+                yield np.ascontiguousarray(reader.read(key, slice(r, min(shape[0], r + rows)))).tobytes()
+
+        items.append((key, shape, dtype, blocks))
+    step = reader.items.parent.relative_to(folder).as_posix() if folder in reader.items.parents else None
+    return items, set(), (step,) if step else ()
+
+
+def output_digest(folder: str | os.PathLike, file_sha256: dict[str, str] | None = None) -> str:
+    """A digest of what a checkpoint holds, equal for equal content across runs (Orbax file bytes are not:
+    OCDBT file names, timestamps). sha256 over every tensor's name, shape, dtype and little-endian bytes in
+    name order, then over the path and sha256 of every other file (configs, tokenizer, sidecars) except the
+    manifest and the Orbax step folder (its `_CHECKPOINT_METADATA` holds a time stamp).
+    """
+    folder = Path(folder)
+    items, covered, skip_dirs = _tensor_sources(folder)
+    h = hashlib.sha256(b"ckptflow-output-digest-v1\n")
+    for name, shape, dtype, blocks in items:
+        h.update(f"tensor\0{name}\0{list(shape)}\0{dtype.name}\n".encode())
+        for b in blocks():
+            h.update(b)
     for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            rel = p.relative_to(folder).as_posix()
-            outputs[rel] = {"bytes": p.stat().st_size, **({"sha256": file_digest(p)} if digest_files else {})}
+        rel = p.relative_to(folder).as_posix()
+        if not p.is_file() or rel in covered or p.name in (MANIFEST, DOWNLOAD_MANIFEST):
+            continue
+        if any(rel == d or rel.startswith(d + "/") for d in skip_dirs):
+            continue
+        digest = (file_sha256 or {}).get(rel) or file_digest(p)
+        h.update(f"file\0{rel}\0{digest}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def check_outputs(folder: str | os.PathLike, manifest: dict | None = None) -> list[str]:
+    """What no longer matches the manifest's `outputs` in `folder` (missing, extra, resized or changed files)."""
+    folder = Path(folder)
+    if manifest is None:
+        manifest = read_json(folder / MANIFEST, "ckptflow manifest")
+    listed = manifest.get("outputs")
+    if not isinstance(listed, dict) or not listed:
+        return [f"{MANIFEST} lists no output files"]
+    problems = []
+    on_disk = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST}
+    for rel in sorted(set(listed) - set(on_disk)):
+        problems.append(f"{rel}: missing")
+    for rel in sorted(set(on_disk) - set(listed)):
+        problems.append(f"{rel}: not in the manifest")
+    for rel in sorted(set(listed) & set(on_disk)):
+        meta, p = listed[rel] or {}, on_disk[rel]
+        if meta.get("bytes") is not None and p.stat().st_size != meta["bytes"]:
+            problems.append(f"{rel}: {p.stat().st_size} bytes, the manifest says {meta['bytes']}")
+        elif meta.get("sha256") and file_digest(p) != meta["sha256"]:
+            problems.append(f"{rel}: sha256 differs from the manifest")
+    return problems
+
+
+def record_verify(folder: str | os.PathLike, metrics: dict) -> dict:
+    """Add the verify metrics to `folder`'s manifest (the file is replaced atomically; outputs are untouched)."""
+    path = Path(folder) / MANIFEST
+    manifest = read_json(path, "ckptflow manifest")
+    manifest["verify"] = metrics
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, path)
+    return manifest
+
+
+def write_manifest(folder: Path, *, direction: str, family: str, options: dict, source: dict, digest_files: bool = True) -> dict:
+    """`ckptflow-manifest.json`: what was converted, how, and a sha256 of every file written.
+
+    Also `output_digest` (see `output_digest`), the digest a re-run of the same conversion reproduces.
+    """
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST]
+    digests: list = [None] * len(files)
+    if digest_files:  # hashlib releases the GIL: hash files on both cores
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            digests = list(pool.map(file_digest, files))
+    outputs = {
+        p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, **({"sha256": d} if d else {})} for p, d in zip(files, digests)
+    }
     manifest = {
         "ckptflow_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -155,6 +429,8 @@ def write_manifest(folder: Path, *, direction: str, family: str, options: dict, 
         "source": source,
         "outputs": outputs,
     }
+    if digest_files:
+        manifest["output_digest"] = output_digest(folder, {rel: o["sha256"] for rel, o in outputs.items() if "sha256" in o})
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 

@@ -10,7 +10,10 @@ def byte_bar(desc: str, enabled: bool = True):
     from tqdm import tqdm
 
     def make(total: int, count: int):
-        return tqdm(total=total, desc=f"{desc} ({count} arrays)", unit="B", unit_scale=True, unit_divisor=1024,
-                    file=sys.stderr, disable=not enabled, dynamic_ncols=True, mininterval=0.5)
+        bar = tqdm(total=total, desc=f"{desc} ({count} arrays)", unit="B", unit_scale=True, unit_divisor=1024,
+                   file=sys.stderr, disable=not enabled, dynamic_ncols=True, mininterval=0.5)
+        make.bars.append(bar)
+        return bar
 
+    make.bars = []  # closed by the command when a run fails, so its error line starts on a line of its own
     return make

@@ -5,11 +5,15 @@ from __future__ import annotations
 import copy
 
 from converters.errors import UnsupportedModelError
+from converters.families.gemma import Gemma2, Gemma3
 from converters.families.llama import Llama31
+from converters.families.gpt_oss import GptOss
+from converters.families.mixtral import Mixtral
+from converters.families.qwen3_moe import Qwen3Moe
 from converters.families.qwen import Qwen3, Qwen25
 from converters.mapping import Family
 
-FAMILIES: dict[str, type[Family]] = {f.name: f for f in (Llama31, Qwen25, Qwen3)}
+FAMILIES: dict[str, type[Family]] = {f.name: f for f in (Llama31, Qwen25, Qwen3, Gemma2, Gemma3, Qwen3Moe, Mixtral, GptOss)}
 
 DIRECTIONS = ("hf->maxtext (scanned)", "hf->maxtext (unscanned)", "maxtext->hf (scanned)", "maxtext->hf (unscanned)")
 
@@ -40,7 +44,8 @@ def family_for_config(cfg: dict) -> type[Family]:
     for f in FAMILIES.values():
         if mt in f.model_types:
             return f
-    arch = ", ".join(cfg.get("architectures") or []) or "?"
+    archs = cfg.get("architectures")
+    arch = ", ".join(map(str, archs)) if isinstance(archs, list) and archs else "?"
     supported = ", ".join(f"{t} ({f.name})" for f in FAMILIES.values() for t in f.model_types)
     raise UnsupportedModelError(f"unsupported architecture: model_type {mt!r} ({arch}); supported model types: {supported}")
 

@@ -91,6 +91,8 @@ class SafetensorsFile:
             header = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise self._fail(f"header is not valid JSON ({e})") from None
+        except RecursionError:  # Python's JSON parser recurses per nesting level
+            raise self._fail("header JSON is nested too deeply") from None
         if not isinstance(header, dict):
             raise self._fail("header is not a JSON object")
         data_start = 8 + hlen
@@ -114,7 +116,7 @@ class SafetensorsFile:
         if not isinstance(entry, dict):
             raise self._fail(f"entry {name!r} is not an object")
         tag = entry.get("dtype")
-        if tag not in DTYPES:
+        if not isinstance(tag, str) or tag not in DTYPES:
             raise self._fail(f"tensor {name!r} has unknown dtype {tag!r}")
         shape = entry.get("shape")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
@@ -128,6 +130,8 @@ class SafetensorsFile:
         ):
             raise self._fail(f"tensor {name!r} has invalid data_offsets {offs!r}")
         dtype = DTYPES[tag]
+        if math.prod(d for d in shape if d) * dtype.itemsize >= 2**63:  # numpy's limit, even for a 0-sized tensor
+            raise self._fail(f"tensor {name!r} has an impossibly large shape {shape}")
         expected = math.prod(shape) * dtype.itemsize
         if offs[1] - offs[0] != expected:
             raise self._fail(
@@ -313,6 +317,18 @@ class ShardWriter:
         if self._written == t.nbytes:
             self._i += 1
             self._written = 0
+
+    @property
+    def done(self) -> bool:
+        """Every planned tensor has all its bytes."""
+        return self._i == len(self.tensors)
+
+    def abort(self) -> None:
+        """Close the file after a failure (a disk-full flush fails again: ignored), so its space can be freed."""
+        try:
+            self._f.close()
+        except OSError:
+            pass
 
     def close(self) -> None:
         if self._i != len(self.tensors):

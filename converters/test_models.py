@@ -13,16 +13,37 @@ from pathlib import Path
 
 from converters import registry
 
+_GEMMA = {"hidden_size": 72, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 96,
+          "query_pre_attn_scalar": 24, "sliding_window": 8}
+_MOE = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "num_experts_per_tok": 2}
+
 # Per family: the real model whose config is shrunk, and the tiny dimensions. head_dim is chosen so that
 # heads * head_dim != hidden_size where the architecture allows it (catches projections sized from hidden).
 TINY = {
     "llama3.1": ("llama3.1-8b", {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 96}),
     "qwen2.5": ("qwen2.5-7b", {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96}),
     "qwen3": ("qwen3-0.6b", {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 96}),
+    # Gemma: hidden 72 so sqrt(hidden) is not a power of two (8.485; bf16 8.5), query_pre_attn_scalar 24 so the
+    # Gemma2 query scale is not one either (like 27B's 144), small windows and soft-caps so both act on tiny prompts.
+    "gemma2": ("gemma2-2b", {**_GEMMA, "final_logit_softcapping": 5.0, "attn_logit_softcapping": 2.0}),
+    "gemma3": ("gemma3-4b", _GEMMA),  # text only: Gemma3ForCausalLM (model_type gemma3_text)
+    "gemma3-mm": ("gemma3-4b", _GEMMA),  # Gemma3ForConditionalGeneration with a tiny SigLIP tower
+    # MoE: 4 experts, top-2. GPT-OSS keeps square experts (intermediate == hidden, as 2880 == 2880) so only values
+    # catch an orientation mistake, and a sliding window the long verification prompt crosses many times.
+    "qwen3-moe": ("qwen3-30b-a3b", {**_MOE, "moe_intermediate_size": 48, "num_experts": 4}),
+    "mixtral": ("mixtral-8x7b", {**_MOE, "intermediate_size": 96, "num_local_experts": 4}),
+    "gpt-oss": ("gpt-oss-20b", {**_MOE, "intermediate_size": 64, "num_local_experts": 4, "experts_per_token": 2, "sliding_window": 32,
+                             "pad_token_id": 0}),
 }
+# gemma3-mm: 28px images of 7px patches (16 patches), pooled 2x2 into 4 soft tokens per image
+TINY_VISION = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 48, "num_hidden_layers": 2, "image_size": 28, "patch_size": 7}
+TINY_MM = {"mm_tokens_per_image": 4, "boi_token_index": 5, "eoi_token_index": 6}
 
-
-FAMILIES = tuple(TINY)
+# Families the generic tests (tests/test_convert.py, tests/test_orbax_io.py) run on. Gemma's value-changing
+# transforms (+1 norms, sqrt(E) embedding), vocab padding/truncation, layer pairs and vision tower have their
+# own tests in tests/families/test_gemma.py.
+# The MoE families' expert stacking, splits and MXFP4 sources are tested in tests/families/test_{qwen3_moe,mixtral,gpt_oss}.py.
+FAMILIES = tuple(f for f in TINY if not f.startswith("gemma") and f not in ("qwen3-moe", "mixtral", "gpt-oss"))
 
 
 def tiny_config(family: str, *, layers: int = 2, vocab: int = 512, tied: bool | None = None) -> dict:
@@ -30,9 +51,22 @@ def tiny_config(family: str, *, layers: int = 2, vocab: int = 512, tied: bool | 
         raise registry.UnsupportedModelError(f"no test model for family {family!r}; choose one of {', '.join(TINY)}")
     base, dims = TINY[family]
     cfg = copy.deepcopy(registry.model(base)[1])
+    if "text_config" in cfg:  # Gemma3: shrink the text model; keep the vision tower only for the multimodal variant
+        text = {**cfg["text_config"], "architectures": ["Gemma3ForCausalLM"], "tie_word_embeddings": True}
+        text.update(dims, num_hidden_layers=layers, vocab_size=vocab, bos_token_id=1, eos_token_id=2)
+        if not family.endswith("-mm"):
+            return text
+        from converters.families.gemma import gemma3_mt_vocab
+
+        text.pop("architectures")
+        cfg.update(TINY_MM, text_config=text, image_token_index=gemma3_mt_vocab(vocab), eos_token_id=2)
+        cfg["vision_config"].update(TINY_VISION)
+        return cfg
     cfg.update(dims, num_hidden_layers=layers, vocab_size=vocab, bos_token_id=1, eos_token_id=2)
     if "max_window_layers" in cfg:
         cfg["max_window_layers"] = layers
+    if "layer_types" in cfg:  # GPT-OSS: the published pattern, cut to the tiny depth
+        cfg["layer_types"] = [cfg["layer_types"][i % len(cfg["layer_types"])] for i in range(layers)]
     if tied is not None:
         cfg["tie_word_embeddings"] = tied
     return cfg
@@ -54,9 +88,67 @@ def make_test_model(family: str, out: str | os.PathLike, *, layers: int = 2, voc
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g)
-            # norms near 1, everything else large enough that any misplaced element moves the logits
-            p.copy_(1.0 + 0.1 * noise if "norm" in name else 0.08 * noise)
+            # norms near 1, everything else large enough that any misplaced element moves the logits. Gemma's
+            # RMSNorms scale by 1 + weight: their weights sit near 0, as in the real checkpoints
+            norm_one = 0.0 if model_type.startswith("gemma") and "vision_tower" not in name else 1.0
+            p.copy_(norm_one + 0.1 * noise if "norm" in name else 0.08 * noise)
     model = model.to(getattr(torch, dtype))
     out = Path(out)
     model.save_pretrained(out)
+    if model_type == "gemma3":
+        _published_vision_names(out)
+    return out
+
+
+def _published_vision_names(folder: Path) -> None:
+    """Rename the vision tower as the google/gemma-3-*-it repos name it on disk (`vision_tower.vision_model.*`).
+
+    transformers >= 5 writes `vision_tower.*` and reads both; converters must handle the published names.
+    """
+    from safetensors.torch import load_file, save_file
+
+    for path in folder.glob("*.safetensors"):
+        tensors = load_file(path)
+        renamed = {("vision_tower.vision_model." + k[len("vision_tower."):] if k.startswith("vision_tower.") else k): v for k, v in tensors.items()}
+        save_file(renamed, path, metadata={"format": "pt"})
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        import json
+
+        data = json.loads(index.read_text())
+        data["weight_map"] = {("vision_tower.vision_model." + k[len("vision_tower."):] if k.startswith("vision_tower.") else k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def write_synthetic_checkpoint(out: str | os.PathLike, cfg: dict, *, shard_bytes: int = 5 << 30, seed: int = 0) -> Path:
+    """Random bf16 weights for `cfg` written straight to safetensors (no torch; for large benchmark models).
+
+    Values are random bits confined to |x| in [2^-7, 2^-5): no inf/nan, and as incompressible as real weights.
+    """
+    import json
+
+    import ml_dtypes
+    import numpy as np
+
+    from converters.safetensors_io import PlannedTensor, ShardWriter, plan_shards, shard_names, write_index
+
+    family = registry.family_for_config(cfg)
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    tensors = [PlannedTensor(name, leaf.hf_shape, bf16) for leaf in family.plan(cfg, scan=False) for _, name in leaf.hf_names()]
+    shards = plan_shards(tensors, shard_bytes)
+    names = shard_names(len(shards))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for shard, fname in zip(shards, names):
+        w = ShardWriter(out / fname, shard)
+        for t in shard:
+            rows_per_block = max(1, (64 << 20) // max(1, t.nbytes // max(1, t.shape[0])))
+            for start in range(0, t.shape[0], rows_per_block):
+                rows = min(rows_per_block, t.shape[0] - start)
+                bits = rng.integers(0, 1 << 16, size=(rows,) + t.shape[1:], dtype=np.uint16)
+                w.write(t.name, ((bits & np.uint16(0x81FF)) | np.uint16(0x3C00)).view(bf16))
+        w.close()
+    write_index(out, shards, names)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return out

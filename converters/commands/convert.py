@@ -64,17 +64,21 @@ def run(args) -> int:
         raise CkptflowError("--workers must be at least 1")
     bar = byte_bar(f"-> {args.to}", enabled=not args.quiet)
     t0 = time.monotonic()
-    if args.to == "maxtext":
-        r = hf_to_maxtext(
-            args.src, args.out, scan=args.scan, dtype=args.dtype, model=args.model, hf_config=args.hf_config,
-            overwrite=args.overwrite, use_ocdbt=args.ocdbt and not args.pathways, use_zarr3=args.zarr3 and not args.pathways,
-            workers=args.workers, progress=bar,
-        )
-        where = f"{r.out}/0/items (load_parameters_path)"
-    else:
-        r = maxtext_to_hf(args.src, args.out, dtype=args.dtype, model=args.model, hf_config=args.hf_config,
-                          overwrite=args.overwrite, shard_bytes=args.shard_size, progress=bar)
-        where = str(r.out)
+    try:
+        if args.to == "maxtext":
+            r = hf_to_maxtext(
+                args.src, args.out, scan=args.scan, dtype=args.dtype, model=args.model, hf_config=args.hf_config,
+                overwrite=args.overwrite, use_ocdbt=args.ocdbt and not args.pathways, use_zarr3=args.zarr3 and not args.pathways,
+                workers=args.workers, progress=bar,
+            )
+            where = f"{r.out}/0/items (load_parameters_path)"
+        else:
+            r = maxtext_to_hf(args.src, args.out, dtype=args.dtype, model=args.model, hf_config=args.hf_config,
+                              overwrite=args.overwrite, shard_bytes=args.shard_size, progress=bar)
+            where = str(r.out)
+    finally:
+        for b in getattr(bar, "bars", ()):
+            b.close()
     dt = time.monotonic() - t0
     print(f"wrote {r.family} checkpoint: {where}  [{r.tensors} tensors, {r.bytes / 1e9:.2f} GB in {dt:.1f}s, "
           f"{r.bytes / 1e6 / max(dt, 1e-9):.0f} MB/s]", file=sys.stderr)

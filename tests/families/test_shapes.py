@@ -38,11 +38,122 @@ EXPECTED = {
         "decoder/layers/self_attention/query/kernel": (1024, 28, 16, 128),
         "decoder/layers/self_attention/out/kernel": (16, 28, 128, 1024),
     },
+    # MoE (maxtext-format-moe.md): expert axis 0, scanned layer axis 1
+    "qwen3-30b-a3b": {
+        "token_embedder/embedding": (151936, 2048),
+        "decoder/logits_dense/kernel": (2048, 151936),
+        "decoder/layers/self_attention/query/kernel": (2048, 48, 32, 128),
+        "decoder/layers/self_attention/key/kernel": (2048, 48, 4, 128),
+        "decoder/layers/self_attention/out/kernel": (32, 48, 128, 2048),
+        "decoder/layers/self_attention/query_norm/scale": (128, 48),
+        "decoder/layers/moe_block/gate/kernel": (2048, 48, 128),
+        "decoder/layers/moe_block/wi_0": (128, 48, 2048, 768),
+        "decoder/layers/moe_block/wi_1": (128, 48, 2048, 768),
+        "decoder/layers/moe_block/wo": (128, 48, 768, 2048),
+    },
+    "qwen3-235b-a22b": {
+        "decoder/layers/self_attention/query/kernel": (4096, 94, 64, 128),
+        "decoder/layers/moe_block/wi_0": (128, 94, 4096, 1536),
+        "decoder/layers/moe_block/wo": (128, 94, 1536, 4096),
+    },
+    "qwen3-480b-a35b": {
+        "decoder/layers/self_attention/query/kernel": (6144, 62, 96, 128),
+        "decoder/layers/self_attention/out/kernel": (96, 62, 128, 6144),
+        "decoder/layers/moe_block/gate/kernel": (6144, 62, 160),
+        "decoder/layers/moe_block/wi_0": (160, 62, 6144, 2560),
+        "decoder/layers/moe_block/wo": (160, 62, 2560, 6144),
+    },
+    "mixtral-8x7b": {
+        "token_embedder/embedding": (32000, 4096),
+        "decoder/layers/self_attention/query/kernel": (4096, 32, 32, 128),
+        "decoder/layers/self_attention/key/kernel": (4096, 32, 8, 128),
+        "decoder/layers/self_attention/out/kernel": (32, 32, 128, 4096),
+        "decoder/layers/MoeBlock_0/gate/kernel": (4096, 32, 8),
+        "decoder/layers/MoeBlock_0/wi_0": (8, 32, 4096, 14336),
+        "decoder/layers/MoeBlock_0/wi_1": (8, 32, 4096, 14336),
+        "decoder/layers/MoeBlock_0/wo": (8, 32, 14336, 4096),
+    },
+    "mixtral-8x22b": {
+        "token_embedder/embedding": (32768, 6144),
+        "decoder/layers/self_attention/query/kernel": (6144, 56, 48, 128),
+        "decoder/layers/MoeBlock_0/wi_0": (8, 56, 6144, 16384),
+        "decoder/layers/MoeBlock_0/wo": (8, 56, 16384, 6144),
+    },
+    "gpt-oss-20b": {
+        "token_embedder/embedding": (201088, 2880),
+        "decoder/logits_dense/kernel": (2880, 201088),
+        "decoder/layers/layers_0/GptOssAttention/query/kernel": (2880, 12, 64, 64),
+        "decoder/layers/layers_0/GptOssAttention/query/bias": (64, 12, 64),
+        "decoder/layers/layers_1/GptOssAttention/key/kernel": (2880, 12, 8, 64),
+        "decoder/layers/layers_1/GptOssAttention/key/bias": (8, 12, 64),
+        "decoder/layers/layers_0/GptOssAttention/out/kernel": (64, 12, 64, 2880),
+        "decoder/layers/layers_0/GptOssAttention/out/bias": (2880, 12),
+        "decoder/layers/layers_1/GptOssAttention/sinks": (64, 12),
+        "decoder/layers/layers_0/GptOssMlp/gate/kernel": (2880, 12, 32),
+        "decoder/layers/layers_0/GptOssMlp/gate/bias": (32, 12),
+        "decoder/layers/layers_0/GptOssMlp/wi_0": (32, 12, 2880, 2880),
+        "decoder/layers/layers_1/GptOssMlp/wi_1": (32, 12, 2880, 2880),
+        "decoder/layers/layers_0/GptOssMlp/wi_0_bias": (32, 12, 2880),
+        "decoder/layers/layers_1/GptOssMlp/wi_1_bias": (32, 12, 2880),
+        "decoder/layers/layers_0/GptOssMlp/wo": (32, 12, 2880, 2880),
+        "decoder/layers/layers_1/GptOssMlp/wo_bias": (32, 12, 2880),
+    },
+    "gpt-oss-120b": {
+        "decoder/layers/layers_1/GptOssMlp/wi_0": (128, 18, 2880, 2880),
+        "decoder/layers/layers_0/GptOssMlp/wo": (128, 18, 2880, 2880),
+        "decoder/layers/layers_0/GptOssMlp/gate/kernel": (2880, 18, 128),
+    },
+    # Gemma2: one scanned layer per (local, global) pair of HF layers; vocab padded 256000 -> 256128
+    "gemma2-2b": {
+        "token_embedder/embedding": (256128, 2304),
+        "decoder/decoder_norm/scale": (2304,),
+        "decoder/layers/pre_self_attention_norm_local/scale": (2304, 13),
+        "decoder/layers/post_ffw_norm_global/scale": (2304, 13),
+        "decoder/layers/self_attention_local/query/kernel": (2304, 13, 8, 256),
+        "decoder/layers/self_attention_global/key/kernel": (2304, 13, 4, 256),
+        "decoder/layers/self_attention_global/out/kernel": (8, 13, 256, 2304),
+        "decoder/layers/mlp_local/wi_0/kernel": (2304, 13, 9216),
+        "decoder/layers/mlp_global/wo/kernel": (9216, 13, 2304),
+    },
+    "gemma2-9b": {"decoder/layers/self_attention_local/query/kernel": (3584, 21, 16, 256), "token_embedder/embedding": (256128, 3584)},
+    "gemma2-27b": {"decoder/layers/self_attention_global/query/kernel": (4608, 23, 32, 128), "decoder/layers/mlp_local/wi_1/kernel": (4608, 23, 36864)},
+    # Gemma3: 6-layer scanned blocks + unscanned remainder; MaxText holds 262144 of HF's 262208 rows
+    "gemma3-4b": {
+        "token_embedder/embedding": (262144, 2560),
+        "decoder/layers/layers_0/self_attention/query/kernel": (2560, 5, 8, 256),
+        "decoder/layers/layers_5/self_attention/key/kernel": (2560, 5, 4, 256),
+        "decoder/layers/layers_3/self_attention/out/kernel": (8, 5, 256, 2560),
+        "decoder/layers/layers_2/self_attention/query_norm/scale": (256, 5),
+        "decoder/layers/layers_1/pre_ffw_norm/scale": (2560, 5),
+        "decoder/layers/layers_4/mlp/wo/kernel": (10240, 5, 2560),
+        "decoder/layers_remainder/layers_3/self_attention/query/kernel": (2560, 8, 256),
+        "decoder/layers_remainder/layers_0/mlp/wi_0/kernel": (2560, 10240),
+        "vision_encoder/Gemma3VisionEncoderLayer_0/embedding/kernel": (14, 14, 3, 1152),
+        "vision_encoder/Gemma3VisionEncoderLayer_0/pos_embedding": (1, 4096, 1152),
+        "vision_encoder/Gemma3VisionEncoderLayer_0/Transformer/encoderblock_26/MultiHeadDotProductAttention_0/query/kernel": (1152, 16, 72),
+        "vision_encoder/Gemma3VisionEncoderLayer_0/Transformer/encoderblock_0/MultiHeadDotProductAttention_0/out/kernel": (16, 72, 1152),
+        "vision_encoder/Gemma3VisionEncoderLayer_0/Transformer/encoderblock_3/MlpBlockViT_0/Dense_0/kernel": (1152, 4304),
+        "vision_encoder/VisionEmbedder_0/mm_input_projection/w": (1152, 2560),
+        "vision_encoder/VisionEmbedder_0/mm_soft_embedding_norm/scale": (1152,),
+    },
+    "gemma3-12b": {"decoder/layers/layers_5/self_attention/query/kernel": (3840, 8, 16, 256), "token_embedder/embedding": (262144, 3840)},
+    "gemma3-27b": {
+        "decoder/layers/layers_0/self_attention/query/kernel": (5376, 10, 32, 128),
+        "decoder/layers_remainder/layers_1/self_attention/out/kernel": (32, 128, 5376),
+        "vision_encoder/VisionEmbedder_0/mm_input_projection/w": (1152, 5376),
+    },
 }
 PARAMS_B = {"llama3.1-8b": 8.03, "llama3.1-70b": 70.55, "llama3.1-405b": 405.85, "qwen2.5-1.5b": 1.54, "qwen2.5-7b": 7.62,
             "qwen2.5-14b": 14.77, "qwen3-0.6b": 0.60, "qwen3-1.7b": 1.72, "qwen3-4b": 4.02, "qwen3-8b": 8.19,
-            "qwen3-14b": 14.77, "qwen3-32b": 32.76}
-TIED = {"qwen2.5-1.5b", "qwen3-0.6b", "qwen3-1.7b", "qwen3-4b"}
+            "qwen3-14b": 14.77, "qwen3-32b": 32.76,
+            # MoE totals as published: 30.5B, 235B, 480B; 46.7B, 141B; 21B, 117B
+            "qwen3-30b-a3b": 30.53, "qwen3-235b-a22b": 235.09, "qwen3-480b-a35b": 480.15, "mixtral-8x7b": 46.70,
+            "mixtral-8x22b": 140.63, "gpt-oss-20b": 20.91, "gpt-oss-120b": 116.83,
+            # MaxText's arrays: Gemma2 with 128 padded vocab rows, Gemma3 without 64 rows and with the 0.42B vision tower
+            "gemma2-2b": 2.61, "gemma2-9b": 9.24, "gemma2-27b": 27.23, "gemma3-4b": 4.30, "gemma3-12b": 12.19, "gemma3-27b": 27.43}
+TIED = {"qwen2.5-1.5b", "qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "gemma2-2b", "gemma2-9b", "gemma2-27b", "gemma3-4b", "gemma3-12b", "gemma3-27b"}
+# MaxText decoder layers when that is not the HF layer count: Gemma2 holds (local, global) pairs
+MAXTEXT_LAYERS = {"gemma2-2b": 13, "gemma2-9b": 21, "gemma2-27b": 23}
 
 
 @pytest.mark.parametrize("name", registry.model_names())
@@ -55,12 +166,14 @@ def test_real_size_plan(name):
     assert ("decoder/logits_dense/kernel" in scanned) == (name not in TIED)
     assert sum(map(math.prod, scanned.values())) == sum(map(math.prod, unscanned.values()))
     assert round(sum(map(math.prod, scanned.values())) / 1e9, 2) == PARAMS_B[name]
-    L = cfg["num_hidden_layers"]
-    assert f"decoder/layers_{L - 1}/mlp/wo/kernel" in unscanned and not any(p.startswith("decoder/layers/") for p in unscanned)
-    # every unscanned layer leaf is the scanned leaf with the layer axis removed
+    L = MAXTEXT_LAYERS.get(name) or family.dims(cfg).layers
+    assert any(p.startswith(f"decoder/layers_{L - 1}/") for p in unscanned)
+    assert not any(p.startswith(("decoder/layers/", f"decoder/layers_{L}/")) for p in unscanned)
+    # every unscanned layer leaf is the scanned leaf with the layer axis removed (axis 1, also for [E, L, ...]
+    # expert stacks); GPT-OSS scans two interleaved stacks, decoder/layers/layers_0 and layers_1
     for path, shape in unscanned.items():
         if path.startswith("decoder/layers_0/"):
-            s = scanned[path.replace("layers_0", "layers")]
+            s = scanned.get(path.replace("layers_0", "layers", 1)) or scanned[path.replace("layers_0", "layers/layers_0", 1)]
             assert s[:1] + s[2:] == shape
 
 

@@ -1,0 +1,178 @@
+"""Conversion benchmark: wall time, throughput and peak RSS against `cp -r` + `sync` of the same bytes.
+
+Builds a synthetic HF checkpoint with real dimensions (default Llama 3.1 8B, `--layers N`), then in one
+run measures: the disk limit (`cp -r` of the source folder + `sync`), HF -> MaxText scanned and
+unscanned, and MaxText -> HF. Every step runs as its own process (the real `ckptflow` CLI); its peak
+resident memory is sampled over the whole process tree. Prints a table and writes JSON.
+
+  python bench/convert_bench.py --layers 8 --out /tmp/bench --json bench-8.json
+  python bench/convert_bench.py --sizes 2,4,8 --plot docs/performance.png   # a sweep and its plot
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from converters import registry  # noqa: E402
+from converters.test_models import write_synthetic_checkpoint  # noqa: E402
+
+
+class PeakRSS:
+    """Samples the summed RSS of a process and its children every 50 ms."""
+
+    def __init__(self, pid: int):
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                procs = [self.proc] + self.proc.children(recursive=True)
+                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+            except psutil.Error:
+                pass
+            self._stop.wait(0.05)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._t.join()
+        return self.peak
+
+
+def drop_caches() -> None:
+    """Best effort: make every step read from disk, not from the page cache of the previous one."""
+    subprocess.run(["sync"], check=False)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        pass
+
+
+def measure(name: str, cmd: list[str], nbytes: int, cold: bool) -> dict:
+    if cold:
+        drop_caches()
+    t0 = time.monotonic()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    mon = PeakRSS(p.pid)
+    _, err = p.communicate()
+    subprocess.run(["sync"], check=True)  # count the flush to disk, as for cp
+    wall = time.monotonic() - t0
+    peak = mon.stop()
+    if p.returncode:
+        raise SystemExit(f"{name} failed ({p.returncode}):\n{err[-2000:]}")
+    return {"step": name, "wall_s": round(wall, 2), "GB_per_s": round(nbytes / 1e9 / wall, 3), "peak_rss_GB": round(peak / 1e9, 3)}
+
+
+def dir_bytes(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def run_one(model: str, layers: int, work: Path, extra: list[str], cold: bool, keep: bool) -> dict:
+    src = work / f"hf-{layers}"
+    if not src.exists():
+        print(f"building synthetic {model} with {layers} layers in {src} ...", file=sys.stderr)
+        cfg = registry.model(model)[1]
+        cfg["num_hidden_layers"] = layers
+        write_synthetic_checkpoint(src, cfg)
+    nbytes = dir_bytes(src)
+    ck = [sys.executable, "-m", "converters", "convert"]
+    steps = [  # (name, output folder, command)
+        ("cp -r + sync", "cp-copy", ["cp", "-r", str(src), str(work / "cp-copy")]),
+        ("hf->maxtext scanned", "mt-scan", ck + [str(src), str(work / "mt-scan"), "--to", "maxtext", "--scan", "-q", *extra]),
+        ("hf->maxtext unscanned", "mt-noscan", ck + [str(src), str(work / "mt-noscan"), "--to", "maxtext", "--no-scan", "-q", *extra]),
+        ("maxtext->hf (from scanned)", "hf-back", ck + [str(work / "mt-scan"), str(work / "hf-back"), "--to", "hf", "-q"]),
+    ]
+    rows = []
+    for name, target, cmd in steps:
+        shutil.rmtree(work / target, ignore_errors=True)
+        print(f"  {name} ...", file=sys.stderr)
+        rows.append(measure(name, cmd, nbytes, cold))
+    base = rows[0]["wall_s"]
+    for r in rows:
+        r["x_cp"] = round(r["wall_s"] / base, 2)
+    if not keep:
+        for d in ("cp-copy", "mt-scan", "mt-noscan", "hf-back"):
+            shutil.rmtree(work / d, ignore_errors=True)
+    return {"model": model, "layers": layers, "model_GB": round(nbytes / 1e9, 3), "steps": rows}
+
+
+def print_table(results: list[dict]) -> None:
+    print(f"{'model':<14}{'layers':>7}{'GB':>8}  {'step':<28}{'wall s':>8}{'GB/s':>8}{'x cp':>7}{'peak RSS GB':>13}")
+    for res in results:
+        for r in res["steps"]:
+            print(f"{res['model']:<14}{res['layers']:>7}{res['model_GB']:>8.2f}  {r['step']:<28}{r['wall_s']:>8.2f}"
+                  f"{r['GB_per_s']:>8.3f}{r['x_cp']:>7.2f}{r['peak_rss_GB']:>13.3f}")
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    names = [r["step"] for r in results[0]["steps"]]
+    sizes = [r["model_GB"] for r in results]
+    for n in names:
+        a.plot(sizes, [next(s["wall_s"] for s in r["steps"] if s["step"] == n) for r in results], marker="o", label=n)
+        b.plot(sizes, [next(s["peak_rss_GB"] for s in r["steps"] if s["step"] == n) for r in results], marker="o", label=n)
+    a.set(xlabel="model size (GB)", ylabel="wall time (s)", title="time vs cp")
+    b.set(xlabel="model size (GB)", ylabel="peak RSS (GB)", title="peak resident memory")
+    a.legend(fontsize=7)
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama3.1-8b", help="real dimensions to use (default llama3.1-8b)")
+    p.add_argument("--layers", type=int, default=8, help="decoder layers (default 8)")
+    p.add_argument("--sizes", help="comma-separated layer counts for a sweep (overrides --layers)")
+    p.add_argument("--out", type=Path, default=Path("/tmp/ckptflow-bench"), help="work folder (on the disk to measure)")
+    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--plot", type=Path, help="write a time/RSS plot (PNG) here")
+    p.add_argument("--warm", action="store_true", help="do not drop the page cache between steps")
+    p.add_argument("--keep", action="store_true", help="keep converted outputs")
+    p.add_argument("--compare-maxtext", action="store_true", help="also run MaxText's to_maxtext when the maxtext package is importable")
+    p.add_argument("convert_args", nargs="*", help="extra args passed to `ckptflow convert --to maxtext` (after --)")
+    a = p.parse_args()
+    layers = [int(x) for x in a.sizes.split(",")] if a.sizes else [a.layers]
+    a.out.mkdir(parents=True, exist_ok=True)
+    results = [run_one(a.model, n, a.out, a.convert_args, not a.warm, a.keep) for n in layers]
+    if a.compare_maxtext:
+        try:
+            import maxtext  # noqa: F401
+        except ImportError:
+            print("--compare-maxtext: the maxtext package is not importable here; skipped", file=sys.stderr)
+        else:  # pragma: no cover - needs MaxText (Python >= 3.12, ~7 GB)
+            src = a.out / f"hf-{layers[-1]}"
+            cmd = [sys.executable, "-m", "maxtext.checkpoint_conversion.to_maxtext", "maxtext/configs/base.yml",
+                   f"model_name={a.model}", f"base_output_directory={a.out / 'maxtext-own'}", "scan_layers=true",
+                   f"--hf_model_path={src}", "--simulated_cpu_devices_count=1"]
+            results[-1]["steps"].append(measure("maxtext to_maxtext", cmd, dir_bytes(src), not a.warm))
+    print_table(results)
+    if a.json:
+        a.json.write_text(json.dumps(results, indent=2) + "\n")
+    if a.plot:
+        plot(results, a.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,62 @@
+"""`ckptflow download SOURCE OUT [--revision REV]`: stage a model's files in a local folder, atomically.
+
+SOURCE is a local folder or a Hugging Face repo id (`org/name`). Hub repos: the revision is resolved to a
+commit sha first and exactly that commit is fetched, several files at a time; each file is checked against
+the hub's sha256 (LFS weights) or git blob id (the rest), and a mismatch fails loudly. Only what a conversion
+needs is taken (safetensors + index, config.json, generation_config.json, tokenizer and chat-template files);
+pickled weights never. An interrupted download resumes: files already complete are kept and not fetched
+again. OUT appears only complete, with `ckptflow-download.json` (source, commit sha, sha256 of every file).
+
+The token comes from HF_TOKEN (the pipeline sets it from the Airflow connection `ckptflow_hf`) and is never
+printed. `HF_ENDPOINT` points at a hub mirror.
+
+The library is `converters.download` (and `converters.hub` for the hub side).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from converters.download import (  # noqa: F401  (re-exported: operators and tests use these names from here)
+    MANIFEST_NAME,
+    copy_file,
+    digest_of,
+    download,
+    is_local_source,
+    iter_tree,
+    local_path,
+    looks_local,
+    select_hf_files,
+    tree_files,
+    write_json_atomic,
+)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "download",
+        help="stage a model (local folder or hub repo at one commit) in a folder, safetensors only, verified, atomically",
+        description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("source", help="local folder, file:// URI, or Hugging Face repo id (org/name)")
+    p.add_argument("out", help="folder to create (replaced atomically when its content differs)")
+    p.add_argument("--revision", default=None, help="hub branch, tag or commit (resolved to a commit sha)")
+    p.add_argument("--format", choices=("hf", "maxtext"), default="hf", dest="fmt", help="what SOURCE holds (default: hf)")
+    p.add_argument("--workers", type=int, default=None, help="hub files fetched at a time (default 8)")
+    p.add_argument("--json", action="store_true", help="print the download manifest as JSON on stdout")
+    return p
+
+
+def run(args) -> int:
+    manifest, copied = download(args.source, args.out, args.revision, args.fmt, workers=args.workers)
+    if args.json:
+        print(json.dumps(manifest, sort_keys=True))
+    else:
+        rev = f"@{manifest['revision']}" if manifest.get("revision") else ""
+        verb = "downloaded" if copied else "already up to date:"
+        size = sum(f["size"] for f in manifest["files"].values())
+        print(f"{verb} {manifest['source']}{rev} -> {Path(args.out)} ({len(manifest['files'])} files, {size} bytes, {manifest['digest']})")
+    return 0

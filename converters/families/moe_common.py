@@ -1,0 +1,56 @@
+"""Rule builders shared by the mixture-of-experts families (router, stacked routed experts).
+
+MaxText keeps routed experts stacked: `wi_0`/`wi_1` are `[E, emb, F]` and `wo` is `[E, F, emb]` per layer,
+scanned `[E, L, ...]` (expert axis 0, layer axis 1). The engine builds those from per-expert HF tensors
+(`experts.{e}.*` names) or from one fused tensor per layer, one (expert, layer) slice at a time.
+"""
+
+from __future__ import annotations
+
+from converters.errors import UnsupportedModelError
+from converters.mapping import Dims, Rule, require
+from converters.transforms import Kernel
+
+GLU = ("wi_0", "wi_1", "wo")  # MaxText names of gate, up and down projections
+
+
+def experts(d: Dims) -> int:
+    return d.extra["experts"]
+
+
+def router(d: Dims, hf: str, mt: str, *, bias: bool = False) -> list[Rule]:
+    """Router `[E, emb]` <-> `gate/kernel` `[emb, E]` (and its bias `[E]`)."""
+    E, X = d.emb, experts(d)
+    rules = [Rule(hf + ".weight", f"{mt}/kernel", (X, E), (E, X), (Kernel((E, X)),))]
+    if bias:
+        rules.append(Rule(hf + ".bias", f"{mt}/bias", (X,), (X,)))
+    return rules
+
+
+def per_expert_glu(d: Dims, hf: str, mt: str, names: tuple[str, str, str]) -> list[Rule]:
+    """One HF Linear per expert and projection (`hf` holds `{e}`; `names` are gate, up, down) <-> stacked arrays.
+
+    gate/up `[F, emb]` -> `[E, emb, F]`; down `[emb, F]` -> `[E, F, emb]` (each expert transposed).
+    """
+    E, F, X = d.emb, d.mlp, experts(d)
+    gate, up, down = names
+    return [
+        Rule(f"{hf}.{gate}.weight", f"{mt}/wi_0", (F, E), (E, F), (Kernel((E, F)),), experts=X),
+        Rule(f"{hf}.{up}.weight", f"{mt}/wi_1", (F, E), (E, F), (Kernel((E, F)),), experts=X),
+        Rule(f"{hf}.{down}.weight", f"{mt}/wo", (E, F), (F, E), (Kernel((F, E)),), experts=X),
+    ]
+
+
+def moe_dims(dims: Dims, cfg: dict, family: str, *, experts_key: str, mlp_key: str) -> Dims:
+    """Add the MoE numbers to `dims`: routed experts, experts per token, expert MLP width.
+
+    transformers >= 5 saves every family's expert count as `num_local_experts` (Qwen3-MoE's hub configs say
+    `num_experts`); either is accepted.
+    """
+    dims.mlp = require(cfg, mlp_key, family)
+    key = experts_key if cfg.get(experts_key) is not None else "num_local_experts"
+    dims.extra["experts"] = require(cfg, key, family)
+    dims.extra["top_k"] = require(cfg, "num_experts_per_tok", family)
+    if dims.extra["experts"] < 2:
+        raise UnsupportedModelError(f"a {family} model needs at least 2 experts, config has {key}={dims.extra['experts']}")
+    return dims

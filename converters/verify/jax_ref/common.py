@@ -1,0 +1,310 @@
+"""Shared pieces of the JAX reference forward pass: the model spec, MaxText's numerics, the family base.
+
+This is a *reference* implementation of what MaxText computes for a checkpoint: it reads the Orbax
+arrays exactly as MaxText lays them out and applies the same operations, in the same order and at
+the same precision, as MaxText's layers (`src/maxtext/layers/{normalizations,linears,attentions,
+attention_op,embeddings}.py`, `src/maxtext/layers/decoders.py`). It does not import MaxText.
+Clarity beats speed: a single unbatched sequence `[T, ...]`, one jitted function per decoder block.
+
+Precision model (MaxText defaults `weight_dtype=float32`, `dtype=<compute dtype>`):
+  * weights are cast to the compute dtype right before use (DenseGeneral / Embed / RMSNorm);
+  * RMSNorm computes the statistics in float32, casts the normalized value to the compute dtype and
+    multiplies by the scale in the compute dtype;
+  * attention scores are computed from compute-dtype q/k; the softmax runs in float32 (what the
+    flash/splash kernels MaxText selects on accelerators do; irrelevant in float32 mode);
+  * logits are cast to float32 at the end (`cast_logits_to_fp32: true`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from converters.errors import CkptflowError, UnsupportedModelError  # noqa: E402
+
+jax.config.update("jax_platforms", os.environ.get("JAX_PLATFORMS", "cpu"))
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# MaxText masks with a large finite negative (DEFAULT_MASK_VALUE = -0.7 * float32 max).
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+# --------------------------------------------------------------------------------------------
+# Model spec
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the forward pass needs to know about the architecture (hashable: a jit static arg)."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+    dtype: str = "float32"  # compute dtype: "float32" or "bfloat16"
+    # Family-specific options as sorted (key, value) pairs, e.g. (("rope_scaling", (...)),).
+    options: tuple = ()
+
+    def option(self, key: str, default: Any = None) -> Any:
+        return dict(self.options).get(key, default)
+
+    def with_options(self, **kwargs) -> "ModelSpec":
+        merged = {**dict(self.options), **kwargs}
+        return dataclasses.replace(self, options=tuple(sorted(merged.items())))
+
+    @property
+    def jdtype(self):
+        return DTYPES[self.dtype]
+
+
+def hf_config_object(config: dict):
+    """The transformers config object for a config.json dict (no remote code, ever).
+
+    Using transformers' own config classes gives exactly the defaults and the rope-parameter
+    normalization the HF model uses (e.g. Qwen3's default head_dim=128 even when hidden/heads
+    differs, legacy `rope_theta`/`rope_scaling` vs `rope_parameters`).
+    """
+    from transformers import CONFIG_MAPPING  # local import: heavy
+
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise UnsupportedModelError(f"unknown model_type {model_type!r} in config.json")
+    try:
+        return CONFIG_MAPPING[model_type].from_dict(dict(config))
+    except Exception as e:  # transformers raises several kinds on invalid configs
+        raise CkptflowError(f"invalid {model_type} config.json: {e}") from None
+
+
+def rope_parameters(cfg) -> dict:
+    """The standardized rope parameters of a transformers config ({'rope_type','rope_theta',...})."""
+    rp = getattr(cfg, "rope_parameters", None)
+    if rp is None:  # older transformers
+        rp = dict(getattr(cfg, "rope_scaling", None) or {})
+        rp.setdefault("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    rp = dict(rp)
+    rp.setdefault("rope_type", rp.get("type", "default"))
+    return rp
+
+
+def base_spec(cfg, **overrides) -> dict:
+    """Fields common to the Llama-like families, read from a transformers config object."""
+    heads = int(cfg.num_attention_heads)
+    head_dim = getattr(cfg, "head_dim", None) or int(cfg.hidden_size) // heads
+    fields = dict(
+        model_type=cfg.model_type,
+        vocab_size=int(cfg.vocab_size),
+        hidden_size=int(cfg.hidden_size),
+        num_layers=int(cfg.num_hidden_layers),
+        num_heads=heads,
+        num_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
+        head_dim=int(head_dim),
+        intermediate_size=int(cfg.intermediate_size),
+        norm_eps=float(cfg.rms_norm_eps),
+        rope_theta=float(rope_parameters(cfg)["rope_theta"]),
+        tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+    )
+    fields.update(overrides)
+    return fields
+
+
+def require(cond: bool, what: str) -> None:
+    """Reject configurations MaxText's block for this family cannot express."""
+    if not cond:
+        raise UnsupportedModelError(f"not supported by the MaxText reference: {what}")
+
+
+# --------------------------------------------------------------------------------------------
+# Numerics shared by the families (MaxText semantics)
+# --------------------------------------------------------------------------------------------
+
+
+def rms_norm(x, scale, eps: float, dtype):
+    """MaxText RMSNorm: float32 statistics, normalized value cast to `dtype`, times scale in `dtype`."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
+    return y.astype(dtype) * scale.astype(dtype)
+
+
+def dense(x, kernel, dtype, contract: int = 1, bias=None):
+    """DenseGeneral: contract the last `contract` axes of x with the first of kernel, in `dtype`."""
+    x = x.astype(dtype)
+    kernel = kernel.astype(dtype)
+    y = jax.lax.dot_general(x, kernel, ((tuple(range(x.ndim - contract, x.ndim)), tuple(range(contract))), ((), ())))
+    if bias is not None:
+        y = y + bias.astype(dtype)
+    return y
+
+
+def rope_halves(x, positions, theta: float, dtype):
+    """MaxText `RotaryEmbedding` (Qwen, Gemma): pairs (i, i + D/2), sin/cos cast to the input dtype.
+
+    x: [T, H, D]; positions: [T].
+    """
+    d = x.shape[-1]
+    timescale = theta ** (2 * jnp.arange(d // 2, dtype=jnp.float32) / d)
+    angle = positions.astype(jnp.float32)[:, None, None] / timescale  # [T, 1, D/2]
+    sin = jnp.sin(angle).astype(x.dtype)
+    cos = jnp.cos(angle).astype(x.dtype)
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(dtype)
+
+
+def causal_attention(q, k, v, dtype):
+    """Causal grouped-query attention (MaxText dot-product semantics, softmax in float32).
+
+    q: [T, N, D] (already scaled as the family requires), k, v: [S, K, D]. Query head n uses kv head
+    n // (N/K), the grouping MaxText's `btkgd` reshape implies. Returns [T, N, D] in `dtype`.
+    """
+    t, n, d = q.shape
+    kv = k.shape[1]
+    g = n // kv
+    qg = q.reshape(t, kv, g, d)
+    scores = jnp.einsum("tkgd,skd->kgts", qg, k).astype(jnp.float32)
+    causal = jnp.arange(t)[:, None] >= jnp.arange(k.shape[0])[None, :]
+    scores = jnp.where(causal[None, None], scores, MASK_VALUE)
+    weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum("kgts,skd->tkgd", weights, v.astype(dtype))
+    return out.reshape(t, n, d).astype(dtype)
+
+
+def gated_mlp(x, wi_0, wi_1, wo, dtype, activation: Callable = jax.nn.silu):
+    """MaxText MlpBlock with activations ("silu", "linear"): wo(act(x @ wi_0) * (x @ wi_1))."""
+    gate = activation(dense(x, wi_0, dtype))
+    up = dense(x, wi_1, dtype)
+    return dense((gate * up).astype(dtype), wo, dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Families
+# --------------------------------------------------------------------------------------------
+
+Params = dict[str, np.ndarray]
+
+
+@dataclass
+class Layout:
+    """Where the decoder layers live in the checkpoint."""
+
+    scanned: bool
+    num_layers: int
+    scan_axis: int = 1
+
+
+class Family:
+    """One MaxText decoder family. Subclasses implement `make_spec`, `layer_keys` and `block`.
+
+    The default decoder (`embed` → `layers` → `output_head`) covers Llama-like models: a token
+    embedding, a stack of homogeneous blocks (scanned under `decoder/layers/...` with the layer axis
+    at `param_scan_axis`=1, or unscanned under `decoder/layers_<i>/...`), a final RMSNorm, and
+    logits via `logits_dense` or the tied embedding. Families with other layer groupings (Gemma2
+    pairs, Gemma3 6-blocks + remainder, MoE) override `layer_params` / `embed` / `output_head`.
+    """
+
+    name: str = ""
+    model_types: tuple[str, ...] = ()
+
+    # ---- to implement ------------------------------------------------------------------------
+    def make_spec(self, cfg) -> ModelSpec:
+        raise NotImplementedError
+
+    def layer_keys(self, spec: ModelSpec) -> tuple[str, ...]:
+        """Checkpoint keys of one decoder layer, relative to `decoder/layers[_i]/`."""
+        raise NotImplementedError
+
+    def block(self, spec: ModelSpec, p: dict, x, positions):
+        """One decoder block. p: layer_keys → arrays; x: [T, E] (compute dtype); positions: [T]."""
+        raise NotImplementedError
+
+    # ---- defaults (override where a family differs) -----------------------------------------
+    def config_warnings(self, cfg) -> list[str]:
+        """Config values MaxText would not honour (the reference follows MaxText; the user should know)."""
+        return []
+
+    def global_keys(self, spec: ModelSpec) -> tuple[str, ...]:
+        keys = ["token_embedder/embedding", "decoder/decoder_norm/scale"]
+        if not spec.tie_word_embeddings:
+            keys.append("decoder/logits_dense/kernel")
+        return tuple(keys)
+
+    def detect_layout(self, spec: ModelSpec, params: Params) -> Layout:
+        scanned = any(k.startswith("decoder/layers/") for k in params)
+        unscanned = any(k.startswith("decoder/layers_") for k in params)
+        if scanned and unscanned:
+            raise CkptflowError("checkpoint has both scanned (decoder/layers/) and unscanned (decoder/layers_<i>/) layers")
+        if not scanned and not unscanned:
+            raise CkptflowError("checkpoint has no decoder layers (neither decoder/layers/ nor decoder/layers_0/)")
+        return Layout(scanned=scanned, num_layers=spec.num_layers)
+
+    def check_params(self, spec: ModelSpec, params: Params, layout: Layout) -> None:
+        """Fail early, with the key name, on a missing or wrongly shaped tensor."""
+        missing = [k for k in self.global_keys(spec) if k not in params]
+        for rel in self.layer_keys(spec):
+            if layout.scanned:
+                key = f"decoder/layers/{rel}"
+                if key not in params:
+                    missing.append(key)
+                elif params[key].ndim < 2 or params[key].shape[layout.scan_axis] != layout.num_layers:
+                    raise CkptflowError(
+                        f"scanned tensor {key} has shape {tuple(params[key].shape)}; expected "
+                        f"{layout.num_layers} layers on axis {layout.scan_axis}"
+                    )
+            else:
+                missing += [
+                    f"decoder/layers_{i}/{rel}"
+                    for i in range(layout.num_layers)
+                    if f"decoder/layers_{i}/{rel}" not in params
+                ]
+        if missing:
+            more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+            raise CkptflowError(f"checkpoint is missing {', '.join(missing[:5])}{more}")
+        if not layout.scanned and f"decoder/layers_{layout.num_layers}/{self.layer_keys(spec)[0]}" in params:
+            raise CkptflowError(
+                f"checkpoint has more than the {layout.num_layers} layers the config declares"
+            )
+
+    def layer_params(self, spec: ModelSpec, params: Params, layout: Layout) -> Iterator[dict]:
+        """Yield each layer's arrays (numpy, as stored; views into scanned stacks) keyed by `layer_keys`."""
+        for i in range(layout.num_layers):
+            if layout.scanned:
+                index = (slice(None),) * layout.scan_axis + (i,)
+                yield {rel: params[f"decoder/layers/{rel}"][index] for rel in self.layer_keys(spec)}
+            else:
+                yield {rel: params[f"decoder/layers_{i}/{rel}"] for rel in self.layer_keys(spec)}
+
+    def embed(self, spec: ModelSpec, g: dict, token_ids):
+        """`Embed.__call__`: table cast to the compute dtype, rows gathered."""
+        return g["token_embedder/embedding"].astype(spec.jdtype)[token_ids]
+
+    def output_head(self, spec: ModelSpec, g: dict, y):
+        """`apply_output_head`: final RMSNorm, then logits (float32)."""
+        y = rms_norm(y, g["decoder/decoder_norm/scale"], spec.norm_eps, spec.jdtype)
+        if spec.tie_word_embeddings:
+            # `attend_on_embedding` casts the table to bfloat16 (even in float32 runs) and accumulates
+            # in the compute dtype (`logits_dot_in_fp32: false`). In bfloat16 runs that cast is a
+            # no-op. In float32 runs it would add ~1e-5 of KL on a tied model that has nothing to do
+            # with the conversion, so it is only applied when `bf16_tied_logits` is requested.
+            table = g["token_embedder/embedding"]
+            if spec.option("bf16_tied_logits", False):
+                table = table.astype(jnp.bfloat16)
+            logits = jnp.dot(y, table.T, preferred_element_type=spec.jdtype)
+        else:
+            logits = dense(y, g["decoder/logits_dense/kernel"], spec.jdtype)
+        return logits.astype(jnp.float32)

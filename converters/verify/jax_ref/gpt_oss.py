@@ -1,0 +1,132 @@
+"""GPT-OSS (HF `gpt_oss`) — MaxText decoder block `gpt_oss`.
+
+What MaxText computes (src/maxtext/models/gpt_oss.py, layers/attentions.py, attention_op.py, moe.py,
+embeddings.py `YarnRotaryEmbedding`):
+  * layers alternate sliding-window attention (even layers, `sliding_window_size`) and full attention (odd
+    layers); scanned, the two kinds are two interleaved stacks `decoder/layers/layers_0` (HF layers 0, 2, ...)
+    and `layers_1` (1, 3, ...); unscanned, `decoder/layers_<i>`;
+  * pre-attention RMSNorm → q/k/v with biases → half-split YaRN RoPE (frequencies blended between
+    theta^(-2i/D) and theta^(-2i/D)/factor over the beta_fast..beta_slow correction range, output times
+    0.1 ln(factor) + 1) → query times head_dim**-0.5 → attention whose softmax has one extra learned logit
+    per head (`sinks`) → out projection with bias → residual;
+  * post-attention RMSNorm → `GptOssMlp` (RoutedMoE with router bias and expert biases): softmax over the
+    top-k biased router logits; per expert gate = x wi_0 + b0 clipped above at the limit, up = x wi_1 + b1
+    clipped to +-limit, gate * sigmoid(1.702 gate) * (up + 1), then wo + bo → residual.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from converters.errors import CkptflowError
+from converters.verify.jax_ref.common import Family, Layout, ModelSpec, Params, base_spec, dense, require, rms_norm, rope_parameters
+from converters.verify.jax_ref.moe import GPT_OSS_ALPHA, attention, clipped_swiglu, routed_moe, yarn_inv_freq, yarn_rope
+
+ATT, MLP = "GptOssAttention", "GptOssMlp"
+PATTERN = ("sliding_attention", "full_attention")  # MaxText GPT_OSS_ATTENTION_PATTERN
+SLIDING_MARKER = "__sliding_window_layer__"  # present (empty) in the params of sliding-window layers
+# MaxText's configs/models/gpt-oss-*.yml rope settings
+MAXTEXT_YARN = {"rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "original_max_position_embeddings": 4096, "truncate": False}
+
+
+class GptOssFamily(Family):
+    name = "gpt_oss"
+    model_types = ("gpt_oss",)
+
+    def make_spec(self, cfg) -> ModelSpec:
+        n = int(cfg.num_hidden_layers)
+        types = list(getattr(cfg, "layer_types", None) or [])
+        require(not types or types == [PATTERN[i % 2] for i in range(n)], "layer_types other than sliding/full alternating")
+        require(float(getattr(cfg, "swiglu_alpha", GPT_OSS_ALPHA)) == GPT_OSS_ALPHA, "swiglu_alpha != 1.702 (hard-coded in MaxText)")
+        rp = rope_parameters(cfg)
+        require(rp.get("rope_type") == "yarn", f"rope_type={rp.get('rope_type')!r} (MaxText gpt-oss uses yarn)")
+        require(rp.get("attention_factor") is None and not rp.get("mscale") and not rp.get("mscale_all_dim"),
+                "yarn attention_factor/mscale (MaxText scales by 0.1 ln(factor) + 1)")
+        yarn = (
+            float(rp["rope_theta"]), float(rp["factor"]), float(rp.get("beta_fast") or 32.0), float(rp.get("beta_slow") or 1.0),
+            int(rp.get("original_max_position_embeddings") or 4096), bool(rp.get("truncate", True)),
+        )
+        return ModelSpec(
+            **base_spec(cfg),
+            options=(
+                ("limit", float(cfg.swiglu_limit)),
+                ("sliding_window", int(cfg.sliding_window)),
+                ("top_k", int(cfg.num_experts_per_tok)),
+                ("yarn", yarn),
+            ),
+        )
+
+    def config_warnings(self, cfg) -> list[str]:
+        rp = rope_parameters(cfg)
+        diffs = [f"{k}={rp.get(k)!r}" for k, v in MAXTEXT_YARN.items() if rp.get(k) is not None and rp.get(k) != v]
+        if not diffs:
+            return []
+        return [f"rope parameters differ from MaxText's gpt-oss configs ({', '.join(diffs)}); MaxText must be run with matching rope_* settings"]
+
+    # ---- layout ---------------------------------------------------------------------------------
+    def layer_keys(self, spec: ModelSpec) -> tuple[str, ...]:
+        att = [f"{ATT}/{k}" for k in ("query/kernel", "query/bias", "key/kernel", "key/bias", "value/kernel", "value/bias",
+                                     "out/kernel", "out/bias", "sinks")]
+        mlp = [f"{MLP}/{k}" for k in ("gate/kernel", "gate/bias", "wi_0", "wi_1", "wo", "wi_0_bias", "wi_1_bias", "wo_bias")]
+        return ("pre_self_attention_layer_norm/scale", *att, "post_self_attention_layer_norm/scale", *mlp)
+
+    @staticmethod
+    def _where(layout: Layout, l: int) -> tuple[str, int | None]:
+        """(key prefix, index along the scan axis or None) of HF layer l."""
+        if not layout.scanned:
+            return f"decoder/layers_{l}", None
+        return f"decoder/layers/layers_{l % len(PATTERN)}", l // len(PATTERN)
+
+    def detect_layout(self, spec: ModelSpec, params: Params) -> Layout:
+        layout = super().detect_layout(spec, params)
+        if layout.scanned and spec.num_layers % len(PATTERN):
+            raise CkptflowError(f"a scanned GPT-OSS checkpoint needs an even number of layers, config has {spec.num_layers}")
+        return layout
+
+    def check_params(self, spec: ModelSpec, params: Params, layout: Layout) -> None:
+        missing = [k for k in self.global_keys(spec) if k not in params]
+        reps = spec.num_layers // len(PATTERN)
+        for l in range(spec.num_layers):
+            prefix, j = self._where(layout, l)
+            for rel in self.layer_keys(spec):
+                key = f"{prefix}/{rel}"
+                if key not in params:
+                    missing.append(key)
+                elif j is not None and (params[key].ndim < 2 or params[key].shape[layout.scan_axis] != reps):
+                    raise CkptflowError(f"scanned tensor {key} has shape {tuple(params[key].shape)}; expected {reps} layers on axis {layout.scan_axis}")
+        if missing:
+            missing = list(dict.fromkeys(missing))
+            more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+            raise CkptflowError(f"checkpoint is missing {', '.join(missing[:5])}{more}")
+        if not layout.scanned and f"decoder/layers_{spec.num_layers}/{self.layer_keys(spec)[0]}" in params:
+            raise CkptflowError(f"checkpoint has more than the {spec.num_layers} layers the config declares")
+
+    def layer_params(self, spec: ModelSpec, params: Params, layout: Layout):
+        for l in range(spec.num_layers):
+            prefix, j = self._where(layout, l)
+            p = {rel: params[f"{prefix}/{rel}"] if j is None else np.take(params[f"{prefix}/{rel}"], j, axis=layout.scan_axis)
+                 for rel in self.layer_keys(spec)}
+            if PATTERN[l % len(PATTERN)] == "sliding_attention":
+                p[SLIDING_MARKER] = np.zeros((0,), np.float32)
+            yield p
+
+    # ---- compute --------------------------------------------------------------------------------
+    def block(self, spec: ModelSpec, p: dict, x, positions):
+        dt = spec.jdtype
+        h = rms_norm(x, p["pre_self_attention_layer_norm/scale"], spec.norm_eps, dt)
+        q = dense(h, p[f"{ATT}/query/kernel"], dt, bias=p[f"{ATT}/query/bias"])
+        k = dense(h, p[f"{ATT}/key/kernel"], dt, bias=p[f"{ATT}/key/bias"])
+        v = dense(h, p[f"{ATT}/value/kernel"], dt, bias=p[f"{ATT}/value/bias"])
+        theta, factor, beta_fast, beta_slow, original, truncate = spec.option("yarn")
+        inv_freq = yarn_inv_freq(spec.head_dim, theta, factor, beta_fast, beta_slow, original, truncate)
+        scaling = 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
+        q = yarn_rope(q, positions, inv_freq, scaling, dt)
+        k = yarn_rope(k, positions, inv_freq, scaling, dt)
+        q = q * (spec.head_dim**-0.5)  # query_pre_attn_scalar, at run time
+        window = spec.option("sliding_window") if SLIDING_MARKER in p else None
+        a = attention(q, k, v, dt, window=window, sinks=p[f"{ATT}/sinks"])
+        x = x + dense(a, p[f"{ATT}/out/kernel"], dt, contract=2, bias=p[f"{ATT}/out/bias"])
+        h = rms_norm(x, p["post_self_attention_layer_norm/scale"], spec.norm_eps, dt)
+        return x + routed_moe(h, p, MLP, dt, top_k=spec.option("top_k"), activation=clipped_swiglu(spec.option("limit")))

@@ -1,0 +1,359 @@
+"""Airflow operators for the four pipeline steps: download, convert, verify, publish.
+
+Every operator runs `ckptflow <step> ...` (arguments from `operators.commands.step_args`) in one of two modes,
+chosen per DAG run (the `execution_mode` param) or per task (the `execution_mode` argument):
+
+* `local`: a child process of the worker (`operators.local.LocalCommandRunner`); output streamed into the
+  task log line by line; exit status 0 is success; killing the task kills the process group.
+* `kubernetes`: a `KubernetesPodOperator` built for the step (`operators.kubernetes.build_pod_operator`)
+  running the same arguments in the converter image on the chosen node pool.
+
+Retries with exponential backoff and a per-step `execution_timeout` are defaults of every operator.
+Failures that retrying cannot fix end the task at once (`AirflowFailException`): bad input (`ckptflow` exit
+status 2) and a verification that measured a KL above the threshold. Steps are idempotent: paths depend only
+on the DAG run, every `ckptflow` step writes atomically, and re-running a step redoes or confirms its output.
+
+Lineage: `outlets` are one `AssetAlias` per step (declared when the DAG is parsed); at run time the step
+emits events for the concrete assets (`hf://org/repo@<sha>`, `file://...`, `gs://...`) with extras read
+from the steps' result files, and reports the same datasets to OpenLineage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from airflow.sdk import Asset, AssetAlias, BaseHook, BaseOperator
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+from operators import commands, lineage
+from operators.commands import CREDENTIAL_STEPS, EXIT_BAD_INPUT, STEP_ENV, STEPS, RunSpec, WorkLayout, step_args
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+    from operators.kubernetes import KubernetesSettings
+
+DEFAULT_TIMEOUTS = {
+    "download": timedelta(hours=3),
+    "convert": timedelta(hours=6),
+    "verify": timedelta(hours=3),
+    "publish": timedelta(hours=3),
+}
+DEFAULT_RETRIES = 3
+DEFAULT_RETRY_DELAY = timedelta(seconds=30)
+DEFAULT_BACKOFF = 2.0  # waits of 1-2, 2-4, 4-8 min (Airflow adds jitter), never more than DEFAULT_MAX_RETRY_DELAY
+DEFAULT_MAX_RETRY_DELAY = timedelta(minutes=15)
+HF_CONN_ID = "ckptflow_hf"  # Airflow connection whose password (or extra `token`) is the HF token
+_NOT_FOR_CHILD = ("AIRFLOW__", "AIRFLOW_CONN_", "AIRFLOW_VAR_", "_AIRFLOW")
+
+
+def default_work_root() -> str:
+    """Local-mode work folder: `$CKPTFLOW_WORK_ROOT`, else `$AIRFLOW_HOME/ckptflow-work`."""
+    root = os.environ.get("CKPTFLOW_WORK_ROOT")
+    if root:
+        return str(Path(root).expanduser().absolute())
+    home = os.environ.get("AIRFLOW_HOME") or str(Path("~/airflow").expanduser())
+    return str(Path(home, "ckptflow-work").absolute())
+
+
+def read_result(location: str | None) -> dict | None:
+    """A step's small JSON result: a local path, or a URI Airflow's object storage can read (gs://...)."""
+    if not location:
+        return None
+    try:
+        if "://" not in location:
+            return json.loads(Path(location).read_text())
+        if location.startswith("pvc://"):
+            return None  # a PVC is mounted in the pods only
+        from airflow.sdk import ObjectStoragePath
+
+        return json.loads(ObjectStoragePath(location).read_text())
+    except (OSError, ValueError, ImportError, AttributeError):
+        return None
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Everything one try of a step needs, worked out from the run's params before it executes."""
+
+    spec: RunSpec
+    layout: WorkLayout
+    args: list[str]
+    inlets: list[str]
+    outlets: list[str]
+    results: dict[str, str]  # step -> where its result file is readable from this worker (path or URI)
+
+
+class CkptflowStepOperator(BaseOperator):
+    """Base of the four step operators; `step` names the `ckptflow` subcommand."""
+
+    step: ClassVar[str]
+    template_fields = ("execution_mode", "node_pool")
+    ui_color = "#e3f0fb"
+
+    def __init__(
+        self,
+        *,
+        execution_mode: str | None = None,
+        node_pool: str | None = None,
+        work_root: str | None = None,
+        kubernetes_settings: KubernetesSettings | None = None,
+        hf_conn_id: str = HF_CONN_ID,
+        **kwargs,
+    ):
+        kwargs.setdefault("retries", DEFAULT_RETRIES)
+        kwargs.setdefault("retry_delay", DEFAULT_RETRY_DELAY)
+        kwargs.setdefault("retry_exponential_backoff", DEFAULT_BACKOFF)
+        kwargs.setdefault("max_retry_delay", DEFAULT_MAX_RETRY_DELAY)
+        kwargs.setdefault("execution_timeout", DEFAULT_TIMEOUTS[self.step])
+        kwargs.setdefault("outlets", [AssetAlias(lineage.alias_name(self.step))])
+        kwargs.setdefault("doc_md", type(self).__doc__)
+        super().__init__(**kwargs)
+        self.execution_mode = execution_mode  # None: the run's `execution_mode` param
+        self.node_pool = node_pool  # None: the run's `node_pool` param
+        self.work_root = work_root
+        self.kubernetes_settings = kubernetes_settings
+        self.hf_conn_id = hf_conn_id
+        self._plan: StepPlan | None = None
+        self._extras: dict[str, Any] | None = None
+        self._runner = None
+        self._pod_operator = None
+
+    # ------------------------------------------------------------------------------------------ planning
+
+    def render_template_fields(self, context: Context, jinja_env=None) -> None:
+        super().render_template_fields(context, jinja_env)
+        # Planned here (before the OpenLineage START event) so lineage can name the concrete datasets.
+        try:
+            self._plan = self.plan(context)
+        except (ValueError, KeyError):
+            self._plan = None  # execute() plans again and fails the task with the message
+
+    def plan(self, context: Context) -> StepPlan:
+        spec = RunSpec.from_params(context["params"], execution_mode=self.execution_mode, node_pool=self.node_pool)
+        dag_id, run_id = context["dag"].dag_id, context["run_id"]
+        if spec.execution_mode == "kubernetes":
+            settings = self._k8s_settings()
+            layout = WorkLayout.for_run(settings.mount_path, dag_id, run_id)
+
+            def uri(path: str) -> str:
+                return settings.work_volume.uri(settings.mount_path, path)
+
+            where = uri  # the worker can only reach the pods' files through their URIs
+        else:
+            layout = WorkLayout.for_run(self.work_root or default_work_root(), dag_id, run_id)
+            uri, where = lineage.file_uri, str
+        results = {step: where(p) for step, p in layout.result_files().items()}
+        download = read_result(results["download"])  # the resolved revision sha, once downloaded
+        uris = {
+            "source": lineage.source_uri(spec, (download or {}).get("revision")),
+            "staged": uri(layout.source_dir),
+            "converted": uri(layout.converted_dir),
+            "report": uri(layout.verify_dir),
+            "destination": lineage.destination_uri(spec),
+        }
+        inlets, outlets = lineage.step_uris(self.step, uris)
+        return StepPlan(spec, layout, step_args(self.step, spec, layout), inlets, outlets, results)
+
+    def _k8s_settings(self) -> KubernetesSettings:
+        from operators.kubernetes import KubernetesSettings
+
+        return self.kubernetes_settings or KubernetesSettings.from_env()
+
+    # ----------------------------------------------------------------------------------------- executing
+
+    def execute(self, context: Context) -> None:
+        plan = self._plan
+        if plan is None:
+            try:
+                plan = self._plan = self.plan(context)
+            except (ValueError, KeyError) as e:
+                raise AirflowFailException(f"invalid parameters for {self.step}: {e}") from None
+        self.inlets = [Asset(u) for u in plan.inlets]
+        self.before_run(plan)
+        if plan.spec.execution_mode == "kubernetes":
+            self._run_in_pod(plan, context)
+        else:
+            self._run_locally(plan)
+        results = {step: read_result(loc) for step, loc in plan.results.items()}
+        self.after_run(plan, results)
+        if self.step == "download":  # now the hub revision is resolved: name the source by its sha
+            plan = self._plan = self.plan(context)
+            self.inlets = [Asset(u) for u in plan.inlets]
+        self._extras = lineage.extras(self.step, plan.spec, results)
+        events = context["outlet_events"]
+        for alias in self.outlets:
+            if isinstance(alias, AssetAlias):
+                for uri in plan.outlets:
+                    events[alias].add(Asset(uri), extra=self._extras)
+        self.log.info("%s done: %s", self.step, json.dumps(self._extras, sort_keys=True))
+
+    def before_run(self, plan: StepPlan) -> None:
+        """Hook for a step to prepare (local mode only sees the work folder)."""
+
+    def after_run(self, plan: StepPlan, results: dict[str, dict | None]) -> None:
+        """Hook for a step to check its results after `ckptflow` exited 0."""
+
+    def on_command_failure(self, plan: StepPlan, exit_code: int, message: str) -> None:
+        """Raise the right exception for a failed command; the default retries anything but bad input."""
+        if exit_code == EXIT_BAD_INPUT:
+            raise AirflowFailException(f"ckptflow {self.step} rejected its input (not retried): {message}")
+        raise AirflowException(f"ckptflow {self.step} failed with exit status {exit_code}: {message}")
+
+    def _run_locally(self, plan: StepPlan) -> None:
+        from operators.local import LocalCommandRunner
+
+        Path(plan.layout.root).mkdir(parents=True, exist_ok=True)
+        self._runner = LocalCommandRunner(log=self.log)
+        argv = [*commands.local_entrypoint(), *plan.args]  # looked up on the module: tests substitute it
+        result = self._runner.run(argv, env=self._child_env(), cwd=plan.layout.root)
+        if result.exit_code != 0:
+            self.on_command_failure(plan, result.exit_code, result.last_error)
+
+    def _child_env(self) -> dict[str, str]:
+        """The worker's environment without Airflow's own settings, plus the step's credentials."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(_NOT_FOR_CHILD)}
+        env.update(STEP_ENV)
+        if self.step in CREDENTIAL_STEPS and (token := self._hf_token()):
+            env["HF_TOKEN"] = token
+        return env
+
+    def _hf_token(self) -> str | None:
+        try:
+            conn = BaseHook.get_connection(self.hf_conn_id)
+        except Exception:  # no such connection: public repos need no token
+            return None
+        token = conn.password or (conn.extra_dejson or {}).get("token")
+        if token:
+            from airflow.sdk.log import mask_secret
+
+            mask_secret(token)
+        return token or None
+
+    def build_pod_operator(self, plan: StepPlan):
+        """The `KubernetesPodOperator` for this step and plan (also used to render and check pod specs)."""
+        from operators.kubernetes import build_pod_operator, node_pool
+
+        if plan.spec.model_name is None:
+            raise AirflowFailException(
+                "kubernetes mode sizes each pod's memory from the model: choose a model name instead of 'auto'"
+            )
+        timeout = int(self.execution_timeout.total_seconds()) if self.execution_timeout else None
+        try:
+            return build_pod_operator(
+                task_id=self.task_id,
+                step=self.step,
+                args=plan.args,
+                pool=node_pool(plan.spec.node_pool),
+                model=plan.spec.model_name,
+                settings=self._k8s_settings(),
+                timeout_seconds=timeout,
+            )
+        except ValueError as e:  # unknown pool, model too large for the pool
+            raise AirflowFailException(str(e)) from None
+
+    def _run_in_pod(self, plan: StepPlan, context: Context) -> None:
+        from airflow.sdk.bases.operator import ExecutorSafeguard
+
+        from operators.kubernetes import container_exit_code
+
+        pod_op = self._pod_operator = self.build_pod_operator(plan)
+        token = ExecutorSafeguard.tracker.set(pod_op)  # this operator runs it as part of its own execute()
+        try:
+            pod_op.execute(context)
+        except AirflowFailException:
+            raise
+        except AirflowException as e:
+            code = container_exit_code(pod_op.remote_pod, pod_op.base_container_name)
+            if code is None:  # never ran to an end (scheduling, image pull, API errors): retry
+                raise
+            self.on_command_failure(plan, code, str(e).splitlines()[0])
+        finally:
+            ExecutorSafeguard.tracker.reset(token)
+
+    def on_kill(self) -> None:
+        if self._runner is not None:
+            self._runner.terminate()
+        if self._pod_operator is not None:
+            self._pod_operator.on_kill()
+
+    # --------------------------------------------------------------------------------------- OpenLineage
+
+    def _lineage(self):
+        if self._plan is None:
+            return None
+        return lineage.operator_lineage(self.step, self._plan.inlets, self._plan.outlets, self._extras)
+
+    def get_openlineage_facets_on_start(self):
+        return self._lineage()
+
+    def get_openlineage_facets_on_complete(self, task_instance):
+        return self._lineage()
+
+    def get_openlineage_facets_on_failure(self, task_instance):
+        return self._lineage()
+
+
+class DownloadOperator(CkptflowStepOperator):
+    """Stage the source model in the run's work folder (`ckptflow download`): safetensors, config and
+    tokenizer only, the hub revision resolved to a commit sha, written atomically."""
+
+    step = "download"
+
+
+class ConvertOperator(CkptflowStepOperator):
+    """Convert the staged model (`ckptflow convert --to maxtext|hf`) into the run's work folder."""
+
+    step = "convert"
+
+
+class VerifyOperator(CkptflowStepOperator):
+    """Compare HF and MaxText logits (`ckptflow verify`); a KL above `max_kl` fails the run without retries,
+    so the publish step never runs for an unverified checkpoint."""
+
+    step = "verify"
+
+    def before_run(self, plan: StepPlan) -> None:
+        # A report left by an earlier try must not be mistaken for this try's verdict.
+        if plan.spec.execution_mode == "local":
+            shutil.rmtree(plan.layout.verify_dir, ignore_errors=True)
+
+    def _verdict(self, plan: StepPlan) -> dict | None:
+        return lineage.verify_metrics(read_result(plan.results["verify"]))
+
+    def on_command_failure(self, plan: StepPlan, exit_code: int, message: str) -> None:
+        metrics = self._verdict(plan)
+        if metrics and metrics.get("passed") is False:
+            raise AirflowFailException(
+                f"verification failed: max per-token KL {metrics.get('kl_max')} exceeds {metrics.get('max_kl_threshold')} "
+                f"(report: {plan.layout.verify_dir}); the checkpoint is not published"
+            )
+        super().on_command_failure(plan, exit_code, message)
+
+    def after_run(self, plan: StepPlan, results: dict[str, dict | None]) -> None:
+        metrics = lineage.verify_metrics(results.get("verify"))
+        if metrics is None:
+            if plan.spec.execution_mode == "local":
+                raise AirflowException(f"verify exited 0 but wrote no report in {plan.layout.verify_dir}")
+            return  # a pod's report on a PVC is out of the worker's reach; the exit status decided
+        if metrics.get("passed") is not True:
+            raise AirflowFailException(f"verify exited 0 but its report does not say passed: {metrics}")
+
+
+class PublishOperator(CkptflowStepOperator):
+    """Copy the verified checkpoint to the destination (`ckptflow publish`): atomic, and a no-op when the
+    destination already holds exactly this checkpoint."""
+
+    step = "publish"
+
+
+OPERATORS: dict[str, type[CkptflowStepOperator]] = {
+    op.step: op for op in (DownloadOperator, ConvertOperator, VerifyOperator, PublishOperator)
+}
+assert tuple(OPERATORS) == STEPS

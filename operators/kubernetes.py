@@ -1,0 +1,387 @@
+"""Kubernetes execution: the same `ckptflow` command in a pod of the converter image, on a GKE node pool.
+
+* Node-pool presets (`NODE_POOLS`): CPU pools by `cloud.google.com/gke-nodepool`, TPU slices by
+  `cloud.google.com/gke-tpu-accelerator` / `cloud.google.com/gke-tpu-topology` with `google.com/tpu` limits
+  and the matching toleration. On a TPU preset only the steps that can use the accelerator (verify) go to
+  the TPU nodes; download, convert and publish stay on the CPU pool.
+* Requests per step and model (`step_resources`): memory from the model's size (its published config in
+  `converters.registry`), checked against what the pool's nodes can hold so a too-small pool fails at
+  once instead of waiting for a node that can never fit the pod.
+* A shared work volume (`WorkVolume`: a PVC, or a GCS bucket through the GCS FUSE CSI driver) mounted at the
+  same path in every step's pod: steps hand results on through files there, never through an XCom sidecar.
+* Credentials only as references: `HF_TOKEN` from a Kubernetes secret (`secretKeyRef`), Google access
+  through the pod's service account (Workload Identity) or an optional key-file secret volume. No secret
+  value is ever part of the command, the pod spec or anything Airflow renders.
+* Pods are deleted when they finish; `schedule_timeout_seconds` leaves room for node autoscaling (a TPU
+  slice can take many minutes to appear); `active_deadline_seconds` bounds a pod to its step's timeout.
+
+Settings come from `CKPTFLOW_K8S_*` environment variables read when a task runs (`KubernetesSettings`),
+never at DAG parse time. The Kubernetes provider is imported only when a pod is built.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from operators.commands import CREDENTIAL_STEPS, POD_ENTRYPOINT, STEP_ENV
+
+if TYPE_CHECKING:
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+GiB = 1024**3
+NODEPOOL_LABEL = "cloud.google.com/gke-nodepool"
+TPU_ACCELERATOR_LABEL = "cloud.google.com/gke-tpu-accelerator"
+TPU_TOPOLOGY_LABEL = "cloud.google.com/gke-tpu-topology"
+TPU_RESOURCE = "google.com/tpu"
+GCSFUSE_DRIVER = "gcsfuse.csi.storage.gke.io"
+WORK_VOLUME_NAME = "ckptflow-work"
+
+
+class PodSizingError(ValueError):
+    """The step needs more than the chosen node pool's nodes can give."""
+
+
+@dataclass(frozen=True)
+class NodePool:
+    name: str
+    description: str
+    node_selector: dict[str, str]
+    # What one node can give a pod (a bit under the machine's size): used to size requests and fail early.
+    allocatable_cpu: float
+    allocatable_memory_gib: int
+    tpu_chips: int = 0
+    accelerated_steps: tuple[str, ...] = ()
+    # Step pods that do not use the accelerator run on this (CPU) preset instead.
+    cpu_companion: str | None = None
+    schedule_timeout_seconds: int = 20 * 60
+
+    @property
+    def is_tpu(self) -> bool:
+        return self.tpu_chips > 0
+
+    def tolerations(self) -> list[dict[str, str]]:
+        if not self.is_tpu:
+            return []
+        return [{"key": TPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
+
+
+def _tpu(name: str, description: str, accelerator: str, topology: str, chips: int, cpu: float, mem_gib: int) -> NodePool:
+    return NodePool(
+        name=name,
+        description=description,
+        node_selector={TPU_ACCELERATOR_LABEL: accelerator, TPU_TOPOLOGY_LABEL: topology},
+        allocatable_cpu=cpu,
+        allocatable_memory_gib=mem_gib,
+        tpu_chips=chips,
+        accelerated_steps=("verify",),
+        cpu_companion="cpu-standard",
+        # A TPU slice is often created on demand by the node autoscaler: allow an hour to schedule.
+        schedule_timeout_seconds=60 * 60,
+    )
+
+
+NODE_POOLS: dict[str, NodePool] = {
+    p.name: p
+    for p in (
+        NodePool(
+            "cpu-standard",
+            "CPU node pool `ckptflow-cpu` (n2-highmem-16: 16 vCPU, 128 GiB) for models up to ~8B",
+            {NODEPOOL_LABEL: "ckptflow-cpu"},
+            allocatable_cpu=15,
+            allocatable_memory_gib=110,
+        ),
+        NodePool(
+            "cpu-highmem",
+            "CPU node pool `ckptflow-cpu-highmem` (n2-highmem-80: 80 vCPU, 640 GiB) for models up to ~70B",
+            {NODEPOOL_LABEL: "ckptflow-cpu-highmem"},
+            allocatable_cpu=78,
+            allocatable_memory_gib=600,
+            schedule_timeout_seconds=30 * 60,
+        ),
+        _tpu("tpu-v5e-8", "TPU v5e 2x4 slice (8 chips) for verify", "tpu-v5-lite-podslice", "2x4", 8, 200, 340),
+        _tpu("tpu-v6e-8", "TPU v6e 2x4 slice (8 chips) for verify", "tpu-v6e-slice", "2x4", 8, 170, 1300),
+        _tpu("tpu-v5p-8", "TPU v5p 2x2x1 slice (4 chips) for verify", "tpu-v5p-slice", "2x2x1", 4, 200, 400),
+    )
+}
+
+
+def node_pool(name: str) -> NodePool:
+    try:
+        return NODE_POOLS[name]
+    except KeyError:
+        raise ValueError(f"unknown node pool {name!r}; presets: {', '.join(NODE_POOLS)}") from None
+
+
+def pool_for_step(pool: NodePool, step: str) -> NodePool:
+    if step in pool.accelerated_steps or pool.cpu_companion is None:
+        return pool
+    return node_pool(pool.cpu_companion)
+
+
+@dataclass(frozen=True)
+class WorkVolume:
+    """The volume every step's pod mounts at `mount_path`: a PVC (`claim`) or a GCS bucket via GCS FUSE."""
+
+    kind: str  # "pvc" or "gcsfuse"
+    claim: str | None = None
+    bucket: str | None = None
+    prefix: str = ""  # gcsfuse: the folder of the bucket that is mounted (only-dir)
+
+    def __post_init__(self):
+        if self.kind == "pvc" and not self.claim:
+            raise ValueError("a pvc work volume needs a claim name")
+        if self.kind == "gcsfuse" and not self.bucket:
+            raise ValueError("a gcsfuse work volume needs a bucket")
+        if self.kind not in ("pvc", "gcsfuse"):
+            raise ValueError(f"work volume kind must be pvc or gcsfuse, got {self.kind!r}")
+
+    def csi_attributes(self) -> dict[str, str]:
+        """GCS FUSE CSI volume attributes (`implicit-dirs` so folders written by other pods are visible)."""
+        options = ["implicit-dirs"]
+        if self.prefix.strip("/"):
+            options.append(f"only-dir={self.prefix.strip('/')}")
+        return {"bucketName": self.bucket, "mountOptions": ",".join(options)}
+
+    def pod_annotations(self) -> dict[str, str]:
+        return {"gke-gcsfuse/volumes": "true"} if self.kind == "gcsfuse" else {}
+
+    def uri(self, mount_path: str, path: str) -> str:
+        """How Airflow names a file of this volume (asset URIs; reading results back on the worker)."""
+        rel = os.path.relpath(path, mount_path)
+        if self.kind == "gcsfuse":
+            prefix = self.prefix.strip("/")
+            return f"gs://{self.bucket}/{prefix + '/' if prefix else ''}{rel}"
+        return f"pvc://{self.claim}/{rel}"
+
+
+@dataclass(frozen=True)
+class KubernetesSettings:
+    """Where and how step pods run. `from_env()` reads `CKPTFLOW_K8S_*` when a task runs."""
+
+    image: str = "ckptflow-converter:latest"
+    namespace: str = "ckptflow"
+    work_volume: WorkVolume = field(default_factory=lambda: WorkVolume("pvc", claim="ckptflow-work"))
+    mount_path: str = "/ckptflow-work"
+    service_account: str | None = "ckptflow"
+    hf_token_secret: str | None = "ckptflow-hf-token"  # Kubernetes secret holding the HF token
+    hf_token_key: str = "token"
+    gcp_key_secret: str | None = None  # optional key-file secret (prefer Workload Identity)
+    image_pull_policy: str = "IfNotPresent"
+    image_pull_secrets: tuple[str, ...] = ()
+    kubernetes_conn_id: str | None = None
+    config_file: str | None = None
+    in_cluster: bool | None = None
+    startup_timeout_seconds: int = 15 * 60  # pulling a multi-GB image onto a fresh node
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> KubernetesSettings:
+        env = os.environ if env is None else env
+        get = lambda k, d=None: env.get(f"CKPTFLOW_K8S_{k}") or d  # noqa: E731
+        kind = get("WORK_VOLUME", "pvc")
+        volume = WorkVolume(
+            kind,
+            claim=get("WORK_PVC", "ckptflow-work") if kind == "pvc" else None,
+            bucket=get("WORK_BUCKET") if kind == "gcsfuse" else None,
+            prefix=get("WORK_PREFIX", "") if kind == "gcsfuse" else "",
+        )
+        in_cluster = get("IN_CLUSTER")
+        return cls(
+            image=get("IMAGE", cls.image),
+            namespace=get("NAMESPACE", cls.namespace),
+            work_volume=volume,
+            mount_path=get("MOUNT_PATH", cls.mount_path),
+            service_account=get("SERVICE_ACCOUNT", cls.service_account),
+            hf_token_secret=get("HF_TOKEN_SECRET", cls.hf_token_secret),
+            hf_token_key=get("HF_TOKEN_KEY", cls.hf_token_key),
+            gcp_key_secret=get("GCP_KEY_SECRET"),
+            image_pull_policy=get("IMAGE_PULL_POLICY", cls.image_pull_policy),
+            image_pull_secrets=tuple(x.strip() for x in (get("IMAGE_PULL_SECRETS", "") or "").split(",") if x.strip()),
+            kubernetes_conn_id=get("CONN_ID"),
+            config_file=get("CONFIG_FILE"),
+            in_cluster=None if in_cluster is None else in_cluster.lower() in ("1", "true", "yes"),
+        )
+
+
+# --------------------------------------------------------------------------------------------- sizing
+
+
+def _text_config(config: dict) -> dict:
+    """The language model's config (multimodal configs nest it under `text_config`)."""
+    return config if "hidden_size" in config else config.get("text_config") or config
+
+
+def _experts(c: dict) -> tuple[int, int]:
+    """(number of experts, each expert's intermediate size); (0, 0) for a dense model."""
+    experts = int(c.get("num_local_experts") or c.get("num_experts") or 0)
+    return experts, int(c.get("moe_intermediate_size") or c["intermediate_size"]) if experts else 0
+
+
+def estimate_params(config: dict) -> int:
+    """Parameter count of a decoder-only transformer (dense or MoE) from its HF config.
+
+    Embeddings, attention, MLP or experts (+ router, + shared expert), norms; a multimodal model's vision
+    tower is not counted (it is small next to the language model).
+    """
+    c = _text_config(config)
+    h = int(c["hidden_size"])
+    layers = int(c["num_hidden_layers"])
+    heads = int(c["num_attention_heads"])
+    kv = int(c.get("num_key_value_heads") or heads)
+    head_dim = int(c.get("head_dim") or h // heads)
+    vocab = int(c["vocab_size"])
+    attn = h * head_dim * (heads + 2 * kv) + heads * head_dim * h
+    experts, expert_inter = _experts(c)
+    if experts:
+        mlp = experts * 3 * h * expert_inter + h * experts + 3 * h * int(c.get("shared_expert_intermediate_size") or 0)
+    else:
+        mlp = 3 * h * int(c["intermediate_size"])
+    embeddings = vocab * h * (1 if c.get("tie_word_embeddings", config.get("tie_word_embeddings")) else 2)
+    return embeddings + layers * (attn + mlp + 2 * h) + h
+
+
+def largest_tensor_elements(config: dict) -> int:
+    """Elements of the largest array `ckptflow convert` holds at once: the embedding, an MLP kernel, or
+    all experts of one layer."""
+    c = _text_config(config)
+    h, vocab = int(c["hidden_size"]), int(c["vocab_size"])
+    experts, expert_inter = _experts(c)
+    return max(vocab * h, h * int(c["intermediate_size"]), experts * h * expert_inter)
+
+
+# Per step: CPU request, fixed memory, and what grows with the model. `ckptflow convert` streams one array
+# (or one layer slice) at a time with 2 workers, computing in float32: a few copies of the largest tensor.
+# `ckptflow verify` holds the HF model (PyTorch, CPU) and the MaxText-side weights, both in float32.
+_STEP_CPU = {"download": 2.0, "convert": 8.0, "verify": 8.0, "publish": 2.0}
+_BASE_GIB = {"download": 4, "convert": 8, "verify": 8, "publish": 4}
+_DEFAULT_CONFIG = {  # sizing stand-in when the model is "auto": an 8B-class model
+    "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "intermediate_size": 14336, "vocab_size": 128256,
+}
+
+
+def memory_gib(step: str, config: dict) -> int:
+    base = _BASE_GIB[step]
+    if step == "convert":
+        return base + math.ceil(3 * largest_tensor_elements(config) * 4 / GiB)
+    if step == "verify":
+        return base + math.ceil(2 * estimate_params(config) * 4 / GiB)
+    return base
+
+
+def model_config(model: str | None) -> dict:
+    """The published HF config of a registry model name; an 8B-class stand-in for `auto`/unknown."""
+    if not model:
+        return dict(_DEFAULT_CONFIG)
+    from converters.registry import model as registry_model
+
+    return registry_model(model)[1]
+
+
+def step_resources(step: str, pool: NodePool, model: str | None) -> dict[str, dict[str, str]]:
+    """Requests and limits of a step's container on `pool` (already the pool the step runs on)."""
+    mem = memory_gib(step, model_config(model))
+    if mem > pool.allocatable_memory_gib:
+        raise PodSizingError(
+            f"{step} of {model or 'this model'} needs about {mem} GiB of memory but a node of pool "
+            f"{pool.name!r} gives at most {pool.allocatable_memory_gib} GiB; choose a larger node pool"
+        )
+    cpu = _STEP_CPU[step]
+    if pool.is_tpu:
+        cpu = max(cpu, min(32.0, pool.allocatable_cpu))  # feed the chips: host-side input and weight staging
+    cpu = min(cpu, pool.allocatable_cpu)
+    requests = {"cpu": f"{cpu:g}", "memory": f"{mem}Gi"}
+    limits = {"memory": f"{mem}Gi"}  # no CPU limit (no throttling); memory limit = request (no surprise OOM kills)
+    if pool.is_tpu and step in pool.accelerated_steps:
+        requests[TPU_RESOURCE] = limits[TPU_RESOURCE] = str(pool.tpu_chips)
+    return {"requests": requests, "limits": limits}
+
+
+# ------------------------------------------------------------------------------------------ pod building
+
+
+def build_pod_operator(
+    *,
+    task_id: str,
+    step: str,
+    args: list[str],
+    pool: NodePool,
+    model: str | None,
+    settings: KubernetesSettings,
+    timeout_seconds: int | None,
+    labels: dict[str, str] | None = None,
+) -> KubernetesPodOperator:
+    """A `KubernetesPodOperator` running `ckptflow <args>` for one step (retries belong to the caller)."""
+    from kubernetes.client import models as k8s
+
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+    step_pool = pool_for_step(pool, step)
+    accelerated = step_pool.is_tpu and step in step_pool.accelerated_steps
+    env = [k8s.V1EnvVar(name=k, value=v) for k, v in STEP_ENV.items()]
+    env.append(k8s.V1EnvVar(name="JAX_PLATFORMS", value="tpu,cpu" if accelerated else "cpu"))
+    if settings.hf_token_secret and step in CREDENTIAL_STEPS:
+        ref = k8s.V1SecretKeySelector(name=settings.hf_token_secret, key=settings.hf_token_key, optional=True)
+        env.append(k8s.V1EnvVar(name="HF_TOKEN", value_from=k8s.V1EnvVarSource(secret_key_ref=ref)))
+    wv = settings.work_volume
+    if wv.kind == "pvc":
+        volume = k8s.V1Volume(name=WORK_VOLUME_NAME, persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(claim_name=wv.claim))
+    else:
+        volume = k8s.V1Volume(name=WORK_VOLUME_NAME, csi=k8s.V1CSIVolumeSource(driver=GCSFUSE_DRIVER, volume_attributes=wv.csi_attributes()))
+    volumes = [volume]
+    mounts = [k8s.V1VolumeMount(name=WORK_VOLUME_NAME, mount_path=settings.mount_path)]
+    if settings.gcp_key_secret:
+        volumes.append(k8s.V1Volume(name="gcp-key", secret=k8s.V1SecretVolumeSource(secret_name=settings.gcp_key_secret)))
+        mounts.append(k8s.V1VolumeMount(name="gcp-key", mount_path="/var/secrets/google", read_only=True))
+        env.append(k8s.V1EnvVar(name="GOOGLE_APPLICATION_CREDENTIALS", value="/var/secrets/google/key.json"))
+    res = step_resources(step, step_pool, model)
+    return KubernetesPodOperator(
+        task_id=task_id,
+        name=f"ckptflow-{step}",
+        namespace=settings.namespace,
+        image=settings.image,
+        image_pull_policy=settings.image_pull_policy,
+        image_pull_secrets=[k8s.V1LocalObjectReference(name=n) for n in settings.image_pull_secrets] or None,
+        cmds=list(POD_ENTRYPOINT),
+        arguments=list(args),
+        env_vars=env,
+        container_resources=k8s.V1ResourceRequirements(requests=res["requests"], limits=res["limits"]),
+        node_selector=dict(step_pool.node_selector),
+        tolerations=[k8s.V1Toleration(**t) for t in step_pool.tolerations()] or None,
+        volumes=volumes,
+        volume_mounts=mounts,
+        labels={"app.kubernetes.io/name": "ckptflow", "ckptflow/step": step, **(labels or {})},
+        annotations=wv.pod_annotations() or None,
+        service_account_name=settings.service_account,
+        schedule_timeout_seconds=step_pool.schedule_timeout_seconds,
+        startup_timeout_seconds=settings.startup_timeout_seconds,
+        active_deadline_seconds=timeout_seconds,
+        kubernetes_conn_id=settings.kubernetes_conn_id,
+        config_file=settings.config_file,
+        in_cluster=settings.in_cluster,
+        on_finish_action="delete_pod",
+        on_kill_action="delete_pod",
+        do_xcom_push=False,  # no sidecar: results are files on the work volume
+        get_logs=True,
+        log_events_on_failure=True,
+        random_name_suffix=True,
+        retries=0,  # the ckptflow operator around it owns retries
+    )
+
+
+def container_exit_code(pod, container: str = "base") -> int | None:
+    """Exit status of a finished pod's container (None when it never ran to an end)."""
+    for status in getattr(getattr(pod, "status", None), "container_statuses", None) or []:
+        if status.name == container and status.state is not None and status.state.terminated is not None:
+            return status.state.terminated.exit_code
+    return None
+
+
+def pod_manifest(kpo: KubernetesPodOperator, context=None) -> dict:
+    """The pod the operator would create, as the JSON dict sent to the API server (no cluster needed)."""
+    from kubernetes.client import ApiClient
+
+    pod = kpo.build_pod_request_obj(context, dry_run=True)
+    return ApiClient().sanitize_for_serialization(pod)

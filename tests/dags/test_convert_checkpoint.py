@@ -1,0 +1,195 @@
+"""The `convert_checkpoint` DAG: clean and light parsing, typed params rejected with clear messages (also by
+the REST API), and one full run on a tiny model with the real `ckptflow` in local mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from operators import commands
+from operators.embedded import DAGS_FOLDER, ol_events
+
+DAG_FILE = DAGS_FOLDER / "convert_checkpoint.py"
+HEAVY = ("jax", "jaxlib", "torch", "transformers", "tensorflow", "orbax", "tensorstore", "kubernetes", "openlineage")
+
+
+def test_dag_folder_imports_without_errors(convert_dag):
+    assert [t.task_id for t in convert_dag.topological_sort()] == ["download", "convert", "verify", "publish"]
+    assert convert_dag.schedule is None  # manual trigger only
+    for name, param in convert_dag.params.items():  # the doc explains every parameter
+        assert f"`{name}`" in convert_dag.doc_md, name
+        assert param.description, name
+
+
+def test_parsing_imports_nothing_heavy():
+    code = textwrap.dedent(f"""
+        import importlib.util, json, sys, time
+        t0 = time.monotonic()
+        spec = importlib.util.spec_from_file_location("convert_checkpoint_dag", {str(DAG_FILE)!r})
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        heavy = sorted({{m.split(".")[0] for m in sys.modules}} & set({HEAVY!r}))
+        print(json.dumps({{"heavy": heavy, "seconds": time.monotonic() - t0, "tasks": len(module.dag.tasks)}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["heavy"] == [] and result["tasks"] == 4
+    assert result["seconds"] < 10
+
+
+GOOD = {"source": "acme/tiny", "destination": "file:///models/tiny/v1"}
+
+
+@pytest.mark.parametrize(
+    "conf, param, reason",
+    [
+        ({"destination": "file:///x"}, "source", "No value passed"),
+        ({**GOOD, "source": "not a repo id!"}, "source", "does not match"),
+        ({**GOOD, "source": "relative/path/too/deep"}, "source", "does not match"),
+        ({**GOOD, "destination": "gs://bucket"}, "destination", "does not match"),  # gs:// needs a prefix
+        ({**GOOD, "destination": "s3://bucket/tiny"}, "destination", "does not match"),
+        ({**GOOD, "destination": "/no/scheme"}, "destination", "does not match"),
+        ({**GOOD, "revision": "main; rm -rf /"}, "revision", "does not match"),
+        ({**GOOD, "model": "gpt-5"}, "model", "is not one of"),
+        ({**GOOD, "direction": "both"}, "direction", "is not one of"),
+        ({**GOOD, "dtype": "int4"}, "dtype", "is not one of"),
+        ({**GOOD, "scan": "yes"}, "scan", "is not of type 'boolean'"),
+        ({**GOOD, "max_kl": 0}, "max_kl", "less than or equal to the minimum"),
+        ({**GOOD, "max_kl": "0.1"}, "max_kl", "is not of type 'number'"),
+        ({**GOOD, "execution_mode": "ssh"}, "execution_mode", "is not one of"),
+        ({**GOOD, "node_pool": "gpu-a100"}, "node_pool", "is not one of"),
+    ],
+)
+def test_invalid_params_are_rejected_with_the_param_named(convert_dag, conf, param, reason):
+    """Validated as a triggered run is (the scheduler's copy of the DAG, as the REST API uses it)."""
+    from airflow.exceptions import ParamValidationError
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    served = DagSerialization.deserialize_dag(DagSerialization.serialize_dag(convert_dag))
+    with pytest.raises(ParamValidationError) as err:
+        served.params.deep_merge(conf).validate()
+    message = str(err.value)
+    assert message.startswith(f"Invalid input for param {param}:"), message
+    assert reason in message, message
+
+
+def test_valid_params_pass(convert_dag):
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    served = DagSerialization.deserialize_dag(DagSerialization.serialize_dag(convert_dag))
+    values = served.params.deep_merge({**GOOD, "model": "qwen3-0.6b", "max_kl": 0.03, "scan": False}).validate()
+    assert values["revision"] == "main" and values["execution_mode"] == "local" and values["scan"] is False
+
+
+def test_rest_api_rejects_bad_conf_with_a_400_naming_the_param(convert_dag, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from airflow.api_fastapi.app import create_app
+    from airflow.dag_processing.bundles.manager import DagBundlesManager
+    from airflow.dag_processing.dagbag import BundleDagBag, sync_bag_to_db
+
+    # What the DAG processor does: register the bundle, store the serialized DAG the API serves.
+    DagBundlesManager().sync_bundles_to_db()
+    sync_bag_to_db(BundleDagBag(dag_folder=str(DAGS_FOLDER), bundle_path=str(DAGS_FOLDER), bundle_name="dags-folder"), "dags-folder", None)
+    monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS", "True")
+    monkeypatch.setenv("AIRFLOW__API_AUTH__JWT_SECRET", "ckptflow-test-" + "0" * 64)
+    client = TestClient(create_app("core"))
+    url = "/api/v2/dags/convert_checkpoint/dagRuns"
+    bad = client.post(url, json={"logical_date": None, "conf": {**GOOD, "max_kl": -1}})
+    assert bad.status_code == 400
+    assert bad.json()["detail"].startswith("Invalid input for param max_kl:")
+    form = client.get("/api/v2/dags/convert_checkpoint/details").json()["params"]
+    assert form["node_pool"]["schema"]["enum"][0] == "cpu-standard" and form["scan"]["schema"]["type"] == "boolean"
+
+
+FLAKY = """\
+import os, sys
+from pathlib import Path
+
+args = sys.argv[1:]
+marker = Path(os.environ["FLAKY_MARKER"])
+if args[0] == "convert" and not marker.exists():
+    # First try of convert dies half-way: a temp folder of a killed process, a stale partial output.
+    marker.touch()
+    out = Path(args[2])
+    temp = out.parent / f".{out.name}.ckptflow-tmp-999999999-dead"
+    temp.mkdir(parents=True)
+    (temp / "partial.bin").write_bytes(b"junk")
+    out.mkdir()
+    (out / "half-written.bin").write_bytes(b"junk")
+    print("simulated crash in the middle of convert", file=sys.stderr)
+    sys.exit(1)
+os.execv(sys.executable, [sys.executable, "-m", "converters", *args])
+"""
+
+
+def test_full_run_on_a_tiny_model_in_local_mode(convert_dag, tiny_model, tmp_path, monkeypatch):
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+
+    source = tiny_model("llama3.1")
+    wrapper = tmp_path / "flaky_ckptflow.py"
+    wrapper.write_text(FLAKY)
+    monkeypatch.setattr(commands, "local_entrypoint", lambda: [sys.executable, str(wrapper)])
+    monkeypatch.setenv("FLAKY_MARKER", str(tmp_path / "convert-failed-once"))
+    monkeypatch.setenv("CKPTFLOW_WORK_ROOT", str(tmp_path / "work"))
+    for task in convert_dag.tasks:
+        monkeypatch.setattr(task, "retry_delay", timedelta(0))  # same policy, waits of 1-2 s
+    home = Path(os.environ["AIRFLOW_HOME"])
+    seen_events = len(ol_events(home))
+    dest = tmp_path / "published" / "tiny-llama" / "v1"
+
+    dr = convert_dag.test(run_conf={"source": str(source), "destination": dest.as_uri(), "dtype": "float32"})
+
+    tis = {ti.task_id: ti for ti in dr.get_task_instances()}
+    assert dr.state == "success", {k: ti.state for k, ti in tis.items()}
+    assert {k: ti.try_number for k, ti in tis.items()} == {"download": 1, "convert": 2, "verify": 1, "publish": 1}
+
+    # The published checkpoint is the verified one, complete, with nothing of the crashed try in it.
+    manifest = json.loads((dest / "ckptflow-manifest.json").read_text())
+    assert manifest["family"] == "llama3.1" and manifest["options"]["dtype"] == "float32"
+    assert (dest / "0" / "items" / "_METADATA").exists() and not (dest / "half-written.bin").exists()
+    run_dir = next((tmp_path / "work" / "convert_checkpoint").iterdir())
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]
+    report = json.loads((run_dir / "verify" / "verify.json").read_text())
+    assert report["summary"]["passed"] is True and report["summary"]["kl_max"] < 1e-3
+    receipt = json.loads((run_dir / "publish.json").read_text())
+    assert receipt["status"] == "published" and receipt["destination"] == dest.as_uri()
+
+    # Asset events, one per step, with the extras.
+    with create_session() as session:
+        events = session.query(AssetEvent).filter(AssetEvent.source_run_id == dr.run_id).all()
+        by_task = {e.source_task_id: (e.uri, e.extra) for e in events}
+    assert set(by_task) == {"download", "convert", "verify", "publish"}
+    uri, extra = by_task["publish"]
+    assert uri == dest.as_uri()
+    for key in ("model", "direction", "layout", "dtype", "family", "output_digest", "published_digest", "source_digest"):
+        assert extra.get(key), key
+    assert extra["direction"] == "hf-to-maxtext" and extra["layout"] == "scanned" and extra["dtype"] == "float32"
+    assert extra["verify"]["passed"] is True and extra["verify"]["kl_max"] == report["summary"]["kl_max"]
+    assert extra["published_digest"] == receipt["digest"]
+    assert by_task["convert"][1]["output_digest"] == extra["output_digest"]
+    assert by_task["download"][0] == (run_dir / "source").as_uri()
+
+    # OpenLineage: START and COMPLETE for every task, with the datasets and the ckptflow facet.
+    events = [e for e in ol_events(home)[seen_events:] if e["job"]["name"].startswith("convert_checkpoint.")]
+    kinds = {(e["job"]["name"].split(".", 1)[1], e["eventType"]) for e in events}
+    for step in ("download", "convert", "verify", "publish"):
+        assert {(step, "START"), (step, "COMPLETE")} <= kinds, step
+    done = {e["job"]["name"].split(".", 1)[1]: e for e in events if e["eventType"] == "COMPLETE"}
+    assert done["download"]["inputs"][0] == {"namespace": "file", "name": str(Path(source).resolve()), "facets": {}}
+    out = done["publish"]["outputs"][0]
+    assert (out["namespace"], out["name"]) == ("file", str(dest))
+    assert out["facets"]["version"]["datasetVersion"] == receipt["digest"]
+    facet = done["verify"]["run"]["facets"]["ckptflow"]["extras"]
+    assert facet["verify"]["passed"] is True and facet["source_digest"] == extra["source_digest"]
+    checkpoint = done["verify"]["inputs"][1]
+    assert checkpoint["inputFacets"]["dataQualityAssertions"]["assertions"][0]["success"] is True

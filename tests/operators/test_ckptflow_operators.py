@@ -1,0 +1,191 @@
+"""The step operators inside real Airflow runs (dag.test, SQLite), with a stand-in `ckptflow` (fast).
+
+Retries, the verify gate, non-retryable bad input, credentials and the commands actually run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from operators import commands
+from operators.commands import STEPS, RunSpec, WorkLayout, step_args
+from operators.embedded import ol_events
+
+FAKE = Path(__file__).with_name("fake_ckptflow.py")
+
+
+@pytest.fixture
+def fake_cli(tmp_path, monkeypatch):
+    """Route every step to the stand-in (the one function the operators take their program from)."""
+    state = tmp_path / "fake-state"
+    monkeypatch.setattr(commands, "local_entrypoint", lambda: [sys.executable, str(FAKE)])
+    monkeypatch.setenv("FAKE_CKPTFLOW_STATE", str(state))
+    monkeypatch.setenv("CKPTFLOW_WORK_ROOT", str(tmp_path / "work"))
+    for var in ("FAKE_CKPTFLOW_FAIL_ONCE", "FAKE_CKPTFLOW_VERIFY", "FAKE_CKPTFLOW_EXIT"):
+        monkeypatch.delenv(var, raising=False)
+
+    def calls():
+        path = state / "calls.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    return calls
+
+
+@pytest.fixture
+def fast_retries(convert_dag):
+    """Keep the operators' retry policy (count, exponential backoff) but start from a 0 s delay (waits 1-2 s)."""
+    saved = {t.task_id: t.retry_delay for t in convert_dag.tasks}
+    for t in convert_dag.tasks:
+        t.retry_delay = timedelta(0)
+    yield convert_dag
+    for t in convert_dag.tasks:
+        t.retry_delay = saved[t.task_id]
+
+
+def run(dag, conf):
+    dr = dag.test(run_conf=conf)
+    return dr, {ti.task_id: ti for ti in dr.get_task_instances()}
+
+
+CONF = {"source": "acme/tiny", "revision": "v1.0", "destination": "file:///tmp/ckptflow-test-dest/never-written"}
+
+
+def test_defaults_every_step_retries_with_backoff_and_a_timeout(convert_dag):
+    for task in convert_dag.tasks:
+        assert task.retries >= 3 and task.retry_exponential_backoff > 1, task.task_id
+        assert task.max_retry_delay and task.execution_timeout, task.task_id
+    assert convert_dag.get_task("publish").trigger_rule == "all_success"
+    assert [t.task_id for t in convert_dag.topological_sort()] == list(STEPS)
+
+
+def test_a_step_failing_once_is_retried_and_the_run_succeeds(fast_retries, fake_cli, monkeypatch):
+    monkeypatch.setenv("FAKE_CKPTFLOW_FAIL_ONCE", "convert")
+    dr, tis = run(fast_retries, CONF)
+    assert dr.state == "success"
+    assert {k: ti.try_number for k, ti in tis.items()} == {"download": 1, "convert": 2, "verify": 1, "publish": 1}
+    argvs = [c["argv"] for c in fake_cli()]
+    assert [a[0] for a in argvs] == ["download", "convert", "convert", "verify", "publish"]
+    assert argvs[1] == argvs[2]  # a retry runs exactly the same command
+    # The commands are the ones `step_args` derives, under the run's work folder.
+    layout = WorkLayout(str(Path(argvs[0][2]).parent))
+    spec = RunSpec.from_params({**CONF})
+    assert [a for a in argvs if a is not argvs[2]] == [step_args(s, spec, layout) for s in STEPS]
+    assert argvs[0][-2:] == ["--revision", "v1.0"]
+    # No Airflow settings leak into the child processes.
+    assert all(c["airflow_env"] == [] for c in fake_cli())
+
+
+def test_a_failing_verify_stops_publish_without_retrying(fast_retries, fake_cli, monkeypatch):
+    monkeypatch.setenv("FAKE_CKPTFLOW_VERIFY", "fail")
+    dr, tis = run(fast_retries, CONF)
+    assert dr.state == "failed"
+    assert tis["verify"].state == "failed" and tis["verify"].try_number == 1  # a KL verdict is not retried
+    assert tis["publish"].state == "upstream_failed"
+    assert "publish" not in [c["argv"][0] for c in fake_cli()]
+
+
+def test_execution_timeout_kills_the_command(fast_retries, fake_cli, monkeypatch):
+    monkeypatch.setenv("FAKE_CKPTFLOW_HANG", "download")
+    task = fast_retries.get_task("download")
+    monkeypatch.setattr(task, "execution_timeout", timedelta(seconds=3))
+    monkeypatch.setattr(task, "retries", 0)
+    dr, tis = run(fast_retries, CONF)
+    assert dr.state == "failed" and tis["download"].state == "failed"
+    (call,) = fake_cli()
+    with pytest.raises(ProcessLookupError):
+        os.kill(call["pid"], 0)  # the hanging command is gone, not orphaned
+
+
+def test_bad_input_is_not_retried(fast_retries, fake_cli, monkeypatch):
+    monkeypatch.setenv("FAKE_CKPTFLOW_EXIT", "download:2")
+    dr, tis = run(fast_retries, CONF)
+    assert dr.state == "failed"
+    assert tis["download"].state == "failed" and tis["download"].try_number == 1
+    assert [c["argv"][0] for c in fake_cli()] == ["download"]
+
+
+def test_hub_source_token_from_a_connection_and_lineage_pinned_to_the_sha(fast_retries, fake_cli, monkeypatch):
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+
+    secret = "hf_SECRETtoken123456"
+    monkeypatch.setenv("AIRFLOW_CONN_CKPTFLOW_HF", json.dumps({"conn_type": "generic", "password": secret}))
+    dr, _ = run(fast_retries, CONF)
+    assert dr.state == "success"
+    tokens = {c["argv"][0]: c["hf_token"] for c in fake_cli()}
+    assert tokens == {"download": secret, "convert": None, "verify": None, "publish": secret}
+    assert all(secret not in " ".join(c["argv"]) for c in fake_cli())
+
+    with create_session() as session:
+        extras = {e.source_task_id: e.extra for e in session.query(AssetEvent).filter(AssetEvent.source_run_id == dr.run_id)}
+    assert extras["publish"]["source_revision"] == "v1.0" and extras["publish"]["source_revision_sha"] == "f" * 40
+    assert secret not in json.dumps(extras)
+    # OpenLineage names the source by the resolved commit, not by "v1.0".
+    home = Path(os.environ["AIRFLOW_HOME"])
+    (done,) = [e for e in ol_events(home) if e["eventType"] == "COMPLETE" and e["job"]["name"].endswith(".download")
+               and e["run"]["facets"]["airflow"]["dagRun"]["run_id"] == dr.run_id]
+    (source,) = done["inputs"]
+    assert (source["namespace"], source["name"]) == ("https://huggingface.co", "acme/tiny")
+    assert source["facets"]["version"]["datasetVersion"] == "f" * 40
+
+
+@pytest.fixture
+def local_pods(fake_cli, tmp_path, monkeypatch):
+    """Kubernetes mode with each step's pod run as a local process (the stand-in plays the image)."""
+    from kubernetes.client import models as k8s
+
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from airflow.sdk.exceptions import AirflowException
+    from operators import kubernetes
+
+    class LocalPod(KubernetesPodOperator):
+        def execute(self, context):
+            assert self.cmds == ["ckptflow"]
+            done = subprocess.run([sys.executable, str(FAKE), *self.arguments], capture_output=True, text=True)
+            terminated = k8s.V1ContainerStateTerminated(exit_code=done.returncode)
+            status = k8s.V1ContainerStatus(name="base", image=self.image, image_id="", ready=False, restart_count=0,
+                                           state=k8s.V1ContainerState(terminated=terminated))
+            self.remote_pod = k8s.V1Pod(status=k8s.V1PodStatus(container_statuses=[status]))
+            if done.returncode:
+                raise AirflowException(f"Pod {self.name} returned a failure.\n{done.stderr}")
+
+    real = kubernetes.build_pod_operator
+    pods = []
+
+    def build(**kwargs):
+        pod = real(**kwargs)
+        pod.__class__ = LocalPod
+        pod.allow_nested_operators = False  # running it outside the task runner's blessing would raise
+        pods.append(pod)
+        return pod
+
+    monkeypatch.setattr(kubernetes, "build_pod_operator", build)
+    monkeypatch.setenv("CKPTFLOW_K8S_MOUNT_PATH", str(tmp_path / "mnt"))
+    return pods
+
+
+K8S_CONF = {**CONF, "execution_mode": "kubernetes", "model": "qwen3-0.6b", "node_pool": "tpu-v6e-8"}
+
+
+def test_kubernetes_mode_runs_each_step_in_a_pod(fast_retries, local_pods, fake_cli, tmp_path):
+    dr, tis = run(fast_retries, K8S_CONF)
+    assert dr.state == "success", {k: ti.state for k, ti in tis.items()}
+    assert [p.arguments[0] for p in local_pods] == list(STEPS)
+    assert [c["argv"] for c in fake_cli()] == [p.arguments for p in local_pods]
+    assert all(p.arguments[2].startswith(str(tmp_path / "mnt")) for p in local_pods if p.arguments[0] in ("download", "convert"))
+    assert local_pods[2].node_selector["cloud.google.com/gke-tpu-accelerator"] == "tpu-v6e-slice"
+
+
+def test_kubernetes_mode_maps_the_pod_exit_status(fast_retries, local_pods, fake_cli, monkeypatch):
+    monkeypatch.setenv("FAKE_CKPTFLOW_EXIT", "convert:2")
+    dr, tis = run(fast_retries, K8S_CONF)
+    assert dr.state == "failed"
+    assert tis["convert"].state == "failed" and tis["convert"].try_number == 1  # bad input: not retried
+    assert len(local_pods) == 2

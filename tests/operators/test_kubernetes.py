@@ -1,0 +1,198 @@
+"""Kubernetes mode without a cluster: every step's pod spec for a CPU and a TPU pool, validated strictly
+against the Kubernetes schema, running the local-mode command, with no secret value anywhere in it."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import kubernetes_validate
+import pytest
+
+from converters.registry import model_names
+from operators.commands import STEPS, WorkLayout, step_args
+from operators.kubernetes import (
+    NODE_POOLS,
+    TPU_RESOURCE,
+    KubernetesSettings,
+    PodSizingError,
+    WorkVolume,
+    estimate_params,
+    model_config,
+    pod_manifest,
+    step_resources,
+)
+
+K8S_VERSIONS = ("1.33", "1.37")
+SECRET = "hf_NEVERinAPodSpec_0123456789"
+CONF = {
+    "source": "meta-llama/Llama-3.1-8B",
+    "revision": "main",
+    "model": "llama3.1-8b",
+    "destination": "file:///models/llama3.1-8b/v1",
+    "execution_mode": "kubernetes",
+}
+
+KUBECONFIG = """\
+apiVersion: v1
+kind: Config
+clusters: [{name: fake, cluster: {server: "https://127.0.0.1:6443"}}]
+users: [{name: fake, user: {token: not-a-real-token}}]
+contexts: [{name: fake, context: {cluster: fake, user: fake, namespace: ckptflow}}]
+current-context: fake
+"""
+
+
+@pytest.fixture
+def settings(tmp_path, monkeypatch):
+    """Settings as a deployment sets them, with an HF token present everywhere a leak could come from."""
+    kubeconfig = tmp_path / "kubeconfig.yaml"
+    kubeconfig.write_text(KUBECONFIG)  # parsed, never contacted
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    monkeypatch.setenv("AIRFLOW_CONN_CKPTFLOW_HF", json.dumps({"conn_type": "generic", "password": SECRET}))
+    monkeypatch.setenv("CKPTFLOW_K8S_IMAGE", "europe-docker.pkg.dev/acme/ckptflow/converter:0.1.0")
+    monkeypatch.setenv("CKPTFLOW_K8S_CONFIG_FILE", str(kubeconfig))
+    return KubernetesSettings.from_env()
+
+
+def context_for(dag, conf):
+    """What a task's context holds for planning: the run's validated params, the DAG, the run id."""
+    params = copy.deepcopy(dag.params)
+    for key, value in conf.items():
+        params[key] = value
+    return {"params": params.validate(), "dag": dag, "run_id": "manual__2026-11-29T12:00:00+00:00"}
+
+
+def render(dag, conf, settings, monkeypatch, dry_run=True):
+    """{step: (pod dict, plan, pod operator)} for every step of the DAG."""
+    out = {}
+    for step in STEPS:
+        op = dag.get_task(step)
+        monkeypatch.setattr(op, "kubernetes_settings", settings)
+        plan = op.plan(context_for(dag, conf))
+        kpo = op.build_pod_operator(plan)
+        if dry_run:
+            pod = pod_manifest(kpo)
+        else:
+            from kubernetes.client import ApiClient
+
+            pod = ApiClient().sanitize_for_serialization(kpo.build_pod_request_obj(None))
+        out[step] = (pod, plan, kpo)
+    return out
+
+
+@pytest.mark.parametrize("pool", ["cpu-standard", "tpu-v5e-8"])
+def test_pod_specs_validate_strictly_and_run_the_local_command(convert_dag, settings, pool, monkeypatch):
+    pods = render(convert_dag, {**CONF, "node_pool": pool}, settings, monkeypatch)
+    layout = WorkLayout.for_run(settings.mount_path, "convert_checkpoint", "manual__2026-11-29T12:00:00+00:00")
+    for step, (pod, plan, kpo) in pods.items():
+        for version in K8S_VERSIONS:
+            kubernetes_validate.validate(pod, version, strict=True)
+        (container,) = pod["spec"]["containers"]
+        # Same command as local mode: only the program in front differs (console script in the image).
+        assert container["command"] == ["ckptflow"]
+        assert container["args"] == step_args(step, plan.spec, layout) == plan.args
+        assert container["image"] == settings.image
+        assert {"name": "ckptflow-work", "mountPath": settings.mount_path} in container["volumeMounts"]
+        assert pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "ckptflow-work"
+        assert pod["spec"]["restartPolicy"] == "Never"
+        assert pod["spec"]["activeDeadlineSeconds"] == int(convert_dag.get_task(step).execution_timeout.total_seconds())
+        assert container["resources"]["requests"]["memory"] == container["resources"]["limits"]["memory"]
+        # Pod lifecycle: deleted when done, room for node autoscaling, no XCom sidecar.
+        assert kpo.on_finish_action.value == "delete_pod" and kpo.do_xcom_push is False
+        assert len(pod["spec"]["containers"]) == 1
+        assert kpo.schedule_timeout_seconds >= (3600 if pool.startswith("tpu") and step == "verify" else 1200)
+        # No secret value anywhere; the token is a secretKeyRef for the steps that talk to the hub.
+        assert SECRET not in json.dumps(pod)
+        refs = [e["valueFrom"]["secretKeyRef"] for e in container.get("env", []) if "valueFrom" in e]
+        assert refs == ([{"name": "ckptflow-hf-token", "key": "token", "optional": True}] if step in ("download", "publish") else [])
+
+    verify_pod = pods["verify"][0]
+    selector = verify_pod["spec"]["nodeSelector"]
+    resources = verify_pod["spec"]["containers"][0]["resources"]
+    if pool.startswith("tpu"):
+        assert selector == {"cloud.google.com/gke-tpu-accelerator": "tpu-v5-lite-podslice", "cloud.google.com/gke-tpu-topology": "2x4"}
+        assert resources["limits"][TPU_RESOURCE] == resources["requests"][TPU_RESOURCE] == "8"
+        assert {"key": TPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"} in verify_pod["spec"]["tolerations"]
+        # The I/O and conversion steps stay off the accelerator.
+        for step in ("download", "convert", "publish"):
+            assert pods[step][0]["spec"]["nodeSelector"] == {"cloud.google.com/gke-nodepool": "ckptflow-cpu"}
+            assert TPU_RESOURCE not in json.dumps(pods[step][0])
+    else:
+        assert selector == {"cloud.google.com/gke-nodepool": "ckptflow-cpu"}
+        assert TPU_RESOURCE not in json.dumps(verify_pod)
+
+
+def test_pod_spec_with_a_kubeconfig_and_a_gcs_fuse_work_volume(convert_dag, settings, monkeypatch):
+    settings = dataclasses.replace(settings, work_volume=WorkVolume("gcsfuse", bucket="acme-ckptflow", prefix="work"))
+    pods = render(convert_dag, {**CONF, "node_pool": "cpu-highmem"}, settings, monkeypatch, dry_run=False)
+    for step, (pod, plan, _) in pods.items():
+        kubernetes_validate.validate(pod, K8S_VERSIONS[0], strict=True)
+        assert pod["metadata"]["annotations"] == {"gke-gcsfuse/volumes": "true"}
+        assert pod["spec"]["volumes"][0]["csi"] == {
+            "driver": "gcsfuse.csi.storage.gke.io",
+            "volumeAttributes": {"bucketName": "acme-ckptflow", "mountOptions": "implicit-dirs,only-dir=work"},
+        }
+        # The worker reads the steps' result files through object storage, at the matching gs:// URIs.
+        assert plan.results[step].startswith("gs://acme-ckptflow/work/convert_checkpoint/")
+    assert pods["convert"][1].outlets[0].startswith("gs://acme-ckptflow/work/")
+
+
+def test_memory_is_sized_per_step_and_model():
+    cpu = NODE_POOLS["cpu-highmem"]
+    small = {s: step_resources(s, cpu, "qwen3-0.6b")["requests"]["memory"] for s in STEPS}
+    big = {s: step_resources(s, cpu, "llama3.1-70b")["requests"]["memory"] for s in STEPS}
+    gib = lambda v: int(v.removesuffix("Gi"))  # noqa: E731
+    assert gib(big["verify"]) > gib(small["verify"]) > gib(small["download"])
+    assert gib(big["convert"]) > gib(small["convert"])
+    assert small["download"] == big["download"] and small["publish"] == big["publish"]
+    # Parameter counts within 2 % of the published ones, dense and MoE.
+    for model, published in (("llama3.1-8b", 8.03e9), ("mixtral-8x7b", 46.7e9), ("qwen3-30b-a3b", 30.5e9)):
+        if model in model_names():
+            assert abs(estimate_params(model_config(model)) - published) / published < 0.02, model
+
+
+def test_every_registry_model_is_sized_or_refused_clearly():
+    """The form offers every registry model; each one gets requests on some pool or a clear refusal."""
+    for model in model_names():
+        for pool in NODE_POOLS.values():
+            for step in STEPS:
+                try:
+                    res = step_resources(step, pool, model)
+                except PodSizingError:
+                    continue
+                assert res["requests"]["memory"].endswith("Gi")
+
+
+def test_a_pool_too_small_for_the_model_fails_at_once(convert_dag, settings, monkeypatch):
+    with pytest.raises(PodSizingError, match="choose a larger node pool"):
+        step_resources("verify", NODE_POOLS["cpu-standard"], "llama3.1-70b")
+    from airflow.sdk.exceptions import AirflowFailException
+
+    op = convert_dag.get_task("verify")
+    monkeypatch.setattr(op, "kubernetes_settings", settings)
+    plan = op.plan(context_for(convert_dag, {**CONF, "model": "llama3.1-405b", "node_pool": "cpu-standard"}))
+    with pytest.raises(AirflowFailException, match="larger node pool"):
+        op.build_pod_operator(plan)
+
+
+def test_kubernetes_mode_needs_a_model_name(convert_dag, settings, monkeypatch):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    op = convert_dag.get_task("convert")
+    monkeypatch.setattr(op, "kubernetes_settings", settings)
+    plan = op.plan(context_for(convert_dag, {**CONF, "model": "auto"}))
+    with pytest.raises(AirflowFailException, match="instead of 'auto'"):
+        op.build_pod_operator(plan)
+
+
+def test_settings_from_environment():
+    s = KubernetesSettings.from_env({
+        "CKPTFLOW_K8S_WORK_VOLUME": "gcsfuse", "CKPTFLOW_K8S_WORK_BUCKET": "b", "CKPTFLOW_K8S_NAMESPACE": "ml",
+        "CKPTFLOW_K8S_IMAGE_PULL_SECRETS": "a, b", "CKPTFLOW_K8S_IN_CLUSTER": "true",
+    })
+    assert s.work_volume == WorkVolume("gcsfuse", bucket="b") and s.namespace == "ml"
+    assert s.image_pull_secrets == ("a", "b") and s.in_cluster is True
+    with pytest.raises(ValueError, match="needs a bucket"):
+        KubernetesSettings.from_env({"CKPTFLOW_K8S_WORK_VOLUME": "gcsfuse"})

@@ -1,0 +1,1 @@
+"""Real local stand-ins for remote services (hub, GCS), started and stopped by the tests themselves."""

@@ -1,0 +1,113 @@
+"""Publishing to gs:// against the `gcp-storage-emulator` package on 127.0.0.1 with the real google-cloud-storage
+client: staging prefix, marker written last, resume after an interruption, no silent overwrite."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from converters import gcs as gcs_lib
+from converters.errors import CkptflowError, OutputExistsError
+from converters.publish import publish
+from tests.stand_ins.fixtures import converted, folder_files, gcs, gcs_objects  # noqa: F401  (fixtures)
+
+DEST = "gs://ckptflow-test/models/tiny/v1"
+FINAL = "models/tiny/v1/"
+
+
+def test_publish_uploads_via_staging_and_writes_the_marker_last(gcs, converted, tmp_path, monkeypatch):
+    mt, sha = converted
+    src = shutil.copytree(mt, tmp_path / "mt")
+    order = []
+    real_upload, real_copy = gcs_lib._upload_one, gcs_lib._copy_one
+    monkeypatch.setattr(gcs_lib, "_upload_one", lambda b, name, *a: (order.append(("upload", name)), real_upload(b, name, *a)))
+    monkeypatch.setattr(gcs_lib, "_copy_one", lambda b, s, d: (order.append(("copy", d)), real_copy(b, s, d)))
+
+    receipt = publish(src, DEST)
+    assert receipt["status"] == "published" and receipt["destination"] == DEST
+    local = folder_files(src)
+    remote = gcs_objects("ckptflow-test")
+    assert {k[len(FINAL):]: v for k, v in remote.items() if k != FINAL + gcs_lib.MARKER} == local
+    assert set(remote) == {FINAL + rel for rel in local} | {FINAL + gcs_lib.MARKER}  # staging removed
+    uploads = [n for kind, n in order if kind == "upload"]
+    assert uploads and all(n.startswith("models/tiny/.v1.ckptflow-staging-") for n in uploads)  # never at the final path
+    assert order.index(("copy", FINAL + "ckptflow-manifest.json")) > max(i for i, (k, _) in enumerate(order) if k == "upload")
+    marker = json.loads(remote[FINAL + gcs_lib.MARKER])
+    assert marker["version"] == receipt["output_digest"] == json.loads(local["ckptflow-manifest.json"])["output_digest"]
+    assert marker["source"]["revision"] == sha and set(marker["files"]) == set(local)
+    assert gcs_lib.read_marker(DEST)["version"] == marker["version"]
+
+    assert publish(src, DEST)["status"] == "unchanged"
+
+
+def test_an_interrupted_upload_leaves_nothing_at_the_final_path_and_resumes(gcs, converted, tmp_path, monkeypatch):
+    mt, _ = converted
+    src = shutil.copytree(mt, tmp_path / "mt")
+    real_upload = gcs_lib._upload_one
+    done = []
+
+    def dies_after_three(bucket, name, *a):
+        if len(done) >= 3:
+            raise ConnectionError("simulated: the worker died in the middle of the upload")
+        real_upload(bucket, name, *a)
+        done.append(name)
+
+    monkeypatch.setattr(gcs_lib, "WORKERS", 1)
+    monkeypatch.setattr(gcs_lib, "_upload_one", dies_after_three)
+    with pytest.raises(ConnectionError):
+        publish(src, DEST, workers=1)
+    objects = gcs_objects("ckptflow-test")
+    assert not [k for k in objects if k.startswith(FINAL)]  # a reader sees nothing at all at the destination
+    assert gcs_lib.read_marker(DEST) is None
+    assert len([k for k in objects if ".ckptflow-staging-" in k]) == 3
+
+    uploaded = []
+    monkeypatch.setattr(gcs_lib, "_upload_one", lambda b, name, *a: (uploaded.append(name), real_upload(b, name, *a)))
+    assert publish(src, DEST)["status"] == "published"
+    total = len(folder_files(src))
+    assert len(uploaded) == total - 3 and not set(uploaded) & set(done)  # only what was missing
+    objects = gcs_objects("ckptflow-test")
+    assert {k[len(FINAL):] for k in objects} == set(folder_files(src)) | {gcs_lib.MARKER}
+
+
+def test_a_different_version_is_refused_unless_forced_and_replaced_cleanly(gcs, converted, tmp_path):
+    mt, _ = converted
+    first = shutil.copytree(mt, tmp_path / "a")
+    publish(first, DEST)
+    second = shutil.copytree(mt, tmp_path / "b")
+    (second / "extra.txt").write_text("only in the old version")  # the manifest must list it too:
+    m = json.loads((second / "ckptflow-manifest.json").read_text())
+    m["outputs"]["extra.txt"] = {"bytes": 23, "sha256": __import__("hashlib").sha256(b"only in the old version").hexdigest()}
+    m["output_digest"] = "sha256:" + "1" * 64
+    (second / "ckptflow-manifest.json").write_text(json.dumps(m))
+    with pytest.raises(OutputExistsError, match="different version.*--force"):
+        publish(second, DEST)
+    assert publish(second, DEST, force=True)["status"] == "replaced"
+    assert FINAL + "extra.txt" in gcs_objects("ckptflow-test", FINAL)
+    assert publish(first, DEST, force=True)["status"] == "replaced"
+    objects = gcs_objects("ckptflow-test", FINAL)
+    assert FINAL + "extra.txt" not in objects  # files of the replaced version are gone
+    assert json.loads(objects[FINAL + gcs_lib.MARKER])["version"] != "sha256:" + "1" * 64
+
+
+def test_foreign_objects_without_a_marker_are_not_overwritten(gcs, converted, tmp_path):
+    from google.cloud import storage
+
+    storage.Client().bucket("ckptflow-test").blob(FINAL + "notes.txt").upload_from_string("someone else's")
+    with pytest.raises(OutputExistsError, match="no complete ckptflow version"):
+        publish(converted[0], DEST)
+    assert gcs_objects("ckptflow-test", FINAL) == {FINAL + "notes.txt": b"someone else's"}
+
+
+@pytest.mark.parametrize("uri, message", [
+    ("gs://ckptflow-test", "name a folder"),
+    ("gs://ckptflow-test/a/../b", "name a folder"),
+    ("gs://UPPER/x", "not a valid bucket"),
+    ("gs://no-such-bucket/x/v1", "not found"),
+])
+def test_bad_gs_destinations_fail_clearly(gcs, converted, uri, message):
+    with pytest.raises(CkptflowError, match=message):
+        publish(converted[0], uri)
