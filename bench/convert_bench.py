@@ -119,6 +119,15 @@ def print_table(results: list[dict]) -> None:
                   f"{r['GB_per_s']:>8.3f}{r['x_cp']:>7.2f}{r['peak_rss_GB']:>13.3f}")
 
 
+def markdown_table(results: list[dict]) -> str:
+    lines = ["| model dims | layers | model GB | step | wall s | GB/s | x cp | peak RSS GB |", "|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        for r in res["steps"]:
+            lines.append(f"| {res['model']} | {res['layers']} | {res['model_GB']:.2f} | {r['step']} | {r['wall_s']:.1f} | "
+                         f"{r['GB_per_s']:.3f} | {r['x_cp']:.2f} | {r['peak_rss_GB']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -147,6 +156,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("/tmp/ckptflow-bench"), help="work folder (on the disk to measure)")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--plot", type=Path, help="write a time/RSS plot (PNG) here")
+    p.add_argument("--markdown", type=Path, help="write the table as Markdown here")
     p.add_argument("--warm", action="store_true", help="do not drop the page cache between steps")
     p.add_argument("--keep", action="store_true", help="keep converted outputs")
     p.add_argument("--compare-maxtext", action="store_true", help="also run MaxText's to_maxtext when the maxtext package is importable")
@@ -171,6 +181,8 @@ def main() -> int:
         a.json.write_text(json.dumps(results, indent=2) + "\n")
     if a.plot:
         plot(results, a.plot)
+    if a.markdown:
+        a.markdown.write_text(markdown_table(results))
     return 0
 
 

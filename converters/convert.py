@@ -197,10 +197,14 @@ def hf_to_maxtext(
     overwrite: bool = False,
     use_ocdbt: bool = True,
     use_zarr3: bool = True,
+    compress: bool = True,
     workers: int = 2,
     progress: Callable[[int, int], object] | None = None,
+    with_mtp: bool = False,
 ) -> Result:
-    """Convert an HF safetensors folder to a MaxText Orbax checkpoint at `out` (`out/0/items`)."""
+    """Convert an HF safetensors folder to a MaxText Orbax checkpoint at `out` (`out/0/items`).
+
+    `with_mtp`: also convert the multi-token-prediction layer (DeepSeek-V3: `mtp_block`), otherwise skipped."""
     from converters.orbax_io import LazyArray, WriteProgress, write_checkpoint
 
     src = Path(src)
@@ -208,20 +212,22 @@ def hf_to_maxtext(
     outputs.check_destination(out, overwrite)
     cfg = load_hf_config(src, hf_config, model)
     family = registry.family_for_config(cfg)
-    plan = family.plan(cfg, scan)
+    plan = family.plan(cfg, scan, ("mtp",) if with_mtp else ())
     folder = quant.decoded_source(_with_aliases(family, SafetensorsFolder(src)), cfg)  # quantized sources decode while read
     validate_hf_source(family, cfg, plan, folder)
 
     flat = {}
     for leaf in plan:
-        pieces, piece_shape = _hf_pieces(leaf, folder, out_dtype)
-        flat[leaf.path] = LazyArray(leaf.shape, out_dtype, pieces, piece_shape, name=leaf.path)
+        leaf_dtype = leaf.rule.out_dtype(out_dtype)
+        pieces, piece_shape = _hf_pieces(leaf, folder, leaf_dtype)
+        flat[leaf.path] = LazyArray(leaf.shape, leaf_dtype, pieces, piece_shape, name=leaf.path)
     total = sum(a.nbytes for a in flat.values())
     bar = progress(total, len(flat)) if progress else None
     counter = WriteProgress(bar.update if bar is not None else None)
 
     with outputs.atomic_dir(out, overwrite) as tmp:
-        write_checkpoint(tmp, _nest(flat), scan_layers=scan, use_ocdbt=use_ocdbt, use_zarr3=use_zarr3, workers=workers, progress=counter)
+        write_checkpoint(tmp, _nest(flat), scan_layers=scan, use_ocdbt=use_ocdbt, use_zarr3=use_zarr3,
+                         use_compression=compress, workers=workers, progress=counter)
         if bar is not None:
             bar.close()
         _save_dropped_rows(plan, folder, tmp)
@@ -233,7 +239,8 @@ def hf_to_maxtext(
             tmp,
             direction="hf->maxtext",
             family=family.name,
-            options={"scan_layers": scan, "dtype": dtype, "use_ocdbt": use_ocdbt, "use_zarr3": use_zarr3},
+            options={"scan_layers": scan, "dtype": dtype, "use_ocdbt": use_ocdbt, "use_zarr3": use_zarr3, "compress": compress,
+                     **({"with_mtp": True} if with_mtp else {})},
             source=outputs.describe_source(src),  # + repo, commit sha and file sha256s when `ckptflow download` staged it
         )
     return Result(Path(out), family.name, total, len(flat))
@@ -253,10 +260,14 @@ def _shape_fits(leaf: Leaf, stored: tuple[int, ...]) -> bool:
 
 def choose_plan(family: type[Family], cfg: dict, stored: dict[str, tuple[int, ...]]) -> tuple[bool, list[Leaf]]:
     """Detect scanned vs unscanned from the stored tree and check every array against the plan."""
-    plans = {scan: family.plan(cfg, scan) for scan in (True, False)}
-    overlap = {scan: len({l.path for l in p} & stored.keys()) for scan, p in plans.items()}
-    scan = max(overlap, key=overlap.get)
-    plan = plans[scan]
+    try:  # optional parts (DeepSeek's MTP layer) are exported when the checkpoint has them
+        optional = [(x,) for x in family.optional_groups(family.dims(cfg))]
+    except Exception:  # a bad config: family.plan below reports it
+        optional = []
+    plans = {(scan, ex): family.plan(cfg, scan, ex) for ex in [(), *optional] for scan in (True, False)}
+    overlap = {key: len({l.path for l in p} & stored.keys()) for key, p in plans.items()}
+    key = max(overlap, key=overlap.get)  # ties: the first, i.e. without optional parts
+    scan, plan = key[0], plans[key]
     paths = {l.path for l in plan}
     missing = paths - stored.keys()
     if missing:
@@ -336,7 +347,7 @@ def maxtext_to_hf(
     scan, plan = choose_plan(family, cfg, {k: reader.shape(k) for k in reader.arrays})
 
     tensors = _export_tensors(plan)
-    planned = [PlannedTensor(name, leaf.hf_shape, out_dtype) for leaf, name, _ in tensors]
+    planned = [PlannedTensor(name, leaf.hf_shape, leaf.rule.out_dtype(out_dtype)) for leaf, name, _ in tensors]
     shards = plan_shards(planned, shard_bytes)
     names = shard_names(len(shards))
     total = sum(t.nbytes for t in planned)
@@ -345,7 +356,7 @@ def maxtext_to_hf(
 
     # blocks are read and transformed on a background thread while the previous one is written
     dropped = _load_dropped_rows(plan, reader.root)
-    blocks = prefetch(((name, b) for leaf, name, pieces in it for b in _hf_blocks(leaf, pieces, reader, out_dtype, dropped)), depth=1)
+    blocks = prefetch(((name, b) for leaf, name, pieces in it for b in _hf_blocks(leaf, pieces, reader, leaf.rule.out_dtype(out_dtype), dropped)), depth=1)
     with outputs.atomic_dir(out, overwrite) as tmp:
         for shard, fname in zip(shards, names):
             w = ShardWriter(tmp / fname, shard)

@@ -92,18 +92,39 @@ def read_marker(uri: str) -> dict | None:
     return json.loads(blob.download_as_bytes()) if blob is not None else None
 
 
+RETRY_SECONDS = 300.0  # one request is retried (429, 5xx, connection errors) with backoff for this long, then fails
+RETRY_INITIAL = 1.0  # first wait, doubled each try up to a minute
+
+
+def _retry():
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    return DEFAULT_RETRY.with_timeout(RETRY_SECONDS).with_delay(initial=RETRY_INITIAL, maximum=60.0)
+
+
 def _upload_one(bucket, name: str, path: Path, sha256: str, version: str) -> None:
     blob = bucket.blob(name, chunk_size=CHUNK_BYTES)
     blob.metadata = {SHA_KEY: sha256, VERSION_KEY: version}
-    blob.upload_from_filename(str(path), content_type="application/octet-stream", checksum="crc32c")
+    blob.upload_from_filename(str(path), content_type="application/octet-stream", checksum="crc32c", retry=_retry())
 
 
 def _copy_one(bucket, src_name: str, dst_name: str) -> None:
     src = bucket.blob(src_name)
     dst = bucket.blob(dst_name)
-    token, _, _ = dst.rewrite(src)
+    # The client retries a rewrite only when a generation precondition is given; copying the same staged object
+    # onto the same name again is harmless, so 429/5xx/connection errors are retried with backoff here too.
+    token, _, _ = dst.rewrite(src, retry=_retry())
     while token is not None:  # large objects across storage classes/locations take several calls
-        token, _, _ = dst.rewrite(src, token=token)
+        token, _, _ = dst.rewrite(src, token=token, retry=_retry())
+
+
+def _delete(blob) -> None:
+    from google.api_core import exceptions as gexc
+
+    try:
+        blob.delete()
+    except gexc.NotFound:  # already gone (a concurrent cleanup): fine
+        pass
 
 
 def _parallel(fn: Callable, jobs: list[tuple], workers: int) -> None:
@@ -171,7 +192,7 @@ def publish_folder(src: Path, uri: str, files: dict[str, dict], *, version: str,
             marker_blob.delete()
         _parallel(_copy_one, [(bucket, staging + rel, final + rel) for rel in sorted(files)], workers)
         stale = [b for n, b in present.items() if n not in files]
-        _parallel(lambda b: b.delete(), [(b,) for b in stale], workers)
+        _parallel(_delete, [(b,) for b in stale], workers)
         marker = {
             **record,
             "version": version,
@@ -189,9 +210,27 @@ def publish_folder(src: Path, uri: str, files: dict[str, dict], *, version: str,
         parent = prefix.rpartition("/")[0]
         lead = f"{parent + '/' if parent else ''}.{prefix.rpartition('/')[2]}{STAGING_MARK}"
         leftovers = list(gcs.list_blobs(bucket_name, prefix=lead))
-        _parallel(lambda b: b.delete(), [(b,) for b in leftovers], workers)
+        _parallel(_delete, [(b,) for b in leftovers], workers)
         return status, existing
-    except (CkptflowError, KeyboardInterrupt):
+    except CkptflowError:
         raise
-    except gexc.GoogleAPIError as e:
-        raise _explain(e, uri) from None
+    except Exception as e:
+        if _transport_error(e):
+            raise _explain(e, uri) from None
+        raise
+
+
+def _transport_error(e: Exception) -> bool:
+    """Errors of GCS itself or of getting there (as opposed to bugs), turned into one-line messages."""
+    import requests
+    from google.api_core import exceptions as gexc
+    from google.auth import exceptions as auth_exc
+
+    kinds: tuple = (gexc.GoogleAPIError, auth_exc.GoogleAuthError, requests.RequestException)
+    try:
+        from google.resumable_media import common
+
+        kinds += (common.InvalidResponse, common.DataCorruption)
+    except ImportError:
+        pass
+    return isinstance(e, kinds)

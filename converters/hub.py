@@ -117,11 +117,12 @@ def call(fn: Callable[..., T], *args, retries: int | None = None, what: str = "h
     raise AssertionError("unreachable")
 
 
-def explain(e: BaseException, repo_id: str, revision: str | None = None, *, write: bool = False) -> CkptflowError:
+def explain(e: BaseException, repo_id: str, revision: str | None = None, *, write: bool = False,
+            token_given: bool | None = None) -> CkptflowError:
     """One line saying what went wrong with `repo_id` and what to do (never the token, never a traceback)."""
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
-    has_token = bool(os.environ.get("HF_TOKEN"))
+    has_token = bool(os.environ.get("HF_TOKEN")) if token_given is None else token_given
     if isinstance(e, GatedRepoError):
         return CkptflowError(
             f"{repo_id} is a gated repo: accept its terms at https://huggingface.co/{repo_id} with your account, then "
@@ -273,7 +274,9 @@ def commit_folder(repo_id: str, files: dict[str, Path], extra: dict[str, bytes],
         ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(p)) for rel, p in sorted(files.items())]
         ops += [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=data) for rel, data in sorted(extra.items())]
         ops += [CommitOperationDelete(path_in_repo=rel) for rel in sorted(delete)]
-        info = hub.create_commit(repo_id, ops, commit_message=message, commit_description=description)
+        # Retried like every other request (429, 5xx, connection errors): a commit the hub refused changed nothing.
+        info = call(hub.create_commit, repo_id, ops, commit_message=message, commit_description=description,
+                    what=f"{repo_id}: create_commit")
     except Exception as e:
         if isinstance(e, CkptflowError):
             raise

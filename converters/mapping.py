@@ -1,7 +1,8 @@
 """Declarative model mappings: a family is a list of rules plus how its layers are grouped.
 
-A `Rule` pairs one HF tensor name (with `{i}` for the layer index) with one MaxText tree path and the
-chain of invertible transforms between them. A `Family` turns an HF config into `Dims`, lists its global
+A `Rule` pairs one HF tensor name (with `{i}` for the layer index, `{e}` for the expert of stacked MoE
+experts) with one MaxText tree path (or several, when one HF tensor is split) and the chain of invertible
+transforms between them. A `Family` turns an HF config into `Dims`, lists its global
 and per-layer rules, and says how layers stack when scanned. `Family.plan()` expands that into `Leaf`s:
 one per MaxText array, each knowing which HF tensors fill it. Both conversion directions walk the same
 plan, so nothing is written twice.
@@ -39,6 +40,9 @@ class Rule:
     `split`: one HF tensor fills several MaxText arrays (`mt` is then a tuple of paths in `split` order, all
     of shape `mt_shape`). Import takes part k, then runs the chain; export runs the inverse chain on every
     part and joins them back into the HF tensor.
+
+    `dtype`: a tensor the model keeps in this dtype whatever `--dtype` says (DeepSeek-V3's float32
+    `e_score_correction_bias`): stored so in the MaxText checkpoint and written so on export.
     """
 
     hf: str
@@ -49,6 +53,10 @@ class Rule:
     row_axis: int | None = None
     experts: int = 0
     split: Split | None = None
+    dtype: str | None = None
+
+    def out_dtype(self, default: np.dtype) -> np.dtype:
+        return np.dtype(self.dtype) if self.dtype else default
 
     @property
     def fused_experts(self) -> bool:
@@ -244,6 +252,12 @@ class Family:
         return out
 
     @classmethod
+    def optional_groups(cls, d: Dims) -> dict[str, list[LayerGroup]]:
+        """Parts converted only on request (`plan(..., extras=(name,))`), e.g. DeepSeek-V3's multi-token-prediction
+        layer (`--with-mtp`); always unstacked. Their HF tensors are otherwise among `ignored`. Default: none."""
+        return {}
+
+    @classmethod
     def config_for_checkpoint(cls, cfg: dict, stored: set[str]) -> dict:
         """The config to export a checkpoint with, given its stored array paths (e.g. a Gemma3 checkpoint
         trained without the vision tower exports as the text-only model). Default: `cfg` as is."""
@@ -259,14 +273,18 @@ class Family:
 
     # ---- derived --------------------------------------------------------------------------------
     @classmethod
-    def plan(cls, cfg: dict, scan: bool) -> list[Leaf]:
+    def plan(cls, cfg: dict, scan: bool, extras: tuple[str, ...] = ()) -> list[Leaf]:
         check_dimensions(cfg, cls.name)
         try:
             d = cls.dims(cfg)
         except (TypeError, ValueError, ZeroDivisionError, AttributeError) as e:  # a value of the wrong kind elsewhere
             raise CkptflowError(f"config.json for a {cls.name} model has a value of the wrong type or range: {e}") from None
         leaves = [leaf for r in cls.global_rules(d) for leaf in _leaves(r, "")]
-        for g in cls.layer_groups(d, scan):
+        optional = cls.optional_groups(d) if extras else {}
+        unknown = [x for x in extras if x not in optional]
+        if unknown:
+            raise CkptflowError(f"a {cls.name} model with this config.json has no {', '.join(unknown)} to convert")
+        for g in [*cls.layer_groups(d, scan), *(g for x in extras for g in optional[x])]:
             for r in g.rules:
                 if scan and g.stacked is not None:
                     leaves.extend(_leaves(r, f"{g.stacked}/", hf_layers=g.hf_layers))

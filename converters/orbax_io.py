@@ -18,6 +18,7 @@ import json
 import math
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -30,6 +31,7 @@ Index = tuple  # a tuple of slices / ints into the global array
 PieceFn = Callable[[], Iterator[tuple[Index, np.ndarray]]]
 
 PARAM_ROOTS = ("token_embedder", "decoder", "vision_encoder", "mtp_block")
+TXN_BYTES = 128 << 20  # data buffered per write transaction (per worker) before it is committed
 
 
 @dataclass(eq=False)
@@ -138,25 +140,41 @@ def _install_handler() -> None:
             t = await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
             it = value.pieces()
             sentinel = object()
-            pending = None
             progress = _settings["progress"]
+            # Pieces are grouped into transactions of about TXN_BYTES: an OCDBT store commits (rewrites
+            # its manifest) once per transaction instead of once per piece, ~4x faster for small pieces
+            # (expert slices). One transaction commits while the next one fills.
+            txn, buffered, committing = None, 0, None
             try:
                 while True:
-                    # Produce the next piece on a worker thread while the previous one is being written.
+                    # Produce the next piece on a worker thread while the previous ones are written.
                     item = await loop.run_in_executor(pool, next, it, sentinel)
-                    if pending is not None:
-                        await pending
                     if item is sentinel:
                         break
                     index, block = item
                     if block.shape != t[index].shape:
                         raise RuntimeError(f"{value.name}: piece {block.shape} does not fit {index} of {value.shape}")
-                    pending = t[index].write(block)
+                    if txn is None:
+                        txn = ts.Transaction()
+                    await t.with_transaction(txn)[index].write(block)
+                    buffered += block.nbytes
                     if progress is not None:
                         progress.add(block.nbytes)
+                    if buffered >= TXN_BYTES:
+                        if committing is not None:
+                            await committing
+                        committing, txn, buffered = txn.commit_async(), None, 0
+                if committing is not None:
+                    await committing
+                    committing = None
+                if txn is not None:
+                    await txn.commit_async()
             except BaseException:
-                if pending is not None and not pending.done():
-                    pending.cancel()
+                for pending in (committing, txn):
+                    if pending is not None and hasattr(pending, "abort"):
+                        pending.abort()
+                if committing is not None and not committing.done():
+                    committing.cancel()
                 raise
 
     type_handlers.register_type_handler(LazyArray, LazyArrayHandler(), override=True)
@@ -186,9 +204,18 @@ def write_checkpoint(
     tree = {"step": 0, "params": {"params": params}, "opt_state": {}}
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True, max_to_keep=None)
     handler = ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt, use_zarr3=use_zarr3, use_compression=use_compression)
-    with ocp.CheckpointManager(root, item_names=("items",), options=options, item_handlers={"items": handler}) as mgr:
-        mgr.save(0, args=ocp.args.Composite(items=ocp.args.PyTreeSave(tree)), custom_metadata={"scan_layers": scan_layers})
-        mgr.wait_until_finished()
+    before = set(threading.enumerate())
+    try:
+        with ocp.CheckpointManager(root, item_names=("items",), options=options, item_handlers={"items": handler}) as mgr:
+            mgr.save(0, args=ocp.args.Composite(items=ocp.args.PyTreeSave(tree)), custom_metadata={"scan_layers": scan_layers})
+            mgr.wait_until_finished()
+    except BaseException:
+        # Orbax's background threads may still be finishing files for the failed save: let them end
+        # before the caller removes the folder, or they would re-create parts of it.
+        deadline = time.monotonic() + 30
+        for t in set(threading.enumerate()) - before:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        raise
     return root / "0" / "items"
 
 

@@ -5,15 +5,17 @@ from __future__ import annotations
 import copy
 
 from converters.errors import UnsupportedModelError
+from converters.families.deepseek import DeepSeek2, DeepSeek3, DeepSeek32
 from converters.families.gemma import Gemma2, Gemma3
 from converters.families.llama import Llama31
 from converters.families.gpt_oss import GptOss
 from converters.families.mixtral import Mixtral
 from converters.families.qwen3_moe import Qwen3Moe
+from converters.families.qwen3_next import Qwen3Next
 from converters.families.qwen import Qwen3, Qwen25
 from converters.mapping import Family
 
-FAMILIES: dict[str, type[Family]] = {f.name: f for f in (Llama31, Qwen25, Qwen3, Gemma2, Gemma3, Qwen3Moe, Mixtral, GptOss)}
+FAMILIES: dict[str, type[Family]] = {f.name: f for f in (Llama31, Qwen25, Qwen3, Gemma2, Gemma3, Qwen3Moe, Mixtral, GptOss, DeepSeek2, DeepSeek3, DeepSeek32, Qwen3Next)}
 
 DIRECTIONS = ("hf->maxtext (scanned)", "hf->maxtext (unscanned)", "maxtext->hf (scanned)", "maxtext->hf (unscanned)")
 

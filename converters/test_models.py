@@ -15,6 +15,9 @@ from converters import registry
 
 _GEMMA = {"hidden_size": 72, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 96,
           "query_pre_attn_scalar": 24, "sliding_window": 8}
+_DEEPSEEK = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 96, "moe_intermediate_size": 32,
+             "n_routed_experts": 8, "kv_lora_rank": 32, "qk_nope_head_dim": 20, "qk_rope_head_dim": 8, "v_head_dim": 24,
+             "first_k_dense_replace": 1}
 _MOE = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "num_experts_per_tok": 2}
 
 # Per family: the real model whose config is shrunk, and the tiny dimensions. head_dim is chosen so that
@@ -34,7 +37,22 @@ TINY = {
     "mixtral": ("mixtral-8x7b", {**_MOE, "intermediate_size": 96, "num_local_experts": 4}),
     "gpt-oss": ("gpt-oss-20b", {**_MOE, "intermediate_size": 64, "num_local_experts": 4, "experts_per_token": 2, "sliding_window": 32,
                              "pad_token_id": 0}),
+    # DeepSeek (MLA): heads * v_head_dim (96) and heads * qk_head_dim (112) differ from hidden (64); 8 experts; V3 has 4
+    # routing groups of which 2 are kept, so group-limited routing acts; published YaRN (factor 40, mscale) kept.
+    "deepseek2": ("deepseek2-16b", {**_DEEPSEEK, "num_experts_per_tok": 3}),
+    "deepseek3": ("deepseek3-671b", {**_DEEPSEEK, "q_lora_rank": 48, "n_group": 4, "topk_group": 2, "num_experts_per_tok": 3}),
+    # V3.2: the indexer keeps 32 keys per query, so prompts longer than 32 tokens attend sparsely. 16 indexer heads: a key
+    # scores exactly 0 only when all 16 ReLUs are 0, so exact ties at the top-k boundary (which torch and JAX may break
+    # differently) are practically absent
+    "deepseek3.2": ("deepseek3.2-671b", {**_DEEPSEEK, "q_lora_rank": 48, "n_group": 4, "topk_group": 2, "num_experts_per_tok": 3,
+                                         "index_n_heads": 16, "index_head_dim": 16, "index_topk": 32}),
+    # Qwen3-Next: 2 key / 4 value GDN heads with key dim 16 != value dim 24, full attention head_dim 32 with 8 rotary dims
+    "qwen3-next": ("qwen3-next-80b-a3b", {**_MOE, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "num_experts": 8,
+                                          "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
+                                          "linear_value_head_dim": 24, "intermediate_size": 96}),
 }
+# tensors the models keep in float32 whatever the checkpoint dtype (DeepSeek routing bias, V3.2 indexer weights)
+FP32_TENSORS = ("e_score_correction_bias", "indexer.weights_proj.weight")
 # gemma3-mm: 28px images of 7px patches (16 patches), pooled 2x2 into 4 soft tokens per image
 TINY_VISION = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 48, "num_hidden_layers": 2, "image_size": 28, "patch_size": 7}
 TINY_MM = {"mm_tokens_per_image": 4, "boi_token_index": 5, "eoi_token_index": 6}
@@ -42,8 +60,9 @@ TINY_MM = {"mm_tokens_per_image": 4, "boi_token_index": 5, "eoi_token_index": 6}
 # Families the generic tests (tests/test_convert.py, tests/test_orbax_io.py) run on. Gemma's value-changing
 # transforms (+1 norms, sqrt(E) embedding), vocab padding/truncation, layer pairs and vision tower have their
 # own tests in tests/families/test_gemma.py.
-# The MoE families' expert stacking, splits and MXFP4 sources are tested in tests/families/test_{qwen3_moe,mixtral,gpt_oss}.py.
-FAMILIES = tuple(f for f in TINY if not f.startswith("gemma") and f not in ("qwen3-moe", "mixtral", "gpt-oss"))
+# The MoE families' expert stacking, splits and MXFP4 / FP8 sources are tested in
+# tests/families/test_{qwen3_moe,mixtral,gpt_oss,deepseek,qwen3_next}.py.
+FAMILIES = tuple(f for f in TINY if not f.startswith(("gemma", "deepseek")) and f not in ("qwen3-moe", "mixtral", "gpt-oss", "qwen3-next"))
 
 
 def tiny_config(family: str, *, layers: int = 2, vocab: int = 512, tied: bool | None = None) -> dict:
@@ -65,6 +84,8 @@ def tiny_config(family: str, *, layers: int = 2, vocab: int = 512, tied: bool | 
     cfg.update(dims, num_hidden_layers=layers, vocab_size=vocab, bos_token_id=1, eos_token_id=2)
     if "max_window_layers" in cfg:
         cfg["max_window_layers"] = layers
+    if family == "qwen3-next":  # the published cycle: 3 gated-delta-net layers, then full attention
+        cfg["layer_types"] = ["full_attention" if (i + 1) % cfg["full_attention_interval"] == 0 else "linear_attention" for i in range(layers)]
     if "layer_types" in cfg:  # GPT-OSS: the published pattern, cut to the tiny depth
         cfg["layer_types"] = [cfg["layer_types"][i % len(cfg["layer_types"])] for i in range(layers)]
     if tied is not None:
@@ -90,9 +111,22 @@ def make_test_model(family: str, out: str | os.PathLike, *, layers: int = 2, voc
             noise = torch.randn(p.shape, generator=g)
             # norms near 1, everything else large enough that any misplaced element moves the logits. Gemma's
             # RMSNorms scale by 1 + weight: their weights sit near 0, as in the real checkpoints
-            norm_one = 0.0 if model_type.startswith("gemma") and "vision_tower" not in name else 1.0
+            # (Qwen3-Next's too, except the plain gated norm of its delta-net output)
+            zero_centred = (model_type.startswith("gemma") and "vision_tower" not in name) or (
+                model_type == "qwen3_next" and "linear_attn.norm" not in name)
+            norm_one = 0.0 if zero_centred else 1.0
             p.copy_(norm_one + 0.1 * noise if "norm" in name else 0.08 * noise)
+        # DeepSeek-V3's routing correction bias is a float32 buffer (not a parameter) and V3.2's indexer weights_proj a
+        # float32 parameter, in the published repos too
+        for n, b in model.named_buffers():
+            if n.endswith("e_score_correction_bias"):
+                b.copy_(0.05 * torch.randn(b.shape, generator=g))
+        fp32 = {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()] if n.endswith(FP32_TENSORS)}
     model = model.to(getattr(torch, dtype))
+    with torch.no_grad():
+        for n, t in [*model.named_parameters(), *model.named_buffers()]:
+            if n in fp32:
+                t.data = fp32[n]
     out = Path(out)
     model.save_pretrained(out)
     if model_type == "gemma3":

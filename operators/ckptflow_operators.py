@@ -50,6 +50,7 @@ DEFAULT_RETRY_DELAY = timedelta(seconds=30)
 DEFAULT_BACKOFF = 2.0  # waits of 1-2, 2-4, 4-8 min (Airflow adds jitter), never more than DEFAULT_MAX_RETRY_DELAY
 DEFAULT_MAX_RETRY_DELAY = timedelta(minutes=15)
 HF_CONN_ID = "ckptflow_hf"  # Airflow connection whose password (or extra `token`) is the HF token
+GCP_CONN_ID = "ckptflow_gcp"  # optional Airflow connection: extras key_path / project for gs:// publishing
 _NOT_FOR_CHILD = ("AIRFLOW__", "AIRFLOW_CONN_", "AIRFLOW_VAR_", "_AIRFLOW")
 
 
@@ -220,8 +221,31 @@ class CkptflowStepOperator(BaseOperator):
         """The worker's environment without Airflow's own settings, plus the step's credentials."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(_NOT_FOR_CHILD)}
         env.update(STEP_ENV)
+        if self.step not in CREDENTIAL_STEPS:  # a token in the worker's own environment stays out of the other steps
+            for k in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+                env.pop(k, None)
         if self.step in CREDENTIAL_STEPS and (token := self._hf_token()):
             env["HF_TOKEN"] = token
+        if self.step in CREDENTIAL_STEPS:
+            env.update(self._gcp_env())
+        return env
+
+    def _gcp_env(self) -> dict[str, str]:
+        """GCS credentials for gs:// (local mode) from the Airflow connection `ckptflow_gcp` (google_cloud_platform):
+        extra `key_path` (a service-account key file on the worker) and `project`. Without the connection the
+        client uses Application Default Credentials (GOOGLE_APPLICATION_CREDENTIALS, Workload Identity)."""
+        try:
+            conn = BaseHook.get_connection(GCP_CONN_ID)
+        except Exception:
+            return {}
+        extra = conn.extra_dejson or {}
+        env = {}
+        key_path = extra.get("key_path") or extra.get("extra__google_cloud_platform__key_path")
+        project = extra.get("project") or extra.get("extra__google_cloud_platform__project")
+        if key_path:
+            env["GOOGLE_APPLICATION_CREDENTIALS"] = str(key_path)
+        if project:
+            env["GOOGLE_CLOUD_PROJECT"] = str(project)
         return env
 
     def _hf_token(self) -> str | None:

@@ -56,6 +56,31 @@ DESTINATION_PATTERN = (
     rf"|hf://{_NAME}/{_NAME})$"
 )
 
+# `RunSpec`'s own check, for runs created around the form and for other callers: looser than the patterns (spaces
+# and plain-path destinations pass) but never a `..` segment, a control character, a quote, a shell metacharacter
+# or a scheme ckptflow does not handle.
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f$`;|&<>(){}\[\]*?!'\"\\]|(^|/)\.\.(/|$)")
+
+
+def _check_locations(source: object, destination: object, revision: object) -> None:
+    for name, value in (("source", source), ("destination", destination), ("revision", revision)):
+        if value is None and name == "revision":
+            continue
+        if not isinstance(value, str) or _UNSAFE.search(value):
+            raise ValueError(f"{name} {value!r} is refused: no '..' segments, control characters, quotes or shell metacharacters")
+    if not (source.startswith(("/", "file:///")) and "://" not in source.removeprefix("file://")) and not re.fullmatch(
+        rf"{_NAME}/{_NAME}", source
+    ):
+        raise ValueError(f"source {source!r} is not an absolute path, a file:///absolute/path URI or a Hugging Face repo id org/name")
+    scheme, sep, _ = destination.partition("://")
+    if sep and (scheme not in SUPPORTED_SCHEMES or (scheme == "file" and not destination.startswith("file:///"))):
+        raise ValueError(f"destination {destination!r}: use {', '.join(s + '://' for s in SUPPORTED_SCHEMES)} (file:///absolute/path)")
+    if not sep and not destination.startswith("/"):
+        raise ValueError(f"destination {destination!r} is not an absolute path or a URI")
+    if revision is not None and not re.fullmatch(REVISION_PATTERN, revision):
+        raise ValueError(f"revision {revision!r} is not a branch, tag or commit (letters, digits and ._/- only, no '..')")
+
+
 # The program in front of `step_args` inside the converter image (its console script).
 POD_ENTRYPOINT = ["ckptflow"]
 
@@ -105,16 +130,7 @@ class RunSpec:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if not self.source or not self.destination:
             raise ValueError("source and destination are required")
-        for name, pattern, what in (
-            ("source", SOURCE_PATTERN, "an absolute path, a file:// URI or a Hugging Face repo id org/name"),
-            ("destination", DESTINATION_PATTERN, "a file:///absolute/path, gs://bucket/prefix or hf://org/name URI"),
-            ("revision", REVISION_PATTERN, "a branch, tag or commit"),
-        ):
-            value = getattr(self, name)
-            if value is None and name == "revision":
-                continue
-            if not isinstance(value, str) or not re.fullmatch(pattern, value):
-                raise ValueError(f"{name} {value!r} is not {what} (letters, digits and ._+@=,:/- only, no '..')")
+        _check_locations(self.source, self.destination, self.revision)
         if not (isinstance(self.max_kl, (int, float)) and not isinstance(self.max_kl, bool) and self.max_kl > 0):
             raise ValueError(f"max_kl must be a positive number, got {self.max_kl!r}")
         if not isinstance(self.scan, bool):

@@ -3,6 +3,7 @@ client: staging prefix, marker written last, resume after an interruption, no si
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -73,32 +74,40 @@ def test_an_interrupted_upload_leaves_nothing_at_the_final_path_and_resumes(gcs,
     assert {k[len(FINAL):] for k in objects} == set(folder_files(src)) | {gcs_lib.MARKER}
 
 
-def test_a_different_version_is_refused_unless_forced_and_replaced_cleanly(gcs, converted, tmp_path):
-    mt, _ = converted
-    first = shutil.copytree(mt, tmp_path / "a")
-    publish(first, DEST)
-    second = shutil.copytree(mt, tmp_path / "b")
-    (second / "extra.txt").write_text("only in the old version")  # the manifest must list it too:
-    m = json.loads((second / "ckptflow-manifest.json").read_text())
-    m["outputs"]["extra.txt"] = {"bytes": 23, "sha256": __import__("hashlib").sha256(b"only in the old version").hexdigest()}
-    m["output_digest"] = "sha256:" + "1" * 64
-    (second / "ckptflow-manifest.json").write_text(json.dumps(m))
+def small_checkpoint(root: Path, payload: bytes, extra: dict[str, bytes] | None = None) -> Path:
+    """A few files with a manifest listing them (publish checks the files, not what they hold)."""
+    files = {"0/items/_METADATA": b"{}", "0/items/data": payload, **(extra or {})}
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    outputs = {rel: {"bytes": len(d), "sha256": hashlib.sha256(d).hexdigest()} for rel, d in files.items()}
+    (root / "ckptflow-manifest.json").write_text(json.dumps({"family": "llama3.1", "outputs": outputs,
+                                                             "output_digest": "sha256:" + hashlib.sha256(payload).hexdigest()}))
+    return root
+
+
+def test_a_different_version_is_refused_unless_forced_and_replaced_cleanly(gcs, tmp_path):
+    first = small_checkpoint(tmp_path / "a", b"one")
+    second = small_checkpoint(tmp_path / "b", b"two", {"extra.txt": b"only in the second version"})
+    assert publish(first, DEST)["status"] == "published"
     with pytest.raises(OutputExistsError, match="different version.*--force"):
         publish(second, DEST)
+    assert gcs_objects("ckptflow-test", FINAL)[FINAL + "0/items/data"] == b"one"
     assert publish(second, DEST, force=True)["status"] == "replaced"
-    assert FINAL + "extra.txt" in gcs_objects("ckptflow-test", FINAL)
+    assert gcs_objects("ckptflow-test", FINAL)[FINAL + "extra.txt"] == b"only in the second version"
     assert publish(first, DEST, force=True)["status"] == "replaced"
     objects = gcs_objects("ckptflow-test", FINAL)
-    assert FINAL + "extra.txt" not in objects  # files of the replaced version are gone
-    assert json.loads(objects[FINAL + gcs_lib.MARKER])["version"] != "sha256:" + "1" * 64
+    assert FINAL + "extra.txt" not in objects and objects[FINAL + "0/items/data"] == b"one"  # old files are gone
+    assert json.loads(objects[FINAL + gcs_lib.MARKER])["version"] == json.loads((first / "ckptflow-manifest.json").read_text())["output_digest"]
+    assert not [k for k in gcs_objects("ckptflow-test") if ".ckptflow-staging-" in k]
 
 
-def test_foreign_objects_without_a_marker_are_not_overwritten(gcs, converted, tmp_path):
+def test_foreign_objects_without_a_marker_are_not_overwritten(gcs, tmp_path):
     from google.cloud import storage
 
     storage.Client().bucket("ckptflow-test").blob(FINAL + "notes.txt").upload_from_string("someone else's")
     with pytest.raises(OutputExistsError, match="no complete ckptflow version"):
-        publish(converted[0], DEST)
+        publish(small_checkpoint(tmp_path / "a", b"one"), DEST)
     assert gcs_objects("ckptflow-test", FINAL) == {FINAL + "notes.txt": b"someone else's"}
 
 
@@ -108,6 +117,6 @@ def test_foreign_objects_without_a_marker_are_not_overwritten(gcs, converted, tm
     ("gs://UPPER/x", "not a valid bucket"),
     ("gs://no-such-bucket/x/v1", "not found"),
 ])
-def test_bad_gs_destinations_fail_clearly(gcs, converted, uri, message):
+def test_bad_gs_destinations_fail_clearly(gcs, tmp_path, uri, message):
     with pytest.raises(CkptflowError, match=message):
-        publish(converted[0], uri)
+        publish(small_checkpoint(tmp_path / "a", b"one"), uri)

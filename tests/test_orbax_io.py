@@ -57,10 +57,10 @@ def test_stacked_arrays_are_chunked_per_layer(tiny_model, tmp_path):
     assert q.shape == (64, 3, 4, 32) and q.storage.chunk_shape == (64, 1, 4, 32)
 
 
-@pytest.mark.parametrize("ocdbt,zarr3", [(False, False), (True, False), (False, True)])
-def test_storage_switches(tiny_model, tmp_path, ocdbt, zarr3):
+@pytest.mark.parametrize("ocdbt,zarr3,compress", [(False, False, True), (True, False, True), (False, True, True), (True, True, False)])
+def test_storage_switches(tiny_model, tmp_path, ocdbt, zarr3, compress):
     src = tiny_model("qwen3")
-    hf_to_maxtext(src, tmp_path / "mt", use_ocdbt=ocdbt, use_zarr3=zarr3)
+    hf_to_maxtext(src, tmp_path / "mt", use_ocdbt=ocdbt, use_zarr3=zarr3, compress=compress)
     meta = json.loads((tmp_path / "mt" / "0" / "items" / "_METADATA").read_text())
     assert meta["use_ocdbt"] is ocdbt and meta["use_zarr3"] is zarr3
     assert (tmp_path / "mt" / "0" / "items" / "manifest.ocdbt").exists() is ocdbt

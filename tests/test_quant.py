@@ -1,4 +1,4 @@
-"""MXFP4 sources (openai/gpt-oss-*): decoded while reading, equal to converting the dequantized bf16 twin.
+"""Quantized sources decoded while reading: MXFP4 (openai/gpt-oss-*) and FP8 block scales (deepseek-ai/DeepSeek-V3*).
 
 The quantizer below is test code: it turns a tiny bf16 GPT-OSS into the official layout (`*_blocks` uint8
 `[E, out, in/32, 16]`, low nibble = even element; `*_scales` uint8 E8M0 `[E, out, in/32]`;
@@ -19,7 +19,7 @@ import pytest
 from converters.convert import hf_to_maxtext, maxtext_to_hf
 from converters.errors import CorruptFileError, UnsupportedModelError
 from converters.orbax_io import read_params
-from converters.quant import Mxfp4Folder, decode_mxfp4, decoded_source
+from converters.quant import Fp8Folder, Mxfp4Folder, decode_fp8_blocks, decode_mxfp4, decoded_source
 from converters.safetensors_io import SafetensorsFolder, save_file
 from converters.test_models import make_test_model
 
@@ -142,3 +142,93 @@ def test_broken_or_unknown_quantization(twins, tmp_path):
     with pytest.raises(UnsupportedModelError, match="gptq"):
         hf_to_maxtext(broken, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ---- FP8 block scales (deepseek-ai/DeepSeek-V3 / V3.2) ----------------------------------------------------------
+# The quantizer is test code: every attention / MLP projection of a tiny bf16 DeepSeek-V3 becomes float8 e4m3 with a
+# float32 `_scale_inv` per 16x16 block (the tiny tensors are smaller than the real 128x128 blocks; 16 leaves partial
+# blocks at the edges, e.g. kv_a_proj_with_mqa [40, 64]); the bf16 twin holds bf16(fp32(fp8) * scale). Router,
+# correction bias, norms, embedding and lm_head stay unquantized, as in the official repos.
+FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
+FP8_BLOCK = [16, 16]
+FP8_QUANTIZED = ("_proj.weight", "_proj_with_mqa.weight")
+
+
+def quantize_fp8(w: np.ndarray, block=FP8_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """`[M, N]` -> (float8 e4m3 weight, float32 `[ceil(M/b0), ceil(N/b1)]` scales), per-block amax mapped to 448."""
+    m, n = w.shape
+    gm, gn = -(-m // block[0]), -(-n // block[1])
+    padded = np.zeros((gm * block[0], gn * block[1]), np.float32)
+    padded[:m, :n] = w.astype(np.float32)
+    amax = np.abs(padded.reshape(gm, block[0], gn, block[1])).max(axis=(1, 3))
+    scale = np.where(amax > 0, amax / 448.0, 1.0).astype(np.float32)
+    q = (w.astype(np.float32) / np.repeat(np.repeat(scale, block[0], 0), block[1], 1)[:m, :n]).astype(FP8)
+    return q, scale
+
+
+@pytest.fixture(scope="module")
+def fp8_twins(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fp8")
+    base = make_test_model("deepseek3", root / "base", layers=3)
+    src = SafetensorsFolder(base)
+    quantized, twin = {}, {}
+    for name in src.tensors:
+        t = src.read(name)
+        if name.endswith(FP8_QUANTIZED):
+            q, scale = quantize_fp8(t)
+            quantized[name], quantized[name + "_scale_inv"] = q, scale
+            twin[name] = (q.astype(np.float32) * np.repeat(np.repeat(scale, 16, 0), 16, 1)[: t.shape[0], : t.shape[1]]).astype(BF16)
+        else:
+            quantized[name] = twin[name] = t
+    cfg = json.loads((base / "config.json").read_text())
+    qc = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": FP8_BLOCK}
+    for folder, tensors, extra in ((root / "fp8", quantized, {"quantization_config": qc}), (root / "twin", twin, {})):
+        folder.mkdir()
+        save_file(folder / "model.safetensors", tensors)
+        (folder / "config.json").write_text(json.dumps({**cfg, **extra}, indent=2))
+    return root / "fp8", root / "twin"
+
+
+def test_fp8_block_decode_rules():
+    w = np.array([[1.0, -2.0, 448.0], [0.5, 0.0, -3.0], [1.5, 2.0, 4.0]], np.float32).astype(FP8)
+    scale = np.array([[2.0, 0.25], [-1.0, 8.0]], np.float32)  # blocks of 2x2; last row / column are partial blocks
+    got = decode_fp8_blocks(w, scale, (2, 2)).astype(np.float32)
+    assert np.array_equal(got, [[2.0, -4.0, 112.0], [1.0, 0.0, -0.75], [-1.5, -2.0, 32.0]])
+    assert np.array_equal(decode_fp8_blocks(w[2:], scale[1:], (2, 2), row0=2).astype(np.float32), got[2:])  # a row range
+    e8m0 = decode_fp8_blocks(w[:1, :1], np.array([[130]], np.uint8), (2, 2)).astype(np.float32)  # 2^(130-127)
+    assert e8m0[0, 0] == 8.0
+    with pytest.raises(CorruptFileError):
+        decode_fp8_blocks(w, scale[:1], (2, 2))
+
+
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unscanned"])
+def test_fp8_source_converts_like_its_dequantized_twin(fp8_twins, tmp_path, scan):
+    fp8, twin = fp8_twins
+    view = decoded_source(SafetensorsFolder(fp8), json.loads((fp8 / "config.json").read_text()))
+    assert isinstance(view, Fp8Folder) and sorted(view.tensors) == sorted(SafetensorsFolder(twin).tensors)
+    assert SafetensorsFolder(fp8).info("model.layers.1.mlp.experts.3.down_proj.weight").dtype == FP8
+    hf_to_maxtext(fp8, tmp_path / "from_fp8", scan=scan)
+    hf_to_maxtext(twin, tmp_path / "from_twin", scan=scan)
+    a, b = read_params(tmp_path / "from_fp8"), read_params(tmp_path / "from_twin")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k].view(np.uint8), b[k].view(np.uint8)), k
+    if scan:  # exported: plain bf16 (bias float32), no quantization_config, exactly the twin's tensors
+        maxtext_to_hf(tmp_path / "from_fp8", tmp_path / "hf")
+        cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+        assert "quantization_config" not in cfg and cfg["dtype"] == "bfloat16"
+        out, ref = SafetensorsFolder(tmp_path / "hf"), SafetensorsFolder(twin)
+        assert sorted(out.tensors) == sorted(ref.tensors)
+        assert all(out.info(n).dtype == ref.info(n).dtype and np.array_equal(out.read(n).view(np.uint8), ref.read(n).view(np.uint8))
+                   for n in ref.tensors)
+
+
+def test_fp8_weight_without_scales_is_refused(fp8_twins, tmp_path):
+    fp8, _ = fp8_twins
+    broken = tmp_path / "broken"
+    shutil.copytree(fp8, broken)
+    src = SafetensorsFolder(broken)
+    gone = "model.layers.2.self_attn.kv_b_proj.weight_scale_inv"
+    save_file(broken / "model.safetensors", {n: src.read(n) for n in src.tensors if n != gone})
+    with pytest.raises(CorruptFileError, match="kv_b_proj"):
+        hf_to_maxtext(broken, tmp_path / "out")

@@ -49,7 +49,13 @@ def add_parser(sub):
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (the old one stays until the new one is complete)")
     p.add_argument("--no-ocdbt", dest="ocdbt", action="store_false", help="--to maxtext: write without OCDBT (one directory per array)")
     p.add_argument("--no-zarr3", dest="zarr3", action="store_false", help="--to maxtext: write zarr v2 arrays instead of zarr3")
+    p.add_argument("--compress", action=argparse.BooleanOptionalAction, default=True,
+                   help="--to maxtext: zstd-compress the stored arrays as Orbax does by default (--no-compress is faster; "
+                        "bf16 weights shrink only a few percent; MaxText reads both)")
     p.add_argument("--pathways", action="store_true", help="--to maxtext: shorthand for --no-ocdbt --no-zarr3, what Pathways loads")
+    p.add_argument("--with-mtp", action="store_true",
+                   help="--to maxtext: also convert DeepSeek-V3's multi-token-prediction layer into mtp_block (skipped by default, "
+                        "as MaxText's converter does); --to hf exports mtp_block whenever the checkpoint has it")
     p.add_argument("--shard-size", type=_size, default="5GB", metavar="SIZE", help="--to hf: largest safetensors shard (default 5GB)")
     p.add_argument("--workers", type=int, default=2, metavar="N", help="arrays converted concurrently (default 2; memory grows with it)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -69,7 +75,8 @@ def run(args) -> int:
             r = hf_to_maxtext(
                 args.src, args.out, scan=args.scan, dtype=args.dtype, model=args.model, hf_config=args.hf_config,
                 overwrite=args.overwrite, use_ocdbt=args.ocdbt and not args.pathways, use_zarr3=args.zarr3 and not args.pathways,
-                workers=args.workers, progress=bar,
+            compress=args.compress,
+                workers=args.workers, progress=bar, with_mtp=args.with_mtp,
             )
             where = f"{r.out}/0/items (load_parameters_path)"
         else:

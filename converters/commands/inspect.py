@@ -59,6 +59,23 @@ def describe(path: str) -> dict:
     return info
 
 
+def print_lineage(m: dict) -> None:
+    """The lineage manifest in a few lines: source (repo@sha or path), converter, options, digests, verify."""
+    src = m.get("source") or {}
+    origin = f"{src['uri']}@{src['revision']}" if src.get("uri") and src.get("revision") else src.get("uri") or src.get("path")
+    hashed = sum(1 for f in (src.get("files") or {}).values() if isinstance(f, dict) and f.get("sha256"))
+    print(f"manifest: {m.get('direction')} {m.get('family')} {json.dumps(m.get('options'))} by ckptflow {m.get('ckptflow_version')}, "
+          f"created {m.get('created')}")
+    print(f"  source: {origin}" + (f" ({hashed} files with sha256)" if hashed else ""))
+    outs = m.get("outputs") or {}
+    print(f"  outputs: {len(outs)} files, {sum(o.get('bytes') or 0 for o in outs.values())} bytes, sha256 of each"
+          + (f"; output digest {m['output_digest']}" if m.get("output_digest") else ""))
+    v = m.get("verify")
+    if v:
+        verdict = "passed" if v.get("passed") else "FAILED"
+        print(f"  verify: {verdict}, max KL {v.get('kl_max')} (threshold {v.get('max_kl_threshold')}), {v.get('num_tokens')} tokens")
+
+
 def run(args) -> int:
     info = describe(args.path)
     if args.json:
@@ -74,8 +91,7 @@ def run(args) -> int:
     print(f"  {len(info['arrays'])} arrays, {info['total_bytes'] / 1e9:.3f} GB")
     m = info.get("manifest")
     if m:
-        print(f"manifest: {m['direction']} {m['family']} {json.dumps(m['options'])} from {m['source'].get('path')} "
-              f"({len(m['outputs'])} files, created {m['created']})")
+        print_lineage(m)
     if not info["arrays"]:
         raise CkptflowError(f"{args.path}: no arrays found")
     return 0

@@ -6,7 +6,10 @@ Routes (relative to the mount point):
     GET /api/conversions        the same data as JSON
     GET /plot?dag_id=&run_id=   the run's per-token KL plot (verify/kl_per_token.png)
     GET /report?dag_id=&run_id= the run's verify report (verify.md, as text)
-    GET /lineage?dag_id=&run_id= the run's lineage manifest (JSON: params, asset events with extras, result files)
+    GET /manifest?dag_id=&run_id= the checkpoint's lineage manifest (ckptflow-manifest.json: source, options, the
+                                sha256 of every file; the published copy, else the one in the work folder)
+    GET /lineage?dag_id=&run_id= the run's lineage as Airflow recorded it (JSON: params, each step's asset events
+                                with their extras, the steps' result files)
 
 Every route needs an Airflow login (the UI's session cookie or an `Authorization: Bearer` token, checked by
 Airflow's auth manager) and shows only runs of DAGs whose runs the user may read. Files are only ever read
@@ -40,6 +43,7 @@ from ckptflow_ui.collect import (
     filter_conversions,
     lineage_manifest,
     load_runs,
+    manifest_locations,
 )
 
 TEMPLATES = Path(__file__).with_name("templates")
@@ -242,6 +246,15 @@ def create_app() -> FastAPI:
     @app.get("/report")
     def report(dag_id: str, run_id: str, user=Depends(current_user)):
         return _file_response(_run(user, dag_id, run_id), ("verify", REPORT_NAME), "text/plain; charset=utf-8")
+
+    @app.get("/manifest")
+    def manifest(dag_id: str, run_id: str, user=Depends(current_user)):
+        run, files = _run(user, dag_id, run_id), WorkFiles.from_env()
+        for location in manifest_locations(run, files):
+            data = files.read_bytes(location)
+            if data is not None:
+                return Response(data, media_type="application/json")
+        return PlainTextResponse(f"the lineage manifest of run {run_id} is not readable from the API server", status_code=404)
 
     @app.get("/lineage")
     def lineage(dag_id: str, run_id: str, user=Depends(current_user)):

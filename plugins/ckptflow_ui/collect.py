@@ -359,14 +359,14 @@ def _seconds(start: datetime | None, end: datetime | None, now: datetime) -> flo
     return max(0.0, ((end or now) - start).total_seconds())
 
 
-def _latest_extras(run: RunRecord) -> dict[str, Any]:
-    """The extras of the furthest step that emitted an event (publish > verify > convert > download)."""
-    best, rank = {}, -1
-    for e in run.events:
-        r = STEPS.index(e.task_id) if e.task_id in STEPS else -1
-        if r >= rank:
-            best, rank = e.extra, r
-    return best
+def _merged_extras(run: RunRecord) -> dict[str, Any]:
+    """The extras of all the run's events merged in step order: a later step's value wins, and what only an
+    earlier step knew (the source revision sha, when later pods could not read the download result) stays."""
+    merged: dict[str, Any] = {}
+    order = {s: i for i, s in enumerate(STEPS)}
+    for e in sorted(run.events, key=lambda e: order.get(e.task_id or "", -1)):
+        merged.update({k: v for k, v in e.extra.items() if v is not None})
+    return merged
 
 
 def _status(run: RunRecord, verify: dict | None) -> tuple[str, str | None]:
@@ -384,7 +384,7 @@ def _status(run: RunRecord, verify: dict | None) -> tuple[str, str | None]:
 def build_conversion(run: RunRecord, files: WorkFiles, now: datetime | None = None) -> Conversion:
     now = now or datetime.now(timezone.utc)
     spec = _spec(run.conf)
-    extras = _latest_extras(run)
+    extras = _merged_extras(run)
     folder = run_folder(run, files, spec)
 
     def at(*parts: str) -> str | None:
@@ -454,6 +454,21 @@ def build_conversion(run: RunRecord, files: WorkFiles, now: datetime | None = No
         has_report=files.exists(at("verify", REPORT_NAME)),
         has_manifest=manifest is not None,
     )
+
+
+def manifest_locations(run: RunRecord, files: WorkFiles) -> list[str]:
+    """Where the conversion's lineage manifest (`ckptflow-manifest.json`: source, options and the sha256 of
+    every file written) can be read: the published copy first, then the converted folder in the work folder."""
+    out = []
+    published = next((e for e in run.events if e.task_id == "publish"), None)
+    if published is not None:
+        loc = files.location(published.extra.get("destination") or published.uri)
+        if loc:
+            out.append(files.join(loc, CONVERT_MANIFEST))
+    folder = run_folder(run, files, _spec(run.conf))
+    if folder:
+        out.append(files.join(folder, "converted", CONVERT_MANIFEST))
+    return out
 
 
 def lineage_manifest(run: RunRecord, files: WorkFiles) -> dict[str, Any]:

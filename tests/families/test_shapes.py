@@ -136,6 +136,40 @@ EXPECTED = {
         "vision_encoder/VisionEmbedder_0/mm_input_projection/w": (1152, 2560),
         "vision_encoder/VisionEmbedder_0/mm_soft_embedding_norm/scale": (1152,),
     },
+    # DeepSeek: dense and MoE layers in two stacks (maxtext-format-moe.md §6.3)
+    "deepseek2-16b": {
+        "token_embedder/embedding": (102400, 2048),
+        "decoder/dense_layers/self_attention/query/kernel": (2048, 1, 16, 192),
+        "decoder/dense_layers/mlp/wi_0/kernel": (2048, 1, 10944),
+        "decoder/moe_layers/self_attention/wkv_a/kernel": (2048, 26, 576),
+        "decoder/moe_layers/self_attention/wkv_b/kernel": (512, 26, 16, 256),
+        "decoder/moe_layers/self_attention/out/kernel": (16, 26, 128, 2048),
+        "decoder/moe_layers/DeepSeekMoeBlock_0/MoeBlock_0/gate/kernel": (2048, 26, 64),
+        "decoder/moe_layers/DeepSeekMoeBlock_0/MoeBlock_0/wi_0": (64, 26, 2048, 1408),
+        "decoder/moe_layers/DeepSeekMoeBlock_0/MoeBlock_0/wo": (64, 26, 1408, 2048),
+        "decoder/moe_layers/DeepSeekMoeBlock_0/shared_experts/wi_1/kernel": (2048, 26, 2816),
+    },
+    "deepseek3-671b": {
+        "token_embedder/embedding": (129280, 7168),
+        "decoder/logits_dense/kernel": (7168, 129280),
+        "decoder/dense_layers/self_attention/wq_a/kernel": (7168, 3, 1536),
+        "decoder/dense_layers/self_attention/q_norm/scale": (1536, 3),
+        "decoder/dense_layers/mlp/wo/kernel": (18432, 3, 7168),
+        "decoder/moe_layers/self_attention/wq_b/kernel": (1536, 58, 128, 192),
+        "decoder/moe_layers/self_attention/kv_norm/scale": (512, 58),
+        "decoder/moe_layers/self_attention/out/kernel": (128, 58, 128, 7168),
+        "decoder/moe_layers/DeepSeekMoeBlock_0/MoeBlock_0/gate/bias": (256, 58),
+        "decoder/moe_layers/DeepSeekMoeBlock_0/MoeBlock_0/wi_1": (256, 58, 7168, 2048),
+        "decoder/moe_layers/DeepSeekMoeBlock_0/shared_experts/wo/kernel": (2048, 58, 7168),
+    },
+    "deepseek3.2-671b": {
+        "decoder/dense_layers/self_attention/indexer/wq_b/kernel": (1536, 3, 64, 128),
+        "decoder/moe_layers/self_attention/indexer/wk/kernel": (7168, 58, 128),
+        "decoder/moe_layers/self_attention/indexer/k_norm/scale": (128, 58),
+        "decoder/moe_layers/self_attention/indexer/k_norm/bias": (128, 58),
+        "decoder/moe_layers/self_attention/indexer/weights_proj/kernel": (7168, 58, 64),
+        "decoder/moe_layers/DeepSeekMoeBlock_0/MoeBlock_0/wo": (256, 58, 2048, 7168),
+    },
     "gemma3-12b": {"decoder/layers/layers_5/self_attention/query/kernel": (3840, 8, 16, 256), "token_embedder/embedding": (262144, 3840)},
     "gemma3-27b": {
         "decoder/layers/layers_0/self_attention/query/kernel": (5376, 10, 32, 128),
@@ -150,10 +184,15 @@ PARAMS_B = {"llama3.1-8b": 8.03, "llama3.1-70b": 70.55, "llama3.1-405b": 405.85,
             "qwen3-30b-a3b": 30.53, "qwen3-235b-a22b": 235.09, "qwen3-480b-a35b": 480.15, "mixtral-8x7b": 46.70,
             "mixtral-8x22b": 140.63, "gpt-oss-20b": 20.91, "gpt-oss-120b": 116.83,
             # MaxText's arrays: Gemma2 with 128 padded vocab rows, Gemma3 without 64 rows and with the 0.42B vision tower
+            # DeepSeek without the multi-token-prediction layer: V2-Lite 15.7B, V3 671B (685B with MTP)
+            # (V3.2: V3 plus 0.85B of indexer)
+            "deepseek2-16b": 15.71, "deepseek3-671b": 671.03, "deepseek3.2-671b": 671.88,
             "gemma2-2b": 2.61, "gemma2-9b": 9.24, "gemma2-27b": 27.23, "gemma3-4b": 4.30, "gemma3-12b": 12.19, "gemma3-27b": 27.43}
 TIED = {"qwen2.5-1.5b", "qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "gemma2-2b", "gemma2-9b", "gemma2-27b", "gemma3-4b", "gemma3-12b", "gemma3-27b"}
 # MaxText decoder layers when that is not the HF layer count: Gemma2 holds (local, global) pairs
 MAXTEXT_LAYERS = {"gemma2-2b": 13, "gemma2-9b": 21, "gemma2-27b": 23}
+# DeepSeek: (dense, MoE) layers, stacked as decoder/dense_layers and decoder/moe_layers (unscanned *_layers_<i>)
+SPLIT_STACKS = {"deepseek2-16b": (1, 26), "deepseek3-671b": (3, 58), "deepseek3.2-671b": (3, 58)}
 
 
 @pytest.mark.parametrize("name", registry.model_names())
@@ -166,6 +205,15 @@ def test_real_size_plan(name):
     assert ("decoder/logits_dense/kernel" in scanned) == (name not in TIED)
     assert sum(map(math.prod, scanned.values())) == sum(map(math.prod, unscanned.values()))
     assert round(sum(map(math.prod, scanned.values())) / 1e9, 2) == PARAMS_B[name]
+    if name in SPLIT_STACKS:
+        for group, n in zip(("dense_layers", "moe_layers"), SPLIT_STACKS[name]):
+            assert any(p.startswith(f"decoder/{group}_{n - 1}/") for p in unscanned)
+            assert not any(p.startswith((f"decoder/{group}/", f"decoder/{group}_{n}/")) for p in unscanned)
+            for path, shape in unscanned.items():
+                if path.startswith(f"decoder/{group}_0/"):
+                    s = scanned[path.replace(f"{group}_0", group, 1)]
+                    assert s[:1] + s[2:] == shape and s[1] == n, path
+        return
     L = MAXTEXT_LAYERS.get(name) or family.dims(cfg).layers
     assert any(p.startswith(f"decoder/layers_{L - 1}/") for p in unscanned)
     assert not any(p.startswith(("decoder/layers/", f"decoder/layers_{L}/")) for p in unscanned)

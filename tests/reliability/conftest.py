@@ -57,3 +57,6 @@ def rel():
     from types import SimpleNamespace
 
     return SimpleNamespace(cli=cli, child_env=child_env, siblings=siblings, check_complete=check_complete, repo=REPO)
+
+
+from operators.testing import airflow_db, convert_dag  # noqa: E402,F401  (fixtures: Airflow on a throwaway home)

@@ -151,3 +151,19 @@ def test_a_run_waiting_on_the_lock_can_be_killed_cleanly(rel, synthetic_llama, t
         p.wait(30)
         assert p.returncode != 0 and not out.exists()
     assert rel.siblings(out) == []
+
+
+def test_a_file_system_without_locks_still_converts(tmp_path, monkeypatch, capsys):
+    """flock refused (ENOSYS/EOPNOTSUPP, as on some FUSE mounts): a warning, and the write goes ahead unlocked."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    out = tmp_path / "dest"
+    with outputs.atomic_dir(out) as tmp:
+        (tmp / "f").write_text("x")
+    assert (out / "f").read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["dest"]
+    assert "does not support file locks" in capsys.readouterr().err

@@ -112,6 +112,8 @@ def two_runs(tiny_model, tmp_path_factory):
         "PUBLISH_BARRIER": str(root / "barrier"),
         # The HF token as Airflow reads a connection from a secrets backend or the environment.
         "AIRFLOW_CONN_CKPTFLOW_HF": json.dumps({"conn_type": "generic", "password": SENTINEL}),
+        # ...and in the worker's own environment, where a deployment might also have put it
+        "HF_TOKEN": SENTINEL,
     }
     # One migrated metadata database, copied for each run (each run is its own Airflow installation).
     template = root / "template-home"

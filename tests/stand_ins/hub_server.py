@@ -230,7 +230,8 @@ class _Handler(BaseHTTPRequestHandler):
         items = [st.info(r, r.resolve("main"), siblings="siblings" in expand) for r in page]
         headers = {}
         if cursor + st.page_size < len(repos):
-            nxt = urllib.parse.urlencode({**{k: v[0] for k, v in query.items() if k != "cursor"}, "cursor": cursor + st.page_size})
+            nxt = urllib.parse.urlencode({**{k: v for k, v in query.items() if k != "cursor"}, "cursor": [cursor + st.page_size]},
+                                         doseq=True)
             headers["Link"] = f'<http://{self.headers["Host"]}/api/models?{nxt}>; rel="next"'
         self._json(200, items, headers)
 

@@ -47,6 +47,8 @@ from converters.verify.jax_ref.gemma import Gemma2Family, Gemma3Family  # noqa: 
 from converters.verify.jax_ref.gpt_oss import GptOssFamily  # noqa: E402
 from converters.verify.jax_ref.mixtral import MixtralFamily  # noqa: E402
 from converters.verify.jax_ref.qwen3_moe import Qwen3MoeFamily  # noqa: E402
+from converters.verify.jax_ref.deepseek import DeepSeekFamily  # noqa: E402
+from converters.verify.jax_ref.qwen3_next import Qwen3NextFamily  # noqa: E402
 
 register_family(LlamaFamily())
 register_family(Qwen2Family())
@@ -56,6 +58,8 @@ register_family(Gemma3Family())
 register_family(Qwen3MoeFamily())
 register_family(MixtralFamily())
 register_family(GptOssFamily())
+register_family(DeepSeekFamily())
+register_family(Qwen3NextFamily())
 
 
 @functools.lru_cache(maxsize=None)

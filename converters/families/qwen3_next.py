@@ -1,0 +1,131 @@
+"""Qwen3-Next (MaxText block `qwen3_next`): a repeating cycle of `full_attention_interval` (4) layers -- gated-delta-net
+(linear attention) layers, then one full-attention layer -- each with a routed MoE plus a sigmoid-gated shared expert.
+
+Layout (maxtext-format-moe.md §7):
+  * scanned: one stack per position in the cycle, `decoder/layers/layer_<b>` holding HF layers b, b+4, b+8, ...
+    (`layer_0..2` gated delta net, `layer_3` full attention); unscanned `decoder/layers_<i>`;
+  * full attention under `attention/attention`: `query` `[emb, H, 2*head_dim]` (per head `[query | output gate]`, HF's
+    own split), `key` / `value` `[emb, K, head_dim]`, `out` 2-D `[H*head_dim, emb]`, `query_norm` / `key_norm`;
+  * gated delta net under `attention`: `in_proj_qkvz` / `in_proj_ba` transposed only (HF's per-key-head grouping is
+    kept), `conv1d` `[C, 1, k]` <-> `[k, 1, C]`, `A_log`, `dt_bias`, `norm/rms_norm/scale`, `out_proj` transposed;
+  * `mlp/routed_experts` (router `gate`, stacked `wi_0`/`wi_1`/`wo`), `mlp/shared_expert/{wi_0,wi_1,wo}`,
+    `mlp/shared_expert_gate` `[emb, 1]`;
+  * the zero-centred (1 + w) norms are stored as HF stores them on both sides (identity).
+MaxText sizes the shared expert with the routed experts' width, so configs with another
+`shared_expert_intermediate_size` are refused, as are dense layers (`mlp_only_layers`, `decoder_sparse_step` != 1) and
+layer types other than the fixed cycle. MaxText's own to-HF export of this model is broken (§10.2); here both
+directions come from the same rules.
+"""
+
+from __future__ import annotations
+
+from converters.errors import UnsupportedModelError
+from converters.families import common, moe_common
+from converters.families.common import L
+from converters.mapping import Dims, LayerGroup, Rule, require
+from converters.transforms import Kernel, Permute
+
+
+def _published() -> dict:
+    """Qwen/Qwen3-Next-80B-A3B-Instruct config.json."""
+    return {
+        "architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next", "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 151643, "decoder_sparse_step": 1, "eos_token_id": 151645, "full_attention_interval": 4, "head_dim": 256,
+        "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 5120, "linear_conv_kernel_dim": 4,
+        "linear_key_head_dim": 128, "linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_value_head_dim": 128,
+        "max_position_embeddings": 262144, "mlp_only_layers": [], "moe_intermediate_size": 512, "norm_topk_prob": True,
+        "num_attention_heads": 16, "num_experts": 512, "num_experts_per_tok": 10, "num_hidden_layers": 48, "num_key_value_heads": 2,
+        "output_router_logits": False, "partial_rotary_factor": 0.25, "rms_norm_eps": 1e-06, "rope_scaling": None,
+        "rope_theta": 10000000, "router_aux_loss_coef": 0.001, "shared_expert_intermediate_size": 512, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936,
+    }
+
+
+class Qwen3Next(common.DecoderOnly):
+    name = "qwen3-next"
+    model_types = ("qwen3_next",)
+    architectures = ("Qwen3NextForCausalLM",)
+    models = {"qwen3-next-80b-a3b": _published()}
+
+    @classmethod
+    def dims(cls, cfg: dict) -> Dims:
+        d = moe_common.moe_dims(super().dims(cfg), cfg, cls.name, experts_key="num_experts", mlp_key="moe_intermediate_size")
+        interval = int(cfg.get("full_attention_interval") or 4)
+        kinds = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(d.layers)]
+        if cfg.get("layer_types") is not None and list(cfg["layer_types"]) != kinds:
+            raise UnsupportedModelError(f"Qwen3-Next layer_types must repeat {interval - 1} linear_attention then full_attention (MaxText's cycle)")
+        if cfg.get("mlp_only_layers") or (cfg.get("decoder_sparse_step") or 1) != 1:
+            raise UnsupportedModelError("Qwen3-Next with dense layers (mlp_only_layers / decoder_sparse_step != 1) has no MaxText layout")
+        if (cfg.get("shared_expert_intermediate_size") or d.mlp) != d.mlp:
+            raise UnsupportedModelError("Qwen3-Next with shared_expert_intermediate_size != moe_intermediate_size has no MaxText layout "
+                                        "(MaxText sizes the shared expert like the routed ones)")
+        d.extra.update(
+            interval=interval, kinds=kinds, conv=require(cfg, "linear_conv_kernel_dim", cls.name),
+            key_heads=require(cfg, "linear_num_key_heads", cls.name), value_heads=require(cfg, "linear_num_value_heads", cls.name),
+            key_dim=require(cfg, "linear_key_head_dim", cls.name), value_dim=require(cfg, "linear_value_head_dim", cls.name),
+        )
+        return d
+
+    @classmethod
+    def full_attention_rules(cls, d: Dims) -> list[Rule]:
+        E, N, K, D = d.emb, d.heads, d.kv_heads, d.head_dim
+        a, mt = L + "self_attn.", "attention/attention"
+        return [
+            Rule(a + "q_proj.weight", f"{mt}/query/kernel", (N * 2 * D, E), (E, N, 2 * D), (Kernel((E, N, 2 * D)),)),
+            Rule(a + "k_proj.weight", f"{mt}/key/kernel", (K * D, E), (E, K, D), (Kernel((E, K, D)),)),
+            Rule(a + "v_proj.weight", f"{mt}/value/kernel", (K * D, E), (E, K, D), (Kernel((E, K, D)),)),
+            Rule(a + "o_proj.weight", f"{mt}/out/kernel", (E, N * D), (N * D, E), (Kernel((N * D, E)),)),
+            common.vector(a + "q_norm.weight", f"{mt}/query_norm/scale", D),
+            common.vector(a + "k_norm.weight", f"{mt}/key_norm/scale", D),
+        ]
+
+    @classmethod
+    def linear_attention_rules(cls, d: Dims) -> list[Rule]:
+        E, x = d.emb, d.extra
+        key, value = x["key_heads"] * x["key_dim"], x["value_heads"] * x["value_dim"]
+        qkvz, ba, conv = 2 * key + 2 * value, 2 * x["value_heads"], 2 * key + value
+        a, mt = L + "linear_attn.", "attention"
+        return [
+            Rule(a + "in_proj_qkvz.weight", f"{mt}/in_proj_qkvz/kernel", (qkvz, E), (E, qkvz), (Kernel((E, qkvz)),)),
+            Rule(a + "in_proj_ba.weight", f"{mt}/in_proj_ba/kernel", (ba, E), (E, ba), (Kernel((E, ba)),)),
+            Rule(a + "conv1d.weight", f"{mt}/conv1d/kernel", (conv, 1, x["conv"]), (x["conv"], 1, conv), (Permute((2, 1, 0)),)),
+            common.vector(a + "A_log", f"{mt}/A_log", x["value_heads"]),
+            common.vector(a + "dt_bias", f"{mt}/dt_bias", x["value_heads"]),
+            common.vector(a + "norm.weight", f"{mt}/norm/rms_norm/scale", x["value_dim"]),
+            Rule(a + "out_proj.weight", f"{mt}/out_proj/kernel", (E, value), (value, E), (Kernel((value, E)),)),
+        ]
+
+    @classmethod
+    def mlp_rules(cls, d: Dims) -> list[Rule]:
+        E, F = d.emb, d.mlp
+        m, mt = L + "mlp.", "mlp"
+        return [
+            common.vector(L + "input_layernorm.weight", "input_layernorm/scale", E),
+            common.vector(L + "post_attention_layernorm.weight", "post_attention_layernorm/scale", E),
+            *moe_common.router(d, m + "gate", f"{mt}/routed_experts/gate"),
+            *moe_common.per_expert_glu(d, m + "experts.{e}", f"{mt}/routed_experts", ("gate_proj", "up_proj", "down_proj")),
+            Rule(m + "shared_expert.gate_proj.weight", f"{mt}/shared_expert/wi_0/kernel", (F, E), (E, F), (Kernel((E, F)),)),
+            Rule(m + "shared_expert.up_proj.weight", f"{mt}/shared_expert/wi_1/kernel", (F, E), (E, F), (Kernel((E, F)),)),
+            Rule(m + "shared_expert.down_proj.weight", f"{mt}/shared_expert/wo/kernel", (E, F), (F, E), (Kernel((F, E)),)),
+            Rule(m + "shared_expert_gate.weight", f"{mt}/shared_expert_gate/kernel", (1, E), (E, 1), (Kernel((E, 1)),)),
+        ]
+
+    @classmethod
+    def kind_rules(cls, d: Dims, kind: str) -> tuple[Rule, ...]:
+        attn = cls.full_attention_rules(d) if kind == "full_attention" else cls.linear_attention_rules(d)
+        return tuple(attn + cls.mlp_rules(d))
+
+    @classmethod
+    def layer_rules(cls, d: Dims) -> list[Rule]:
+        return list(cls.kind_rules(d, "linear_attention"))
+
+    @classmethod
+    def layer_groups(cls, d: Dims, scan: bool) -> list[LayerGroup]:
+        n, c, kinds = d.layers, d.extra["interval"], d.extra["kinds"]
+        if not scan:
+            return [LayerGroup(cls.kind_rules(d, kind), tuple(i for i in range(n) if kinds[i] == kind), None,
+                               tuple(f"decoder/layers_{i}" for i in range(n) if kinds[i] == kind))
+                    for kind in ("linear_attention", "full_attention")]
+        if n % c:
+            raise UnsupportedModelError(f"a scanned Qwen3-Next checkpoint needs a multiple of {c} layers, config has {n}")
+        return [LayerGroup(cls.kind_rules(d, kinds[b]), tuple(range(b, n, c)), f"decoder/layers/layer_{b}", ()) for b in range(c)]

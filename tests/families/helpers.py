@@ -1,0 +1,99 @@
+"""Test helpers shared by the family tests (import as `tests.families.helpers`).
+
+`hf_tensors` / `bits` / `assert_bit_exact` / `round_trip` are the round-trip checks every family test needs;
+`deepseek_layout` lays HF DeepSeek tensors out as MaxText arrays with plain numpy, independently of the converter
+(maxtext-format-moe.md §6), for the DeepSeek family and verification tests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from converters.convert import hf_to_maxtext, maxtext_to_hf
+from converters.orbax_io import read_params
+from converters.safetensors_io import SafetensorsFolder
+
+
+def hf_tensors(path) -> dict:
+    f = SafetensorsFolder(path)
+    return {n: f.read(n) for n in f.tensors}
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[a.dtype.itemsize])
+
+
+def assert_bit_exact(a: dict, b: dict):
+    assert sorted(a) == sorted(b), sorted(set(a) ^ set(b))
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, (k, a[k].dtype, b[k].dtype, a[k].shape, b[k].shape)
+        assert np.array_equal(bits(a[k]), bits(b[k])), f"{k} not bit-exact"
+
+
+def round_trip(src: Path, tmp: Path, *, scan: bool, dtype: str = "bfloat16", **kw) -> tuple[dict, dict]:
+    """HF -> MaxText -> HF -> MaxText; asserts both HF folders and both checkpoints are bit-identical.
+    Returns (MaxText params, HF tensors) of the first pass."""
+    hf_to_maxtext(src, tmp / "mt", scan=scan, dtype=dtype, **kw)
+    maxtext_to_hf(tmp / "mt", tmp / "hf", dtype=dtype)
+    first, back = hf_tensors(src), hf_tensors(tmp / "hf")
+    assert_bit_exact(first, back)
+    hf_to_maxtext(tmp / "hf", tmp / "mt2", scan=scan, dtype=dtype, **kw)
+    params = read_params(tmp / "mt")
+    assert_bit_exact(params, read_params(tmp / "mt2"))
+    return params, first
+
+
+def deepseek_layout(hf: dict, cfg: dict, scan: bool) -> dict:
+    """DeepSeek V2/V3/V3.2 HF tensors -> MaxText arrays (dense_layers / moe_layers stacks), plain numpy."""
+    e, h = cfg["hidden_size"], cfg["num_attention_heads"]
+    nope, rope, v, c = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"]
+    q_lora, k, n = cfg.get("q_lora_rank"), cfg["first_k_dense_replace"], cfg["num_hidden_layers"]
+    out = {"token_embedder/embedding": hf["model.embed_tokens.weight"], "decoder/decoder_norm/scale": hf["model.norm.weight"],
+           "decoder/logits_dense/kernel": hf["lm_head.weight"].T}
+    layers = []
+    for i in range(n):
+        p, a, m = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        lay = {
+            "pre_self_attention_layer_norm/scale": hf[p + "input_layernorm.weight"],
+            "post_self_attention_layer_norm/scale": hf[p + "post_attention_layernorm.weight"],
+            "self_attention/wkv_a/kernel": hf[a + "kv_a_proj_with_mqa.weight"].T,
+            "self_attention/kv_norm/scale": hf[a + "kv_a_layernorm.weight"],
+            "self_attention/wkv_b/kernel": hf[a + "kv_b_proj.weight"].T.reshape(c, h, nope + v),
+            "self_attention/out/kernel": hf[a + "o_proj.weight"].T.reshape(h, v, e),
+        }
+        if cfg.get("index_n_heads"):  # V3.2 indexer
+            ih, idim, x = cfg["index_n_heads"], cfg["index_head_dim"], a + "indexer."
+            lay["self_attention/indexer/wq_b/kernel"] = hf[x + "wq_b.weight"].T.reshape(q_lora, ih, idim)
+            lay["self_attention/indexer/wk/kernel"] = hf[x + "wk.weight"].T
+            lay["self_attention/indexer/k_norm/scale"] = hf[x + "k_norm.weight"]
+            lay["self_attention/indexer/k_norm/bias"] = hf[x + "k_norm.bias"]
+            lay["self_attention/indexer/weights_proj/kernel"] = hf[x + "weights_proj.weight"].T
+        if q_lora:
+            lay["self_attention/wq_a/kernel"] = hf[a + "q_a_proj.weight"].T
+            lay["self_attention/q_norm/scale"] = hf[a + "q_a_layernorm.weight"]
+            lay["self_attention/wq_b/kernel"] = hf[a + "q_b_proj.weight"].T.reshape(q_lora, h, nope + rope)
+        else:
+            lay["self_attention/query/kernel"] = hf[a + "q_proj.weight"].T.reshape(e, h, nope + rope)
+        if i < k:
+            for mt, name in (("wi_0", "gate_proj"), ("wi_1", "up_proj"), ("wo", "down_proj")):
+                lay[f"mlp/{mt}/kernel"] = hf[f"{m}{name}.weight"].T
+        else:
+            moe = "DeepSeekMoeBlock_0"
+            lay[f"{moe}/MoeBlock_0/gate/kernel"] = hf[m + "gate.weight"].T
+            if m + "gate.e_score_correction_bias" in hf:
+                lay[f"{moe}/MoeBlock_0/gate/bias"] = hf[m + "gate.e_score_correction_bias"]
+            for mt, name in (("wi_0", "gate_proj"), ("wi_1", "up_proj"), ("wo", "down_proj")):
+                lay[f"{moe}/MoeBlock_0/{mt}"] = np.stack([hf[f"{m}experts.{x}.{name}.weight"].T for x in range(cfg["n_routed_experts"])])
+                lay[f"{moe}/shared_experts/{mt}/kernel"] = hf[f"{m}shared_experts.{name}.weight"].T
+        layers.append(lay)
+    for group, rng in (("dense_layers", range(k)), ("moe_layers", range(k, n))):
+        group_layers = [layers[i] for i in rng]
+        if not group_layers:
+            continue
+        if scan:
+            out.update({f"decoder/{group}/{key}": np.stack([lay[key] for lay in group_layers], axis=1) for key in group_layers[0]})
+        else:
+            out.update({f"decoder/{group}_{j}/{key}": val for j, lay in enumerate(group_layers) for key, val in lay.items()})
+    return out
