@@ -197,7 +197,7 @@ def hf_to_maxtext(
     overwrite: bool = False,
     use_ocdbt: bool = True,
     use_zarr3: bool = True,
-    compress: bool = True,
+    compress: bool = False,
     workers: int = 2,
     progress: Callable[[int, int], object] | None = None,
     with_mtp: bool = False,

@@ -377,25 +377,29 @@ def output_digest(folder: str | os.PathLike, file_sha256: dict[str, str] | None 
     return "sha256:" + h.hexdigest()
 
 
-def check_outputs(folder: str | os.PathLike, manifest: dict | None = None) -> list[str]:
-    """What no longer matches the manifest's `outputs` in `folder` (missing, extra, resized or changed files)."""
+def check_outputs(folder: str | os.PathLike, manifest: dict | None = None, files: dict[str, dict] | None = None) -> list[str]:
+    """What no longer matches the manifest's `outputs` in `folder` (missing, extra, resized or changed files).
+
+    `files`: the folder's files already hashed ({rel: {"size", "sha256"}}, as `ckptflow publish` has them);
+    otherwise they are hashed here.
+    """
     folder = Path(folder)
     if manifest is None:
         manifest = read_json(folder / MANIFEST, "ckptflow manifest")
     listed = manifest.get("outputs")
     if not isinstance(listed, dict) or not listed:
         return [f"{MANIFEST} lists no output files"]
-    problems = []
-    on_disk = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST}
-    for rel in sorted(set(listed) - set(on_disk)):
-        problems.append(f"{rel}: missing")
-    for rel in sorted(set(on_disk) - set(listed)):
-        problems.append(f"{rel}: not in the manifest")
+    if files is None:
+        files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": None}
+                 for p in folder.rglob("*") if p.is_file()}
+    on_disk = {rel: f for rel, f in files.items() if rel != MANIFEST}
+    problems = [f"{rel}: missing" for rel in sorted(set(listed) - set(on_disk))]
+    problems += [f"{rel}: not in the manifest" for rel in sorted(set(on_disk) - set(listed))]
     for rel in sorted(set(listed) & set(on_disk)):
-        meta, p = listed[rel] or {}, on_disk[rel]
-        if meta.get("bytes") is not None and p.stat().st_size != meta["bytes"]:
-            problems.append(f"{rel}: {p.stat().st_size} bytes, the manifest says {meta['bytes']}")
-        elif meta.get("sha256") and file_digest(p) != meta["sha256"]:
+        want, have = listed[rel] or {}, on_disk[rel]
+        if want.get("bytes") is not None and want["bytes"] != have["size"]:
+            problems.append(f"{rel}: {have['size']} bytes, the manifest says {want['bytes']}")
+        elif want.get("sha256") and want["sha256"] != (have.get("sha256") or file_digest(folder / rel)):
             problems.append(f"{rel}: sha256 differs from the manifest")
     return problems
 

@@ -73,9 +73,7 @@ def checked_source(src: Path, verify_report: str | os.PathLike | None = None) ->
     manifest_path = src / outputs.MANIFEST
     if not manifest_path.is_file():
         raise CkptflowError(f"{src}: no {outputs.MANIFEST}; publish takes a folder written by `ckptflow convert`")
-    if verify_report:
-        report = outputs.read_json(Path(verify_report), "verify report")
-        outputs.record_verify(src, verify_summary(report))
+    report = outputs.read_json(Path(verify_report), "verify report") if verify_report else None
     manifest = outputs.read_json(manifest_path, "ckptflow manifest")
     files = tree_files(src)
     if not files:
@@ -83,19 +81,14 @@ def checked_source(src: Path, verify_report: str | os.PathLike | None = None) ->
     listed = manifest.get("outputs")
     if not isinstance(listed, dict) or not listed:
         raise CkptflowError(f"{src}: {outputs.MANIFEST} lists no output files (not a ckptflow output?)")
-    on_disk = {rel: f for rel, f in files.items() if rel != outputs.MANIFEST}
-    problems = [f"{rel}: missing" for rel in sorted(set(listed) - set(on_disk))]
-    problems += [f"{rel}: not in the manifest" for rel in sorted(set(on_disk) - set(listed))]
-    for rel in sorted(set(listed) & set(on_disk)):
-        want, have = listed[rel] or {}, on_disk[rel]
-        if want.get("bytes") is not None and want["bytes"] != have["size"]:
-            problems.append(f"{rel}: {have['size']} bytes, the manifest says {want['bytes']}")
-        elif want.get("sha256") and want["sha256"] != have["sha256"]:
-            problems.append(f"{rel}: sha256 differs from the manifest")
+    problems = outputs.check_outputs(src, manifest, files)
     if problems:
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
         raise CkptflowError(f"{src}: files no longer match {outputs.MANIFEST}: {'; '.join(problems[:3])}{more}; "
                             "convert again instead of publishing a changed checkpoint")
+    if report is not None:  # the manifest is not among its own outputs: recording changes no checked file
+        manifest = outputs.record_verify(src, verify_summary(report))
+        files[outputs.MANIFEST] = {"size": manifest_path.stat().st_size, "sha256": outputs.file_digest(manifest_path)}
     return manifest, files
 
 

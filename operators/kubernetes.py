@@ -37,6 +37,7 @@ TPU_ACCELERATOR_LABEL = "cloud.google.com/gke-tpu-accelerator"
 TPU_TOPOLOGY_LABEL = "cloud.google.com/gke-tpu-topology"
 TPU_RESOURCE = "google.com/tpu"
 GCSFUSE_DRIVER = "gcsfuse.csi.storage.gke.io"
+POD_UID, POD_GID = 1000, 0  # the converter image's user (docker/converter.Dockerfile)
 WORK_VOLUME_NAME = "ckptflow-work"
 
 
@@ -140,7 +141,8 @@ class WorkVolume:
 
     def csi_attributes(self) -> dict[str, str]:
         """GCS FUSE CSI volume attributes (`implicit-dirs` so folders written by other pods are visible)."""
-        options = ["implicit-dirs"]
+        # the converter image runs as uid 1000, gid 0: the FUSE mount must be theirs or steps cannot write
+        options = ["implicit-dirs", f"uid={POD_UID}", f"gid={POD_GID}"]
         if self.prefix.strip("/"):
             options.append(f"only-dir={self.prefix.strip('/')}")
         return {"bucketName": self.bucket, "mountOptions": ",".join(options)}
@@ -352,6 +354,8 @@ def build_pod_operator(
         tolerations=[k8s.V1Toleration(**t) for t in step_pool.tolerations()] or None,
         volumes=volumes,
         volume_mounts=mounts,
+        # non-root as the image; fsGroup makes a PVC work volume group-writable for it
+        security_context={"runAsUser": POD_UID, "runAsGroup": POD_GID, "fsGroup": POD_GID, "runAsNonRoot": True},
         labels={"app.kubernetes.io/name": "ckptflow", "ckptflow/step": step, **(labels or {})},
         annotations=wv.pod_annotations() or None,
         service_account_name=settings.service_account,

@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"work folder:     {run_dir}")
     if airflow_log:
         print(f"Airflow log:     {airflow_log}")
-    print(f"\nlook around:     export AIRFLOW_HOME={home} AIRFLOW__CORE__DAGS_FOLDER={embedded.DAGS_FOLDER}")
+    print(f"\nlook around:     export AIRFLOW_HOME={home} AIRFLOW__CORE__DAGS_FOLDER={embedded.DAGS_FOLDER} "
+          f"AIRFLOW__CORE__PLUGINS_FOLDER={embedded.PLUGINS_FOLDER}")
     print("                 airflow assets list   # or `airflow standalone` and open the UI")
     return 0 if str(dr.state) == "success" else 1
 

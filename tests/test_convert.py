@@ -132,6 +132,6 @@ def test_manifest_records_options_and_digests(tiny_model, tmp_path):
     hf_to_maxtext(tiny_model("llama3.1"), tmp_path / "mt", scan=False, dtype="float32")
     m = json.loads((tmp_path / "mt" / MANIFEST).read_text())
     assert m["direction"] == "hf->maxtext" and m["family"] == "llama3.1"
-    assert m["options"] == {"scan_layers": False, "dtype": "float32", "use_ocdbt": True, "use_zarr3": True, "compress": True}
+    assert m["options"] == {"scan_layers": False, "dtype": "float32", "use_ocdbt": True, "use_zarr3": True, "compress": False}
     some = next(k for k in m["outputs"] if k.startswith("0/items/"))
     assert m["outputs"][some]["sha256"] == file_digest(tmp_path / "mt" / some)

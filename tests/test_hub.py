@@ -4,7 +4,6 @@ client: downloads pinned to a commit, integrity failures, resume, access errors,
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess

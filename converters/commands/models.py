@@ -19,8 +19,11 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'model':<16} {'family':<10} {'HF architecture':<20} directions")
+    wm = max(len(r["model"]) for r in rows) + 2
+    wf = max(len(r["family"]) for r in rows) + 2
+    wa = max(len(r["architecture"]) for r in rows) + 2
+    print(f"{'model':<{wm}}{'family':<{wf}}{'HF architecture':<{wa}}directions")
     for r in rows:
-        print(f"{r['model']:<16} {r['family']:<10} {r['architecture']:<20} HF->MaxText and MaxText->HF, scanned and unscanned")
+        print(f"{r['model']:<{wm}}{r['family']:<{wf}}{r['architecture']:<{wa}}HF->MaxText and MaxText->HF, scanned and unscanned")
     print(f"\nfamilies: {', '.join(registry.FAMILIES)} (other sizes of these architectures are read from config.json)")
     return 0

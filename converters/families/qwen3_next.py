@@ -13,7 +13,7 @@ Layout (maxtext-format-moe.md §7):
   * the zero-centred (1 + w) norms are stored as HF stores them on both sides (identity).
 MaxText sizes the shared expert with the routed experts' width, so configs with another
 `shared_expert_intermediate_size` are refused, as are dense layers (`mlp_only_layers`, `decoder_sparse_step` != 1) and
-layer types other than the fixed cycle. MaxText's own to-HF export of this model is broken (§10.2); here both
+layer types other than the fixed cycle. The published repos' `mtp.*` tensors are skipped (as by transformers). MaxText's own to-HF export of this model is broken (§10.2); here both
 directions come from the same rules.
 """
 
@@ -46,6 +46,8 @@ class Qwen3Next(common.DecoderOnly):
     model_types = ("qwen3_next",)
     architectures = ("Qwen3NextForCausalLM",)
     models = {"qwen3-next-80b-a3b": _published()}
+    # the published repos also hold a multi-token-prediction module `mtp.*` that transformers (and MaxText) do not load
+    ignored_hf = (r".*rotary_emb\.inv_freq", r"mtp\..*")
 
     @classmethod
     def dims(cls, cfg: dict) -> Dims:

@@ -1,8 +1,10 @@
 """Test helpers shared by the family tests (import as `tests.families.helpers`).
 
+`model_cache` builds the cached tiny HF models behind each test module's `hf_model` fixture;
 `hf_tensors` / `bits` / `assert_bit_exact` / `round_trip` are the round-trip checks every family test needs;
-`deepseek_layout` lays HF DeepSeek tensors out as MaxText arrays with plain numpy, independently of the converter
-(maxtext-format-moe.md §6), for the DeepSeek family and verification tests.
+`exported_logits` runs transformers on a source folder and on its float32 export;
+`deepseek_layout` / `qwen3_next_layout` lay HF tensors out as MaxText arrays with plain numpy, independently of the
+converter (maxtext-format-moe.md §6 / §7), for the family and verification tests.
 """
 
 from __future__ import annotations
@@ -14,6 +16,19 @@ import numpy as np
 from converters.convert import hf_to_maxtext, maxtext_to_hf
 from converters.orbax_io import read_params
 from converters.safetensors_io import SafetensorsFolder
+from converters.test_models import make_test_model
+
+
+def model_cache(tmp_path_factory, family: str, layers: int):
+    """Body of a module-scoped `hf_model` fixture: `make(dtype="bfloat16")` -> a tiny HF folder, built once per dtype."""
+    cache: dict = {}
+
+    def make(dtype: str = "bfloat16"):
+        if dtype not in cache:
+            cache[dtype] = make_test_model(family, tmp_path_factory.mktemp(f"{family}-{dtype}") / "model", layers=layers, dtype=dtype)
+        return cache[dtype]
+
+    return make
 
 
 def hf_tensors(path) -> dict:
@@ -43,6 +58,20 @@ def round_trip(src: Path, tmp: Path, *, scan: bool, dtype: str = "bfloat16", **k
     params = read_params(tmp / "mt")
     assert_bit_exact(params, read_params(tmp / "mt2"))
     return params, first
+
+
+def exported_logits(src: Path, tmp: Path, ids: list[list[int]], *, scan: bool):
+    """float32 HF -> MaxText -> HF (`tmp/mt`, `tmp/hf`); returns transformers' (source, exported) logits on `ids`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf_to_maxtext(src, tmp / "mt", scan=scan, dtype="float32")
+    maxtext_to_hf(tmp / "mt", tmp / "hf", dtype="float32")
+    ids = torch.tensor(ids)
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(tmp / "hf", dtype=torch.float32)(ids).logits
+    return want, got
 
 
 def deepseek_layout(hf: dict, cfg: dict, scan: bool) -> dict:
@@ -96,4 +125,41 @@ def deepseek_layout(hf: dict, cfg: dict, scan: bool) -> dict:
             out.update({f"decoder/{group}/{key}": np.stack([lay[key] for lay in group_layers], axis=1) for key in group_layers[0]})
         else:
             out.update({f"decoder/{group}_{j}/{key}": val for j, lay in enumerate(group_layers) for key, val in lay.items()})
+    return out
+
+
+def qwen3_next_layout(hf: dict, cfg: dict, scan: bool) -> dict:
+    """Qwen3-Next HF tensors -> MaxText arrays (`decoder/layers/layer_<b>` cycle stacks), plain numpy (§7.3)."""
+    e, n, kv, d = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    c, layers = cfg.get("full_attention_interval", 4), cfg["num_hidden_layers"]
+    out = {"token_embedder/embedding": hf["model.embed_tokens.weight"], "decoder/decoder_norm/scale": hf["model.norm.weight"],
+           "decoder/logits_dense/kernel": hf["lm_head.weight"].T}
+    per_layer = []
+    for i in range(layers):
+        p, m = f"model.layers.{i}.", f"model.layers.{i}.mlp."
+        lay = {"input_layernorm/scale": hf[p + "input_layernorm.weight"], "post_attention_layernorm/scale": hf[p + "post_attention_layernorm.weight"],
+               "mlp/routed_experts/gate/kernel": hf[m + "gate.weight"].T, "mlp/shared_expert_gate/kernel": hf[m + "shared_expert_gate.weight"].T}
+        for mt, name in (("wi_0", "gate_proj"), ("wi_1", "up_proj"), ("wo", "down_proj")):
+            lay[f"mlp/routed_experts/{mt}"] = np.stack([hf[f"{m}experts.{x}.{name}.weight"].T for x in range(cfg["num_experts"])])
+            lay[f"mlp/shared_expert/{mt}/kernel"] = hf[f"{m}shared_expert.{name}.weight"].T
+        if (i + 1) % c == 0:
+            a = p + "self_attn."
+            lay |= {"attention/attention/query/kernel": hf[a + "q_proj.weight"].T.reshape(e, n, 2 * d),
+                    "attention/attention/key/kernel": hf[a + "k_proj.weight"].T.reshape(e, kv, d),
+                    "attention/attention/value/kernel": hf[a + "v_proj.weight"].T.reshape(e, kv, d),
+                    "attention/attention/out/kernel": hf[a + "o_proj.weight"].T,
+                    "attention/attention/query_norm/scale": hf[a + "q_norm.weight"], "attention/attention/key_norm/scale": hf[a + "k_norm.weight"]}
+        else:
+            a = p + "linear_attn."
+            lay |= {"attention/in_proj_qkvz/kernel": hf[a + "in_proj_qkvz.weight"].T, "attention/in_proj_ba/kernel": hf[a + "in_proj_ba.weight"].T,
+                    "attention/conv1d/kernel": np.transpose(hf[a + "conv1d.weight"], (2, 1, 0)), "attention/A_log": hf[a + "A_log"],
+                    "attention/dt_bias": hf[a + "dt_bias"], "attention/norm/rms_norm/scale": hf[a + "norm.weight"],
+                    "attention/out_proj/kernel": hf[a + "out_proj.weight"].T}
+        per_layer.append(lay)
+    if scan:
+        for b in range(c):
+            group = per_layer[b::c]
+            out.update({f"decoder/layers/layer_{b}/{k}": np.stack([lay[k] for lay in group], axis=1) for k in group[0]})
+    else:
+        out.update({f"decoder/layers_{i}/{k}": v for i, lay in enumerate(per_layer) for k, v in lay.items()})
     return out

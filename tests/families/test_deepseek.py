@@ -152,6 +152,15 @@ def test_with_mtp_writes_mtp_block_and_exports_it_back(with_mtp_layer, tmp_path,
     assert_bit_exact({k: v for k, v in hf.items() if k not in shared}, hf_tensors(tmp_path / "hf"))
 
 
+def test_cli_with_mtp(with_mtp_layer, tmp_path):
+    from converters.cli import main
+
+    assert main(["convert", str(with_mtp_layer), str(tmp_path / "mt"), "--to", "maxtext", "--no-scan", "--with-mtp", "-q"]) == 0
+    assert "mtp_block/mtp_layer_1/mtp_1_projection/kernel" in read_params(tmp_path / "mt")
+    manifest = json.loads(next((tmp_path / "mt").rglob("ckptflow-manifest.json")).read_text())
+    assert manifest["options"]["with_mtp"] is True
+
+
 def test_real_models_and_unsupported_variants():
     fam, cfg = registry.model("deepseek3-671b")
     shapes = {l.path: l.shape for l in fam.plan(cfg, scan=True)}
@@ -159,6 +168,10 @@ def test_real_models_and_unsupported_variants():
     assert shapes["decoder/moe_layers/self_attention/wq_b/kernel"] == (1536, 58, 128, 192)
     assert shapes["decoder/dense_layers/mlp/wi_0/kernel"] == (7168, 3, 18432)
     assert shapes[BIAS] == (256, 58)
+    # 256 x 58 routed experts are read and written one (expert, layer) slice at a time: 29 MB pieces of a 1.7 TB array
+    experts = [l for l in fam.plan(cfg, scan=True) if l.rule.experts]
+    assert {l.piece_shape for l in experts} == {(1, 1, 7168, 2048), (1, 1, 2048, 7168)}
+    assert all(len(l.pieces()) == 256 * 58 for l in experts)
     fam2, cfg2 = registry.model("deepseek2-16b")
     shapes2 = {l.path: l.shape for l in fam2.plan(cfg2, scan=False)}
     assert shapes2["decoder/moe_layers_25/self_attention/query/kernel"] == (2048, 16, 192)

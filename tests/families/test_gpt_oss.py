@@ -19,9 +19,9 @@ from converters.errors import UnsupportedModelError
 from converters.families.gpt_oss import GptOss
 from converters.mapping import Rule
 from converters.orbax_io import read_params
-from converters.safetensors_io import SafetensorsFolder
-from converters.test_models import make_test_model, tiny_config
+from converters.test_models import tiny_config
 from converters.transforms import Permute
+from tests.families.helpers import assert_bit_exact, bits, exported_logits, hf_tensors, model_cache, round_trip
 
 FAMILY, LAYERS, EXPERTS = "gpt-oss", 4, 4
 ATT, MLP = "GptOssAttention", "GptOssMlp"
@@ -30,30 +30,7 @@ E, N, KV, D, F = 64, 4, 2, 32, 64
 
 @pytest.fixture(scope="module")
 def hf_model(tmp_path_factory):
-    cache: dict = {}
-
-    def make(dtype: str = "bfloat16"):
-        if dtype not in cache:
-            cache[dtype] = make_test_model(FAMILY, tmp_path_factory.mktemp(f"{FAMILY}-{dtype}") / "model", layers=LAYERS, dtype=dtype)
-        return cache[dtype]
-
-    return make
-
-
-def hf_tensors(path) -> dict:
-    f = SafetensorsFolder(path)
-    return {n: f.read(n) for n in f.tensors}
-
-
-def bits(a: np.ndarray) -> np.ndarray:
-    return a.view({2: np.uint16, 4: np.uint32}[a.dtype.itemsize])
-
-
-def assert_bit_exact(a: dict, b: dict):
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
-        assert np.array_equal(bits(a[k]), bits(b[k])), f"{k} not bit-exact"
+    return model_cache(tmp_path_factory, FAMILY, LAYERS)
 
 
 def expected_layer(hf: dict, i: int) -> dict:
@@ -111,12 +88,7 @@ def test_stored_values_at_every_expert_and_layer(hf_model, tmp_path, scan):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unscanned"])
 def test_round_trips_are_bit_exact(hf_model, tmp_path, scan, dtype):
-    src = hf_model(dtype)
-    hf_to_maxtext(src, tmp_path / "mt", scan=scan, dtype=dtype)
-    maxtext_to_hf(tmp_path / "mt", tmp_path / "hf", dtype=dtype)
-    assert_bit_exact(hf_tensors(src), hf_tensors(tmp_path / "hf"))
-    hf_to_maxtext(tmp_path / "hf", tmp_path / "mt2", scan=scan, dtype=dtype)
-    assert_bit_exact(read_params(tmp_path / "mt"), read_params(tmp_path / "mt2"))
+    round_trip(hf_model(dtype), tmp_path, scan=scan, dtype=dtype)  # asserts both HF folders and both checkpoints bit-exact
 
 
 def test_fused_experts_are_read_and_written_one_expert_at_a_time():
@@ -153,17 +125,11 @@ def test_exported_folder_loads_in_transformers_with_same_logits(hf_model, tmp_pa
     import json
 
     import torch
-    from transformers import AutoModelForCausalLM
 
-    src = hf_model("float32")
-    hf_to_maxtext(src, tmp_path / "mt", scan=True, dtype="float32")
-    maxtext_to_hf(tmp_path / "mt", tmp_path / "hf", dtype="float32")
+    # 60 tokens: past the tiny sliding window of 32
+    want, got = exported_logits(hf_model("float32"), tmp_path, [list(range(1, 60, 3)) * 3], scan=True)
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg["layer_types"] == ["sliding_attention", "full_attention"] * 2 and "quantization_config" not in cfg
-    ids = torch.tensor([list(range(1, 60, 3)) * 3])  # 60 tokens: past the tiny sliding window of 32
-    with torch.no_grad():
-        want = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)(ids).logits
-        got = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)(ids).logits
     assert torch.equal(got, want)
 
 

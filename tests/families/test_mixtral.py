@@ -19,8 +19,7 @@ import pytest
 
 from converters.convert import hf_to_maxtext, maxtext_to_hf
 from converters.orbax_io import read_params
-from converters.safetensors_io import SafetensorsFolder
-from converters.test_models import make_test_model
+from tests.families.helpers import exported_logits, hf_tensors, model_cache
 
 FAMILY, LAYERS, EXPERTS = "mixtral", 4, 4
 MOE = "MoeBlock_0"
@@ -29,19 +28,7 @@ E, N, KV, D, F = 64, 4, 2, 32, 96
 
 @pytest.fixture(scope="module")
 def hf_model(tmp_path_factory):
-    cache: dict = {}
-
-    def make(dtype: str = "bfloat16"):
-        if dtype not in cache:
-            cache[dtype] = make_test_model(FAMILY, tmp_path_factory.mktemp(f"{FAMILY}-{dtype}") / "model", layers=LAYERS, dtype=dtype)
-        return cache[dtype]
-
-    return make
-
-
-def hf_tensors(path) -> dict:
-    f = SafetensorsFolder(path)
-    return {n: f.read(n) for n in f.tensors}
+    return model_cache(tmp_path_factory, FAMILY, LAYERS)
 
 
 def ulp_distance(a: np.ndarray, b: np.ndarray) -> int:
@@ -111,15 +98,8 @@ def test_round_trips_within_one_ulp_on_the_query(hf_model, tmp_path, scan, dtype
 def test_exported_folder_loads_in_transformers(hf_model, tmp_path):
     """Logits of the exported model agree with the source to float32 noise (the query is within 1 ulp)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    src = hf_model("float32")
-    hf_to_maxtext(src, tmp_path / "mt", scan=False, dtype="float32")
-    maxtext_to_hf(tmp_path / "mt", tmp_path / "hf", dtype="float32")
-    ids = torch.tensor([[1, 5, 77, 300, 12, 499, 3, 8, 250, 100, 42, 7]])
-    with torch.no_grad():
-        want = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)(ids).logits
-        got = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)(ids).logits
+    want, got = exported_logits(hf_model("float32"), tmp_path, [[1, 5, 77, 300, 12, 499, 3, 8, 250, 100, 42, 7]], scan=False)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

@@ -170,6 +170,25 @@ EXPECTED = {
         "decoder/moe_layers/self_attention/indexer/weights_proj/kernel": (7168, 58, 64),
         "decoder/moe_layers/DeepSeekMoeBlock_0/MoeBlock_0/wo": (256, 58, 2048, 7168),
     },
+    # Qwen3-Next: stacks per cycle position; 3 gated-delta-net positions, then full attention
+    "qwen3-next-80b-a3b": {
+        "token_embedder/embedding": (151936, 2048),
+        "decoder/layers/layer_0/attention/in_proj_qkvz/kernel": (2048, 12, 12288),
+        "decoder/layers/layer_1/attention/in_proj_ba/kernel": (2048, 12, 64),
+        "decoder/layers/layer_2/attention/conv1d/kernel": (4, 12, 1, 8192),
+        "decoder/layers/layer_0/attention/A_log": (32, 12),
+        "decoder/layers/layer_0/attention/norm/rms_norm/scale": (128, 12),
+        "decoder/layers/layer_1/attention/out_proj/kernel": (4096, 12, 2048),
+        "decoder/layers/layer_3/attention/attention/query/kernel": (2048, 12, 16, 512),
+        "decoder/layers/layer_3/attention/attention/key/kernel": (2048, 12, 2, 256),
+        "decoder/layers/layer_3/attention/attention/out/kernel": (4096, 12, 2048),
+        "decoder/layers/layer_3/attention/attention/query_norm/scale": (256, 12),
+        "decoder/layers/layer_2/mlp/routed_experts/gate/kernel": (2048, 12, 512),
+        "decoder/layers/layer_0/mlp/routed_experts/wi_0": (512, 12, 2048, 512),
+        "decoder/layers/layer_3/mlp/routed_experts/wo": (512, 12, 512, 2048),
+        "decoder/layers/layer_1/mlp/shared_expert/wi_1/kernel": (2048, 12, 512),
+        "decoder/layers/layer_1/mlp/shared_expert_gate/kernel": (2048, 12, 1),
+    },
     "gemma3-12b": {"decoder/layers/layers_5/self_attention/query/kernel": (3840, 8, 16, 256), "token_embedder/embedding": (262144, 3840)},
     "gemma3-27b": {
         "decoder/layers/layers_0/self_attention/query/kernel": (5376, 10, 32, 128),
@@ -187,6 +206,8 @@ PARAMS_B = {"llama3.1-8b": 8.03, "llama3.1-70b": 70.55, "llama3.1-405b": 405.85,
             # DeepSeek without the multi-token-prediction layer: V2-Lite 15.7B, V3 671B (685B with MTP)
             # (V3.2: V3 plus 0.85B of indexer)
             "deepseek2-16b": 15.71, "deepseek3-671b": 671.03, "deepseek3.2-671b": 671.88,
+            # Qwen3-Next "80B" without its mtp.* module
+            "qwen3-next-80b-a3b": 79.67,
             "gemma2-2b": 2.61, "gemma2-9b": 9.24, "gemma2-27b": 27.23, "gemma3-4b": 4.30, "gemma3-12b": 12.19, "gemma3-27b": 27.43}
 TIED = {"qwen2.5-1.5b", "qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "gemma2-2b", "gemma2-9b", "gemma2-27b", "gemma3-4b", "gemma3-12b", "gemma3-27b"}
 # MaxText decoder layers when that is not the HF layer count: Gemma2 holds (local, global) pairs
@@ -221,7 +242,9 @@ def test_real_size_plan(name):
     # expert stacks); GPT-OSS scans two interleaved stacks, decoder/layers/layers_0 and layers_1
     for path, shape in unscanned.items():
         if path.startswith("decoder/layers_0/"):
-            s = scanned.get(path.replace("layers_0", "layers", 1)) or scanned[path.replace("layers_0", "layers/layers_0", 1)]
+            # (Qwen3-Next: one stack per position of its 4-layer cycle, decoder/layers/layer_0..3)
+            s = (scanned.get(path.replace("layers_0", "layers", 1)) or scanned.get(path.replace("layers_0", "layers/layer_0", 1))
+                 or scanned[path.replace("layers_0", "layers/layers_0", 1)])
             assert s[:1] + s[2:] == shape
 
 

@@ -132,8 +132,10 @@ def test_pod_spec_with_a_kubeconfig_and_a_gcs_fuse_work_volume(convert_dag, sett
         assert pod["metadata"]["annotations"] == {"gke-gcsfuse/volumes": "true"}
         assert pod["spec"]["volumes"][0]["csi"] == {
             "driver": "gcsfuse.csi.storage.gke.io",
-            "volumeAttributes": {"bucketName": "acme-ckptflow", "mountOptions": "implicit-dirs,only-dir=work"},
+            "volumeAttributes": {"bucketName": "acme-ckptflow", "mountOptions": "implicit-dirs,uid=1000,gid=0,only-dir=work"},
         }
+        # non-root like the image, and the work volume writable by it
+        assert pod["spec"]["securityContext"] == {"runAsUser": 1000, "runAsGroup": 0, "fsGroup": 0, "runAsNonRoot": True}
         # The worker reads the steps' result files through object storage, at the matching gs:// URIs.
         assert plan.results[step].startswith("gs://acme-ckptflow/work/convert_checkpoint/")
     assert pods["convert"][1].outlets[0].startswith("gs://acme-ckptflow/work/")

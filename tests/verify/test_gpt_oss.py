@@ -14,19 +14,14 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from converters.convert import hf_to_maxtext
-from converters.safetensors_io import SafetensorsFolder
-from converters.test_models import make_test_model
 from converters.verify import verify
-from converters.verify.jax_ref import ReferenceModel
-from converters.verify.metrics import kl_per_token
+from tests.families.helpers import model_cache
+from tests.verify.helpers import assert_reference_matches_transformers, converted_cache, embed_and_head, hf_float32, restore_tree, save_tree
 
 FAMILY, LAYERS = "gpt-oss", 4
 ATT, MLP = "GptOssAttention", "GptOssMlp"
@@ -35,38 +30,19 @@ EXACT_KL = 1e-9
 
 @pytest.fixture(scope="module")
 def hf_model(tmp_path_factory):
-    cache: dict = {}
-
-    def make(dtype: str = "bfloat16"):
-        if dtype not in cache:
-            cache[dtype] = make_test_model(FAMILY, tmp_path_factory.mktemp(f"{FAMILY}-{dtype}") / "model", layers=LAYERS, dtype=dtype)
-        return cache[dtype]
-
-    return make
+    return model_cache(tmp_path_factory, FAMILY, LAYERS)
 
 
 @pytest.fixture(scope="module")
 def converted(hf_model, tmp_path_factory):
-    cache: dict = {}
-
-    def make(scan: bool):
-        if scan not in cache:
-            out = tmp_path_factory.mktemp(f"{FAMILY}-{scan}") / "ckpt"
-            hf_to_maxtext(hf_model(), out, scan=scan)
-            cache[scan] = out
-        return cache[scan]
-
-    return make
+    return converted_cache(hf_model, tmp_path_factory, FAMILY)
 
 
 def to_maxtext(folder: Path, scan: bool) -> dict:
     """HF safetensors -> MaxText arrays with numpy, independently of the converter (maxtext-format-moe.md §5)."""
-    cfg = json.loads((folder / "config.json").read_text())
-    f = SafetensorsFolder(folder)
-    hf = {n: f.read(n).astype(np.float32) for n in f.tensors}
+    cfg, hf = hf_float32(folder)
     e, n, k, d = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
-    out = {"token_embedder/embedding": hf["model.embed_tokens.weight"], "decoder/decoder_norm/scale": hf["model.norm.weight"],
-           "decoder/logits_dense/kernel": hf["lm_head.weight"].T}
+    out = embed_and_head(hf)
     layers = []
     for i in range(cfg["num_hidden_layers"]):
         a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
@@ -95,18 +71,9 @@ def to_maxtext(folder: Path, scan: bool) -> dict:
 
 @pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unscanned"])
 def test_reference_matches_transformers(hf_model, scan):
-    import torch
-    from transformers import AutoModelForCausalLM
-
     src = hf_model("float32")
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="eager").eval()
-    ref = ReferenceModel(to_maxtext(src, scan), json.loads((src / "config.json").read_text()))
+    ref = assert_reference_matches_transformers(src, to_maxtext(src, scan), EXACT_KL)
     assert ref.scanned == scan
-    ids = [int(i) for i in np.random.default_rng(3).integers(0, 512, size=300)]
-    with torch.no_grad():
-        hf = model(torch.tensor([ids])).logits[0].numpy()
-    assert float(np.std(hf)) > 0.5
-    assert kl_per_token(hf, ref.logits(ids)).max() < EXACT_KL
 
 
 def test_moe_block_clips_like_transformers(hf_model):
@@ -168,16 +135,11 @@ def swap_gate_and_up(leaves: dict):
 
 def save_damaged(src: Path, dst: Path, damage) -> Path:
     """Restore with plain Orbax, damage, save the same layout beside a copy of the sidecar."""
-    import orbax.checkpoint as ocp
-
-    tree = ocp.PyTreeCheckpointer().restore((src / "0" / "items").absolute())
+    tree = restore_tree(src)
     before = {p: v[0][v[1]].shape for p, v in _leaves(tree["params"]).items()}
     damage(_leaves(tree["params"]))
     assert {p: v[0][v[1]].shape for p, v in _leaves(tree["params"]).items()} == before  # every shape kept
-    tree.pop("opt_state", None)
-    ocp.PyTreeCheckpointer().save((dst / "0" / "items").absolute(), tree)
-    shutil.copytree(src / "ckptflow", dst / "ckptflow")
-    return dst
+    return save_tree(tree, src, dst)
 
 
 @pytest.mark.parametrize("damage", [transpose_expert_kernel("wo"), transpose_expert_kernel("wi_0"), swap_gate_and_up],

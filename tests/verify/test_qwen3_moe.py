@@ -9,19 +9,17 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from converters.convert import hf_to_maxtext
 from converters.errors import UnsupportedModelError
-from converters.safetensors_io import SafetensorsFolder
-from converters.test_models import make_test_model
 from converters.verify import DEFAULT_MAX_KL, verify
 from converters.verify.jax_ref import ReferenceModel
-from converters.verify.metrics import kl_per_token
+from tests.families.helpers import model_cache
+from tests.verify.helpers import (assert_reference_matches_transformers, converted_cache, embed_and_head, hf_float32, restore_tree,
+                                  save_tree, stack_layers)
 
 FAMILY, LAYERS, MOE = "qwen3-moe", 4, "moe_block"
 EXACT_KL = 1e-9
@@ -29,39 +27,20 @@ EXACT_KL = 1e-9
 
 @pytest.fixture(scope="module")
 def hf_model(tmp_path_factory):
-    cache: dict = {}
-
-    def make(dtype: str = "bfloat16"):
-        if dtype not in cache:
-            cache[dtype] = make_test_model(FAMILY, tmp_path_factory.mktemp(f"{FAMILY}-{dtype}") / "model", layers=LAYERS, dtype=dtype)
-        return cache[dtype]
-
-    return make
+    return model_cache(tmp_path_factory, FAMILY, LAYERS)
 
 
 @pytest.fixture(scope="module")
 def converted(hf_model, tmp_path_factory):
-    cache: dict = {}
-
-    def make(scan: bool):
-        if scan not in cache:
-            out = tmp_path_factory.mktemp(f"{FAMILY}-{scan}") / "ckpt"
-            hf_to_maxtext(hf_model(), out, scan=scan)
-            cache[scan] = out
-        return cache[scan]
-
-    return make
+    return converted_cache(hf_model, tmp_path_factory, FAMILY)
 
 
 def to_maxtext(folder: Path, scan: bool) -> dict:
     """HF safetensors -> MaxText arrays with numpy, independently of the converter (maxtext-format-moe.md §3)."""
-    cfg = json.loads((folder / "config.json").read_text())
-    f = SafetensorsFolder(folder)
-    hf = {n: f.read(n).astype(np.float32) for n in f.tensors}
+    cfg, hf = hf_float32(folder)
     e, n, k, d = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
     experts = cfg.get("num_experts") or cfg["num_local_experts"]
-    out = {"token_embedder/embedding": hf["model.embed_tokens.weight"], "decoder/decoder_norm/scale": hf["model.norm.weight"],
-           "decoder/logits_dense/kernel": hf["lm_head.weight"].T}
+    out = embed_and_head(hf)
     layers = []
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
@@ -79,26 +58,13 @@ def to_maxtext(folder: Path, scan: bool) -> dict:
         for mt, name in (("wi_0", "gate_proj"), ("wi_1", "up_proj"), ("wo", "down_proj")):
             lay[f"{MOE}/{mt}"] = np.stack([hf[f"{p}mlp.experts.{x}.{name}.weight"].T for x in range(experts)])
         layers.append(lay)
-    if scan:
-        out.update({f"decoder/layers/{key}": np.stack([lay[key] for lay in layers], axis=1) for key in layers[0]})
-    else:
-        out.update({f"decoder/layers_{i}/{key}": v for i, lay in enumerate(layers) for key, v in lay.items()})
-    return out
+    return out | stack_layers(layers, scan)
 
 
 @pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unscanned"])
 def test_reference_matches_transformers(hf_model, scan):
-    import torch
-    from transformers import AutoModelForCausalLM
-
     src = hf_model("float32")
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="eager").eval()
-    ref = ReferenceModel(to_maxtext(src, scan), json.loads((src / "config.json").read_text()))
-    ids = [int(i) for i in np.random.default_rng(3).integers(0, 512, size=300)]
-    with torch.no_grad():
-        hf = model(torch.tensor([ids])).logits[0].numpy()
-    assert float(np.std(hf)) > 0.5
-    assert kl_per_token(hf, ref.logits(ids)).max() < EXACT_KL
+    assert_reference_matches_transformers(src, to_maxtext(src, scan), EXACT_KL)
 
 
 @pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unscanned"])
@@ -112,17 +78,12 @@ def test_converted_checkpoint_verifies(hf_model, converted, scan):
 
 
 def test_experts_out_of_order_fail_verification(hf_model, converted, tmp_path):
-    import orbax.checkpoint as ocp
-
     src = converted(True)
-    tree = ocp.PyTreeCheckpointer().restore((src / "0" / "items").absolute())
+    tree = restore_tree(src)
     moe = tree["params"]["params"]["decoder"]["layers"][MOE]
     for name in ("wi_0", "wi_1", "wo"):
         moe[name] = np.ascontiguousarray(moe[name][::-1])  # expert e gets expert E-1-e's weights; router unchanged
-    tree.pop("opt_state", None)
-    broken = tmp_path / "broken"
-    ocp.PyTreeCheckpointer().save((broken / "0" / "items").absolute(), tree)
-    shutil.copytree(src / "ckptflow", broken / "ckptflow")
+    broken = save_tree(tree, src, tmp_path / "broken")
     r = verify(maxtext=broken, hf=hf_model())
     assert not r.passed, r.data["summary"]
 

@@ -1,0 +1,83 @@
+"""Qwen3-Next: the 4-layer cycle (3 gated-delta-net layers, then full attention) as `decoder/layers/layer_0..3` stacks,
+routed experts plus a gated shared expert, in all four directions (MaxText's own export of this model is broken).
+
+Tiny model (`converters.test_models.TINY["qwen3-next"]`): 8 layers (scanned: 2 per cycle position), hidden 64, full
+attention 4 x 32 with a 32-wide output gate per head, delta net 2 key heads x 16 / 4 value heads x 24, conv kernel 4,
+8 experts, top-2. Every transform only moves elements: round trips are bit-exact. Stored values are compared with a
+plain-numpy layout of the HF tensors (`tests.families.helpers.qwen3_next_layout`).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from converters import registry
+from converters.convert import hf_to_maxtext, maxtext_to_hf
+from converters.errors import UnsupportedModelError
+from converters.test_models import make_test_model
+from tests.families.helpers import assert_bit_exact, qwen3_next_layout, round_trip
+
+FAMILY, LAYERS = "qwen3-next", 8
+
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory):
+    cache: dict = {}
+
+    def make(dtype: str = "bfloat16"):
+        if dtype not in cache:
+            cache[dtype] = make_test_model(FAMILY, tmp_path_factory.mktemp(f"{FAMILY}-{dtype}") / "model", layers=LAYERS, dtype=dtype)
+        return cache[dtype]
+
+    return make
+
+
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unscanned"])
+def test_stored_values_and_bit_exact_round_trips(hf_model, tmp_path, scan):
+    src = hf_model()
+    params, hf = round_trip(src, tmp_path, scan=scan)
+    assert_bit_exact(qwen3_next_layout(hf, json.loads((src / "config.json").read_text()), scan), params)
+    if scan:
+        assert params["decoder/layers/layer_0/attention/conv1d/kernel"].shape == (4, 2, 1, 160)
+        assert params["decoder/layers/layer_3/attention/attention/query/kernel"].shape == (64, 2, 4, 64)
+        assert params["decoder/layers/layer_2/mlp/routed_experts/wo"].shape == (8, 2, 32, 64)
+        assert not any("attention/attention" in k for k in params if k.startswith(("decoder/layers/layer_0", "decoder/layers/layer_2")))
+    else:
+        assert params["decoder/layers_7/attention/attention/out/kernel"].shape == (128, 64)
+        assert "decoder/layers_6/attention/in_proj_ba/kernel" in params and "decoder/layers_7/attention/in_proj_ba/kernel" not in params
+
+
+def test_exported_folder_loads_in_transformers_with_same_logits(hf_model, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    src = hf_model("float32")
+    hf_to_maxtext(src, tmp_path / "mt", scan=True, dtype="float32")
+    maxtext_to_hf(tmp_path / "mt", tmp_path / "hf", dtype="float32")
+    ids = torch.tensor([list(range(1, 500, 7))])
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)(ids).logits
+    assert torch.equal(got, want)
+
+
+def test_real_model_and_unsupported_variants():
+    fam, cfg = registry.model("qwen3-next-80b-a3b")
+    shapes = {l.path: l.shape for l in fam.plan(cfg, scan=True)}
+    # the HF shapes MaxText's own exporter gets wrong (maxtext-format-moe.md §10.2)
+    hf = {name: leaf.hf_shape for leaf in fam.plan(cfg, scan=False) for _, name in leaf.hf_names()}
+    assert hf["model.layers.0.linear_attn.in_proj_qkvz.weight"] == (12288, 2048)
+    assert hf["model.layers.0.linear_attn.conv1d.weight"] == (8192, 1, 4)
+    assert hf["model.layers.0.linear_attn.out_proj.weight"] == (2048, 4096)
+    assert hf["model.layers.0.linear_attn.norm.weight"] == (128,)
+    assert shapes["decoder/layers/layer_1/mlp/routed_experts/wi_0"] == (512, 12, 2048, 512)
+    assert shapes["decoder/layers/layer_3/attention/attention/query/kernel"] == (2048, 12, 16, 512)
+    assert fam.is_ignored(fam.dims(cfg), "mtp.layers.0.mlp.experts.3.up_proj.weight")
+    for bad in ({"shared_expert_intermediate_size": 1024}, {"mlp_only_layers": [0]}, {"layer_types": ["full_attention"] * 48}):
+        with pytest.raises(UnsupportedModelError):
+            fam.plan({**cfg, **bad}, scan=True)
+    with pytest.raises(UnsupportedModelError, match="multiple of 4"):
+        fam.plan({**cfg, "num_hidden_layers": 6, "layer_types": None}, scan=True)
+    assert len([l for l in fam.plan({**cfg, "num_hidden_layers": 6}, scan=False) if l.path.endswith("routed_experts/wo")]) == 6

@@ -1,0 +1,89 @@
+"""Helpers shared by the MoE verification tests (import as `tests.verify.helpers`; conftest.py is not importable).
+
+`converted_cache` is the body of a module-scoped `converted` fixture; `hf_float32` / `stack_layers` are the plain-numpy
+pieces of each test's independent HF -> MaxText layout; `hf_logits` runs transformers in float32 and
+`assert_reference_matches_transformers` compares the JAX reference with it; `save_tree` writes
+a (deliberately damaged) restored Orbax tree beside a copy of the source checkpoint's sidecar.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from converters.convert import hf_to_maxtext
+from tests.families.helpers import hf_tensors
+
+
+def converted_cache(hf_model, tmp_path_factory, family: str):
+    """`make(scan)` -> the default-dtype tiny model converted to MaxText, built once per layout."""
+    cache: dict = {}
+
+    def make(scan: bool):
+        if scan not in cache:
+            out = tmp_path_factory.mktemp(f"{family}-{scan}") / "ckpt"
+            hf_to_maxtext(hf_model(), out, scan=scan)
+            cache[scan] = out
+        return cache[scan]
+
+    return make
+
+
+def hf_float32(folder: Path) -> tuple[dict, dict]:
+    """(config.json, every HF tensor as float32)."""
+    cfg = json.loads((folder / "config.json").read_text())
+    return cfg, {n: t.astype(np.float32) for n, t in hf_tensors(folder).items()}
+
+
+def embed_and_head(hf: dict) -> dict:
+    return {"token_embedder/embedding": hf["model.embed_tokens.weight"], "decoder/decoder_norm/scale": hf["model.norm.weight"],
+            "decoder/logits_dense/kernel": hf["lm_head.weight"].T}
+
+
+def stack_layers(layers: list[dict], scan: bool) -> dict:
+    """Per-layer dicts -> `decoder/layers/...` stacked on axis 1 (scanned) or `decoder/layers_<i>/...`."""
+    if scan:
+        return {f"decoder/layers/{key}": np.stack([lay[key] for lay in layers], axis=1) for key in layers[0]}
+    return {f"decoder/layers_{i}/{key}": v for i, lay in enumerate(layers) for key, v in lay.items()}
+
+
+def hf_logits(folder: Path, ids: list[int]) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def assert_reference_matches_transformers(src: Path, params: dict, max_kl: float):
+    """The JAX reference on `params` (a numpy layout of float32 folder `src`) against transformers on 300 random
+    tokens: HF logits are not flat and the per-token KL stays below `max_kl`. Returns the ReferenceModel."""
+    from converters.verify.jax_ref import ReferenceModel
+    from converters.verify.metrics import kl_per_token
+
+    ref = ReferenceModel(params, json.loads((src / "config.json").read_text()))
+    ids = [int(i) for i in np.random.default_rng(3).integers(0, 512, size=300)]
+    hf = hf_logits(src, ids)
+    assert float(np.std(hf)) > 0.5
+    assert kl_per_token(hf, ref.logits(ids)).max() < max_kl
+    return ref
+
+
+def restore_tree(src: Path) -> dict:
+    import orbax.checkpoint as ocp
+
+    return ocp.PyTreeCheckpointer().restore((src / "0" / "items").absolute())
+
+
+def save_tree(tree: dict, src: Path, dst: Path) -> Path:
+    """Save `tree` (restored from `src`, then modified) as checkpoint `dst`, with a copy of `src`'s sidecar."""
+    import orbax.checkpoint as ocp
+
+    tree.pop("opt_state", None)  # empty; MaxText never reads it
+    ocp.PyTreeCheckpointer().save((dst / "0" / "items").absolute(), tree)
+    shutil.copytree(src / "ckptflow", dst / "ckptflow")
+    return dst
