@@ -208,6 +208,18 @@ class Layout:
     scan_axis: int = 1
 
 
+# Layer arrays shared by the Llama-style blocks (under `decoder/layers[_i]/`).
+ATTENTION_KEYS = (
+    "pre_self_attention_layer_norm/scale",
+    "self_attention/query/kernel",
+    "self_attention/key/kernel",
+    "self_attention/value/kernel",
+    "self_attention/out/kernel",
+    "post_self_attention_layer_norm/scale",
+)
+GATED_MLP_KEYS = ("mlp/wi_0/kernel", "mlp/wi_1/kernel", "mlp/wo/kernel")
+
+
 class Family:
     """One MaxText decoder family. Subclasses implement `make_spec`, `layer_keys` and `block`.
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from converters.verify.jax_ref.common import (
+    ATTENTION_KEYS,
+    GATED_MLP_KEYS,
     Family,
     ModelSpec,
     base_spec,
@@ -107,17 +109,7 @@ class LlamaFamily(Family):
         ]
 
     def layer_keys(self, spec: ModelSpec) -> tuple[str, ...]:
-        return (
-            "pre_self_attention_layer_norm/scale",
-            "self_attention/query/kernel",
-            "self_attention/key/kernel",
-            "self_attention/value/kernel",
-            "self_attention/out/kernel",
-            "post_self_attention_layer_norm/scale",
-            "mlp/wi_0/kernel",
-            "mlp/wi_1/kernel",
-            "mlp/wo/kernel",
-        )
+        return ATTENTION_KEYS + GATED_MLP_KEYS
 
     def block(self, spec: ModelSpec, p: dict, x, positions):
         dt = spec.jdtype

@@ -15,7 +15,7 @@ MaxText and HF disagree beyond the window however the checkpoint was converted.
 
 from __future__ import annotations
 
-from converters.verify.jax_ref.common import Family, ModelSpec, base_spec, dense, require, rms_norm, rope_halves, rope_parameters
+from converters.verify.jax_ref.common import ATTENTION_KEYS, Family, ModelSpec, base_spec, dense, require, rms_norm, rope_halves, rope_parameters
 from converters.verify.jax_ref.moe import attention, routed_moe
 
 MOE = "MoeBlock_0"
@@ -47,13 +47,7 @@ class MixtralFamily(Family):
         ]
 
     def layer_keys(self, spec: ModelSpec) -> tuple[str, ...]:
-        return (
-            "pre_self_attention_layer_norm/scale",
-            "self_attention/query/kernel",
-            "self_attention/key/kernel",
-            "self_attention/value/kernel",
-            "self_attention/out/kernel",
-            "post_self_attention_layer_norm/scale",
+        return ATTENTION_KEYS + (
             f"{MOE}/gate/kernel",
             f"{MOE}/wi_0",
             f"{MOE}/wi_1",

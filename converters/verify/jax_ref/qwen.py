@@ -12,6 +12,8 @@ What MaxText computes (src/maxtext/models/qwen2.py, qwen3.py, layers/attentions.
 from __future__ import annotations
 
 from converters.verify.jax_ref.common import (
+    ATTENTION_KEYS,
+    GATED_MLP_KEYS,
     Family,
     ModelSpec,
     base_spec,
@@ -24,17 +26,7 @@ from converters.verify.jax_ref.common import (
     rope_parameters,
 )
 
-_COMMON_KEYS = (
-    "pre_self_attention_layer_norm/scale",
-    "self_attention/query/kernel",
-    "self_attention/key/kernel",
-    "self_attention/value/kernel",
-    "self_attention/out/kernel",
-    "post_self_attention_layer_norm/scale",
-    "mlp/wi_0/kernel",
-    "mlp/wi_1/kernel",
-    "mlp/wo/kernel",
-)
+_COMMON_KEYS = ATTENTION_KEYS + GATED_MLP_KEYS
 _BIAS_KEYS = ("self_attention/query/bias", "self_attention/key/bias", "self_attention/value/bias")
 _QK_NORM_KEYS = ("self_attention/query_norm/scale", "self_attention/key_norm/scale")
 
