@@ -323,6 +323,12 @@ class CheckpointReader:
         self._open(key)
         return self.arrays[key].shape
 
+    def chunk_shape(self, key: str) -> tuple[int, ...]:
+        """The stored read-chunk shape (reading whole chunks avoids decoding one several times)."""
+        t = self._open(key)
+        shape = t.chunk_layout.read_chunk.shape
+        return tuple(int(c) if c else int(n) for c, n in zip(shape or (), t.shape)) if shape else tuple(t.shape)
+
     def dtype(self, key: str) -> np.dtype:
         self._open(key)
         return self.arrays[key].dtype

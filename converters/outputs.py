@@ -8,6 +8,7 @@ import datetime
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -341,12 +342,16 @@ def _tensor_sources(folder: Path):
         shape, dtype = reader.shape(key), reader.dtype(key)
 
         def blocks(key=key, shape=shape, dtype=dtype):
-            if not shape or shape[0] == 0:
+            # One stored chunk at a time, in chunk-grid order: a row block would cut across every chunk of a
+            # layer-chunked stack and re-read the whole array once per block.
+            chunk = reader.chunk_shape(key)
+            if not shape or 0 in shape:
                 yield np.ascontiguousarray(reader.read(key)).astype(dtype.newbyteorder("<"), copy=False).tobytes()
                 return
-            rows = max(1, (64 << 20) // max(1, math.prod(shape[1:]) * dtype.itemsize))
-            for r in range(0, shape[0], rows):
-                yield np.ascontiguousarray(reader.read(key, slice(r, min(shape[0], r + rows)))).tobytes()
+            grid = [range(0, n, c) for n, c in zip(shape, chunk)]
+            for origin in itertools.product(*grid):
+                index = tuple(slice(o, min(n, o + c)) for o, n, c in zip(origin, shape, chunk))
+                yield np.ascontiguousarray(reader.read(key, index)).astype(dtype.newbyteorder("<"), copy=False).tobytes()
 
         items.append((key, shape, dtype, blocks))
     step = reader.items.parent.relative_to(folder).as_posix() if folder in reader.items.parents else None
@@ -355,17 +360,27 @@ def _tensor_sources(folder: Path):
 
 def output_digest(folder: str | os.PathLike, file_sha256: dict[str, str] | None = None) -> str:
     """A digest of what a checkpoint holds, equal for equal content across runs (Orbax file bytes are not:
-    OCDBT file names, timestamps). sha256 over every tensor's name, shape, dtype and little-endian bytes in
-    name order, then over the path and sha256 of every other file (configs, tokenizer, sidecars) except the
+    OCDBT file names, timestamps). sha256 over every tensor's name, shape, dtype and the sha256 of its
+    little-endian bytes (safetensors: in file order; Orbax: chunk by chunk in grid order, so equal for the
+    same layout and chunking) in name order, then over the path and sha256 of every other file (configs, tokenizer, sidecars) except the
     manifest and the Orbax step folder (its `_CHECKPOINT_METADATA` holds a time stamp).
     """
     folder = Path(folder)
     items, covered, skip_dirs = _tensor_sources(folder)
-    h = hashlib.sha256(b"ckptflow-output-digest-v1\n")
-    for name, shape, dtype, blocks in items:
-        h.update(f"tensor\0{name}\0{list(shape)}\0{dtype.name}\n".encode())
-        for b in blocks():
-            h.update(b)
+
+    def tensor_sha256(item) -> str:
+        th = hashlib.sha256()
+        for b in item[3]():
+            th.update(b)
+        return th.hexdigest()
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:  # reads and hashing release the GIL
+        tensor_digests = list(pool.map(tensor_sha256, items))
+    h = hashlib.sha256(b"ckptflow-output-digest-v2\n")
+    for (name, shape, dtype, _), d in zip(items, tensor_digests):
+        h.update(f"tensor\0{name}\0{list(shape)}\0{dtype.name}\0{d}\n".encode())
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder).as_posix()
         if not p.is_file() or rel in covered or p.name in (MANIFEST, DOWNLOAD_MANIFEST):
@@ -422,11 +437,14 @@ def write_manifest(folder: Path, *, direction: str, family: str, options: dict, 
     """
     files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST]
     digests: list = [None] * len(files)
-    if digest_files:  # hashlib releases the GIL: hash files on both cores
+    content_digest = None
+    if digest_files:  # hashlib and tensorstore release the GIL: the file hashes and the content digest run at once
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        with ThreadPoolExecutor(max_workers=1 + min(3, os.cpu_count() or 1)) as pool:
+            content = pool.submit(output_digest, folder)
             digests = list(pool.map(file_digest, files))
+            content_digest = content.result()
     outputs = {
         p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, **({"sha256": d} if d else {})} for p, d in zip(files, digests)
     }
@@ -439,8 +457,8 @@ def write_manifest(folder: Path, *, direction: str, family: str, options: dict, 
         "source": source,
         "outputs": outputs,
     }
-    if digest_files:
-        manifest["output_digest"] = output_digest(folder, {rel: o["sha256"] for rel, o in outputs.items() if "sha256" in o})
+    if content_digest:
+        manifest["output_digest"] = content_digest
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
