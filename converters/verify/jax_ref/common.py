@@ -265,41 +265,54 @@ class Family:
             raise CkptflowError("checkpoint has no decoder layers (neither decoder/layers/ nor decoder/layers_0/)")
         return Layout(scanned=scanned, num_layers=spec.num_layers)
 
+    def layer_location(self, spec: ModelSpec, layout: Layout, l: int) -> tuple[str, int | None]:
+        """(key prefix, index along the scan axis or None) of decoder layer l. Families whose layers stack
+        differently (blocks, interleaved or separate stacks) override this and nothing else."""
+        return ("decoder/layers", l) if layout.scanned else (f"decoder/layers_{l}", None)
+
+    def keys_of_layer(self, spec: ModelSpec, l: int) -> tuple[str, ...]:
+        """The arrays of layer l (families with several kinds of layer override this)."""
+        return self.layer_keys(spec)
+
+    def layer_markers(self, spec: ModelSpec, l: int) -> dict:
+        """Extra zero-size entries that tell `block` the kind of layer l at trace time (e.g. local/global)."""
+        return {}
+
     def check_params(self, spec: ModelSpec, params: Params, layout: Layout) -> None:
         """Fail early, with the key name, on a missing or wrongly shaped tensor."""
+        where = [self.layer_location(spec, layout, l) for l in range(layout.num_layers)]
+        depth: dict[str, int] = {}
+        for prefix, j in where:
+            if j is not None:
+                depth[prefix] = max(depth.get(prefix, 0), j + 1)
         missing = [k for k in self.global_keys(spec) if k not in params]
-        for rel in self.layer_keys(spec):
-            if layout.scanned:
-                key = f"decoder/layers/{rel}"
+        for l, (prefix, j) in enumerate(where):
+            for rel in self.keys_of_layer(spec, l):
+                key = f"{prefix}/{rel}"
                 if key not in params:
                     missing.append(key)
-                elif params[key].ndim < 2 or params[key].shape[layout.scan_axis] != layout.num_layers:
+                elif j is not None and (params[key].ndim < 2 or params[key].shape[layout.scan_axis] != depth[prefix]):
                     raise CkptflowError(
                         f"scanned tensor {key} has shape {tuple(params[key].shape)}; expected "
-                        f"{layout.num_layers} layers on axis {layout.scan_axis}"
+                        f"{depth[prefix]} layers on axis {layout.scan_axis}"
                     )
-            else:
-                missing += [
-                    f"decoder/layers_{i}/{rel}"
-                    for i in range(layout.num_layers)
-                    if f"decoder/layers_{i}/{rel}" not in params
-                ]
         if missing:
+            missing = list(dict.fromkeys(missing))
             more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
             raise CkptflowError(f"checkpoint is missing {', '.join(missing[:5])}{more}")
-        if not layout.scanned and f"decoder/layers_{layout.num_layers}/{self.layer_keys(spec)[0]}" in params:
-            raise CkptflowError(
-                f"checkpoint has more than the {layout.num_layers} layers the config declares"
-            )
+        if not layout.scanned:
+            prefix, _ = self.layer_location(spec, layout, layout.num_layers)
+            if f"{prefix}/{self.keys_of_layer(spec, layout.num_layers - 1)[0]}" in params:
+                raise CkptflowError(f"checkpoint has more than the {layout.num_layers} layers the config declares")
 
     def layer_params(self, spec: ModelSpec, params: Params, layout: Layout) -> Iterator[dict]:
-        """Yield each layer's arrays (numpy, as stored; views into scanned stacks) keyed by `layer_keys`."""
-        for i in range(layout.num_layers):
-            if layout.scanned:
-                index = (slice(None),) * layout.scan_axis + (i,)
-                yield {rel: params[f"decoder/layers/{rel}"][index] for rel in self.layer_keys(spec)}
-            else:
-                yield {rel: params[f"decoder/layers_{i}/{rel}"] for rel in self.layer_keys(spec)}
+        """Yield each layer's arrays (numpy, as stored; views into scanned stacks) keyed by `keys_of_layer`."""
+        for l in range(layout.num_layers):
+            prefix, j = self.layer_location(spec, layout, l)
+            index = () if j is None else (slice(None),) * layout.scan_axis + (j,)
+            p = {rel: params[f"{prefix}/{rel}"][index] for rel in self.keys_of_layer(spec, l)}
+            p.update(self.layer_markers(spec, l))
+            yield p
 
     def embed(self, spec: ModelSpec, g: dict, token_ids):
         """`Embed.__call__`: table cast to the compute dtype, rows gathered."""

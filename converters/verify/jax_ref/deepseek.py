@@ -33,7 +33,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from converters.errors import CkptflowError
 from converters.verify.jax_ref.common import (
@@ -135,10 +134,13 @@ class DeepSeekFamily(Family):
     def layer_keys(self, spec: ModelSpec) -> tuple[str, ...]:
         return self.moe_keys(spec)
 
-    def _where(self, spec: ModelSpec, layout: Layout, l: int) -> tuple[str, int | None, tuple[str, ...]]:
+    def layer_location(self, spec: ModelSpec, layout: Layout, l: int) -> tuple[str, int | None]:
         k = spec.option("first_dense")
-        group, j, keys = ("dense_layers", l, self.dense_keys(spec)) if l < k else ("moe_layers", l - k, self.moe_keys(spec))
-        return (f"decoder/{group}", j, keys) if layout.scanned else (f"decoder/{group}_{j}", None, keys)
+        group, j = ("dense_layers", l) if l < k else ("moe_layers", l - k)
+        return (f"decoder/{group}", j) if layout.scanned else (f"decoder/{group}_{j}", None)
+
+    def keys_of_layer(self, spec: ModelSpec, l: int) -> tuple[str, ...]:
+        return self.dense_keys(spec) if self._is_dense(spec, l) else self.moe_keys(spec)
 
     def detect_layout(self, spec: ModelSpec, params: Params) -> Layout:
         scanned = any(k.startswith("decoder/moe_layers/") for k in params)
@@ -146,31 +148,6 @@ class DeepSeekFamily(Family):
         if scanned == unscanned:
             raise CkptflowError("checkpoint needs exactly one of decoder/moe_layers/ (scanned) or decoder/moe_layers_<j>/ (unscanned)")
         return Layout(scanned=scanned, num_layers=spec.num_layers)
-
-    def check_params(self, spec: ModelSpec, params: Params, layout: Layout) -> None:
-        missing = [k for k in self.global_keys(spec) if k not in params]
-        k = spec.option("first_dense")
-        for l in range(spec.num_layers):
-            prefix, j, keys = self._where(spec, layout, l)
-            depth = k if self._is_dense(spec, l) else spec.num_layers - k
-            for rel in keys:
-                key = f"{prefix}/{rel}"
-                if key not in params:
-                    missing.append(key)
-                elif j is not None and (params[key].ndim < 2 or params[key].shape[layout.scan_axis] != depth):
-                    raise CkptflowError(f"scanned tensor {key} has shape {tuple(params[key].shape)}; expected {depth} layers on axis 1")
-        if missing:
-            missing = list(dict.fromkeys(missing))
-            more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
-            raise CkptflowError(f"checkpoint is missing {', '.join(missing[:5])}{more}")
-        if not layout.scanned and f"decoder/moe_layers_{spec.num_layers - k}/{NORMS[0]}" in params:
-            raise CkptflowError(f"checkpoint has more than the {spec.num_layers} layers the config declares")
-
-    def layer_params(self, spec: ModelSpec, params: Params, layout: Layout):
-        for l in range(spec.num_layers):
-            prefix, j, keys = self._where(spec, layout, l)
-            yield {rel: params[f"{prefix}/{rel}"] if j is None else np.take(params[f"{prefix}/{rel}"], j, axis=layout.scan_axis)
-                   for rel in keys}
 
     # ---- compute --------------------------------------------------------------------------------
     def block(self, spec: ModelSpec, p: dict, x, positions):

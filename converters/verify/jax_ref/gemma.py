@@ -341,8 +341,7 @@ class Gemma3Family(_GemmaBase):
             keys += [f"{VISION}/Transformer/encoderblock_{i}/{k}" for i in range(vision[0]) for k in _vision_block_keys()]
         return tuple(keys)
 
-    @staticmethod
-    def _where(spec: ModelSpec, layout: Layout, l: int) -> tuple[str, int | None]:
+    def layer_location(self, spec: ModelSpec, layout: Layout, l: int) -> tuple[str, int | None]:
         """(key prefix, index along the scan axis or None) of HF layer l."""
         if not layout.scanned:
             return f"decoder/layers_{l}", None
@@ -350,6 +349,9 @@ class Gemma3Family(_GemmaBase):
         if l < reps * GEMMA3_PATTERN:
             return f"decoder/layers/layers_{l % GEMMA3_PATTERN}", l // GEMMA3_PATTERN
         return f"decoder/layers_remainder/layers_{l - reps * GEMMA3_PATTERN}", None
+
+    def layer_markers(self, spec: ModelSpec, l: int) -> dict:
+        return {GLOBAL_MARKER: np.zeros((0,), np.float32)} if (l + 1) % GEMMA3_PATTERN == 0 else {}
 
     def detect_layout(self, spec: ModelSpec, params: Params) -> Layout:
         scanned = any(k.startswith(("decoder/layers/", "decoder/layers_remainder/")) for k in params)
@@ -359,33 +361,6 @@ class Gemma3Family(_GemmaBase):
         if not scanned and not unscanned:
             raise CkptflowError("checkpoint has no decoder layers (neither decoder/layers/ nor decoder/layers_0/)")
         return Layout(scanned=scanned, num_layers=spec.num_layers)
-
-    def check_params(self, spec: ModelSpec, params: Params, layout: Layout) -> None:
-        missing = [k for k in self.global_keys(spec) if k not in params]
-        reps = spec.num_layers // GEMMA3_PATTERN
-        for l in range(spec.num_layers):
-            prefix, j = self._where(spec, layout, l)
-            for rel in self.layer_keys(spec):
-                key = f"{prefix}/{rel}"
-                if key not in params:
-                    missing.append(key)
-                elif j is not None and (params[key].ndim < 2 or params[key].shape[layout.scan_axis] != reps):
-                    raise CkptflowError(f"scanned tensor {key} has shape {tuple(params[key].shape)}; expected {reps} blocks on axis {layout.scan_axis}")
-        if missing:
-            missing = list(dict.fromkeys(missing))
-            more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
-            raise CkptflowError(f"checkpoint is missing {', '.join(missing[:5])}{more}")
-        if not layout.scanned and f"decoder/layers_{spec.num_layers}/{self.layer_keys(spec)[0]}" in params:
-            raise CkptflowError(f"checkpoint has more than the {spec.num_layers} layers the config declares")
-
-    def layer_params(self, spec: ModelSpec, params: Params, layout: Layout):
-        for l in range(spec.num_layers):
-            prefix, j = self._where(spec, layout, l)
-            p = {rel: params[f"{prefix}/{rel}"] if j is None else np.take(params[f"{prefix}/{rel}"], j, axis=layout.scan_axis)
-                 for rel in self.layer_keys(spec)}
-            if (l + 1) % GEMMA3_PATTERN == 0:
-                p[GLOBAL_MARKER] = np.zeros((0,), np.float32)
-            yield p
 
     # ---- compute --------------------------------------------------------------------------------
     def block(self, spec: ModelSpec, p: dict, x, positions, image_blocks=None):

@@ -72,8 +72,7 @@ class GptOssFamily(Family):
         mlp = [f"{MLP}/{k}" for k in ("gate/kernel", "gate/bias", "wi_0", "wi_1", "wo", "wi_0_bias", "wi_1_bias", "wo_bias")]
         return ("pre_self_attention_layer_norm/scale", *att, "post_self_attention_layer_norm/scale", *mlp)
 
-    @staticmethod
-    def _where(layout: Layout, l: int) -> tuple[str, int | None]:
+    def layer_location(self, spec: ModelSpec, layout: Layout, l: int) -> tuple[str, int | None]:
         """(key prefix, index along the scan axis or None) of HF layer l."""
         if not layout.scanned:
             return f"decoder/layers_{l}", None
@@ -85,32 +84,8 @@ class GptOssFamily(Family):
             raise CkptflowError(f"a scanned GPT-OSS checkpoint needs an even number of layers, config has {spec.num_layers}")
         return layout
 
-    def check_params(self, spec: ModelSpec, params: Params, layout: Layout) -> None:
-        missing = [k for k in self.global_keys(spec) if k not in params]
-        reps = spec.num_layers // len(PATTERN)
-        for l in range(spec.num_layers):
-            prefix, j = self._where(layout, l)
-            for rel in self.layer_keys(spec):
-                key = f"{prefix}/{rel}"
-                if key not in params:
-                    missing.append(key)
-                elif j is not None and (params[key].ndim < 2 or params[key].shape[layout.scan_axis] != reps):
-                    raise CkptflowError(f"scanned tensor {key} has shape {tuple(params[key].shape)}; expected {reps} layers on axis {layout.scan_axis}")
-        if missing:
-            missing = list(dict.fromkeys(missing))
-            more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
-            raise CkptflowError(f"checkpoint is missing {', '.join(missing[:5])}{more}")
-        if not layout.scanned and f"decoder/layers_{spec.num_layers}/{self.layer_keys(spec)[0]}" in params:
-            raise CkptflowError(f"checkpoint has more than the {spec.num_layers} layers the config declares")
-
-    def layer_params(self, spec: ModelSpec, params: Params, layout: Layout):
-        for l in range(spec.num_layers):
-            prefix, j = self._where(layout, l)
-            p = {rel: params[f"{prefix}/{rel}"] if j is None else np.take(params[f"{prefix}/{rel}"], j, axis=layout.scan_axis)
-                 for rel in self.layer_keys(spec)}
-            if PATTERN[l % len(PATTERN)] == "sliding_attention":
-                p[SLIDING_MARKER] = np.zeros((0,), np.float32)
-            yield p
+    def layer_markers(self, spec: ModelSpec, l: int) -> dict:
+        return {SLIDING_MARKER: np.zeros((0,), np.float32)} if PATTERN[l % len(PATTERN)] == "sliding_attention" else {}
 
     # ---- compute --------------------------------------------------------------------------------
     def block(self, spec: ModelSpec, p: dict, x, positions):

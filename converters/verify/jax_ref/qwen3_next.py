@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from converters.errors import CkptflowError
 from converters.verify.jax_ref.common import (
@@ -85,10 +84,10 @@ class Qwen3NextFamily(Family):
     def layer_keys(self, spec: ModelSpec) -> tuple[str, ...]:
         return (*NORMS, *LINEAR, *MLP)
 
-    def _keys(self, spec: ModelSpec, l: int) -> tuple[str, ...]:
+    def keys_of_layer(self, spec: ModelSpec, l: int) -> tuple[str, ...]:
         return (*NORMS, *(FULL if self._full(spec, l) else LINEAR), *MLP)
 
-    def _where(self, spec: ModelSpec, layout: Layout, l: int) -> tuple[str, int | None]:
+    def layer_location(self, spec: ModelSpec, layout: Layout, l: int) -> tuple[str, int | None]:
         c = spec.option("interval")
         return (f"decoder/layers/layer_{l % c}", l // c) if layout.scanned else (f"decoder/layers_{l}", None)
 
@@ -97,30 +96,6 @@ class Qwen3NextFamily(Family):
         if layout.scanned and spec.num_layers % spec.option("interval"):
             raise CkptflowError(f"a scanned Qwen3-Next checkpoint needs a multiple of {spec.option('interval')} layers")
         return layout
-
-    def check_params(self, spec: ModelSpec, params: Params, layout: Layout) -> None:
-        missing = [k for k in self.global_keys(spec) if k not in params]
-        reps = spec.num_layers // spec.option("interval")
-        for l in range(spec.num_layers):
-            prefix, j = self._where(spec, layout, l)
-            for rel in self._keys(spec, l):
-                key = f"{prefix}/{rel}"
-                if key not in params:
-                    missing.append(key)
-                elif j is not None and (params[key].ndim < 2 or params[key].shape[layout.scan_axis] != reps):
-                    raise CkptflowError(f"scanned tensor {key} has shape {tuple(params[key].shape)}; expected {reps} layers on axis 1")
-        if missing:
-            missing = list(dict.fromkeys(missing))
-            more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
-            raise CkptflowError(f"checkpoint is missing {', '.join(missing[:5])}{more}")
-        if not layout.scanned and f"decoder/layers_{spec.num_layers}/{NORMS[0]}" in params:
-            raise CkptflowError(f"checkpoint has more than the {spec.num_layers} layers the config declares")
-
-    def layer_params(self, spec: ModelSpec, params: Params, layout: Layout):
-        for l in range(spec.num_layers):
-            prefix, j = self._where(spec, layout, l)
-            yield {rel: params[f"{prefix}/{rel}"] if j is None else np.take(params[f"{prefix}/{rel}"], j, axis=layout.scan_axis)
-                   for rel in self._keys(spec, l)}
 
     # ---- compute --------------------------------------------------------------------------------
     def output_head(self, spec: ModelSpec, g: dict, y):
