@@ -10,7 +10,6 @@ plan, so nothing is written twice.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -165,10 +164,6 @@ class Leaf:
     def hf_names(self) -> list[tuple[tuple | None, str]]:
         """(region of the first piece, or None for the whole array; HF tensor name) per HF tensor of this leaf."""
         return [(ps[0].index or None, name) for name, ps in self.hf_tensors()]
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
 
 
 @dataclass

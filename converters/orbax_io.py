@@ -43,7 +43,6 @@ class LazyArray:
     pieces: PieceFn
     piece_shape: tuple[int, ...]  # chunk shape for the stored array: one piece maps to whole chunks
     name: str = ""
-    nbytes_hint: int = 0
 
     @property
     def size(self) -> int:

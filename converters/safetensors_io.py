@@ -13,7 +13,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -365,7 +365,3 @@ def iter_row_chunks(rows: int, row_bytes: int, chunk_bytes: int) -> Iterator[sli
 
 def is_safetensors_folder(path: Path) -> bool:
     return path.is_dir() and (any(path.glob("*.safetensors")) or (path / INDEX_NAME).exists())
-
-
-def names_matching(names: Iterable[str], prefix: str) -> list[str]:
-    return sorted(n for n in names if n.startswith(prefix))
