@@ -7,6 +7,11 @@ resident memory is sampled over the whole process tree. Prints a table and write
 
   python bench/convert_bench.py --layers 8 --out /tmp/bench --json bench-8.json
   python bench/convert_bench.py --sizes 2,4,8 --plot docs/performance.png   # a sweep and its plot
+  python bench/convert_bench.py --layers 8 --parts 1,2,4                    # scale-out: N local part processes
+
+`--parts` runs each direction as N concurrent `--part I/N` processes plus `--finalize` and reports the wall
+time of the parts, of finalize, the per-part peak RSS and each part's own throughput (its share of the bytes
+over its own wall time), the number that scale-out estimates are built on.
 """
 
 from __future__ import annotations
@@ -78,6 +83,64 @@ def measure(name: str, cmd: list[str], nbytes: int, cold: bool) -> dict:
     return {"step": name, "wall_s": round(wall, 2), "GB_per_s": round(nbytes / 1e9 / wall, 3), "peak_rss_GB": round(peak / 1e9, 3)}
 
 
+def measure_parts(name: str, cmd: list[str], n: int, nbytes: int, cold: bool) -> dict:
+    """Run `cmd --part I/N` for every I at once; then `cmd --finalize`. Per-part wall time and peak RSS."""
+    if cold:
+        drop_caches()
+    t0 = time.monotonic()
+    procs = []
+    for i in range(n):
+        p = subprocess.Popen(cmd + ["--part", f"{i}/{n}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        procs.append((p, PeakRSS(p.pid), time.monotonic()))
+    walls, peaks = [], []
+    for p, mon, started in procs:
+        _, err = p.communicate()
+        walls.append(time.monotonic() - started)
+        peaks.append(mon.stop())
+        if p.returncode:
+            raise SystemExit(f"{name} part failed ({p.returncode}):\n{err[-2000:]}")
+    subprocess.run(["sync"], check=True)
+    parts_wall = time.monotonic() - t0
+    fin = measure(f"{name} finalize", cmd + ["--finalize"], nbytes, cold=False)
+    total = parts_wall + fin["wall_s"]
+    return {"step": f"{name}, {n} part(s)", "parts": n, "wall_s": round(total, 2), "parts_wall_s": round(parts_wall, 2),
+            "finalize_s": fin["wall_s"], "GB_per_s": round(nbytes / 1e9 / total, 3),
+            "part_GB_per_s": round(nbytes / n / 1e9 / (sum(walls) / n), 3),
+            "peak_rss_GB": round(max(peaks) / 1e9, 3), "finalize_peak_rss_GB": fin["peak_rss_GB"]}
+
+
+def run_parts(model: str, layers: int, work: Path, counts: list[int], cold: bool, keep: bool) -> dict:
+    """Scale-out sweep: both directions split into N local processes, for each N in `counts`."""
+    src = work / f"hf-{layers}"
+    if not src.exists():
+        cfg = registry.model(model)[1]
+        cfg["num_hidden_layers"] = layers
+        write_synthetic_checkpoint(src, cfg)
+    nbytes = dir_bytes(src)
+    ck = [sys.executable, "-m", "converters", "convert"]
+    shard = ["--shard-size", "512MB"]  # enough shards to give each of N parts some (the same for every N)
+    rows = []
+    for n in counts:
+        for d in ("mt-parts", "hf-parts"):
+            shutil.rmtree(work / d, ignore_errors=True)
+        print(f"  {n} part(s) ...", file=sys.stderr)
+        rows.append(measure_parts("hf->maxtext scanned", ck + [str(src), str(work / "mt-parts"), "--to", "maxtext", "-q"], n, nbytes, cold))
+        rows.append(measure_parts("maxtext->hf", ck + [str(work / "mt-parts"), str(work / "hf-parts"), "--to", "hf", "-q", *shard],
+                                  n, nbytes, cold))
+    if not keep:
+        for d in ("mt-parts", "hf-parts"):
+            shutil.rmtree(work / d, ignore_errors=True)
+    return {"model": model, "layers": layers, "model_GB": round(nbytes / 1e9, 3), "parts": rows}
+
+
+def print_parts(res: dict) -> None:
+    print(f"\n{res['model']} x {res['layers']} layers ({res['model_GB']:.2f} GB), scale-out on this machine:")
+    print(f"{'step':<34}{'wall s':>8}{'parts s':>9}{'final s':>9}{'GB/s':>8}{'part GB/s':>11}{'part RSS GB':>13}")
+    for r in res["parts"]:
+        print(f"{r['step']:<34}{r['wall_s']:>8.2f}{r['parts_wall_s']:>9.2f}{r['finalize_s']:>9.2f}{r['GB_per_s']:>8.3f}"
+              f"{r['part_GB_per_s']:>11.3f}{r['peak_rss_GB']:>13.3f}")
+
+
 def dir_bytes(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
@@ -128,6 +191,15 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parts_markdown(res: dict) -> str:
+    lines = ["", f"{res['model']} dims, {res['layers']} layers, {res['model_GB']:.2f} GB, N local part processes + finalize:", "",
+             "| step | wall s | parts s | finalize s | GB/s | per-part GB/s | per-part peak RSS GB |", "|---|---|---|---|---|---|---|"]
+    for r in res["parts"]:
+        lines.append(f"| {r['step']} | {r['wall_s']:.1f} | {r['parts_wall_s']:.1f} | {r['finalize_s']:.1f} | {r['GB_per_s']:.3f} | "
+                     f"{r['part_GB_per_s']:.3f} | {r['peak_rss_GB']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -160,6 +232,7 @@ def main() -> int:
     p.add_argument("--warm", action="store_true", help="do not drop the page cache between steps")
     p.add_argument("--keep", action="store_true", help="keep converted outputs")
     p.add_argument("--compare-maxtext", action="store_true", help="also run MaxText's to_maxtext when the maxtext package is importable")
+    p.add_argument("--parts", help="comma-separated part counts (e.g. 1,2,4): also run the scale-out sweep at --layers")
     p.add_argument("convert_args", nargs="*", help="extra args passed to `ckptflow convert --to maxtext` (after --)")
     a = p.parse_args()
     layers = [int(x) for x in a.sizes.split(",")] if a.sizes else [a.layers]
@@ -177,12 +250,17 @@ def main() -> int:
                    f"--hf_model_path={src}", "--simulated_cpu_devices_count=1"]
             results[-1]["steps"].append(measure("maxtext to_maxtext", cmd, dir_bytes(src), not a.warm))
     print_table(results)
+    if a.parts:
+        scale = run_parts(a.model, layers[-1], a.out, [int(x) for x in a.parts.split(",")], not a.warm, a.keep)
+        print_parts(scale)
+        results.append(scale)
     if a.json:
         a.json.write_text(json.dumps(results, indent=2) + "\n")
+    sweep = [r for r in results if "steps" in r]
     if a.plot:
-        plot(results, a.plot)
+        plot(sweep, a.plot)
     if a.markdown:
-        a.markdown.write_text(markdown_table(results))
+        a.markdown.write_text(markdown_table(sweep) + "".join(parts_markdown(r) for r in results if "parts" in r))
     return 0
 
 

@@ -58,6 +58,9 @@ exit status: 0 success; 1 verification failed (verify/golden); 2 bad input or ar
 
 
 def main(argv: list[str] | None = None) -> int:
+    from converters.malloc import fix_mmap_threshold
+
+    fix_mmap_threshold()  # before any tensor is allocated
     args = build_parser().parse_args(argv)
     if not args.verbose:
         _quiet_libraries()

@@ -19,8 +19,9 @@ from typing import Callable, Iterator
 import ml_dtypes
 import numpy as np
 
-from converters import outputs, quant, registry
+from converters import outputs, parts, quant, registry
 from converters.errors import CkptflowError, MappingError
+from converters.malloc import fix_mmap_threshold
 from converters.pipeline import prefetch
 from converters.mapping import Family, Leaf, Piece
 from converters.safetensors_io import (
@@ -95,37 +96,79 @@ def validate_hf_source(family: type[Family], cfg: dict, plan: list[Leaf], src: S
         raise MappingError(f"unexpected tensors a {family.name} model does not have (wrong config.json?): {_listing(extra)}")
 
 
-def _hf_pieces(leaf: Leaf, src: SafetensorsFolder, dtype: np.dtype) -> tuple[Callable[[], Iterator], tuple[int, ...]]:
-    """The generator of `(index, block)` that fills one MaxText array, and the block shape (chunking)."""
+@dataclass
+class _Unit:
+    """One piece of work of an HF -> MaxText conversion: a region of one MaxText array and how to produce it."""
+
+    index: tuple  # region of the MaxText array
+    nbytes: int
+    source: tuple  # (source file rank, byte offset): where its HF bytes are, so shares follow the files
+    produce: Callable[[], np.ndarray]
+
+
+def _source_position(src, name: str, files: dict[str, int]) -> tuple[int, int]:
+    info = src.info(name) if name in src else None
+    path = getattr(info, "path", None)
+    return (files.get(path.name, len(files)), getattr(info, "start", 0)) if path is not None else (len(files), 0)
+
+
+def _hf_units(leaf: Leaf, src: SafetensorsFolder, dtype: np.dtype, files: dict[str, int]) -> tuple[list[_Unit], tuple[int, ...]]:
+    """The units that fill one MaxText array, and the block shape (its stored chunking)."""
     r = leaf.rule
     shape = leaf.shape
     if not leaf.row_streamed:  # whole tensors, layer slices, (expert, layer) slices
-        pieces = leaf.pieces()
+        nbytes = math.prod(leaf.piece_shape) * dtype.itemsize
 
-        def each():
-            for p in pieces:
-                x = src.read(p.hf) if p.row is None else src.read(p.hf, slice(p.row, p.row + 1))[0]
-                yield p.index, r.to_maxtext(x, dtype, leaf.part)
+        def piece(p: Piece) -> np.ndarray:
+            x = src.read(p.hf) if p.row is None else src.read(p.hf, slice(p.row, p.row + 1))[0]
+            return r.to_maxtext(x, dtype, leaf.part)
 
-        return each, leaf.piece_shape
+        units = [_Unit(p.index, nbytes, _source_position(src, p.hf, files), lambda p=p: piece(p)) for p in leaf.pieces()]
+        return units, leaf.piece_shape
 
     name = leaf.hf_name()
     info = src.info(name)
     ax = r.row_axis
-    step_rows = max(1, ROW_CHUNK_BYTES // max(1, math.prod(shape) // shape[ax] * dtype.itemsize))
+    row_bytes = math.prod(shape) // shape[ax] * dtype.itemsize
+    step_rows = max(1, ROW_CHUNK_BYTES // max(1, row_bytes))
+    where = _source_position(src, name, files)
+    units = []
 
-    def rows():
-        # HF rows beyond MaxText's vocab (Gemma3: 262208 -> 262144) are kept aside by `_save_dropped_rows`
-        for rs in iter_row_chunks(min(info.shape[0], shape[ax]), 1, step_rows):
-            index = tuple(rs if a == ax else slice(None) for a in range(len(shape)))
-            yield index, run_chain(r.chain, src.read(name, rs), dtype)
-        # MaxText's vocab padding: rows HF does not have are zeros
-        for rs in iter_row_chunks(shape[ax] - info.shape[0], 1, step_rows):
-            rs = slice(rs.start + info.shape[0], rs.stop + info.shape[0])
-            index = tuple(rs if a == ax else slice(None) for a in range(len(shape)))
-            yield index, np.zeros(tuple(rs.stop - rs.start if a == ax else n for a, n in enumerate(shape)), dtype)
+    def region(rs: slice) -> tuple:
+        return tuple(rs if a == ax else slice(None) for a in range(len(shape)))
 
-    return rows, tuple(min(step_rows, n) if a == ax else n for a, n in enumerate(shape))
+    # Blocks are aligned to the stored chunks over all MaxText rows: HF rows beyond MaxText's vocab (Gemma3: 262208
+    # -> 262144) are kept aside by `_save_dropped_rows`; MaxText's vocab padding (Gemma2: 256000 -> 256128) is
+    # zeros, in the same block as the last HF rows when they share a chunk (a chunk is written by one piece only).
+    kept = min(info.shape[0], shape[ax])
+
+    def block(rs: slice) -> np.ndarray:
+        real = slice(rs.start, min(rs.stop, kept))
+        if real.stop <= real.start:
+            return np.zeros(tuple(rs.stop - rs.start if a == ax else n for a, n in enumerate(shape)), dtype)
+        x = run_chain(r.chain, src.read(name, real), dtype)
+        if real.stop == rs.stop:
+            return x
+        pad = tuple(rs.stop - real.stop if a == ax else n for a, n in enumerate(shape))
+        return np.concatenate([x, np.zeros(pad, dtype)], axis=ax)
+
+    for rs in iter_row_chunks(shape[ax], 1, step_rows):
+        at = where[1] + min(rs.start, kept) * info.row_bytes
+        units.append(_Unit(region(rs), (rs.stop - rs.start) * row_bytes, (where[0], at), lambda rs=rs: block(rs)))
+    return units, tuple(min(step_rows, n) if a == ax else n for a, n in enumerate(shape))
+
+
+def _share(work: list[list[_Unit]], part: tuple[int, int] | None) -> list[list[bool]]:
+    """Which units part I of N writes: contiguous runs in source order, balanced by bytes (all of them without a part)."""
+    if part is None:
+        return [[True] * len(units) for units in work]
+    i, n = part
+    order = sorted(((u.source, a, k) for a, units in enumerate(work) for k, u in enumerate(units)))
+    owners = parts.assign([work[a][k].nbytes for _, a, k in order], n)
+    mine = [[False] * len(units) for units in work]
+    for (_, a, k), owner in zip(order, owners):
+        mine[a][k] = owner == i
+    return mine
 
 
 def _with_aliases(family: type[Family], folder: SafetensorsFolder) -> SafetensorsFolder:
@@ -186,6 +229,15 @@ def _nest(flat: dict[str, object]) -> dict:
     return tree
 
 
+def _write_sidecars(root: Path, src: Path, cfg: dict, hf_config: str | None, plan: list[Leaf], folder) -> None:
+    """What export needs beside the arrays: HF rows MaxText cannot hold, the source config and tokenizer."""
+    _save_dropped_rows(plan, folder, root)
+    sidecar = root / outputs.SIDECAR
+    copied = outputs.copy_hf_extras(src, sidecar)
+    if hf_config or "config.json" not in copied:  # the config actually used, for the way back
+        (sidecar / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
 def hf_to_maxtext(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -201,49 +253,130 @@ def hf_to_maxtext(
     workers: int = 2,
     progress: Callable[[int, int], object] | None = None,
     with_mtp: bool = False,
+    part: tuple[int, int] | None = None,
+    finalize: bool = False,
+    buffer_bytes: int | None = None,
 ) -> Result:
     """Convert an HF safetensors folder to a MaxText Orbax checkpoint at `out` (`out/0/items`).
 
-    `with_mtp`: also convert the multi-token-prediction layer (DeepSeek-V3: `mtp_block`), otherwise skipped."""
-    from converters.orbax_io import LazyArray, WriteProgress, write_checkpoint
+    `with_mtp`: also convert the multi-token-prediction layer (DeepSeek-V3: `mtp_block`), otherwise skipped.
+    `part=(i, n)`: convert only part i's share, as process i of a multi-process save, into the staging folder
+    (see `converters.parts`); `finalize`: assemble `out` from the finished parts. `buffer_bytes`: write data each
+    worker buffers before committing it (default `orbax_io.TXN_BYTES`)."""
+    from converters.orbax_io import TXN_BYTES, LazyArray, WriteProgress, write_checkpoint
 
+    fix_mmap_threshold()
     src = Path(src)
     out_dtype = _dtype(dtype)
-    outputs.check_destination(out, overwrite)
+    if (part or finalize) and not use_ocdbt:
+        raise CkptflowError("--part/--finalize write Orbax's multi-process layout, which needs OCDBT (drop --no-ocdbt)")
+    outputs.check_destination(out, overwrite)  # parts too: better now than at finalize, hours later
     cfg = load_hf_config(src, hf_config, model)
     family = registry.family_for_config(cfg)
     plan = family.plan(cfg, scan, ("mtp",) if with_mtp else ())
     folder = quant.decoded_source(_with_aliases(family, SafetensorsFolder(src)), cfg)  # quantized sources decode while read
     validate_hf_source(family, cfg, plan, folder)
+    options = {"scan_layers": scan, "dtype": dtype, "use_ocdbt": use_ocdbt, "use_zarr3": use_zarr3, "compress": compress,
+               **({"with_mtp": True} if with_mtp else {})}
+    if finalize:
+        return _finalize_to_maxtext(src, out, family, cfg, hf_config, plan, folder, options, overwrite)
 
-    flat = {}
+    files = {p.name: k for k, p in enumerate(sorted({i.path for i in folder.tensors.values() if getattr(i, "path", None)}))}
+    work, shapes, dtypes = [], [], []
     for leaf in plan:
         leaf_dtype = leaf.rule.out_dtype(out_dtype)
-        pieces, piece_shape = _hf_pieces(leaf, folder, leaf_dtype)
+        units, piece_shape = _hf_units(leaf, folder, leaf_dtype, files)
+        work.append(units)
+        shapes.append(piece_shape)
+        dtypes.append(leaf_dtype)
+    mine = _share(work, part)
+    flat = {}
+    for leaf, units, sel, piece_shape, leaf_dtype in zip(plan, work, mine, shapes, dtypes):
+        todo = [u for u, m in zip(units, sel) if m]
+        pieces = (lambda todo=todo: ((u.index, u.produce()) for u in todo)) if todo else None
         flat[leaf.path] = LazyArray(leaf.shape, leaf_dtype, pieces, piece_shape, name=leaf.path)
-    total = sum(a.nbytes for a in flat.values())
+    total = sum(u.nbytes for units, sel in zip(work, mine) for u, m in zip(units, sel) if m)
     bar = progress(total, len(flat)) if progress else None
     counter = WriteProgress(bar.update if bar is not None else None)
+    digests: dict = {}
 
-    with outputs.atomic_dir(out, overwrite) as tmp:
-        write_checkpoint(tmp, _nest(flat), scan_layers=scan, use_ocdbt=use_ocdbt, use_zarr3=use_zarr3,
-                         use_compression=compress, workers=workers, progress=counter)
+    def write(root: Path, process_id: int | None = None) -> None:
+        write_checkpoint(root, _nest(flat), scan_layers=scan, use_ocdbt=use_ocdbt, use_zarr3=use_zarr3,
+                         use_compression=compress, workers=workers, progress=counter, process_id=process_id, digests=digests,
+                         txn_bytes=buffer_bytes or TXN_BYTES)
         if bar is not None:
             bar.close()
-        _save_dropped_rows(plan, folder, tmp)
-        sidecar = tmp / outputs.SIDECAR
-        copied = outputs.copy_hf_extras(src, sidecar)
-        if hf_config or "config.json" not in copied:  # the config actually used, for the way back
-            (sidecar / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+    if part is not None:
+        i, n = part
+        fp = parts.fingerprint("hf->maxtext", family.name, options, src, cfg)
+        with outputs.atomic_dir(parts.begin(out, i, n, fp), overwrite=True) as tmp:
+            started = parts.now()
+            write(tmp / "ckpt", process_id=i)
+            items = tmp / "ckpt" / "0" / "items"
+            substore = items / f"ocdbt.process_{i}"
+            written = parts.hash_files(tmp, substore) if substore.is_dir() else {}
+            parts.write_marker(tmp, i=i, n=n, fp=fp, direction="hf->maxtext", files=written,
+                               digests={k: {json.dumps(list(o)): h for o, h in v.items()} for k, v in digests.items() if v},
+                               extra={"bytes": total, "tree_metadata": outputs.file_digest(items / "_METADATA")}, started=started)
+        return Result(Path(out), family.name, total, sum(1 for a in flat.values() if a.pieces is not None))
+
+    with outputs.atomic_dir(out, overwrite) as tmp:
+        write(tmp)
+        _write_sidecars(tmp, src, cfg, hf_config, plan, folder)
         outputs.write_manifest(
             tmp,
             direction="hf->maxtext",
             family=family.name,
-            options={"scan_layers": scan, "dtype": dtype, "use_ocdbt": use_ocdbt, "use_zarr3": use_zarr3, "compress": compress,
-                     **({"with_mtp": True} if with_mtp else {})},
+            options=options,
             source=outputs.describe_source(src),  # + repo, commit sha and file sha256s when `ckptflow download` staged it
+            tensor_digests={k: outputs.chunked_digest(v) for k, v in digests.items()},
         )
     return Result(Path(out), family.name, total, len(flat))
+
+
+def _finalize_to_maxtext(src: Path, out, family, cfg: dict, hf_config, plan: list[Leaf], folder, options: dict, overwrite: bool) -> Result:
+    """Assemble the parts into one checkpoint: part 0's Orbax save (tree metadata, step, its sub-store) plus every
+    other part's `ocdbt.process_<i>` sub-store, with the root OCDBT manifest rebuilt over all of them."""
+    from converters.orbax_io import merge_parts
+
+    fp = parts.fingerprint("hf->maxtext", family.name, options, src, cfg)
+    found = parts.collect(out, fp, "hf->maxtext")
+    trees = {p.marker.get("tree_metadata") for p in found}
+    if len(trees) != 1:
+        raise parts.PartsError("parts disagree on the checkpoint's tree metadata (written by different ckptflow versions?); re-run them")
+    chunks: dict[str, dict] = {}
+    file_sha: dict[str, str] = {}
+    for p in found:
+        for name, entries in p.marker["digests"].items():
+            for origin, sha in entries.items():
+                chunks.setdefault(name, {})[tuple(json.loads(origin))] = sha
+        file_sha.update({rel.removeprefix("ckpt/"): f["sha256"] for rel, f in p.marker["files"].items()})
+    missing = [leaf.path for leaf in plan if leaf.path not in chunks]
+    if missing:
+        raise parts.PartsError(f"no part wrote {_listing(missing)}; re-run the parts")
+    with outputs.atomic_dir(out, overwrite) as tmp:
+        parts.link_tree(found[0].dir / "ckpt", tmp)
+        items = tmp / "0" / "items"
+        for p in found[1:]:
+            sub = f"ocdbt.process_{p.i}"
+            if (p.dir / "ckpt" / "0" / "items" / sub).is_dir():
+                parts.link_tree(p.dir / "ckpt" / "0" / "items" / sub, items / sub)
+        merge_parts(items, use_zarr3=options["use_zarr3"])
+        _write_sidecars(tmp, src, cfg, hf_config, plan, folder)
+        outputs.write_manifest(
+            tmp,
+            direction="hf->maxtext",
+            family=family.name,
+            options=options,
+            source=outputs.describe_source(src),
+            file_sha256=file_sha,
+            tensor_digests={k: outputs.chunked_digest(v) for k, v in chunks.items()},
+            extra={"parts": parts.summary(found)},
+        )
+    parts.remove_staging(out)
+    total = sum(int(p.marker.get("bytes") or 0) for p in found)
+    return Result(Path(out), family.name, total, len(plan))
 
 
 # ----------------------------------------------------------------------------------------- MaxText -> HF
@@ -264,7 +397,15 @@ def choose_plan(family: type[Family], cfg: dict, stored: dict[str, tuple[int, ..
         optional = [(x,) for x in family.optional_groups(family.dims(cfg))]
     except Exception:  # a bad config: family.plan below reports it
         optional = []
-    plans = {(scan, ex): family.plan(cfg, scan, ex) for ex in [(), *optional] for scan in (True, False)}
+    plans, refused = {}, None
+    for ex in [(), *optional]:
+        for scan in (True, False):
+            try:  # a layout this config cannot have (Qwen3-Next scanned needs a multiple of 4 layers) is not a candidate
+                plans[(scan, ex)] = family.plan(cfg, scan, ex)
+            except CkptflowError as e:
+                refused = refused or e
+    if not plans:
+        raise refused
     overlap = {key: len({l.path for l in p} & stored.keys()) for key, p in plans.items()}
     key = max(overlap, key=overlap.get)  # ties: the first, i.e. without optional parts
     scan, plan = key[0], plans[key]
@@ -326,12 +467,18 @@ def maxtext_to_hf(
     overwrite: bool = False,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: Callable[[int, int], object] | None = None,
+    part: tuple[int, int] | None = None,
+    finalize: bool = False,
 ) -> Result:
-    """Convert a MaxText checkpoint (ours, or a training run's) to an HF safetensors folder at `out`."""
+    """Convert a MaxText checkpoint (ours, or a training run's) to an HF safetensors folder at `out`.
+
+    `part=(i, n)`: write only part i's run of shards (balanced by bytes) into the staging folder (see
+    `converters.parts`); `finalize`: assemble `out` from the finished parts (index, config, manifest)."""
     from converters.orbax_io import CheckpointReader, find_sidecar_dir
 
+    fix_mmap_threshold()
     out_dtype = _dtype(dtype)
-    outputs.check_destination(out, overwrite)
+    outputs.check_destination(out, overwrite)  # parts too: better now than at finalize, hours later
     reader = CheckpointReader(ckpt)
     sidecar = find_sidecar_dir(ckpt)
     if hf_config:
@@ -345,21 +492,63 @@ def maxtext_to_hf(
     family = registry.family_for_config(cfg)
     cfg = family.config_for_checkpoint(cfg, set(reader.arrays))
     scan, plan = choose_plan(family, cfg, {k: reader.shape(k) for k in reader.arrays})
+    options = {"scan_layers": scan, "dtype": dtype, "shard_bytes": shard_bytes}
 
     tensors = _export_tensors(plan)
     planned = [PlannedTensor(name, leaf.hf_shape, leaf.rule.out_dtype(out_dtype)) for leaf, name, _ in tensors]
     shards = plan_shards(planned, shard_bytes)
     names = shard_names(len(shards))
-    total = sum(t.nbytes for t in planned)
-    bar = progress(total, len(planned)) if progress else None
-    it = iter(tensors)
+    source = {**outputs.describe_source(reader.root), "path": str(reader.items)}
+
+    def finish(tmp: Path, **digests) -> None:
+        """Index, config, generation defaults, tokenizer and manifest beside the written shards."""
+        write_index(tmp, shards, names)
+        if sidecar is not None:
+            outputs.copy_hf_extras(sidecar, tmp, skip=("config.json",))
+        export_cfg = family.export_config(cfg, dtype)
+        (tmp / "config.json").write_text(json.dumps(export_cfg, indent=2, sort_keys=True) + "\n")
+        if not (tmp / "generation_config.json").exists():
+            gen = {k: export_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if export_cfg.get(k) is not None}
+            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        outputs.write_manifest(tmp, direction="maxtext->hf", family=family.name, options=options, source=source, **digests)
+
+    fp = parts.fingerprint("maxtext->hf", family.name, options, reader.items, cfg) if part or finalize else None
+    if finalize:
+        found = parts.collect(out, fp, "maxtext->hf")
+        file_sha, tensor_sha = {}, {}
+        for p in found:
+            file_sha.update({rel.removeprefix("shards/"): f["sha256"] for rel, f in p.marker["files"].items()})
+            tensor_sha.update(p.marker["digests"])
+        absent = [f for f in names if f not in file_sha]
+        if absent:
+            raise parts.PartsError(f"no part wrote {_listing(absent)}; re-run the parts")
+        with outputs.atomic_dir(out, overwrite) as tmp:
+            for p in found:
+                parts.link_tree(p.dir / "shards", tmp)
+            finish(tmp, file_sha256=file_sha, tensor_digests=tensor_sha, extra={"parts": parts.summary(found)})
+        parts.remove_staging(out)
+        return Result(Path(out), family.name, sum(t.nbytes for t in planned), len(planned))
+
+    mine = [True] * len(shards)
+    if part is not None:  # a contiguous run of shards, balanced by bytes
+        owners = parts.assign([sum(t.nbytes for t in shard) for shard in shards], part[1])
+        mine = [o == part[0] for o in owners]
+    wanted = {t.name for shard, m in zip(shards, mine) if m for t in shard}
+    todo = [x for x in tensors if x[1] in wanted]
+    total = sum(t.nbytes for t in planned if t.name in wanted)
+    bar = progress(total, len(wanted)) if progress else None
 
     # blocks are read and transformed on a background thread while the previous one is written
     dropped = _load_dropped_rows(plan, reader.root)
-    blocks = prefetch(((name, b) for leaf, name, pieces in it for b in _hf_blocks(leaf, pieces, reader, leaf.rule.out_dtype(out_dtype), dropped)), depth=1)
-    with outputs.atomic_dir(out, overwrite) as tmp:
-        for shard, fname in zip(shards, names):
-            w = ShardWriter(tmp / fname, shard)
+    blocks = prefetch(((name, b) for leaf, name, pieces in todo for b in _hf_blocks(leaf, pieces, reader, leaf.rule.out_dtype(out_dtype), dropped)), depth=1)
+    file_sha: dict[str, str] = {}
+    tensor_sha: dict[str, str] = {}
+
+    def write_shards(folder: Path) -> None:
+        for shard, fname, m in zip(shards, names, mine):
+            if not m:
+                continue
+            w = ShardWriter(folder / fname, shard)
             try:
                 while not w.done:
                     name, block = next(blocks)
@@ -370,21 +559,23 @@ def maxtext_to_hf(
                 w.abort()  # an open file would keep its disk space after the temp folder is removed
                 raise
             w.close()
-        write_index(tmp, shards, names)
+            file_sha[fname] = w.sha256
+            tensor_sha.update(w.tensor_sha256)
         if bar is not None:
             bar.close()
-        if sidecar is not None:
-            outputs.copy_hf_extras(sidecar, tmp, skip=("config.json",))
-        export_cfg = family.export_config(cfg, dtype)
-        (tmp / "config.json").write_text(json.dumps(export_cfg, indent=2, sort_keys=True) + "\n")
-        if not (tmp / "generation_config.json").exists():
-            gen = {k: export_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if export_cfg.get(k) is not None}
-            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        outputs.write_manifest(
-            tmp,
-            direction="maxtext->hf",
-            family=family.name,
-            options={"scan_layers": scan, "dtype": dtype, "shard_bytes": shard_bytes},
-            source={**outputs.describe_source(reader.root), "path": str(reader.items)},
-        )
+
+    if part is not None:
+        i, n = part
+        with outputs.atomic_dir(parts.begin(out, i, n, fp), overwrite=True) as tmp:
+            started = parts.now()
+            (tmp / "shards").mkdir()
+            write_shards(tmp / "shards")
+            files = {f"shards/{f}": {"bytes": (tmp / "shards" / f).stat().st_size, "sha256": h} for f, h in file_sha.items()}
+            parts.write_marker(tmp, i=i, n=n, fp=fp, direction="maxtext->hf", files=files, digests=tensor_sha,
+                               extra={"bytes": total}, started=started)
+        return Result(Path(out), family.name, total, len(wanted))
+
+    with outputs.atomic_dir(out, overwrite) as tmp:
+        write_shards(tmp)
+        finish(tmp, file_sha256=file_sha, tensor_digests=tensor_sha)
     return Result(Path(out), family.name, total, len(planned))

@@ -244,7 +244,25 @@ def _forget(staging: Path, name: str) -> None:
         meta.unlink(missing_ok=True)
 
 
-def download_hub(repo_id: str, revision: str | None, out: Path, workers: int | None = None) -> tuple[dict, bool]:
+def _part_record(staging: Path, i: int, n: int) -> Path:
+    return staging / f".ckptflow-part-{i:05d}-of-{n:05d}.json"
+
+
+def _weights_of_part(names: list[str], snap, i: int, n: int) -> list[str]:
+    """Part i's contiguous run of the weight files (in name order), balanced by bytes; small files are left to
+    `--finalize`."""
+    from converters.parts import assign
+
+    weights = [x for x in names if x.endswith(".safetensors")]
+    owners = assign([snap.files[x].size or 1 for x in weights], n)
+    return [x for x, o in zip(weights, owners) if o == i]
+
+
+def download_hub(repo_id: str, revision: str | None, out: Path, workers: int | None = None,
+                 part: tuple[int, int] | None = None, finalize: bool = False) -> tuple[dict, bool]:
+    """Fetch the repo at one commit into `out`. `part=(i, n)`: fetch only part i's share of the weight files into
+    the commit's staging folder (shared by the parts) and record them; `finalize`: check every part's files are
+    there, fetch the small rest and publish `out` as a whole download does."""
     from converters import hub
 
     if not hub.is_repo_id(repo_id):
@@ -256,13 +274,37 @@ def download_hub(repo_id: str, revision: str | None, out: Path, workers: int | N
         hub.download_files(snap, [INDEX_NAME], staging)
         return load_json(staging / INDEX_NAME)
 
+    checked: dict[str, dict] = {}
+
+    def check(name: str, path: Path) -> None:
+        sha256 = file_digest(path)
+        remote = snap.files[name]
+        problem = hub.check_file(path, remote, sha256)
+        if problem:
+            _forget(staging, name)
+            raise CorruptFileError(
+                f"hf://{repo_id}@{snap.sha}: {name} does not match the hub's metadata ({problem}); the file was "
+                "deleted: run again to fetch it anew (if it fails again, a proxy or mirror serves a corrupt copy)"
+            )
+        checked[name] = {"size": path.stat().st_size, "sha256": sha256, "verified": "sha256" if remote.sha256 else "git-oid"}
+
+    if part is not None:  # no destination lock: the parts run at once, each fetching other files
+        i, n = part
+        staging.mkdir(parents=True, exist_ok=True)
+        mine = _weights_of_part(select_hf_files(snap.files, read_index), snap, i, n)
+        hub.download_files(snap, mine, staging, workers=workers or hub.DOWNLOAD_WORKERS, on_file=check)
+        record = {"source": f"hf://{repo_id}", "revision": snap.sha, "part": i, "parts": n, "files": checked}
+        write_json_atomic(_part_record(staging, i, n), record)
+        return record, bool(mine)
+
     with outputs.destination_lock(out):  # a concurrent download of the same OUT waits, then finds it complete
         manifest = load_json(out / MANIFEST_NAME)
         names = None
         if manifest and manifest.get("revision") == snap.sha and manifest.get("source") == f"hf://{repo_id}":
             names = sorted(manifest.get("files") or {})  # same commit: same selection (no need to re-read the index)
         if names is None or any(n not in snap.files for n in names):
-            _drop_other_partials(out, staging)
+            if not finalize:  # a split download's staging is the parts' work: kept
+                _drop_other_partials(out, staging)
             names = select_hf_files(snap.files, read_index)
         want_files = {}
         for n in names:
@@ -272,24 +314,14 @@ def download_hub(repo_id: str, revision: str | None, out: Path, workers: int | N
         if _complete(out, manifest, want):
             shutil.rmtree(staging, ignore_errors=True)
             return manifest, False
-        _drop_other_partials(out, staging)
+        if finalize:
+            checked.update(_parts_fetched(staging, names, snap, repo_id))
+        else:
+            _drop_other_partials(out, staging)
         staging.mkdir(parents=True, exist_ok=True)
 
-        checked: dict[str, dict] = {}
-
-        def check(name: str, path: Path) -> None:
-            sha256 = file_digest(path)
-            remote = snap.files[name]
-            problem = hub.check_file(path, remote, sha256)
-            if problem:
-                _forget(staging, name)
-                raise CorruptFileError(
-                    f"hf://{repo_id}@{snap.sha}: {name} does not match the hub's metadata ({problem}); the file was "
-                    "deleted: run again to fetch it anew (if it fails again, a proxy or mirror serves a corrupt copy)"
-                )
-            checked[name] = {"size": path.stat().st_size, "sha256": sha256, "verified": "sha256" if remote.sha256 else "git-oid"}
-
-        hub.download_files(snap, names, staging, workers=workers or hub.DOWNLOAD_WORKERS, on_file=check)
+        rest = [x for x in names if x not in checked]
+        hub.download_files(snap, rest, staging, workers=workers or hub.DOWNLOAD_WORKERS, on_file=check)
         with outputs.atomic_dir(out, overwrite=True) as tmp:
             for n in names:
                 (tmp / n).parent.mkdir(parents=True, exist_ok=True)
@@ -302,14 +334,42 @@ def download_hub(repo_id: str, revision: str | None, out: Path, workers: int | N
     return manifest, True
 
 
+def _parts_fetched(staging: Path, names: list[str], snap, repo_id: str) -> dict[str, dict]:
+    """The weight files the parts of a split download fetched and checked; refuses a missing or damaged part."""
+    records = sorted(staging.glob(".ckptflow-part-*-of-*.json")) if staging.is_dir() else []
+    found = [r for r in (load_json(p) for p in records) if r and r.get("revision") == snap.sha and r.get("source") == f"hf://{repo_id}"]
+    if not found:
+        raise CkptflowError(f"hf://{repo_id}@{snap.sha[:12]}: no finished download parts in {staging}; run "
+                            "`ckptflow download ... --part I/N` for every I first")
+    n = found[0].get("parts")
+    done = {r.get("part") for r in found if r.get("parts") == n}
+    missing = [i for i in range(n) if i not in done]
+    if missing:
+        raise CkptflowError(f"download part(s) {', '.join(f'{i}/{n}' for i in missing)} not finished; run them, then finalize again")
+    fetched: dict[str, dict] = {}
+    for r in found:
+        fetched.update(r.get("files") or {})
+    for i in range(n):
+        for name in _weights_of_part(names, snap, i, n):
+            meta, p = fetched.get(name), staging / name
+            if not meta or not p.is_file() or p.stat().st_size != meta.get("size"):
+                raise CkptflowError(f"download part {i}/{n}: {name} is missing or changed since it was fetched; run that part again")
+    return {k: v for k, v in fetched.items() if k in names}
+
+
 def download(source: str, out: str | os.PathLike, revision: str | None = None, fmt: str = "hf",
-             workers: int | None = None) -> tuple[dict, bool]:
-    """Stage `source` in `out`; returns (the download manifest, whether anything was copied)."""
+             workers: int | None = None, part: tuple[int, int] | None = None, finalize: bool = False) -> tuple[dict, bool]:
+    """Stage `source` in `out`; returns (the download manifest, whether anything was copied).
+
+    A hub download can be split: `part=(i, n)` fetches part i's share of the weights, `finalize` assembles `out`.
+    A local folder has nothing to split: its parts do nothing and `finalize` copies it as a plain run does."""
     out = Path(out).expanduser().absolute()
     if is_local_source(source):
         if revision:
             raise CkptflowError(f"{source}: --revision applies to hub repos only, not to a local folder")
+        if part is not None:
+            return {"source": local_path(source).as_uri(), "part": part[0], "parts": part[1], "files": {}}, False
         return download_local(source, out, fmt)
     if fmt != "hf":
         raise CkptflowError(f"{source}: --format {fmt} needs a local folder (remote MaxText checkpoints are not supported yet)")
-    return download_hub(source, revision, out, workers)
+    return download_hub(source, revision, out, workers, part=part, finalize=finalize)

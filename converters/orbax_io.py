@@ -40,7 +40,7 @@ class LazyArray:
 
     shape: tuple[int, ...]
     dtype: np.dtype
-    pieces: PieceFn
+    pieces: PieceFn | None  # None: nothing of this array is written by this process (another part's share)
     piece_shape: tuple[int, ...]  # chunk shape for the stored array: one piece maps to whole chunks
     name: str = ""
 
@@ -75,8 +75,28 @@ class WriteProgress:
             self._cb(n)
 
 
+def _origin(index: Index, ndim: int) -> tuple[int, ...]:
+    """Where a piece starts in its array (its chunk's origin: pieces are chunk-aligned)."""
+    out = []
+    for k in (tuple(index) + (slice(None),) * ndim)[:ndim]:
+        out.append(k if isinstance(k, int) else (k.start or 0))
+    return tuple(out)
+
+
+def _hash_piece(block: np.ndarray) -> tuple[np.ndarray, str]:
+    """The block in C order (copied only if it was a strided view) and the sha256 of its bytes as stored."""
+    import hashlib
+
+    from converters.outputs import array_bytes
+
+    block = np.ascontiguousarray(block)
+    return block, hashlib.sha256(array_bytes(block)).hexdigest()
+
+
 _handler_installed = False
-_settings = {"workers": 2, "progress": None}
+# per write: worker count, progress counter, OCDBT process id of this writer (None: Orbax's own), and where the
+# chunk digests computed while writing go ({array name: {chunk origin: sha256}})
+_settings: dict = {"workers": 2, "progress": None, "process_id": None, "digests": None, "txn_bytes": TXN_BYTES}
 
 
 def _install_handler() -> None:
@@ -99,7 +119,8 @@ def _install_handler() -> None:
 
         async def _write_all(self, values: Sequence[LazyArray], infos, args):
             # Largest arrays first so the long tail is short; a small pool bounds how many pieces live at once.
-            order = sorted(range(len(values)), key=lambda i: -values[i].nbytes)
+            # (arrays with nothing to write here, e.g. other parts' share, are skipped: not even their metadata)
+            order = sorted((i for i in range(len(values)) if values[i].pieces is not None), key=lambda i: -values[i].nbytes)
             queue = list(order)
             pool = concurrent.futures.ThreadPoolExecutor(max_workers=_settings["workers"])
             loop = asyncio.get_running_loop()
@@ -134,20 +155,35 @@ def _install_handler() -> None:
                 local_shape=value.piece_shape,
                 dtype=np.dtype(value.dtype),
                 use_ocdbt=info.is_ocdbt_checkpoint,
-                process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt=info.is_ocdbt_checkpoint),
+                process_index=ocdbt_utils.get_process_index_for_subdir(
+                    use_ocdbt=info.is_ocdbt_checkpoint,
+                    override_ocdbt_process_id=None if _settings["process_id"] is None else str(_settings["process_id"]),
+                ),
             )
             t = await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
             it = value.pieces()
             sentinel = object()
             progress = _settings["progress"]
-            # Pieces are grouped into transactions of about TXN_BYTES: an OCDBT store commits (rewrites
+            digests = _settings["digests"]
+            chunk_sha = digests.setdefault(value.name, {}) if digests is not None else None
+
+            def produce():
+                # the next piece, and its sha256, on a worker thread while the previous ones are written
+                got = next(it, sentinel)
+                if got is sentinel or chunk_sha is None:
+                    return got
+                index, block = got
+                block, sha = _hash_piece(block)
+                chunk_sha[_origin(index, len(value.shape))] = sha
+                return index, block
+
+            # Pieces are grouped into transactions of about `txn_bytes`: an OCDBT store commits (rewrites
             # its manifest) once per transaction instead of once per piece, ~4x faster for small pieces
             # (expert slices). One transaction commits while the next one fills.
             txn, buffered, committing = None, 0, None
             try:
                 while True:
-                    # Produce the next piece on a worker thread while the previous ones are written.
-                    item = await loop.run_in_executor(pool, next, it, sentinel)
+                    item = await loop.run_in_executor(pool, produce)
                     if item is sentinel:
                         break
                     index, block = item
@@ -155,11 +191,12 @@ def _install_handler() -> None:
                         raise RuntimeError(f"{value.name}: piece {block.shape} does not fit {index} of {value.shape}")
                     if txn is None:
                         txn = ts.Transaction()
+                    # the block is ours and never changed again: tensorstore may keep it instead of copying
                     await t.with_transaction(txn)[index].write(block)
                     buffered += block.nbytes
                     if progress is not None:
                         progress.add(block.nbytes)
-                    if buffered >= TXN_BYTES:
+                    if buffered >= _settings["txn_bytes"]:
                         if committing is not None:
                             await committing
                         committing, txn, buffered = txn.commit_async(), None, 0
@@ -190,16 +227,24 @@ def write_checkpoint(
     use_compression: bool = True,
     workers: int = 2,
     progress: WriteProgress | None = None,
+    process_id: int | None = None,
+    digests: dict | None = None,
+    txn_bytes: int = TXN_BYTES,
 ) -> Path:
     """Write `params` (a nested dict of LazyArray / np.ndarray) as MaxText's step-0 checkpoint under `root`.
 
     Produces `<root>/0/items` with the tree `{step, params: {params: ...}, opt_state: {}}` and step metadata
     `{"scan_layers": ...}`, as MaxText's `to_maxtext` does. Returns the items path.
+
+    `process_id`: write the arrays into `ocdbt.process_<id>` as process `id` of a multi-process save does (a part of
+    a split conversion; `merge_parts` joins them). `digests`: filled with each LazyArray's chunk sha256s as written.
+    `txn_bytes`: data each worker buffers before committing it (memory is about workers x 2 x this + the pieces
+    in flight; smaller means more OCDBT commits).
     """
     import orbax.checkpoint as ocp
 
     _install_handler()
-    _settings.update(workers=workers, progress=progress)
+    _settings.update(workers=workers, progress=progress, process_id=process_id, digests=digests, txn_bytes=txn_bytes)
     tree = {"step": 0, "params": {"params": params}, "opt_state": {}}
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True, max_to_keep=None)
     handler = ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt, use_zarr3=use_zarr3, use_compression=use_compression)
@@ -216,6 +261,24 @@ def write_checkpoint(
             t.join(timeout=max(0.0, deadline - time.monotonic()))
         raise
     return root / "0" / "items"
+
+
+def merge_parts(items: Path, use_zarr3: bool = True) -> None:
+    """Rebuild `items`' root OCDBT manifest over every `ocdbt.process_*` sub-store in it, as the primary process of a
+    multi-process Orbax save does once all processes have written (Orbax's own merge)."""
+    import shutil
+
+    from etils import epath
+    from orbax.checkpoint._src.serialization import ocdbt_utils, tensorstore_utils as ts_utils
+
+    for stale in ("manifest.ocdbt", "d"):  # the root index the first part's own save left: rebuilt over all parts
+        p = items / stale
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    asyncio.run(ocdbt_utils.merge_ocdbt_per_process_files(
+        epath.Path(items), ts_context=ts_utils.get_ts_context(use_ocdbt=True), use_zarr3=use_zarr3))
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -323,9 +386,9 @@ class CheckpointReader:
         return self.arrays[key].shape
 
     def chunk_shape(self, key: str) -> tuple[int, ...]:
-        """The stored read-chunk shape (reading whole chunks avoids decoding one several times)."""
+        """The stored write-chunk (zarr3 shard) shape: what one piece wrote, read whole without decoding twice."""
         t = self._open(key)
-        shape = t.chunk_layout.read_chunk.shape
+        shape = t.chunk_layout.write_chunk.shape
         return tuple(int(c) if c else int(n) for c, n in zip(shape or (), t.shape)) if shape else tuple(t.shape)
 
     def dtype(self, key: str) -> np.dtype:

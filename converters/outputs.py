@@ -298,10 +298,29 @@ def describe_source(src: str | os.PathLike) -> dict:
     return out
 
 
-def _tensor_sources(folder: Path):
-    """(tensor name, shape, dtype, block reader) of the checkpoint in `folder`, and the paths they cover.
+def chunked_digest(chunks: dict[tuple[int, ...], str]) -> str:
+    """An Orbax array's digest from the sha256 of each stored chunk (keyed by the chunk's origin): equal however the
+    chunks were written (one process, several parts, any order), and computable while they are written."""
+    h = hashlib.sha256(b"ckptflow-chunks-v1\n")
+    for origin in sorted(chunks):
+        h.update(f"{list(origin)}\0{chunks[origin]}\n".encode())
+    return h.hexdigest()
 
-    An HF folder's tensors come from its safetensors files; a MaxText folder's from its Orbax step folder.
+
+def array_bytes(a) -> memoryview:
+    """The little-endian C-order bytes of an array, without a copy when it already is one."""
+    import numpy as np
+
+    a = np.asarray(a)
+    a = np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<"), copy=False))
+    return memoryview(a.reshape(-1).view(np.uint8)) if a.size else memoryview(b"")
+
+
+def _tensor_sources(folder: Path):
+    """(tensor name, shape, dtype, digest function) of the checkpoint in `folder`, and the paths they cover.
+
+    An HF folder's tensors come from its safetensors files (digest: sha256 of the tensor's bytes); a MaxText
+    folder's from its Orbax step folder (digest: `chunked_digest` over its stored chunks).
     """
     from converters.safetensors_io import SafetensorsFile
 
@@ -315,7 +334,8 @@ def _tensor_sources(folder: Path):
         for name in sorted(tensors):
             info = tensors[name]
 
-            def blocks(info=info):
+            def digest(info=info) -> str:
+                h = hashlib.sha256()
                 with open(info.path, "rb") as f:
                     f.seek(info.start)
                     left = info.nbytes
@@ -324,16 +344,13 @@ def _tensor_sources(folder: Path):
                         if not b:
                             raise CkptflowError(f"{info.path}: truncated while reading {info.name!r}")
                         left -= len(b)
-                        yield b
+                        h.update(b)
+                return h.hexdigest()
 
-            items.append((name, info.shape, info.dtype, blocks))
+            items.append((name, info.shape, info.dtype, digest))
         return items, {p.relative_to(folder).as_posix() for p in shards}, ()
     if not any(folder.rglob("_METADATA")):
         return [], set(), ()
-    import math
-
-    import numpy as np
-
     from converters.orbax_io import CheckpointReader
 
     reader = CheckpointReader(folder)
@@ -341,45 +358,42 @@ def _tensor_sources(folder: Path):
     for key in sorted(reader.arrays):
         shape, dtype = reader.shape(key), reader.dtype(key)
 
-        def blocks(key=key, shape=shape, dtype=dtype):
-            # One stored chunk at a time, in chunk-grid order: a row block would cut across every chunk of a
-            # layer-chunked stack and re-read the whole array once per block.
-            chunk = reader.chunk_shape(key)
+        def digest(key=key, shape=shape) -> str:
+            # One stored chunk at a time: a row block would cut across every chunk of a layer-chunked stack and
+            # re-read the whole array once per block.
             if not shape or 0 in shape:
-                yield np.ascontiguousarray(reader.read(key)).astype(dtype.newbyteorder("<"), copy=False).tobytes()
-                return
-            grid = [range(0, n, c) for n, c in zip(shape, chunk)]
-            for origin in itertools.product(*grid):
+                return chunked_digest({(0,) * len(shape): hashlib.sha256(array_bytes(reader.read(key))).hexdigest()})
+            chunk = reader.chunk_shape(key)
+            chunks = {}
+            for origin in itertools.product(*[range(0, n, c) for n, c in zip(shape, chunk)]):
                 index = tuple(slice(o, min(n, o + c)) for o, n, c in zip(origin, shape, chunk))
-                yield np.ascontiguousarray(reader.read(key, index)).astype(dtype.newbyteorder("<"), copy=False).tobytes()
+                chunks[origin] = hashlib.sha256(array_bytes(reader.read(key, index))).hexdigest()
+            return chunked_digest(chunks)
 
-        items.append((key, shape, dtype, blocks))
+        items.append((key, shape, dtype, digest))
     step = reader.items.parent.relative_to(folder).as_posix() if folder in reader.items.parents else None
     return items, set(), (step,) if step else ()
 
 
-def output_digest(folder: str | os.PathLike, file_sha256: dict[str, str] | None = None) -> str:
+def output_digest(folder: str | os.PathLike, file_sha256: dict[str, str] | None = None,
+                  tensor_digests: dict[str, str] | None = None) -> str:
     """A digest of what a checkpoint holds, equal for equal content across runs (Orbax file bytes are not:
-    OCDBT file names, timestamps). sha256 over every tensor's name, shape, dtype and the sha256 of its
-    little-endian bytes (safetensors: in file order; Orbax: chunk by chunk in grid order, so equal for the
-    same layout and chunking) in name order, then over the path and sha256 of every other file (configs, tokenizer, sidecars) except the
-    manifest and the Orbax step folder (its `_CHECKPOINT_METADATA` holds a time stamp).
-    """
-    folder = Path(folder)
-    items, covered, skip_dirs = _tensor_sources(folder)
+    OCDBT file names, timestamps). sha256 over every tensor's name, shape, dtype and digest (see
+    `_tensor_sources`) in name order, then over the path and sha256 of every other file (configs, tokenizer,
+    sidecars) except the manifest and the Orbax step folder (its `_CHECKPOINT_METADATA` holds a time stamp).
 
-    def tensor_sha256(item) -> str:
-        th = hashlib.sha256()
-        for b in item[3]():
-            th.update(b)
-        return th.hexdigest()
+    `tensor_digests` / `file_sha256`: digests already computed while writing (not read back again).
+    """
+    folder = Path(folder).absolute()  # the Orbax step folder is recognised by absolute path
+    items, covered, skip_dirs = _tensor_sources(folder)
+    known = tensor_digests or {}
 
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:  # reads and hashing release the GIL
-        tensor_digests = list(pool.map(tensor_sha256, items))
-    h = hashlib.sha256(b"ckptflow-output-digest-v2\n")
-    for (name, shape, dtype, _), d in zip(items, tensor_digests):
+        digests = list(pool.map(lambda item: known.get(item[0]) or item[3](), items))
+    h = hashlib.sha256(b"ckptflow-output-digest-v3\n")
+    for (name, shape, dtype, _), d in zip(items, digests):
         h.update(f"tensor\0{name}\0{list(shape)}\0{dtype.name}\0{d}\n".encode())
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder).as_posix()
@@ -430,20 +444,28 @@ def record_verify(folder: str | os.PathLike, metrics: dict) -> dict:
     return manifest
 
 
-def write_manifest(folder: Path, *, direction: str, family: str, options: dict, source: dict, digest_files: bool = True) -> dict:
+def write_manifest(folder: Path, *, direction: str, family: str, options: dict, source: dict, digest_files: bool = True,
+                   file_sha256: dict[str, str] | None = None, tensor_digests: dict[str, str] | None = None,
+                   extra: dict | None = None) -> dict:
     """`ckptflow-manifest.json`: what was converted, how, and a sha256 of every file written.
 
     Also `output_digest` (see `output_digest`), the digest a re-run of the same conversion reproduces.
+    `file_sha256` / `tensor_digests`: digests the writers computed as they wrote (those files and tensors are
+    not read back); `extra`: further top-level entries (e.g. the parts of a split conversion).
     """
+    known = file_sha256 or {}
     files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST]
     digests: list = [None] * len(files)
     content_digest = None
     if digest_files:  # hashlib and tensorstore release the GIL: the file hashes and the content digest run at once
         from concurrent.futures import ThreadPoolExecutor
 
+        def digest(p: Path) -> str:
+            return known.get(p.relative_to(folder).as_posix()) or file_digest(p)
+
         with ThreadPoolExecutor(max_workers=1 + min(3, os.cpu_count() or 1)) as pool:
-            content = pool.submit(output_digest, folder)
-            digests = list(pool.map(file_digest, files))
+            content = pool.submit(output_digest, folder, known, tensor_digests)
+            digests = list(pool.map(digest, files))
             content_digest = content.result()
     outputs = {
         p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, **({"sha256": d} if d else {})} for p, d in zip(files, digests)
@@ -456,6 +478,7 @@ def write_manifest(folder: Path, *, direction: str, family: str, options: dict, 
         "options": options,
         "source": source,
         "outputs": outputs,
+        **(extra or {}),
     }
     if content_digest:
         manifest["output_digest"] = content_digest

@@ -7,6 +7,7 @@ lm_head) can be read without materialising the whole tensor. Nothing here can ex
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -298,9 +299,14 @@ class ShardWriter:
         self.path = path
         self.tensors = list(tensors)
         self._f = open(path, "wb")
-        self._f.write(_header_bytes(self.tensors, metadata or {"format": "pt"}))
+        header = _header_bytes(self.tensors, metadata or {"format": "pt"})
+        self._f.write(header)
         self._i = 0
         self._written = 0  # bytes of the current tensor written so far
+        # sha256 of the file and of each tensor's bytes, computed as they are written (the manifest needs both)
+        self._file_sha = hashlib.sha256(header)
+        self._tensor_sha = hashlib.sha256()
+        self.tensor_sha256: dict[str, str] = {}
 
     def write(self, name: str, data: np.ndarray) -> None:
         """Append `data` (the whole tensor or its next rows) to tensor `name`, which must be the current one."""
@@ -310,11 +316,16 @@ class ShardWriter:
         if data.dtype != t.dtype or data.shape[1:] != t.shape[1:]:
             raise MappingError(f"{name}: expected {t.dtype}{list(t.shape)}, got {data.dtype}{list(data.shape)}")
         data = np.ascontiguousarray(data)
-        self._f.write(memoryview(data.reshape(-1).view(np.uint8)) if data.size else b"")
+        raw = memoryview(data.reshape(-1).view(np.uint8)) if data.size else memoryview(b"")
         self._written += data.nbytes
         if self._written > t.nbytes:
             raise MappingError(f"{name}: more data than its shape {list(t.shape)} holds")
+        self._f.write(raw)
+        self._file_sha.update(raw)
+        self._tensor_sha.update(raw)
         if self._written == t.nbytes:
+            self.tensor_sha256[t.name] = self._tensor_sha.hexdigest()
+            self._tensor_sha = hashlib.sha256()
             self._i += 1
             self._written = 0
 
@@ -337,6 +348,11 @@ class ShardWriter:
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
+
+    @property
+    def sha256(self) -> str:
+        """The file's sha256 (complete once every tensor is written)."""
+        return self._file_sha.hexdigest()
 
 
 def write_index(folder: Path, shards: Sequence[Sequence[PlannedTensor]], names: Sequence[str]) -> None:

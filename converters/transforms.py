@@ -61,8 +61,8 @@ class Kernel(Transform):
     n_in: int = 1
 
     def forward(self, x):
-        # a strided view: Orbax/tensorstore copies it into the chunk buffer anyway, so no transpose here
-        return x.T.reshape(self.mt_shape)
+        # contiguous (tiled transpose): the writer hashes the bytes and lets tensorstore keep them without a copy
+        return transpose2d(x).reshape(self.mt_shape)
 
     def inverse(self, y):
         n_in = math.prod(self.mt_shape[: self.n_in])
@@ -191,6 +191,6 @@ def run_chain(chain: tuple[Transform, ...], x: np.ndarray, out_dtype: np.dtype, 
         x = x.astype(np.float32)
     for t in steps:
         x = t.inverse(x) if inverse else t.forward(x)
-    # Forward results may be strided views (tensorstore writes those directly); inverse ones are made
-    # contiguous by the transforms themselves (tiled transposes) before they are appended to a file.
+    # Kernels come out contiguous (tiled transposes); other steps may leave a strided view, which the
+    # writers copy once when they need the bytes.
     return x.astype(out_dtype, copy=False)

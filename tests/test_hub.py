@@ -16,7 +16,7 @@ import pytest
 
 from converters import hub as hub_lib
 from converters.download import MANIFEST_NAME, download, partial_dir
-from converters.errors import CkptflowError, OutputExistsError
+from converters.errors import CkptflowError, CorruptFileError, OutputExistsError
 from converters.publish import publish
 from tests.stand_ins.fixtures import TOKEN, converted, folder_files, hub, hub_env, model_files  # noqa: F401  (fixtures)
 
@@ -50,6 +50,53 @@ def test_download_resolves_the_branch_to_a_sha_and_takes_only_what_conversion_ne
     again, copied = download("acme/tiny", tmp_path / "out", revision="main")
     assert not copied and again == manifest
     assert not resolved_revisions(hub)  # nothing fetched again
+
+
+def fetched_files(server) -> list[str]:
+    return sorted(p.split("/", 5)[5] for m, p in server.state.requests if m == "GET" and "/resolve/" in p)
+
+
+def test_a_split_download_fetches_each_weight_file_once_and_finalize_publishes_the_same_folder(hub, tmp_path):
+    """Two parts fetch disjoint runs of the shards (each only its own); finalize takes the small files, checks
+    the parts and yields exactly what a one-process download does."""
+    sha = hub.state.commit("acme/tiny", model_files())
+    whole, _ = download("acme/tiny", tmp_path / "whole")
+    out = tmp_path / "split"
+    fetched = []
+    for i in range(2):
+        hub.state.requests.clear()
+        record, _ = download("acme/tiny", out, part=(i, 2))
+        assert record["part"] == i and record["revision"] == sha
+        fetched.append({n for n in fetched_files(hub) if n.endswith(".safetensors")})
+        assert set(record["files"]) == fetched[-1]
+        assert not out.exists()  # nothing at OUT until finalize
+    assert fetched[0] and fetched[1] and not fetched[0] & fetched[1]
+    assert fetched[0] | fetched[1] == {n for n in WANTED if n.endswith(".safetensors")}
+    hub.state.requests.clear()
+    manifest, copied = download("acme/tiny", out, finalize=True)
+    assert copied and not any(n.endswith(".safetensors") for n in fetched_files(hub))  # weights not fetched again
+    assert manifest["files"] == whole["files"] and manifest["digest"] == whole["digest"]
+    assert folder_files(out) == folder_files(tmp_path / "whole")
+    assert not partial_dir(out, sha).exists()
+
+
+def test_a_split_download_finalize_refuses_a_missing_or_damaged_part(hub, tmp_path):
+    sha = hub.state.commit("acme/tiny", model_files())
+    out = tmp_path / "split"
+    download("acme/tiny", out, part=(0, 2))
+    with pytest.raises(CkptflowError, match=r"download part\(s\) 1/2 not finished"):
+        download("acme/tiny", out, finalize=True)
+    record, _ = download("acme/tiny", out, part=(1, 2))
+    victim = partial_dir(out, sha) / next(iter(record["files"]))
+    victim.write_bytes(victim.read_bytes()[:-10])
+    with pytest.raises(CkptflowError, match=r"download part 1/2: .* missing or changed"):
+        download("acme/tiny", out, finalize=True)
+    assert not out.exists()
+    with pytest.raises(CorruptFileError, match="does not match the hub's metadata"):
+        download("acme/tiny", out, part=(1, 2))  # re-run: the damaged file fails its check and is deleted ...
+    download("acme/tiny", out, part=(1, 2))  # ... and the next run fetches it anew
+    manifest, _ = download("acme/tiny", out, finalize=True)
+    assert set(manifest["files"]) == WANTED
 
 
 def test_download_by_sha_gets_that_commit_after_the_branch_moved(hub, tmp_path):

@@ -19,11 +19,23 @@ Convert a checkpoint in either direction, streaming one tensor (or one layer sli
 
 OUT is written to a temporary sibling and moved into place only when complete.
 
+Splitting one conversion over N processes or pods (very large models):
+  run `--part I/N` for every I in 0..N-1 (at once, anywhere that sees SRC and OUT's folder), then
+  `--finalize` once, all with the same SRC, OUT and options. Each part converts a contiguous run of
+  the work balanced by bytes (--to maxtext: layer and expert slices, as process I of Orbax's
+  multi-process layout; --to hf: whole shards) into .OUT.ckptflow-parts/ beside OUT, and reads only
+  the source files that run needs. A part that fails is simply run again; the others are kept.
+  --finalize checks that every part of this same conversion finished intact (refusing missing or
+  stale ones), assembles OUT from them without copying, writes the manifest and publishes OUT
+  atomically. The result equals a single-process conversion array for array.
+
 examples:
   ckptflow convert ./Qwen3-0.6B ./qwen3-mt --to maxtext --scan
   ckptflow convert ./Qwen3-0.6B ./qwen3-mt-unscanned --to maxtext --no-scan --dtype float32
   ckptflow convert ./qwen3-mt ./qwen3-hf --to hf
   ckptflow convert gs-mounted/run/checkpoints ./llama-hf --to hf --model llama3.1-8b
+  for i in 0 1 2 3; do ckptflow convert ./DeepSeek-V3 /shared/ds3-mt --to maxtext --part $i/4 & done; wait
+  ckptflow convert ./DeepSeek-V3 /shared/ds3-mt --to maxtext --finalize
 """
 
 
@@ -32,6 +44,15 @@ def _size(text: str) -> int:
     if not m:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB)")
     return int(float(m[1]) * 1024 ** "_KMGT".index(m[2].upper() or "_"))
+
+
+def _part(text: str) -> tuple[int, int]:
+    from converters.parts import parse_part
+
+    try:
+        return parse_part(text)
+    except CkptflowError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_parser(sub):
@@ -58,7 +79,16 @@ def add_parser(sub):
                    help="--to maxtext: also convert DeepSeek-V3's multi-token-prediction layer into mtp_block (skipped by default, "
                         "as MaxText's converter does); --to hf exports mtp_block whenever the checkpoint has it")
     p.add_argument("--shard-size", type=_size, default="5GB", metavar="SIZE", help="--to hf: largest safetensors shard (default 5GB)")
+    p.add_argument("--buffer-size", type=_size, metavar="SIZE",
+                   help="--to maxtext: data each worker buffers before committing it to the checkpoint (default 128MB). "
+                        "Peak memory is about workers x 2 x SIZE plus the largest tensor being converted; smaller saves "
+                        "memory at the cost of more commits")
     p.add_argument("--workers", type=int, default=2, metavar="N", help="arrays converted concurrently (default 2; memory grows with it)")
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--part", metavar="I/N", type=_part,
+                       help="convert only part I (0-based) of N into the staging folder beside OUT; see above")
+    split.add_argument("--finalize", action="store_true",
+                       help="assemble OUT from the N finished parts (same SRC, OUT and options as the parts)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -76,14 +106,19 @@ def run(args) -> int:
             r = hf_to_maxtext(
                 args.src, args.out, scan=args.scan, dtype=args.dtype, model=args.model, hf_config=args.hf_config,
                 overwrite=args.overwrite, use_ocdbt=args.ocdbt and not args.pathways, use_zarr3=args.zarr3 and not args.pathways,
-            compress=args.compress,
-                workers=args.workers, progress=bar, with_mtp=args.with_mtp,
+                compress=args.compress, workers=args.workers, progress=bar, with_mtp=args.with_mtp,
+                part=args.part, finalize=args.finalize, buffer_bytes=args.buffer_size,
             )
             where = f"{r.out}/0/items (load_parameters_path)"
         else:
             r = maxtext_to_hf(args.src, args.out, dtype=args.dtype, model=args.model, hf_config=args.hf_config,
-                              overwrite=args.overwrite, shard_bytes=args.shard_size, progress=bar)
+                              overwrite=args.overwrite, shard_bytes=args.shard_size, progress=bar,
+                              part=args.part, finalize=args.finalize)
             where = str(r.out)
+        if args.part is not None:
+            from converters.parts import part_name, staging_dir
+
+            where = f"part {args.part[0]}/{args.part[1]} -> {staging_dir(args.out) / part_name(*args.part)}"
     finally:
         for b in getattr(bar, "bars", ()):
             b.close()
