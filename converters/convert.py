@@ -330,7 +330,7 @@ def hf_to_maxtext(
             family=family.name,
             options=options,
             source=outputs.describe_source(src),  # + repo, commit sha and file sha256s when `ckptflow download` staged it
-            tensor_digests={k: outputs.chunked_digest(v) for k, v in digests.items()},
+            tensors={k: (a.shape, np.dtype(a.dtype).name, outputs.chunked_digest(digests[k])) for k, a in flat.items()},
         )
     return Result(Path(out), family.name, total, len(flat))
 
@@ -371,7 +371,8 @@ def _finalize_to_maxtext(src: Path, out, family, cfg: dict, hf_config, plan: lis
             options=options,
             source=outputs.describe_source(src),
             file_sha256=file_sha,
-            tensor_digests={k: outputs.chunked_digest(v) for k, v in chunks.items()},
+            tensors={leaf.path: (leaf.shape, leaf.rule.out_dtype(_dtype(options["dtype"])).name, outputs.chunked_digest(chunks[leaf.path]))
+                     for leaf in plan},
             extra={"parts": parts.summary(found)},
         )
     parts.remove_staging(out)
@@ -525,7 +526,8 @@ def maxtext_to_hf(
         with outputs.atomic_dir(out, overwrite) as tmp:
             for p in found:
                 parts.link_tree(p.dir / "shards", tmp)
-            finish(tmp, file_sha256=file_sha, tensor_digests=tensor_sha, extra={"parts": parts.summary(found)})
+            finish(tmp, file_sha256=file_sha, tensors={t.name: (t.shape, t.dtype.name, tensor_sha[t.name]) for t in planned if t.name in tensor_sha},
+                   extra={"parts": parts.summary(found)})
         parts.remove_staging(out)
         return Result(Path(out), family.name, sum(t.nbytes for t in planned), len(planned))
 
@@ -577,5 +579,5 @@ def maxtext_to_hf(
 
     with outputs.atomic_dir(out, overwrite) as tmp:
         write_shards(tmp)
-        finish(tmp, file_sha256=file_sha, tensor_digests=tensor_sha)
+        finish(tmp, file_sha256=file_sha, tensors={t.name: (t.shape, t.dtype.name, tensor_sha[t.name]) for t in planned if t.name in tensor_sha})
     return Result(Path(out), family.name, total, len(planned))

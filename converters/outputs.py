@@ -317,7 +317,7 @@ def array_bytes(a) -> memoryview:
 
 
 def _tensor_sources(folder: Path):
-    """(tensor name, shape, dtype, digest function) of the checkpoint in `folder`, and the paths they cover.
+    """(tensor name, shape fn, dtype fn, digest fn) of the checkpoint in `folder`, and the paths they cover.
 
     An HF folder's tensors come from its safetensors files (digest: sha256 of the tensor's bytes); a MaxText
     folder's from its Orbax step folder (digest: `chunked_digest` over its stored chunks).
@@ -347,7 +347,7 @@ def _tensor_sources(folder: Path):
                         h.update(b)
                 return h.hexdigest()
 
-            items.append((name, info.shape, info.dtype, digest))
+            items.append((name, lambda info=info: info.shape, lambda info=info: info.dtype, digest))
         return items, {p.relative_to(folder).as_posix() for p in shards}, ()
     if not any(folder.rglob("_METADATA")):
         return [], set(), ()
@@ -356,11 +356,11 @@ def _tensor_sources(folder: Path):
     reader = CheckpointReader(folder)
     items = []
     for key in sorted(reader.arrays):
-        shape, dtype = reader.shape(key), reader.dtype(key)
 
-        def digest(key=key, shape=shape) -> str:
+        def digest(key=key) -> str:
             # One stored chunk at a time: a row block would cut across every chunk of a layer-chunked stack and
             # re-read the whole array once per block.
+            shape = reader.shape(key)
             if not shape or 0 in shape:
                 return chunked_digest({(0,) * len(shape): hashlib.sha256(array_bytes(reader.read(key))).hexdigest()})
             chunk = reader.chunk_shape(key)
@@ -370,31 +370,38 @@ def _tensor_sources(folder: Path):
                 chunks[origin] = hashlib.sha256(array_bytes(reader.read(key, index))).hexdigest()
             return chunked_digest(chunks)
 
-        items.append((key, shape, dtype, digest))
+        # shape and dtype open the array: only asked for when the writer did not say (see `output_digest`)
+        items.append((key, lambda key=key: reader.shape(key), lambda key=key: reader.dtype(key), digest))
     step = reader.items.parent.relative_to(folder).as_posix() if folder in reader.items.parents else None
     return items, set(), (step,) if step else ()
 
 
 def output_digest(folder: str | os.PathLike, file_sha256: dict[str, str] | None = None,
-                  tensor_digests: dict[str, str] | None = None) -> str:
+                  tensors: dict[str, tuple[tuple[int, ...], str, str]] | None = None) -> str:
     """A digest of what a checkpoint holds, equal for equal content across runs (Orbax file bytes are not:
     OCDBT file names, timestamps). sha256 over every tensor's name, shape, dtype and digest (see
     `_tensor_sources`) in name order, then over the path and sha256 of every other file (configs, tokenizer,
     sidecars) except the manifest and the Orbax step folder (its `_CHECKPOINT_METADATA` holds a time stamp).
 
-    `tensor_digests` / `file_sha256`: digests already computed while writing (not read back again).
+    `tensors` ({name: (shape, dtype name, digest)}) / `file_sha256`: what the writer computed as it wrote
+    (those tensors and files are not read back, nor even opened).
     """
     folder = Path(folder).absolute()  # the Orbax step folder is recognised by absolute path
     items, covered, skip_dirs = _tensor_sources(folder)
-    known = tensor_digests or {}
+    known = tensors or {}
+
+    def line(item) -> str:
+        name, shape, dtype, digest = item
+        shape, dtype_name, d = known.get(name) or (shape(), dtype().name, digest())
+        return f"tensor\0{name}\0{list(shape)}\0{dtype_name}\0{d}\n"
 
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:  # reads and hashing release the GIL
-        digests = list(pool.map(lambda item: known.get(item[0]) or item[3](), items))
+        lines = list(pool.map(line, items))
     h = hashlib.sha256(b"ckptflow-output-digest-v3\n")
-    for (name, shape, dtype, _), d in zip(items, digests):
-        h.update(f"tensor\0{name}\0{list(shape)}\0{dtype.name}\0{d}\n".encode())
+    for text in lines:
+        h.update(text.encode())
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder).as_posix()
         if not p.is_file() or rel in covered or p.name in (MANIFEST, DOWNLOAD_MANIFEST):
@@ -445,13 +452,14 @@ def record_verify(folder: str | os.PathLike, metrics: dict) -> dict:
 
 
 def write_manifest(folder: Path, *, direction: str, family: str, options: dict, source: dict, digest_files: bool = True,
-                   file_sha256: dict[str, str] | None = None, tensor_digests: dict[str, str] | None = None,
+                   file_sha256: dict[str, str] | None = None, tensors: dict[str, tuple] | None = None,
                    extra: dict | None = None) -> dict:
     """`ckptflow-manifest.json`: what was converted, how, and a sha256 of every file written.
 
     Also `output_digest` (see `output_digest`), the digest a re-run of the same conversion reproduces.
-    `file_sha256` / `tensor_digests`: digests the writers computed as they wrote (those files and tensors are
-    not read back); `extra`: further top-level entries (e.g. the parts of a split conversion).
+    `file_sha256` / `tensors` ({name: (shape, dtype name, digest)}): what the writers computed as they wrote
+    (those files and tensors are not read back); `extra`: further top-level entries (e.g. the parts of a split
+    conversion).
     """
     known = file_sha256 or {}
     files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST]
@@ -464,7 +472,7 @@ def write_manifest(folder: Path, *, direction: str, family: str, options: dict, 
             return known.get(p.relative_to(folder).as_posix()) or file_digest(p)
 
         with ThreadPoolExecutor(max_workers=1 + min(3, os.cpu_count() or 1)) as pool:
-            content = pool.submit(output_digest, folder, known, tensor_digests)
+            content = pool.submit(output_digest, folder, known, tensors)
             digests = list(pool.map(digest, files))
             content_digest = content.result()
     outputs = {

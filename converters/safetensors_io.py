@@ -11,7 +11,9 @@ import hashlib
 import json
 import math
 import os
+import queue
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -292,8 +294,46 @@ def _header_bytes(tensors: Sequence[PlannedTensor], metadata: dict[str, str]) ->
     return struct.pack("<Q", len(raw)) + raw
 
 
+class _Hasher:
+    """sha256 of a file and of each of its tensors, on a thread of its own: hashing a shard is as much CPU as
+    writing it, and overlapping the two keeps the writer at disk speed. Blocks queue up in order (at most
+    `depth` of them, so memory stays bounded)."""
+
+    def __init__(self, header: bytes, depth: int = 2):
+        self.file = hashlib.sha256(header)
+        self.tensors: dict[str, str] = {}
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._t = threading.Thread(target=self._run, name="ckptflow-hash", daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        current = hashlib.sha256()
+        while (item := self._q.get()) is not None:
+            name, raw, last = item
+            try:
+                self.file.update(raw)
+                current.update(raw)
+            except BaseException as e:  # noqa: BLE001 - surfaced by finish()
+                self._error = e
+            if last:
+                self.tensors[name] = current.hexdigest()
+                current = hashlib.sha256()
+
+    def add(self, name: str, raw: memoryview, last: bool) -> None:
+        self._q.put((name, raw, last))
+
+    def finish(self) -> None:
+        self._q.put(None)
+        self._t.join()
+        if self._error is not None:
+            raise self._error
+
+
 class ShardWriter:
-    """Writes one safetensors shard whose header is known up front; tensors arrive in order, possibly in row chunks."""
+    """Writes one safetensors shard whose header is known up front; tensors arrive in order, possibly in row chunks.
+
+    The file's sha256 and each tensor's (what the manifest needs) are computed as the bytes are written."""
 
     def __init__(self, path: Path, tensors: Sequence[PlannedTensor], metadata: dict[str, str] | None = None):
         self.path = path
@@ -303,10 +343,7 @@ class ShardWriter:
         self._f.write(header)
         self._i = 0
         self._written = 0  # bytes of the current tensor written so far
-        # sha256 of the file and of each tensor's bytes, computed as they are written (the manifest needs both)
-        self._file_sha = hashlib.sha256(header)
-        self._tensor_sha = hashlib.sha256()
-        self.tensor_sha256: dict[str, str] = {}
+        self._hash = _Hasher(header)
 
     def write(self, name: str, data: np.ndarray) -> None:
         """Append `data` (the whole tensor or its next rows) to tensor `name`, which must be the current one."""
@@ -321,11 +358,8 @@ class ShardWriter:
         if self._written > t.nbytes:
             raise MappingError(f"{name}: more data than its shape {list(t.shape)} holds")
         self._f.write(raw)
-        self._file_sha.update(raw)
-        self._tensor_sha.update(raw)
+        self._hash.add(t.name, raw, self._written == t.nbytes)  # `raw` keeps the block alive until hashed
         if self._written == t.nbytes:
-            self.tensor_sha256[t.name] = self._tensor_sha.hexdigest()
-            self._tensor_sha = hashlib.sha256()
             self._i += 1
             self._written = 0
 
@@ -337,22 +371,32 @@ class ShardWriter:
     def abort(self) -> None:
         """Close the file after a failure (a disk-full flush fails again: ignored), so its space can be freed."""
         try:
+            self._hash.finish()
+        except BaseException:  # noqa: BLE001 - the failure being handled is the one to report
+            pass
+        try:
             self._f.close()
         except OSError:
             pass
 
     def close(self) -> None:
         if self._i != len(self.tensors):
-            self._f.close()
+            self.abort()
             raise RuntimeError(f"shard {self.path.name}: closed after {self._i} of {len(self.tensors)} tensors")
         self._f.flush()
+        self._hash.finish()
         os.fsync(self._f.fileno())
         self._f.close()
 
     @property
     def sha256(self) -> str:
-        """The file's sha256 (complete once every tensor is written)."""
-        return self._file_sha.hexdigest()
+        """The file's sha256 (complete once closed)."""
+        return self._hash.file.hexdigest()
+
+    @property
+    def tensor_sha256(self) -> dict[str, str]:
+        """Each tensor's sha256 (complete once closed)."""
+        return self._hash.tensors
 
 
 def write_index(folder: Path, shards: Sequence[Sequence[PlannedTensor]], names: Sequence[str]) -> None:

@@ -90,7 +90,8 @@ class Permute(Transform):
     axes: tuple[int, ...]
 
     def forward(self, x):
-        return x.transpose(self.axes)
+        # 2-D (lm_head): a contiguous tiled transpose, as the writer needs the bytes (a strided bf16 copy is slow)
+        return transpose2d(x) if self.axes == (1, 0) else x.transpose(self.axes)
 
     def inverse(self, y):
         return transpose2d(y) if self.axes == (1, 0) else y.transpose(np.argsort(self.axes))
