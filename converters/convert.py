@@ -31,6 +31,7 @@ from converters.safetensors_io import (
     ShardWriter,
     iter_row_chunks,
     plan_shards,
+    will_need,
     read_tensor,
     save_file,
     shard_names,
@@ -104,6 +105,7 @@ class _Unit:
     nbytes: int
     source: tuple  # (source file rank, byte offset): where its HF bytes are, so shares follow the files
     produce: Callable[[], np.ndarray]
+    prefetch: Callable[[], None] = lambda: None  # start reading its source bytes (readahead)
 
 
 def _source_position(src, name: str, files: dict[str, int]) -> tuple[int, int]:
@@ -123,7 +125,12 @@ def _hf_units(leaf: Leaf, src: SafetensorsFolder, dtype: np.dtype, files: dict[s
             x = src.read(p.hf) if p.row is None else src.read(p.hf, slice(p.row, p.row + 1))[0]
             return r.to_maxtext(x, dtype, leaf.part)
 
-        units = [_Unit(p.index, nbytes, _source_position(src, p.hf, files), lambda p=p: piece(p)) for p in leaf.pieces()]
+        def ahead(p: Piece) -> None:
+            if p.hf in src and hasattr(src.info(p.hf), "path"):
+                will_need(src.info(p.hf), None if p.row is None else slice(p.row, p.row + 1))
+
+        units = [_Unit(p.index, nbytes, _source_position(src, p.hf, files), lambda p=p: piece(p), lambda p=p: ahead(p))
+                 for p in leaf.pieces()]
         return units, leaf.piece_shape
 
     name = leaf.hf_name()
@@ -154,8 +161,19 @@ def _hf_units(leaf: Leaf, src: SafetensorsFolder, dtype: np.dtype, files: dict[s
 
     for rs in iter_row_chunks(shape[ax], 1, step_rows):
         at = where[1] + min(rs.start, kept) * info.row_bytes
-        units.append(_Unit(region(rs), (rs.stop - rs.start) * row_bytes, (where[0], at), lambda rs=rs: block(rs)))
+        ahead = (lambda rs=rs: will_need(info, slice(rs.start, min(rs.stop, kept)))) if rs.start < kept else (lambda: None)
+        units.append(_Unit(region(rs), (rs.stop - rs.start) * row_bytes, (where[0], at), lambda rs=rs: block(rs), ahead))
     return units, tuple(min(step_rows, n) if a == ax else n for a, n in enumerate(shape))
+
+
+def _produce(units: list[_Unit]) -> Iterator[tuple[tuple, np.ndarray]]:
+    """(region, block) of each unit, the next unit's source already being read by the kernel meanwhile."""
+    for k, u in enumerate(units):
+        if k == 0:
+            u.prefetch()
+        if k + 1 < len(units):
+            units[k + 1].prefetch()
+        yield u.index, u.produce()
 
 
 def _share(work: list[list[_Unit]], part: tuple[int, int] | None) -> list[list[bool]]:
@@ -293,7 +311,7 @@ def hf_to_maxtext(
     flat = {}
     for leaf, units, sel, piece_shape, leaf_dtype in zip(plan, work, mine, shapes, dtypes):
         todo = [u for u, m in zip(units, sel) if m]
-        pieces = (lambda todo=todo: ((u.index, u.produce()) for u in todo)) if todo else None
+        pieces = (lambda todo=todo: _produce(todo)) if todo else None
         flat[leaf.path] = LazyArray(leaf.shape, leaf_dtype, pieces, piece_shape, name=leaf.path)
     total = sum(u.nbytes for units, sel in zip(work, mine) for u, m in zip(units, sel) if m)
     bar = progress(total, len(flat)) if progress else None

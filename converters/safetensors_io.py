@@ -294,6 +294,24 @@ def _header_bytes(tensors: Sequence[PlannedTensor], metadata: dict[str, str]) ->
     return struct.pack("<Q", len(raw)) + raw
 
 
+def will_need(info: TensorInfo, rows: slice | None = None) -> None:
+    """Ask the kernel to start reading a tensor (or a row range) now, so it is in memory by the time it is read."""
+    if not hasattr(os, "posix_fadvise") or info.start < 0:
+        return
+    offset, nbytes = info.start, info.nbytes
+    if rows is not None:
+        start, stop, _ = rows.indices(info.shape[0])
+        offset, nbytes = offset + start * info.row_bytes, (stop - start) * info.row_bytes
+    try:
+        fd = os.open(info.path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass  # only a hint
+
+
 class _Hasher:
     """sha256 of a file and of each of its tensors, on a thread of its own: hashing a shard is as much CPU as
     writing it, and overlapping the two keeps the writer at disk speed. Blocks queue up in order (at most
