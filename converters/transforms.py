@@ -17,11 +17,32 @@ import numpy as np
 
 
 _TILE = 256
+_TORCH_MIN_BYTES = 16 << 20  # below this, importing torch (~1 s) is not worth it
+_torch = None
+
+
+def _torch_module():
+    """torch (a dependency anyway), imported on first use; None when it is not installed."""
+    global _torch
+    if _torch is None:
+        try:
+            import torch
+
+            _torch = torch
+        except ImportError:
+            _torch = False
+    return _torch or None
 
 
 def transpose2d(x: np.ndarray) -> np.ndarray:
-    """Contiguous transpose of a 2-D array, tiled so both sides stay in cache (3-4x numpy's plain copy)."""
+    """Contiguous transpose of a 2-D array: torch's transpose kernel for large ones (1.1 GB/s here, against
+    0.65 GB/s for the tiled numpy copy below, itself 3x numpy's plain strided copy). Bits are moved as integers."""
     r, c = x.shape
+    ints = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}.get(x.dtype.itemsize)
+    if x.nbytes >= _TORCH_MIN_BYTES and ints is not None and x.flags.c_contiguous and x.flags.writeable:
+        torch = _torch_module()
+        if torch is not None:
+            return torch.from_numpy(x.view(ints)).t().contiguous().numpy().view(x.dtype)
     if r * c < _TILE * _TILE:
         return np.ascontiguousarray(x.T)
     if x.dtype.itemsize in (1, 2, 4, 8) and x.dtype.kind not in "biuf":

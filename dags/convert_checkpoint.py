@@ -1,4 +1,5 @@
-"""`convert_checkpoint`: download -> convert -> verify -> publish one LLM checkpoint (HF <-> MaxText).
+"""`convert_checkpoint`: download -> convert (in `parts` mapped pieces) -> finalize -> verify -> publish one LLM
+checkpoint (HF <-> MaxText).
 
 Triggered by hand with a form (typed params below). Parsing this file imports Airflow's task SDK, the
 light `converters.registry` and the `operators` package only: no jax, torch, transformers or Kubernetes.
@@ -22,8 +23,10 @@ from operators.ckptflow_operators import (
     DEFAULT_TIMEOUTS,
     ConvertOperator,
     DownloadOperator,
+    FinalizeOperator,
     PublishOperator,
     VerifyOperator,
+    part_indices,
 )
 from operators.commands import (
     AUTO_MODEL,
@@ -33,6 +36,7 @@ from operators.commands import (
     DIRECTIONS,
     DTYPES,
     EXECUTION_MODES,
+    MAX_PARTS,
     REVISION_PATTERN,
     SOURCE_PATTERN,
 )
@@ -130,6 +134,21 @@ PARAMS = {
         title="Node pool",
         description="kubernetes mode: node-pool preset. On a TPU preset, verify runs on the TPU slice and the other steps on cpu-standard.",
     ),
+    "parts": Param(
+        1,
+        type="integer",
+        minimum=1,
+        maximum=MAX_PARTS,
+        title="Convert in parts",
+        description=(
+            "Split the convert step into this many processes (kubernetes: pods) that run at the same time, then "
+            "assemble their output in a finalize task. Worth it for very large models (hundreds of GB), where one "
+            "process takes hours; 1 (the default) converts in one process. All parts write into the run's work folder, "
+            "which must be shared storage that every part can reach (kubernetes: a ReadWriteMany PVC or a GCS FUSE "
+            "bucket; local mode: one worker, or a work root shared by all workers). A failed part is retried alone; "
+            "the other parts' work is kept."
+        ),
+    ),
 }
 
 
@@ -142,6 +161,8 @@ def _param_table() -> str:
             allowed = ", ".join(f"`{v}`" for v in schema["enum"])
         elif schema.get("type") == "number":
             allowed = f"> {schema.get('exclusiveMinimum', '-inf')}, <= {schema.get('maximum', 'inf')}"
+        elif schema.get("type") == "integer":
+            allowed = f"whole number {schema.get('minimum', '-inf')} to {schema.get('maximum', 'inf')}"
         elif "pattern" in schema:
             allowed = f"`{schema['pattern'].replace('|', '&#124;')}`"
         else:
@@ -160,10 +181,15 @@ logits, and publish it only if it passed.
 
 1. `download`: stage the source in the run's work folder (safetensors + config + tokenizer; hub revision
    resolved to a commit sha; atomic).
-2. `convert`: `ckptflow convert --to maxtext|hf` into the work folder (atomic; a retry replaces it).
-3. `verify`: `ckptflow verify` (HF vs MaxText logits, KL per token). A KL above `max_kl` fails the run
+2. `convert`: `ckptflow convert --to maxtext|hf` into the work folder (atomic; a retry replaces it). A mapped
+   task (`plan_parts` lists the indices): with `parts` N > 1 it runs as N task instances at once (N processes,
+   or N pods), instance I running `ckptflow convert ... --part I/N`. A failed part is retried alone; the
+   others' output is kept.
+3. `finalize`: with N > 1, `ckptflow convert ... --finalize` checks that every part finished for this
+   conversion and moves the assembled checkpoint into place with its manifest; with N = 1 it does nothing.
+4. `verify`: `ckptflow verify` (HF vs MaxText logits, KL per token). A KL above `max_kl` fails the run
    at once (no retries) and **publish does not run**.
-4. `publish`: check the converted folder against its manifest, record the verify metrics in it and publish
+5. `publish`: check the converted folder against its manifest, record the verify metrics in it and publish
    it to `destination` (file://, gs:// or hf://; a reader never sees half of it; the same content again is a
    no-op; different content at an existing destination is refused).
 
@@ -171,10 +197,13 @@ Every step retries {DEFAULT_RETRIES} times with exponential backoff (waits of ab
 never more than 15) and has its own execution timeout
 ({", ".join(f"{step} {t.total_seconds() / 3600:g} h" for step, t in DEFAULT_TIMEOUTS.items())}).
 Steps hand results on through small JSON files in the work folder (`ckptflow-download.json`,
-`ckptflow-manifest.json`, `verify/verify.json`, `publish.json`), never through XCom.
+`ckptflow-manifest.json`, `verify/verify.json`, `publish.json`), never through XCom (the one XCom is the list
+of part indices `convert` is mapped over). Parts stage their output beside `converted/` in the work folder,
+so with `parts` > 1 every part must reach the same storage (the shared work volume in kubernetes mode).
 
 **Lineage:** asset events (through the aliases `ckptflow-download`, `ckptflow-convert`,
-`ckptflow-verify`, `ckptflow-publish`) for `hf://org/repo@<sha>` / `file://...` URIs, with extras
+`ckptflow-verify`, `ckptflow-publish`; the converted checkpoint's event comes from `convert`, or from `finalize`
+when converting in parts) for `hf://org/repo@<sha>` / `file://...` URIs, with extras
 (source revision sha, model, direction, layout, dtype, verify metrics, output digest); OpenLineage
 START/COMPLETE events for every task with the same datasets.
 
@@ -198,8 +227,11 @@ with DAG(
     max_active_runs=4,
 ) as dag:
     download = DownloadOperator(task_id="download")
-    convert = ConvertOperator(task_id="convert")
+    parts = part_indices()  # [0, ..., parts - 1]: mapping follows each run's `parts` param
+    # One task instance per part; each fails, retries and succeeds on its own (map index = part index).
+    convert = ConvertOperator.partial(task_id="convert", map_index_template="part {{ task.part }}/{{ params.parts }}").expand(part=parts)
+    finalize = FinalizeOperator(task_id="finalize")  # all_success: only once every part is done
     verify = VerifyOperator(task_id="verify")
     publish = PublishOperator(task_id="publish")  # trigger rule all_success: only after a passed verify
 
-    download >> convert >> verify >> publish
+    download >> parts >> convert >> finalize >> verify >> publish

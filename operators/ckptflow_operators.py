@@ -1,4 +1,4 @@
-"""Airflow operators for the four pipeline steps: download, convert, verify, publish.
+"""Airflow operators for the pipeline steps: download, convert (whole, or one part of N), finalize, verify, publish.
 
 Every operator runs `ckptflow <step> ...` (arguments from `operators.commands.step_args`) in one of two modes,
 chosen per DAG run (the `execution_mode` param) or per task (the `execution_mode` argument):
@@ -12,6 +12,12 @@ Retries with exponential backoff and a per-step `execution_timeout` are defaults
 Failures that retrying cannot fix end the task at once (`AirflowFailException`): bad input (`ckptflow` exit
 status 2) and a verification that measured a KL above the threshold. Steps are idempotent: paths depend only
 on the DAG run, every `ckptflow` step writes atomically, and re-running a step redoes or confirms its output.
+
+Scale-out: with the run's `parts` param N > 1, `ConvertOperator` is mapped over `part_indices` (one task instance,
+so one process or pod, per part: `ckptflow convert --part I/N`) and `FinalizeOperator` assembles the checkpoint
+(`ckptflow convert --finalize`). A failed part is retried alone: a part's command replaces only its own share in
+the converter's staging folder, and nothing here deletes that folder. With N == 1, convert runs the whole
+conversion and finalize has nothing to do.
 
 Lineage: `outlets` are one `AssetAlias` per step (declared when the DAG is parsed); at run time the step
 emits events for the concrete assets (`hf://org/repo@<sha>`, `file://...`, `gs://...`) with extras read
@@ -28,11 +34,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from airflow.sdk import Asset, AssetAlias, BaseHook, BaseOperator
+from airflow.sdk import Asset, AssetAlias, BaseHook, BaseOperator, task
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from operators import commands, lineage
-from operators.commands import CREDENTIAL_STEPS, EXIT_BAD_INPUT, STEP_ENV, STEPS, RunSpec, WorkLayout, step_args
+from operators.commands import CREDENTIAL_STEPS, EXIT_BAD_INPUT, FINALIZE, STEP_ENV, STEPS, RunSpec, WorkLayout, step_args
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -41,7 +47,8 @@ if TYPE_CHECKING:
 
 DEFAULT_TIMEOUTS = {
     "download": timedelta(hours=3),
-    "convert": timedelta(hours=6),
+    "convert": timedelta(hours=6),  # also each part of a split convert
+    FINALIZE: timedelta(hours=3),
     "verify": timedelta(hours=3),
     "publish": timedelta(hours=3),
 }
@@ -92,11 +99,30 @@ class StepPlan:
 
 
 class CkptflowStepOperator(BaseOperator):
-    """Base of the four step operators; `step` names the `ckptflow` subcommand."""
+    """Base of the step operators; `step` names the `ckptflow` subcommand (or `finalize`)."""
 
     step: ClassVar[str]
+    part: int | None = None  # which part of a split convert this task instance runs (ConvertOperator only)
     template_fields = ("execution_mode", "node_pool")
     ui_color = "#e3f0fb"
+
+    @classmethod
+    def step_defaults(cls) -> dict[str, Any]:
+        """Retries, backoff, timeout, outlets and doc every instance of the step gets unless told otherwise."""
+        return {
+            "retries": DEFAULT_RETRIES,
+            "retry_delay": DEFAULT_RETRY_DELAY,
+            "retry_exponential_backoff": DEFAULT_BACKOFF,
+            "max_retry_delay": DEFAULT_MAX_RETRY_DELAY,
+            "execution_timeout": DEFAULT_TIMEOUTS[cls.step],
+            "outlets": [AssetAlias(lineage.alias_name(cls.step))],
+            "doc_md": cls.__doc__,
+        }
+
+    @classmethod
+    def partial(cls, **kwargs):
+        # A mapped task is scheduled from its partial arguments (retries, timeout, outlets), not from __init__.
+        return super().partial(**{**cls.step_defaults(), **kwargs})
 
     def __init__(
         self,
@@ -108,14 +134,7 @@ class CkptflowStepOperator(BaseOperator):
         hf_conn_id: str = HF_CONN_ID,
         **kwargs,
     ):
-        kwargs.setdefault("retries", DEFAULT_RETRIES)
-        kwargs.setdefault("retry_delay", DEFAULT_RETRY_DELAY)
-        kwargs.setdefault("retry_exponential_backoff", DEFAULT_BACKOFF)
-        kwargs.setdefault("max_retry_delay", DEFAULT_MAX_RETRY_DELAY)
-        kwargs.setdefault("execution_timeout", DEFAULT_TIMEOUTS[self.step])
-        kwargs.setdefault("outlets", [AssetAlias(lineage.alias_name(self.step))])
-        kwargs.setdefault("doc_md", type(self).__doc__)
-        super().__init__(**kwargs)
+        super().__init__(**{**self.step_defaults(), **kwargs})
         self.execution_mode = execution_mode  # None: the run's `execution_mode` param
         self.node_pool = node_pool  # None: the run's `node_pool` param
         self.work_root = work_root
@@ -159,8 +178,9 @@ class CkptflowStepOperator(BaseOperator):
             "report": uri(layout.verify_dir),
             "destination": lineage.destination_uri(spec),
         }
-        inlets, outlets = lineage.step_uris(self.step, uris)
-        return StepPlan(spec, layout, step_args(self.step, spec, layout), inlets, outlets, results)
+        inlets, outlets = lineage.step_uris(self.step, uris, spec.parts)
+        args = [] if self.step == FINALIZE and spec.parts == 1 else step_args(self.step, spec, layout, self.part)
+        return StepPlan(spec, layout, args, inlets, outlets, results)
 
     def _k8s_settings(self) -> KubernetesSettings:
         from operators.kubernetes import KubernetesSettings
@@ -176,6 +196,9 @@ class CkptflowStepOperator(BaseOperator):
                 plan = self._plan = self.plan(context)
             except (ValueError, KeyError) as e:
                 raise AirflowFailException(f"invalid parameters for {self.step}: {e}") from None
+        if not plan.args:  # finalize of a conversion in one part
+            self.log.info("%s: nothing to do for a conversion in one part (convert wrote the checkpoint)", self.step)
+            return
         self.inlets = [Asset(u) for u in plan.inlets]
         self.before_run(plan)
         if plan.spec.execution_mode == "kubernetes":
@@ -273,6 +296,7 @@ class CkptflowStepOperator(BaseOperator):
             return build_pod_operator(
                 task_id=self.task_id,
                 step=self.step,
+                part=self.part if plan.spec.parts > 1 else None,
                 args=plan.args,
                 pool=node_pool(plan.spec.node_pool),
                 model=plan.spec.model_name,
@@ -332,9 +356,31 @@ class DownloadOperator(CkptflowStepOperator):
 
 
 class ConvertOperator(CkptflowStepOperator):
-    """Convert the staged model (`ckptflow convert --to maxtext|hf`) into the run's work folder."""
+    """Convert the staged model (`ckptflow convert --to maxtext|hf`) into the run's work folder; with the run's
+    `parts` N > 1, this task instance converts part `part` of N (`--part I/N`) and finalize assembles them."""
 
     step = "convert"
+
+    def __init__(self, *, part: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.part = part  # set per mapped task instance by `.expand(part=part_indices())`
+
+
+class FinalizeOperator(CkptflowStepOperator):
+    """Assemble the parts of a split convert into the converted checkpoint (`ckptflow convert --finalize`:
+    every part present and from this conversion, the checkpoint moved into place at once, the manifest written,
+    the staging folder removed). Nothing to do when the run converts in one part."""
+
+    step = FINALIZE
+
+
+@task(task_id="plan_parts", retries=0)
+def part_indices(params: dict | None = None) -> list[int]:
+    """`[0, ..., parts - 1]` from the run's params: the mapped convert runs one task instance per index."""
+    try:
+        return list(range(RunSpec.from_params(params or {}).parts))
+    except ValueError as e:  # bad params: retrying cannot help
+        raise AirflowFailException(f"invalid parameters: {e}") from None
 
 
 class VerifyOperator(CkptflowStepOperator):

@@ -4,11 +4,13 @@ Nothing here imports Airflow, Kubernetes or the converter libraries: the DAG fil
 builder and the tests all derive a step's command from `step_args(step, spec, layout)`, and only the program
 in front of it differs (`local_entrypoint()` on a worker, `POD_ENTRYPOINT` in the converter image).
 
-Steps hand results on through files in the run's work folder, never through XCom:
+Steps hand results on through files in the run's work folder, never through XCom (the one XCom is the list of
+part indices the mapped convert task expands over):
 
     <work root>/<dag_id>/<run key>/
         source/       download output (+ ckptflow-download.json: source, revision sha, file digests)
         converted/    convert output (+ ckptflow-manifest.json written by `ckptflow convert`)
+        .converted.ckptflow-parts/   convert split into parts: their shares until `--finalize` assembles them
         verify/       verify report (verify.json, verify.md, kl_per_token.png)
         publish.json  publish receipt (destination, digest, status)
 
@@ -31,6 +33,9 @@ from converters.commands.download import looks_local
 from converters.commands.publish import SUPPORTED_SCHEMES
 
 STEPS = ("download", "convert", "verify", "publish")
+# Not a subcommand: `ckptflow convert --finalize`, which assembles the parts of a convert split into `parts` pieces.
+FINALIZE = "finalize"
+MAX_PARTS = 256  # one mapped task instance (one process or pod) per part: far more than any model needs
 DIRECTIONS = ("hf-to-maxtext", "maxtext-to-hf")
 DTYPES = ("bfloat16", "float32")
 EXECUTION_MODES = ("local", "kubernetes")
@@ -94,6 +99,7 @@ CREDENTIAL_STEPS = ("download", "publish")
 
 DOWNLOAD_MANIFEST = "ckptflow-download.json"  # converters.commands.download.MANIFEST_NAME
 CONVERT_MANIFEST = "ckptflow-manifest.json"  # converters.outputs.MANIFEST
+PARTS_STAGING = ".{name}.ckptflow-parts"  # `ckptflow convert --part`: hidden sibling of OUT, same file system
 VERIFY_REPORT = "verify.json"  # converters.verify.report.write_json
 
 
@@ -123,6 +129,7 @@ class RunSpec:
     max_kl: float = DEFAULT_MAX_KL
     execution_mode: str = "local"
     node_pool: str = DEFAULT_NODE_POOL
+    parts: int = 1  # convert split into this many processes (or pods) writing to shared storage
 
     def __post_init__(self):
         for name, allowed in (("direction", DIRECTIONS), ("dtype", DTYPES), ("execution_mode", EXECUTION_MODES)):
@@ -135,6 +142,8 @@ class RunSpec:
             raise ValueError(f"max_kl must be a positive number, got {self.max_kl!r}")
         if not isinstance(self.scan, bool):
             raise ValueError(f"scan must be true or false, got {self.scan!r}")
+        if not (isinstance(self.parts, int) and not isinstance(self.parts, bool) and 1 <= self.parts <= MAX_PARTS):
+            raise ValueError(f"parts must be a whole number from 1 to {MAX_PARTS}, got {self.parts!r}")
 
     @classmethod
     def from_params(cls, params: Mapping, **overrides) -> RunSpec:
@@ -146,6 +155,9 @@ class RunSpec:
             values["revision"] = None
         if "max_kl" in values and isinstance(values["max_kl"], str):
             values["max_kl"] = float(values["max_kl"])
+        # JSON Schema's "integer" also admits 3.0 (a JSON number with a zero fraction)
+        if isinstance(values.get("parts"), float) and values["parts"].is_integer():
+            values["parts"] = int(values["parts"])
         return cls(**values)
 
     @property
@@ -197,6 +209,11 @@ class WorkLayout:
         return self._p("converted")
 
     @property
+    def parts_staging_dir(self) -> str:
+        """Where the parts of a split convert put their shares until finalize (named by the converter)."""
+        return self._p(PARTS_STAGING.format(name=PurePosixPath(self.converted_dir).name))
+
+    @property
     def verify_dir(self) -> str:
         return self._p("verify")
 
@@ -220,8 +237,12 @@ class WorkLayout:
         }
 
 
-def step_args(step: str, spec: RunSpec, layout: WorkLayout) -> list[str]:
-    """The `ckptflow` arguments of `step` (what follows the program name)."""
+def step_args(step: str, spec: RunSpec, layout: WorkLayout, part: int | None = None) -> list[str]:
+    """The `ckptflow` arguments of `step` (what follows the program name).
+
+    With `spec.parts > 1`, convert runs once per `part` (0 <= part < parts: `--part I/N`) and the `finalize` step
+    assembles their output (`--finalize`); with one part, convert is the single-process command as it always was.
+    """
     if step == "download":
         args = ["download", spec.source, layout.source_dir]
         if spec.source_format == "maxtext":
@@ -229,13 +250,26 @@ def step_args(step: str, spec: RunSpec, layout: WorkLayout) -> list[str]:
         if not spec.source_is_local and spec.revision:
             args += ["--revision", spec.revision]
         return args
-    if step == "convert":
+    if step in ("convert", FINALIZE):
+        # Every part and the finalize get the same SRC, OUT and options: the converter derives its staging folder
+        # from OUT and checks at finalize that all parts belong to this same conversion.
         args = ["convert", layout.source_dir, layout.converted_dir, "--to", spec.target_format]
         args += ["--scan" if spec.scan else "--no-scan", "--dtype", spec.dtype]
         if spec.model_name:
             args += ["--model", spec.model_name]
         # --overwrite: a retry replaces whatever an earlier try left (convert writes atomically anyway).
-        return args + ["--overwrite", "--quiet"]
+        args += ["--overwrite", "--quiet"]
+        if step == FINALIZE:
+            if spec.parts == 1:
+                raise ValueError("a conversion in one part has nothing to finalize")
+            return args + ["--finalize"]
+        if spec.parts == 1:  # part 0 of 1 is the whole conversion: the single-process command
+            if part not in (None, 0):
+                raise ValueError(f"part {part} of a conversion in one part")
+            return args
+        if not (isinstance(part, int) and not isinstance(part, bool) and 0 <= part < spec.parts):
+            raise ValueError(f"convert in {spec.parts} parts needs a part index from 0 to {spec.parts - 1}, got {part!r}")
+        return args + ["--part", f"{part}/{spec.parts}"]
     if step == "verify":
         return [
             "verify", "--hf", layout.hf_dir(spec), "--maxtext", layout.maxtext_dir(spec),
@@ -247,4 +281,4 @@ def step_args(step: str, spec: RunSpec, layout: WorkLayout) -> list[str]:
             "publish", layout.converted_dir, spec.destination, "--receipt", layout.publish_receipt,
             "--verify-report", layout.result_files()["verify"],
         ]
-    raise ValueError(f"unknown step {step!r}; steps are {', '.join(STEPS)}")
+    raise ValueError(f"unknown step {step!r}; steps are {', '.join((*STEPS, FINALIZE))}")

@@ -3,7 +3,7 @@
 * Node-pool presets (`NODE_POOLS`): CPU pools by `cloud.google.com/gke-nodepool`, TPU slices by
   `cloud.google.com/gke-tpu-accelerator` / `cloud.google.com/gke-tpu-topology` with `google.com/tpu` limits
   and the matching toleration. On a TPU preset only the steps that can use the accelerator (verify) go to
-  the TPU nodes; download, convert and publish stay on the CPU pool.
+  the TPU nodes; download, convert (each part of a split convert, and its finalize) and publish stay on the CPU pool.
 * Requests per step and model (`step_resources`): memory from the model's size (its published config in
   `converters.registry`), checked against what the pool's nodes can hold so a too-small pool fails at
   once instead of waiting for a node that can never fit the pod.
@@ -256,8 +256,9 @@ def largest_tensor_elements(config: dict) -> int:
 # Per step: CPU request, fixed memory, and what grows with the model. `ckptflow convert` streams one array
 # (or one layer slice) at a time with 2 workers, computing in float32: a few copies of the largest tensor.
 # `ckptflow verify` holds the HF model (PyTorch, CPU) and the MaxText-side weights, both in float32.
-_STEP_CPU = {"download": 2.0, "convert": 8.0, "verify": 8.0, "publish": 2.0}
-_BASE_GIB = {"download": 4, "convert": 8, "verify": 8, "publish": 4}
+# Finalize of a split convert moves the parts' files into place and writes the manifest: no tensors in memory.
+_STEP_CPU = {"download": 2.0, "convert": 8.0, "finalize": 4.0, "verify": 8.0, "publish": 2.0}
+_BASE_GIB = {"download": 4, "convert": 8, "finalize": 8, "verify": 8, "publish": 4}
 _DEFAULT_CONFIG = {  # sizing stand-in when the model is "auto": an 8B-class model
     "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
     "intermediate_size": 14336, "vocab_size": 128256,
@@ -314,8 +315,10 @@ def build_pod_operator(
     settings: KubernetesSettings,
     timeout_seconds: int | None,
     labels: dict[str, str] | None = None,
+    part: int | None = None,
 ) -> KubernetesPodOperator:
-    """A `KubernetesPodOperator` running `ckptflow <args>` for one step (retries belong to the caller)."""
+    """A `KubernetesPodOperator` running `ckptflow <args>` for one step (retries belong to the caller); `part`
+    names the pod of one part of a split convert (each part is a pod of its own, sized like a whole convert)."""
     from kubernetes.client import models as k8s
 
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
@@ -339,9 +342,12 @@ def build_pod_operator(
         mounts.append(k8s.V1VolumeMount(name="gcp-key", mount_path="/var/secrets/google", read_only=True))
         env.append(k8s.V1EnvVar(name="GOOGLE_APPLICATION_CREDENTIALS", value="/var/secrets/google/key.json"))
     res = step_resources(step, step_pool, model)
+    name, labels = f"ckptflow-{step}", {"app.kubernetes.io/name": "ckptflow", "ckptflow/step": step, **(labels or {})}
+    if part is not None:
+        name, labels["ckptflow/part"] = f"{name}-part-{part}", str(part)
     return KubernetesPodOperator(
         task_id=task_id,
-        name=f"ckptflow-{step}",
+        name=name,
         namespace=settings.namespace,
         image=settings.image,
         image_pull_policy=settings.image_pull_policy,
@@ -356,7 +362,7 @@ def build_pod_operator(
         volume_mounts=mounts,
         # non-root as the image; fsGroup makes a PVC work volume group-writable for it
         security_context={"runAsUser": POD_UID, "runAsGroup": POD_GID, "fsGroup": POD_GID, "runAsNonRoot": True},
-        labels={"app.kubernetes.io/name": "ckptflow", "ckptflow/step": step, **(labels or {})},
+        labels=labels,
         annotations=wv.pod_annotations() or None,
         service_account_name=settings.service_account,
         schedule_timeout_seconds=step_pool.schedule_timeout_seconds,

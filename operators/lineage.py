@@ -4,6 +4,7 @@ Each step reads and writes named things:
 
     download  source (hf://org/repo@<sha> or file://...)     -> staged source (work folder)
     convert   staged source                                  -> converted checkpoint (work folder)
+              (split into parts: each part reads the staged source, finalize writes the converted checkpoint)
     verify    staged source + converted checkpoint           -> verify report (work folder)
     publish   converted checkpoint + verify report           -> destination (file://, later gs:// / hf://)
 
@@ -21,13 +22,14 @@ import urllib.parse
 from typing import Any
 
 from converters.commands.download import digest_of, local_path
-from operators.commands import RunSpec
+from operators.commands import FINALIZE, RunSpec
 
 HF_NAMESPACE = "https://huggingface.co"
 
 
 def alias_name(step: str) -> str:
-    return f"ckptflow-{step}"
+    # finalize produces what convert produces with one part: the converted checkpoint, under the same alias
+    return f"ckptflow-{'convert' if step == FINALIZE else step}"
 
 
 def file_uri(path: str) -> str:
@@ -44,11 +46,15 @@ def destination_uri(spec: RunSpec) -> str:
     return spec.destination if "://" in spec.destination else file_uri(spec.destination)
 
 
-def step_uris(step: str, uris: dict[str, str]) -> tuple[list[str], list[str]]:
-    """(inlets, outlets) of a step, from the run's URIs: source, staged, converted, report, destination."""
+def step_uris(step: str, uris: dict[str, str], parts: int = 1) -> tuple[list[str], list[str]]:
+    """(inlets, outlets) of a step, from the run's URIs: source, staged, converted, report, destination.
+
+    The converted checkpoint is the output of the step that makes it whole: convert, or finalize when convert
+    runs in `parts` > 1 (a part's share in the staging folder is no asset of its own)."""
     table = {
         "download": (["source"], ["staged"]),
-        "convert": (["staged"], ["converted"]),
+        "convert": (["staged"], ["converted"] if parts == 1 else []),
+        FINALIZE: (["staged"], ["converted"]) if parts > 1 else ([], []),
         "verify": (["staged", "converted"], ["report"]),
         "publish": (["converted", "report"], ["destination"]),
     }
@@ -85,6 +91,8 @@ def verify_metrics(report: dict | None) -> dict[str, Any] | None:
 def extras(step: str, spec: RunSpec, results: dict[str, dict | None]) -> dict[str, Any]:
     """Asset-event extras for `step`, from the parameters and the result files available so far."""
     download, manifest, report, receipt = (results.get(k) for k in ("download", "convert", "verify", "publish"))
+    if step == "convert" and spec.parts > 1:
+        manifest = None  # a part knows nothing of the assembled checkpoint (a manifest there is an earlier run's)
     layout = spec.layout
     if manifest and isinstance((manifest.get("options") or {}).get("scan_layers"), bool):
         layout = "scanned" if manifest["options"]["scan_layers"] else "unscanned"
@@ -98,11 +106,12 @@ def extras(step: str, spec: RunSpec, results: dict[str, dict | None]) -> dict[st
         "source_revision": None if spec.source_is_local else spec.revision,
         "source_revision_sha": (download or {}).get("revision"),
         "source_digest": (download or {}).get("digest"),
+        "parts": spec.parts if spec.parts > 1 else None,
     }
     if manifest:
         out["family"] = manifest.get("family")
         out["ckptflow_version"] = manifest.get("ckptflow_version")
-    if step in ("convert", "verify", "publish"):
+    if step in ("convert", FINALIZE, "verify", "publish"):
         out["output_digest"] = output_digest(manifest)
     if step in ("verify", "publish"):
         out["verify"] = verify_metrics(report)
@@ -180,7 +189,7 @@ def operator_lineage(step: str, inlets: list[str], outlets: list[str], data: dic
     for uri in inlets:
         is_checkpoint = step == "verify" and uri == inlets[-1]
         inputs.append(ol_dataset(uri, assertions=assertions if is_checkpoint else None))
-    out_version = {"download": "source_digest", "convert": "output_digest", "publish": "published_digest"}.get(step)
+    out_version = {"download": "source_digest", "convert": "output_digest", FINALIZE: "output_digest", "publish": "published_digest"}.get(step)
     outputs = [ol_dataset(uri, data.get(out_version) if out_version else None, output=True) for uri in outlets]
     run_facets = {"ckptflow": ckptflow_run_facet(data)} if data else {}
     return OperatorLineage(inputs=inputs, outputs=outputs, run_facets=run_facets)

@@ -54,3 +54,23 @@ def test_value_transforms_compute_in_float32_and_round_once():
     assert steps.max() <= 1  # one rounding each way: at most one bf16 ulp
     z = run_chain((Offset(1.0),), x, np.dtype(np.float32))
     assert np.array_equal(z, x.astype(np.float32) + 1)
+
+
+def test_transpose2d_large_arrays_take_the_torch_kernel_and_equal_numpy():
+    """Arrays of 16 MB and more go through torch's transpose (bits moved as integers): the result must be the
+    same C-ordered bytes as numpy's, for bf16 and float32, and a read-only array takes the numpy path."""
+    import ml_dtypes
+
+    from converters import transforms
+
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 1 << 16, size=(2048, 4100), dtype=np.uint16)  # 16.8 MB, a width that is not a tile multiple
+    for x in (bits.view(ml_dtypes.bfloat16), rng.random((1500, 2900), dtype=np.float32)):
+        assert x.nbytes >= transforms._TORCH_MIN_BYTES
+        y = transforms.transpose2d(x)
+        assert transforms._torch, "torch was not used"
+        assert y.dtype == x.dtype and y.flags.c_contiguous
+        assert y.tobytes() == np.ascontiguousarray(x.T).tobytes()
+    ro = bits.copy()
+    ro.flags.writeable = False
+    assert transforms.transpose2d(ro).tobytes() == np.ascontiguousarray(ro.T).tobytes()

@@ -1,5 +1,5 @@
 """The `convert_checkpoint` DAG: clean and light parsing, typed params rejected with clear messages (also by
-the REST API), and one full run on a tiny model with the real `ckptflow` in local mode."""
+the REST API), and full runs on a tiny model with the real `ckptflow` in local mode, in one part and in two."""
 
 from __future__ import annotations
 
@@ -14,14 +14,19 @@ from pathlib import Path
 import pytest
 
 from operators import commands
+from operators.commands import WorkLayout
 from operators.embedded import DAGS_FOLDER, ol_events
+from operators.testing import PARTS_CLI_MISSING, cli_converts_in_parts
 
 DAG_FILE = DAGS_FOLDER / "convert_checkpoint.py"
 HEAVY = ("jax", "jaxlib", "torch", "transformers", "tensorflow", "orbax", "tensorstore", "kubernetes", "openlineage")
 
 
+TASKS = ["download", "plan_parts", "convert", "finalize", "verify", "publish"]
+
+
 def test_dag_folder_imports_without_errors(convert_dag):
-    assert [t.task_id for t in convert_dag.topological_sort()] == ["download", "convert", "verify", "publish"]
+    assert [t.task_id for t in convert_dag.topological_sort()] == TASKS
     assert convert_dag.schedule is None  # manual trigger only
     for name, param in convert_dag.params.items():  # the doc explains every parameter
         assert f"`{name}`" in convert_dag.doc_md, name
@@ -41,7 +46,7 @@ def test_parsing_imports_nothing_heavy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["heavy"] == [] and result["tasks"] == 4
+    assert result["heavy"] == [] and result["tasks"] == len(TASKS)
     assert result["seconds"] < 10
 
 
@@ -66,6 +71,12 @@ GOOD = {"source": "acme/tiny", "destination": "file:///models/tiny/v1"}
         ({**GOOD, "max_kl": "0.1"}, "max_kl", "is not of type 'number'"),
         ({**GOOD, "execution_mode": "ssh"}, "execution_mode", "is not one of"),
         ({**GOOD, "node_pool": "gpu-a100"}, "node_pool", "is not one of"),
+        ({**GOOD, "parts": 0}, "parts", "is less than the minimum of 1"),
+        ({**GOOD, "parts": -2}, "parts", "is less than the minimum of 1"),
+        ({**GOOD, "parts": 2.5}, "parts", "is not of type 'integer'"),
+        ({**GOOD, "parts": "2"}, "parts", "is not of type 'integer'"),
+        ({**GOOD, "parts": True}, "parts", "is not of type 'integer'"),
+        ({**GOOD, "parts": 257}, "parts", "is greater than the maximum of 256"),
     ],
 )
 def test_invalid_params_are_rejected_with_the_param_named(convert_dag, conf, param, reason):
@@ -87,6 +98,8 @@ def test_valid_params_pass(convert_dag):
     served = DagSerialization.deserialize_dag(DagSerialization.serialize_dag(convert_dag))
     values = served.params.deep_merge({**GOOD, "model": "qwen3-0.6b", "max_kl": 0.03, "scan": False}).validate()
     assert values["revision"] == "main" and values["execution_mode"] == "local" and values["scan"] is False
+    assert values["parts"] == 1  # one process unless asked
+    assert served.params.deep_merge({**GOOD, "parts": 256}).validate()["parts"] == 256
 
 
 def test_rest_api_rejects_bad_conf_with_a_400_naming_the_param(convert_dag, monkeypatch):
@@ -106,8 +119,14 @@ def test_rest_api_rejects_bad_conf_with_a_400_naming_the_param(convert_dag, monk
     bad = client.post(url, json={"logical_date": None, "conf": {**GOOD, "max_kl": -1}})
     assert bad.status_code == 400
     assert bad.json()["detail"].startswith("Invalid input for param max_kl:")
+    bad = client.post(url, json={"logical_date": None, "conf": {**GOOD, "parts": 0}})
+    assert bad.status_code == 400 and bad.json()["detail"].startswith("Invalid input for param parts:")
     form = client.get("/api/v2/dags/convert_checkpoint/details").json()["params"]
     assert form["node_pool"]["schema"]["enum"][0] == "cpu-standard" and form["scan"]["schema"]["type"] == "boolean"
+    # The form's field for parts: a whole number from 1, explained (shared storage, when to use it).
+    assert form["parts"]["value"] == 1
+    assert {k: form["parts"]["schema"][k] for k in ("type", "minimum", "maximum")} == {"type": "integer", "minimum": 1, "maximum": 256}
+    assert "shared" in form["parts"]["description"] and "very large models" in form["parts"]["description"]
 
 
 FLAKY = """\
@@ -131,9 +150,11 @@ os.execv(sys.executable, [sys.executable, "-m", "converters", *args])
 """
 
 
-def test_full_run_on_a_tiny_model_in_local_mode(convert_dag, tiny_model, tmp_path, monkeypatch):
+def test_full_run_on_a_tiny_model_in_local_mode(isolated_runs, tiny_model, tmp_path, monkeypatch):
     from airflow.models.asset import AssetEvent
     from airflow.utils.session import create_session
+
+    convert_dag = isolated_runs
 
     source = tiny_model("llama3.1")
     wrapper = tmp_path / "flaky_ckptflow.py"
@@ -151,7 +172,8 @@ def test_full_run_on_a_tiny_model_in_local_mode(convert_dag, tiny_model, tmp_pat
 
     tis = {ti.task_id: ti for ti in dr.get_task_instances()}
     assert dr.state == "success", {k: ti.state for k, ti in tis.items()}
-    assert {k: ti.try_number for k, ti in tis.items()} == {"download": 1, "convert": 2, "verify": 1, "publish": 1}
+    assert {k: ti.try_number for k, ti in tis.items()} == {
+        "download": 1, "plan_parts": 1, "convert": 2, "finalize": 1, "verify": 1, "publish": 1}
 
     # The published checkpoint is the verified one, complete, with nothing of the crashed try in it.
     manifest = json.loads((dest / "ckptflow-manifest.json").read_text())
@@ -193,3 +215,80 @@ def test_full_run_on_a_tiny_model_in_local_mode(convert_dag, tiny_model, tmp_pat
     assert facet["verify"]["passed"] is True and facet["source_digest"] == extra["source_digest"]
     checkpoint = done["verify"]["inputs"][1]
     assert checkpoint["inputFacets"]["dataQualityAssertions"]["assertions"][0]["success"] is True
+
+
+FLAKY_PART = """\
+import os, subprocess, sys
+from pathlib import Path
+
+args = sys.argv[1:]
+marker = Path(os.environ["FLAKY_MARKER"])
+real = [sys.executable, "-m", "converters", *args]
+with open(os.environ["CALL_LOG"], "a") as log:
+    print(" ".join(args), file=log)
+if "--part" in args and args[args.index("--part") + 1].startswith("1/") and not marker.exists():
+    # Part 1's first try writes its share, then its pod or process dies before reporting success.
+    marker.touch()
+    subprocess.run(real, check=True)
+    print("simulated crash of part 1 after writing", file=sys.stderr)
+    sys.exit(1)
+os.execv(sys.executable, real)
+"""
+
+
+@pytest.mark.skipif(not cli_converts_in_parts(), reason=PARTS_CLI_MISSING)
+def test_full_run_in_two_parts_on_a_tiny_model(isolated_runs, tiny_model, tmp_path, monkeypatch):
+    """parts=2 with the real `ckptflow convert --part/--finalize`: part 1 dies once after writing and is retried
+    alone, finalize assembles, verify passes, and the result equals the single-process conversion."""
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+
+    convert_dag = isolated_runs
+
+    source = tiny_model("llama3.1")
+    wrapper = tmp_path / "flaky_part.py"
+    wrapper.write_text(FLAKY_PART)
+    monkeypatch.setattr(commands, "local_entrypoint", lambda: [sys.executable, str(wrapper)])
+    monkeypatch.setenv("FLAKY_MARKER", str(tmp_path / "part-1-failed-once"))
+    monkeypatch.setenv("CALL_LOG", str(tmp_path / "calls.txt"))
+    monkeypatch.setenv("CKPTFLOW_WORK_ROOT", str(tmp_path / "work"))
+    for task in convert_dag.tasks:
+        monkeypatch.setattr(task, "retry_delay", timedelta(0))
+    dest = tmp_path / "published" / "tiny-llama" / "v2"
+
+    dr = convert_dag.test(run_conf={"source": str(source), "destination": dest.as_uri(), "dtype": "float32", "parts": 2})
+
+    tis = {(ti.task_id, ti.map_index): ti for ti in dr.get_task_instances()}
+    assert dr.state == "success", {k: ti.state for k, ti in tis.items()}
+    assert {k: ti.try_number for k, ti in tis.items() if k[0] in ("convert", "finalize")} == {
+        ("convert", 0): 1, ("convert", 1): 2, ("finalize", -1): 1}
+    calls = [line.split() for line in (tmp_path / "calls.txt").read_text().splitlines() if line.startswith("convert")]
+    runs = [c[c.index("--part") + 1] if "--part" in c else c[-1] for c in calls]
+    assert sorted(runs[:-1]) == ["0/2", "1/2", "1/2"] and runs[-1] == "--finalize"  # part 0 ran once
+
+    # The published checkpoint is complete, its manifest records the two parts, and no staging is left behind.
+    manifest = json.loads((dest / "ckptflow-manifest.json").read_text())
+    assert manifest["family"] == "llama3.1" and manifest["options"]["dtype"] == "float32"
+    assert [p["part"] for p in manifest["parts"]] == [0, 1] and all(p["digest"].startswith("sha256:") for p in manifest["parts"])
+    assert (dest / "0" / "items" / "_METADATA").exists()
+    run_dir = next((tmp_path / "work" / "convert_checkpoint").iterdir())
+    # Same tensors as the single-process command the pipeline runs with parts=1 (same options, one process).
+    single = WorkLayout(str(tmp_path / "single"))
+    spec = commands.RunSpec(source=str(source), destination=dest.as_uri(), dtype="float32")
+    args = commands.step_args("convert", spec, single)
+    args[1] = str(run_dir / "source")
+    subprocess.run([sys.executable, "-m", "converters", *args], check=True, capture_output=True, timeout=600)
+    assert json.loads((Path(single.converted_dir) / "ckptflow-manifest.json").read_text())["output_digest"] == manifest["output_digest"]
+    assert not Path(WorkLayout(str(run_dir)).parts_staging_dir).exists()
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]
+    report = json.loads((run_dir / "verify" / "verify.json").read_text())
+    assert report["summary"]["passed"] is True and report["summary"]["kl_max"] < 1e-3
+
+    # The converted checkpoint's asset event comes from finalize (parts emit none), and later steps agree with it.
+    with create_session() as session:
+        events = session.query(AssetEvent).filter(AssetEvent.source_run_id == dr.run_id).all()
+        by_task = {e.source_task_id: (e.uri, e.extra) for e in events}
+    assert set(by_task) == {"download", "finalize", "verify", "publish"}
+    assert by_task["finalize"][0] == (run_dir / "converted").as_uri()
+    assert by_task["finalize"][1]["output_digest"] == by_task["publish"][1]["output_digest"]
+    assert by_task["publish"][1]["parts"] == 2

@@ -1,6 +1,7 @@
 """The step operators inside real Airflow runs (dag.test, SQLite), with a stand-in `ckptflow` (fast).
 
-Retries, the verify gate, non-retryable bad input, credentials and the commands actually run.
+Retries, the verify gate, non-retryable bad input, credentials, the commands actually run, and convert split
+into mapped parts (one task instance each, retried alone) followed by finalize.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from operators import commands
-from operators.commands import STEPS, RunSpec, WorkLayout, step_args
+from operators.commands import FINALIZE, STEPS, RunSpec, WorkLayout, step_args
 from operators.embedded import ol_events
 
 FAKE = Path(__file__).with_name("fake_ckptflow.py")
@@ -39,8 +40,9 @@ def fake_cli(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def fast_retries(convert_dag):
+def fast_retries(isolated_runs):
     """Keep the operators' retry policy (count, exponential backoff) but start from a 0 s delay (waits 1-2 s)."""
+    convert_dag = isolated_runs
     saved = {t.task_id: t.retry_delay for t in convert_dag.tasks}
     for t in convert_dag.tasks:
         t.retry_delay = timedelta(0)
@@ -54,22 +56,35 @@ def run(dag, conf):
     return dr, {ti.task_id: ti for ti in dr.get_task_instances()}
 
 
+def run_mapped(dag, conf):
+    """Like `run`, keyed by (task_id, map_index): the convert parts are task instances of one mapped task."""
+    dr = dag.test(run_conf=conf)
+    return dr, {(ti.task_id, ti.map_index): ti for ti in dr.get_task_instances()}
+
+
 CONF = {"source": "acme/tiny", "revision": "v1.0", "destination": "file:///tmp/ckptflow-test-dest/never-written"}
 
 
 def test_defaults_every_step_retries_with_backoff_and_a_timeout(convert_dag):
-    for task in convert_dag.tasks:
+    steps = [t for t in convert_dag.tasks if t.task_id != "plan_parts"]  # plan_parts only lists indices
+    assert sorted(t.task_id for t in steps) == sorted((*STEPS, FINALIZE))
+    for task in steps:  # the mapped convert too: its retries come from the partial arguments
         assert task.retries >= 3 and task.retry_exponential_backoff > 1, task.task_id
         assert task.max_retry_delay and task.execution_timeout, task.task_id
+    assert convert_dag.get_task("convert").execution_timeout == timedelta(hours=6)
     assert convert_dag.get_task("publish").trigger_rule == "all_success"
-    assert [t.task_id for t in convert_dag.topological_sort()] == list(STEPS)
+    assert convert_dag.get_task("finalize").trigger_rule == "all_success"
+    order = [t.task_id for t in convert_dag.topological_sort()]
+    assert [t for t in order if t in STEPS] == list(STEPS) and order.index("finalize") == order.index("convert") + 1
 
 
 def test_a_step_failing_once_is_retried_and_the_run_succeeds(fast_retries, fake_cli, monkeypatch):
     monkeypatch.setenv("FAKE_CKPTFLOW_FAIL_ONCE", "convert")
     dr, tis = run(fast_retries, CONF)
     assert dr.state == "success"
-    assert {k: ti.try_number for k, ti in tis.items()} == {"download": 1, "convert": 2, "verify": 1, "publish": 1}
+    assert {k: ti.try_number for k, ti in tis.items()} == {
+        "download": 1, "plan_parts": 1, "convert": 2, "finalize": 1, "verify": 1, "publish": 1}
+    assert tis["finalize"].state == "success"  # one part: finalize runs no command
     argvs = [c["argv"] for c in fake_cli()]
     assert [a[0] for a in argvs] == ["download", "convert", "convert", "verify", "publish"]
     assert argvs[1] == argvs[2]  # a retry runs exactly the same command
@@ -189,3 +204,89 @@ def test_kubernetes_mode_maps_the_pod_exit_status(fast_retries, local_pods, fake
     assert dr.state == "failed"
     assert tis["convert"].state == "failed" and tis["convert"].try_number == 1  # bad input: not retried
     assert len(local_pods) == 2
+
+
+# ------------------------------------------------------------------------------------- convert in parts
+
+PARTS_CONF = {**CONF, "parts": 3}
+
+
+def part_of(argv):
+    """"0/3" for a part's command, "finalize", or the subcommand."""
+    if "--part" in argv:
+        return argv[argv.index("--part") + 1]
+    return "finalize" if "--finalize" in argv else argv[0]
+
+
+def test_convert_in_three_parts_maps_one_task_instance_per_part(fast_retries, fake_cli):
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+
+    dr, tis = run_mapped(fast_retries, PARTS_CONF)
+    assert dr.state == "success", {k: ti.state for k, ti in tis.items()}
+    parts = {i: ti for (task_id, i), ti in tis.items() if task_id == "convert"}
+    assert sorted(parts) == [0, 1, 2] and all(ti.try_number == 1 for ti in parts.values())
+    assert {i: ti.rendered_map_index for i, ti in parts.items()} == {i: f"part {i}/3" for i in range(3)}
+
+    calls = fake_cli()
+    order = [part_of(c["argv"]) for c in calls]
+    assert order[0] == "download" and sorted(order[1:4]) == ["0/3", "1/3", "2/3"] and order[4:] == ["finalize", "verify", "publish"]
+    assert len({c["pid"] for c in calls[1:4]}) == 3  # each part in a process of its own
+    layout = WorkLayout(str(Path(calls[0]["argv"][2]).parent))
+    spec = RunSpec.from_params(PARTS_CONF)
+    by_part = {part_of(c["argv"]): c["argv"] for c in calls}
+    for i in range(3):
+        assert by_part[f"{i}/3"] == step_args("convert", spec, layout, part=i)
+    assert by_part["finalize"] == step_args(FINALIZE, spec, layout)
+
+    # Finalize assembled all three shares and removed the staging folder.
+    manifest = json.loads((Path(layout.converted_dir) / "ckptflow-manifest.json").read_text())
+    assert [p["part"] for p in manifest["parts"]] == [0, 1, 2]
+    assert not Path(layout.parts_staging_dir).exists()
+    # The converted checkpoint's asset event is finalize's (through the convert alias); parts emit none.
+    with create_session() as session:
+        events = session.query(AssetEvent).filter(AssetEvent.source_run_id == dr.run_id).all()
+        by_task = {e.source_task_id: (e.uri, e.extra) for e in events}
+    assert set(by_task) == {"download", "finalize", "verify", "publish"}
+    assert by_task["finalize"][0] == Path(layout.converted_dir).as_uri()
+    assert by_task["finalize"][1]["output_digest"] == by_task["publish"][1]["output_digest"]
+    assert by_task["finalize"][1]["parts"] == 3
+
+
+def test_a_failed_part_is_retried_alone_and_the_other_parts_work_is_kept(fast_retries, fake_cli, monkeypatch):
+    monkeypatch.setenv("FAKE_CKPTFLOW_FAIL_ONCE", "convert@1")
+    dr, tis = run_mapped(fast_retries, PARTS_CONF)
+    assert dr.state == "success", {k: ti.state for k, ti in tis.items()}
+    assert {i: tis[("convert", i)].try_number for i in range(3)} == {0: 1, 1: 2, 2: 1}
+    calls = fake_cli()
+    runs = [part_of(c["argv"]) for c in calls]
+    assert {p: runs.count(p) for p in ("0/3", "1/3", "2/3", "finalize")} == {"0/3": 1, "1/3": 2, "2/3": 1, "finalize": 1}
+    # The shares finalize assembled: parts 0 and 2 from their only (first) run, part 1 from its retry.
+    pids = {part_of(c["argv"]): c["pid"] for c in calls}  # the last call of each
+    layout = WorkLayout(str(Path(calls[0]["argv"][2]).parent))
+    manifest = json.loads((Path(layout.converted_dir) / "ckptflow-manifest.json").read_text())
+    assert [p["pid"] for p in manifest["parts"]] == [pids["0/3"], pids["1/3"], pids["2/3"]]
+
+
+def test_a_part_with_bad_input_stops_the_run_before_finalize(fast_retries, fake_cli, monkeypatch):
+    monkeypatch.setenv("FAKE_CKPTFLOW_EXIT", "convert@2:2")
+    dr, tis = run_mapped(fast_retries, PARTS_CONF)
+    assert dr.state == "failed"
+    assert tis[("convert", 2)].state == "failed" and tis[("convert", 2)].try_number == 1  # bad input: not retried
+    assert tis[("convert", 0)].state == tis[("convert", 1)].state == "success"
+    assert {tis[(t, -1)].state for t in ("finalize", "verify", "publish")} == {"upstream_failed"}
+    assert [part_of(c["argv"]) for c in fake_cli()].count("finalize") == 0
+
+
+def test_kubernetes_mode_runs_each_part_in_a_pod_of_its_own(fast_retries, local_pods, fake_cli):
+    dr, tis = run_mapped(fast_retries, {**K8S_CONF, "parts": 2})
+    assert dr.state == "success", {k: ti.state for k, ti in tis.items()}
+    pods = {part_of(p.arguments): p for p in local_pods}
+    assert sorted(pods) == sorted(["download", "0/2", "1/2", "finalize", "verify", "publish"])
+    assert [c["argv"] for c in fake_cli()] == [p.arguments for p in local_pods]
+    assert (pods["0/2"].name, pods["1/2"].name, pods["finalize"].name) == (
+        "ckptflow-convert-part-0", "ckptflow-convert-part-1", "ckptflow-finalize")
+    assert pods["1/2"].labels["ckptflow/part"] == "1" and pods["1/2"].labels["ckptflow/step"] == "convert"
+    # On a TPU preset the parts and finalize stay on the CPU pool, like a whole convert.
+    for key in ("0/2", "1/2", "finalize"):
+        assert pods[key].node_selector == {"cloud.google.com/gke-nodepool": "ckptflow-cpu"}

@@ -9,6 +9,7 @@ import pytest
 from converters.cli import build_parser
 from operators import commands
 from operators.commands import RunSpec, WorkLayout, run_key, step_args
+from operators.testing import PARTS_CLI_MISSING, cli_converts_in_parts
 
 LAYOUT = WorkLayout("/work/convert_checkpoint/run-1")
 
@@ -90,3 +91,47 @@ def test_local_entrypoint_is_this_interpreter_unless_overridden(monkeypatch):
     assert commands.local_entrypoint() == [sys.executable, "-m", "converters"]
     monkeypatch.setenv("CKPTFLOW_CLI", "/opt/ckptflow/bin/ckptflow --verbose")
     assert commands.local_entrypoint() == ["/opt/ckptflow/bin/ckptflow", "--verbose"]
+
+
+PARTS_SPEC = RunSpec(source="acme/tiny", destination="file:///x", model="llama3.1-8b", scan=False, parts=3)
+
+
+def test_convert_in_parts_runs_one_command_per_part_and_a_finalize_with_the_same_conversion():
+    whole = step_args("convert", RunSpec(source="acme/tiny", destination="file:///x", model="llama3.1-8b", scan=False), LAYOUT)
+    parts = [step_args("convert", PARTS_SPEC, LAYOUT, part=i) for i in range(3)]
+    assert parts == [whole + ["--part", f"{i}/3"] for i in range(3)]  # same SRC, OUT and options for every part
+    assert step_args("finalize", PARTS_SPEC, LAYOUT) == whole + ["--finalize"]
+    # One part is the whole conversion: the single-process command, as before `parts` existed.
+    one = RunSpec(source="acme/tiny", destination="file:///x", model="llama3.1-8b", scan=False, parts=1)
+    assert step_args("convert", one, LAYOUT, part=0) == step_args("convert", one, LAYOUT) == whole
+    with pytest.raises(ValueError, match="nothing to finalize"):
+        step_args("finalize", one, LAYOUT)
+    # The other steps do not depend on the number of parts.
+    for step in ("download", "verify", "publish"):
+        assert step_args(step, PARTS_SPEC, LAYOUT) == step_args(step, one, LAYOUT)
+    assert LAYOUT.parts_staging_dir == "/work/convert_checkpoint/run-1/.converted.ckptflow-parts"
+
+
+@pytest.mark.parametrize("part", [None, -1, 3, "1", True])
+def test_a_part_index_outside_the_conversion_is_refused(part):
+    with pytest.raises(ValueError, match="part index from 0 to 2"):
+        step_args("convert", PARTS_SPEC, LAYOUT, part=part)
+
+
+@pytest.mark.parametrize("parts", [0, -1, 2.5, "3", True, commands.MAX_PARTS + 1, None])
+def test_run_spec_rejects_bad_parts(parts):
+    with pytest.raises(ValueError, match="parts must be a whole number"):
+        RunSpec.from_params({"source": "acme/tiny", "destination": "file:///x", "parts": parts})
+
+
+def test_run_spec_parts_default_and_json_integers():
+    assert RunSpec.from_params({"source": "acme/tiny", "destination": "file:///x"}).parts == 1
+    assert RunSpec.from_params({"source": "acme/tiny", "destination": "file:///x", "parts": 4.0}).parts == 4  # JSON 4.0
+
+
+@pytest.mark.skipif(not cli_converts_in_parts(), reason=PARTS_CLI_MISSING)
+def test_part_and_finalize_commands_parse_with_the_real_cli():
+    parser = build_parser()
+    for spec in (PARTS_SPEC, RunSpec(source="/ckpt", destination="file:///y", direction="maxtext-to-hf", parts=2)):
+        for args in [step_args("convert", spec, LAYOUT, part=i) for i in range(spec.parts)] + [step_args("finalize", spec, LAYOUT)]:
+            assert parser.parse_args(args).command == "convert"

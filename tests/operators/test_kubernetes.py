@@ -1,17 +1,19 @@
-"""Kubernetes mode without a cluster: every step's pod spec for a CPU and a TPU pool, validated strictly
-against the Kubernetes schema, running the local-mode command, with no secret value anywhere in it."""
+"""Kubernetes mode without a cluster: every step's pod spec for a CPU and a TPU pool (and each part's pod when
+convert runs in parts), validated strictly against the Kubernetes schema, running the local-mode command, with
+no secret value anywhere in it."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
 import json
+import re
 
 import kubernetes_validate
 import pytest
 
 from converters.registry import model_names
-from operators.commands import STEPS, WorkLayout, step_args
+from operators.commands import FINALIZE, STEPS, WorkLayout, step_args
 from operators.kubernetes import (
     NODE_POOLS,
     TPU_RESOURCE,
@@ -64,11 +66,19 @@ def context_for(dag, conf):
     return {"params": params.validate(), "dag": dag, "run_id": "manual__2026-11-29T12:00:00+00:00"}
 
 
+def step_operator(dag, task_id, part=0):
+    """The operator a worker runs for `task_id`: the mapped convert is unmapped for one part, as Airflow does."""
+    from airflow.sdk.definitions.mappedoperator import MappedOperator
+
+    task = dag.get_task(task_id)
+    return task.unmap({"part": part}) if isinstance(task, MappedOperator) else task
+
+
 def render(dag, conf, settings, monkeypatch, dry_run=True):
     """{step: (pod dict, plan, pod operator)} for every step of the DAG."""
     out = {}
     for step in STEPS:
-        op = dag.get_task(step)
+        op = step_operator(dag, step)
         monkeypatch.setattr(op, "kubernetes_settings", settings)
         plan = op.plan(context_for(dag, conf))
         kpo = op.build_pod_operator(plan)
@@ -143,12 +153,13 @@ def test_pod_spec_with_a_kubeconfig_and_a_gcs_fuse_work_volume(convert_dag, sett
 
 def test_memory_is_sized_per_step_and_model():
     cpu = NODE_POOLS["cpu-highmem"]
-    small = {s: step_resources(s, cpu, "qwen3-0.6b")["requests"]["memory"] for s in STEPS}
-    big = {s: step_resources(s, cpu, "llama3.1-70b")["requests"]["memory"] for s in STEPS}
+    small = {s: step_resources(s, cpu, "qwen3-0.6b")["requests"]["memory"] for s in (*STEPS, FINALIZE)}
+    big = {s: step_resources(s, cpu, "llama3.1-70b")["requests"]["memory"] for s in (*STEPS, FINALIZE)}
     gib = lambda v: int(v.removesuffix("Gi"))  # noqa: E731
     assert gib(big["verify"]) > gib(small["verify"]) > gib(small["download"])
     assert gib(big["convert"]) > gib(small["convert"])
     assert small["download"] == big["download"] and small["publish"] == big["publish"]
+    assert small[FINALIZE] == big[FINALIZE]  # finalize moves files and writes the manifest: no tensors in memory
     # Parameter counts within 2 % of the published ones, dense and MoE.
     for model, published in (("llama3.1-8b", 8.03e9), ("mixtral-8x7b", 46.7e9), ("qwen3-30b-a3b", 30.5e9)):
         if model in model_names():
@@ -159,7 +170,7 @@ def test_every_registry_model_is_sized_or_refused_clearly():
     """The form offers every registry model; each one gets requests on some pool or a clear refusal."""
     for model in model_names():
         for pool in NODE_POOLS.values():
-            for step in STEPS:
+            for step in (*STEPS, FINALIZE):
                 try:
                     res = step_resources(step, pool, model)
                 except PodSizingError:
@@ -182,7 +193,7 @@ def test_a_pool_too_small_for_the_model_fails_at_once(convert_dag, settings, mon
 def test_kubernetes_mode_needs_a_model_name(convert_dag, settings, monkeypatch):
     from airflow.sdk.exceptions import AirflowFailException
 
-    op = convert_dag.get_task("convert")
+    op = step_operator(convert_dag, "convert")
     monkeypatch.setattr(op, "kubernetes_settings", settings)
     plan = op.plan(context_for(convert_dag, {**CONF, "model": "auto"}))
     with pytest.raises(AirflowFailException, match="instead of 'auto'"):
@@ -198,3 +209,50 @@ def test_settings_from_environment():
     assert s.image_pull_secrets == ("a", "b") and s.in_cluster is True
     with pytest.raises(ValueError, match="needs a bucket"):
         KubernetesSettings.from_env({"CKPTFLOW_K8S_WORK_VOLUME": "gcsfuse"})
+
+
+POD_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # a DNS-1123 label
+
+
+@pytest.mark.parametrize("pool", ["cpu-highmem", "tpu-v6e-8"])
+def test_pod_specs_of_a_convert_in_parts(convert_dag, settings, pool, monkeypatch):
+    """Each part is a pod of its own (distinct name, its part's command, convert's sizing, the shared work volume),
+    then one finalize pod; all validate strictly."""
+    conf = {**CONF, "node_pool": pool, "parts": 3}
+    whole = render(convert_dag, {**conf, "parts": 1}, settings, monkeypatch)["convert"][0]["spec"]
+    layout = WorkLayout.for_run(settings.mount_path, "convert_checkpoint", "manual__2026-11-29T12:00:00+00:00")
+    pods = {}
+    for key, op in [(i, step_operator(convert_dag, "convert", i)) for i in range(3)] + [(FINALIZE, convert_dag.get_task(FINALIZE))]:
+        monkeypatch.setattr(op, "kubernetes_settings", settings)
+        plan = op.plan(context_for(convert_dag, conf))
+        pods[key] = (pod_manifest(op.build_pod_operator(plan)), plan)
+    names = set()
+    for key, (pod, plan) in pods.items():
+        for version in K8S_VERSIONS:
+            kubernetes_validate.validate(pod, version, strict=True)
+        (container,) = pod["spec"]["containers"]
+        step = "convert" if key != FINALIZE else FINALIZE
+        assert container["args"] == plan.args == step_args(step, plan.spec, layout, None if key == FINALIZE else key)
+        name = pod["metadata"]["name"]
+        assert POD_NAME.match(name) and len(name) <= 63, name
+        assert name.startswith(f"ckptflow-convert-part-{key}-" if key != FINALIZE else "ckptflow-finalize-"), name
+        names.add(name)
+        # The same work volume at the same path as every other step: parts stage beside OUT on it.
+        assert pod["spec"]["volumes"][0] == whole["volumes"][0]
+        assert {"name": "ckptflow-work", "mountPath": settings.mount_path} in container["volumeMounts"]
+        assert pod["spec"]["nodeSelector"] == {"cloud.google.com/gke-nodepool": "ckptflow-cpu-highmem" if pool == "cpu-highmem" else "ckptflow-cpu"}
+        assert TPU_RESOURCE not in json.dumps(pod) and SECRET not in json.dumps(pod)
+        if key != FINALIZE:
+            assert pod["metadata"]["labels"]["ckptflow/part"] == str(key)
+            assert container["resources"] == whole["containers"][0]["resources"]  # sized like a whole convert
+    assert len(names) == 4
+    finalize = pods[FINALIZE][0]
+    assert finalize["spec"]["activeDeadlineSeconds"] == int(convert_dag.get_task(FINALIZE).execution_timeout.total_seconds())
+    assert "ckptflow/part" not in finalize["metadata"]["labels"]
+
+
+def test_finalize_of_a_conversion_in_one_part_runs_no_pod(convert_dag, settings, monkeypatch):
+    op = convert_dag.get_task(FINALIZE)
+    monkeypatch.setattr(op, "kubernetes_settings", settings)
+    plan = op.plan(context_for(convert_dag, CONF))
+    assert plan.args == [] and plan.outlets == []  # execute() returns before building a pod

@@ -24,6 +24,20 @@ def test_step_inlets_and_outlets_chain():
     assert lineage.step_uris("convert", uris) == (["staged"], ["converted"])
     assert lineage.step_uris("verify", uris) == (["staged", "converted"], ["report"])
     assert lineage.step_uris("publish", uris) == (["converted", "report"], ["destination"])
+    assert lineage.step_uris("finalize", uris) == ([], [])  # one part: nothing to assemble
+
+
+def test_in_parts_the_converted_checkpoint_is_finalizes_output():
+    uris = {k: k for k in ("source", "staged", "converted", "report", "destination")}
+    assert lineage.step_uris("convert", uris, parts=4) == (["staged"], [])  # a part's share is no asset
+    assert lineage.step_uris("finalize", uris, parts=4) == (["staged"], ["converted"])
+    assert lineage.alias_name("finalize") == lineage.alias_name("convert") == "ckptflow-convert"
+    spec = RunSpec(source="acme/tiny", destination="file:///m/v1", parts=4)
+    earlier = {"convert": {"family": "qwen3", "outputs": {"a": {"bytes": 1, "sha256": "00" * 32}}}}
+    part = lineage.extras("convert", spec, earlier)
+    assert part["parts"] == 4 and "output_digest" not in part and "family" not in part  # not the part's output
+    assert lineage.extras("finalize", spec, earlier)["output_digest"].startswith("sha256:")
+    assert "parts" not in lineage.extras("convert", RunSpec(source="acme/tiny", destination="file:///m/v1"), earlier)
 
 
 def test_openlineage_names():

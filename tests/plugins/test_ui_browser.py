@@ -120,14 +120,17 @@ def test_checkpoints_page_in_the_airflow_ui(api_server, conversion_runs, tmp_pat
             timeout=60, what="the Checkpoints table inside the Airflow UI",
         )
         assert rows >= 2
+        runs = [conversion_runs.published.run_id, conversion_runs.verify_failed.run_id]
+        # The plots of these two runs (the newest rows, on screen): older runs the other suites left in the session's
+        # database may have thumbnails below the fold, which lazy loading never fetches.
         widths = browser.wait_for(
-            f"(() => {{ const d = {FRAME}.contentDocument; const imgs = [...d.querySelectorAll('#conversions img')];"
-            " return imgs.length >= 2 && imgs.every(i => i.complete && i.naturalWidth > 0) && imgs.map(i => i.naturalWidth); })()",
+            f"(() => {{ const d = {FRAME}.contentDocument;"
+            f" const imgs = {json.dumps(runs)}.map(id => d.querySelector(`tr[data-run-id=\"${{id}}\"] img`));"
+            " return imgs.every(i => i && i.complete && i.naturalWidth > 0) && imgs.map(i => i.naturalWidth); })()",
             timeout=30, what="the KL plots to load",
         )
-        assert all(w == 990 for w in widths)  # the verify step's kl_per_token.png, served by the plugin
+        assert len(widths) == 2 and all(w == 990 for w in widths)  # the verify step's kl_per_token.png, served by the plugin
         # Where the table and each run's plot are on the screen (top-level coordinates).
-        runs = [conversion_runs.published.run_id, conversion_runs.verify_failed.run_id]
         geometry = browser.evaluate(
             f"(() => {{ const f = {FRAME}, fr = f.getBoundingClientRect(), d = f.contentDocument;"
             " const box = e => { const r = e.getBoundingClientRect();"
