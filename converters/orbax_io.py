@@ -31,7 +31,7 @@ Index = tuple  # a tuple of slices / ints into the global array
 PieceFn = Callable[[], Iterator[tuple[Index, np.ndarray]]]
 
 PARAM_ROOTS = ("token_embedder", "decoder", "vision_encoder", "mtp_block")
-TXN_BYTES = 128 << 20  # data buffered per write transaction (per worker) before it is committed
+TXN_BYTES = 64 << 20  # data buffered per write transaction (per worker) before it is committed
 
 
 @dataclass(eq=False)

@@ -5,7 +5,8 @@ folder under a staging folder beside the destination, `.NAME.ckptflow-parts/part
 durable with the same atomic rename as any output, and records what it wrote in `part.json` (a fingerprint
 of the conversion, its files with sha256, the digests of the tensors or chunks it wrote). `finalize` checks
 that every part of the same conversion is there and intact, assembles the destination from them (hard links,
-no copy) and publishes it atomically; only then is the staging folder removed.
+or moves where the file system has none; never a copy) and publishes it atomically; only then is the staging
+folder removed.
 
 Shares are contiguous runs of the work in source order, balanced by bytes: a part reads only the source
 files its run covers (HF shards are written layer by layer) and the parts take about equally long.
@@ -18,7 +19,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,19 +195,38 @@ def collect(out: str | os.PathLike, fp: str, direction: str) -> list[Part]:
     return parts
 
 
-def link_tree(src: Path, dst: Path) -> None:
-    """Make `dst` hold `src`'s files as hard links (no bytes copied; the parts stay intact until finalize succeeds).
-    File systems without hard links (some FUSE mounts) get a copy."""
-    for p in sorted(src.rglob("*")):
-        target = dst / p.relative_to(src)
-        if p.is_dir():
-            target.mkdir(parents=True, exist_ok=True)
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(p, target)
-        except OSError:
-            shutil.copy2(p, target)
+class Assembly:
+    """The parts' files put into the destination: hard links (no bytes copied, the parts intact until finalize
+    succeeds); on file systems without hard links (GCS FUSE) they are moved instead, and moved back by `undo`
+    if finalize fails (a finalize killed meanwhile leaves those parts to be re-run: finalize says which)."""
+
+    def __init__(self):
+        self.moved: list[tuple[Path, Path]] = []
+
+    def add_tree(self, src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
+        """`src`'s files into `dst`, except those under the relative paths `skip`."""
+        for p in sorted(src.rglob("*")):
+            rel = p.relative_to(src).as_posix()
+            if any(rel == k or rel.startswith(k + "/") for k in skip):
+                continue
+            target = dst / rel
+            if p.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(p, target)
+            except OSError:
+                os.rename(p, target)
+                self.moved.append((p, target))
+
+    def undo(self) -> None:
+        for src, dst in reversed(self.moved):
+            try:
+                os.rename(dst, src)
+            except OSError:
+                pass
+        self.moved.clear()
 
 
 def summary(parts: list[Part]) -> list[dict]:

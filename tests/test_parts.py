@@ -219,6 +219,45 @@ def test_padded_vocab_in_parts_equals_single_process_gemma2(tiny_model, tmp_path
         assert output_digest(tmp_path / f"mt{n}") == output_digest(tmp_path / "single")
 
 
+@pytest.mark.parametrize("direction", ["maxtext", "hf"])
+def test_without_hard_links_finalize_moves_the_parts_and_moves_them_back_when_it_fails(tiny_model, singles, tmp_path,
+                                                                                      monkeypatch, direction):
+    """On a file system without hard links (GCS FUSE) finalize moves the parts' files instead of copying them;
+    when finalize then fails, every moved file goes back, so a second finalize succeeds with the same result."""
+    import converters.outputs as outputs_mod
+
+    single_mt, single_hf = singles("llama3.1", True)
+    out = tmp_path / "out"
+    if direction == "maxtext":
+        fn, src, kw, single = hf_to_maxtext, tiny_model("llama3.1", layers=3), {"scan": True}, single_mt
+    else:
+        fn, src, kw, single = maxtext_to_hf, single_mt, {"shard_bytes": HF_SHARD}, single_hf
+    for i in range(3):
+        fn(src, out, part=(i, 3), **kw)
+    before = {p.relative_to(parts.staging_dir(out)): p.stat().st_size for p in parts.staging_dir(out).rglob("*") if p.is_file()}
+
+    def no_links(*a, **k):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    real = outputs_mod.write_manifest
+
+    def fail(*a, **k):
+        raise RuntimeError("injected failure after the parts were moved")
+
+    monkeypatch.setattr(outputs_mod, "write_manifest", fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        fn(src, out, finalize=True, **kw)
+    assert not out.exists()
+    after = {p.relative_to(parts.staging_dir(out)): p.stat().st_size for p in parts.staging_dir(out).rglob("*") if p.is_file()}
+    assert after == before  # every part file is back where it was
+
+    monkeypatch.setattr(outputs_mod, "write_manifest", real)
+    fn(src, out, finalize=True, **kw)
+    assert manifest(out)["output_digest"] == manifest(single)["output_digest"]
+    assert not parts.staging_dir(out).exists()
+
+
 @pytest.fixture(scope="module")
 def midsize(tmp_path_factory):
     """The reliability suite's synthetic Llama (hidden 256, vocab 8192, 8 layers, 18 MB), in 3 MB shards."""
