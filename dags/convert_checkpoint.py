@@ -1,5 +1,5 @@
-"""`convert_checkpoint`: download -> convert (in `parts` mapped pieces) -> finalize -> verify -> publish one LLM
-checkpoint (HF <-> MaxText).
+"""`convert_checkpoint`: download (in `parts` mapped pieces) -> download_finalize -> convert (in `parts` mapped
+pieces) -> finalize -> verify -> publish one LLM checkpoint (HF <-> MaxText).
 
 Triggered by hand with a form (typed params below). Parsing this file imports Airflow's task SDK, the
 light `converters.registry` and the `operators` package only: no jax, torch, transformers or Kubernetes.
@@ -22,6 +22,7 @@ from operators.ckptflow_operators import (
     DEFAULT_RETRIES,
     DEFAULT_TIMEOUTS,
     ConvertOperator,
+    DownloadFinalizeOperator,
     DownloadOperator,
     FinalizeOperator,
     PublishOperator,
@@ -139,14 +140,15 @@ PARAMS = {
         type="integer",
         minimum=1,
         maximum=MAX_PARTS,
-        title="Convert in parts",
+        title="Download and convert in parts",
         description=(
-            "Split the convert step into this many processes (kubernetes: pods) that run at the same time, then "
-            "assemble their output in a finalize task. Worth it for very large models (hundreds of GB), where one "
-            "process takes hours; 1 (the default) converts in one process. All parts write into the run's work folder, "
-            "which must be shared storage that every part can reach (kubernetes: a ReadWriteMany PVC or a GCS FUSE "
-            "bucket; local mode: one worker, or a work root shared by all workers). A failed part is retried alone; "
-            "the other parts' work is kept."
+            "Split the download and convert steps each into this many processes (kubernetes: pods) that run at the "
+            "same time, each followed by a finalize task that completes their output (a hub download's parts fetch "
+            "disjoint sets of weight files; a local source has nothing to split). Worth it for very large models "
+            "(hundreds of GB), where one process takes hours; 1 (the default) runs each step in one process. All "
+            "parts write into the run's work folder, which must be shared storage that every part can reach "
+            "(kubernetes: a ReadWriteMany PVC or a GCS FUSE bucket; local mode: one worker, or a work root shared by "
+            "all workers). A failed part is retried alone; the other parts' work is kept."
         ),
     ),
 }
@@ -179,17 +181,22 @@ logits, and publish it only if it passed.
 
 **Steps** (each runs `ckptflow <step>`; the command is the same in both execution modes):
 
+0. `plan_parts`: lists the part indices `0 .. parts-1` that `download` and `convert` are mapped over.
 1. `download`: stage the source in the run's work folder (safetensors + config + tokenizer; hub revision
-   resolved to a commit sha; atomic).
-2. `convert`: `ckptflow convert --to maxtext|hf` into the work folder (atomic; a retry replaces it). A mapped
-   task (`plan_parts` lists the indices): with `parts` N > 1 it runs as N task instances at once (N processes,
-   or N pods), instance I running `ckptflow convert ... --part I/N`. A failed part is retried alone; the
+   resolved to a commit sha; atomic). A mapped task: with `parts` N > 1 it runs as N task instances at once,
+   instance I running `ckptflow download ... --part I/N` (part I's share of the weight files; nothing for a
+   local source).
+2. `download_finalize`: with N > 1, `ckptflow download ... --finalize` checks every part's files, fetches the
+   small rest and moves the staged source into place with `ckptflow-download.json`; with N = 1 it does nothing.
+3. `convert`: `ckptflow convert --to maxtext|hf` into the work folder (atomic; a retry replaces it). A mapped
+   task: with N > 1 it runs as N task instances at once (N processes, or N pods), instance I running
+   `ckptflow convert ... --part I/N`. A failed part (of download or convert) is retried alone; the
    others' output is kept.
-3. `finalize`: with N > 1, `ckptflow convert ... --finalize` checks that every part finished for this
+4. `finalize`: with N > 1, `ckptflow convert ... --finalize` checks that every part finished for this
    conversion and moves the assembled checkpoint into place with its manifest; with N = 1 it does nothing.
-4. `verify`: `ckptflow verify` (HF vs MaxText logits, KL per token). A KL above `max_kl` fails the run
+5. `verify`: `ckptflow verify` (HF vs MaxText logits, KL per token). A KL above `max_kl` fails the run
    at once (no retries) and **publish does not run**.
-5. `publish`: check the converted folder against its manifest, record the verify metrics in it and publish
+6. `publish`: check the converted folder against its manifest, record the verify metrics in it and publish
    it to `destination` (file://, gs:// or hf://; a reader never sees half of it; the same content again is a
    no-op; different content at an existing destination is refused).
 
@@ -198,12 +205,14 @@ never more than 15) and has its own execution timeout
 ({", ".join(f"{step} {t.total_seconds() / 3600:g} h" for step, t in DEFAULT_TIMEOUTS.items())}).
 Steps hand results on through small JSON files in the work folder (`ckptflow-download.json`,
 `ckptflow-manifest.json`, `verify/verify.json`, `publish.json`), never through XCom (the one XCom is the list
-of part indices `convert` is mapped over). Parts stage their output beside `converted/` in the work folder,
-so with `parts` > 1 every part must reach the same storage (the shared work volume in kubernetes mode).
+of part indices `download` and `convert` are mapped over). Parts stage their output beside `source/` and
+`converted/` in the work folder, so with `parts` > 1 every part must reach the same storage (the shared work
+volume in kubernetes mode).
 
 **Lineage:** asset events (through the aliases `ckptflow-download`, `ckptflow-convert`,
-`ckptflow-verify`, `ckptflow-publish`; the converted checkpoint's event comes from `convert`, or from `finalize`
-when converting in parts) for `hf://org/repo@<sha>` / `file://...` URIs, with extras
+`ckptflow-verify`, `ckptflow-publish`; the staged source's event comes from `download`, or from
+`download_finalize` in parts, and the converted checkpoint's from `convert`, or from `finalize` in parts) for
+`hf://org/repo@<sha>` / `file://...` URIs, with extras
 (source revision sha, model, direction, layout, dtype, verify metrics, output digest); OpenLineage
 START/COMPLETE events for every task with the same datasets.
 
@@ -226,12 +235,14 @@ with DAG(
     tags=["ckptflow"],
     max_active_runs=4,
 ) as dag:
-    download = DownloadOperator(task_id="download")
     parts = part_indices()  # [0, ..., parts - 1]: mapping follows each run's `parts` param
     # One task instance per part; each fails, retries and succeeds on its own (map index = part index).
-    convert = ConvertOperator.partial(task_id="convert", map_index_template="part {{ task.part }}/{{ params.parts }}").expand(part=parts)
+    part_label = "part {{ task.part }}/{{ params.parts }}"
+    download = DownloadOperator.partial(task_id="download", map_index_template=part_label).expand(part=parts)
+    download_finalize = DownloadFinalizeOperator(task_id="download_finalize")  # all_success: once every part is done
+    convert = ConvertOperator.partial(task_id="convert", map_index_template=part_label).expand(part=parts)
     finalize = FinalizeOperator(task_id="finalize")  # all_success: only once every part is done
     verify = VerifyOperator(task_id="verify")
     publish = PublishOperator(task_id="publish")  # trigger rule all_success: only after a passed verify
 
-    download >> parts >> convert >> finalize >> verify >> publish
+    parts >> download >> download_finalize >> convert >> finalize >> verify >> publish

@@ -1,4 +1,5 @@
-"""Airflow operators for the pipeline steps: download, convert (whole, or one part of N), finalize, verify, publish.
+"""Airflow operators for the pipeline steps: download and convert (whole, or one part of N), their finalize steps,
+verify, publish.
 
 Every operator runs `ckptflow <step> ...` (arguments from `operators.commands.step_args`) in one of two modes,
 chosen per DAG run (the `execution_mode` param) or per task (the `execution_mode` argument):
@@ -13,11 +14,12 @@ Failures that retrying cannot fix end the task at once (`AirflowFailException`):
 status 2) and a verification that measured a KL above the threshold. Steps are idempotent: paths depend only
 on the DAG run, every `ckptflow` step writes atomically, and re-running a step redoes or confirms its output.
 
-Scale-out: with the run's `parts` param N > 1, `ConvertOperator` is mapped over `part_indices` (one task instance,
-so one process or pod, per part: `ckptflow convert --part I/N`) and `FinalizeOperator` assembles the checkpoint
-(`ckptflow convert --finalize`). A failed part is retried alone: a part's command replaces only its own share in
-the converter's staging folder, and nothing here deletes that folder. With N == 1, convert runs the whole
-conversion and finalize has nothing to do.
+Scale-out: with the run's `parts` param N > 1, `DownloadOperator` and `ConvertOperator` are mapped over
+`part_indices` (one task instance, so one process or pod, per part: `ckptflow download|convert --part I/N`);
+`DownloadFinalizeOperator` publishes the staged source (`ckptflow download --finalize`) and `FinalizeOperator`
+assembles the checkpoint (`ckptflow convert --finalize`). A failed part is retried alone: a part's command replaces
+only its own share in the converter's staging folder, and nothing here deletes that folder. With N == 1, download
+and convert run the whole step and the finalize steps have nothing to do.
 
 Lineage: `outlets` are one `AssetAlias` per step (declared when the DAG is parsed); at run time the step
 emits events for the concrete assets (`hf://org/repo@<sha>`, `file://...`, `gs://...`) with extras read
@@ -38,7 +40,17 @@ from airflow.sdk import Asset, AssetAlias, BaseHook, BaseOperator, task
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from operators import commands, lineage
-from operators.commands import CREDENTIAL_STEPS, EXIT_BAD_INPUT, FINALIZE, STEP_ENV, STEPS, RunSpec, WorkLayout, step_args
+from operators.commands import (
+    CREDENTIAL_STEPS,
+    DOWNLOAD_FINALIZE,
+    EXIT_BAD_INPUT,
+    FINALIZE,
+    STEP_ENV,
+    STEPS,
+    RunSpec,
+    WorkLayout,
+    step_args,
+)
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -46,7 +58,9 @@ if TYPE_CHECKING:
     from operators.kubernetes import KubernetesSettings
 
 DEFAULT_TIMEOUTS = {
-    "download": timedelta(hours=3),
+    "download": timedelta(hours=3),  # also each part of a split download
+    # checks the parts' files, fetches the small rest and moves everything into place (a copy on some volumes)
+    DOWNLOAD_FINALIZE: timedelta(hours=3),
     "convert": timedelta(hours=6),  # also each part of a split convert
     FINALIZE: timedelta(hours=3),
     "verify": timedelta(hours=3),
@@ -99,10 +113,10 @@ class StepPlan:
 
 
 class CkptflowStepOperator(BaseOperator):
-    """Base of the step operators; `step` names the `ckptflow` subcommand (or `finalize`)."""
+    """Base of the step operators; `step` names the `ckptflow` subcommand (or `download_finalize`, `finalize`)."""
 
     step: ClassVar[str]
-    part: int | None = None  # which part of a split convert this task instance runs (ConvertOperator only)
+    part: int | None = None  # which part of a split step this task instance runs (PartStepOperator only)
     template_fields = ("execution_mode", "node_pool")
     ui_color = "#e3f0fb"
 
@@ -179,7 +193,8 @@ class CkptflowStepOperator(BaseOperator):
             "destination": lineage.destination_uri(spec),
         }
         inlets, outlets = lineage.step_uris(self.step, uris, spec.parts)
-        args = [] if self.step == FINALIZE and spec.parts == 1 else step_args(self.step, spec, layout, self.part)
+        nothing_to_finalize = self.step in (DOWNLOAD_FINALIZE, FINALIZE) and spec.parts == 1
+        args = [] if nothing_to_finalize else step_args(self.step, spec, layout, self.part)
         return StepPlan(spec, layout, args, inlets, outlets, results)
 
     def _k8s_settings(self) -> KubernetesSettings:
@@ -196,8 +211,8 @@ class CkptflowStepOperator(BaseOperator):
                 plan = self._plan = self.plan(context)
             except (ValueError, KeyError) as e:
                 raise AirflowFailException(f"invalid parameters for {self.step}: {e}") from None
-        if not plan.args:  # finalize of a conversion in one part
-            self.log.info("%s: nothing to do for a conversion in one part (convert wrote the checkpoint)", self.step)
+        if not plan.args:  # a finalize step of a run in one part
+            self.log.info("%s: nothing to do in a run in one part (the step before it did all the work)", self.step)
             return
         self.inlets = [Asset(u) for u in plan.inlets]
         self.before_run(plan)
@@ -207,7 +222,7 @@ class CkptflowStepOperator(BaseOperator):
             self._run_locally(plan)
         results = {step: read_result(loc) for step, loc in plan.results.items()}
         self.after_run(plan, results)
-        if self.step == "download":  # now the hub revision is resolved: name the source by its sha
+        if self.step in ("download", DOWNLOAD_FINALIZE):  # now the hub revision is resolved: name the source by its sha
             plan = self._plan = self.plan(context)
             self.inlets = [Asset(u) for u in plan.inlets]
         self._extras = lineage.extras(self.step, plan.spec, results)
@@ -348,22 +363,36 @@ class CkptflowStepOperator(BaseOperator):
         return self._lineage()
 
 
-class DownloadOperator(CkptflowStepOperator):
+class PartStepOperator(CkptflowStepOperator):
+    """A step mapped over the run's part indices: one task instance per part (`.expand(part=part_indices())`)."""
+
+    def __init__(self, *, part: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.part = part  # set per mapped task instance
+
+
+class DownloadOperator(PartStepOperator):
     """Stage the source model in the run's work folder (`ckptflow download`): safetensors, config and
-    tokenizer only, the hub revision resolved to a commit sha, written atomically."""
+    tokenizer only, the hub revision resolved to a commit sha, written atomically; with the run's `parts` N > 1,
+    this task instance fetches part `part` of N of the weight files (`--part I/N`; nothing for a local folder) and
+    download_finalize publishes the staged source."""
 
     step = "download"
 
 
-class ConvertOperator(CkptflowStepOperator):
+class DownloadFinalizeOperator(CkptflowStepOperator):
+    """Complete a split download (`ckptflow download --finalize`: every part's files present and checked, the
+    small files fetched, the staged source and its `ckptflow-download.json` moved into place at once). Nothing to
+    do when the run downloads in one part."""
+
+    step = DOWNLOAD_FINALIZE
+
+
+class ConvertOperator(PartStepOperator):
     """Convert the staged model (`ckptflow convert --to maxtext|hf`) into the run's work folder; with the run's
     `parts` N > 1, this task instance converts part `part` of N (`--part I/N`) and finalize assembles them."""
 
     step = "convert"
-
-    def __init__(self, *, part: int | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.part = part  # set per mapped task instance by `.expand(part=part_indices())`
 
 
 class FinalizeOperator(CkptflowStepOperator):
@@ -376,7 +405,7 @@ class FinalizeOperator(CkptflowStepOperator):
 
 @task(task_id="plan_parts", retries=0)
 def part_indices(params: dict | None = None) -> list[int]:
-    """`[0, ..., parts - 1]` from the run's params: the mapped convert runs one task instance per index."""
+    """`[0, ..., parts - 1]` from the run's params: the mapped download and convert run one task instance per index."""
     try:
         return list(range(RunSpec.from_params(params or {}).parts))
     except ValueError as e:  # bad params: retrying cannot help

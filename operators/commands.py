@@ -5,10 +5,11 @@ builder and the tests all derive a step's command from `step_args(step, spec, la
 in front of it differs (`local_entrypoint()` on a worker, `POD_ENTRYPOINT` in the converter image).
 
 Steps hand results on through files in the run's work folder, never through XCom (the one XCom is the list of
-part indices the mapped convert task expands over):
+part indices the mapped download and convert tasks expand over):
 
     <work root>/<dag_id>/<run key>/
         source/       download output (+ ckptflow-download.json: source, revision sha, file digests)
+        .source.ckptflow-partial-<sha12>/   hub download split into parts: their files until `--finalize` publishes them
         converted/    convert output (+ ckptflow-manifest.json written by `ckptflow convert`)
         .converted.ckptflow-parts/   convert split into parts: their shares until `--finalize` assembles them
         verify/       verify report (verify.json, verify.md, kl_per_token.png)
@@ -33,8 +34,10 @@ from converters.commands.download import looks_local
 from converters.commands.publish import SUPPORTED_SCHEMES
 
 STEPS = ("download", "convert", "verify", "publish")
-# Not a subcommand: `ckptflow convert --finalize`, which assembles the parts of a convert split into `parts` pieces.
+# Not subcommands: `ckptflow convert --finalize`, which assembles the parts of a convert split into `parts` pieces,
+# and `ckptflow download --finalize`, which checks the parts of a split download and publishes the staged source.
 FINALIZE = "finalize"
+DOWNLOAD_FINALIZE = "download_finalize"
 MAX_PARTS = 256  # one mapped task instance (one process or pod) per part: far more than any model needs
 DIRECTIONS = ("hf-to-maxtext", "maxtext-to-hf")
 DTYPES = ("bfloat16", "float32")
@@ -94,8 +97,9 @@ EXIT_BAD_INPUT = 2
 
 # Environment every step gets in both modes: output reaches the log line by line, progress bars rarely.
 STEP_ENV = {"PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "30"}
-# Steps that talk to the hub (or object storage) and so get the credentials; the others get none.
-CREDENTIAL_STEPS = ("download", "publish")
+# Steps that talk to the hub (or object storage) and so get the credentials; the others get none. The parts of a
+# split download and its finalize (which fetches the small files) all fetch from the hub.
+CREDENTIAL_STEPS = ("download", DOWNLOAD_FINALIZE, "publish")
 
 DOWNLOAD_MANIFEST = "ckptflow-download.json"  # converters.commands.download.MANIFEST_NAME
 CONVERT_MANIFEST = "ckptflow-manifest.json"  # converters.outputs.MANIFEST
@@ -129,7 +133,7 @@ class RunSpec:
     max_kl: float = DEFAULT_MAX_KL
     execution_mode: str = "local"
     node_pool: str = DEFAULT_NODE_POOL
-    parts: int = 1  # convert split into this many processes (or pods) writing to shared storage
+    parts: int = 1  # download and convert split into this many processes (or pods) writing to shared storage
 
     def __post_init__(self):
         for name, allowed in (("direction", DIRECTIONS), ("dtype", DTYPES), ("execution_mode", EXECUTION_MODES)):
@@ -237,19 +241,39 @@ class WorkLayout:
         }
 
 
+def _in_parts(what: str, args: list[str], spec: RunSpec, part: int | None, finalize: bool) -> list[str]:
+    """`args` of one part of `what` (`--part I/N`) or of its finalize (`--finalize`) when the run is split into
+    `spec.parts` > 1; with one part, the whole single-process command as it always was."""
+    if finalize:
+        if spec.parts == 1:
+            raise ValueError(f"a {what} in one part has nothing to finalize")
+        return args + ["--finalize"]
+    if spec.parts == 1:  # part 0 of 1 is the whole step: the single-process command
+        if part not in (None, 0):
+            raise ValueError(f"part {part} of a {what} in one part")
+        return args
+    if not (isinstance(part, int) and not isinstance(part, bool) and 0 <= part < spec.parts):
+        raise ValueError(f"{what} in {spec.parts} parts needs a part index from 0 to {spec.parts - 1}, got {part!r}")
+    return args + ["--part", f"{part}/{spec.parts}"]
+
+
 def step_args(step: str, spec: RunSpec, layout: WorkLayout, part: int | None = None) -> list[str]:
     """The `ckptflow` arguments of `step` (what follows the program name).
 
-    With `spec.parts > 1`, convert runs once per `part` (0 <= part < parts: `--part I/N`) and the `finalize` step
-    assembles their output (`--finalize`); with one part, convert is the single-process command as it always was.
+    With `spec.parts > 1`, download and convert run once per `part` (0 <= part < parts: `--part I/N`) and their
+    finalize steps (`download_finalize`, `finalize`) complete them (`--finalize`); with one part, download and
+    convert are the single-process commands as they always were.
     """
-    if step == "download":
+    if step in ("download", DOWNLOAD_FINALIZE):
+        # Every part and the finalize get the same SOURCE, OUT and revision: the converter stages the parts' files
+        # beside OUT in a folder named by the resolved commit (a local source has nothing to split: its parts
+        # do nothing and the finalize copies it).
         args = ["download", spec.source, layout.source_dir]
         if spec.source_format == "maxtext":
             args += ["--format", "maxtext"]
         if not spec.source_is_local and spec.revision:
             args += ["--revision", spec.revision]
-        return args
+        return _in_parts("download", args, spec, part, finalize=step == DOWNLOAD_FINALIZE)
     if step in ("convert", FINALIZE):
         # Every part and the finalize get the same SRC, OUT and options: the converter derives its staging folder
         # from OUT and checks at finalize that all parts belong to this same conversion.
@@ -259,17 +283,7 @@ def step_args(step: str, spec: RunSpec, layout: WorkLayout, part: int | None = N
             args += ["--model", spec.model_name]
         # --overwrite: a retry replaces whatever an earlier try left (convert writes atomically anyway).
         args += ["--overwrite", "--quiet"]
-        if step == FINALIZE:
-            if spec.parts == 1:
-                raise ValueError("a conversion in one part has nothing to finalize")
-            return args + ["--finalize"]
-        if spec.parts == 1:  # part 0 of 1 is the whole conversion: the single-process command
-            if part not in (None, 0):
-                raise ValueError(f"part {part} of a conversion in one part")
-            return args
-        if not (isinstance(part, int) and not isinstance(part, bool) and 0 <= part < spec.parts):
-            raise ValueError(f"convert in {spec.parts} parts needs a part index from 0 to {spec.parts - 1}, got {part!r}")
-        return args + ["--part", f"{part}/{spec.parts}"]
+        return _in_parts("conversion", args, spec, part, finalize=step == FINALIZE)
     if step == "verify":
         return [
             "verify", "--hf", layout.hf_dir(spec), "--maxtext", layout.maxtext_dir(spec),
@@ -281,4 +295,4 @@ def step_args(step: str, spec: RunSpec, layout: WorkLayout, part: int | None = N
             "publish", layout.converted_dir, spec.destination, "--receipt", layout.publish_receipt,
             "--verify-report", layout.result_files()["verify"],
         ]
-    raise ValueError(f"unknown step {step!r}; steps are {', '.join((*STEPS, FINALIZE))}")
+    raise ValueError(f"unknown step {step!r}; steps are {', '.join((*STEPS, DOWNLOAD_FINALIZE, FINALIZE))}")

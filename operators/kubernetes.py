@@ -3,7 +3,8 @@
 * Node-pool presets (`NODE_POOLS`): CPU pools by `cloud.google.com/gke-nodepool`, TPU slices by
   `cloud.google.com/gke-tpu-accelerator` / `cloud.google.com/gke-tpu-topology` with `google.com/tpu` limits
   and the matching toleration. On a TPU preset only the steps that can use the accelerator (verify) go to
-  the TPU nodes; download, convert (each part of a split convert, and its finalize) and publish stay on the CPU pool.
+  the TPU nodes; download and convert (each part of a split download or convert, and their finalize steps) and
+  publish stay on the CPU pool.
 * Requests per step and model (`step_resources`): memory from the model's size (its published config in
   `converters.registry`), checked against what the pool's nodes can hold so a too-small pool fails at
   once instead of waiting for a node that can never fit the pod.
@@ -257,8 +258,9 @@ def largest_tensor_elements(config: dict) -> int:
 # (or one layer slice) at a time with 2 workers, computing in float32: a few copies of the largest tensor.
 # `ckptflow verify` holds the HF model (PyTorch, CPU) and the MaxText-side weights, both in float32.
 # Finalize of a split convert moves the parts' files into place and writes the manifest: no tensors in memory.
-_STEP_CPU = {"download": 2.0, "convert": 8.0, "finalize": 4.0, "verify": 8.0, "publish": 2.0}
-_BASE_GIB = {"download": 4, "convert": 8, "finalize": 8, "verify": 8, "publish": 4}
+# Each part of a split download and its finalize (checks, small files, moves) are sized like a whole download.
+_STEP_CPU = {"download": 2.0, "download_finalize": 2.0, "convert": 8.0, "finalize": 4.0, "verify": 8.0, "publish": 2.0}
+_BASE_GIB = {"download": 4, "download_finalize": 4, "convert": 8, "finalize": 8, "verify": 8, "publish": 4}
 _DEFAULT_CONFIG = {  # sizing stand-in when the model is "auto": an 8B-class model
     "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
     "intermediate_size": 14336, "vocab_size": 128256,
@@ -318,7 +320,8 @@ def build_pod_operator(
     part: int | None = None,
 ) -> KubernetesPodOperator:
     """A `KubernetesPodOperator` running `ckptflow <args>` for one step (retries belong to the caller); `part`
-    names the pod of one part of a split convert (each part is a pod of its own, sized like a whole convert)."""
+    names the pod of one part of a split download or convert (each part is a pod of its own, sized like the whole
+    step)."""
     from kubernetes.client import models as k8s
 
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
@@ -342,7 +345,9 @@ def build_pod_operator(
         mounts.append(k8s.V1VolumeMount(name="gcp-key", mount_path="/var/secrets/google", read_only=True))
         env.append(k8s.V1EnvVar(name="GOOGLE_APPLICATION_CREDENTIALS", value="/var/secrets/google/key.json"))
     res = step_resources(step, step_pool, model)
-    name, labels = f"ckptflow-{step}", {"app.kubernetes.io/name": "ckptflow", "ckptflow/step": step, **(labels or {})}
+    # a pod name is a DNS label: no underscores (download_finalize)
+    name = f"ckptflow-{step.replace('_', '-')}"
+    labels = {"app.kubernetes.io/name": "ckptflow", "ckptflow/step": step, **(labels or {})}
     if part is not None:
         name, labels["ckptflow/part"] = f"{name}-part-{part}", str(part)
     return KubernetesPodOperator(

@@ -3,6 +3,7 @@
 Each step reads and writes named things:
 
     download  source (hf://org/repo@<sha> or file://...)     -> staged source (work folder)
+              (split into parts: each part reads the source, download_finalize writes the staged source)
     convert   staged source                                  -> converted checkpoint (work folder)
               (split into parts: each part reads the staged source, finalize writes the converted checkpoint)
     verify    staged source + converted checkpoint           -> verify report (work folder)
@@ -22,14 +23,15 @@ import urllib.parse
 from typing import Any
 
 from converters.commands.download import digest_of, local_path
-from operators.commands import FINALIZE, RunSpec
+from operators.commands import DOWNLOAD_FINALIZE, FINALIZE, RunSpec
 
 HF_NAMESPACE = "https://huggingface.co"
+# A finalize produces what its step produces with one part (the staged source, the converted checkpoint): same alias.
+_FINALIZED = {DOWNLOAD_FINALIZE: "download", FINALIZE: "convert"}
 
 
 def alias_name(step: str) -> str:
-    # finalize produces what convert produces with one part: the converted checkpoint, under the same alias
-    return f"ckptflow-{'convert' if step == FINALIZE else step}"
+    return f"ckptflow-{_FINALIZED.get(step, step)}"
 
 
 def file_uri(path: str) -> str:
@@ -49,10 +51,12 @@ def destination_uri(spec: RunSpec) -> str:
 def step_uris(step: str, uris: dict[str, str], parts: int = 1) -> tuple[list[str], list[str]]:
     """(inlets, outlets) of a step, from the run's URIs: source, staged, converted, report, destination.
 
-    The converted checkpoint is the output of the step that makes it whole: convert, or finalize when convert
-    runs in `parts` > 1 (a part's share in the staging folder is no asset of its own)."""
+    The staged source and the converted checkpoint are the outputs of the steps that make them whole: download and
+    convert, or their finalize steps when they run in `parts` > 1 (a part's share in a staging folder is no asset
+    of its own)."""
     table = {
-        "download": (["source"], ["staged"]),
+        "download": (["source"], ["staged"] if parts == 1 else []),
+        DOWNLOAD_FINALIZE: (["source"], ["staged"]) if parts > 1 else ([], []),
         "convert": (["staged"], ["converted"] if parts == 1 else []),
         FINALIZE: (["staged"], ["converted"]) if parts > 1 else ([], []),
         "verify": (["staged", "converted"], ["report"]),
@@ -91,8 +95,12 @@ def verify_metrics(report: dict | None) -> dict[str, Any] | None:
 def extras(step: str, spec: RunSpec, results: dict[str, dict | None]) -> dict[str, Any]:
     """Asset-event extras for `step`, from the parameters and the result files available so far."""
     download, manifest, report, receipt = (results.get(k) for k in ("download", "convert", "verify", "publish"))
+    # A part knows nothing of the assembled result (a download manifest or a checkpoint manifest there is an
+    # earlier try's).
+    if step == "download" and spec.parts > 1:
+        download = None
     if step == "convert" and spec.parts > 1:
-        manifest = None  # a part knows nothing of the assembled checkpoint (a manifest there is an earlier run's)
+        manifest = None
     layout = spec.layout
     if manifest and isinstance((manifest.get("options") or {}).get("scan_layers"), bool):
         layout = "scanned" if manifest["options"]["scan_layers"] else "unscanned"
@@ -189,7 +197,10 @@ def operator_lineage(step: str, inlets: list[str], outlets: list[str], data: dic
     for uri in inlets:
         is_checkpoint = step == "verify" and uri == inlets[-1]
         inputs.append(ol_dataset(uri, assertions=assertions if is_checkpoint else None))
-    out_version = {"download": "source_digest", "convert": "output_digest", FINALIZE: "output_digest", "publish": "published_digest"}.get(step)
+    out_version = {
+        "download": "source_digest", DOWNLOAD_FINALIZE: "source_digest",
+        "convert": "output_digest", FINALIZE: "output_digest", "publish": "published_digest",
+    }.get(step)
     outputs = [ol_dataset(uri, data.get(out_version) if out_version else None, output=True) for uri in outlets]
     run_facets = {"ckptflow": ckptflow_run_facet(data)} if data else {}
     return OperatorLineage(inputs=inputs, outputs=outputs, run_facets=run_facets)

@@ -12,30 +12,6 @@ from operators.embedded import DAGS_FOLDER, migrate, session_home
 
 AIRFLOW_HOME = session_home()
 
-# Until the converter half of issue #12 lands, the tests that run the real `ckptflow convert --part` skip with this.
-PARTS_CLI_MISSING = (
-    "`ckptflow convert --part I/N` / `--finalize` is not in converters/cli.py yet (issue #12, converter half); "
-    "the test runs by itself once it is: then drop this skip mark"
-)
-
-
-def cli_converts_in_parts() -> bool:
-    """Whether the real `ckptflow convert` accepts `--part I/N` and `--finalize`."""
-    import contextlib
-    import io
-
-    from converters.cli import build_parser
-
-    parser = build_parser()
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            for extra in (["--part", "0/2"], ["--finalize"]):
-                parser.parse_args(["convert", "/src", "/out", "--to", "maxtext", *extra])
-    except SystemExit:
-        return False
-    return True
-
-
 @pytest.fixture(scope="session")
 def airflow_db():
     """The migrated metadata database of the session's Airflow home; returns the home folder."""

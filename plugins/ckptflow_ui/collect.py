@@ -4,7 +4,9 @@ work folder.
 What comes from where:
 
 * the metadata database (always there): the DAG run (state, times, the params it was triggered with), its
-  task instances (state and tries of download/convert/verify/publish) and the asset events the steps emitted,
+  task instances (state and tries of download/convert/verify/publish; for a run in parts also plan_parts and the
+  finalize tasks, and one instance per part of download and convert, summed up per step) and the asset events the
+  steps emitted,
   whose extras carry the resolved source revision sha, the layout, the verify metrics, the output digest and
   the destination (see `operators.lineage.extras`);
 * the run's work folder, when the API server can read it: the steps' result files
@@ -29,7 +31,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from operators.commands import CONVERT_MANIFEST, DOWNLOAD_MANIFEST, STEPS, VERIFY_REPORT, RunSpec, WorkLayout
+from operators.commands import (
+    CONVERT_MANIFEST,
+    DOWNLOAD_FINALIZE,
+    DOWNLOAD_MANIFEST,
+    FINALIZE,
+    VERIFY_REPORT,
+    RunSpec,
+    WorkLayout,
+)
 from operators.lineage import verify_metrics
 
 DEFAULT_DAG_IDS = ("convert_checkpoint",)
@@ -45,6 +55,13 @@ STATUSES = {
     "running": "Running",
 }
 _RUNNING_STATES = ("queued", "running", "restarting", "up_for_retry", "up_for_reschedule", "scheduled", "deferred")
+# The `convert_checkpoint` tasks in pipeline order. With one part, plan_parts and the finalize tasks do nothing, so
+# the page lists them only for a run in parts.
+TASKS = ("plan_parts", "download", DOWNLOAD_FINALIZE, "convert", FINALIZE, "verify", "publish")
+_PARTS_ONLY = ("plan_parts", DOWNLOAD_FINALIZE, FINALIZE)
+# The state a step in parts shows is its worst part's: a failed part fails the step, a running one keeps it running.
+_WORST_FIRST = ("failed", "upstream_failed", "up_for_retry", "restarting", "running", "deferred", "up_for_reschedule",
+                "queued", "scheduled", None, "skipped", "success")
 
 
 # ------------------------------------------------------------------------------------------- settings
@@ -67,6 +84,7 @@ class StepRecord:
     try_number: int
     start: datetime | None
     end: datetime | None
+    map_index: int = -1  # the part a task instance of a mapped step runs
 
 
 @dataclass(frozen=True)
@@ -88,14 +106,14 @@ class RunRecord:
     end: datetime | None
     queued: datetime | None
     conf: dict
-    steps: dict[str, StepRecord]
+    steps: dict[str, tuple[StepRecord, ...]]  # task id -> its task instances (one per part of a mapped step)
     events: tuple[EventRecord, ...]
 
     def fingerprint(self) -> tuple:
         return (
             self.state,
             self.end,
-            tuple(sorted((k, s.state, s.try_number) for k, s in self.steps.items())),
+            tuple(sorted((s.task_id, s.map_index, s.state, s.try_number) for tis in self.steps.values() for s in tis)),
             len(self.events),
         )
 
@@ -137,15 +155,18 @@ def load_runs(
     if not runs:
         return []
     run_ids = [r.run_id for r in runs]
-    steps: dict[tuple[str, str], dict[str, StepRecord]] = {}
+    steps: dict[tuple[str, str], dict[str, list[StepRecord]]] = {}
     ti_rows = session.execute(
         select(
             TaskInstance.dag_id, TaskInstance.run_id, TaskInstance.task_id, TaskInstance.state,
-            TaskInstance.try_number, TaskInstance.start_date, TaskInstance.end_date,
-        ).where(TaskInstance.dag_id.in_(ids), TaskInstance.run_id.in_(run_ids))
+            TaskInstance.try_number, TaskInstance.start_date, TaskInstance.end_date, TaskInstance.map_index,
+        )
+        .where(TaskInstance.dag_id.in_(ids), TaskInstance.run_id.in_(run_ids))
+        .order_by(TaskInstance.map_index)
     ).all()
-    for dag_id, run_id, task_id, state, try_number, start, end in ti_rows:
-        steps.setdefault((dag_id, run_id), {})[task_id] = StepRecord(task_id, _state(state), try_number or 0, start, end)
+    for dag_id, run_id, task_id, state, try_number, start, end, map_index in ti_rows:
+        record = StepRecord(task_id, _state(state), try_number or 0, start, end, map_index)
+        steps.setdefault((dag_id, run_id), {}).setdefault(task_id, []).append(record)
     events: dict[tuple[str, str], list[EventRecord]] = {}
     ev_rows = session.execute(
         select(
@@ -167,7 +188,7 @@ def load_runs(
             end=r.end_date,
             queued=r.queued_at,
             conf=dict(r.conf or {}),
-            steps=steps.get((r.dag_id, r.run_id), {}),
+            steps={t: tuple(tis) for t, tis in steps.get((r.dag_id, r.run_id), {}).items()},
             events=tuple(events.get((r.dag_id, r.run_id), ())),
         )
         for r in runs
@@ -267,7 +288,8 @@ def _spec(conf: dict) -> RunSpec | None:
 def run_folder(run: RunRecord, files: WorkFiles, spec: RunSpec | None) -> str | None:
     """Where the run's steps wrote: the parent of a work-folder URI its events name, else the configured layout."""
     for event in run.events:
-        if event.task_id in ("download", "convert", "verify"):
+        # work-folder outputs: the staged source, the converted checkpoint (from a finalize in parts), the report
+        if event.task_id in ("download", DOWNLOAD_FINALIZE, "convert", FINALIZE, "verify"):
             loc = files.location(event.uri)
             if loc:
                 return files.parent(loc)
@@ -294,10 +316,31 @@ def run_folder(run: RunRecord, files: WorkFiles, spec: RunSpec | None) -> str | 
 
 @dataclass
 class Step:
+    """A task of the run; a step in parts (a mapped task) sums up its task instances."""
+
     task_id: str
-    state: str | None
-    try_number: int
-    seconds: float | None
+    state: str | None  # in parts: the worst part's
+    try_number: int  # in parts: the most tries any part took
+    seconds: float | None  # in parts: from the first part's start to the last part's end
+    parts: int = 1
+    parts_done: int = 0
+    parts_retried: int = 0
+
+    @property
+    def summary(self) -> str:
+        """e.g. `verify: success (try 2)`, `convert: 3/3 parts done, 1 retried`, `download: 1/2 parts done (failed)`."""
+        if self.parts > 1:
+            text = f"{self.task_id}: {self.parts_done}/{self.parts} parts done"
+            text += f", {self.parts_retried} retried" if self.parts_retried else ""
+            return text if self.state == "success" else f"{text} ({self.state or 'waiting'})"
+        return f"{self.task_id}: {self.state or 'not run'}" + (f" (try {self.try_number})" if self.try_number > 1 else "")
+
+    @property
+    def note(self) -> str | None:
+        """The line the page shows under the run's duration: how a step in parts went, or a step's retries."""
+        if self.parts > 1:
+            return self.summary
+        return f"{self.task_id}: {self.try_number} tries" if self.try_number > 1 else None
 
 
 @dataclass
@@ -350,6 +393,8 @@ class Conversion:
         for k in ("started", "ended"):
             d[k] = d[k].isoformat() if d[k] else None
         d["verify_label"] = self.verify_label
+        for step, out in zip(self.steps, d["steps"]):
+            out["summary"] = step.summary
         return d
 
 
@@ -363,14 +408,36 @@ def _merged_extras(run: RunRecord) -> dict[str, Any]:
     """The extras of all the run's events merged in step order: a later step's value wins, and what only an
     earlier step knew (the source revision sha, when later pods could not read the download result) stays."""
     merged: dict[str, Any] = {}
-    order = {s: i for i, s in enumerate(STEPS)}
+    order = {s: i for i, s in enumerate(TASKS)}
     for e in sorted(run.events, key=lambda e: order.get(e.task_id or "", -1)):
         merged.update({k: v for k, v in e.extra.items() if v is not None})
     return merged
 
 
+def _step(task_id: str, instances: tuple[StepRecord, ...], now: datetime) -> Step:
+    tis = [t for t in instances if t.state != "removed"]  # parts a re-run with fewer parts no longer has
+    if not tis:
+        return Step(task_id, None, 0, None)
+    rank = {s: i for i, s in enumerate(_WORST_FIRST)}
+    state = min((t.state for t in tis), key=lambda s: rank.get(s, rank[None]))
+    starts = [t.start for t in tis if t.start]
+    end = None if any(t.end is None for t in tis) else max(t.end for t in tis)
+    return Step(
+        task_id, state, max(t.try_number for t in tis), _seconds(min(starts), end, now) if starts else None,
+        parts=len(tis), parts_done=sum(t.state == "success" for t in tis),
+        parts_retried=sum(t.try_number > 1 for t in tis),
+    )
+
+
+def pipeline_steps(run: RunRecord, spec: RunSpec | None, now: datetime) -> list[Step]:
+    """The run's steps in pipeline order; plan_parts and the finalize tasks only for a run in parts."""
+    steps = [_step(t, run.steps.get(t, ()), now) for t in TASKS]
+    in_parts = spec.parts > 1 if spec else any(s.parts > 1 for s in steps)
+    return [s for s in steps if in_parts or s.task_id not in _PARTS_ONLY]
+
+
 def _status(run: RunRecord, verify: dict | None) -> tuple[str, str | None]:
-    failed = next((s for s in STEPS if (run.steps.get(s) and run.steps[s].state == "failed")), None)
+    failed = next((t for t in TASKS if any(ti.state == "failed" for ti in run.steps.get(t, ()))), None)
     state = run.state or ""
     if state in _RUNNING_STATES or (not state and not failed):
         return "running", failed
@@ -417,10 +484,7 @@ def build_conversion(run: RunRecord, files: WorkFiles, now: datetime | None = No
     source = spec.source if spec else str(run.conf.get("source", "?"))
     source_is_local = spec.source_is_local if spec else source.startswith(("/", "file://"))
 
-    steps = []
-    for name in STEPS:
-        s = run.steps.get(name)
-        steps.append(Step(name, s.state if s else None, s.try_number if s else 0, _seconds(s.start, s.end, now) if s else None))
+    steps = pipeline_steps(run, spec, now)
 
     return Conversion(
         dag_id=run.dag_id,
@@ -493,14 +557,16 @@ def lineage_manifest(run: RunRecord, files: WorkFiles) -> dict[str, Any]:
         "params": run.conf,
         "steps": [
             {
-                "step": name,
-                "state": run.steps[name].state if name in run.steps else None,
-                "try_number": run.steps[name].try_number if name in run.steps else None,
+                "step": s.task_id,
+                "state": s.state,
+                "try_number": s.try_number if s.task_id in run.steps else None,
+                **({"parts": s.parts, "parts_done": s.parts_done, "parts_retried": s.parts_retried} if s.parts > 1 else {}),
                 "asset_events": [
-                    {"uri": e.uri, "timestamp": iso(e.timestamp), "extra": e.extra} for e in run.events if e.task_id == name
+                    {"uri": e.uri, "timestamp": iso(e.timestamp), "extra": e.extra}
+                    for e in run.events if e.task_id == s.task_id
                 ],
             }
-            for name in STEPS
+            for s in pipeline_steps(run, spec, datetime.now(timezone.utc))
         ],
         "work_folder": folder,
         "download": read("source", DOWNLOAD_MANIFEST),

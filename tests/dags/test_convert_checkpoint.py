@@ -1,5 +1,6 @@
 """The `convert_checkpoint` DAG: clean and light parsing, typed params rejected with clear messages (also by
-the REST API), and full runs on a tiny model with the real `ckptflow` in local mode, in one part and in two."""
+the REST API), and full runs on a tiny model with the real `ckptflow` in local mode, in one part and in two (from
+a local folder, and from the hub stand-in)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
+from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,13 +19,13 @@ import pytest
 from operators import commands
 from operators.commands import WorkLayout
 from operators.embedded import DAGS_FOLDER, ol_events
-from operators.testing import PARTS_CLI_MISSING, cli_converts_in_parts
+from tests.stand_ins.fixtures import TOKEN, hub  # noqa: F401  (fixture)
 
 DAG_FILE = DAGS_FOLDER / "convert_checkpoint.py"
 HEAVY = ("jax", "jaxlib", "torch", "transformers", "tensorflow", "orbax", "tensorstore", "kubernetes", "openlineage")
 
 
-TASKS = ["download", "plan_parts", "convert", "finalize", "verify", "publish"]
+TASKS = ["plan_parts", "download", "download_finalize", "convert", "finalize", "verify", "publish"]
 
 
 def test_dag_folder_imports_without_errors(convert_dag):
@@ -173,7 +176,7 @@ def test_full_run_on_a_tiny_model_in_local_mode(isolated_runs, tiny_model, tmp_p
     tis = {ti.task_id: ti for ti in dr.get_task_instances()}
     assert dr.state == "success", {k: ti.state for k, ti in tis.items()}
     assert {k: ti.try_number for k, ti in tis.items()} == {
-        "download": 1, "plan_parts": 1, "convert": 2, "finalize": 1, "verify": 1, "publish": 1}
+        "download": 1, "download_finalize": 1, "plan_parts": 1, "convert": 2, "finalize": 1, "verify": 1, "publish": 1}
 
     # The published checkpoint is the verified one, complete, with nothing of the crashed try in it.
     manifest = json.loads((dest / "ckptflow-manifest.json").read_text())
@@ -226,20 +229,26 @@ marker = Path(os.environ["FLAKY_MARKER"])
 real = [sys.executable, "-m", "converters", *args]
 with open(os.environ["CALL_LOG"], "a") as log:
     print(" ".join(args), file=log)
-if "--part" in args and args[args.index("--part") + 1].startswith("1/") and not marker.exists():
-    # Part 1's first try writes its share, then its pod or process dies before reporting success.
+if args[0] == "convert" and "--part" in args and args[args.index("--part") + 1].startswith("1/") and not marker.exists():
+    # Convert part 1's first try writes its share, then its pod or process dies before reporting success.
     marker.touch()
     subprocess.run(real, check=True)
     print("simulated crash of part 1 after writing", file=sys.stderr)
     sys.exit(1)
+if args[0] == "download" and "--part" in args:
+    # What a download part left in the work folder (a local source's part: nothing).
+    code = subprocess.run(real).returncode
+    with open(os.environ["CALL_LOG"], "a") as log:
+        print("after download part:", *sorted(os.listdir(Path(args[2]).parent)), file=log)
+    sys.exit(code)
 os.execv(sys.executable, real)
 """
 
 
-@pytest.mark.skipif(not cli_converts_in_parts(), reason=PARTS_CLI_MISSING)
 def test_full_run_in_two_parts_on_a_tiny_model(isolated_runs, tiny_model, tmp_path, monkeypatch):
-    """parts=2 with the real `ckptflow convert --part/--finalize`: part 1 dies once after writing and is retried
-    alone, finalize assembles, verify passes, and the result equals the single-process conversion."""
+    """parts=2 with the real `ckptflow download|convert --part/--finalize`: the download parts of a local source do
+    nothing and download_finalize copies it; convert part 1 dies once after writing and is retried alone, finalize
+    assembles, verify passes, and the result equals the single-process conversion."""
     from airflow.models.asset import AssetEvent
     from airflow.utils.session import create_session
 
@@ -260,11 +269,18 @@ def test_full_run_in_two_parts_on_a_tiny_model(isolated_runs, tiny_model, tmp_pa
 
     tis = {(ti.task_id, ti.map_index): ti for ti in dr.get_task_instances()}
     assert dr.state == "success", {k: ti.state for k, ti in tis.items()}
-    assert {k: ti.try_number for k, ti in tis.items() if k[0] in ("convert", "finalize")} == {
-        ("convert", 0): 1, ("convert", 1): 2, ("finalize", -1): 1}
-    calls = [line.split() for line in (tmp_path / "calls.txt").read_text().splitlines() if line.startswith("convert")]
+    assert {k: ti.try_number for k, ti in tis.items() if k[0] != "plan_parts"} == {
+        ("download", 0): 1, ("download", 1): 1, ("download_finalize", -1): 1,
+        ("convert", 0): 1, ("convert", 1): 2, ("finalize", -1): 1, ("verify", -1): 1, ("publish", -1): 1}
+    log = (tmp_path / "calls.txt").read_text().splitlines()
+    calls = [line.split() for line in log if line.startswith("convert")]
     runs = [c[c.index("--part") + 1] if "--part" in c else c[-1] for c in calls]
     assert sorted(runs[:-1]) == ["0/2", "1/2", "1/2"] and runs[-1] == "--finalize"  # part 0 ran once
+    # Both download parts ran and left nothing (a local folder has nothing to split); the finalize copied it.
+    downloads = [line.split() for line in log if line.startswith("download")]
+    assert sorted(c[-1] for c in downloads[:2]) == ["0/2", "1/2"] and downloads[2][-1] == "--finalize"
+    assert all(c[1] == str(source) and c[2].endswith("/source") for c in downloads)
+    assert [line for line in log if line.startswith("after download part:")] == ["after download part:"] * 2
 
     # The published checkpoint is complete, its manifest records the two parts, and no staging is left behind.
     manifest = json.loads((dest / "ckptflow-manifest.json").read_text())
@@ -288,7 +304,86 @@ def test_full_run_in_two_parts_on_a_tiny_model(isolated_runs, tiny_model, tmp_pa
     with create_session() as session:
         events = session.query(AssetEvent).filter(AssetEvent.source_run_id == dr.run_id).all()
         by_task = {e.source_task_id: (e.uri, e.extra) for e in events}
-    assert set(by_task) == {"download", "finalize", "verify", "publish"}
+    assert set(by_task) == {"download_finalize", "finalize", "verify", "publish"}
+    assert by_task["download_finalize"][0] == (run_dir / "source").as_uri()
+    staged = json.loads((run_dir / "source" / "ckptflow-download.json").read_text())
+    assert staged["kind"] == "local" and by_task["download_finalize"][1]["source_digest"] == staged["digest"]
     assert by_task["finalize"][0] == (run_dir / "converted").as_uri()
     assert by_task["finalize"][1]["output_digest"] == by_task["publish"][1]["output_digest"]
     assert by_task["publish"][1]["parts"] == 2
+
+
+def sharded_repo(model: Path, shards: int) -> dict[str, bytes]:
+    """The files of a hub repo holding `model` with its weights in `shards` safetensors files of about the same
+    size and their index, so that a download in parts has weight files to split."""
+    from safetensors.torch import load_file, save_file
+
+    groups, sizes = [{} for _ in range(shards)], [0] * shards
+    for name, t in sorted(load_file(model / "model.safetensors").items(), key=lambda kv: -kv[1].nbytes):
+        i = sizes.index(min(sizes))  # the biggest tensors first, each into the smallest shard so far
+        groups[i][name], sizes[i] = t, sizes[i] + t.nbytes
+    files = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file() and p.name != "model.safetensors"}
+    weight_map = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, group in enumerate(groups):
+            name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            save_file(group, Path(tmp, name), metadata={"format": "pt"})
+            files[name] = Path(tmp, name).read_bytes()
+            weight_map.update(dict.fromkeys(group, name))
+    files["model.safetensors.index.json"] = json.dumps({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}).encode()
+    return files
+
+
+def test_two_parts_from_the_hub_fetch_each_weight_file_once(isolated_runs, tiny_model, hub, tmp_path, monkeypatch):  # noqa: F811
+    """parts=2 from a private repo on the hub stand-in with the real `ckptflow download --part/--finalize`: each part
+    fetches its own shards with the token from the connection, download_finalize fetches no weights, every weight
+    file is fetched exactly once and at the resolved commit, and the conversion is verified and published."""
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+    from operators.local import LocalCommandRunner
+
+    convert_dag = isolated_runs
+    files = sharded_repo(Path(tiny_model("llama3.1")), 3)
+    shards = {n for n in files if n.endswith(".safetensors")}
+    sha = hub.state.commit("acme/tiny-llama", files, private=True)  # without the token: 401 on every file
+    monkeypatch.setenv("AIRFLOW_CONN_CKPTFLOW_HF", json.dumps({"conn_type": "generic", "password": TOKEN}))
+    monkeypatch.setenv("CKPTFLOW_WORK_ROOT", str(tmp_path / "work"))
+    fetched = {}  # the command's last argument (its part, or --finalize) -> the files it fetched
+
+    real_run = LocalCommandRunner.run
+
+    def run(self, argv, **kwargs):  # the tasks run one at a time in dag.test: requests in between are theirs
+        start = len(hub.downloads())
+        result = real_run(self, argv, **kwargs)
+        if "download" in argv:
+            fetched[argv[-1]] = hub.downloads()[start:]
+        return result
+
+    monkeypatch.setattr(LocalCommandRunner, "run", run)
+    dest = tmp_path / "published" / "tiny-llama" / "v3"
+
+    dr = convert_dag.test(run_conf={"source": "acme/tiny-llama", "revision": "main", "destination": dest.as_uri(),
+                                    "dtype": "float32", "parts": 2})
+
+    tis = {(ti.task_id, ti.map_index): ti for ti in dr.get_task_instances()}
+    assert dr.state == "success", {k: ti.state for k, ti in tis.items()}
+    assert sorted(fetched) == ["--finalize", "0/2", "1/2"]
+    mine = [{n for n in fetched[p] if n in shards} for p in ("0/2", "1/2")]
+    assert mine[0] and mine[1] and mine[0] | mine[1] == shards  # each part fetched its own share ...
+    assert not {n for n in fetched["--finalize"] if n in shards}  # ... and the finalize only the small files
+    assert Counter(n for n in hub.downloads("acme/tiny-llama") if n in shards) == dict.fromkeys(shards, 1)
+    assert {p.split("/")[4] for m, p in hub.state.requests if "/resolve/" in p} == {sha}  # all at the commit
+
+    run_dir = next((tmp_path / "work" / "convert_checkpoint").iterdir())
+    staged = json.loads((run_dir / "source" / "ckptflow-download.json").read_text())
+    assert staged["revision"] == sha and shards | {"model.safetensors.index.json", "config.json"} <= set(staged["files"])
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]  # the parts' staging folder is gone
+    report = json.loads((run_dir / "verify" / "verify.json").read_text())
+    assert report["summary"]["passed"] is True
+    assert json.loads((dest / "ckptflow-manifest.json").read_text())["family"] == "llama3.1"
+    with create_session() as session:
+        events = session.query(AssetEvent).filter(AssetEvent.source_run_id == dr.run_id).all()
+        by_task = {e.source_task_id: (e.uri, e.extra) for e in events}
+    assert set(by_task) == {"download_finalize", "finalize", "verify", "publish"}
+    assert by_task["download_finalize"][1]["source_revision_sha"] == sha
+    assert by_task["publish"][1]["source_digest"] == staged["digest"]

@@ -9,7 +9,6 @@ import pytest
 from converters.cli import build_parser
 from operators import commands
 from operators.commands import RunSpec, WorkLayout, run_key, step_args
-from operators.testing import PARTS_CLI_MISSING, cli_converts_in_parts
 
 LAYOUT = WorkLayout("/work/convert_checkpoint/run-1")
 
@@ -106,16 +105,38 @@ def test_convert_in_parts_runs_one_command_per_part_and_a_finalize_with_the_same
     assert step_args("convert", one, LAYOUT, part=0) == step_args("convert", one, LAYOUT) == whole
     with pytest.raises(ValueError, match="nothing to finalize"):
         step_args("finalize", one, LAYOUT)
-    # The other steps do not depend on the number of parts.
-    for step in ("download", "verify", "publish"):
+    # Verify and publish do not depend on the number of parts.
+    for step in ("verify", "publish"):
         assert step_args(step, PARTS_SPEC, LAYOUT) == step_args(step, one, LAYOUT)
     assert LAYOUT.parts_staging_dir == "/work/convert_checkpoint/run-1/.converted.ckptflow-parts"
 
 
+@pytest.mark.parametrize("source, revision", [("acme/tiny", "v2"), ("/data/tiny", None)])
+def test_download_in_parts_runs_one_command_per_part_and_a_finalize_with_the_same_source(source, revision):
+    one = RunSpec(source=source, revision=revision, destination="file:///x", parts=1)
+    whole = step_args("download", one, LAYOUT)
+    assert whole == ["download", source, "/work/convert_checkpoint/run-1/source", *(["--revision", revision] if revision else [])]
+    spec = RunSpec(source=source, revision=revision, destination="file:///x", parts=3)
+    # Same SOURCE, OUT and revision for every part and the finalize (a local source's parts do nothing).
+    assert [step_args("download", spec, LAYOUT, part=i) for i in range(3)] == [whole + ["--part", f"{i}/3"] for i in range(3)]
+    assert step_args("download_finalize", spec, LAYOUT) == whole + ["--finalize"]
+    # One part is the whole download: the single-process command, as before `parts` existed.
+    assert step_args("download", one, LAYOUT, part=0) == whole
+    with pytest.raises(ValueError, match="nothing to finalize"):
+        step_args("download_finalize", one, LAYOUT)
+
+
+def test_a_maxtext_source_downloads_in_parts_with_its_format():
+    spec = RunSpec(source="/ckpts/run7", destination="file:///models/hf", direction="maxtext-to-hf", parts=2)
+    assert step_args("download", spec, LAYOUT, part=1)[3:] == ["--format", "maxtext", "--part", "1/2"]
+    assert step_args("download_finalize", spec, LAYOUT)[3:] == ["--format", "maxtext", "--finalize"]
+
+
+@pytest.mark.parametrize("step", ["convert", "download"])
 @pytest.mark.parametrize("part", [None, -1, 3, "1", True])
-def test_a_part_index_outside_the_conversion_is_refused(part):
+def test_a_part_index_outside_the_run_is_refused(step, part):
     with pytest.raises(ValueError, match="part index from 0 to 2"):
-        step_args("convert", PARTS_SPEC, LAYOUT, part=part)
+        step_args(step, PARTS_SPEC, LAYOUT, part=part)
 
 
 @pytest.mark.parametrize("parts", [0, -1, 2.5, "3", True, commands.MAX_PARTS + 1, None])
@@ -129,9 +150,11 @@ def test_run_spec_parts_default_and_json_integers():
     assert RunSpec.from_params({"source": "acme/tiny", "destination": "file:///x", "parts": 4.0}).parts == 4  # JSON 4.0
 
 
-@pytest.mark.skipif(not cli_converts_in_parts(), reason=PARTS_CLI_MISSING)
 def test_part_and_finalize_commands_parse_with_the_real_cli():
     parser = build_parser()
     for spec in (PARTS_SPEC, RunSpec(source="/ckpt", destination="file:///y", direction="maxtext-to-hf", parts=2)):
-        for args in [step_args("convert", spec, LAYOUT, part=i) for i in range(spec.parts)] + [step_args("finalize", spec, LAYOUT)]:
-            assert parser.parse_args(args).command == "convert"
+        for step, finalize in (("download", "download_finalize"), ("convert", "finalize")):
+            parts = [parser.parse_args(step_args(step, spec, LAYOUT, part=i)) for i in range(spec.parts)]
+            assert [(a.command, a.part, a.finalize) for a in parts] == [(step, (i, spec.parts), False) for i in range(spec.parts)]
+            done = parser.parse_args(step_args(finalize, spec, LAYOUT))
+            assert (done.command, done.part, done.finalize) == (step, None, True)

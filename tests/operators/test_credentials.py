@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import json
 
-from operators.ckptflow_operators import OPERATORS
+from operators.ckptflow_operators import OPERATORS, DownloadFinalizeOperator, FinalizeOperator
+
+ALL_OPERATORS = {**OPERATORS, "download_finalize": DownloadFinalizeOperator, "finalize": FinalizeOperator}
 
 
 def test_gcp_connection_sets_key_file_and_project_for_download_and_publish_only(monkeypatch):
     monkeypatch.setenv("AIRFLOW_CONN_CKPTFLOW_GCP", json.dumps(
         {"conn_type": "google_cloud_platform", "extra": {"key_path": "/secrets/gcs-key.json", "project": "my-project"}}))
-    envs = {step: op(task_id=step)._child_env() for step, op in OPERATORS.items()}
+    monkeypatch.setenv("AIRFLOW_CONN_CKPTFLOW_HF", json.dumps({"conn_type": "generic", "password": "hf_fromTheConnection"}))
+    monkeypatch.setenv("HF_TOKEN", "hf_inTheWorkersEnvironment")
+    envs = {step: op(task_id=step)._child_env() for step, op in ALL_OPERATORS.items()}
     for step, env in envs.items():
-        want = ("/secrets/gcs-key.json", "my-project") if step in ("download", "publish") else (None, None)
+        hub = step in ("download", "download_finalize", "publish")  # a split download's finalize fetches files too
+        want = ("/secrets/gcs-key.json", "my-project") if hub else (None, None)
         assert (env.get("GOOGLE_APPLICATION_CREDENTIALS"), env.get("GOOGLE_CLOUD_PROJECT")) == want, step
+        assert env.get("HF_TOKEN") == ("hf_fromTheConnection" if hub else None), step
         assert not any(k.startswith("AIRFLOW_CONN_") for k in env)
 
 

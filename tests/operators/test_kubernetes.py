@@ -1,6 +1,6 @@
 """Kubernetes mode without a cluster: every step's pod spec for a CPU and a TPU pool (and each part's pod when
-convert runs in parts), validated strictly against the Kubernetes schema, running the local-mode command, with
-no secret value anywhere in it."""
+download or convert runs in parts), validated strictly against the Kubernetes schema, running the local-mode
+command, with no secret value anywhere in it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import kubernetes_validate
 import pytest
 
 from converters.registry import model_names
-from operators.commands import FINALIZE, STEPS, WorkLayout, step_args
+from operators.commands import DOWNLOAD_FINALIZE, FINALIZE, STEPS, WorkLayout, step_args
 from operators.kubernetes import (
     NODE_POOLS,
     TPU_RESOURCE,
@@ -67,7 +67,7 @@ def context_for(dag, conf):
 
 
 def step_operator(dag, task_id, part=0):
-    """The operator a worker runs for `task_id`: the mapped convert is unmapped for one part, as Airflow does."""
+    """The operator a worker runs for `task_id`: a mapped step is unmapped for one part, as Airflow does."""
     from airflow.sdk.definitions.mappedoperator import MappedOperator
 
     task = dag.get_task(task_id)
@@ -153,13 +153,14 @@ def test_pod_spec_with_a_kubeconfig_and_a_gcs_fuse_work_volume(convert_dag, sett
 
 def test_memory_is_sized_per_step_and_model():
     cpu = NODE_POOLS["cpu-highmem"]
-    small = {s: step_resources(s, cpu, "qwen3-0.6b")["requests"]["memory"] for s in (*STEPS, FINALIZE)}
-    big = {s: step_resources(s, cpu, "llama3.1-70b")["requests"]["memory"] for s in (*STEPS, FINALIZE)}
+    small = {s: step_resources(s, cpu, "qwen3-0.6b")["requests"]["memory"] for s in (*STEPS, DOWNLOAD_FINALIZE, FINALIZE)}
+    big = {s: step_resources(s, cpu, "llama3.1-70b")["requests"]["memory"] for s in (*STEPS, DOWNLOAD_FINALIZE, FINALIZE)}
     gib = lambda v: int(v.removesuffix("Gi"))  # noqa: E731
     assert gib(big["verify"]) > gib(small["verify"]) > gib(small["download"])
     assert gib(big["convert"]) > gib(small["convert"])
     assert small["download"] == big["download"] and small["publish"] == big["publish"]
     assert small[FINALIZE] == big[FINALIZE]  # finalize moves files and writes the manifest: no tensors in memory
+    assert small[DOWNLOAD_FINALIZE] == big[DOWNLOAD_FINALIZE] == small["download"]
     # Parameter counts within 2 % of the published ones, dense and MoE.
     for model, published in (("llama3.1-8b", 8.03e9), ("mixtral-8x7b", 46.7e9), ("qwen3-30b-a3b", 30.5e9)):
         if model in model_names():
@@ -170,7 +171,7 @@ def test_every_registry_model_is_sized_or_refused_clearly():
     """The form offers every registry model; each one gets requests on some pool or a clear refusal."""
     for model in model_names():
         for pool in NODE_POOLS.values():
-            for step in (*STEPS, FINALIZE):
+            for step in (*STEPS, DOWNLOAD_FINALIZE, FINALIZE):
                 try:
                     res = step_resources(step, pool, model)
                 except PodSizingError:
@@ -214,15 +215,17 @@ def test_settings_from_environment():
 POD_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # a DNS-1123 label
 
 
+@pytest.mark.parametrize("step, finalize_step", [("download", DOWNLOAD_FINALIZE), ("convert", FINALIZE)])
 @pytest.mark.parametrize("pool", ["cpu-highmem", "tpu-v6e-8"])
-def test_pod_specs_of_a_convert_in_parts(convert_dag, settings, pool, monkeypatch):
-    """Each part is a pod of its own (distinct name, its part's command, convert's sizing, the shared work volume),
-    then one finalize pod; all validate strictly."""
+def test_pod_specs_of_a_step_in_parts(convert_dag, settings, pool, monkeypatch, step, finalize_step):
+    """Each part is a pod of its own (distinct name, its part's command, the whole step's sizing, the shared work
+    volume), then one finalize pod; all validate strictly, and the download's all get the HF token reference."""
     conf = {**CONF, "node_pool": pool, "parts": 3}
-    whole = render(convert_dag, {**conf, "parts": 1}, settings, monkeypatch)["convert"][0]["spec"]
+    whole = render(convert_dag, {**conf, "parts": 1}, settings, monkeypatch)[step][0]["spec"]
     layout = WorkLayout.for_run(settings.mount_path, "convert_checkpoint", "manual__2026-11-29T12:00:00+00:00")
     pods = {}
-    for key, op in [(i, step_operator(convert_dag, "convert", i)) for i in range(3)] + [(FINALIZE, convert_dag.get_task(FINALIZE))]:
+    ops = [(i, step_operator(convert_dag, step, i)) for i in range(3)] + [(finalize_step, convert_dag.get_task(finalize_step))]
+    for key, op in ops:
         monkeypatch.setattr(op, "kubernetes_settings", settings)
         plan = op.plan(context_for(convert_dag, conf))
         pods[key] = (pod_manifest(op.build_pod_operator(plan)), plan)
@@ -231,28 +234,38 @@ def test_pod_specs_of_a_convert_in_parts(convert_dag, settings, pool, monkeypatc
         for version in K8S_VERSIONS:
             kubernetes_validate.validate(pod, version, strict=True)
         (container,) = pod["spec"]["containers"]
-        step = "convert" if key != FINALIZE else FINALIZE
-        assert container["args"] == plan.args == step_args(step, plan.spec, layout, None if key == FINALIZE else key)
+        is_part = key != finalize_step
+        want = step_args(step, plan.spec, layout, key) if is_part else step_args(finalize_step, plan.spec, layout)
+        assert container["args"] == plan.args == want
+        tail = ["--part", f"{key}/3"] if is_part else ["--finalize"]
+        assert container["args"][-len(tail):] == tail
         name = pod["metadata"]["name"]
         assert POD_NAME.match(name) and len(name) <= 63, name
-        assert name.startswith(f"ckptflow-convert-part-{key}-" if key != FINALIZE else "ckptflow-finalize-"), name
+        assert name.startswith(f"ckptflow-{step}-part-{key}-" if is_part else f"ckptflow-{finalize_step.replace('_', '-')}-"), name
         names.add(name)
         # The same work volume at the same path as every other step: parts stage beside OUT on it.
         assert pod["spec"]["volumes"][0] == whole["volumes"][0]
         assert {"name": "ckptflow-work", "mountPath": settings.mount_path} in container["volumeMounts"]
         assert pod["spec"]["nodeSelector"] == {"cloud.google.com/gke-nodepool": "ckptflow-cpu-highmem" if pool == "cpu-highmem" else "ckptflow-cpu"}
         assert TPU_RESOURCE not in json.dumps(pod) and SECRET not in json.dumps(pod)
-        if key != FINALIZE:
+        # Every part of a download and its finalize fetch from the hub: the token as a reference, never a value.
+        refs = [e["valueFrom"]["secretKeyRef"] for e in container.get("env", []) if "valueFrom" in e]
+        assert refs == ([{"name": "ckptflow-hf-token", "key": "token", "optional": True}] if step == "download" else []), key
+        if is_part:
             assert pod["metadata"]["labels"]["ckptflow/part"] == str(key)
-            assert container["resources"] == whole["containers"][0]["resources"]  # sized like a whole convert
+            assert pod["metadata"]["labels"]["ckptflow/step"] == step
+            assert container["resources"] == whole["containers"][0]["resources"]  # sized like the whole step
+            assert pod["spec"]["activeDeadlineSeconds"] == whole["activeDeadlineSeconds"]
     assert len(names) == 4
-    finalize = pods[FINALIZE][0]
-    assert finalize["spec"]["activeDeadlineSeconds"] == int(convert_dag.get_task(FINALIZE).execution_timeout.total_seconds())
+    finalize = pods[finalize_step][0]
+    assert finalize["spec"]["activeDeadlineSeconds"] == int(convert_dag.get_task(finalize_step).execution_timeout.total_seconds())
     assert "ckptflow/part" not in finalize["metadata"]["labels"]
+    assert finalize["metadata"]["labels"]["ckptflow/step"] == finalize_step
 
 
-def test_finalize_of_a_conversion_in_one_part_runs_no_pod(convert_dag, settings, monkeypatch):
-    op = convert_dag.get_task(FINALIZE)
+@pytest.mark.parametrize("finalize_step", [DOWNLOAD_FINALIZE, FINALIZE])
+def test_a_finalize_of_a_run_in_one_part_runs_no_pod(convert_dag, settings, monkeypatch, finalize_step):
+    op = convert_dag.get_task(finalize_step)
     monkeypatch.setattr(op, "kubernetes_settings", settings)
     plan = op.plan(context_for(convert_dag, CONF))
     assert plan.args == [] and plan.outlets == []  # execute() returns before building a pod

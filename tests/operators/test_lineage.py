@@ -25,6 +25,7 @@ def test_step_inlets_and_outlets_chain():
     assert lineage.step_uris("verify", uris) == (["staged", "converted"], ["report"])
     assert lineage.step_uris("publish", uris) == (["converted", "report"], ["destination"])
     assert lineage.step_uris("finalize", uris) == ([], [])  # one part: nothing to assemble
+    assert lineage.step_uris("download_finalize", uris) == ([], [])
 
 
 def test_in_parts_the_converted_checkpoint_is_finalizes_output():
@@ -38,6 +39,21 @@ def test_in_parts_the_converted_checkpoint_is_finalizes_output():
     assert part["parts"] == 4 and "output_digest" not in part and "family" not in part  # not the part's output
     assert lineage.extras("finalize", spec, earlier)["output_digest"].startswith("sha256:")
     assert "parts" not in lineage.extras("convert", RunSpec(source="acme/tiny", destination="file:///m/v1"), earlier)
+
+
+def test_in_parts_the_staged_source_is_the_download_finalizes_output():
+    uris = {k: k for k in ("source", "staged", "converted", "report", "destination")}
+    assert lineage.step_uris("download", uris, parts=4) == (["source"], [])  # a part's files are no asset
+    assert lineage.step_uris("download_finalize", uris, parts=4) == (["source"], ["staged"])
+    assert lineage.alias_name("download_finalize") == lineage.alias_name("download") == "ckptflow-download"
+    spec = RunSpec(source="acme/tiny", destination="file:///m/v1", parts=4)
+    earlier = {"download": {"revision": SHA, "digest": "sha256:old"}}  # an earlier try's staged source
+    part = lineage.extras("download", spec, earlier)
+    assert part["parts"] == 4 and "source_revision_sha" not in part and "source_digest" not in part
+    done = lineage.extras("download_finalize", spec, earlier)
+    assert (done["source_revision_sha"], done["source_digest"]) == (SHA, "sha256:old") and "output_digest" not in done
+    ol = lineage.operator_lineage("download_finalize", ["hf://acme/tiny@" + SHA], ["file:///w/source"], done)
+    assert ol.outputs[0].facets["version"].datasetVersion == "sha256:old"
 
 
 def test_openlineage_names():

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import urllib.parse
+from datetime import timedelta
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -231,6 +232,42 @@ def test_plot_report_and_lineage_of_a_run(client, conversion_runs):
 
     assert get(client, "/ckptflow/plot?dag_id=other_dag&run_id=x").status_code == 404
     assert get(client, "/ckptflow/plot", params={"dag_id": "convert_checkpoint", "run_id": "no-such-run"}).status_code == 404
+
+
+FAKE_CKPTFLOW = Path(__file__).resolve().parents[1] / "operators" / "fake_ckptflow.py"  # the operator tests' stand-in
+
+
+def test_a_run_in_parts_is_summed_up_per_step(client, isolated_runs, tmp_path, monkeypatch):
+    """A run in two parts (with the stand-in `ckptflow`; convert part 1 fails once): the page reads one task
+    instance per part from the database and shows each step summed up, and the run's lineage lists plan_parts
+    and the finalize tasks with their asset events."""
+    from operators import commands
+
+    monkeypatch.setattr(commands, "local_entrypoint", lambda: [sys.executable, str(FAKE_CKPTFLOW)])
+    monkeypatch.setenv("FAKE_CKPTFLOW_STATE", str(tmp_path / "fake"))
+    monkeypatch.setenv("FAKE_CKPTFLOW_FAIL_ONCE", "convert@1")
+    monkeypatch.setenv("CKPTFLOW_WORK_ROOT", str(tmp_path / "work"))
+    for task in isolated_runs.tasks:
+        monkeypatch.setattr(task, "retry_delay", timedelta(0))
+    dr = isolated_runs.test(run_conf={"source": "acme/tiny", "destination": (tmp_path / "dest").as_uri(), "parts": 2})
+    assert dr.state == "success"
+    monkeypatch.delenv("CKPTFLOW_WORK_ROOT")  # the page finds the work folder from the run's asset events
+
+    page = get(client, "/ckptflow/").text
+    row = Rows(page).rows[dr.run_id]
+    run, model, source, conversion, dest, verify, plot, size, duration, links = row["cells"]
+    assert row["attrs"]["data-status"] == "published" and verify.startswith("passed")
+    assert duration.endswith("download: 2/2 parts done convert: 2/2 parts done, 1 retried")
+    assert 'title="convert: 2/2 parts done, 1 retried"' in page and 'title="download_finalize: success"' in page
+
+    doc = get(client, f"/ckptflow/lineage?{q(dr)}").json()
+    steps = {s["step"]: s for s in doc["steps"]}
+    assert list(steps) == ["plan_parts", "download", "download_finalize", "convert", "finalize", "verify", "publish"]
+    assert (steps["convert"]["parts"], steps["convert"]["parts_done"], steps["convert"]["parts_retried"]) == (2, 2, 1)
+    assert steps["convert"]["try_number"] == 2 and steps["download"]["parts_retried"] == 0
+    assert [e["uri"] for e in steps["download_finalize"]["asset_events"]] == [Path(doc["work_folder"], "source").as_uri()]
+    assert steps["finalize"]["asset_events"] and not steps["download"]["asset_events"]
+    assert Path(doc["work_folder"]).parent.parent == tmp_path / "work"
 
 
 def test_login_and_permissions(client, conversion_runs):

@@ -1,5 +1,6 @@
 """`ckptflow_ui.collect` on hand-made records: what each column is made of, for sources and work volumes the
-local test runs cannot produce (hub repos resolved to a sha, a kubernetes PVC, a GCS FUSE bucket)."""
+local test runs cannot produce (hub repos resolved to a sha, a kubernetes PVC, a GCS FUSE bucket), and runs in
+parts (one task instance per part of download and convert)."""
 
 from __future__ import annotations
 
@@ -24,9 +25,18 @@ SHA = "0123456789abcdef0123456789abcdef01234567"
 
 
 def record(conf, states, events=(), run_state="success", end=T0 + timedelta(minutes=42)) -> RunRecord:
+    """`states`: task id -> (state, tries), or a list of them: one task instance per part (map index 0, 1, ...);
+    part I starts I seconds after T0 and, unless still under way, ends 1 + I minutes after it."""
+    def ti(name, st, tries, i, map_index):
+        ended = None if st in ("running", "up_for_retry", "queued", None) else T0 + timedelta(minutes=1 + i)
+        return StepRecord(name, st, tries, T0 + timedelta(seconds=i), ended, map_index)
+
     steps = {
-        name: StepRecord(name, st, tries, T0, T0 + timedelta(minutes=1))
-        for name, (st, tries) in states.items()
+        name: tuple(
+            ti(name, st, tries, i, i if isinstance(value, list) else -1)
+            for i, (st, tries) in enumerate(value if isinstance(value, list) else [value])
+        )
+        for name, value in states.items()
     }
     return RunRecord("convert_checkpoint", "manual__2026-11-01T09:00:00+00:00", run_state, T0, end, T0, conf, steps, tuple(events))
 
@@ -161,3 +171,93 @@ def test_lineage_manifest_gathers_events_and_result_files(tmp_path):
 def test_dag_ids_setting():
     assert dag_ids_from_env({}) == ("convert_checkpoint",)
     assert dag_ids_from_env({"CKPTFLOW_UI_DAG_IDS": "a, b,,"}) == ("a", "b")
+
+
+# ------------------------------------------------------------------------------------------- runs in parts
+
+PARTS_CONF = {**HUB_CONF, "parts": 3}
+PARTS_OK = {
+    "plan_parts": ("success", 1),
+    "download": [("success", 1)] * 3,
+    "download_finalize": ("success", 1),
+    "convert": [("success", 1), ("success", 2), ("success", 1)],
+    "finalize": ("success", 1),
+    "verify": ("success", 1),
+    "publish": ("success", 1),
+}
+
+
+def test_a_run_in_parts_shows_each_step_summed_up_over_its_parts(tmp_path):
+    # The staged source's and the checkpoint's events come from the finalizes: the work folder is found from them.
+    key = "convert_checkpoint/k-in-parts"
+    write_run(tmp_path / "mnt" / key)
+    events = [
+        EventRecord("download_finalize", f"pvc://ckptflow-work/{key}/source", {"source_revision_sha": SHA, "parts": 3}, T0),
+        EventRecord("finalize", f"pvc://ckptflow-work/{key}/converted", {"family": "llama3.1", "parts": 3}, T0),
+    ]
+    c = build_conversion(record(PARTS_CONF, PARTS_OK, events), WorkFiles(pvc_mount=str(tmp_path / "mnt")))
+    assert c.work_folder == str(tmp_path / "mnt" / key) and c.has_plot and c.revision_sha == SHA
+    assert c.status == "published" and c.failed_step is None
+    assert [s.task_id for s in c.steps] == list(PARTS_OK)  # plan_parts and both finalizes listed, in pipeline order
+    steps = {s.task_id: s for s in c.steps}
+    assert steps["convert"].summary == "convert: 3/3 parts done, 1 retried"
+    assert (steps["convert"].state, steps["convert"].try_number, steps["convert"].parts) == ("success", 2, 3)
+    assert steps["download"].summary == "download: 3/3 parts done" and steps["finalize"].summary == "finalize: success"
+    assert steps["convert"].seconds == 180  # from the first part's start to the last part's end
+    assert [s.note for s in c.steps if s.note] == ["download: 3/3 parts done", "convert: 3/3 parts done, 1 retried"]
+    assert {s["task_id"]: s["summary"] for s in c.to_dict()["steps"]}["convert"] == "convert: 3/3 parts done, 1 retried"
+
+    doc = lineage_manifest(record(PARTS_CONF, PARTS_OK, events), WorkFiles(pvc_mount=str(tmp_path / "mnt")))
+    by_step = {s["step"]: s for s in doc["steps"]}
+    assert list(by_step) == list(PARTS_OK)
+    assert (by_step["convert"]["parts"], by_step["convert"]["parts_done"], by_step["convert"]["parts_retried"]) == (3, 3, 1)
+    assert by_step["download_finalize"]["asset_events"][0]["extra"]["source_revision_sha"] == SHA
+    assert "parts" not in by_step["verify"]
+
+
+def test_the_worst_part_decides_a_steps_state():
+    # Keyed by task id alone, the last part (a success) would hide the failed one.
+    failed = {**PARTS_OK, "convert": [("success", 1), ("failed", 4), ("success", 1)],
+              "finalize": ("upstream_failed", 0), "verify": ("upstream_failed", 0), "publish": ("upstream_failed", 0)}
+    c = build_conversion(record(PARTS_CONF, failed, run_state="failed"), WorkFiles())
+    assert c.status == "failed" and c.failed_step == "convert"
+    convert = next(s for s in c.steps if s.task_id == "convert")
+    assert convert.state == "failed" and convert.summary == "convert: 2/3 parts done, 1 retried (failed)"
+
+    running = {"plan_parts": ("success", 1), "download": [("success", 1), ("up_for_retry", 1), ("running", 1)]}
+    c = build_conversion(record(PARTS_CONF, running, run_state="running", end=None), WorkFiles(), now=T0 + timedelta(minutes=5))
+    download = next(s for s in c.steps if s.task_id == "download")
+    assert c.status == "running" and download.state == "up_for_retry" and download.seconds == 300
+    assert download.summary == "download: 1/3 parts done (up_for_retry)"
+    waiting = {"download": [("success", 1), (None, 0), ("running", 1)]}
+    c = build_conversion(record(PARTS_CONF, waiting, run_state="running", end=None), WorkFiles())
+    assert next(s for s in c.steps if s.task_id == "download").state == "running"
+
+
+def test_parts_dropped_by_a_rerun_and_runs_in_one_part():
+    # A run cleared and re-run with fewer parts keeps the dropped task instances as "removed": not counted.
+    states = {**PARTS_OK, "convert": [("success", 1), ("success", 1), ("removed", 1)]}
+    c = build_conversion(record({**PARTS_CONF, "parts": 2}, states), WorkFiles())
+    assert next(s for s in c.steps if s.task_id == "convert").summary == "convert: 2/2 parts done"
+    # One part: the mapped steps have one task instance and the finalizes do nothing; the page is as it always was.
+    one = {"plan_parts": ("success", 1), "download": [("success", 1)], "download_finalize": ("success", 1),
+           "convert": [("success", 2)], "finalize": ("success", 1), "verify": ("success", 1), "publish": ("success", 1)}
+    c = build_conversion(record(HUB_CONF, one), WorkFiles())
+    assert [s.task_id for s in c.steps] == ["download", "convert", "verify", "publish"]
+    assert [s.summary for s in c.steps][1] == "convert: success (try 2)" and [s.note for s in c.steps if s.note] == ["convert: 2 tries"]
+
+
+def test_the_page_shows_a_step_in_parts():
+    """The page's template with a run in parts: each step's square titled with its summary, the parts under the
+    duration."""
+    from ckptflow_ui.app import _env
+    from ckptflow_ui.collect import STATUSES
+
+    c = build_conversion(record(PARTS_CONF, PARTS_OK), WorkFiles())
+    html = _env.get_template("checkpoints.html").render(
+        rows=[{"c": c, "q": "", "dag_run_href": "#", "status_label": "Published"}], models=[], statuses=STATUSES,
+        selected_model="", selected_status="", counts={}, total=1, limit=200, dag_ids=("convert_checkpoint",), generated=T0,
+    )
+    assert html.count('class="step st-success"') == 7
+    assert 'title="convert: 3/3 parts done, 1 retried"' in html and 'title="download_finalize: success"' in html
+    assert '<div class="small">convert: 3/3 parts done, 1 retried</div>' in html

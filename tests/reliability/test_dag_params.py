@@ -97,12 +97,12 @@ def test_a_run_with_unsafe_params_never_starts_a_command(convert_dag, tmp_path, 
 
     started = []
     monkeypatch.setattr(commands, "local_entrypoint", lambda: started.append(1) or ["false"])
-    op = convert_dag.get_task("download")
+    op = convert_dag.get_task("verify")  # (download and convert are mapped over the run's parts)
 
     class Dag:
         dag_id = "convert_checkpoint"
 
     context = {"params": {**GOOD, "source": "/data/../etc"}, "dag": Dag(), "run_id": "manual__x", "outlet_events": {}}
-    with pytest.raises(AirflowFailException, match="invalid parameters for download: source"):
+    with pytest.raises(AirflowFailException, match="invalid parameters for verify: source"):
         op.execute(context)
     assert started == [] and not list(tmp_path.iterdir())
