@@ -247,13 +247,18 @@ def _nest(flat: dict[str, object]) -> dict:
     return tree
 
 
-def _write_sidecars(root: Path, src: Path, cfg: dict, hf_config: str | None, plan: list[Leaf], folder) -> None:
-    """What export needs beside the arrays: HF rows MaxText cannot hold, the source config and tokenizer."""
+def _finish_maxtext(root: Path, src: Path, cfg: dict, hf_config: str | None, plan: list[Leaf], folder, family, options: dict,
+                    **digests) -> None:
+    """What export needs beside the arrays (HF rows MaxText cannot hold, the source config and tokenizer), then
+    the manifest (`digests`: what the writers computed, see `outputs.write_manifest`)."""
     _save_dropped_rows(plan, folder, root)
     sidecar = root / outputs.SIDECAR
     copied = outputs.copy_hf_extras(src, sidecar)
     if hf_config or "config.json" not in copied:  # the config actually used, for the way back
         (sidecar / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    # source: + repo, commit sha and file sha256s when `ckptflow download` staged it
+    outputs.write_manifest(root, direction="hf->maxtext", family=family.name, options=options,
+                           source=outputs.describe_source(src), **digests)
 
 
 def hf_to_maxtext(
@@ -341,15 +346,8 @@ def hf_to_maxtext(
 
     with outputs.atomic_dir(out, overwrite) as tmp:
         write(tmp)
-        _write_sidecars(tmp, src, cfg, hf_config, plan, folder)
-        outputs.write_manifest(
-            tmp,
-            direction="hf->maxtext",
-            family=family.name,
-            options=options,
-            source=outputs.describe_source(src),  # + repo, commit sha and file sha256s when `ckptflow download` staged it
-            tensors={k: (a.shape, np.dtype(a.dtype).name, outputs.chunked_digest(digests[k])) for k, a in flat.items()},
-        )
+        _finish_maxtext(tmp, src, cfg, hf_config, plan, folder, family, options,
+                        tensors={k: (a.shape, np.dtype(a.dtype).name, outputs.chunked_digest(digests[k])) for k, a in flat.items()})
     return Result(Path(out), family.name, total, len(flat))
 
 
@@ -385,18 +383,10 @@ def _finalize_to_maxtext(src: Path, out, family, cfg: dict, hf_config, plan: lis
                 if (p.dir / "ckpt" / "0" / "items" / sub).is_dir():
                     assembly.add_tree(p.dir / "ckpt" / "0" / "items" / sub, items / sub)
             merge_parts(items, use_zarr3=options["use_zarr3"])
-            _write_sidecars(tmp, src, cfg, hf_config, plan, folder)
-            outputs.write_manifest(
-                tmp,
-                direction="hf->maxtext",
-                family=family.name,
-                options=options,
-                source=outputs.describe_source(src),
-                file_sha256=file_sha,
-                tensors={leaf.path: (leaf.shape, leaf.rule.out_dtype(_dtype(options["dtype"])).name,
-                                     outputs.chunked_digest(chunks[leaf.path])) for leaf in plan},
-                extra={"parts": parts.summary(found)},
-            )
+            _finish_maxtext(tmp, src, cfg, hf_config, plan, folder, family, options, file_sha256=file_sha,
+                            tensors={leaf.path: (leaf.shape, leaf.rule.out_dtype(_dtype(options["dtype"])).name,
+                                                 outputs.chunked_digest(chunks[leaf.path])) for leaf in plan},
+                            extra={"parts": parts.summary(found)})
         except BaseException:
             assembly.undo()
             raise

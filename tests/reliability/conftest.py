@@ -30,6 +30,18 @@ def siblings(out: Path) -> list[str]:
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.ckptflow-"))
 
 
+def tree_bytes(root: Path) -> int:
+    """Bytes of the files under `root` now (files may vanish while it is counted: a writer renames them)."""
+    total = 0
+    for p in root.rglob("*"):
+        try:
+            if p.is_file():
+                total += p.stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
+
+
 def check_complete(out: Path) -> dict:
     """`out` is a finished ckptflow output: its manifest lists exactly the files present, every sha256 right."""
     manifest = json.loads((out / MANIFEST).read_text())
@@ -56,7 +68,8 @@ def rel():
     """The helpers above, for test modules (imported with --import-mode=importlib, they cannot import conftest)."""
     from types import SimpleNamespace
 
-    return SimpleNamespace(cli=cli, child_env=child_env, siblings=siblings, check_complete=check_complete, repo=REPO)
+    return SimpleNamespace(cli=cli, child_env=child_env, siblings=siblings, check_complete=check_complete,
+                           tree_bytes=tree_bytes, repo=REPO)
 
 
 from operators.testing import airflow_db, convert_dag  # noqa: E402,F401  (fixtures: Airflow on a throwaway home)

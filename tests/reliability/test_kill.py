@@ -55,17 +55,6 @@ def _temp(out: Path, pid: int) -> Path | None:
     return None
 
 
-def _tree_bytes(root: Path) -> int:
-    total = 0
-    for p in root.rglob("*"):
-        try:
-            if p.is_file():
-                total += p.stat().st_size
-        except FileNotFoundError:
-            pass
-    return total
-
-
 def run(rel, args: list[str], out: Path, kill: tuple | None = None, total_bytes: int = 0, timeout: float = 120) -> Run:
     """Run `ckptflow ARGS`; `kill` = ("startup", seconds) | ("writing", fraction) | ("finishing",)."""
     t0 = time.monotonic()
@@ -87,7 +76,7 @@ def run(rel, args: list[str], out: Path, kill: tuple | None = None, total_bytes:
                 if kind == "startup":
                     fire = now >= kill[1]
                 elif kind == "writing":
-                    fire = tmp is not None and _tree_bytes(tmp) >= kill[1] * total_bytes
+                    fire = tmp is not None and rel.tree_bytes(tmp) >= kill[1] * total_bytes
                 elif kind == "finishing":
                     fire = "manifest" in timeline
             if fire:

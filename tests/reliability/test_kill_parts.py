@@ -25,17 +25,6 @@ TIMEOUT = 180
 HF_SHARD = 2 << 20  # --to hf: ~10 shards of the 18 MB model, so each of 3 parts writes several
 
 
-def _tree_bytes(root: Path) -> int:
-    total = 0
-    for p in root.rglob("*"):
-        try:
-            if p.is_file():
-                total += p.stat().st_size
-        except FileNotFoundError:
-            pass
-    return total
-
-
 def _part_temp(out: Path, i: int, n: int, pid: int) -> Path | None:
     """The temp folder process `pid` writes part i/n into (inside the staging folder)."""
     stage = parts.staging_dir(out)
@@ -60,14 +49,14 @@ def _finish(proc: subprocess.Popen) -> tuple[int, str]:
     return proc.returncode, err.decode(errors="replace")
 
 
-def _kill_mid_write(proc: subprocess.Popen, out: Path, i: int, n: int, threshold: int) -> str:
+def _kill_mid_write(rel, proc: subprocess.Popen, out: Path, i: int, n: int, threshold: int) -> str:
     """SIGKILL `proc` (part i/n) as soon as its temp folder holds `threshold` bytes; describe where it landed."""
     t0 = time.monotonic()
     while proc.poll() is None:
         assert time.monotonic() - t0 < TIMEOUT, f"part {i}/{n} still running after {TIMEOUT}s"
         tmp = _part_temp(out, i, n, proc.pid)
         if tmp is not None:
-            held = _tree_bytes(tmp)
+            held = rel.tree_bytes(tmp)
             if held >= threshold:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
@@ -123,7 +112,7 @@ def test_a_killed_part_is_refused_then_rerun_and_the_result_equals_one_process(r
     total = sum(o["bytes"] for o in json.loads((ref / MANIFEST).read_text())["outputs"].values())
 
     procs = {i: _start(rel, ["convert", str(src), str(out), *args, "--part", f"{i}/{n}", "-q"]) for i in range(n)}
-    landed = _kill_mid_write(procs[1], out, 1, n, threshold=int(0.3 * total / n))
+    landed = _kill_mid_write(rel, procs[1], out, 1, n, threshold=int(0.3 * total / n))
     assert procs[1].returncode == -signal.SIGKILL
     procs[1].stderr.close()
     for i in (0, 2):
