@@ -191,7 +191,6 @@ def _install_handler() -> None:
                         raise RuntimeError(f"{value.name}: piece {block.shape} does not fit {index} of {value.shape}")
                     if txn is None:
                         txn = ts.Transaction()
-                    # the block is ours and never changed again: tensorstore may keep it instead of copying
                     await t.with_transaction(txn)[index].write(block)
                     buffered += block.nbytes
                     if progress is not None:
