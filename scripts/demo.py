@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     print(f"Airflow {embedded_version()} embedded: SQLite + LocalExecutor in {home}", flush=True)
-    print("running DAG convert_checkpoint (download -> convert -> verify -> publish), local mode ...", flush=True)
+    print("running DAG convert_checkpoint (download -> convert -> verify -> publish; parts=1), local mode ...", flush=True)
     t0 = time.monotonic()
     with output_to(airflow_log):
         embedded.migrate()
@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         dag = bag.get_dag("convert_checkpoint")
         conf = {"source": str(model), "destination": dest.as_uri(), "direction": "hf-to-maxtext", "scan": True}
         dr = dag.test(run_conf=conf)
-        tis = sorted(dr.get_task_instances(), key=lambda ti: ["download", "convert", "verify", "publish"].index(ti.task_id))
+        order = [t.task_id for t in dag.topological_sort()]
+        tis = sorted(dr.get_task_instances(), key=lambda ti: (order.index(ti.task_id), ti.map_index))
         asset_events = load_asset_events(dr.run_id)
     seconds = time.monotonic() - t0
 
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         note = ""
         if ti.task_id == "verify" and verdict:
             note = f"  max per-token KL {verdict['kl_max']:.2e} (threshold {verdict['max_kl_threshold']:g})"
-        print(f"  {ti.task_id:<9} {ti.state} (try {ti.try_number}){note}")
+        part = f"[{ti.map_index}]" if ti.map_index >= 0 else ""
+        print(f"  {ti.task_id + part:<20} {ti.state} (try {ti.try_number}){note}")
     print()
     if str(dr.state) == "success":
         print(f"checkpoint:      {dest}  (MaxText load_parameters_path={dest / '0' / 'items'})")
