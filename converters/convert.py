@@ -335,18 +335,20 @@ def hf_to_maxtext(
         fp = parts.fingerprint("hf->maxtext", family.name, options, src, cfg)
         with outputs.atomic_dir(parts.begin(out, i, n, fp), overwrite=True) as tmp:
             started = parts.now()
-            write(tmp / "ckpt", process_id=i)
+            with outputs.FileHasher(tmp) as hasher:
+                write(tmp / "ckpt", process_id=i)
             items = tmp / "ckpt" / "0" / "items"
             substore = items / f"ocdbt.process_{i}"
-            written = parts.hash_files(tmp, substore) if substore.is_dir() else {}
+            written = parts.hash_files(tmp, substore, known=hasher.known(tmp)) if substore.is_dir() else {}
             parts.write_marker(tmp, i=i, n=n, fp=fp, direction="hf->maxtext", files=written,
                                digests={k: {json.dumps(list(o)): h for o, h in v.items()} for k, v in digests.items() if v},
                                extra={"bytes": total, "tree_metadata": outputs.file_digest(items / "_METADATA")}, started=started)
         return Result(Path(out), family.name, total, sum(1 for a in flat.values() if a.pieces is not None))
 
     with outputs.atomic_dir(out, overwrite) as tmp:
-        write(tmp)
-        _finish_maxtext(tmp, src, cfg, hf_config, plan, folder, family, options,
+        with outputs.FileHasher(tmp) as hasher:  # OCDBT data files are hashed as soon as tensorstore finishes each
+            write(tmp)
+        _finish_maxtext(tmp, src, cfg, hf_config, plan, folder, family, options, file_sha256=hasher.known(tmp),
                         tensors={k: (a.shape, np.dtype(a.dtype).name, outputs.chunked_digest(digests[k])) for k, a in flat.items()})
     return Result(Path(out), family.name, total, len(flat))
 

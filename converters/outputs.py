@@ -267,6 +267,68 @@ def file_digest(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+class FileHasher:
+    """Hashes the files another writer (tensorstore) finishes under `root` while it is still writing others, so
+    the manifest need not read them all afterwards.
+
+    A file is taken once it has not changed for `settle` seconds, and its sha256 is kept only if its size and
+    mtime are the same after hashing as before; `known()` then returns it only for files still of that inode,
+    size and mtime, under whatever name they have now (Orbax renames its temp folders at the end). Anything that
+    changed afterwards is simply hashed again by the manifest.
+    """
+
+    def __init__(self, root: Path, settle: float = 0.5, skip: tuple[str, ...] = ("manifest.ocdbt",)):
+        self.root, self.settle, self.skip = Path(root), settle, skip
+        self._done: dict[tuple[int, int, int, int], str] = {}  # (dev, inode, size, mtime_ns) -> sha256
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, name="ckptflow-file-hash", daemon=True)
+
+    def __enter__(self) -> FileHasher:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+
+    @staticmethod
+    def _key(st: os.stat_result) -> tuple[int, int, int, int]:
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _run(self) -> None:
+        import time
+
+        while not self._stop.wait(0.2):
+            for dirpath, _dirs, files in os.walk(self.root):
+                for name in files:
+                    if self._stop.is_set():
+                        return
+                    if name in self.skip or name.endswith(".__lock"):
+                        continue
+                    path = os.path.join(dirpath, name)
+                    try:
+                        st = os.stat(path)
+                        if self._key(st) in self._done or time.time() - st.st_mtime < self.settle:
+                            continue
+                        sha = file_digest(Path(path))
+                        if self._key(os.stat(path)) == self._key(st):
+                            self._done[self._key(st)] = sha
+                    except OSError:  # renamed or removed meanwhile: looked at again on the next pass, if still there
+                        continue
+
+    def known(self, folder: Path) -> dict[str, str]:
+        """{path relative to `folder`: sha256} of the files under `folder` hashed unchanged."""
+        out = {}
+        for p in Path(folder).rglob("*"):
+            try:
+                sha = self._done.get(self._key(p.stat())) if p.is_file() else None
+            except OSError:
+                sha = None
+            if sha:
+                out[p.relative_to(folder).as_posix()] = sha
+        return out
+
+
 # ------------------------------------------------------------------------------------------ lineage manifest
 
 

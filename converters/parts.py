@@ -104,13 +104,19 @@ class Part:
     marker: dict
 
 
-def hash_files(root: Path, under: Path | None = None) -> dict[str, dict]:
-    """{path relative to `root`: {bytes, sha256}} for every file below `under` (default: `root`), hashed on two threads."""
+def hash_files(root: Path, under: Path | None = None, known: dict[str, str] | None = None) -> dict[str, dict]:
+    """{path relative to `root`: {bytes, sha256}} for every file below `under` (default: `root`), on two threads;
+    `known`: sha256s already taken (see `outputs.FileHasher`), not read again."""
     from concurrent.futures import ThreadPoolExecutor
 
+    known = known or {}
     files = [p for p in sorted((under or root).rglob("*")) if p.is_file()]
+
+    def digest(p: Path) -> str:
+        return known.get(p.relative_to(root).as_posix()) or outputs.file_digest(p)
+
     with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(outputs.file_digest, files))
+        digests = list(pool.map(digest, files))
     return {p.relative_to(root).as_posix(): {"bytes": p.stat().st_size, "sha256": d} for p, d in zip(files, digests)}
 
 
