@@ -161,8 +161,8 @@ def _hf_units(leaf: Leaf, src: SafetensorsFolder, dtype: np.dtype, files: dict[s
 
     for rs in iter_row_chunks(shape[ax], 1, step_rows):
         at = where[1] + min(rs.start, kept) * info.row_bytes
-        ahead = (lambda rs=rs: will_need(info, slice(rs.start, min(rs.stop, kept)))) if rs.start < kept else (lambda: None)
-        units.append(_Unit(region(rs), (rs.stop - rs.start) * row_bytes, (where[0], at), lambda rs=rs: block(rs), ahead))
+        rows_ahead = (lambda rs=rs: will_need(info, slice(rs.start, min(rs.stop, kept)))) if rs.start < kept else (lambda: None)
+        units.append(_Unit(region(rs), (rs.stop - rs.start) * row_bytes, (where[0], at), lambda rs=rs: block(rs), rows_ahead))
     return units, tuple(min(step_rows, n) if a == ax else n for a, n in enumerate(shape))
 
 
@@ -373,25 +373,20 @@ def _finalize_to_maxtext(src: Path, out, family, cfg: dict, hf_config, plan: lis
     missing = [leaf.path for leaf in plan if leaf.path not in chunks]
     if missing:
         raise parts.PartsError(f"no part wrote {_listing(missing)}; re-run the parts")
-    assembly = parts.Assembly()
-    with outputs.atomic_dir(out, overwrite) as tmp:
-        try:
-            # part 0's Orbax save (tree metadata, step, its sub-store), without the root index its own save
-            # merged: `merge_parts` rebuilds that over every part's sub-store
-            assembly.add_tree(found[0].dir / "ckpt", tmp, skip=("0/items/manifest.ocdbt", "0/items/d"))
-            items = tmp / "0" / "items"
-            for p in found[1:]:
-                sub = f"ocdbt.process_{p.i}"
-                if (p.dir / "ckpt" / "0" / "items" / sub).is_dir():
-                    assembly.add_tree(p.dir / "ckpt" / "0" / "items" / sub, items / sub)
-            merge_parts(items, use_zarr3=options["use_zarr3"])
-            _finish_maxtext(tmp, src, cfg, hf_config, plan, folder, family, options, file_sha256=file_sha,
-                            tensors={leaf.path: (leaf.shape, leaf.rule.out_dtype(_dtype(options["dtype"])).name,
-                                                 outputs.chunked_digest(chunks[leaf.path])) for leaf in plan},
-                            extra={"parts": parts.summary(found)})
-        except BaseException:
-            assembly.undo()
-            raise
+    with outputs.atomic_dir(out, overwrite) as tmp, parts.Assembly() as assembly:
+        # part 0's Orbax save (tree metadata, step, its sub-store), without the root index its own save
+        # merged: `merge_parts` rebuilds that over every part's sub-store
+        assembly.add_tree(found[0].dir / "ckpt", tmp, skip=("0/items/manifest.ocdbt", "0/items/d"))
+        items = tmp / "0" / "items"
+        for p in found[1:]:
+            sub = f"ocdbt.process_{p.i}"
+            if (p.dir / "ckpt" / "0" / "items" / sub).is_dir():
+                assembly.add_tree(p.dir / "ckpt" / "0" / "items" / sub, items / sub)
+        merge_parts(items, use_zarr3=options["use_zarr3"])
+        _finish_maxtext(tmp, src, cfg, hf_config, plan, folder, family, options, file_sha256=file_sha,
+                        tensors={leaf.path: (leaf.shape, leaf.rule.out_dtype(_dtype(options["dtype"])).name,
+                                             outputs.chunked_digest(chunks[leaf.path])) for leaf in plan},
+                        extra={"parts": parts.summary(found)})
     parts.remove_staging(out)
     total = sum(int(p.marker.get("bytes") or 0) for p in found)
     return Result(Path(out), family.name, total, len(plan))
@@ -540,16 +535,11 @@ def maxtext_to_hf(
         absent = [f for f in names if f not in file_sha]
         if absent:
             raise parts.PartsError(f"no part wrote {_listing(absent)}; re-run the parts")
-        assembly = parts.Assembly()
-        with outputs.atomic_dir(out, overwrite) as tmp:
-            try:
-                for p in found:
-                    assembly.add_tree(p.dir / "shards", tmp)
-                finish(tmp, file_sha256=file_sha, tensors={t.name: (t.shape, t.dtype.name, tensor_sha[t.name]) for t in planned if t.name in tensor_sha},
-                       extra={"parts": parts.summary(found)})
-            except BaseException:
-                assembly.undo()
-                raise
+        with outputs.atomic_dir(out, overwrite) as tmp, parts.Assembly() as assembly:
+            for p in found:
+                assembly.add_tree(p.dir / "shards", tmp)
+            finish(tmp, file_sha256=file_sha, tensors={t.name: (t.shape, t.dtype.name, tensor_sha[t.name]) for t in planned if t.name in tensor_sha},
+                   extra={"parts": parts.summary(found)})
         parts.remove_staging(out)
         return Result(Path(out), family.name, sum(t.nbytes for t in planned), len(planned))
 

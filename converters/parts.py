@@ -204,10 +204,20 @@ def collect(out: str | os.PathLike, fp: str, direction: str) -> list[Part]:
 class Assembly:
     """The parts' files put into the destination: hard links (no bytes copied, the parts intact until finalize
     succeeds); on file systems without hard links (GCS FUSE) they are moved instead, and moved back by `undo`
-    if finalize fails (a finalize killed meanwhile leaves those parts to be re-run: finalize says which)."""
+    if finalize fails (a finalize killed meanwhile leaves those parts to be re-run: finalize says which).
+
+    Use as `with Assembly() as assembly:` around everything finalize does with the files: a failure inside
+    moves them back before the temp folder is removed."""
 
     def __init__(self):
         self.moved: list[tuple[Path, Path]] = []
+
+    def __enter__(self) -> Assembly:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.undo()
 
     def add_tree(self, src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
         """`src`'s files into `dst`, except those under the relative paths `skip`."""

@@ -22,6 +22,13 @@ def vector(hf: str, mt: str, n: int, chain=()) -> Rule:
     return Rule(hf, mt, (n,), (n,), tuple(chain))
 
 
+def qk_norms(d: Dims, *, prefix: str = L, mt: str = "self_attention", dim: int | None = None, chain=()) -> list[Rule]:
+    """Per-head RMSNorm of queries and keys (Qwen3, Qwen3-MoE, Qwen3-Next, Gemma3): `[head_dim]` scales."""
+    a, n = prefix + "self_attn.", dim or d.head_dim
+    return [vector(a + "q_norm.weight", f"{mt}/query_norm/scale", n, chain),
+            vector(a + "k_norm.weight", f"{mt}/key_norm/scale", n, chain)]
+
+
 def attention(d: Dims, *, rope_interleave: bool, scale_query: bool, prefix: str = L, mt: str = "self_attention") -> list[Rule]:
     """q/k/v/o projections. MaxText kernels are `[E, heads, head_dim]` in and `[heads, head_dim, E]` out."""
     E, N, K, D = d.emb, d.heads, d.kv_heads, d.head_dim

@@ -319,11 +319,9 @@ class Gemma3(_Gemma):
     @classmethod
     def layer_rules(cls, d: Dims) -> list[Rule]:
         p = d.extra["prefix"] + "layers.{i}."
-        a = p + "self_attn."
         return [
             *_norms(d.emb, p),
-            common.vector(a + "q_norm.weight", "self_attention/query_norm/scale", d.head_dim, NORM),
-            common.vector(a + "k_norm.weight", "self_attention/key_norm/scale", d.head_dim, NORM),
+            *common.qk_norms(d, prefix=p, chain=NORM),
             *common.attention(d, rope_interleave=False, scale_query=False, prefix=p),
             *common.gated_mlp(d, prefix=p),
         ]

@@ -81,8 +81,4 @@ class Qwen3(_Qwen):
 
     @classmethod
     def attention_extras(cls, d: Dims):
-        a = L + "self_attn."
-        return [
-            common.vector(a + "q_norm.weight", "self_attention/query_norm/scale", d.head_dim),
-            common.vector(a + "k_norm.weight", "self_attention/key_norm/scale", d.head_dim),
-        ]
+        return common.qk_norms(d)

@@ -60,13 +60,11 @@ class Qwen3Moe(common.DecoderOnly):
 
     @classmethod
     def layer_rules(cls, d: Dims):
-        a = L + "self_attn."
         return [
             common.vector(L + "input_layernorm.weight", "pre_self_attention_layer_norm/scale", d.emb),
             common.vector(L + "post_attention_layernorm.weight", "post_self_attention_layer_norm/scale", d.emb),
             *common.attention(d, rope_interleave=False, scale_query=False),
-            common.vector(a + "q_norm.weight", "self_attention/query_norm/scale", d.head_dim),
-            common.vector(a + "k_norm.weight", "self_attention/key_norm/scale", d.head_dim),
+            *common.qk_norms(d),
             *moe_common.router(d, L + "mlp.gate", "moe_block/gate"),
             *moe_common.per_expert_glu(d, L + "mlp.experts.{e}", "moe_block", ("gate_proj", "up_proj", "down_proj")),
         ]

@@ -77,8 +77,7 @@ class Qwen3Next(common.DecoderOnly):
             Rule(a + "k_proj.weight", f"{mt}/key/kernel", (K * D, E), (E, K, D), (Kernel((E, K, D)),)),
             Rule(a + "v_proj.weight", f"{mt}/value/kernel", (K * D, E), (E, K, D), (Kernel((E, K, D)),)),
             Rule(a + "o_proj.weight", f"{mt}/out/kernel", (E, N * D), (N * D, E), (Kernel((N * D, E)),)),
-            common.vector(a + "q_norm.weight", f"{mt}/query_norm/scale", D),
-            common.vector(a + "k_norm.weight", f"{mt}/key_norm/scale", D),
+            *common.qk_norms(d, mt=mt, dim=D),
         ]
 
     @classmethod
