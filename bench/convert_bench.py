@@ -2,8 +2,9 @@
 
 Builds a synthetic HF checkpoint with real dimensions (default Llama 3.1 8B, `--layers N`), then in one
 run measures: the disk limit (`cp -r` of the source folder + `sync`), HF -> MaxText scanned and
-unscanned, and MaxText -> HF. Every step runs as its own process (the real `ckptflow` CLI); its peak
-resident memory is sampled over the whole process tree. Prints a table and writes JSON.
+unscanned, and MaxText -> HF, in rounds (`--repeat`, default 3: the median counts). Every step runs as its
+own process (the real `ckptflow` CLI), from a cold page cache; its peak resident memory is sampled over the
+whole process tree. Prints a table and writes JSON.
 
   python bench/convert_bench.py --layers 8 --out /tmp/bench --json bench-8.json
   python bench/convert_bench.py --sizes 2,4,8 --plot docs/performance.png   # a sweep and its plot
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -145,7 +147,7 @@ def dir_bytes(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
-def run_one(model: str, layers: int, work: Path, extra: list[str], cold: bool, keep: bool) -> dict:
+def run_one(model: str, layers: int, work: Path, extra: list[str], cold: bool, keep: bool, repeat: int = 1) -> dict:
     src = work / f"hf-{layers}"
     if not src.exists():
         print(f"building synthetic {model} with {layers} layers in {src} ...", file=sys.stderr)
@@ -160,11 +162,20 @@ def run_one(model: str, layers: int, work: Path, extra: list[str], cold: bool, k
         ("hf->maxtext unscanned", "mt-noscan", ck + [str(src), str(work / "mt-noscan"), "--to", "maxtext", "--no-scan", "-q", *extra]),
         ("maxtext->hf (from scanned)", "hf-back", ck + [str(work / "mt-scan"), str(work / "hf-back"), "--to", "hf", "-q"]),
     ]
+    # Rounds of every step in turn, so that the disk's and the VM's moods (cp alone varied 7-20 s for the same
+    # 5.6 GB here) fall on every step alike; each step reports its median, fastest and slowest round.
+    runs: dict[str, list[dict]] = {name: [] for name, _, _ in steps}
+    for k in range(repeat):
+        for name, target, cmd in steps:
+            shutil.rmtree(work / target, ignore_errors=True)
+            print(f"  {name} (round {k + 1}/{repeat}) ...", file=sys.stderr)
+            runs[name].append(measure(name, cmd, nbytes, cold))
     rows = []
-    for name, target, cmd in steps:
-        shutil.rmtree(work / target, ignore_errors=True)
-        print(f"  {name} ...", file=sys.stderr)
-        rows.append(measure(name, cmd, nbytes, cold))
+    for name, _, _ in steps:
+        walls = sorted(r["wall_s"] for r in runs[name])
+        wall = statistics.median(walls)
+        rows.append({"step": name, "wall_s": round(wall, 2), "wall_min_s": walls[0], "wall_max_s": walls[-1],
+                     "GB_per_s": round(nbytes / 1e9 / wall, 3), "peak_rss_GB": max(r["peak_rss_GB"] for r in runs[name])})
     base = rows[0]["wall_s"]
     for r in rows:
         r["x_cp"] = round(r["wall_s"] / base, 2)
@@ -175,18 +186,21 @@ def run_one(model: str, layers: int, work: Path, extra: list[str], cold: bool, k
 
 
 def print_table(results: list[dict]) -> None:
-    print(f"{'model':<14}{'layers':>7}{'GB':>8}  {'step':<28}{'wall s':>8}{'GB/s':>8}{'x cp':>7}{'peak RSS GB':>13}")
+    print(f"{'model':<14}{'layers':>7}{'GB':>8}  {'step':<28}{'wall s':>8}{'range s':>14}{'GB/s':>8}{'x cp':>7}{'peak RSS GB':>13}")
     for res in results:
         for r in res["steps"]:
-            print(f"{res['model']:<14}{res['layers']:>7}{res['model_GB']:>8.2f}  {r['step']:<28}{r['wall_s']:>8.2f}"
+            spread = f"{r.get('wall_min_s', r['wall_s']):.1f}-{r.get('wall_max_s', r['wall_s']):.1f}"
+            print(f"{res['model']:<14}{res['layers']:>7}{res['model_GB']:>8.2f}  {r['step']:<28}{r['wall_s']:>8.2f}{spread:>14}"
                   f"{r['GB_per_s']:>8.3f}{r['x_cp']:>7.2f}{r['peak_rss_GB']:>13.3f}")
 
 
 def markdown_table(results: list[dict]) -> str:
-    lines = ["| model dims | layers | model GB | step | wall s | GB/s | x cp | peak RSS GB |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model dims | layers | model GB | step | wall s (median) | fastest-slowest s | GB/s | x cp | peak RSS GB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for res in results:
         for r in res["steps"]:
-            lines.append(f"| {res['model']} | {res['layers']} | {res['model_GB']:.2f} | {r['step']} | {r['wall_s']:.1f} | "
+            spread = f"{r.get('wall_min_s', r['wall_s']):.1f}-{r.get('wall_max_s', r['wall_s']):.1f}"
+            lines.append(f"| {res['model']} | {res['layers']} | {res['model_GB']:.2f} | {r['step']} | {r['wall_s']:.1f} | {spread} | "
                          f"{r['GB_per_s']:.3f} | {r['x_cp']:.2f} | {r['peak_rss_GB']:.2f} |")
     return "\n".join(lines) + "\n"
 
@@ -231,13 +245,15 @@ def main() -> int:
     p.add_argument("--markdown", type=Path, help="write the table as Markdown here")
     p.add_argument("--warm", action="store_true", help="do not drop the page cache between steps")
     p.add_argument("--keep", action="store_true", help="keep converted outputs")
+    p.add_argument("--repeat", type=int, default=3, help="rounds of every step; each reports its median, fastest and "
+                   "slowest round (default 3)")
     p.add_argument("--compare-maxtext", action="store_true", help="also run MaxText's to_maxtext when the maxtext package is importable")
     p.add_argument("--parts", help="comma-separated part counts (e.g. 1,2,4): also run the scale-out sweep at --layers")
     p.add_argument("convert_args", nargs="*", help="extra args passed to `ckptflow convert --to maxtext` (after --)")
     a = p.parse_args()
     layers = [int(x) for x in a.sizes.split(",")] if a.sizes else [a.layers]
     a.out.mkdir(parents=True, exist_ok=True)
-    results = [run_one(a.model, n, a.out, a.convert_args, not a.warm, a.keep) for n in layers]
+    results = [run_one(a.model, n, a.out, a.convert_args, not a.warm, a.keep, max(1, a.repeat)) for n in layers]
     if a.compare_maxtext:
         try:
             import maxtext  # noqa: F401

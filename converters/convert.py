@@ -448,26 +448,42 @@ def _export_tensors(plan: list[Leaf]) -> list[tuple[Leaf, str, list[Piece] | Non
     return out
 
 
-def _hf_blocks(leaf: Leaf, pieces: list[Piece] | None, reader, dtype: np.dtype, dropped: dict | None = None) -> Iterator[np.ndarray]:
-    """The blocks (whole tensor, expert rows, or row chunks) of one HF tensor, read from its MaxText array(s).
+def _hf_jobs(leaf: Leaf, pieces: list[Piece] | None, dtype: np.dtype, dropped: dict | None = None) -> Iterator[tuple[list, Callable]]:
+    """The blocks (whole tensor, expert rows, or row chunks) of one HF tensor, each as the MaxText reads it needs
+    ([(array path, index)]) and the function that makes the block from what they return.
 
     `dropped`: HF rows past the MaxText array's end (see `_load_dropped_rows`), appended unchanged; zeros if absent.
     """
     r = leaf.rule
     if pieces is not None:
         for p in pieces:
-            x = r.to_hf([reader.read(path, p.index) for path in leaf.parts or (leaf.path,)], dtype)
-            yield x if p.row is None else x[None]
+            def piece(xs, p=p):
+                x = r.to_hf(xs, dtype)
+                return x if p.row is None else x[None]
+
+            yield [(path, p.index) for path in leaf.parts or (leaf.path,)], piece
         return
     ax, hf_rows = r.row_axis, r.hf_shape[0]
     row_bytes = math.prod(r.hf_shape[1:]) * 4
     kept = min(hf_rows, leaf.shape[ax])
     for rs in iter_row_chunks(kept, row_bytes, ROW_CHUNK_BYTES):
         index = tuple(rs if a == ax else slice(None) for a in range(len(leaf.shape)))
-        yield run_chain(r.chain, reader.read(leaf.path, index), dtype, inverse=True)
+        yield [(leaf.path, index)], lambda xs: run_chain(r.chain, xs[0], dtype, inverse=True)
     if kept < hf_rows:
         rows = (dropped or {}).get(leaf.hf_name())
-        yield rows.astype(dtype) if rows is not None else np.zeros((hf_rows - kept,) + r.hf_shape[1:], dtype)
+        yield [], lambda _: rows.astype(dtype) if rows is not None else np.zeros((hf_rows - kept,) + r.hf_shape[1:], dtype)
+
+
+def _read_ahead(jobs: Iterator[tuple[object, list, Callable]], reader) -> Iterator[tuple[object, np.ndarray]]:
+    """(tag, block) of each job, the next job's reads already running in tensorstore while this one is transformed."""
+    pending = None
+    for tag, reads, make in jobs:
+        issued = (tag, [reader.read_async(path, index) for path, index in reads], make)
+        if pending is not None:
+            yield pending[0], pending[2]([f.result() for f in pending[1]])
+        pending = issued
+    if pending is not None:
+        yield pending[0], pending[2]([f.result() for f in pending[1]])
 
 
 def maxtext_to_hf(
@@ -552,9 +568,10 @@ def maxtext_to_hf(
     total = sum(t.nbytes for t in planned if t.name in wanted)
     bar = progress(total, len(wanted)) if progress else None
 
-    # blocks are read and transformed on a background thread while the previous one is written
+    # blocks are read (one ahead) and transformed on a background thread while the previous one is written
     dropped = _load_dropped_rows(plan, reader.root)
-    blocks = prefetch(((name, b) for leaf, name, pieces in todo for b in _hf_blocks(leaf, pieces, reader, leaf.rule.out_dtype(out_dtype), dropped)), depth=1)
+    jobs = ((name, reads, make) for leaf, name, pieces in todo for reads, make in _hf_jobs(leaf, pieces, leaf.rule.out_dtype(out_dtype), dropped))
+    blocks = prefetch(_read_ahead(jobs, reader), depth=1)
     file_sha: dict[str, str] = {}
     tensor_sha: dict[str, str] = {}
 

@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from converters import __version__
+from converters import __version__, direct_io
 from converters.errors import CkptflowError, OutputExistsError
 
 MANIFEST = "ckptflow-manifest.json"
@@ -259,17 +259,24 @@ def copy_hf_extras(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> list[str
     return copied
 
 
-def file_digest(path: Path, chunk: int = 1 << 22) -> str:
+def file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, read into one reused buffer (a fresh 4 MB block per read measured 5x slower: each was a
+    new mapping whose pages the kernel had to fault in and zero)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 
 class FileHasher:
     """Hashes the files another writer (tensorstore) finishes under `root` while it is still writing others, so
     the manifest need not read them all afterwards.
+
+    Once hashed, a file's pages are dropped from the page cache (`direct_io.evict`), which keeps the pages a
+    conversion writes through few and reused.
 
     A file is taken once it has not changed for `settle` seconds, and its sha256 is kept only if its size and
     mtime are the same after hashing as before; `known()` then returns it only for files still of that inode,
@@ -313,6 +320,7 @@ class FileHasher:
                         sha = file_digest(Path(path))
                         if self._key(os.stat(path)) == self._key(st):
                             self._done[self._key(st)] = sha
+                            direct_io.evict(path)  # written (tensorstore syncs each file) and hashed: free its pages
                     except OSError:  # renamed or removed meanwhile: looked at again on the next pass, if still there
                         continue
 

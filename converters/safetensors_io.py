@@ -21,6 +21,7 @@ from typing import Iterator, Sequence
 import ml_dtypes
 import numpy as np
 
+from converters import direct_io
 from converters.errors import CkptflowError, CorruptFileError, MappingError
 
 # safetensors dtype tag -> numpy dtype
@@ -147,10 +148,9 @@ class SafetensorsFile:
         return TensorInfo(name, dtype, tuple(shape), data_start + offs[0], expected, self.path)
 
 
-def read_tensor(info: TensorInfo, rows: slice | None = None) -> np.ndarray:
-    """Read a tensor, or a contiguous range of its leading axis, straight into a fresh numpy array."""
-    shape = info.shape
-    offset, nbytes = info.start, info.nbytes
+def _byte_range(info: TensorInfo, rows: slice | None) -> tuple[tuple[int, ...], int, int]:
+    """Shape, file offset and size of a tensor or of a contiguous range of its leading axis."""
+    shape, offset, nbytes = info.shape, info.start, info.nbytes
     if rows is not None:
         start, stop, step = rows.indices(shape[0])
         if step != 1:
@@ -158,17 +158,18 @@ def read_tensor(info: TensorInfo, rows: slice | None = None) -> np.ndarray:
         shape = (stop - start,) + shape[1:]
         offset += start * info.row_bytes
         nbytes = (stop - start) * info.row_bytes
-    out = np.empty(shape, dtype=info.dtype)
-    buf = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
-    with open(info.path, "rb", buffering=0) as f:
-        f.seek(offset)
-        got = 0
-        while got < nbytes:
-            n = f.readinto(buf[got:])
-            if not n:
-                raise CorruptFileError(f"{info.path}: unexpected end of file while reading {info.name!r}")
-            got += n
-    return out
+    return shape, offset, nbytes
+
+
+def read_tensor(info: TensorInfo, rows: slice | None = None) -> np.ndarray:
+    """Read a tensor, or a contiguous range of its leading axis, into a pooled numpy array (large reads bypass
+    the page cache: `converters.direct_io`)."""
+    shape, offset, nbytes = _byte_range(info, rows)
+    try:
+        raw = direct_io.read_range(info.path, offset, nbytes)
+    except CorruptFileError:
+        raise CorruptFileError(f"{info.path}: unexpected end of file while reading {info.name!r}") from None
+    return raw.view(info.dtype).reshape(shape)
 
 
 class SafetensorsFolder:
@@ -295,42 +296,49 @@ def _header_bytes(tensors: Sequence[PlannedTensor], metadata: dict[str, str]) ->
 
 
 def will_need(info: TensorInfo, rows: slice | None = None) -> None:
-    """Ask the kernel to start reading a tensor (or a row range) now, so it is in memory by the time it is read."""
-    if not hasattr(os, "posix_fadvise") or info.start < 0:
+    """Start reading a tensor (or a row range) now, so it is in memory by the time it is read."""
+    if info.start < 0:
         return
-    offset, nbytes = info.start, info.nbytes
-    if rows is not None:
-        start, stop, _ = rows.indices(info.shape[0])
-        offset, nbytes = offset + start * info.row_bytes, (stop - start) * info.row_bytes
-    try:
-        fd = os.open(info.path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass  # only a hint
+    _, offset, nbytes = _byte_range(info, rows)
+    direct_io.prefetch(info.path, offset, nbytes)
 
 
 class _Hasher:
-    """sha256 of a file and of each of its tensors, on a thread of its own: hashing a shard is as much CPU as
-    writing it, and overlapping the two keeps the writer at disk speed. Blocks queue up in order (at most
-    `depth` of them, so memory stays bounded)."""
+    """sha256 of a file and of each of its tensors, computed as the blocks are written: the file's on one thread,
+    the tensors' on another (each is a pass over every byte, as much CPU as writing it; on their own threads
+    they overlap the writing and each other). Blocks queue up in order, at most `depth` per thread, so memory
+    stays bounded. Written bytes the file's thread has hashed are evicted from the page cache as it goes."""
 
-    def __init__(self, header: bytes, depth: int = 2):
+    EVICT_LAG = 128 << 20  # written bytes left in the page cache behind the hasher (see `direct_io.evict`)
+
+    def __init__(self, header: bytes, depth: int = 1, fd: int | None = None):
         self.file = hashlib.sha256(header)
+        self._fd, self._hashed, self._evicted = fd, len(header), 0
         self.tensors: dict[str, str] = {}
-        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._queues = [queue.Queue(maxsize=depth), queue.Queue(maxsize=depth)]
         self._error: BaseException | None = None
-        self._t = threading.Thread(target=self._run, name="ckptflow-hash", daemon=True)
-        self._t.start()
+        self._threads = [threading.Thread(target=run, args=(q,), name=f"ckptflow-hash-{what}", daemon=True)
+                         for run, q, what in zip((self._hash_file, self._hash_tensors), self._queues, ("file", "tensors"))]
+        for t in self._threads:
+            t.start()
 
-    def _run(self) -> None:
+    def _hash_file(self, q: queue.Queue) -> None:
+        while (item := q.get()) is not None:
+            try:
+                self.file.update(item[1])
+            except BaseException as e:  # noqa: BLE001 - surfaced by finish()
+                self._error = e
+            self._hashed += len(item[1])
+            if self._fd is not None and self._hashed - self._evicted >= 2 * self.EVICT_LAG:
+                # hashed, so never read again: let the kernel write it back and free its pages
+                self._evicted = self._hashed - self.EVICT_LAG
+                direct_io.evict(self._fd, 0, self._evicted)
+
+    def _hash_tensors(self, q: queue.Queue) -> None:
         current = hashlib.sha256()
-        while (item := self._q.get()) is not None:
+        while (item := q.get()) is not None:
             name, raw, last = item
             try:
-                self.file.update(raw)
                 current.update(raw)
             except BaseException as e:  # noqa: BLE001 - surfaced by finish()
                 self._error = e
@@ -339,11 +347,14 @@ class _Hasher:
                 current = hashlib.sha256()
 
     def add(self, name: str, raw: memoryview, last: bool) -> None:
-        self._q.put((name, raw, last))
+        for q in self._queues:
+            q.put((name, raw, last))
 
     def finish(self) -> None:
-        self._q.put(None)
-        self._t.join()
+        for q in self._queues:
+            q.put(None)
+        for t in self._threads:
+            t.join()
         if self._error is not None:
             raise self._error
 
@@ -361,7 +372,7 @@ class ShardWriter:
         self._f.write(header)
         self._i = 0
         self._written = 0  # bytes of the current tensor written so far
-        self._hash = _Hasher(header)
+        self._hash = _Hasher(header, fd=self._f.fileno())
 
     def write(self, name: str, data: np.ndarray) -> None:
         """Append `data` (the whole tensor or its next rows) to tensor `name`, which must be the current one."""

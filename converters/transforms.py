@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from converters import buffers
+
 
 _TILE = 256
 _TORCH_MIN_BYTES = 16 << 20  # below this, importing torch (~1 s) is not worth it
@@ -42,14 +44,16 @@ def transpose2d(x: np.ndarray) -> np.ndarray:
     if x.nbytes >= _TORCH_MIN_BYTES and ints is not None and x.flags.c_contiguous and x.flags.writeable:
         torch = _torch_module()
         if torch is not None:
-            return torch.from_numpy(x.view(ints)).t().contiguous().numpy().view(x.dtype)
+            y = buffers.empty((c, r), x.dtype)  # reused memory: no fresh pages to fault in and zero
+            torch.from_numpy(y.view(ints)).copy_(torch.from_numpy(x.view(ints)).t())
+            return y
     if r * c < _TILE * _TILE:
         return np.ascontiguousarray(x.T)
     if x.dtype.itemsize in (1, 2, 4, 8) and x.dtype.kind not in "biuf":
         # ml_dtypes (bfloat16, float8) copy through a slow generic path; move the bits as plain integers
         ints = np.dtype(f"u{x.dtype.itemsize}")
         return transpose2d(x.view(ints)).view(x.dtype)
-    y = np.empty((c, r), x.dtype)
+    y = buffers.empty((c, r), x.dtype)
     for i in range(0, r, _TILE):
         for j in range(0, c, _TILE):
             y[j : j + _TILE, i : i + _TILE] = x[i : i + _TILE, j : j + _TILE].T

@@ -95,3 +95,29 @@ def test_index_must_match_files(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "../a.safetensors"}}))
     with pytest.raises(CorruptFileError, match="not a plain file name"):
         SafetensorsFolder(tmp_path)
+
+
+def test_shard_writer_evicts_written_pages_and_still_hashes_every_byte(tmp_path, monkeypatch):
+    """Written ranges are handed back to the kernel as the writing goes on; the file and its digests are whole."""
+    import hashlib
+
+    from converters import direct_io
+    from converters.safetensors_io import _Hasher
+
+    evicted = []
+    monkeypatch.setattr(_Hasher, "EVICT_LAG", 1 << 20)
+    real = direct_io.evict
+    monkeypatch.setattr(direct_io, "evict", lambda target, offset=0, nbytes=0: evicted.append(nbytes) or real(target, offset, nbytes))
+    rng = np.random.default_rng(1)
+    tensors = {f"t{k}": rng.integers(0, 2**15, size=(512, 1024), dtype=np.int16).view(ml_dtypes.bfloat16) for k in range(6)}
+    w = ShardWriter(tmp_path / "s.safetensors", [PlannedTensor(n, t.shape, t.dtype) for n, t in tensors.items()])
+    for n, t in tensors.items():
+        for rows in (slice(0, 100), slice(100, 512)):
+            w.write(n, t[rows])
+    w.close()
+    raw = (tmp_path / "s.safetensors").read_bytes()
+    assert w.sha256 == hashlib.sha256(raw).hexdigest()
+    assert w.tensor_sha256 == {n: hashlib.sha256(t.tobytes()).hexdigest() for n, t in tensors.items()}
+    assert len(evicted) >= 2 and evicted == sorted(evicted)
+    back = safetensors.numpy.load_file(tmp_path / "s.safetensors")
+    assert all(np.array_equal(back[n].view(np.int16), t.view(np.int16)) for n, t in tensors.items())

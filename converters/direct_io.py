@@ -1,0 +1,138 @@
+"""Reading source bytes around the page cache (O_DIRECT) into pooled buffers, and evicting written pages.
+
+A conversion reads every source byte once. Through the page cache that is a page-cache fill and a copy
+into our buffer per byte; with O_DIRECT the disk writes straight into the (reused, page-aligned) buffer.
+Measured on the project machine for 5.6 GB: 7.6 s and 7 s of kernel CPU buffered, 5.3 s and 0.3 s direct.
+Ranges that are already cached (a file just downloaded) are read through the cache instead, and
+filesystems without O_DIRECT (tmpfs, some FUSE mounts) fall back to plain reads. `evict` frees the pages
+of what a conversion wrote, so that writing does not fill the page cache either.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+
+import numpy as np
+
+from converters.buffers import ALIGN, POOL
+from converters.errors import CorruptFileError
+
+MIN_DIRECT = 1 << 20  # smaller reads are not worth bypassing the cache
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+_no_direct: set[str] = set()  # files whose filesystem refused O_DIRECT: not tried again
+
+
+def _cached(fd: int, offset: int) -> bool:
+    """Whether the page at `offset` is in the page cache (a non-blocking 1-byte read succeeds only then)."""
+    flag = getattr(os, "RWF_NOWAIT", None)
+    if flag is None:
+        return False
+    try:
+        return os.preadv(fd, [bytearray(1)], offset, flag) == 1
+    except OSError:
+        return False
+
+
+def _fill(fd: int, view: memoryview, offset: int) -> int:
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if not n:
+            break
+        got += n
+    return got
+
+
+def _read_direct(path: str, offset: int, nbytes: int) -> np.ndarray | None:
+    """`nbytes` at `offset` read with O_DIRECT into a pooled buffer; None when that is not possible here."""
+    if not _O_DIRECT or path in _no_direct:
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _cached(fd, offset) and _cached(fd, offset + nbytes - 1):
+            return None
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | _O_DIRECT)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            _no_direct.add(path)  # this filesystem has no O_DIRECT (tmpfs, some FUSE mounts)
+            return None
+        lo = offset - offset % ALIGN
+        hi = -(-(offset + nbytes) // ALIGN) * ALIGN
+        buf = POOL.empty((hi - lo,), np.uint8)
+        try:
+            got = _fill(fd, memoryview(buf), lo)
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # EINVAL: the device wants another alignment
+                raise
+            _no_direct.add(path)
+            return None
+        if got < offset + nbytes - lo:
+            raise CorruptFileError(f"{path}: unexpected end of file at byte {lo + got} (wanted {offset + nbytes})")
+        return buf[offset - lo : offset - lo + nbytes]
+    finally:
+        os.close(fd)
+
+
+def _read_buffered(path: str, offset: int, nbytes: int) -> np.ndarray:
+    buf = POOL.empty((nbytes,), np.uint8)
+    with open(path, "rb", buffering=0) as f:
+        got = _fill(f.fileno(), memoryview(buf), offset) if nbytes else 0
+    if got < nbytes:
+        raise CorruptFileError(f"{path}: unexpected end of file at byte {offset + got} (wanted {offset + nbytes})")
+    return buf
+
+
+def read_range(path: str | os.PathLike, offset: int, nbytes: int) -> np.ndarray:
+    """`nbytes` bytes of a file from `offset`, as a uint8 array in a pooled buffer."""
+    path = os.fspath(path)
+    if nbytes >= MIN_DIRECT:
+        out = _read_direct(path, offset, nbytes)
+        if out is not None:
+            return out
+    return _read_buffered(path, offset, nbytes)
+
+
+def prefetch(path: str | os.PathLike, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start reading a range that will be read through the page cache.
+
+    Ranges read with O_DIRECT are not prefetched: a read of our own ahead of time measured no faster (the
+    other workers keep the disk busy meanwhile) and held one more piece per worker in memory."""
+    path = os.fspath(path)
+    if (nbytes >= MIN_DIRECT and _O_DIRECT and path not in _no_direct) or not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass  # only a hint
+
+
+def evict(target: str | os.PathLike | int, offset: int = 0, nbytes: int = 0) -> None:
+    """Let the kernel drop a written file's (or fd's byte range's) pages from the page cache: dirty ones are
+    queued for writeback, clean ones freed now.
+
+    Streaming a large output through the page cache otherwise fills memory with pages nobody reads again,
+    each one a fresh page to allocate (on a VM also to fault in from the host); freed early, the same pages
+    are reused for the next writes. Measured for a 5.6 GB write here: 12.6-14.1 s plain, 3.0-4.5 s when
+    ranges written a few hundred MB earlier are evicted as the writing goes on.
+    """
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        if isinstance(target, int):
+            os.posix_fadvise(target, offset, nbytes, os.POSIX_FADV_DONTNEED)
+            return
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass  # only a hint
