@@ -23,9 +23,9 @@ _ROUND = 2 << 20  # capacities are multiples of a huge page: few size classes, T
 class BufferPool:
     """Thread-safe pool of page-aligned buffers. `empty()` is a drop-in for `np.empty` on large shapes.
 
-    A buffer is free when only the pool holds it; at most `keep_bytes` of buffers are kept (in use or
-    free): past that, free ones are dropped before a new one is allocated, so the pool never holds more
-    than the pipeline has in flight plus `keep_bytes`."""
+    A buffer is free when only the pool holds it. Before a new buffer is allocated, free ones are dropped
+    (largest first) while the total would exceed `keep_bytes`: the pool holds what the pipeline has in
+    flight, or `keep_bytes` if that is more."""
 
     def __init__(self, keep_bytes: int = 512 << 20):
         self.keep_bytes = keep_bytes
@@ -67,11 +67,6 @@ class BufferPool:
         base = self._take(nbytes)
         start = (-base.ctypes.data) % ALIGN
         return base[start : start + nbytes].view(dtype).reshape(shape)
-
-    def clear(self) -> None:
-        """Forget every buffer (those still in use stay alive with their users)."""
-        with self._lock:
-            self._bufs.clear()
 
     @property
     def held_bytes(self) -> int:
