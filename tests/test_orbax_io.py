@@ -128,3 +128,24 @@ def test_reads_nnx_style_tree(tiny_model, tmp_path):
     maxtext_to_hf(tmp_path / "nnx", tmp_path / "hf", hf_config=str(src / "config.json"))
     a, b = SafetensorsFolder(src), SafetensorsFolder(tmp_path / "hf")
     assert all(np.array_equal(a.read(n), b.read(n)) for n in b.tensors)
+
+
+def test_tensorstore_holds_a_referenced_block_until_its_commit():
+    """The writer lets tensorstore keep blocks instead of copying them, and the buffer pool reuses a buffer once
+    its reference count says nobody holds it: that is only safe while tensorstore holds a Python reference to
+    the block until the transaction commits (true of tensorstore 0.1.x; this test is the tripwire)."""
+    import sys
+
+    import tensorstore as ts
+
+    t = ts.open({"driver": "zarr3", "kvstore": {"driver": "memory"}}, dtype=ts.uint16, shape=[1024, 1024],
+                chunk_layout=ts.ChunkLayout(write_chunk_shape=[512, 1024]), create=True).result()
+    base = np.zeros(512 * 1024 + 8, np.uint16)
+    alone = sys.getrefcount(base)
+    block = base[8:].reshape(512, 1024)
+    txn = ts.Transaction()
+    t.with_transaction(txn)[0:512].write(block, can_reference_source_data_indefinitely=True).result()
+    del block
+    assert sys.getrefcount(base) > alone  # still referenced by the open transaction
+    txn.commit_sync()
+    assert sys.getrefcount(base) == alone
