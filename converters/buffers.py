@@ -68,10 +68,23 @@ class BufferPool:
         start = (-base.ctypes.data) % ALIGN
         return base[start : start + nbytes].view(dtype).reshape(shape)
 
+    def trim(self) -> None:
+        """Let go of every free buffer (a conversion is over: a long-lived process need not keep them)."""
+        with self._lock:
+            free = set(self._free())
+            self._bufs = [b for i, b in enumerate(self._bufs) if i not in free]
+
     @property
     def held_bytes(self) -> int:
+        """Bytes of every buffer the pool holds, in use or spare."""
         with self._lock:
             return sum(b.nbytes for b in self._bufs)
+
+    @property
+    def spare_bytes(self) -> int:
+        """Bytes of the buffers free for reuse."""
+        with self._lock:
+            return sum(self._bufs[i].nbytes for i in self._free())
 
 
 POOL = BufferPool()

@@ -8,6 +8,7 @@ a stored array and appended to its safetensors shard as soon as it is ready.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -19,7 +20,7 @@ from typing import Callable, Iterator
 import ml_dtypes
 import numpy as np
 
-from converters import outputs, parts, quant, registry
+from converters import buffers, outputs, parts, quant, registry
 from converters.errors import CkptflowError, MappingError
 from converters.malloc import fix_mmap_threshold
 from converters.pipeline import prefetch
@@ -261,6 +262,20 @@ def _finish_maxtext(root: Path, src: Path, cfg: dict, hf_config: str | None, pla
                            source=outputs.describe_source(src), **digests)
 
 
+def _returns_buffers(fn):
+    """The buffer pool's spare buffers are let go when a conversion ends, however it ends."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            buffers.POOL.trim()
+
+    return run
+
+
+@_returns_buffers
 def hf_to_maxtext(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -486,6 +501,7 @@ def _read_ahead(jobs: Iterator[tuple[object, list, Callable]], reader) -> Iterat
         yield pending[0], pending[2]([f.result() for f in pending[1]])
 
 
+@_returns_buffers
 def maxtext_to_hf(
     ckpt: str | os.PathLike,
     out: str | os.PathLike,

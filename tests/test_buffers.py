@@ -93,3 +93,14 @@ def test_threads_never_share_a_buffer():
         t.join()
     assert not errors
     assert pool.allocated <= 8  # reused, not one per request
+
+
+def test_trim_lets_go_of_spare_buffers_only():
+    pool = BufferPool()
+    kept = pool.empty(SHAPE, np.float32)
+    spare = pool.empty(SHAPE, np.float32)
+    del spare
+    assert pool.spare_bytes > 0
+    pool.trim()
+    assert pool.spare_bytes == 0 and pool.held_bytes >= kept.nbytes
+    kept[:] = 1  # still ours

@@ -158,6 +158,7 @@ def test_large_pieces_round_trip_bit_exact_through_pool_and_direct_reads(tmp_pat
         before = buffers.POOL.allocated
         hf_to_maxtext(src, tmp_path / f"mt{scan}", scan=scan, buffer_bytes=1 << 20)
         assert buffers.POOL.allocated - before < 12  # 24 pooled MLP pieces (read + transposed) on import alone
+        assert buffers.POOL.spare_bytes == 0  # let go once the conversion is over
         maxtext_to_hf(tmp_path / f"mt{scan}", tmp_path / f"hf{scan}")
         assert_same_tensors(original, hf_tensors(tmp_path / f"hf{scan}"), SCALED["llama3.1"][0])
     if direct_io._O_DIRECT:
