@@ -74,8 +74,8 @@ def warm_memory(src: Path, work: Path) -> None:
     """Copy `src` once and delete the copy (untimed), so that the memory the next step gets was in use moments ago.
 
     On a VM with free page reporting (this machine: Firecracker) memory freed a while ago is handed back to the
-    host and faulted back in, zeroed, on next use: `cp` of 5.6 GB measured 6.0-6.8 s right after another copy and
-    15-18 s after a pause, the page-cache-heavy steps most. Warmed, every step runs in the first regime, the one
+    host and faulted back in, zeroed, on next use: `cp` of 5.6 GB measured 5.8-6.8 s right after another copy and
+    15-20 s after a pause, the page-cache-heavy steps most. Warmed, every step runs in the first regime, the one
     closer to a machine of its own."""
     tmp = work / "warm-copy"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -178,7 +178,7 @@ def run_one(model: str, layers: int, work: Path, extra: list[str], cold: bool, k
         ("hf->maxtext unscanned", "mt-noscan", ck + [str(src), str(work / "mt-noscan"), "--to", "maxtext", "--no-scan", "-q", *extra]),
         ("maxtext->hf (from scanned)", "hf-back", ck + [str(work / "mt-scan"), str(work / "hf-back"), "--to", "hf", "-q"]),
     ]
-    # Rounds of every step in turn, so that the disk's and the VM's moods (cp alone varied 7-20 s for the same
+    # Rounds of every step in turn, so that the disk's and the VM's moods (cp alone varied 6-20 s for the same
     # 5.6 GB here) fall on every step alike; each step reports its median, fastest and slowest round.
     runs: dict[str, list[dict]] = {name: [] for name, _, _ in steps}
     for k in range(repeat):
