@@ -5,7 +5,8 @@ far larger than the budget we allow for growth, so holding any whole stack in RA
 Peak RSS is compared between a 2-layer and a 16-layer model of the same width: the difference must stay
 under 80 MB (noise of allocator and tensorstore caches) while the model grows by ~820 MB. The write buffer
 (`--buffer-size`, data each worker gathers before committing) is set to one 16 MB layer slice: with the
-128 MB default, a 16-layer stack fills buffers a 2-layer one never does, a constant the test is not about.
+64 MB default, a 16-layer stack fills transactions a 2-layer one (two 16 MB slices per array) never does, a
+constant the test is not about.
 """
 
 from __future__ import annotations
