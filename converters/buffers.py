@@ -93,3 +93,12 @@ POOL = BufferPool()
 def empty(shape, dtype) -> np.ndarray:
     """`np.empty` from the process-wide pool."""
     return POOL.empty(shape, dtype)
+
+
+def aligned(nbytes: int) -> np.ndarray:
+    """A page-aligned uint8 buffer of `nbytes` (O_DIRECT needs that), pooled when large."""
+    if nbytes >= MIN_POOLED:
+        return POOL.empty((nbytes,), np.uint8)
+    raw = np.empty(nbytes + ALIGN, np.uint8)
+    start = (-raw.ctypes.data) % ALIGN
+    return raw[start : start + nbytes]

@@ -1,11 +1,12 @@
-"""Reading source bytes around the page cache (O_DIRECT) into pooled buffers, and evicting written pages.
+"""Reading and writing model bytes around the page cache (O_DIRECT), with pooled buffers.
 
 A conversion reads every source byte once. Through the page cache that is a page-cache fill and a copy
 into our buffer per byte; with O_DIRECT the disk writes straight into the (reused, page-aligned) buffer.
 Measured on the project machine for 5.6 GB: 7.6 s and 7 s of kernel CPU buffered, 5.3 s and 0.3 s direct.
 Ranges that are already cached (a file just downloaded) are read through the cache instead, and
-filesystems without O_DIRECT (tmpfs, some FUSE mounts) fall back to plain reads. `evict` frees the pages
-of what a conversion wrote, so that writing does not fill the page cache either.
+filesystems without O_DIRECT (tmpfs, some FUSE mounts) fall back to plain reads. `SequentialWriter` writes a
+file the same way; `evict` frees the pages of files others wrote (tensorstore), so that writing does not fill
+the page cache either.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import queue
+import threading
 
 import numpy as np
 
+from converters import buffers
 from converters.buffers import ALIGN, POOL
 from converters.errors import CorruptFileError
 
@@ -134,3 +138,118 @@ def evict(target: str | os.PathLike | int, offset: int = 0, nbytes: int = 0) -> 
     """
     if hasattr(os, "posix_fadvise"):
         _advise(target, offset, nbytes, os.POSIX_FADV_DONTNEED)
+
+
+class SequentialWriter:
+    """A new file written front to back around the page cache: bytes are copied into one of two page-aligned
+    staging buffers, and a thread writes each full buffer with O_DIRECT while the other one fills. Where the
+    filesystem refuses O_DIRECT, plain writes with the written range evicted as the writing goes on.
+
+    Through the page cache, a 5.6 GB write costs a page-cache fill per byte (here 3 s of kernel CPU with
+    recently used memory, 10 s without) against 0.5 s direct (`dd`). The file is exactly the bytes given:
+    the last, partial block is written padded and the file then truncated to its size."""
+
+    STAGE = 32 << 20  # bytes per direct write
+    EVICT_LAG = 128 << 20  # plain writes: written bytes left in the page cache before they are evicted
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self.size = 0
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+        self.direct = False
+        if _O_DIRECT:
+            try:
+                fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) | _O_DIRECT)
+                self.direct = True
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    os.close(self._fd)
+                    raise
+        self._evicted = 0
+        if self.direct:
+            self._free: queue.Queue = queue.Queue()
+            for _ in range(2):
+                self._free.put(buffers.aligned(self.STAGE))
+            self._todo: queue.Queue = queue.Queue()
+            self._error: BaseException | None = None
+            self._stage, self._fill, self._offset = self._free.get(), 0, 0
+            self._thread = threading.Thread(target=self._run, name="ckptflow-direct-write", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._todo.get()) is not None:
+            buf, nbytes, offset = job
+            if self._error is None:
+                try:
+                    view, done = memoryview(buf)[:nbytes], 0
+                    while done < nbytes:
+                        done += os.pwrite(self._fd, view[done:], offset + done)
+                except BaseException as e:  # noqa: BLE001 - raised in the writing thread at its next call
+                    self._error = e
+            self._free.put(buf)
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _submit(self, padded: int) -> None:
+        self._todo.put((self._stage, padded, self._offset))
+        self._offset += padded
+        self._stage, self._fill = self._free.get(), 0
+        self._check()
+
+    def write(self, data) -> None:
+        view = memoryview(data).cast("B") if not isinstance(data, memoryview) or data.format != "B" else data
+        if not self.direct:
+            done = 0
+            while done < len(view):
+                done += os.write(self._fd, view[done:])
+            self.size += len(view)
+            if self.size - self._evicted >= 2 * self.EVICT_LAG:
+                self._evicted = self.size - self.EVICT_LAG
+                evict(self._fd, 0, self._evicted)
+            return
+        src = np.frombuffer(view, np.uint8) if len(view) else np.empty(0, np.uint8)
+        done = 0
+        while done < len(src):
+            n = min(len(src) - done, self.STAGE - self._fill)
+            self._stage[self._fill : self._fill + n] = src[done : done + n]
+            self._fill += n
+            done += n
+            if self._fill == self.STAGE:
+                self._submit(self.STAGE)
+        self.size += len(src)
+
+    def close(self) -> None:
+        """Write what is left, cut the file to its size and make it durable (fsync)."""
+        try:
+            if self.direct:
+                if self._fill:
+                    padded = -(-self._fill // ALIGN) * ALIGN
+                    self._stage[self._fill : padded] = 0
+                    self._submit(padded)
+                self._stop()
+                self._check()
+                os.ftruncate(self._fd, self.size)
+            os.fsync(self._fd)
+        finally:
+            self._close_fd()
+
+    def abort(self) -> None:
+        """Stop after a failure; the file is left as it is for the caller to remove."""
+        if self.direct:
+            self._stop()
+        self._close_fd()
+
+    def _stop(self) -> None:
+        if self._thread.is_alive():
+            self._todo.put(None)
+            self._thread.join()
+
+    def _close_fd(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            try:
+                os.close(fd)
+            except OSError:
+                pass

@@ -307,13 +307,10 @@ class _Hasher:
     """sha256 of a file and of each of its tensors, computed as the blocks are written: the file's on one thread,
     the tensors' on another (each is a pass over every byte, as much CPU as writing it; on their own threads
     they overlap the writing and each other). Blocks queue up in order, at most `depth` per thread, so memory
-    stays bounded. Written bytes the file's thread has hashed are evicted from the page cache as it goes."""
+    stays bounded."""
 
-    EVICT_LAG = 128 << 20  # written bytes left in the page cache behind the hasher (see `direct_io.evict`)
-
-    def __init__(self, header: bytes, depth: int = 1, fd: int | None = None):
+    def __init__(self, header: bytes, depth: int = 1):
         self.file = hashlib.sha256(header)
-        self._fd, self._hashed, self._evicted = fd, len(header), 0
         self.tensors: dict[str, str] = {}
         self._queues = [queue.Queue(maxsize=depth), queue.Queue(maxsize=depth)]
         self._error: BaseException | None = None
@@ -328,11 +325,6 @@ class _Hasher:
                 self.file.update(item[1])
             except BaseException as e:  # noqa: BLE001 - surfaced by finish()
                 self._error = e
-            self._hashed += len(item[1])
-            if self._fd is not None and self._hashed - self._evicted >= 2 * self.EVICT_LAG:
-                # hashed, so never read again: let the kernel write it back and free its pages
-                self._evicted = self._hashed - self.EVICT_LAG
-                direct_io.evict(self._fd, 0, self._evicted)
 
     def _hash_tensors(self, q: queue.Queue) -> None:
         current = hashlib.sha256()
@@ -367,12 +359,16 @@ class ShardWriter:
     def __init__(self, path: Path, tensors: Sequence[PlannedTensor], metadata: dict[str, str] | None = None):
         self.path = path
         self.tensors = list(tensors)
-        self._f = open(path, "wb")
+        self._f = direct_io.SequentialWriter(path)  # around the page cache where the filesystem allows
         header = _header_bytes(self.tensors, metadata or {"format": "pt"})
-        self._f.write(header)
+        try:
+            self._f.write(header)
+        except BaseException:
+            self._f.abort()
+            raise
         self._i = 0
         self._written = 0  # bytes of the current tensor written so far
-        self._hash = _Hasher(header, fd=self._f.fileno())
+        self._hash = _Hasher(header)
 
     def write(self, name: str, data: np.ndarray) -> None:
         """Append `data` (the whole tensor or its next rows) to tensor `name`, which must be the current one."""
@@ -403,19 +399,16 @@ class ShardWriter:
             self._hash.finish()
         except BaseException:  # noqa: BLE001 - the failure being handled is the one to report
             pass
-        try:
-            self._f.close()
-        except OSError:
-            pass
+        self._f.abort()
 
     def close(self) -> None:
         if self._i != len(self.tensors):
             self.abort()
             raise RuntimeError(f"shard {self.path.name}: closed after {self._i} of {len(self.tensors)} tensors")
-        self._f.flush()
-        self._hash.finish()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        try:
+            self._f.close()  # the rest of the data, then fsync
+        finally:
+            self._hash.finish()
 
     @property
     def sha256(self) -> str:

@@ -89,3 +89,65 @@ def test_evict_is_only_a_hint(tmp_path):
     with open(p, "rb") as f:
         direct_io.evict(f.fileno(), 0, 4096)
     assert p.read_bytes() == b"x" * 10000
+
+
+SIZES = [0, 1, 4095, 4096, 65535, 65536, 65537, 3 * 65536 + 123]
+
+
+@pytest.fixture
+def small_stage(monkeypatch):
+    monkeypatch.setattr(direct_io.SequentialWriter, "STAGE", 64 << 10)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_sequential_writer_writes_exactly_the_bytes_given(tmp_path, small_stage, size):
+    data = np.random.default_rng(size).integers(0, 256, size=size, dtype=np.uint8)
+    w = direct_io.SequentialWriter(tmp_path / "f")
+    assert w.direct == bool(direct_io._O_DIRECT)  # ext4 under /tmp takes O_DIRECT
+    rng = np.random.default_rng(0)
+    at = 0
+    while at < size:  # pieces of every size, unaligned
+        n = int(rng.integers(1, 40000))
+        w.write(memoryview(data[at : at + n]))
+        at += n
+    w.close()
+    assert (tmp_path / "f").read_bytes() == data.tobytes() and w.size == size
+
+
+def test_sequential_writer_without_o_direct_writes_plainly_and_evicts_behind(tmp_path, monkeypatch):
+    real = direct_io.fcntl.fcntl
+
+    def no_direct(fd, cmd, arg=0):
+        if cmd == direct_io.fcntl.F_SETFL and arg & direct_io._O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, cmd, arg)
+
+    evicted = []
+    monkeypatch.setattr(direct_io.fcntl, "fcntl", no_direct)
+    monkeypatch.setattr(direct_io.SequentialWriter, "EVICT_LAG", 1 << 16)
+    monkeypatch.setattr(direct_io, "evict", lambda target, offset=0, nbytes=0: evicted.append(nbytes))
+    data = np.random.default_rng(3).integers(0, 256, size=1 << 20, dtype=np.uint8)
+    w = direct_io.SequentialWriter(tmp_path / "f")
+    assert not w.direct
+    for at in range(0, data.size, 50000):
+        w.write(memoryview(data[at : at + 50000]))
+    w.close()
+    assert (tmp_path / "f").read_bytes() == data.tobytes()
+    assert len(evicted) >= 3 and evicted == sorted(evicted)
+
+
+def test_a_failed_direct_write_is_raised_to_the_writer(tmp_path, small_stage, monkeypatch):
+    if not direct_io._O_DIRECT:
+        pytest.skip("no O_DIRECT here")
+
+    def full(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(direct_io.os, "pwrite", full)
+    w = direct_io.SequentialWriter(tmp_path / "f")
+    with pytest.raises(OSError) as e:
+        for _ in range(8):
+            w.write(memoryview(bytes(40000)))
+        w.close()
+    assert e.value.errno == errno.ENOSPC
+    w.abort()  # after a failure: no hang, no second error
