@@ -489,30 +489,16 @@ def _hf_jobs(leaf: Leaf, pieces: list[Piece] | None, dtype: np.dtype, dropped: d
         yield [], lambda _: rows.astype(dtype) if rows is not None else np.zeros((hf_rows - kept,) + r.hf_shape[1:], dtype)
 
 
-def _read_ahead(jobs: Iterator[tuple[object, list, Callable]], reader, workers: int = 2) -> Iterator[tuple[object, np.ndarray]]:
-    """(tag, block) of each job, in order. Up to `workers` jobs are transformed at once on a thread pool (the
-    transposes release the GIL), and each job's reads are issued to tensorstore as soon as it is queued, so they
-    run while the jobs before it are transformed."""
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
-    def run(futures, make):
-        return make([f.result() for f in futures])
-
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckptflow-transform") as pool:
-        pending: deque = deque()
-        try:
-            for tag, reads, make in jobs:
-                pending.append((tag, pool.submit(run, [reader.read_async(path, index) for path, index in reads], make)))
-                if len(pending) > workers:
-                    tag0, done = pending.popleft()
-                    yield tag0, done.result()
-            while pending:
-                tag0, done = pending.popleft()
-                yield tag0, done.result()
-        finally:
-            for _, fut in pending:  # stopped early (a failure downstream): do not start what is still queued
-                fut.cancel()
+def _read_ahead(jobs: Iterator[tuple[object, list, Callable]], reader) -> Iterator[tuple[object, np.ndarray]]:
+    """(tag, block) of each job, the next job's reads already running in tensorstore while this one is transformed."""
+    pending = None
+    for tag, reads, make in jobs:
+        issued = (tag, [reader.read_async(path, index) for path, index in reads], make)
+        if pending is not None:
+            yield pending[0], pending[2]([f.result() for f in pending[1]])
+        pending = issued
+    if pending is not None:
+        yield pending[0], pending[2]([f.result() for f in pending[1]])
 
 
 @_returns_buffers
@@ -598,7 +584,7 @@ def maxtext_to_hf(
     total = sum(t.nbytes for t in planned if t.name in wanted)
     bar = progress(total, len(wanted)) if progress else None
 
-    # blocks are read ahead and transformed on background threads while the previous one is written
+    # blocks are read (one ahead) and transformed on a background thread while the previous one is written
     dropped = _load_dropped_rows(plan, reader.root)
     jobs = ((name, reads, make) for leaf, name, pieces in todo for reads, make in _hf_jobs(leaf, pieces, leaf.rule.out_dtype(out_dtype), dropped))
     blocks = prefetch(_read_ahead(jobs, reader), depth=1)
