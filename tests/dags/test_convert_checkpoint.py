@@ -153,6 +153,18 @@ os.execv(sys.executable, [sys.executable, "-m", "converters", *args])
 """
 
 
+def _run_steps_through(script: str, convert_dag, tmp_path, monkeypatch, **env: str) -> None:
+    """Every step's CLI runs through `script` (a wrapper that may fail once, then execs the real CLI), with
+    `env` set, run folders under tmp_path/work and the DAG's retry policy without its waits."""
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(script)
+    monkeypatch.setattr(commands, "local_entrypoint", lambda: [sys.executable, str(wrapper)])
+    for key, value in {**env, "CKPTFLOW_WORK_ROOT": str(tmp_path / "work")}.items():
+        monkeypatch.setenv(key, value)
+    for task in convert_dag.tasks:
+        monkeypatch.setattr(task, "retry_delay", timedelta(0))  # same policy, waits of 1-2 s
+
+
 def test_full_run_on_a_tiny_model_in_local_mode(isolated_runs, tiny_model, tmp_path, monkeypatch):
     from airflow.models.asset import AssetEvent
     from airflow.utils.session import create_session
@@ -160,13 +172,7 @@ def test_full_run_on_a_tiny_model_in_local_mode(isolated_runs, tiny_model, tmp_p
     convert_dag = isolated_runs
 
     source = tiny_model("llama3.1")
-    wrapper = tmp_path / "flaky_ckptflow.py"
-    wrapper.write_text(FLAKY)
-    monkeypatch.setattr(commands, "local_entrypoint", lambda: [sys.executable, str(wrapper)])
-    monkeypatch.setenv("FLAKY_MARKER", str(tmp_path / "convert-failed-once"))
-    monkeypatch.setenv("CKPTFLOW_WORK_ROOT", str(tmp_path / "work"))
-    for task in convert_dag.tasks:
-        monkeypatch.setattr(task, "retry_delay", timedelta(0))  # same policy, waits of 1-2 s
+    _run_steps_through(FLAKY, convert_dag, tmp_path, monkeypatch, FLAKY_MARKER=str(tmp_path / "convert-failed-once"))
     home = Path(os.environ["AIRFLOW_HOME"])
     seen_events = len(ol_events(home))
     dest = tmp_path / "published" / "tiny-llama" / "v1"
@@ -255,14 +261,8 @@ def test_full_run_in_two_parts_on_a_tiny_model(isolated_runs, tiny_model, tmp_pa
     convert_dag = isolated_runs
 
     source = tiny_model("llama3.1")
-    wrapper = tmp_path / "flaky_part.py"
-    wrapper.write_text(FLAKY_PART)
-    monkeypatch.setattr(commands, "local_entrypoint", lambda: [sys.executable, str(wrapper)])
-    monkeypatch.setenv("FLAKY_MARKER", str(tmp_path / "part-1-failed-once"))
-    monkeypatch.setenv("CALL_LOG", str(tmp_path / "calls.txt"))
-    monkeypatch.setenv("CKPTFLOW_WORK_ROOT", str(tmp_path / "work"))
-    for task in convert_dag.tasks:
-        monkeypatch.setattr(task, "retry_delay", timedelta(0))
+    _run_steps_through(FLAKY_PART, convert_dag, tmp_path, monkeypatch, FLAKY_MARKER=str(tmp_path / "part-1-failed-once"),
+                       CALL_LOG=str(tmp_path / "calls.txt"))
     dest = tmp_path / "published" / "tiny-llama" / "v2"
 
     dr = convert_dag.test(run_conf={"source": str(source), "destination": dest.as_uri(), "dtype": "float32", "parts": 2})
