@@ -64,9 +64,7 @@ class BufferPool:
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes < MIN_POOLED:
             return np.empty(shape, dtype)
-        base = self._take(nbytes)
-        start = (-base.ctypes.data) % ALIGN
-        return base[start : start + nbytes].view(dtype).reshape(shape)
+        return _aligned_part(self._take(nbytes), nbytes).view(dtype).reshape(shape)
 
     def trim(self) -> None:
         """Let go of every free buffer (a conversion is over: a long-lived process need not keep them)."""
@@ -99,6 +97,10 @@ def aligned(nbytes: int) -> np.ndarray:
     """A page-aligned uint8 buffer of `nbytes` (O_DIRECT needs that), pooled when large."""
     if nbytes >= MIN_POOLED:
         return POOL.empty((nbytes,), np.uint8)
-    raw = np.empty(nbytes + ALIGN, np.uint8)
+    return _aligned_part(np.empty(nbytes + ALIGN, np.uint8), nbytes)
+
+
+def _aligned_part(raw: np.ndarray, nbytes: int) -> np.ndarray:
+    """The first page-aligned `nbytes` of `raw` (a uint8 buffer at least ALIGN bytes longer)."""
     start = (-raw.ctypes.data) % ALIGN
     return raw[start : start + nbytes]

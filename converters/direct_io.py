@@ -16,6 +16,7 @@ import fcntl
 import os
 import queue
 import threading
+from typing import Iterator
 
 import numpy as np
 
@@ -81,6 +82,18 @@ def _read_direct(path: str, offset: int, nbytes: int) -> np.ndarray | None:
         os.close(fd)
 
 
+def read_blocks(path: str | os.PathLike, chunk: int = 1 << 20) -> Iterator[memoryview]:
+    """A file's bytes front to back, in blocks read into one reused buffer (each valid until the next is read).
+
+    A fresh `bytes` per read above glibc's mmap threshold is a new mapping whose pages the kernel faults in and
+    zeroes each time: a 4 MB read loop hashed at 0.4 GB/s during a conversion, 1.6 GB/s this way."""
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            yield view[:n]
+
+
 def _read_buffered(path: str, offset: int, nbytes: int) -> np.ndarray:
     buf = POOL.empty((nbytes,), np.uint8)
     with open(path, "rb", buffering=0) as f:
@@ -100,10 +113,12 @@ def read_range(path: str | os.PathLike, offset: int, nbytes: int) -> np.ndarray:
     return _read_buffered(path, offset, nbytes)
 
 
-def _advise(target: str | os.PathLike | int, offset: int, nbytes: int, advice: int) -> None:
-    """`posix_fadvise` on an open fd or a path; only a hint, so nothing is raised."""
+def _advise(target: str | os.PathLike | int, offset: int, nbytes: int, name: str) -> None:
+    """`posix_fadvise(..., os.<name>)` on an open fd or a path where the platform has it; only a hint, so nothing
+    is raised."""
     if not hasattr(os, "posix_fadvise"):
         return
+    advice = getattr(os, name)
     try:
         if isinstance(target, int):
             os.posix_fadvise(target, offset, nbytes, advice)
@@ -123,8 +138,8 @@ def prefetch(path: str | os.PathLike, offset: int, nbytes: int) -> None:
     Ranges read with O_DIRECT are not prefetched: a read of our own ahead of time measured no faster (the
     other workers keep the disk busy meanwhile) and held one more piece per worker in memory."""
     path = os.fspath(path)
-    if not (nbytes >= MIN_DIRECT and _O_DIRECT and path not in _no_direct) and hasattr(os, "posix_fadvise"):
-        _advise(path, offset, nbytes, os.POSIX_FADV_WILLNEED)
+    if not (nbytes >= MIN_DIRECT and _O_DIRECT and path not in _no_direct):
+        _advise(path, offset, nbytes, "POSIX_FADV_WILLNEED")
 
 
 def evict(target: str | os.PathLike | int, offset: int = 0, nbytes: int = 0) -> None:
@@ -136,8 +151,7 @@ def evict(target: str | os.PathLike | int, offset: int = 0, nbytes: int = 0) -> 
     are reused for the next writes. Measured for a 5.6 GB write here: 12.6-14.1 s plain, 3.0-4.5 s when
     ranges written a few hundred MB earlier are evicted as the writing goes on.
     """
-    if hasattr(os, "posix_fadvise"):
-        _advise(target, offset, nbytes, os.POSIX_FADV_DONTNEED)
+    _advise(target, offset, nbytes, "POSIX_FADV_DONTNEED")
 
 
 class SequentialWriter:

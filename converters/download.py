@@ -27,7 +27,7 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from converters import outputs
+from converters import direct_io, outputs
 from converters.errors import CkptflowError, CorruptFileError
 from converters.outputs import DOWNLOAD_MANIFEST as MANIFEST_NAME
 from converters.outputs import file_digest
@@ -45,10 +45,10 @@ def copy_file(src: Path, dst: Path) -> str:
     """Copy one file (contents, then mode and times) and return the sha256 of what was read, in one pass."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     h = hashlib.sha256()
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        while chunk := fin.read(_CHUNK):
-            h.update(chunk)
-            fout.write(chunk)
+    with open(dst, "wb") as fout:
+        for block in direct_io.read_blocks(src, _CHUNK):
+            h.update(block)
+            fout.write(block)
     shutil.copystat(src, dst)
     return h.hexdigest()
 

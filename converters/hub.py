@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, TypeVar
 
+from converters import direct_io
 from converters.errors import CkptflowError
 
 log = logging.getLogger("ckptflow.hub")
@@ -183,11 +184,10 @@ def snapshot(repo_id: str, revision: str | None = None) -> Snapshot:
     return Snapshot(repo_id, info.sha, files)
 
 
-def git_blob_oid(path: Path, chunk: int = 1 << 22) -> str:
+def git_blob_oid(path: Path) -> str:
     h = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
+    for block in direct_io.read_blocks(path):
+        h.update(block)
     return h.hexdigest()
 
 
