@@ -363,7 +363,7 @@ def hf_to_maxtext(
     with outputs.atomic_dir(out, overwrite) as tmp:
         with outputs.FileHasher(tmp) as hasher:  # OCDBT data files are hashed as soon as tensorstore finishes each
             write(tmp)
-        _finish_maxtext(tmp, src, cfg, hf_config, plan, folder, family, options, file_sha256=hasher.known(tmp),
+        _finish_maxtext(tmp, src, cfg, hf_config, plan, folder, family, options, file_digests=hasher.known(tmp),
                         tensors={k: (a.shape, np.dtype(a.dtype).name, outputs.chunked_digest(digests[k])) for k, a in flat.items()})
     return Result(Path(out), family.name, total, len(flat))
 
@@ -379,12 +379,12 @@ def _finalize_to_maxtext(src: Path, out, family, cfg: dict, hf_config, plan: lis
     if len(trees) != 1:
         raise parts.PartsError("parts disagree on the checkpoint's tree metadata (written by different ckptflow versions?); re-run them")
     chunks: dict[str, dict] = {}
-    file_sha: dict[str, str] = {}
+    file_hashes: dict[str, str] = {}
     for p in found:
         for name, entries in p.marker["digests"].items():
-            for origin, sha in entries.items():
-                chunks.setdefault(name, {})[tuple(json.loads(origin))] = sha
-        file_sha.update({rel.removeprefix("ckpt/"): f["sha256"] for rel, f in p.marker["files"].items()})
+            for origin, digest in entries.items():
+                chunks.setdefault(name, {})[tuple(json.loads(origin))] = digest
+        file_hashes.update({rel.removeprefix("ckpt/"): f[outputs.CONTENT_HASH] for rel, f in p.marker["files"].items()})
     missing = [leaf.path for leaf in plan if leaf.path not in chunks]
     if missing:
         raise parts.PartsError(f"no part wrote {_listing(missing)}; re-run the parts")
@@ -398,7 +398,7 @@ def _finalize_to_maxtext(src: Path, out, family, cfg: dict, hf_config, plan: lis
             if (p.dir / "ckpt" / "0" / "items" / sub).is_dir():
                 assembly.add_tree(p.dir / "ckpt" / "0" / "items" / sub, items / sub)
         merge_parts(items, use_zarr3=options["use_zarr3"])
-        _finish_maxtext(tmp, src, cfg, hf_config, plan, folder, family, options, file_sha256=file_sha,
+        _finish_maxtext(tmp, src, cfg, hf_config, plan, folder, family, options, file_digests=file_hashes,
                         tensors={leaf.path: (leaf.shape, leaf.rule.out_dtype(_dtype(options["dtype"])).name,
                                              outputs.chunked_digest(chunks[leaf.path])) for leaf in plan},
                         extra={"parts": parts.summary(found)})
@@ -560,17 +560,17 @@ def maxtext_to_hf(
     fp = parts.fingerprint("maxtext->hf", family.name, options, reader.items, cfg) if part or finalize else None
     if finalize:
         found = parts.collect(out, fp, "maxtext->hf")
-        file_sha, tensor_sha = {}, {}
+        file_hashes, tensor_hashes = {}, {}
         for p in found:
-            file_sha.update({rel.removeprefix("shards/"): f["sha256"] for rel, f in p.marker["files"].items()})
-            tensor_sha.update(p.marker["digests"])
-        absent = [f for f in names if f not in file_sha]
+            file_hashes.update({rel.removeprefix("shards/"): f[outputs.CONTENT_HASH] for rel, f in p.marker["files"].items()})
+            tensor_hashes.update(p.marker["digests"])
+        absent = [f for f in names if f not in file_hashes]
         if absent:
             raise parts.PartsError(f"no part wrote {_listing(absent)}; re-run the parts")
         with outputs.atomic_dir(out, overwrite) as tmp, parts.Assembly() as assembly:
             for p in found:
                 assembly.add_tree(p.dir / "shards", tmp)
-            finish(tmp, file_sha256=file_sha, tensors={t.name: (t.shape, t.dtype.name, tensor_sha[t.name]) for t in planned if t.name in tensor_sha},
+            finish(tmp, file_digests=file_hashes, tensors={t.name: (t.shape, t.dtype.name, tensor_hashes[t.name]) for t in planned if t.name in tensor_hashes},
                    extra={"parts": parts.summary(found)})
         parts.remove_staging(out)
         return Result(Path(out), family.name, sum(t.nbytes for t in planned), len(planned))
@@ -588,8 +588,8 @@ def maxtext_to_hf(
     dropped = _load_dropped_rows(plan, reader.root)
     jobs = ((name, reads, make) for leaf, name, pieces in todo for reads, make in _hf_jobs(leaf, pieces, leaf.rule.out_dtype(out_dtype), dropped))
     blocks = prefetch(_read_ahead(jobs, reader), depth=1)
-    file_sha: dict[str, str] = {}
-    tensor_sha: dict[str, str] = {}
+    file_hashes: dict[str, str] = {}
+    tensor_hashes: dict[str, str] = {}
 
     def write_shards(folder: Path) -> None:
         for shard, fname, m in zip(shards, names, mine):
@@ -606,8 +606,8 @@ def maxtext_to_hf(
                 w.abort()  # an open file would keep its disk space after the temp folder is removed
                 raise
             w.close()
-            file_sha[fname] = w.sha256
-            tensor_sha.update(w.tensor_sha256)
+            file_hashes[fname] = w.digest
+            tensor_hashes.update(w.tensor_digests)
         if bar is not None:
             bar.close()
 
@@ -617,12 +617,12 @@ def maxtext_to_hf(
             started = parts.now()
             (tmp / "shards").mkdir()
             write_shards(tmp / "shards")
-            files = {f"shards/{f}": {"bytes": (tmp / "shards" / f).stat().st_size, "sha256": h} for f, h in file_sha.items()}
-            parts.write_marker(tmp, i=i, n=n, fp=fp, direction="maxtext->hf", files=files, digests=tensor_sha,
+            files = {f"shards/{f}": {"bytes": (tmp / "shards" / f).stat().st_size, outputs.CONTENT_HASH: h} for f, h in file_hashes.items()}
+            parts.write_marker(tmp, i=i, n=n, fp=fp, direction="maxtext->hf", files=files, digests=tensor_hashes,
                                extra={"bytes": total}, started=started)
         return Result(Path(out), family.name, total, len(wanted))
 
     with outputs.atomic_dir(out, overwrite) as tmp:
         write_shards(tmp)
-        finish(tmp, file_sha256=file_sha, tensors={t.name: (t.shape, t.dtype.name, tensor_sha[t.name]) for t in planned if t.name in tensor_sha})
+        finish(tmp, file_digests=file_hashes, tensors={t.name: (t.shape, t.dtype.name, tensor_hashes[t.name]) for t in planned if t.name in tensor_hashes})
     return Result(Path(out), family.name, total, len(planned))

@@ -30,7 +30,7 @@ from typing import Iterable, Iterator
 from converters import direct_io, outputs
 from converters.errors import CkptflowError, CorruptFileError
 from converters.outputs import DOWNLOAD_MANIFEST as MANIFEST_NAME
-from converters.outputs import file_digest
+from converters.outputs import file_digest, file_digests
 from converters.safetensors_io import INDEX_NAME, SINGLE_NAME, SafetensorsFolder
 
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl")
@@ -76,8 +76,9 @@ def digest_of(files: dict[str, dict]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def tree_files(root: Path, exclude: Iterable[str] = ()) -> dict[str, dict]:
-    return {rel: {"size": p.stat().st_size, "sha256": file_digest(p)} for rel, p in iter_tree(root, exclude)}
+def tree_files(root: Path, exclude: Iterable[str] = (), digests: tuple[str, ...] = ("sha256",)) -> dict[str, dict]:
+    """{rel: {"size", and a hex digest per name in `digests`}} of every file under `root` (each read once)."""
+    return {rel: {"size": p.stat().st_size, **file_digests(p, digests)} for rel, p in iter_tree(root, exclude)}
 
 
 def load_json(path: Path) -> dict | None:

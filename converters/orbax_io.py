@@ -84,18 +84,16 @@ def _origin(index: Index, ndim: int) -> tuple[int, ...]:
 
 
 def _hash_piece(block: np.ndarray) -> tuple[np.ndarray, str]:
-    """The block in C order (copied only if it was a strided view) and the sha256 of its bytes as stored."""
-    import hashlib
-
-    from converters.outputs import array_bytes
+    """The block in C order (copied only if it was a strided view) and the digest of its bytes as stored."""
+    from converters.outputs import array_bytes, content_hasher
 
     block = np.ascontiguousarray(block)
-    return block, hashlib.sha256(array_bytes(block)).hexdigest()
+    return block, content_hasher(array_bytes(block)).hexdigest()
 
 
 _handler_installed = False
 # per write: worker count, progress counter, OCDBT process id of this writer (None: Orbax's own), and where the
-# chunk digests computed while writing go ({array name: {chunk origin: sha256}})
+# chunk digests computed while writing go ({array name: {chunk origin: blake3}})
 _settings: dict = {"workers": 2, "progress": None, "process_id": None, "digests": None, "txn_bytes": TXN_BYTES}
 
 
@@ -168,7 +166,7 @@ def _install_handler() -> None:
             chunk_sha = digests.setdefault(value.name, {}) if digests is not None else None
 
             def produce():
-                # the next piece, and its sha256, on a worker thread while the previous ones are written
+                # the next piece, and its digest, on a worker thread while the previous ones are written
                 got = next(it, sentinel)
                 if got is sentinel or chunk_sha is None:
                     return got
@@ -235,7 +233,7 @@ def write_checkpoint(
     `{"scan_layers": ...}`, as MaxText's `to_maxtext` does. Returns the items path.
 
     `process_id`: write the arrays into `ocdbt.process_<id>` as process `id` of a multi-process save does (a part of
-    a split conversion; `merge_parts` joins them). `digests`: filled with each LazyArray's chunk sha256s as written.
+    a split conversion; `merge_parts` joins them). `digests`: filled with each LazyArray's chunk digests as written.
     `txn_bytes`: data each worker buffers before committing it (memory is about workers x (this + 2 pieces): the
     open transaction, and the piece being produced with its source bytes; smaller means more OCDBT commits).
     """

@@ -259,11 +259,37 @@ def copy_hf_extras(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> list[str
     return copied
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
+# What the bytes ckptflow writes are hashed with: BLAKE3, cryptographic like sha256 but 2.5x faster here (4.3
+# against 1.7 GB/s on one core). Every output file's digest in the manifest and every tensor or chunk digest
+# under `output_digest` is one; a conversion hashes each byte it writes once, on threads that release the GIL.
+# sha256 stays where others fix the algorithm: hub LFS ids (download) and publish's staging records.
+CONTENT_HASH = "blake3"
+
+
+def content_hasher(data=b""):
+    """A new BLAKE3 hasher (`update`, `hexdigest`, like hashlib's), over `data` so far."""
+    from blake3 import blake3
+
+    return blake3(data)
+
+
+def file_digests(path: Path, names: tuple[str, ...] = ("sha256",)) -> dict[str, str]:
+    """{name: hex digest} of a file for each hash in `names` ("sha256", "blake3"), in one read."""
+    hs = {n: content_hasher() if n == CONTENT_HASH else hashlib.new(n) for n in names}
     for block in direct_io.read_blocks(path):
-        h.update(block)
-    return h.hexdigest()
+        for h in hs.values():
+            h.update(block)
+    return {n: h.hexdigest() for n, h in hs.items()}
+
+
+def file_digest(path: Path) -> str:
+    """A file's sha256."""
+    return file_digests(path)["sha256"]
+
+
+def file_blake3(path: Path) -> str:
+    """A file's BLAKE3 (`CONTENT_HASH`): what the manifest records of every output file."""
+    return file_digests(path, (CONTENT_HASH,))[CONTENT_HASH]
 
 
 class FileHasher:
@@ -273,15 +299,15 @@ class FileHasher:
     Once hashed, a file's pages are dropped from the page cache (`direct_io.evict`), which keeps the pages a
     conversion writes through few and reused.
 
-    A file is taken once it has not changed for `settle` seconds, and its sha256 is kept only if its size and
-    mtime are the same after hashing as before; `known()` then returns it only for files still of that inode,
-    size and mtime, under whatever name they have now (Orbax renames its temp folders at the end). Anything that
-    changed afterwards is simply hashed again by the manifest.
+    A file is taken once it has not changed for `settle` seconds, and its digest (`file_blake3`) is kept only if
+    its size and mtime are the same after hashing as before; `known()` then returns it only for files still of
+    that inode, size and mtime, under whatever name they have now (Orbax renames its temp folders at the end).
+    Anything that changed afterwards is simply hashed again by the manifest.
     """
 
     def __init__(self, root: Path, settle: float = 0.5, skip: tuple[str, ...] = ("manifest.ocdbt",)):
         self.root, self.settle, self.skip = Path(root), settle, skip
-        self._done: dict[tuple[int, int, int, int], str] = {}  # (dev, inode, size, mtime_ns) -> sha256
+        self._done: dict[tuple[int, int, int, int], str] = {}  # (dev, inode, size, mtime_ns) -> blake3
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, name="ckptflow-file-hash", daemon=True)
 
@@ -312,24 +338,36 @@ class FileHasher:
                         st = os.stat(path)
                         if self._key(st) in self._done or time.time() - st.st_mtime < self.settle:
                             continue
-                        sha = file_digest(Path(path))
+                        digest = file_blake3(Path(path))
                         if self._key(os.stat(path)) == self._key(st):
-                            self._done[self._key(st)] = sha
-                            direct_io.evict(path)  # written (tensorstore syncs each file) and hashed: free its pages
+                            self._done[self._key(st)] = digest
+                            _drop_pages(path)
                     except OSError:  # renamed or removed meanwhile: looked at again on the next pass, if still there
                         continue
 
     def known(self, folder: Path) -> dict[str, str]:
-        """{path relative to `folder`: sha256} of the files under `folder` hashed unchanged."""
+        """{path relative to `folder`: blake3} of the files under `folder` hashed unchanged."""
         out = {}
         for p in Path(folder).rglob("*"):
             try:
-                sha = self._done.get(self._key(p.stat())) if p.is_file() else None
+                digest = self._done.get(self._key(p.stat())) if p.is_file() else None
             except OSError:
-                sha = None
-            if sha:
-                out[p.relative_to(folder).as_posix()] = sha
+                digest = None
+            if digest:
+                out[p.relative_to(folder).as_posix()] = digest
         return out
+
+
+def _drop_pages(path: str) -> None:
+    """Free a finished file's pages from the page cache. Synced first: `POSIX_FADV_DONTNEED` leaves dirty pages
+    alone, and a file hashed before its writer's own fsync would otherwise stay cached for good (measured: the
+    cache then grew by the whole output, and tensorstore's writes into fresh pages ran at 0.4 against 1.0 GB/s)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        direct_io.evict(fd)
+    finally:
+        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------ lineage manifest
@@ -364,9 +402,10 @@ def describe_source(src: str | os.PathLike) -> dict:
 
 
 def chunked_digest(chunks: dict[tuple[int, ...], str]) -> str:
-    """An Orbax array's digest from the sha256 of each stored chunk (keyed by the chunk's origin): equal however the
-    chunks were written (one process, several parts, any order), and computable while they are written."""
-    h = hashlib.sha256(b"ckptflow-chunks-v1\n")
+    """An Orbax array's digest from the digest (`content_hasher`) of each stored chunk, keyed by the chunk's
+    origin: equal however the chunks were written (one process, several parts, any order), and computable while
+    they are written."""
+    h = hashlib.sha256(b"ckptflow-chunks-v2\n")
     for origin in sorted(chunks):
         h.update(f"{list(origin)}\0{chunks[origin]}\n".encode())
     return h.hexdigest()
@@ -384,7 +423,7 @@ def array_bytes(a) -> memoryview:
 def _tensor_sources(folder: Path):
     """(tensor name, shape fn, dtype fn, digest fn) of the checkpoint in `folder`, and the paths they cover.
 
-    An HF folder's tensors come from its safetensors files (digest: sha256 of the tensor's bytes); a MaxText
+    An HF folder's tensors come from its safetensors files (digest: BLAKE3 of the tensor's bytes); a MaxText
     folder's from its Orbax step folder (digest: `chunked_digest` over its stored chunks).
     """
     from converters.safetensors_io import SafetensorsFile
@@ -400,7 +439,7 @@ def _tensor_sources(folder: Path):
             info = tensors[name]
 
             def digest(info=info) -> str:
-                h = hashlib.sha256()
+                h = content_hasher()
                 with open(info.path, "rb") as f:
                     f.seek(info.start)
                     left = info.nbytes
@@ -427,12 +466,12 @@ def _tensor_sources(folder: Path):
             # re-read the whole array once per block.
             shape = reader.shape(key)
             if not shape or 0 in shape:
-                return chunked_digest({(0,) * len(shape): hashlib.sha256(array_bytes(reader.read(key))).hexdigest()})
+                return chunked_digest({(0,) * len(shape): content_hasher(array_bytes(reader.read(key))).hexdigest()})
             chunk = reader.chunk_shape(key)
             chunks = {}
             for origin in itertools.product(*[range(0, n, c) for n, c in zip(shape, chunk)]):
                 index = tuple(slice(o, min(n, o + c)) for o, n, c in zip(origin, shape, chunk))
-                chunks[origin] = hashlib.sha256(array_bytes(reader.read(key, index))).hexdigest()
+                chunks[origin] = content_hasher(array_bytes(reader.read(key, index))).hexdigest()
             return chunked_digest(chunks)
 
         # shape and dtype open the array: only asked for when the writer did not say (see `output_digest`)
@@ -441,15 +480,15 @@ def _tensor_sources(folder: Path):
     return items, set(), (step,) if step else ()
 
 
-def output_digest(folder: str | os.PathLike, file_sha256: dict[str, str] | None = None,
+def output_digest(folder: str | os.PathLike, file_digests: dict[str, str] | None = None,
                   tensors: dict[str, tuple[tuple[int, ...], str, str]] | None = None) -> str:
     """A digest of what a checkpoint holds, equal for equal content across runs (Orbax file bytes are not:
     OCDBT file names, timestamps). sha256 over every tensor's name, shape, dtype and digest (see
-    `_tensor_sources`) in name order, then over the path and sha256 of every other file (configs, tokenizer,
+    `_tensor_sources`) in name order, then over the path and BLAKE3 of every other file (configs, tokenizer,
     sidecars) except the manifest and the Orbax step folder (its `_CHECKPOINT_METADATA` holds a time stamp).
 
-    `tensors` ({name: (shape, dtype name, digest)}) / `file_sha256`: what the writer computed as it wrote
-    (those tensors and files are not read back, nor even opened).
+    `tensors` ({name: (shape, dtype name, digest)}) / `file_digests` ({path: blake3}): what the writer computed
+    as it wrote (those tensors and files are not read back, nor even opened).
     """
     folder = Path(folder).absolute()  # the Orbax step folder is recognised by absolute path
     items, covered, skip_dirs = _tensor_sources(folder)
@@ -464,7 +503,7 @@ def output_digest(folder: str | os.PathLike, file_sha256: dict[str, str] | None 
 
     with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:  # reads and hashing release the GIL
         lines = list(pool.map(line, items))
-    h = hashlib.sha256(b"ckptflow-output-digest-v3\n")
+    h = hashlib.sha256(b"ckptflow-output-digest-v4\n")
     for text in lines:
         h.update(text.encode())
     for p in sorted(folder.rglob("*")):
@@ -473,7 +512,7 @@ def output_digest(folder: str | os.PathLike, file_sha256: dict[str, str] | None 
             continue
         if any(rel == d or rel.startswith(d + "/") for d in skip_dirs):
             continue
-        digest = (file_sha256 or {}).get(rel) or file_digest(p)
+        digest = (file_digests or {}).get(rel) or file_blake3(p)
         h.update(f"file\0{rel}\0{digest}\n".encode())
     return "sha256:" + h.hexdigest()
 
@@ -481,8 +520,9 @@ def output_digest(folder: str | os.PathLike, file_sha256: dict[str, str] | None 
 def check_outputs(folder: str | os.PathLike, manifest: dict | None = None, files: dict[str, dict] | None = None) -> list[str]:
     """What no longer matches the manifest's `outputs` in `folder` (missing, extra, resized or changed files).
 
-    `files`: the folder's files already hashed ({rel: {"size", "sha256"}}, as `ckptflow publish` has them);
-    otherwise they are hashed here.
+    Each file is compared by the digest its entry has: `blake3`, or `sha256` in manifests written before BLAKE3.
+    `files`: the folder's files already hashed ({rel: {"size", and "blake3" and/or "sha256"}}, as `ckptflow
+    publish` has them); what they lack is hashed here.
     """
     folder = Path(folder)
     if manifest is None:
@@ -491,8 +531,7 @@ def check_outputs(folder: str | os.PathLike, manifest: dict | None = None, files
     if not isinstance(listed, dict) or not listed:
         return [f"{MANIFEST} lists no output files"]
     if files is None:
-        files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": None}
-                 for p in folder.rglob("*") if p.is_file()}
+        files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size} for p in folder.rglob("*") if p.is_file()}
     on_disk = {rel: f for rel, f in files.items() if rel != MANIFEST}
     problems = [f"{rel}: missing" for rel in sorted(set(listed) - set(on_disk))]
     problems += [f"{rel}: not in the manifest" for rel in sorted(set(on_disk) - set(listed))]
@@ -500,8 +539,10 @@ def check_outputs(folder: str | os.PathLike, manifest: dict | None = None, files
         want, have = listed[rel] or {}, on_disk[rel]
         if want.get("bytes") is not None and want["bytes"] != have["size"]:
             problems.append(f"{rel}: {have['size']} bytes, the manifest says {want['bytes']}")
-        elif want.get("sha256") and want["sha256"] != (have.get("sha256") or file_digest(folder / rel)):
-            problems.append(f"{rel}: sha256 differs from the manifest")
+            continue
+        algo = next((a for a in (CONTENT_HASH, "sha256") if want.get(a)), None)
+        if algo and want[algo] != (have.get(algo) or file_digests(folder / rel, (algo,))[algo]):
+            problems.append(f"{rel}: {algo} differs from the manifest")
     return problems
 
 
@@ -517,16 +558,16 @@ def record_verify(folder: str | os.PathLike, metrics: dict) -> dict:
 
 
 def write_manifest(folder: Path, *, direction: str, family: str, options: dict, source: dict, digest_files: bool = True,
-                   file_sha256: dict[str, str] | None = None, tensors: dict[str, tuple] | None = None,
+                   file_digests: dict[str, str] | None = None, tensors: dict[str, tuple] | None = None,
                    extra: dict | None = None) -> dict:
-    """`ckptflow-manifest.json`: what was converted, how, and a sha256 of every file written.
+    """`ckptflow-manifest.json`: what was converted, how, and the size and BLAKE3 of every file written.
 
     Also `output_digest` (see `output_digest`), the digest a re-run of the same conversion reproduces.
-    `file_sha256` / `tensors` ({name: (shape, dtype name, digest)}): what the writers computed as they wrote
-    (those files and tensors are not read back); `extra`: further top-level entries (e.g. the parts of a split
-    conversion).
+    `file_digests` ({path: blake3}) / `tensors` ({name: (shape, dtype name, digest)}): what the writers computed
+    as they wrote (those files and tensors are not read back); `extra`: further top-level entries (e.g. the
+    parts of a split conversion).
     """
-    known = file_sha256 or {}
+    known = file_digests or {}
     files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST]
     digests: list = [None] * len(files)
     content_digest = None
@@ -534,14 +575,14 @@ def write_manifest(folder: Path, *, direction: str, family: str, options: dict, 
         from concurrent.futures import ThreadPoolExecutor
 
         def digest(p: Path) -> str:
-            return known.get(p.relative_to(folder).as_posix()) or file_digest(p)
+            return known.get(p.relative_to(folder).as_posix()) or file_blake3(p)
 
         with ThreadPoolExecutor(max_workers=1 + min(3, os.cpu_count() or 1)) as pool:
             content = pool.submit(output_digest, folder, known, tensors)
             digests = list(pool.map(digest, files))
             content_digest = content.result()
     outputs = {
-        p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, **({"sha256": d} if d else {})} for p, d in zip(files, digests)
+        p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, **({CONTENT_HASH: d} if d else {})} for p, d in zip(files, digests)
     }
     manifest = {
         "ckptflow_version": __version__,

@@ -3,7 +3,7 @@
 Every part is given the same source and destination. Part I converts its share of the work into its own
 folder under a staging folder beside the destination, `.NAME.ckptflow-parts/part-0000I-of-0000N/`, made
 durable with the same atomic rename as any output, and records what it wrote in `part.json` (a fingerprint
-of the conversion, its files with sha256, the digests of the tensors or chunks it wrote). `finalize` checks
+of the conversion, its files with their BLAKE3, the digests of the tensors or chunks it wrote). `finalize` checks
 that every part of the same conversion is there and intact, assembles the destination from them (hard links,
 or moves where the file system has none; never a copy) and publishes it atomically; only then is the staging
 folder removed.
@@ -29,7 +29,7 @@ from converters.errors import CkptflowError
 
 PARTS_MARK = ".ckptflow-parts"
 MARKER = "part.json"
-FORMAT = "ckptflow-part-v1"
+FORMAT = "ckptflow-part-v2"  # v2: BLAKE3 file and chunk digests (v1 had sha256; the two never mix)
 _PART_DIR = re.compile(r"^part-(\d{5})-of-(\d{5})$")
 
 
@@ -105,19 +105,19 @@ class Part:
 
 
 def hash_files(root: Path, under: Path | None = None, known: dict[str, str] | None = None) -> dict[str, dict]:
-    """{path relative to `root`: {bytes, sha256}} for every file below `under` (default: `root`), on two threads;
-    `known`: sha256s already taken (see `outputs.FileHasher`), not read again."""
+    """{path relative to `root`: {bytes, blake3}} for every file below `under` (default: `root`), on two threads;
+    `known`: digests already taken (see `outputs.FileHasher`), not read again."""
     from concurrent.futures import ThreadPoolExecutor
 
     known = known or {}
     files = [p for p in sorted((under or root).rglob("*")) if p.is_file()]
 
     def digest(p: Path) -> str:
-        return known.get(p.relative_to(root).as_posix()) or outputs.file_digest(p)
+        return known.get(p.relative_to(root).as_posix()) or outputs.file_blake3(p)
 
     with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
         digests = list(pool.map(digest, files))
-    return {p.relative_to(root).as_posix(): {"bytes": p.stat().st_size, "sha256": d} for p, d in zip(files, digests)}
+    return {p.relative_to(root).as_posix(): {"bytes": p.stat().st_size, outputs.CONTENT_HASH: d} for p, d in zip(files, digests)}
 
 
 def begin(out: str | os.PathLike, i: int, n: int, fp: str) -> Path:
@@ -130,7 +130,7 @@ def begin(out: str | os.PathLike, i: int, n: int, fp: str) -> Path:
         if not m or not d.is_dir():
             continue
         marker = _read_marker(d)
-        if int(m.group(2)) != n or (marker is not None and marker.get("fingerprint") != fp):
+        if int(m.group(2)) != n or (marker is not None and (marker.get("format") != FORMAT or marker.get("fingerprint") != fp)):
             outputs._remove(d)
     return stage / part_name(i, n)
 
@@ -164,7 +164,7 @@ def _read_marker(d: Path) -> dict | None:
         m = json.loads((d / MARKER).read_text())
     except (OSError, ValueError):
         return None
-    return m if isinstance(m, dict) and m.get("format") == FORMAT else None
+    return m if isinstance(m, dict) else None
 
 
 def collect(out: str | os.PathLike, fp: str, direction: str) -> list[Part]:
@@ -190,6 +190,9 @@ def collect(out: str | os.PathLike, fp: str, direction: str) -> list[Part]:
         marker = _read_marker(dirs[i])
         if marker is None:
             raise PartsError(f"part {i}/{n}: {dirs[i] / MARKER} is missing or unreadable; re-run that part")
+        if marker.get("format") != FORMAT:
+            raise PartsError(f"part {i}/{n} was written by another ckptflow version ({marker.get('format')}, this one reads "
+                             f"{FORMAT}); re-run it")
         if marker.get("fingerprint") != fp or marker.get("direction") != direction or marker.get("part") != i or marker.get("parts") != n:
             raise PartsError(f"part {i}/{n} is stale: it was written for another source, revision or options than this "
                              f"finalize ({marker.get('fingerprint', '?')[:19]} != {fp[:19]}); re-run it")
@@ -255,7 +258,7 @@ def summary(parts: list[Part]) -> list[dict]:
 
 
 def part_digest(marker: dict) -> str:
-    """One digest of what a part wrote (its files' sha256s and tensor digests)."""
+    """One digest of what a part wrote (its files' and tensors' digests)."""
     blob = json.dumps({"files": marker.get("files"), "digests": marker.get("digests")}, sort_keys=True)
     return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
 

@@ -1,7 +1,7 @@
 """Publish a converted checkpoint folder to `file://`, `gs://bucket/prefix` or `hf://org/repo`.
 
 Before anything is written, every file of SRC is checked against its lineage manifest (`ckptflow-manifest.json`,
-`outputs`: size and sha256 of every file): a missing, extra or changed file refuses the publish. The content's
+`outputs`: size and BLAKE3 of every file): a missing, extra or changed file refuses the publish. The content's
 identity is the manifest's `output_digest` (tensor-level, equal across re-runs of the same conversion), else
 the digest of the folder's files.
 
@@ -26,6 +26,7 @@ from converters.download import copy_file, digest_of, iter_tree, tree_files
 from converters.errors import CkptflowError, OutputExistsError
 
 SUPPORTED_SCHEMES = ("file", "gs", "hf")
+_DIGESTS = ("sha256", outputs.CONTENT_HASH)
 HUB_KEEP = (".gitattributes",)
 
 
@@ -67,7 +68,8 @@ def verify_summary(report: dict) -> dict:
 
 
 def checked_source(src: Path, verify_report: str | os.PathLike | None = None) -> tuple[dict, dict[str, dict]]:
-    """(manifest, files) of SRC after checking every file against the manifest; files: {rel: {size, sha256}}."""
+    """(manifest, files) of SRC after checking every file against the manifest; files: {rel: {size, sha256, blake3}}
+    (sha256 for the destinations' records, BLAKE3 for the manifest's; one read of each file)."""
     if not src.is_dir():
         raise CkptflowError(f"{src}: no such folder to publish")
     manifest_path = src / outputs.MANIFEST
@@ -75,7 +77,7 @@ def checked_source(src: Path, verify_report: str | os.PathLike | None = None) ->
         raise CkptflowError(f"{src}: no {outputs.MANIFEST}; publish takes a folder written by `ckptflow convert`")
     report = outputs.read_json(Path(verify_report), "verify report") if verify_report else None
     manifest = outputs.read_json(manifest_path, "ckptflow manifest")
-    files = tree_files(src)
+    files = tree_files(src, digests=_DIGESTS)
     if not files:
         raise CkptflowError(f"{src}: empty folder, nothing to publish")
     listed = manifest.get("outputs")
@@ -88,7 +90,7 @@ def checked_source(src: Path, verify_report: str | os.PathLike | None = None) ->
                             "convert again instead of publishing a changed checkpoint")
     if report is not None:  # the manifest is not among its own outputs: recording changes no checked file
         manifest = outputs.record_verify(src, verify_summary(report))
-        files[outputs.MANIFEST] = {"size": manifest_path.stat().st_size, "sha256": outputs.file_digest(manifest_path)}
+        files[outputs.MANIFEST] = {"size": manifest_path.stat().st_size, **outputs.file_digests(manifest_path, _DIGESTS)}
     return manifest, files
 
 
@@ -106,7 +108,7 @@ def _publish_local(src: Path, dest: str, files: dict, digest: str, version: str,
         if out.exists():
             if not out.is_dir():
                 raise OutputExistsError(f"{dest}: exists and is not a folder")
-            existing_files = tree_files(out)
+            existing_files = tree_files(out, digests=_DIGESTS)
             existing = digest_of(existing_files)
             theirs = _local_version(out, existing_files)
             if existing == digest or theirs == version:
@@ -132,7 +134,7 @@ def _local_version(folder: Path, files: dict[str, dict]) -> str | None:
         return None
     listed = m.get("outputs") or {}
     intact = set(listed) == set(files) - {outputs.MANIFEST} and all(
-        (listed[r] or {}).get("sha256") in (None, files[r]["sha256"]) for r in listed
+        (listed[r] or {}).get(algo) in (None, files[r][algo]) for r in listed for algo in _DIGESTS
     )
     return m.get("output_digest") if intact else None
 
@@ -180,7 +182,7 @@ def model_card(manifest: dict, repo_id: str, version: str) -> str:
                 lines.append(f"| {k} | {v[k]} |")
     else:
         lines.append("No verification metrics were recorded with this checkpoint.")
-    lines += ["", "Every file's size and sha256 are in `ckptflow-manifest.json`.", ""]
+    lines += ["", "Every file's size and BLAKE3 digest are in `ckptflow-manifest.json`.", ""]
     return "\n".join(lines) + "\n"
 
 

@@ -7,7 +7,6 @@ lm_head) can be read without materialising the whole tensor. Nothing here can ex
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -23,6 +22,7 @@ import numpy as np
 
 from converters import direct_io
 from converters.errors import CkptflowError, CorruptFileError, MappingError
+from converters.outputs import content_hasher
 
 # safetensors dtype tag -> numpy dtype
 DTYPES: dict[str, np.dtype] = {
@@ -304,13 +304,13 @@ def will_need(info: TensorInfo, rows: slice | None = None) -> None:
 
 
 class _Hasher:
-    """sha256 of a file and of each of its tensors, computed as the blocks are written: the file's on one thread,
-    the tensors' on another (each is a pass over every byte, as much CPU as writing it; on their own threads
-    they overlap the writing and each other). Blocks queue up in order, at most `depth` per thread, so memory
+    """Digests (`outputs.content_hasher`) of a file and of each of its tensors, computed as the blocks are
+    written: the file's on one thread, the tensors' on another (each is a pass over every byte; on their own
+    threads they overlap the writing and each other). Blocks queue up in order, at most `depth` per thread, so memory
     stays bounded."""
 
     def __init__(self, header: bytes, depth: int = 1):
-        self.file = hashlib.sha256(header)
+        self.file = content_hasher(header)
         self.tensors: dict[str, str] = {}
         self._queues = [queue.Queue(maxsize=depth), queue.Queue(maxsize=depth)]
         self._error: BaseException | None = None
@@ -327,7 +327,7 @@ class _Hasher:
                 self._error = e
 
     def _hash_tensors(self, q: queue.Queue) -> None:
-        current = hashlib.sha256()
+        current = content_hasher()
         while (item := q.get()) is not None:
             name, raw, last = item
             try:
@@ -336,7 +336,7 @@ class _Hasher:
                 self._error = e
             if last:
                 self.tensors[name] = current.hexdigest()
-                current = hashlib.sha256()
+                current = content_hasher()
 
     def add(self, name: str, raw: memoryview, last: bool) -> None:
         for q in self._queues:
@@ -354,7 +354,7 @@ class _Hasher:
 class ShardWriter:
     """Writes one safetensors shard whose header is known up front; tensors arrive in order, possibly in row chunks.
 
-    The file's sha256 and each tensor's (what the manifest needs) are computed as the bytes are written."""
+    The file's digest and each tensor's (what the manifest needs) are computed as the bytes are written."""
 
     def __init__(self, path: Path, tensors: Sequence[PlannedTensor], metadata: dict[str, str] | None = None):
         self.path = path
@@ -411,13 +411,13 @@ class ShardWriter:
             self._hash.finish()
 
     @property
-    def sha256(self) -> str:
-        """The file's sha256 (complete once closed)."""
+    def digest(self) -> str:
+        """The file's BLAKE3 (complete once closed)."""
         return self._hash.file.hexdigest()
 
     @property
-    def tensor_sha256(self) -> dict[str, str]:
-        """Each tensor's sha256 (complete once closed)."""
+    def tensor_digests(self) -> dict[str, str]:
+        """Each tensor's BLAKE3 (complete once closed)."""
         return self._hash.tensors
 
 

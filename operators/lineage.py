@@ -70,7 +70,8 @@ def step_uris(step: str, uris: dict[str, str], parts: int = 1) -> tuple[list[str
 
 
 def output_digest(manifest: dict | None) -> str | None:
-    """One digest of a converted folder from its `ckptflow-manifest.json` (every output file's sha256)."""
+    """One digest of a converted folder from its `ckptflow-manifest.json`: its `output_digest` (every manifest
+    ckptflow writes has one), else, for older manifests, one over every output file's sha256."""
     if not manifest:
         return None
     if isinstance(manifest.get("output_digest"), str):

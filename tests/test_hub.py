@@ -229,7 +229,7 @@ def test_the_manifest_carries_the_source_lineage(converted):
     assert src["repo"] == "meta-llama/Tiny-3.1" and src["revision"] == sha and src["uri"] == "hf://meta-llama/Tiny-3.1"
     assert set(src["files"]) >= {"config.json", "model.safetensors"} and all(len(f["sha256"]) == 64 for f in src["files"].values())
     assert m["output_digest"].startswith("sha256:") and m["family"] == "llama3.1"
-    assert all(len(o["sha256"]) == 64 for o in m["outputs"].values())
+    assert all(len(o["blake3"]) == 64 for o in m["outputs"].values())
 
 
 def test_publish_to_the_hub_is_one_private_commit_with_a_model_card(hub, converted, tmp_path, monkeypatch):

@@ -68,7 +68,9 @@ def print_lineage(m: dict) -> None:
           f"created {m.get('created')}")
     print(f"  source: {origin}" + (f" ({hashed} files with sha256)" if hashed else ""))
     outs = m.get("outputs") or {}
-    print(f"  outputs: {len(outs)} files, {sum(o.get('bytes') or 0 for o in outs.values())} bytes, sha256 of each"
+    algo = next((a for a in ("blake3", "sha256") if outs and all(isinstance(o, dict) and o.get(a) for o in outs.values())), None)
+    print(f"  outputs: {len(outs)} files, {sum(o.get('bytes') or 0 for o in outs.values())} bytes"
+          + (f", {algo} of each" if algo else "")
           + (f"; output digest {m['output_digest']}" if m.get("output_digest") else ""))
     v = m.get("verify")
     if v:

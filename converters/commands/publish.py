@@ -1,6 +1,6 @@
 """`ckptflow publish SRC DEST [--force]`: publish a converted checkpoint to file://, gs:// or hf://, atomically.
 
-SRC must still match its lineage manifest (`ckptflow-manifest.json`: size and sha256 of every file); a changed,
+SRC must still match its lineage manifest (`ckptflow-manifest.json`: size and BLAKE3 of every file); a changed,
 missing or extra file refuses the publish. DEST:
 
   file:///abs/path       copied to a temporary sibling and renamed into place

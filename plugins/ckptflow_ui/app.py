@@ -7,7 +7,7 @@ Routes (relative to the mount point):
     GET /plot?dag_id=&run_id=   the run's per-token KL plot (verify/kl_per_token.png)
     GET /report?dag_id=&run_id= the run's verify report (verify.md, as text)
     GET /manifest?dag_id=&run_id= the checkpoint's lineage manifest (ckptflow-manifest.json: source, options, the
-                                sha256 of every file; the published copy, else the one in the work folder)
+                                BLAKE3 of every file; the published copy, else the one in the work folder)
     GET /lineage?dag_id=&run_id= the run's lineage as Airflow recorded it (JSON: params, each step's asset events
                                 with their extras, the steps' result files)
 

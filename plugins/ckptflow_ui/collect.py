@@ -521,7 +521,7 @@ def build_conversion(run: RunRecord, files: WorkFiles, now: datetime | None = No
 
 
 def manifest_locations(run: RunRecord, files: WorkFiles) -> list[str]:
-    """Where the conversion's lineage manifest (`ckptflow-manifest.json`: source, options and the sha256 of
+    """Where the conversion's lineage manifest (`ckptflow-manifest.json`: source, options and the BLAKE3 of
     every file written) can be read: the published copy first, then the converted folder in the work folder."""
     out = []
     published = next((e for e in run.events if e.task_id == "publish"), None)

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from converters.outputs import MANIFEST, file_digest
+from blake3 import blake3
+
+from converters.outputs import MANIFEST
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,13 +45,13 @@ def tree_bytes(root: Path) -> int:
 
 
 def check_complete(out: Path) -> dict:
-    """`out` is a finished ckptflow output: its manifest lists exactly the files present, every sha256 right."""
+    """`out` is a finished ckptflow output: its manifest lists exactly the files present, every digest right."""
     manifest = json.loads((out / MANIFEST).read_text())
     on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name != MANIFEST}
     assert on_disk == set(manifest["outputs"]), sorted(on_disk ^ set(manifest["outputs"]))[:5]
     for rel, meta in manifest["outputs"].items():
         assert (out / rel).stat().st_size == meta["bytes"], rel
-        assert file_digest(out / rel) == meta["sha256"], rel
+        assert blake3((out / rel).read_bytes()).hexdigest() == meta["blake3"], rel
     return manifest
 
 

@@ -11,7 +11,7 @@ machine's speed):
 
 After every kill the destination is absent, or is exactly the previous complete version; the command is run
 again (the next kill point interrupts that rerun, so leftovers of killed runs pile up) and a last rerun
-completes. Its result equals an uninterrupted run: the same tensors, and the same manifest sha256 for every
+completes. Its result equals an uninterrupted run: the same tensors, and the same manifest digest for every
 file whose bytes are deterministic (all of an HF output; for Orbax see `assert_same_maxtext`).
 """
 
@@ -125,7 +125,7 @@ def assert_same_maxtext(a: Path, b: Path) -> None:
 
 
 def assert_same_hf(a: Path, b: Path) -> None:
-    """An HF output is byte-deterministic: every manifest entry (size and sha256) is equal."""
+    """An HF output is byte-deterministic: every manifest entry (size and BLAKE3) is equal."""
     ma, mb = json.loads((a / MANIFEST).read_text()), json.loads((b / MANIFEST).read_text())
     for key in ("direction", "family", "options", "source", "outputs", "output_digest"):
         assert ma.get(key) == mb.get(key), key
