@@ -149,3 +149,39 @@ def test_tensorstore_holds_a_referenced_block_until_its_commit():
     assert sys.getrefcount(base) > alone  # still referenced by the open transaction
     txn.commit_sync()
     assert sys.getrefcount(base) == alone
+
+
+def test_one_transaction_at_a_time_commits_in_the_background():
+    """Workers hand full transactions to `_BackgroundCommit`: a second one starts only when the first is done,
+    whichever worker started it (that bound keeps the peak flat), and a failed commit reaches the worker waiting."""
+    import asyncio
+
+    from converters.orbax_io import _BackgroundCommit
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        log, futures = [], []
+
+        class Txn:
+            def __init__(self, name):
+                self.name = name
+
+            def commit_async(self):
+                log.append(f"start {self.name}")
+                futures.append(loop.create_future())
+                return futures[-1]
+
+        gate = _BackgroundCommit()
+        first = await gate.start(Txn("a"))
+        waiting = asyncio.ensure_future(gate.start(Txn("b")))
+        third = asyncio.ensure_future(gate.start(Txn("c")))
+        await asyncio.sleep(0.01)
+        assert log == ["start a"] and not waiting.done()
+        first.set_result(None)
+        await asyncio.sleep(0.01)
+        assert log == ["start a", "start b"] and waiting.done() and not third.done()
+        futures[1].set_exception(OSError("disk full"))
+        with pytest.raises(OSError, match="disk full"):
+            await third
+
+    asyncio.run(run())

@@ -81,8 +81,8 @@ def add_parser(sub):
     p.add_argument("--shard-size", type=_size, default="5GB", metavar="SIZE", help="--to hf: largest safetensors shard (default 5GB)")
     p.add_argument("--buffer-size", type=_size, metavar="SIZE",
                    help="--to maxtext: data each worker buffers before committing it to the checkpoint (default 64MB). "
-                        "Peak memory is about workers x (SIZE + 2 x the largest layer slice or tensor); smaller saves "
-                        "memory at the cost of more commits")
+                        "Peak memory is about (workers + 1) x SIZE + (2 x workers + 1) x the largest layer slice or "
+                        "tensor; smaller saves memory at the cost of more commits")
     p.add_argument("--workers", type=int, default=2, metavar="N", help="arrays converted concurrently (default 2; memory grows with it)")
     split = p.add_mutually_exclusive_group()
     split.add_argument("--part", metavar="I/N", type=_part,
