@@ -545,8 +545,9 @@ def maxtext_to_hf(
     names = shard_names(len(shards))
     source = {**outputs.describe_source(reader.root), "path": str(reader.items)}
 
-    def finish(tmp: Path, **digests) -> None:
-        """Index, config, generation defaults, tokenizer and manifest beside the written shards."""
+    def finish(tmp: Path, file_hashes: dict[str, str], tensor_hashes: dict[str, str], extra: dict | None = None) -> None:
+        """Index, config, generation defaults, tokenizer and manifest beside the written shards (the digests the
+        writers took: {shard name: blake3}, {tensor name: blake3})."""
         write_index(tmp, shards, names)
         if sidecar is not None:
             outputs.copy_hf_extras(sidecar, tmp, skip=("config.json",))
@@ -555,7 +556,9 @@ def maxtext_to_hf(
         if not (tmp / "generation_config.json").exists():
             gen = {k: export_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if export_cfg.get(k) is not None}
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        outputs.write_manifest(tmp, direction="maxtext->hf", family=family.name, options=options, source=source, **digests)
+        tensors = {t.name: (t.shape, t.dtype.name, tensor_hashes[t.name]) for t in planned if t.name in tensor_hashes}
+        outputs.write_manifest(tmp, direction="maxtext->hf", family=family.name, options=options, source=source,
+                               file_digests=file_hashes, tensors=tensors, extra=extra)
 
     fp = parts.fingerprint("maxtext->hf", family.name, options, reader.items, cfg) if part or finalize else None
     if finalize:
@@ -570,8 +573,7 @@ def maxtext_to_hf(
         with outputs.atomic_dir(out, overwrite) as tmp, parts.Assembly() as assembly:
             for p in found:
                 assembly.add_tree(p.dir / "shards", tmp)
-            finish(tmp, file_digests=file_hashes, tensors={t.name: (t.shape, t.dtype.name, tensor_hashes[t.name]) for t in planned if t.name in tensor_hashes},
-                   extra={"parts": parts.summary(found)})
+            finish(tmp, file_hashes, tensor_hashes, extra={"parts": parts.summary(found)})
         parts.remove_staging(out)
         return Result(Path(out), family.name, sum(t.nbytes for t in planned), len(planned))
 
@@ -624,5 +626,5 @@ def maxtext_to_hf(
 
     with outputs.atomic_dir(out, overwrite) as tmp:
         write_shards(tmp)
-        finish(tmp, file_digests=file_hashes, tensors={t.name: (t.shape, t.dtype.name, tensor_hashes[t.name]) for t in planned if t.name in tensor_hashes})
+        finish(tmp, file_hashes, tensor_hashes)
     return Result(Path(out), family.name, total, len(planned))
