@@ -10,6 +10,7 @@ import fcntl
 import hashlib
 import itertools
 import json
+import logging
 import os
 import shutil
 import sys
@@ -20,6 +21,8 @@ from typing import Iterator
 
 from converters import __version__, direct_io
 from converters.errors import CkptflowError, OutputExistsError
+
+log = logging.getLogger("ckptflow.outputs")
 
 MANIFEST = "ckptflow-manifest.json"
 DOWNLOAD_MANIFEST = "ckptflow-download.json"  # written by `ckptflow download` into the folder it stages
@@ -345,6 +348,10 @@ class FileHasher:
                             _drop_pages(path)
                     except OSError:  # renamed or removed meanwhile: looked at again on the next pass, if still there
                         continue
+                    except Exception as e:  # noqa: BLE001 - a bug here must not fail the conversion, nor pass unseen
+                        log.warning("background file hashing stopped (%s: %s); the manifest hashes the remaining files "
+                                    "itself, and written files stay in the page cache", type(e).__name__, e)
+                        return
 
     def known(self, folder: Path) -> dict[str, str]:
         """{path relative to `folder`: blake3} of the files under `folder` hashed unchanged."""

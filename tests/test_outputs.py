@@ -105,3 +105,17 @@ def test_check_outputs_still_reads_manifests_with_sha256(tmp_path):
     assert outputs.check_outputs(tmp_path, legacy) == []
     (tmp_path / "w").write_bytes(b"weightz")
     assert outputs.check_outputs(tmp_path, legacy) == ["w: sha256 differs from the manifest"]
+
+
+def test_a_failing_file_hasher_warns_and_the_manifest_hashes_instead(tmp_path, monkeypatch, caplog):
+    """An unexpected error in the background hasher (a stray thread exception would pass unseen) is logged once;
+    the conversion is unaffected: `known()` is empty and the manifest hashes the files itself."""
+    (tmp_path / "f.bin").write_bytes(b"x" * 5000)
+    monkeypatch.setattr(outputs, "file_blake3", lambda p: (_ for _ in ()).throw(TypeError("no buffer")))
+    with caplog.at_level("WARNING", logger="ckptflow.outputs"):
+        with outputs.FileHasher(tmp_path, settle=0.0) as hasher:
+            assert wait_for(lambda: not hasher._t.is_alive())
+    assert hasher.known(tmp_path) == {}
+    assert [r.getMessage() for r in caplog.records] == [
+        "background file hashing stopped (TypeError: no buffer); the manifest hashes the remaining files itself, and "
+        "written files stay in the page cache"]
