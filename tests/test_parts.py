@@ -430,6 +430,25 @@ def test_finalize_refuses_a_truncated_part_file(tiny_model, singles, tmp_path, c
     assert_refused(capsys, src, out, args, ["part 1/3", rel], [parts.part_name(i, 3) for i in range(3)])
 
 
+@pytest.mark.parametrize("to", list(DIRECTIONS))
+def test_finalize_refuses_a_part_written_by_another_version_and_a_new_part_run_replaces_it(tiny_model, singles, tmp_path,
+                                                                                          capsys, to):
+    """Part records changed format with the digests (v1: sha256, v2: BLAKE3; the two never mix in one digest): a v1
+    part is refused by name, and running that part again replaces it."""
+    src, args = DIRECTIONS[to](tiny_model, singles)
+    out = tmp_path / "out"
+    for i in range(3):
+        assert cli(capsys, "convert", src, out, *args, "--part", f"{i}/3", "-q") == (0, [])
+    record = parts.staging_dir(out) / parts.part_name(1, 3) / parts.MARKER
+    old = json.loads(record.read_text())
+    record.write_text(json.dumps({**old, "format": "ckptflow-part-v1"}))
+    assert_refused(capsys, src, out, args, ["part 1/3 was written by another ckptflow version", "re-run it"],
+                   [parts.part_name(i, 3) for i in range(3)])
+    assert cli(capsys, "convert", src, out, *args, "--part", "1/3", "-q") == (0, [])
+    assert cli(capsys, "convert", src, out, *args, "--finalize", "-q") == (0, [])
+    assert check_outputs(out) == [] and leftovers(out) == []
+
+
 def test_a_part_of_another_split_or_other_options_drops_the_old_parts(tiny_model, tmp_path, capsys):
     """Running part 0/2 after a 3-way split removes the 3-way parts (they can never be finalized with it); so does
     a part with other options; finalize then asks for the missing part of the new split."""
