@@ -447,16 +447,12 @@ def _tensor_sources(folder: Path):
             info = tensors[name]
 
             def digest(info=info) -> str:
-                h = content_hasher()
-                with open(info.path, "rb") as f:
-                    f.seek(info.start)
-                    left = info.nbytes
-                    while left:
-                        b = f.read(min(left, 64 << 20))
-                        if not b:
-                            raise CkptflowError(f"{info.path}: truncated while reading {info.name!r}")
-                        left -= len(b)
-                        h.update(b)
+                h, got = content_hasher(), 0
+                for block in direct_io.read_blocks(info.path, offset=info.start, nbytes=info.nbytes):
+                    h.update(block)
+                    got += len(block)
+                if got < info.nbytes:
+                    raise CkptflowError(f"{info.path}: truncated while reading {info.name!r}")
                 return h.hexdigest()
 
             items.append((name, lambda info=info: info.shape, lambda info=info: info.dtype, digest))

@@ -151,3 +151,16 @@ def test_a_failed_direct_write_is_raised_to_the_writer(tmp_path, small_stage, mo
         w.close()
     assert e.value.errno == errno.ENOSPC
     w.abort()  # after a failure: no hang, no second error
+
+
+@pytest.mark.parametrize("offset,nbytes", [(0, None), (0, 1 << 20), (12345, 2 << 20), (5, 3), ((3 << 20) + 12000, None)])
+def test_read_blocks_gives_the_range_asked_for_in_blocks_of_at_most_chunk(blob, offset, nbytes):
+    path, data = blob
+    blocks = [bytes(b) for b in direct_io.read_blocks(path, 64 << 10, offset, nbytes)]
+    want = data[offset:] if nbytes is None else data[offset : offset + nbytes]
+    assert b"".join(blocks) == want.tobytes() and all(len(b) <= 64 << 10 for b in blocks)
+
+
+def test_read_blocks_ends_where_the_file_does(blob):
+    path, data = blob
+    assert b"".join(bytes(b) for b in direct_io.read_blocks(path, 1 << 20, len(data) - 10, 1000)) == data[-10:].tobytes()
