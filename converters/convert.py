@@ -363,7 +363,7 @@ def hf_to_maxtext(
     with outputs.atomic_dir(out, overwrite) as tmp:
         with outputs.FileHasher(tmp) as hasher:  # OCDBT data files are hashed as soon as tensorstore finishes each
             write(tmp)
-        _finish_maxtext(tmp, src, cfg, hf_config, plan, folder, family, options, file_digests=hasher.known(tmp),
+        _finish_maxtext(tmp, src, cfg, hf_config, plan, folder, family, options, file_hashes=hasher.known(tmp),
                         tensors={k: (a.shape, np.dtype(a.dtype).name, outputs.chunked_digest(digests[k])) for k, a in flat.items()})
     return Result(Path(out), family.name, total, len(flat))
 
@@ -398,7 +398,7 @@ def _finalize_to_maxtext(src: Path, out, family, cfg: dict, hf_config, plan: lis
             if (p.dir / "ckpt" / "0" / "items" / sub).is_dir():
                 assembly.add_tree(p.dir / "ckpt" / "0" / "items" / sub, items / sub)
         merge_parts(items, use_zarr3=options["use_zarr3"])
-        _finish_maxtext(tmp, src, cfg, hf_config, plan, folder, family, options, file_digests=file_hashes,
+        _finish_maxtext(tmp, src, cfg, hf_config, plan, folder, family, options, file_hashes=file_hashes,
                         tensors={leaf.path: (leaf.shape, leaf.rule.out_dtype(_dtype(options["dtype"])).name,
                                              outputs.chunked_digest(chunks[leaf.path])) for leaf in plan},
                         extra={"parts": parts.summary(found)})
@@ -558,7 +558,7 @@ def maxtext_to_hf(
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         tensors = {t.name: (t.shape, t.dtype.name, tensor_hashes[t.name]) for t in planned if t.name in tensor_hashes}
         outputs.write_manifest(tmp, direction="maxtext->hf", family=family.name, options=options, source=source,
-                               file_digests=file_hashes, tensors=tensors, extra=extra)
+                               file_hashes=file_hashes, tensors=tensors, extra=extra)
 
     fp = parts.fingerprint("maxtext->hf", family.name, options, reader.items, cfg) if part or finalize else None
     if finalize:

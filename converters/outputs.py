@@ -484,14 +484,14 @@ def _tensor_sources(folder: Path):
     return items, set(), (step,) if step else ()
 
 
-def output_digest(folder: str | os.PathLike, file_digests: dict[str, str] | None = None,
+def output_digest(folder: str | os.PathLike, file_hashes: dict[str, str] | None = None,
                   tensors: dict[str, tuple[tuple[int, ...], str, str]] | None = None) -> str:
     """A digest of what a checkpoint holds, equal for equal content across runs (Orbax file bytes are not:
     OCDBT file names, timestamps). sha256 over every tensor's name, shape, dtype and digest (see
     `_tensor_sources`) in name order, then over the path and BLAKE3 of every other file (configs, tokenizer,
     sidecars) except the manifest and the Orbax step folder (its `_CHECKPOINT_METADATA` holds a time stamp).
 
-    `tensors` ({name: (shape, dtype name, digest)}) / `file_digests` ({path: blake3}): what the writer computed
+    `tensors` ({name: (shape, dtype name, digest)}) / `file_hashes` ({path: blake3}): what the writer computed
     as it wrote (those tensors and files are not read back, nor even opened).
     """
     folder = Path(folder).absolute()  # the Orbax step folder is recognised by absolute path
@@ -516,7 +516,7 @@ def output_digest(folder: str | os.PathLike, file_digests: dict[str, str] | None
             continue
         if any(rel == d or rel.startswith(d + "/") for d in skip_dirs):
             continue
-        digest = (file_digests or {}).get(rel) or file_blake3(p)
+        digest = (file_hashes or {}).get(rel) or file_blake3(p)
         h.update(f"file\0{rel}\0{digest}\n".encode())
     return "sha256:" + h.hexdigest()
 
@@ -562,16 +562,16 @@ def record_verify(folder: str | os.PathLike, metrics: dict) -> dict:
 
 
 def write_manifest(folder: Path, *, direction: str, family: str, options: dict, source: dict, digest_files: bool = True,
-                   file_digests: dict[str, str] | None = None, tensors: dict[str, tuple] | None = None,
+                   file_hashes: dict[str, str] | None = None, tensors: dict[str, tuple] | None = None,
                    extra: dict | None = None) -> dict:
     """`ckptflow-manifest.json`: what was converted, how, and the size and BLAKE3 of every file written.
 
     Also `output_digest` (see `output_digest`), the digest a re-run of the same conversion reproduces.
-    `file_digests` ({path: blake3}) / `tensors` ({name: (shape, dtype name, digest)}): what the writers computed
+    `file_hashes` ({path: blake3}) / `tensors` ({name: (shape, dtype name, digest)}): what the writers computed
     as they wrote (those files and tensors are not read back); `extra`: further top-level entries (e.g. the
     parts of a split conversion).
     """
-    known = file_digests or {}
+    known = file_hashes or {}
     files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST]
     digests: list = [None] * len(files)
     content_digest = None
