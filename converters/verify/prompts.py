@@ -1,10 +1,18 @@
 """Prompts fed to both sides of a verification run.
 
-The defaults are three short prompts and one long (~500 token) prompt. Short prompts alone cannot
-catch position-dependent bugs: the rotary embedding at position 0 is the identity and rotates only
-the fastest dimension pairs noticeably over the next few positions, so a checkpoint with a wrong
-RoPE layout still produces near-identical logits on a 4-token prompt. The long prompt is there to
-exercise every rotary frequency over hundreds of relative distances.
+The defaults are three short prompts and one long (~500 token) prompt.
+
+Why a long prompt: RoPE at position 0 is the identity and over the next few positions only the
+fastest dimension pairs rotate noticeably, so a checkpoint with a wrong RoPE layout (or another
+position-dependent mistake: RoPE scaling, sliding windows, masks) still gives near-identical logits
+on a 4-token prompt. A long prompt exercises every rotary frequency over hundreds of distances.
+
+Why not a repeated passage: a trained model copies what it has already seen, so after the first copy
+its predictions are near-certain whatever the attention does and the KL flattens for the rest of the
+prompt. The long prompt is one stretch of original, non-repeating text mixing genres, languages,
+scripts and code, which exercise different parts of the vocabulary and of attention (local syntax,
+long-range references, indentation). It ends with a question about its first paragraph and the start
+of the answer, so the last next-token distribution is confident and needs attention ~500 tokens back.
 
 With a tokenizer the prompt texts are tokenized with the tokenizer's default special tokens (BOS
 where the tokenizer adds one). Without a tokenizer (the tiny test models) each default prompt is
@@ -23,21 +31,50 @@ from converters.errors import CkptflowError
 
 SHORT_PROMPTS: tuple[str, ...] = ("I love to", "Today is a", "What is the")
 
-# An original passage (not taken from any other project). It is repeated so that, on a trained
-# model, the later copies are predictable from the earlier ones: logits become confident and any
-# error in how far-apart positions attend to each other shows up as a large KL.
-_LONG_PASSAGE = (
-    "On the northern coast of Brittany the tide can rise by more than twelve metres in six hours. "
-    "Fishermen in the small harbour of Paimpol learned to read the water long before tide tables "
-    "were printed: they watched the seaweed on the granite steps, the colour of the sand bars and "
-    "the flight of the gulls over the estuary. A boat that left too late would sit on the mud "
-    "until evening. "
+# The long prompt's sections, joined by blank lines. Original text written for this project; every
+# sentence occurs once (tests/verify/test_prompts.py checks this). ~1950 characters: ~515 tokens
+# with the Llama 3 and Qwen tokenizers.
+_LONG_SECTIONS: tuple[str, ...] = (
+    # English narrative: the question at the end refers back to it.
+    "The night ferry to Stromness was forty minutes late when Maren found a seat by the window. "
+    "Rain streaked the glass, and below deck a radio played an old fiddle tune. She unfolded the "
+    "letter from her grandmother once more and tried to picture a woman she had met only twice.",
+    # Technical / scientific explanation.
+    "A lithium-ion cell stores energy by moving lithium ions between two electrodes. While it "
+    "charges, ions leave the cathode, cross the electrolyte and settle between the graphite layers "
+    "of the anode. Capacity fades because a thin film, the solid electrolyte interphase, keeps "
+    "growing on the anode and traps a little lithium in every cycle.",
+    # French, German, Spanish: unrelated topics, not translations of each other.
+    "Le marché de la Croix-Rousse ouvre dès six heures le samedi. Un fromager y découpe du comté "
+    "pour les premiers clients, et à midi il ne reste presque plus de pain aux noix.",
+    "Im Herbst wandern viele Familien über die Höhenwege des Schwarzwalds. Wer früh aufbricht, "
+    "sieht den Nebel in den Tälern liegen und erreicht die Hütte, bevor die Küche öffnet.",
+    "En el desierto de Atacama el cielo está despejado casi todo el año, por eso los astrónomos "
+    "construyeron allí telescopios enormes. ¿Quién no querría ver la Vía Láctea desde allí?",
+    # Non-Latin scripts: Chinese, Japanese, Russian.
+    "秋天的杭州很美，西湖边的桂花开了。\n"
+    "駅前の小さな本屋は、毎朝八時に店を開けます。\n"
+    "Зимой в Новосибирске мороз иногда бывает сильнее тридцати градусов.",
+    # Code: indentation, identifiers, operators, a docstring and a comment.
+    "def moving_average(values, window=3):\n"
+    '    """Return the mean of every run of `window` consecutive values."""\n'
+    "    # Keep a running sum instead of re-adding the whole window each step.\n"
+    "    total = sum(values[:window])\n"
+    "    out = [total / window]\n"
+    "    for i in range(window, len(values)):\n"
+    "        total += values[i] - values[i - window]\n"
+    "        out.append(total / window)\n"
+    "    return out",
+    # Dialogue with numbers, prices and dates.
+    "Customer: Do you still have the green bicycle from the window?\n"
+    "Clerk: We sold it on Tuesday, but a similar one arrives on 9 May.\n"
+    "Customer: How much is it?\n"
+    "Clerk: 349 euros, lock included.",
+    # Question about the first section, then the start of the answer.
+    "Question: In the story at the beginning, what did Maren read again on the ferry?\n"
+    "Answer: She read the letter from her",
 )
-_LONG_QUESTION = (
-    "\n\nAccording to the passage above, before printed tide tables existed the fishermen of "
-    "Paimpol decided when to sail by"
-)
-LONG_PROMPT_REPEATS = 5
+_LONG_PROMPT = "\n\n".join(_LONG_SECTIONS)
 
 # Token counts used for seeded id sequences when no tokenizer is available. They match what a
 # typical BPE tokenizer produces for the default prompts (3 words + BOS; ~500 for the long one).
@@ -45,9 +82,9 @@ SHORT_PROMPT_LENGTH = 4
 LONG_PROMPT_LENGTH = 500
 
 
-def build_long_prompt(repeats: int = LONG_PROMPT_REPEATS) -> str:
-    """The default long prompt: the passage repeated `repeats` times, then a question about it."""
-    return _LONG_PASSAGE * repeats + _LONG_QUESTION
+def build_long_prompt() -> str:
+    """The default long prompt: varied, non-repeating text ending with a question and an answer cue."""
+    return _LONG_PROMPT
 
 
 def default_prompt_texts() -> list[str]:
