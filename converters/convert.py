@@ -190,13 +190,18 @@ def _share(work: list[list[_Unit]], part: tuple[int, int] | None) -> list[list[b
     return mine
 
 
-def _with_aliases(family: type[Family], folder: SafetensorsFolder) -> SafetensorsFolder:
+def with_aliases(family: type[Family], folder: SafetensorsFolder) -> SafetensorsFolder:
     """Tensors some writers name differently, renamed to the names the rules use (`Family.hf_aliases`)."""
     for want, alt in family.hf_aliases:
         names = folder.tensors
         if not any(n.startswith(want) for n in names) and any(n.startswith(alt) for n in names):
             folder.tensors = {(want + n[len(alt):] if n.startswith(alt) else n): info for n, info in names.items()}
     return folder
+
+
+def hf_source(src: Path, family: type[Family], cfg: dict):
+    """An HF folder's tensors as the rules name them: aliases resolved, quantized sources decoded while read."""
+    return quant.decoded_source(with_aliases(family, SafetensorsFolder(src)), cfg)
 
 
 def _dropped_rows(plan: list[Leaf]) -> list[tuple[Leaf, str, int]]:
@@ -216,7 +221,7 @@ def _save_dropped_rows(plan: list[Leaf], src: SafetensorsFolder, root: Path) -> 
         save_file(root / DROPPED_ROWS, dropped)
 
 
-def _load_dropped_rows(plan: list[Leaf], root: Path) -> dict[str, np.ndarray]:
+def load_dropped_rows(plan: list[Leaf], root: Path) -> dict[str, np.ndarray]:
     """The rows `_save_dropped_rows` kept, per HF name; a tensor without them gets zero rows (with a warning)."""
     wanted = _dropped_rows(plan)
     if not wanted:
@@ -312,7 +317,7 @@ def hf_to_maxtext(
     cfg = load_hf_config(src, hf_config, model)
     family = registry.family_for_config(cfg)
     plan = family.plan(cfg, scan, ("mtp",) if with_mtp else ())
-    folder = quant.decoded_source(_with_aliases(family, SafetensorsFolder(src)), cfg)  # quantized sources decode while read
+    folder = hf_source(src, family, cfg)  # quantized sources decode while read
     validate_hf_source(family, cfg, plan, folder)
     options = {"scan_layers": scan, "dtype": dtype, "use_ocdbt": use_ocdbt, "use_zarr3": use_zarr3, "compress": compress,
                **({"with_mtp": True} if with_mtp else {})}
@@ -450,7 +455,7 @@ def choose_plan(family: type[Family], cfg: dict, stored: dict[str, tuple[int, ..
     return scan, plan
 
 
-def _export_tensors(plan: list[Leaf]) -> list[tuple[Leaf, str, list[Piece] | None]]:
+def export_tensors(plan: list[Leaf]) -> list[tuple[Leaf, str, list[Piece] | None]]:
     """(leaf, HF name, its pieces or None when row-streamed) for every HF tensor of the model, each once."""
     out: list = []
     for leaf in plan:
@@ -467,7 +472,7 @@ def _hf_jobs(leaf: Leaf, pieces: list[Piece] | None, dtype: np.dtype, dropped: d
     """The blocks (whole tensor, expert rows, or row chunks) of one HF tensor, each as the MaxText reads it needs
     ([(array path, index)]) and the function that makes the block from what they return.
 
-    `dropped`: HF rows past the MaxText array's end (see `_load_dropped_rows`), appended unchanged; zeros if absent.
+    `dropped`: HF rows past the MaxText array's end (see `load_dropped_rows`), appended unchanged; zeros if absent.
     """
     r = leaf.rule
     if pieces is not None:
@@ -539,7 +544,7 @@ def maxtext_to_hf(
     scan, plan = choose_plan(family, cfg, {k: reader.shape(k) for k in reader.arrays})
     options = {"scan_layers": scan, "dtype": dtype, "shard_bytes": shard_bytes}
 
-    tensors = _export_tensors(plan)
+    tensors = export_tensors(plan)
     planned = [PlannedTensor(name, leaf.hf_shape, leaf.rule.out_dtype(out_dtype)) for leaf, name, _ in tensors]
     shards = plan_shards(planned, shard_bytes)
     names = shard_names(len(shards))
@@ -587,7 +592,7 @@ def maxtext_to_hf(
     bar = progress(total, len(wanted)) if progress else None
 
     # blocks are read (one ahead) and transformed on a background thread while the previous one is written
-    dropped = _load_dropped_rows(plan, reader.root)
+    dropped = load_dropped_rows(plan, reader.root)
     jobs = ((name, reads, make) for leaf, name, pieces in todo for reads, make in _hf_jobs(leaf, pieces, leaf.rule.out_dtype(out_dtype), dropped))
     blocks = prefetch(_read_ahead(jobs, reader), depth=1)
     file_hashes: dict[str, str] = {}

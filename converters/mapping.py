@@ -42,6 +42,12 @@ class Rule:
 
     `dtype`: a tensor the model keeps in this dtype whatever `--dtype` says (DeepSeek-V3's float32
     `e_score_correction_bias`): stored so in the MaxText checkpoint and written so on export.
+
+    `runtime_chain`: where MaxText's computation differs from HF's float32 computation by more than the stored
+    values say, the chain that maps HF values to what MaxText computes with (Gemma3's embedding: the table holds
+    x * bf16(sqrt(hidden)), HF multiplies by the exact sqrt(hidden) in float32). Verification inverts it to give
+    the HF model weights that make it compute what MaxText computes from the checkpoint (its layout check); the
+    conversion itself uses `chain`.
     """
 
     hf: str
@@ -53,6 +59,7 @@ class Rule:
     experts: int = 0
     split: Split | None = None
     dtype: str | None = None
+    runtime_chain: tuple[Transform, ...] | None = None
 
     def out_dtype(self, default: np.dtype) -> np.dtype:
         return np.dtype(self.dtype) if self.dtype else default
@@ -66,9 +73,11 @@ class Rule:
             x = self.split.take(x, part)
         return run_chain(self.chain, x, dtype)
 
-    def to_hf(self, parts: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
-        """The HF tensor (or one expert row of it) from the matching slice of each MaxText array."""
-        xs = [run_chain(self.chain, p, dtype, inverse=True) for p in parts]
+    def to_hf(self, parts: list[np.ndarray], dtype: np.dtype, runtime: bool = False) -> np.ndarray:
+        """The HF tensor (or one expert row of it) from the matching slice of each MaxText array (`runtime`: through
+        `runtime_chain` where the rule has one)."""
+        chain = self.runtime_chain if runtime and self.runtime_chain is not None else self.chain
+        xs = [run_chain(chain, p, dtype, inverse=True) for p in parts]
         return xs[0] if self.split is None else self.split.join(xs)
 
 

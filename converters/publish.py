@@ -53,11 +53,15 @@ def destination_path(dest: str) -> Path:
     return Path(rest)
 
 
+# The verdict (each part's pass/fail), the precision numbers and the layout check's KL of a verify report
+VERIFY_KEYS = ("passed", "content_passed", "layout_passed", "precision_passed", "kl_max", "kl_mean", "layout_kl_max",
+               "max_abs_logit_diff", "top10_overlap_min", "top10_jaccard_mean", "num_tokens")
+
+
 def verify_summary(report: dict) -> dict:
     """The metrics of a `ckptflow verify` report worth keeping with the checkpoint."""
     s = report.get("summary") or {}
-    keys = ("passed", "kl_max", "kl_mean", "max_abs_logit_diff", "top10_overlap_min", "top10_jaccard_mean", "num_tokens")
-    out = {k: s[k] for k in keys if k in s}
+    out = {k: s[k] for k in VERIFY_KEYS if k in s}
     out["max_kl_threshold"] = s.get("max_kl_threshold", report.get("max_kl"))
     if report.get("dtype"):
         out["dtype"] = report["dtype"]
@@ -177,7 +181,8 @@ def model_card(manifest: dict, repo_id: str, version: str) -> str:
         verdict = "passed" if v.get("passed") else "FAILED"
         lines += [f"Logits compared with the source model ({v.get('num_tokens', '?')} tokens, {v.get('dtype', '?')}): **{verdict}**.", "",
                   "| metric | value |", "|---|---|"]
-        for k in ("kl_max", "kl_mean", "max_kl_threshold", "max_abs_logit_diff", "top10_overlap_min", "top10_jaccard_mean"):
+        for k in ("content_passed", "layout_passed", "layout_kl_max", "kl_max", "kl_mean", "max_kl_threshold", "max_abs_logit_diff",
+                  "top10_overlap_min", "top10_jaccard_mean"):
             if k in v:
                 lines.append(f"| {k} | {v[k]} |")
     else:

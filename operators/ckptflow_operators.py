@@ -413,8 +413,8 @@ def part_indices(params: dict | None = None) -> list[int]:
 
 
 class VerifyOperator(CkptflowStepOperator):
-    """Compare HF and MaxText logits (`ckptflow verify`); a KL above `max_kl` fails the run without retries,
-    so the publish step never runs for an unverified checkpoint."""
+    """Prove the conversion (`ckptflow verify`: content, layout, precision); a failed verdict fails the run without
+    retries, so the publish step never runs for an unverified checkpoint."""
 
     step = "verify"
 
@@ -429,10 +429,8 @@ class VerifyOperator(CkptflowStepOperator):
     def on_command_failure(self, plan: StepPlan, exit_code: int, message: str) -> None:
         metrics = self._verdict(plan)
         if metrics and metrics.get("passed") is False:
-            raise AirflowFailException(
-                f"verification failed: max per-token KL {metrics.get('kl_max')} exceeds {metrics.get('max_kl_threshold')} "
-                f"(report: {plan.layout.verify_dir}); the checkpoint is not published"
-            )
+            raise AirflowFailException(f"verification failed: {_why_failed(metrics)} (report: {plan.layout.verify_dir}); "
+                                       "the checkpoint is not published")
         super().on_command_failure(plan, exit_code, message)
 
     def after_run(self, plan: StepPlan, results: dict[str, dict | None]) -> None:
@@ -443,6 +441,18 @@ class VerifyOperator(CkptflowStepOperator):
             return  # a pod's report on a PVC is out of the worker's reach; the exit status decided
         if metrics.get("passed") is not True:
             raise AirflowFailException(f"verify exited 0 but its report does not say passed: {metrics}")
+
+
+def _why_failed(metrics: dict) -> str:
+    """Which part of verify's verdict failed, in words."""
+    why = []
+    if metrics.get("content_passed") is False:
+        why.append("the checkpoint does not hold the source's weights (content)")
+    if metrics.get("layout_passed") is False:
+        why.append(f"MaxText does not compute the source model from it (layout: max KL {metrics.get('layout_kl_max')})")
+    if metrics.get("precision_passed") is False or not why:
+        why.append(f"max per-token KL {metrics.get('kl_max')} exceeds {metrics.get('max_kl_threshold')} (precision)")
+    return "; ".join(why)
 
 
 class PublishOperator(CkptflowStepOperator):

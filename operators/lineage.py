@@ -83,14 +83,10 @@ def output_digest(manifest: dict | None) -> str | None:
 
 
 def verify_metrics(report: dict | None) -> dict[str, Any] | None:
-    if not report:
-        return None
-    s = report.get("summary") or {}
-    keys = ("passed", "kl_max", "kl_mean", "max_abs_logit_diff", "top10_overlap_min", "top10_jaccard_mean", "num_tokens")
-    out = {k: s[k] for k in keys if k in s}
-    out["max_kl_threshold"] = s.get("max_kl_threshold", report.get("max_kl"))
-    out["dtype"] = report.get("dtype")
-    return out
+    """A verify report's verdict and metrics (`converters.publish.verify_summary`), None without a report."""
+    from converters.publish import verify_summary
+
+    return verify_summary(report) if report else None
 
 
 def extras(step: str, spec: RunSpec, results: dict[str, dict | None]) -> dict[str, Any]:

@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     for ti in tis:
         note = ""
         if ti.task_id == "verify" and verdict:
-            note = f"  max per-token KL {verdict['kl_max']:.2e} (threshold {verdict['max_kl_threshold']:g})"
+            parts = ", ".join(f"{k} {'ok' if verdict.get(f'{k}_passed') else 'FAILED'}" for k in ("content", "layout"))
+            note = f"  {parts}, precision: max per-token KL {verdict['kl_max']:.2e} (threshold {verdict['max_kl_threshold']:g})"
         part = f"[{ti.map_index}]" if ti.map_index >= 0 else ""
         print(f"  {ti.task_id + part:<20} {ti.state} (try {ti.try_number}){note}")
     print()

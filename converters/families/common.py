@@ -10,8 +10,9 @@ from converters.transforms import Kernel, Permute, Reshape, RopeInterleave, Scal
 L = "model.layers.{i}."
 
 
-def embedding(d: Dims, hf: str = "model.embed_tokens.weight", mt_vocab: int | None = None, chain=()) -> Rule:
-    return Rule(hf, "token_embedder/embedding", (d.vocab, d.emb), (mt_vocab or d.vocab, d.emb), tuple(chain), row_axis=0)
+def embedding(d: Dims, hf: str = "model.embed_tokens.weight", mt_vocab: int | None = None, chain=(), runtime_chain=None) -> Rule:
+    return Rule(hf, "token_embedder/embedding", (d.vocab, d.emb), (mt_vocab or d.vocab, d.emb), tuple(chain), row_axis=0,
+                runtime_chain=runtime_chain)
 
 
 def lm_head(d: Dims, mt_vocab: int | None = None) -> Rule:

@@ -297,7 +297,9 @@ class Gemma3(_Gemma):
         p = d.extra["prefix"]
         scale = bf16(math.sqrt(d.emb))  # what MaxText's converter bakes in, and HF's bf16 forward multiplies by
         rules = [
-            common.embedding(d, hf=p + "embed_tokens.weight", mt_vocab=d.extra["mt_vocab"], chain=(Scale(scale),)),
+            # HF's float32 forward multiplies by the exact sqrt(hidden): that is what MaxText's table means to it
+            common.embedding(d, hf=p + "embed_tokens.weight", mt_vocab=d.extra["mt_vocab"], chain=(Scale(scale),),
+                             runtime_chain=(Scale(math.sqrt(d.emb)),)),
             common.vector(p + "norm.weight", "decoder/decoder_norm/scale", d.emb, NORM),
         ]
         v = d.extra["vision"]

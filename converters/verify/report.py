@@ -31,6 +31,35 @@ def write_json(result: dict, out_dir: Path) -> Path:
     return p
 
 
+def _verdict_lines(result: dict) -> list[str]:
+    v = result["verdict"]
+    out = ["## Verdict", "", "| part | question | result | measure |", "|---|---|---|---|"]
+
+    def status(part: dict) -> str:
+        return "not run" if not part["ran"] else ("pass" if part["passed"] else "**FAIL**")
+
+    c, lay, pre = v["content"], v["layout"], v["precision"]
+    measure = (f"{c['bit_exact']} of {c['tensors']} tensors bit-exact, {c['within_bound']} within the format's bound, "
+               f"{c['failed']} outside" if c["ran"] else c.get("why", ""))
+    out.append(f"| content | does the checkpoint hold this source's weights? | {status(c)} | {measure} |")
+    measure = f"max KL {_fmt(lay['kl_max'])} (threshold {lay['max_kl']:g}, float32)" if lay["ran"] else lay.get("why", "")
+    out.append(f"| layout | does MaxText compute the source model from it? | {status(lay)} | {measure} |")
+    out.append(f"| precision | what do the dtype and the format cost? | {status(pre)} | max KL {_fmt(pre['kl_max'])} "
+               f"(threshold {pre['max_kl']:g}, {result['dtype']}) |")
+    out.append("")
+    if c["ran"] and c["failures"]:
+        out += ["### Tensors that differ from the source", "", "| tensor | elements outside the bound | max abs error | example |",
+                "|---|---:|---:|---|"]
+        for f in c["failures"]:
+            out.append(f"| `{f['tensor']}` | {f['elements_outside_bound']} | {f['max_abs_error']:.3g} | {_cell(json.dumps(f['example']))} |")
+        if c["failed"] > len(c["failures"]):
+            out.append(f"| ... {c['failed'] - len(c['failures'])} more | | | |")
+        out.append("")
+    if pre["explanation"]:
+        out += ["### Where the precision goes", ""] + [f"- {line}" for line in pre["explanation"]] + [""]
+    return out
+
+
 def render_markdown(result: dict) -> str:
     s = result["summary"]
     ref_name = "HF" if result["reference"]["kind"] == "hf" else "Golden"
@@ -39,20 +68,26 @@ def render_markdown(result: dict) -> str:
         f"# ckptflow verify: {status}",
         "",
         f"- MaxText checkpoint: `{result['maxtext']['path']}` ({result['maxtext']['layout']}, "
-        f"model_type `{result['maxtext']['model_type']}`)",
+        f"model_type `{result['maxtext']['model_type']}`, stored as {result['maxtext'].get('dtype', '?')})",
         f"- Reference: {ref_name} `{result['reference']['path']}`",
-        f"- dtype: {result['dtype']}; threshold: max per-token KL <= {s['max_kl_threshold']}",
-        f"- Overall: mean KL {_fmt(s['kl_mean'])}, max KL {_fmt(s['kl_max'])} (prompt `{s['kl_max_prompt']}`), "
-        f"max |Δlogit| {_fmt(s['max_abs_logit_diff'])}, {s['num_tokens']} tokens in {s['num_prompts']} prompts",
+        f"- dtype: {result['dtype']}; {s['num_tokens']} tokens in {s['num_prompts']} prompts",
         "",
     ]
     for w in result.get("warnings", []):
         lines.append(f"> warning: {w}")
     if result.get("warnings"):
         lines.append("")
+    lines += _verdict_lines(result)
+
+    lines += ["## Comparisons", "", "| comparison | what | max KL | mean KL | max abs logit diff | top-1 agreement |", "|---|---|---:|---:|---:|---:|"]
+    for name, c in result["comparisons"].items():
+        cs = c["summary"]
+        lines.append(f"| {name} | {c['description']} | {_fmt(cs['kl_max'])} | {_fmt(cs['kl_mean'])} | {_fmt(cs['max_abs_logit_diff'])} "
+                     f"| {100 * cs['top1_agreement']:.1f}% |")
+    lines.append("")
 
     lines += [
-        "## Metrics",
+        f"## Precision per prompt ({result['comparisons']['precision']['description']})",
         "",
         "| prompt | tokens | mean KL | max KL (position) | max abs logit diff | top-10 overlap | Jaccard | rank agreement | result |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
@@ -78,6 +113,10 @@ def render_markdown(result: dict) -> str:
                 f"| {b['id']} | {_cell(b.get('token'))} | {b['logit']:.4f} |"
             )
         lines.append("")
+    timing = result.get("timing") or {}
+    if timing:
+        lines += ["## Where the time went (wall seconds)", "", "| activity | s |", "|---|---:|"]
+        lines += [f"| {k} | {v} |" for k, v in timing.items()] + [""]
     return "\n".join(lines)
 
 
@@ -100,7 +139,11 @@ def write_plot(result: dict, out_dir: Path) -> Path:
         style = {"marker": "o", "markersize": 4} if len(kl) <= 16 else {"linewidth": 1}
         text = f" {p['text'][:24]!r}" if p.get("text") else ""
         ax.plot(range(len(kl)), kl, label=f"{p['name']}{text} ({len(kl)} tokens)", **style)
-    ax.axhline(threshold, color="red", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
+    ax.axhline(threshold, color="red", linestyle="--", linewidth=1, label=f"precision threshold {threshold:g}")
+    layout = result.get("verdict", {}).get("layout", {})
+    if layout.get("ran"):
+        ax.axhline(layout["max_kl"], color="purple", linestyle=":", linewidth=1,
+                   label=f"layout: max KL {layout['kl_max']:.2g} (threshold {layout['max_kl']:g})")
     ax.set_yscale("log")
     ax.set_xlabel("position")
     ax.set_ylabel(f"KL(P_ref || Q_maxtext)  (floor {KL_FLOOR:g})")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from converters import registry
-from converters.convert import _export_tensors, hf_to_maxtext, maxtext_to_hf
+from converters.convert import export_tensors, hf_to_maxtext, maxtext_to_hf
 from converters.errors import UnsupportedModelError
 from converters.families.gpt_oss import GptOss
 from converters.mapping import Rule
@@ -94,7 +94,7 @@ def test_round_trips_are_bit_exact(hf_model, tmp_path, scan, dtype):
 def test_fused_experts_are_read_and_written_one_expert_at_a_time():
     cfg = tiny_config(FAMILY, layers=LAYERS)
     plan = GptOss.plan(cfg, scan=True)
-    exported = {name: pieces for leaf, name, pieces in _export_tensors(plan)}
+    exported = {name: pieces for leaf, name, pieces in export_tensors(plan)}
     # gate_up_proj fills wi_0 and wi_1 and is written once, row (expert) by row, from both
     rows = exported["model.layers.2.mlp.experts.gate_up_proj"]
     assert [(p.row, p.index) for p in rows] == [(e, (e, 1)) for e in range(EXPERTS)]

@@ -186,7 +186,7 @@ def test_pickles_and_python_files_are_never_taken(tmp_path):
 
 def test_remote_code_in_a_model_folder_never_runs(tiny_model, tmp_path):
     """`auto_map` pointing at code in the folder (model and tokenizer): verify's loaders use the built-in classes."""
-    from converters.verify.hf_side import HFModel, load_tokenizer
+    from converters.verify.hf_side import HFModel, load_tokenizer, read_config
 
     src = tmp_path / "hf"
     shutil.copytree(tiny_model("llama3.1"), src)
@@ -199,7 +199,7 @@ def test_remote_code_in_a_model_folder_never_runs(tiny_model, tmp_path):
     (src / "config.json").write_text(json.dumps(cfg))
     (src / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["tokenization_evil.EvilTok", None]}}))
     try:
-        HFModel(src)
+        HFModel(read_config(src))  # transformers' built-in class of the config's model_type, never auto_map's
     except CkptflowError:
         pass  # refusing is fine too; running the code is not
     load_tokenizer(src)

@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +84,7 @@ def test_moe_block_clips_like_transformers(hf_model):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from converters.verify.jax_ref.moe import clipped_swiglu, routed_moe
+    from converters.verify.jax_ref import Reference
 
     src = hf_model("float32")
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
@@ -90,13 +92,25 @@ def test_moe_block_clips_like_transformers(hf_model):
     x = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32) * 20
     with torch.no_grad():
         want = mlp(torch.from_numpy(x)[None])[0][0].numpy()
-    p = {k.split("layers_1/", 1)[1]: jnp.asarray(v) for k, v in to_maxtext(src, scan=False).items() if k.startswith(f"decoder/layers_1/{MLP}")}
+    params = to_maxtext(src, scan=False)
+    p = {k.split("layers_1/", 1)[1]: jnp.asarray(v) for k, v in params.items() if k.startswith(f"decoder/layers_1/{MLP}")}
     pre = x @ np.asarray(p[f"{MLP}/wi_0"])[0] + np.asarray(p[f"{MLP}/wi_0_bias"])[0]
     assert (pre > 7).mean() > 0.05  # the clamp matters
-    got = np.asarray(routed_moe(jnp.asarray(x), p, MLP, jnp.float32, top_k=2, activation=clipped_swiglu(7.0)))
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-    unclipped = np.asarray(routed_moe(jnp.asarray(x), p, MLP, jnp.float32, top_k=2, activation=clipped_swiglu(1e9)))
-    assert np.abs(unclipped - want).max() > 0.1 * np.abs(want).max()
+
+    def moe(limit: float) -> np.ndarray:
+        """The routed sum as the reference streams it: each expert on its tokens, weighted, summed in float32."""
+        ref = Reference(json.loads((src / "config.json").read_text()), {k: v.shape for k, v in params.items()})
+        spec = ref.spec.with_options(limit=limit)
+        weights = np.asarray(ref.family.route(spec, p, jnp.asarray(x)))
+        out = np.zeros_like(x)
+        for e in np.flatnonzero(weights.any(axis=0)):
+            rows = np.flatnonzero(weights[:, e])
+            w = {k.rsplit("/", 1)[-1]: p[k][e] for k in ref.family.moe_arrays(spec, 1)}
+            out[rows] += np.asarray(ref.family.expert(spec, w, jnp.asarray(x[rows]))) * weights[rows, e][:, None]
+        return out
+
+    np.testing.assert_allclose(moe(7.0), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert np.abs(moe(1e9) - want).max() > 0.1 * np.abs(want).max()
 
 
 @pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unscanned"])

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -197,6 +197,7 @@ def gated_mlp(x, wi_0, wi_1, wo, dtype, activation: Callable = jax.nn.silu):
 # --------------------------------------------------------------------------------------------
 
 Params = dict[str, np.ndarray]
+Shapes = dict[str, tuple]  # checkpoint key -> stored shape
 
 
 @dataclass
@@ -218,20 +219,35 @@ ATTENTION_KEYS = (
     "post_self_attention_layer_norm/scale",
 )
 GATED_MLP_KEYS = ("mlp/wi_0/kernel", "mlp/wi_1/kernel", "mlp/wo/kernel")
+EMBEDDING = "token_embedder/embedding"
+LOGITS_KERNEL = "decoder/logits_dense/kernel"
 
 
 class Family:
     """One MaxText decoder family. Subclasses implement `make_spec`, `layer_keys` and `block`.
 
-    The default decoder (`embed` → `layers` → `output_head`) covers Llama-like models: a token
-    embedding, a stack of homogeneous blocks (scanned under `decoder/layers/...` with the layer axis
-    at `param_scan_axis`=1, or unscanned under `decoder/layers_<i>/...`), a final RMSNorm, and
-    logits via `logits_dense` or the tied embedding. Families with other layer groupings (Gemma2
-    pairs, Gemma3 6-blocks + remainder, MoE) override `layer_params` / `embed` / `output_head`.
+    The reference runs one decoder layer at a time (`converters.verify.jax_ref.Reference`): the embedding rows
+    of the prompt's ids, then `block` per layer on that layer's arrays, then `final_norm` and the logits one
+    vocabulary block at a time (`logits_block`). The default covers Llama-like models: a token embedding, a
+    stack of homogeneous blocks (scanned under `decoder/layers/...` with the layer axis at `param_scan_axis`=1,
+    or unscanned under `decoder/layers_<i>/...`), a final RMSNorm, and logits via `logits_dense` or the tied
+    embedding. Families with other layer groupings (Gemma2 pairs, Gemma3 6-blocks + remainder, MoE stacks)
+    override `layer_location` / `keys_of_layer`.
+
+    Mixture-of-experts layers stream their experts: `moe_arrays(spec, l)` names the routed-expert arrays of
+    layer l (`[E, ...]`, scanned `[E, L, ...]`), which are read one expert at a time, and the layer is computed
+    as `pre_moe` (everything before the experts) -> `route` (`[T, E]` weights, zero where a token does not go)
+    -> `expert` per expert on the tokens routed to it, summed with the weights in float32 (MaxText's
+    `float32_weight_sum`) -> `post_moe` (residual, shared experts).
     """
 
     name: str = ""
     model_types: tuple[str, ...] = ()
+    # Layout check threshold: max per-token KL between the HF model on the checkpoint's values and this reference
+    # on the checkpoint, both in float32. A correct conversion differs only in accumulation order (measured on the
+    # tiny test models: < 1e-9; PyTorch and XLA sum in different orders); the mapping errors an inverse would
+    # hide (RoPE layout, a transposition, a scale applied twice) are >= 1e-3 even on 4-token prompts.
+    layout_max_kl: float = 1e-5
 
     # ---- to implement ------------------------------------------------------------------------
     def make_spec(self, cfg) -> ModelSpec:
@@ -251,14 +267,14 @@ class Family:
         return []
 
     def global_keys(self, spec: ModelSpec) -> tuple[str, ...]:
-        keys = ["token_embedder/embedding", "decoder/decoder_norm/scale"]
+        keys = [EMBEDDING, "decoder/decoder_norm/scale"]
         if not spec.tie_word_embeddings:
-            keys.append("decoder/logits_dense/kernel")
+            keys.append(LOGITS_KERNEL)
         return tuple(keys)
 
-    def detect_layout(self, spec: ModelSpec, params: Params) -> Layout:
-        scanned = any(k.startswith("decoder/layers/") for k in params)
-        unscanned = any(k.startswith("decoder/layers_") for k in params)
+    def detect_layout(self, spec: ModelSpec, keys) -> Layout:
+        scanned = any(k.startswith("decoder/layers/") for k in keys)
+        unscanned = any(k.startswith("decoder/layers_") for k in keys)
         if scanned and unscanned:
             raise CkptflowError("checkpoint has both scanned (decoder/layers/) and unscanned (decoder/layers_<i>/) layers")
         if not scanned and not unscanned:
@@ -271,30 +287,38 @@ class Family:
         return ("decoder/layers", l) if layout.scanned else (f"decoder/layers_{l}", None)
 
     def keys_of_layer(self, spec: ModelSpec, l: int) -> tuple[str, ...]:
-        """The arrays of layer l (families with several kinds of layer override this)."""
+        """The arrays of layer l, routed experts included (families with several kinds of layer override this)."""
         return self.layer_keys(spec)
+
+    def moe_arrays(self, spec: ModelSpec, l: int) -> tuple[str, ...]:
+        """The routed-expert arrays among `keys_of_layer(spec, l)` (read one expert at a time); () for dense layers."""
+        return ()
+
+    def hf_layers(self, spec: ModelSpec, l: int) -> tuple[int, ...]:
+        """The HF decoder layers stored layer l holds (Gemma2: a pair)."""
+        return (l,)
 
     def layer_markers(self, spec: ModelSpec, l: int) -> dict:
         """Extra zero-size entries that tell `block` the kind of layer l at trace time (e.g. local/global)."""
         return {}
 
-    def check_params(self, spec: ModelSpec, params: Params, layout: Layout) -> None:
-        """Fail early, with the key name, on a missing or wrongly shaped tensor."""
+    def check_params(self, spec: ModelSpec, shapes: Shapes, layout: Layout) -> None:
+        """Fail early, with the key name, on a missing or wrongly shaped array (`shapes`: key -> stored shape)."""
         where = [self.layer_location(spec, layout, l) for l in range(layout.num_layers)]
         depth: dict[str, int] = {}
         for prefix, j in where:
             if j is not None:
                 depth[prefix] = max(depth.get(prefix, 0), j + 1)
-        missing = [k for k in self.global_keys(spec) if k not in params]
+        missing = [k for k in self.global_keys(spec) if k not in shapes]
         for l, (prefix, j) in enumerate(where):
             for rel in self.keys_of_layer(spec, l):
                 key = f"{prefix}/{rel}"
-                if key not in params:
+                axis = layout.scan_axis  # routed experts too: [E, L, ...]
+                if key not in shapes:
                     missing.append(key)
-                elif j is not None and (params[key].ndim < 2 or params[key].shape[layout.scan_axis] != depth[prefix]):
+                elif j is not None and (len(shapes[key]) <= axis or shapes[key][axis] != depth[prefix]):
                     raise CkptflowError(
-                        f"scanned tensor {key} has shape {tuple(params[key].shape)}; expected "
-                        f"{depth[prefix]} layers on axis {layout.scan_axis}"
+                        f"scanned tensor {key} has shape {tuple(shapes[key])}; expected {depth[prefix]} layers on axis {axis}"
                     )
         if missing:
             missing = list(dict.fromkeys(missing))
@@ -302,34 +326,60 @@ class Family:
             raise CkptflowError(f"checkpoint is missing {', '.join(missing[:5])}{more}")
         if not layout.scanned:
             prefix, _ = self.layer_location(spec, layout, layout.num_layers)
-            if f"{prefix}/{self.keys_of_layer(spec, layout.num_layers - 1)[0]}" in params:
+            if f"{prefix}/{self.keys_of_layer(spec, layout.num_layers - 1)[0]}" in shapes:
                 raise CkptflowError(f"checkpoint has more than the {layout.num_layers} layers the config declares")
 
-    def layer_params(self, spec: ModelSpec, params: Params, layout: Layout) -> Iterator[dict]:
-        """Yield each layer's arrays (numpy, as stored; views into scanned stacks) keyed by `keys_of_layer`."""
-        for l in range(layout.num_layers):
-            prefix, j = self.layer_location(spec, layout, l)
-            index = () if j is None else (slice(None),) * layout.scan_axis + (j,)
-            p = {rel: params[f"{prefix}/{rel}"][index] for rel in self.keys_of_layer(spec, l)}
-            p.update(self.layer_markers(spec, l))
-            yield p
+    def layer_reads(self, spec: ModelSpec, layout: Layout, l: int) -> dict[str, tuple[str, tuple]]:
+        """rel key -> (checkpoint key, index) of layer l's arrays, routed experts excluded."""
+        prefix, j = self.layer_location(spec, layout, l)
+        index = () if j is None else (slice(None),) * layout.scan_axis + (j,)
+        moe = self.moe_arrays(spec, l)
+        return {rel: (f"{prefix}/{rel}", index) for rel in self.keys_of_layer(spec, l) if rel not in moe}
 
-    def embed(self, spec: ModelSpec, g: dict, token_ids):
-        """`Embed.__call__`: table cast to the compute dtype, rows gathered."""
-        return g["token_embedder/embedding"].astype(spec.jdtype)[token_ids]
+    def expert_reads(self, spec: ModelSpec, layout: Layout, l: int, e: int) -> dict[str, tuple[str, tuple]]:
+        """rel key -> (checkpoint key, index) of expert e's slice of each routed-expert array of layer l."""
+        prefix, j = self.layer_location(spec, layout, l)
+        index = (e,) if j is None else (e,) + (slice(None),) * (layout.scan_axis - 1) + (j,)
+        return {rel: (f"{prefix}/{rel}", index) for rel in self.moe_arrays(spec, l)}
 
-    def output_head(self, spec: ModelSpec, g: dict, y):
-        """`apply_output_head`: final RMSNorm, then logits (float32)."""
-        y = rms_norm(y, g["decoder/decoder_norm/scale"], spec.norm_eps, spec.jdtype)
+    def embed(self, spec: ModelSpec, rows, token_ids):
+        """`Embed.__call__`: table cast to the compute dtype, rows gathered (`rows`: the table's rows the prompt
+        uses, `token_ids` indices into them)."""
+        return rows.astype(spec.jdtype)[token_ids]
+
+    def final_norm(self, spec: ModelSpec, g: dict, y):
+        """`apply_output_head` up to the logits: the final RMSNorm."""
+        return rms_norm(y, g["decoder/decoder_norm/scale"], spec.norm_eps, spec.jdtype)
+
+    def logits_block(self, spec: ModelSpec, y, w):
+        """float32 logits of one vocabulary block: `w` is the tied embedding's rows `[Vb, E]` or the logits
+        kernel's columns `[E, Vb]` (the same vocabulary columns of the whole matmul, bit for bit)."""
         if spec.tie_word_embeddings:
-            # `attend_on_embedding` casts the table to bfloat16 (even in float32 runs) and accumulates
-            # in the compute dtype (`logits_dot_in_fp32: false`). In bfloat16 runs that cast is a
-            # no-op. In float32 runs it would add ~1e-5 of KL on a tied model that has nothing to do
-            # with the conversion, so it is only applied when `bf16_tied_logits` is requested.
-            table = g["token_embedder/embedding"]
+            # `attend_on_embedding` casts the table to bfloat16 (even in float32 runs) and accumulates in the compute
+            # dtype (`logits_dot_in_fp32: false`). In bfloat16 runs that cast is a no-op. In float32 runs it would add
+            # ~1e-5 of KL on a tied model that has nothing to do with the conversion, so it is only applied when
+            # `bf16_tied_logits` is requested.
             if spec.option("bf16_tied_logits", False):
-                table = table.astype(jnp.bfloat16)
-            logits = jnp.dot(y, table.T, preferred_element_type=spec.jdtype)
+                w = w.astype(jnp.bfloat16)
+            logits = jnp.dot(y, w.T, preferred_element_type=spec.jdtype)
         else:
-            logits = dense(y, g["decoder/logits_dense/kernel"], spec.jdtype)
+            logits = dense(y, w, spec.jdtype)
         return logits.astype(jnp.float32)
+
+    # ---- mixture of experts (families whose layers route) -------------------------------------------
+    def pre_moe(self, spec: ModelSpec, p: dict, x, positions):
+        """Everything of the layer before its routed experts: (x after attention, the experts' input h)."""
+        raise NotImplementedError
+
+    def route(self, spec: ModelSpec, p: dict, h):
+        """`[T, E]` routing weights (zero for experts a token does not use)."""
+        raise NotImplementedError
+
+    def expert(self, spec: ModelSpec, w: dict, h):
+        """One expert on its tokens `h` `[n, emb]`; `w` holds that expert's slice of each `moe_arrays` entry under the
+        last component of its name (`wi_0`, `wi_1`, `wo`, biases). SiLU-gated by default."""
+        return gated_mlp(h, w["wi_0"], w["wi_1"], w["wo"], spec.jdtype)
+
+    def post_moe(self, spec: ModelSpec, p: dict, x, h, routed):
+        """The layer's output from x, the experts' input h and the weighted sum of the experts `routed` (compute dtype)."""
+        return x + routed

@@ -40,7 +40,6 @@ from converters.verify.jax_ref.common import (
     Family,
     Layout,
     ModelSpec,
-    Params,
     base_spec,
     dense,
     gated_mlp,
@@ -142,23 +141,39 @@ class DeepSeekFamily(Family):
     def keys_of_layer(self, spec: ModelSpec, l: int) -> tuple[str, ...]:
         return self.dense_keys(spec) if self._is_dense(spec, l) else self.moe_keys(spec)
 
-    def detect_layout(self, spec: ModelSpec, params: Params) -> Layout:
-        scanned = any(k.startswith("decoder/moe_layers/") for k in params)
-        unscanned = any(k.startswith("decoder/moe_layers_") for k in params)
+    def detect_layout(self, spec: ModelSpec, keys) -> Layout:
+        scanned = any(k.startswith("decoder/moe_layers/") for k in keys)
+        unscanned = any(k.startswith("decoder/moe_layers_") for k in keys)
         if scanned == unscanned:
             raise CkptflowError("checkpoint needs exactly one of decoder/moe_layers/ (scanned) or decoder/moe_layers_<j>/ (unscanned)")
         return Layout(scanned=scanned, num_layers=spec.num_layers)
 
+    def moe_arrays(self, spec: ModelSpec, l: int) -> tuple[str, ...]:
+        return () if self._is_dense(spec, l) else (f"{ROUTED}/wi_0", f"{ROUTED}/wi_1", f"{ROUTED}/wo")
+
     # ---- compute --------------------------------------------------------------------------------
     def block(self, spec: ModelSpec, p: dict, x, positions):
+        """A dense layer (the first `first_k_dense_replace`); MoE layers run as `pre_moe` / experts / `post_moe`."""
+        x, h = self.pre_moe(spec, p, x, positions)
+        return x + gated_mlp(h, p["mlp/wi_0/kernel"], p["mlp/wi_1/kernel"], p["mlp/wo/kernel"], spec.jdtype)
+
+    def pre_moe(self, spec: ModelSpec, p: dict, x, positions):
         dt = spec.jdtype
         h = rms_norm(x, p[NORMS[0]], spec.norm_eps, dt)
         x = x + self.mla(spec, p, h, positions)
-        h = rms_norm(x, p[NORMS[1]], spec.norm_eps, dt)
-        if "mlp/wi_0/kernel" in p:
-            return x + gated_mlp(h, p["mlp/wi_0/kernel"], p["mlp/wi_1/kernel"], p["mlp/wo/kernel"], dt)
-        shared = gated_mlp(h, *(p[f"{MOE}/shared_experts/{k}/kernel"] for k in ("wi_0", "wi_1", "wo")), dt)
-        return x + (self.routed(spec, p, h) + shared).astype(dt)
+        return x, rms_norm(x, p[NORMS[1]], spec.norm_eps, dt)
+
+    def route(self, spec: ModelSpec, p: dict, h):
+        """HF's routing weights (router logits in float32)."""
+        logits = dense(h, p[f"{ROUTED}/gate/kernel"], jnp.float32)
+        return route(
+            logits, p.get(f"{ROUTED}/gate/bias"), top_k=spec.option("top_k"), sigmoid=spec.option("sigmoid"),
+            groups=spec.option("groups"), norm=spec.option("norm_topk_prob"), scaling=spec.option("routed_scaling_factor"),
+        )
+
+    def post_moe(self, spec: ModelSpec, p: dict, x, h, routed):
+        shared = gated_mlp(h, *(p[f"{MOE}/shared_experts/{k}/kernel"] for k in ("wi_0", "wi_1", "wo")), spec.jdtype)
+        return x + (routed + shared).astype(spec.jdtype)
 
     def mla(self, spec: ModelSpec, p: dict, h, positions):
         dt, eps = spec.jdtype, spec.norm_eps
@@ -207,21 +222,6 @@ class DeepSeekFamily(Family):
         t, s = index.shape
         top = jax.lax.top_k(index, min(topk, s))[1]
         return jnp.zeros((t, s), bool).at[jnp.arange(t)[:, None], top].set(True)
-
-    def routed(self, spec: ModelSpec, p: dict, h):
-        """Routed experts on h `[T, emb]`, every expert computed densely, summed with HF's routing weights (float32)."""
-        dt = spec.jdtype
-        logits = dense(h, p[f"{ROUTED}/gate/kernel"], jnp.float32)
-        weights = route(
-            logits, p.get(f"{ROUTED}/gate/bias"), top_k=spec.option("top_k"), sigmoid=spec.option("sigmoid"),
-            groups=spec.option("groups"), norm=spec.option("norm_topk_prob"), scaling=spec.option("routed_scaling_factor"),
-        )
-        x = h.astype(dt)
-        w0 = jnp.einsum("tm,emh->teh", x, p[f"{ROUTED}/wi_0"].astype(dt))
-        w1 = jnp.einsum("tm,emh->teh", x, p[f"{ROUTED}/wi_1"].astype(dt))
-        out = jnp.einsum("teh,ehm->tem", (jax.nn.silu(w0) * w1).astype(dt), p[f"{ROUTED}/wo"].astype(dt))
-        return jnp.einsum("tem,te->tm", out.astype(jnp.float32), weights).astype(dt)
-
 
 def rope_pairs(x, positions, inv_freq, dtype):
     """Rotate adjacent pairs (2i, 2i+1) of the last axis by angle position * inv_freq[i] (float32), x: [T, H, R]."""

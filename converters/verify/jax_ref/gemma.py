@@ -47,7 +47,6 @@ from converters.verify.jax_ref.common import (
     Family,
     Layout,
     ModelSpec,
-    Params,
     dense,
     gated_mlp,
     require,
@@ -138,17 +137,11 @@ class _GemmaBase(Family):
     def global_keys(self, spec: ModelSpec) -> tuple[str, ...]:
         return ("token_embedder/embedding", "decoder/decoder_norm/scale")
 
-    def embed(self, spec: ModelSpec, g: dict, token_ids):
-        table = g["token_embedder/embedding"].astype(spec.jdtype)
-        return table[jnp.clip(token_ids, 0, table.shape[0] - 1)]
-
-    def output_head(self, spec: ModelSpec, g: dict, y):
+    def logits_block(self, spec: ModelSpec, y, w):
         dt = spec.jdtype
-        y = rms_norm(y, g["decoder/decoder_norm/scale"], spec.norm_eps, dt)
-        table = g["token_embedder/embedding"]
         if spec.option("bf16_tied_logits", False):  # MaxText's attend_on_embedding bf16 cast, see common.py
-            table = table.astype(jnp.bfloat16)
-        logits = jnp.dot(y, table.T, preferred_element_type=dt)
+            w = w.astype(jnp.bfloat16)
+        logits = jnp.dot(y, w.T, preferred_element_type=dt)
         logits = logits / jnp.sqrt(y.shape[-1]).astype(dt)  # normalize_embedding_logits: the exact sqrt(E)
         cap = spec.option("final_softcap")
         if cap:
@@ -214,9 +207,12 @@ class Gemma2Family(_GemmaBase):
         )
         return ModelSpec(**_text_spec(cfg, vocab_size=int(cfg.vocab_size), rope_theta=theta), options=options)
 
-    def detect_layout(self, spec: ModelSpec, params: Params) -> Layout:
-        layout = super().detect_layout(spec, params)
+    def detect_layout(self, spec: ModelSpec, keys) -> Layout:
+        layout = super().detect_layout(spec, keys)
         return Layout(scanned=layout.scanned, num_layers=spec.num_layers // 2)
+
+    def hf_layers(self, spec: ModelSpec, l: int) -> tuple[int, ...]:
+        return (2 * l, 2 * l + 1)
 
     def layer_keys(self, spec: ModelSpec) -> tuple[str, ...]:
         return tuple(
@@ -276,8 +272,8 @@ def layer_norm(x, scale, bias, eps: float):
 class Gemma3Family(_GemmaBase):
     """Text decoder (both model types) and, for `gemma3` configs, the vision tower and projector.
 
-    `image_prompt` / `image_logits` are the hooks `converters.verify.run` uses to add a prompt holding an
-    image to a verification run.
+    `image_prompt` is the hook `converters.verify.run` uses to add a prompt holding an image to a verification
+    run; `multimodal_embed` is that prompt's first stage (`converters.verify.jax_ref.Reference.prompt`).
     """
 
     name = "gemma3"
@@ -286,8 +282,23 @@ class Gemma3Family(_GemmaBase):
     def image_prompt(self, config: dict, *, seed: int = 0, tokenizer=None):
         return gemma3_image_prompt(config, seed=seed, tokenizer=tokenizer)
 
-    def image_logits(self, model, token_ids, inputs: dict) -> np.ndarray:
-        return multimodal_logits(model, token_ids, inputs["pixel_values"])
+    def multimodal_embed(self, spec: ModelSpec, g: dict, rows, index, token_ids: np.ndarray, inputs: dict):
+        """A prompt holding images: text embeddings with the image tokens replaced by the projected soft tokens, and
+        the image blocks that make those tokens attend to each other (`block`'s `image_blocks`)."""
+        if spec.option("vision") is None:
+            raise CkptflowError("a prompt with an image needs a multimodal gemma3 config (model_type 'gemma3') and its vision tower")
+        images = np.asarray(inputs["pixel_values"], np.float32)
+        images = images[None] if images.ndim == 3 else images
+        image_token = spec.option("image_token")
+        per_image = spec.option("vision")[5] ** 2
+        at = np.flatnonzero(token_ids == image_token)
+        if at.size != per_image * images.shape[0]:
+            raise CkptflowError(f"the prompt has {at.size} image tokens; {images.shape[0]} image(s) need {per_image} each")
+        vision = _jitted_vision(self)
+        soft = jnp.concatenate([vision(spec, g, jnp.asarray(img.transpose(1, 2, 0))) for img in images])  # NCHW -> HWC
+        x = self.embed(spec, rows, index)
+        x = x.at[jnp.asarray(at)].set(soft.astype(spec.jdtype)).astype(spec.jdtype)
+        return x, {"image_blocks": jnp.asarray(image_blocks(token_ids, image_token))}
 
     def make_spec(self, cfg) -> ModelSpec:
         multimodal = cfg.model_type == "gemma3"
@@ -353,9 +364,9 @@ class Gemma3Family(_GemmaBase):
     def layer_markers(self, spec: ModelSpec, l: int) -> dict:
         return {GLOBAL_MARKER: np.zeros((0,), np.float32)} if (l + 1) % GEMMA3_PATTERN == 0 else {}
 
-    def detect_layout(self, spec: ModelSpec, params: Params) -> Layout:
-        scanned = any(k.startswith(("decoder/layers/", "decoder/layers_remainder/")) for k in params)
-        unscanned = any(k.startswith("decoder/layers_") and not k.startswith("decoder/layers_remainder/") for k in params)
+    def detect_layout(self, spec: ModelSpec, keys) -> Layout:
+        scanned = any(k.startswith(("decoder/layers/", "decoder/layers_remainder/")) for k in keys)
+        unscanned = any(k.startswith("decoder/layers_") and not k.startswith("decoder/layers_remainder/") for k in keys)
         if scanned and unscanned:
             raise CkptflowError("checkpoint has both scanned (decoder/layers/) and unscanned (decoder/layers_<i>/) layers")
         if not scanned and not unscanned:
@@ -417,8 +428,8 @@ class Gemma3Family(_GemmaBase):
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted_mm(family: Gemma3Family):
-    return jax.jit(family.vision_tokens, static_argnums=0), jax.jit(family.block, static_argnums=0)
+def _jitted_vision(family: Gemma3Family):
+    return jax.jit(family.vision_tokens, static_argnums=0)
 
 
 def multimodal_logits(model, token_ids, images) -> np.ndarray:
@@ -428,31 +439,7 @@ def multimodal_logits(model, token_ids, images) -> np.ndarray:
     (or `[C, H, W]`), already normalized as the processor does; the prompt holds `mm_tokens_per_image`
     image tokens per image, in order.
     """
-    spec = model.spec
-    if spec.option("vision") is None:
-        raise CkptflowError("multimodal_logits needs a multimodal gemma3 config (model_type 'gemma3') and its vision tower")
-    images = np.asarray(images, np.float32)
-    if images.ndim == 3:
-        images = images[None]
-    ids = np.asarray(token_ids, np.int32)
-    image_token = spec.option("image_token")
-    per_image = spec.option("vision")[5] ** 2
-    positions_of_images = np.flatnonzero(ids == image_token)
-    if positions_of_images.size != per_image * images.shape[0]:
-        raise CkptflowError(f"the prompt has {positions_of_images.size} image tokens; {images.shape[0]} image(s) need {per_image} each")
-    g, layers = model._prepare()
-    vision, block = _jitted_mm(model.family)
-    soft = jnp.concatenate([vision(spec, g, jnp.asarray(img.transpose(1, 2, 0))) for img in images])  # NCHW -> HWC
-    dt = spec.jdtype
-    x = model.family.embed(spec, g, jnp.asarray(np.where(ids == image_token, 0, ids)))
-    x = x.at[jnp.asarray(positions_of_images)].set(soft.astype(dt)).astype(dt)
-    positions = jnp.arange(ids.shape[0], dtype=jnp.int32)
-    blocks = jnp.asarray(image_blocks(ids, image_token))
-    for p in layers:
-        x = block(spec, p, x, positions, blocks)
-    from converters.verify.jax_ref import _jitted
-
-    return np.asarray(_jitted(model.family)[2](spec, g, x), dtype=np.float32)
+    return model.logits(token_ids, {"pixel_values": images})
 
 
 # ------------------------------------------------------------------------------- a prompt with an image

@@ -21,8 +21,8 @@ import math
 import numpy as np
 
 from converters.errors import CkptflowError
-from converters.verify.jax_ref.common import Family, Layout, ModelSpec, Params, base_spec, dense, require, rms_norm, rope_parameters
-from converters.verify.jax_ref.moe import GPT_OSS_ALPHA, attention, clipped_swiglu, routed_moe, yarn_inv_freq, yarn_rope
+from converters.verify.jax_ref.common import Family, Layout, ModelSpec, base_spec, dense, require, rms_norm, rope_parameters
+from converters.verify.jax_ref.moe import GPT_OSS_ALPHA, attention, clipped_swiglu, router_weights, yarn_inv_freq, yarn_rope
 
 ATT, MLP = "GptOssAttention", "GptOssMlp"
 PATTERN = ("sliding_attention", "full_attention")  # MaxText GPT_OSS_ATTENTION_PATTERN
@@ -78,8 +78,8 @@ class GptOssFamily(Family):
             return f"decoder/layers_{l}", None
         return f"decoder/layers/layers_{l % len(PATTERN)}", l // len(PATTERN)
 
-    def detect_layout(self, spec: ModelSpec, params: Params) -> Layout:
-        layout = super().detect_layout(spec, params)
+    def detect_layout(self, spec: ModelSpec, keys) -> Layout:
+        layout = super().detect_layout(spec, keys)
         if layout.scanned and spec.num_layers % len(PATTERN):
             raise CkptflowError(f"a scanned GPT-OSS checkpoint needs an even number of layers, config has {spec.num_layers}")
         return layout
@@ -88,7 +88,10 @@ class GptOssFamily(Family):
         return {SLIDING_MARKER: np.zeros((0,), np.float32)} if PATTERN[l % len(PATTERN)] == "sliding_attention" else {}
 
     # ---- compute --------------------------------------------------------------------------------
-    def block(self, spec: ModelSpec, p: dict, x, positions):
+    def moe_arrays(self, spec: ModelSpec, l: int) -> tuple[str, ...]:
+        return tuple(f"{MLP}/{k}" for k in ("wi_0", "wi_1", "wo", "wi_0_bias", "wi_1_bias", "wo_bias"))
+
+    def pre_moe(self, spec: ModelSpec, p: dict, x, positions):
         dt = spec.jdtype
         h = rms_norm(x, p["pre_self_attention_layer_norm/scale"], spec.norm_eps, dt)
         q = dense(h, p[f"{ATT}/query/kernel"], dt, bias=p[f"{ATT}/query/bias"])
@@ -103,5 +106,13 @@ class GptOssFamily(Family):
         window = spec.option("sliding_window") if SLIDING_MARKER in p else None
         a = attention(q, k, v, dt, window=window, sinks=p[f"{ATT}/sinks"])
         x = x + dense(a, p[f"{ATT}/out/kernel"], dt, contract=2, bias=p[f"{ATT}/out/bias"])
-        h = rms_norm(x, p["post_self_attention_layer_norm/scale"], spec.norm_eps, dt)
-        return x + routed_moe(h, p, MLP, dt, top_k=spec.option("top_k"), activation=clipped_swiglu(spec.option("limit")))
+        return x, rms_norm(x, p["post_self_attention_layer_norm/scale"], spec.norm_eps, dt)
+
+    def route(self, spec: ModelSpec, p: dict, h):
+        return router_weights(h, p[f"{MLP}/gate/kernel"], spec.jdtype, top_k=spec.option("top_k"), bias=p[f"{MLP}/gate/bias"])
+
+    def expert(self, spec: ModelSpec, w: dict, h):
+        dt = spec.jdtype
+        gate = dense(h, w["wi_0"], dt, bias=w["wi_0_bias"])
+        up = dense(h, w["wi_1"], dt, bias=w["wi_1_bias"])
+        return dense(clipped_swiglu(spec.option("limit"))(gate, up).astype(dt), w["wo"], dt, bias=w["wo_bias"])

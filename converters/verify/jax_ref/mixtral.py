@@ -16,7 +16,7 @@ MaxText and HF disagree beyond the window however the checkpoint was converted.
 from __future__ import annotations
 
 from converters.verify.jax_ref.common import ATTENTION_KEYS, Family, ModelSpec, base_spec, dense, require, rms_norm, rope_halves, rope_parameters
-from converters.verify.jax_ref.moe import attention, routed_moe
+from converters.verify.jax_ref.moe import attention, router_weights
 
 MOE = "MoeBlock_0"
 
@@ -54,7 +54,10 @@ class MixtralFamily(Family):
             f"{MOE}/wo",
         )
 
-    def block(self, spec: ModelSpec, p: dict, x, positions):
+    def moe_arrays(self, spec: ModelSpec, l: int) -> tuple[str, ...]:
+        return (f"{MOE}/wi_0", f"{MOE}/wi_1", f"{MOE}/wo")
+
+    def pre_moe(self, spec: ModelSpec, p: dict, x, positions):
         dt = spec.jdtype
         h = rms_norm(x, p["pre_self_attention_layer_norm/scale"], spec.norm_eps, dt)
         q = dense(h, p["self_attention/query/kernel"], dt)  # 1/sqrt(head_dim) already in the kernel
@@ -64,5 +67,7 @@ class MixtralFamily(Family):
         k = rope_halves(k, positions, spec.rope_theta, dt)
         a = attention(q, k, v, dt, window=spec.option("sliding_window") or None)
         x = x + dense(a, p["self_attention/out/kernel"], dt, contract=2)
-        h = rms_norm(x, p["post_self_attention_layer_norm/scale"], spec.norm_eps, dt)
-        return x + routed_moe(h, p, MOE, dt, top_k=spec.option("top_k"))
+        return x, rms_norm(x, p["post_self_attention_layer_norm/scale"], spec.norm_eps, dt)
+
+    def route(self, spec: ModelSpec, p: dict, h):
+        return router_weights(h, p[f"{MOE}/gate/kernel"], spec.jdtype, top_k=spec.option("top_k"))

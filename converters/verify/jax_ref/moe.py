@@ -1,14 +1,13 @@
 """Numerics shared by the MoE reference families: MaxText's routed MoE, attention with sinks and a sliding
 window, YaRN rotary embedding.
 
-Routed MoE (`src/maxtext/layers/moe.py`, `RoutedMoE` on its `dense_matmul` path): the router (`GateLogit`)
-computes logits in the compute dtype (`float32_gate_logits: false`), adds its bias if any, takes the top-k
-logits and softmaxes them in float32 (cast back to the compute dtype), renormalises when `norm_topk_prob`
-is set, and scatters the weights into a `[T, E]` matrix that is zero for unselected experts. Every expert
-then runs on every token (`BSM,EMH->BSEH` einsums, biases added right after each matmul) and the outputs are
-summed with the weights in float32 (`float32_weight_sum: true`). With no capacity limit
-(`capacity_factor: -1`) that is exactly what the sparse kernels compute; on tiny models the dense form is
-the clearer reference.
+Routed MoE (`src/maxtext/layers/moe.py`, `RoutedMoE`): the router (`GateLogit`) computes logits in the
+compute dtype (`float32_gate_logits: false`), adds its bias if any, takes the top-k logits and softmaxes them
+in float32 (cast back to the compute dtype), renormalises when `norm_topk_prob` is set, and scatters the
+weights into a `[T, E]` matrix that is zero for unselected experts (`router_weights`). Each expert runs on
+the tokens routed to it (biases added right after each matmul) and the outputs are summed with the weights in
+float32 (`float32_weight_sum: true`): `converters.verify.jax_ref.Reference` streams the experts one at a
+time; with no capacity limit (`capacity_factor: -1`) that is what MaxText's dense and sparse paths compute.
 """
 
 from __future__ import annotations
@@ -22,11 +21,6 @@ import jax.numpy as jnp
 from converters.verify.jax_ref.common import MASK_VALUE, dense
 
 GPT_OSS_ALPHA = 1.702  # MaxText moe.py: hard-coded in the GPT_OSS activation
-
-
-def silu_glu(w0, w1):
-    """mlp_activations ["silu", "linear"]: silu(gate) * up."""
-    return jax.nn.silu(w0) * w1
 
 
 def clipped_swiglu(limit: float) -> Callable:
@@ -50,29 +44,6 @@ def router_weights(x, kernel, dtype, *, top_k: int, norm_topk_prob: bool = False
         top_w = top_w / top_w.sum(axis=-1, keepdims=True)
     rows = jnp.arange(x.shape[0])[:, None]
     return jnp.zeros((x.shape[0], kernel.shape[-1]), dtype).at[rows, top_i].set(top_w)
-
-
-def routed_moe(x, p: dict, prefix: str, dtype, *, top_k: int, norm_topk_prob: bool = False, activation: Callable = silu_glu):
-    """MaxText `RoutedMoE` on x `[T, emb]` with the arrays under `prefix` (`gate/kernel`, `wi_0`, `wi_1`, `wo`,
-    optional `gate/bias`, `wi_0_bias`, `wi_1_bias`, `wo_bias`); every expert computed densely."""
-
-    def get(name):
-        a = p.get(f"{prefix}/{name}")
-        return None if a is None else a.astype(dtype)
-
-    weights = router_weights(x, p[f"{prefix}/gate/kernel"], dtype, top_k=top_k, norm_topk_prob=norm_topk_prob, bias=get("gate/bias"))
-    x = x.astype(dtype)
-    w0 = jnp.einsum("tm,emh->teh", x, get("wi_0"))
-    w1 = jnp.einsum("tm,emh->teh", x, get("wi_1"))
-    if get("wi_0_bias") is not None:
-        w0 = w0 + get("wi_0_bias")[None]
-        w1 = w1 + get("wi_1_bias")[None]
-    h = activation(w0, w1).astype(dtype)
-    out = jnp.einsum("teh,ehm->tem", h, get("wo"))
-    if get("wo_bias") is not None:
-        out = out + get("wo_bias")[None]
-    y = jnp.einsum("tem,te->tm", out.astype(jnp.float32), weights.astype(jnp.float32))
-    return y.astype(dtype)
 
 
 def attention(q, k, v, dtype, *, window: int | None = None, sinks=None):

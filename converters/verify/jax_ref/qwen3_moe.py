@@ -23,7 +23,7 @@ from converters.verify.jax_ref.common import (
     rope_halves,
     rope_parameters,
 )
-from converters.verify.jax_ref.moe import routed_moe
+from converters.verify.jax_ref.moe import router_weights
 
 MOE = "moe_block"
 
@@ -63,7 +63,10 @@ class Qwen3MoeFamily(Family):
             f"{MOE}/wo",
         )
 
-    def block(self, spec: ModelSpec, p: dict, x, positions):
+    def moe_arrays(self, spec: ModelSpec, l: int) -> tuple[str, ...]:
+        return (f"{MOE}/wi_0", f"{MOE}/wi_1", f"{MOE}/wo")
+
+    def pre_moe(self, spec: ModelSpec, p: dict, x, positions):
         dt = spec.jdtype
         h = rms_norm(x, p["pre_self_attention_layer_norm/scale"], spec.norm_eps, dt)
         q = dense(h, p["self_attention/query/kernel"], dt)
@@ -75,5 +78,7 @@ class Qwen3MoeFamily(Family):
         k = rope_halves(k, positions, spec.rope_theta, dt)
         q = q * (spec.head_dim**-0.5)  # query_pre_attn_scalar, at run time
         x = x + dense(causal_attention(q, k, v, dt), p["self_attention/out/kernel"], dt, contract=2)
-        h = rms_norm(x, p["post_self_attention_layer_norm/scale"], spec.norm_eps, dt)
-        return x + routed_moe(h, p, MOE, dt, top_k=spec.option("top_k"), norm_topk_prob=True)
+        return x, rms_norm(x, p["post_self_attention_layer_norm/scale"], spec.norm_eps, dt)
+
+    def route(self, spec: ModelSpec, p: dict, h):
+        return router_weights(h, p[f"{MOE}/gate/kernel"], spec.jdtype, top_k=spec.option("top_k"), norm_topk_prob=True)

@@ -26,7 +26,6 @@ from converters.verify.jax_ref.common import (
     Family,
     Layout,
     ModelSpec,
-    Params,
     base_spec,
     causal_attention,
     dense,
@@ -35,7 +34,7 @@ from converters.verify.jax_ref.common import (
     rope_halves,
     rope_parameters,
 )
-from converters.verify.jax_ref.moe import routed_moe
+from converters.verify.jax_ref.moe import router_weights
 
 NORMS = ("input_layernorm/scale", "post_attention_layernorm/scale")
 MLP = ("mlp/routed_experts/gate/kernel", "mlp/routed_experts/wi_0", "mlp/routed_experts/wi_1", "mlp/routed_experts/wo",
@@ -91,26 +90,33 @@ class Qwen3NextFamily(Family):
         c = spec.option("interval")
         return (f"decoder/layers/layer_{l % c}", l // c) if layout.scanned else (f"decoder/layers_{l}", None)
 
-    def detect_layout(self, spec: ModelSpec, params: Params) -> Layout:
-        layout = super().detect_layout(spec, params)
+    def detect_layout(self, spec: ModelSpec, keys) -> Layout:
+        layout = super().detect_layout(spec, keys)
         if layout.scanned and spec.num_layers % spec.option("interval"):
             raise CkptflowError(f"a scanned Qwen3-Next checkpoint needs a multiple of {spec.option('interval')} layers")
         return layout
 
-    # ---- compute --------------------------------------------------------------------------------
-    def output_head(self, spec: ModelSpec, g: dict, y):
-        y = rms_norm_1p(y, g["decoder/decoder_norm/scale"], spec.norm_eps, spec.jdtype)
-        return dense(y, g["decoder/logits_dense/kernel"], spec.jdtype).astype(jnp.float32)
+    def moe_arrays(self, spec: ModelSpec, l: int) -> tuple[str, ...]:
+        return MLP[1:4]
 
-    def block(self, spec: ModelSpec, p: dict, x, positions):
+    # ---- compute --------------------------------------------------------------------------------
+    def final_norm(self, spec: ModelSpec, g: dict, y):
+        return rms_norm_1p(y, g["decoder/decoder_norm/scale"], spec.norm_eps, spec.jdtype)
+
+    def pre_moe(self, spec: ModelSpec, p: dict, x, positions):
         dt = spec.jdtype
         h = rms_norm_1p(x, p[NORMS[0]], spec.norm_eps, dt)
         if FULL[0] in p:
             x = x + self.full_attention(spec, p, h, positions)
         else:
             x = x + self.gated_delta_net(spec, p, h)
-        h = rms_norm_1p(x, p[NORMS[1]], spec.norm_eps, dt)
-        routed = routed_moe(h, p, "mlp/routed_experts", dt, top_k=spec.option("top_k"), norm_topk_prob=True)
+        return x, rms_norm_1p(x, p[NORMS[1]], spec.norm_eps, dt)
+
+    def route(self, spec: ModelSpec, p: dict, h):
+        return router_weights(h, p["mlp/routed_experts/gate/kernel"], spec.jdtype, top_k=spec.option("top_k"), norm_topk_prob=True)
+
+    def post_moe(self, spec: ModelSpec, p: dict, x, h, routed):
+        dt = spec.jdtype
         shared = gated_mlp(h, p["mlp/shared_expert/wi_0/kernel"], p["mlp/shared_expert/wi_1/kernel"], p["mlp/shared_expert/wo/kernel"], dt)
         gate = jax.nn.sigmoid(dense(h, p["mlp/shared_expert_gate/kernel"], dt))
         return x + (routed + gate * shared).astype(dt)
