@@ -133,7 +133,10 @@ PARAMS = {
         enum=list(NODE_POOLS),
         values_display={name: f"{name}: {pool.description}" for name, pool in NODE_POOLS.items()},
         title="Node pool",
-        description="kubernetes mode: node-pool preset. On a TPU preset, verify runs on the TPU slice and the other steps on cpu-standard.",
+        description=(
+            "kubernetes mode: node-pool preset. On a TPU preset only steps that compute on an accelerator use the "
+            "slice; none does today (verify streams the models through the CPU), so every step runs on cpu-standard."
+        ),
     ),
     "parts": Param(
         1,

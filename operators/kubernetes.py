@@ -2,12 +2,14 @@
 
 * Node-pool presets (`NODE_POOLS`): CPU pools by `cloud.google.com/gke-nodepool`, TPU slices by
   `cloud.google.com/gke-tpu-accelerator` / `cloud.google.com/gke-tpu-topology` with `google.com/tpu` limits
-  and the matching toleration. On a TPU preset only the steps that can use the accelerator (verify) go to
-  the TPU nodes; download and convert (each part of a split download or convert, and their finalize steps) and
-  publish stay on the CPU pool.
-* Requests per step and model (`step_resources`): memory from the model's size (its published config in
+  and the matching toleration. On a TPU preset only the steps that compute on an accelerator
+  (`ACCELERATED_STEPS`) go to the TPU nodes, the others to the preset's CPU companion pool. No step does today:
+  verify streams both models through the CPU (JAX forced to CPU), so on a TPU preset every step, verify
+  included, runs on `cpu-standard`.
+* Requests per step and model (`step_resources`): memory from the model's published config (in
   `converters.registry`), checked against what the pool's nodes can hold so a too-small pool fails at
-  once instead of waiting for a node that can never fit the pod.
+  once instead of waiting for a node that can never fit the pod. Convert follows the model's largest tensor,
+  verify its largest layer (`converters.verify.sizing`); the other steps hold no tensors.
 * A shared work volume (`WorkVolume`: a PVC, or a GCS bucket through the GCS FUSE CSI driver) mounted at the
   same path in every step's pod: steps hand results on through files there, never through an XCom sidecar.
 * Credentials only as references: `HF_TOKEN` from a Kubernetes secret (`secretKeyRef`), Google access
@@ -42,6 +44,13 @@ POD_UID, POD_GID = 1000, 0  # the converter image's user (docker/converter.Docke
 WORK_VOLUME_NAME = "ckptflow-work"
 
 
+# Steps that compute on an accelerator when their node pool has one; on a TPU preset the others run on its CPU
+# companion. Empty: verify streams both models layer by layer on the CPU, where a TPU slice would sit idle. A step
+# that gains an accelerator code path is added here (and gets `google.com/tpu` and `JAX_PLATFORMS=tpu,cpu`). The
+# TPU presets stay, so that runs and watchlist targets naming them keep working (on cpu-standard).
+ACCELERATED_STEPS: tuple[str, ...] = ()
+
+
 class PodSizingError(ValueError):
     """The step needs more than the chosen node pool's nodes can give."""
 
@@ -70,15 +79,19 @@ class NodePool:
         return [{"key": TPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
 
 
-def _tpu(name: str, description: str, accelerator: str, topology: str, chips: int, cpu: float, mem_gib: int) -> NodePool:
+def _tpu(name: str, slice_: str, accelerator: str, topology: str, chips: int, cpu: float, mem_gib: int) -> NodePool:
+    if ACCELERATED_STEPS:
+        use = f"for {', '.join(ACCELERATED_STEPS)}; the other steps run on cpu-standard"
+    else:  # the form says so: choosing a TPU preset changes nothing today
+        use = "unused: no step computes on a TPU yet (verify runs on the CPU), every step runs on cpu-standard"
     return NodePool(
         name=name,
-        description=description,
+        description=f"{slice_}, {use}",
         node_selector={TPU_ACCELERATOR_LABEL: accelerator, TPU_TOPOLOGY_LABEL: topology},
         allocatable_cpu=cpu,
         allocatable_memory_gib=mem_gib,
         tpu_chips=chips,
-        accelerated_steps=("verify",),
+        accelerated_steps=ACCELERATED_STEPS,
         cpu_companion="cpu-standard",
         # A TPU slice is often created on demand by the node autoscaler: allow an hour to schedule.
         schedule_timeout_seconds=60 * 60,
@@ -90,22 +103,22 @@ NODE_POOLS: dict[str, NodePool] = {
     for p in (
         NodePool(
             "cpu-standard",
-            "CPU node pool `ckptflow-cpu` (n2-highmem-16: 16 vCPU, 128 GiB) for models up to ~8B",
+            "CPU node pool `ckptflow-cpu` (n2-highmem-16: 16 vCPU, 128 GiB): every step of the registry's models",
             {NODEPOOL_LABEL: "ckptflow-cpu"},
             allocatable_cpu=15,
             allocatable_memory_gib=110,
         ),
         NodePool(
             "cpu-highmem",
-            "CPU node pool `ckptflow-cpu-highmem` (n2-highmem-80: 80 vCPU, 640 GiB) for models up to ~70B",
+            "CPU node pool `ckptflow-cpu-highmem` (n2-highmem-80: 80 vCPU, 640 GiB): headroom beyond what the registry's models need",
             {NODEPOOL_LABEL: "ckptflow-cpu-highmem"},
             allocatable_cpu=78,
             allocatable_memory_gib=600,
             schedule_timeout_seconds=30 * 60,
         ),
-        _tpu("tpu-v5e-8", "TPU v5e 2x4 slice (8 chips) for verify", "tpu-v5-lite-podslice", "2x4", 8, 200, 340),
-        _tpu("tpu-v6e-8", "TPU v6e 2x4 slice (8 chips) for verify", "tpu-v6e-slice", "2x4", 8, 170, 1300),
-        _tpu("tpu-v5p-8", "TPU v5p 2x2x1 slice (4 chips) for verify", "tpu-v5p-slice", "2x2x1", 4, 200, 400),
+        _tpu("tpu-v5e-8", "TPU v5e 2x4 slice (8 chips)", "tpu-v5-lite-podslice", "2x4", 8, 200, 340),
+        _tpu("tpu-v6e-8", "TPU v6e 2x4 slice (8 chips)", "tpu-v6e-slice", "2x4", 8, 170, 1300),
+        _tpu("tpu-v5p-8", "TPU v5p 2x2x1 slice (4 chips)", "tpu-v5p-slice", "2x2x1", 4, 200, 400),
     )
 }
 
@@ -222,29 +235,6 @@ def _experts(c: dict) -> tuple[int, int]:
     return experts, int(c.get("moe_intermediate_size") or c["intermediate_size"]) if experts else 0
 
 
-def estimate_params(config: dict) -> int:
-    """Parameter count of a decoder-only transformer (dense or MoE) from its HF config.
-
-    Embeddings, attention, MLP or experts (+ router, + shared expert), norms; a multimodal model's vision
-    tower is not counted (it is small next to the language model).
-    """
-    c = _text_config(config)
-    h = int(c["hidden_size"])
-    layers = int(c["num_hidden_layers"])
-    heads = int(c["num_attention_heads"])
-    kv = int(c.get("num_key_value_heads") or heads)
-    head_dim = int(c.get("head_dim") or h // heads)
-    vocab = int(c["vocab_size"])
-    attn = h * head_dim * (heads + 2 * kv) + heads * head_dim * h
-    experts, expert_inter = _experts(c)
-    if experts:
-        mlp = experts * 3 * h * expert_inter + h * experts + 3 * h * int(c.get("shared_expert_intermediate_size") or 0)
-    else:
-        mlp = 3 * h * int(c["intermediate_size"])
-    embeddings = vocab * h * (1 if c.get("tie_word_embeddings", config.get("tie_word_embeddings")) else 2)
-    return embeddings + layers * (attn + mlp + 2 * h) + h
-
-
 def largest_tensor_elements(config: dict) -> int:
     """Elements of the largest array `ckptflow convert` holds at once: the embedding, an MLP kernel, or
     all experts of one layer."""
@@ -256,23 +246,32 @@ def largest_tensor_elements(config: dict) -> int:
 
 # Per step: CPU request, fixed memory, and what grows with the model. `ckptflow convert` streams one array
 # (or one layer slice) at a time with 2 workers, computing in float32: a few copies of the largest tensor.
-# `ckptflow verify` holds the HF model (PyTorch, CPU) and the MaxText-side weights, both in float32.
+# `ckptflow verify` streams both models one layer at a time (experts one by one, embedding and LM head in row
+# blocks), so it follows the largest layer, not the model's size: `converters.verify.sizing` (a 1.5 GiB base
+# + 3 float32 copies of the largest layer + 12 of one expert + 2 of the arrays read whole + row blocks and
+# activations), times VERIFY_MEMORY_MARGIN; it has no fixed part here.
 # Finalize of a split convert moves the parts' files into place and writes the manifest: no tensors in memory.
 # Each part of a split download and its finalize (checks, small files, moves) are sized like a whole download.
 _STEP_CPU = {"download": 2.0, "download_finalize": 2.0, "convert": 8.0, "finalize": 4.0, "verify": 8.0, "publish": 2.0}
-_BASE_GIB = {"download": 4, "download_finalize": 4, "convert": 8, "finalize": 8, "verify": 8, "publish": 4}
+_BASE_GIB = {"download": 4, "download_finalize": 4, "convert": 8, "finalize": 8, "publish": 4}
+# The verify estimate's constants are reasoned, not yet measured, and the memory limit equals the request (an
+# overrun is an OOM kill): a quarter more.
+VERIFY_MEMORY_MARGIN = 1.25
+VERIFY_DTYPE = "float32"  # the DAG's verify runs at `ckptflow verify`'s default dtype
 _DEFAULT_CONFIG = {  # sizing stand-in when the model is "auto": an 8B-class model
-    "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-    "intermediate_size": 14336, "vocab_size": 128256,
+    "model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256,
 }
 
 
 def memory_gib(step: str, config: dict) -> int:
+    if step == "verify":
+        from converters.verify.sizing import verify_memory_bytes  # light, but only needed when a pod is sized
+
+        return math.ceil(verify_memory_bytes(config, dtype=VERIFY_DTYPE) * VERIFY_MEMORY_MARGIN / GiB)
     base = _BASE_GIB[step]
     if step == "convert":
         return base + math.ceil(3 * largest_tensor_elements(config) * 4 / GiB)
-    if step == "verify":
-        return base + math.ceil(2 * estimate_params(config) * 4 / GiB)
     return base
 
 

@@ -197,7 +197,8 @@ def test_kubernetes_mode_runs_each_step_in_a_pod(fast_retries, local_pods, fake_
     assert [p.arguments[0] for p in local_pods] == list(STEPS)
     assert [c["argv"] for c in fake_cli()] == [p.arguments for p in local_pods]
     assert all(p.arguments[2].startswith(str(tmp_path / "mnt")) for p in local_pods if p.arguments[0] in ("download", "convert"))
-    assert local_pods[2].node_selector["cloud.google.com/gke-tpu-accelerator"] == "tpu-v6e-slice"
+    # verify computes on the CPU: on a TPU preset it runs on the CPU pool like every other step
+    assert [p.node_selector for p in local_pods] == [{"cloud.google.com/gke-nodepool": "ckptflow-cpu"}] * len(STEPS)
 
 
 def test_kubernetes_mode_maps_the_pod_exit_status(fast_retries, local_pods, fake_cli, monkeypatch):

@@ -1,26 +1,32 @@
 """Kubernetes mode without a cluster: every step's pod spec for a CPU and a TPU pool (and each part's pod when
 download or convert runs in parts), validated strictly against the Kubernetes schema, running the local-mode
-command, with no secret value anywhere in it."""
+command, with no secret value anywhere in it; pod sizing (verify by the model's largest layer) and placement (no
+step on a TPU while none computes there)."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
 import json
+import math
 import re
 
 import kubernetes_validate
 import pytest
 
 from converters.registry import model_names
+from converters.verify.sizing import verify_memory_bytes
+from operators import kubernetes
 from operators.commands import DOWNLOAD_FINALIZE, FINALIZE, STEPS, WorkLayout, step_args
 from operators.kubernetes import (
+    ACCELERATED_STEPS,
     NODE_POOLS,
     TPU_RESOURCE,
+    VERIFY_MEMORY_MARGIN,
     KubernetesSettings,
     PodSizingError,
     WorkVolume,
-    estimate_params,
+    build_pod_operator,
     model_config,
     pod_manifest,
     step_resources,
@@ -112,26 +118,43 @@ def test_pod_specs_validate_strictly_and_run_the_local_command(convert_dag, sett
         # Pod lifecycle: deleted when done, room for node autoscaling, no XCom sidecar.
         assert kpo.on_finish_action.value == "delete_pod" and kpo.do_xcom_push is False
         assert len(pod["spec"]["containers"]) == 1
-        assert kpo.schedule_timeout_seconds >= (3600 if pool.startswith("tpu") and step == "verify" else 1200)
+        assert kpo.schedule_timeout_seconds >= 1200
         # No secret value anywhere; the token is a secretKeyRef for the steps that talk to the hub.
         assert SECRET not in json.dumps(pod)
         refs = [e["valueFrom"]["secretKeyRef"] for e in container.get("env", []) if "valueFrom" in e]
         assert refs == ([{"name": "ckptflow-hf-token", "key": "token", "optional": True}] if step in ("download", "publish") else [])
 
-    verify_pod = pods["verify"][0]
-    selector = verify_pod["spec"]["nodeSelector"]
-    resources = verify_pod["spec"]["containers"][0]["resources"]
-    if pool.startswith("tpu"):
-        assert selector == {"cloud.google.com/gke-tpu-accelerator": "tpu-v5-lite-podslice", "cloud.google.com/gke-tpu-topology": "2x4"}
-        assert resources["limits"][TPU_RESOURCE] == resources["requests"][TPU_RESOURCE] == "8"
-        assert {"key": TPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"} in verify_pod["spec"]["tolerations"]
-        # The I/O and conversion steps stay off the accelerator.
-        for step in ("download", "convert", "publish"):
-            assert pods[step][0]["spec"]["nodeSelector"] == {"cloud.google.com/gke-nodepool": "ckptflow-cpu"}
-            assert TPU_RESOURCE not in json.dumps(pods[step][0])
-    else:
-        assert selector == {"cloud.google.com/gke-nodepool": "ckptflow-cpu"}
-        assert TPU_RESOURCE not in json.dumps(verify_pod)
+    # No step computes on a TPU (verify streams the models through the CPU): on a TPU preset every step, verify
+    # included, runs on the CPU pool, with no TPU request, no TPU toleration and JAX on the CPU.
+    assert ACCELERATED_STEPS == ()
+    for step, (pod, _, kpo) in pods.items():
+        assert pod["spec"]["nodeSelector"] == {"cloud.google.com/gke-nodepool": "ckptflow-cpu"}, step
+        assert TPU_RESOURCE not in json.dumps(pod) and not pod["spec"].get("tolerations"), step
+        assert {"name": "JAX_PLATFORMS", "value": "cpu"} in pod["spec"]["containers"][0]["env"], step
+        assert kpo.schedule_timeout_seconds == NODE_POOLS["cpu-standard"].schedule_timeout_seconds, step
+    verify = pods["verify"][0]["spec"]["containers"][0]["resources"]
+    assert verify["requests"]["memory"] == verify["limits"]["memory"] == "6Gi"  # llama3.1-8b, see the sizing test
+
+
+def test_a_step_that_computes_on_an_accelerator_goes_to_the_tpu_slice(settings):
+    """The placement machinery for a step that gains a TPU code path: its pod selects and tolerates the slice,
+    requests its chips and lets JAX see the TPU; the other steps stay on the CPU companion."""
+    tpu = dataclasses.replace(NODE_POOLS["tpu-v5e-8"], accelerated_steps=("verify",))
+    built = {
+        step: pod_manifest(build_pod_operator(task_id=step, step=step, args=[step], pool=tpu, model="llama3.1-8b",
+                                              settings=settings, timeout_seconds=3600))
+        for step in ("convert", "verify")
+    }
+    for pod in built.values():
+        kubernetes_validate.validate(pod, K8S_VERSIONS[-1], strict=True)
+    spec = built["verify"]["spec"]
+    assert spec["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v5-lite-podslice", "cloud.google.com/gke-tpu-topology": "2x4"}
+    resources = spec["containers"][0]["resources"]
+    assert resources["limits"][TPU_RESOURCE] == resources["requests"][TPU_RESOURCE] == "8"
+    assert {"key": TPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    assert {"name": "JAX_PLATFORMS", "value": "tpu,cpu"} in spec["containers"][0]["env"]
+    assert built["convert"]["spec"]["nodeSelector"] == {"cloud.google.com/gke-nodepool": "ckptflow-cpu"}
+    assert TPU_RESOURCE not in json.dumps(built["convert"])
 
 
 def test_pod_spec_with_a_kubeconfig_and_a_gcs_fuse_work_volume(convert_dag, settings, monkeypatch):
@@ -151,39 +174,65 @@ def test_pod_spec_with_a_kubeconfig_and_a_gcs_fuse_work_volume(convert_dag, sett
     assert pods["convert"][1].outlets[0].startswith("gs://acme-ckptflow/work/")
 
 
+def gib(quantity: str) -> int:
+    return int(quantity.removesuffix("Gi"))
+
+
 def test_memory_is_sized_per_step_and_model():
     cpu = NODE_POOLS["cpu-highmem"]
     small = {s: step_resources(s, cpu, "qwen3-0.6b")["requests"]["memory"] for s in (*STEPS, DOWNLOAD_FINALIZE, FINALIZE)}
     big = {s: step_resources(s, cpu, "llama3.1-70b")["requests"]["memory"] for s in (*STEPS, DOWNLOAD_FINALIZE, FINALIZE)}
-    gib = lambda v: int(v.removesuffix("Gi"))  # noqa: E731
-    assert gib(big["verify"]) > gib(small["verify"]) > gib(small["download"])
+    assert gib(big["verify"]) > gib(small["verify"])
     assert gib(big["convert"]) > gib(small["convert"])
     assert small["download"] == big["download"] and small["publish"] == big["publish"]
     assert small[FINALIZE] == big[FINALIZE]  # finalize moves files and writes the manifest: no tensors in memory
     assert small[DOWNLOAD_FINALIZE] == big[DOWNLOAD_FINALIZE] == small["download"]
-    # Parameter counts within 2 % of the published ones, dense and MoE.
-    for model, published in (("llama3.1-8b", 8.03e9), ("mixtral-8x7b", 46.7e9), ("qwen3-30b-a3b", 30.5e9)):
-        if model in model_names():
-            assert abs(estimate_params(model_config(model)) - published) / published < 0.02, model
+
+
+def test_verify_is_sized_by_the_largest_layer_not_the_model():
+    """verify streams both models layer by layer: its pod asks for the streaming estimate plus a margin, a
+    fraction of the whole model in float32 that the pods used to ask for (2 x params x 4 bytes)."""
+    cpu = NODE_POOLS["cpu-standard"]
+
+    def verify_gib(model):
+        return gib(step_resources("verify", cpu, model)["requests"]["memory"])
+
+    for model in ("llama3.1-8b", "deepseek3-671b", "gemma3-27b"):
+        want = math.ceil(verify_memory_bytes(model_config(model)) * VERIFY_MEMORY_MARGIN / 2**30)
+        assert verify_gib(model) == want, model
+    assert verify_gib("llama3.1-8b") == 6  # was 68 GiB
+    assert verify_gib("llama3.1-405b") == 49  # was ~3 TiB: no pool could hold it
+    assert verify_gib("deepseek3-671b") == 14  # a fraction of a standard CPU node
+    assert verify_gib("deepseek3-671b") < verify_gib("llama3.1-70b")  # a larger model with smaller layers
+    # Depth costs time, not memory: twice the layers, the same pod.
+    cfg = model_config("llama3.1-70b")
+    assert kubernetes.memory_gib("verify", {**cfg, "num_hidden_layers": 2 * cfg["num_hidden_layers"]}) == verify_gib("llama3.1-70b")
+    # `auto` (no name) is sized as an 8B-class llama.
+    assert step_resources("verify", cpu, None) == step_resources("verify", cpu, "llama3.1-8b")
 
 
 def test_every_registry_model_is_sized_or_refused_clearly():
-    """The form offers every registry model; each one gets requests on some pool or a clear refusal."""
+    """The form offers every registry model; each one gets requests on some pool or a clear refusal, and every step
+    of every one of them fits the standard CPU pool (where a TPU preset sends them too)."""
     for model in model_names():
         for pool in NODE_POOLS.values():
             for step in (*STEPS, DOWNLOAD_FINALIZE, FINALIZE):
                 try:
                     res = step_resources(step, pool, model)
                 except PodSizingError:
+                    assert pool.name != "cpu-standard", (model, step)
                     continue
                 assert res["requests"]["memory"].endswith("Gi")
 
 
 def test_a_pool_too_small_for_the_model_fails_at_once(convert_dag, settings, monkeypatch):
+    small = dataclasses.replace(NODE_POOLS["cpu-standard"], allocatable_memory_gib=32)
+    assert gib(step_resources("verify", small, "llama3.1-70b")["requests"]["memory"]) <= 32
     with pytest.raises(PodSizingError, match="choose a larger node pool"):
-        step_resources("verify", NODE_POOLS["cpu-standard"], "llama3.1-70b")
+        step_resources("verify", small, "llama3.1-405b")
     from airflow.sdk.exceptions import AirflowFailException
 
+    monkeypatch.setitem(NODE_POOLS, "cpu-standard", small)
     op = convert_dag.get_task("verify")
     monkeypatch.setattr(op, "kubernetes_settings", settings)
     plan = op.plan(context_for(convert_dag, {**CONF, "model": "llama3.1-405b", "node_pool": "cpu-standard"}))
