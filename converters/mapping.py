@@ -73,9 +73,9 @@ class Rule:
             x = self.split.take(x, part)
         return run_chain(self.chain, x, dtype)
 
-    def to_hf(self, parts: list[np.ndarray], dtype: np.dtype, runtime: bool = False) -> np.ndarray:
+    def to_hf(self, parts: list[np.ndarray], dtype: np.dtype | None, runtime: bool = False) -> np.ndarray:
         """The HF tensor (or one expert row of it) from the matching slice of each MaxText array (`runtime`: through
-        `runtime_chain` where the rule has one)."""
+        `runtime_chain` where the rule has one; `dtype` None: as computed, see `run_chain`)."""
         chain = self.runtime_chain if runtime and self.runtime_chain is not None else self.chain
         xs = [run_chain(chain, p, dtype, inverse=True) for p in parts]
         return xs[0] if self.split is None else self.split.join(xs)

@@ -210,8 +210,9 @@ class Deinterleave(Split):
         return out
 
 
-def run_chain(chain: tuple[Transform, ...], x: np.ndarray, out_dtype: np.dtype, inverse: bool = False) -> np.ndarray:
-    """Apply a chain (forward, or inverted in reverse order), computing in float32 only when a step changes values."""
+def run_chain(chain: tuple[Transform, ...], x: np.ndarray, out_dtype: np.dtype | None, inverse: bool = False) -> np.ndarray:
+    """Apply a chain (forward, or inverted in reverse order), computing in float32 only when a step changes values.
+    `out_dtype` None: the result as computed (the input's dtype when the chain only moves elements, else float32)."""
     steps = tuple(reversed(chain)) if inverse else chain
     if not all(t.exact for t in steps):
         x = x.astype(np.float32)
@@ -219,4 +220,4 @@ def run_chain(chain: tuple[Transform, ...], x: np.ndarray, out_dtype: np.dtype, 
         x = t.inverse(x) if inverse else t.forward(x)
     # Kernels come out contiguous (tiled transposes); other steps may leave a strided view, which the
     # writers copy once when they need the bytes.
-    return x.astype(out_dtype, copy=False)
+    return x if out_dtype is None else x.astype(out_dtype, copy=False)

@@ -22,6 +22,7 @@ activations. So memory follows the largest layer, not the model.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -34,6 +35,7 @@ import numpy as np
 
 from converters import registry
 from converters.errors import CkptflowError
+from converters.malloc import fix_mmap_threshold
 from converters.verify.content import ContentCheck
 from converters.verify.experts import Bundle, ExpertFeed
 from converters.verify.metrics import NonFinite, PairStats, StreamStats
@@ -91,6 +93,7 @@ class Engine:
         from converters.verify.hf_side import HFModel
         from converters.verify.jax_ref import Reference
 
+        fix_mmap_threshold()  # freed layer-sized buffers go back to the OS, not to the heap (see converters.malloc)
         self.prompts, self.dtype = prompts, dtype
         self.source, self.ckpt, self.golden, self.golden_writer = source, ckpt, golden, golden_writer
         self.timer = Timer()
@@ -232,6 +235,7 @@ class Engine:
             self._references(k)
         with self.timer("read_source"):
             src = pending.result() if pending is not None else {}
+            pending = None  # (a finished future keeps its result alive)
         if not moe:  # the source's streams, then its tensors go once compared with the checkpoint's
             for stream in self.hf:
                 if stream != "hf_ckpt":
@@ -246,11 +250,12 @@ class Engine:
             self._moe_step(k, layers[0], src, back)
         elif "hf_ckpt" in self.hf:
             del src
+            self.ckpt.release()  # mapped back: the stored arrays are no longer needed
             if same and all(self.follows):  # identical weights and inputs: identical outputs
                 for a, b in zip(self.states["hf"], self.states["hf_ckpt"]):
                     b.x = a.x
             else:
-                self._hf_layers("hf_ckpt", layers, back)
+                self._hf_layers("hf_ckpt", layers, back, consume=True)
         if self.ckpt is not None:
             self.ckpt.release()
 
@@ -259,12 +264,18 @@ class Engine:
             with self.timer(stream):
                 arrays = {rel: self.ckpt.read(*at) for rel, at in r.layer_reads(k).items()}
                 r.layer(k, arrays, self.states[stream])
+                del arrays
+                gc.collect()  # JAX leaves the layer's device arrays in reference cycles: up to a layer's worth
 
-    def _hf_layers(self, stream: str, layers: tuple[int, ...], tensors: dict) -> None:
+    def _hf_layers(self, stream: str, layers: tuple[int, ...], tensors: dict, consume: bool = False) -> None:
+        """The HF layers of one step on one stream. `consume`: `tensors` is emptied once loaded (the module holds
+        its own copy in its dtype), so the step does not hold both."""
         model = self.hf[stream]
         with self.timer(stream):
             for l in layers:
                 model.load({n: tensors[n] for n in self.index.layers.get(l, ())}, scope=model.layer_names[l])
+            if consume:
+                tensors.clear()
             for l in layers:
                 for p in self.states[stream]:
                     model.layer(l, p)
@@ -359,22 +370,34 @@ class Engine:
         rows = hf_rows if self.hf else compared
         width = self.index.tensors[head].leaf.rule.hf_shape[1]
         block = max(256, VOCAB_BLOCK_BYTES // (4 * width) // 256 * 256)
-        for v0 in range(0, rows, block):
-            v1, c1 = min(v0 + block, rows), min(v0 + block, compared)
-            back = {}
-            names = self.index.row_streamed if self.content is not None else [head] if self.source is not None else []
+        names = self.index.row_streamed if self.content is not None else [head] if self.source is not None else []
+        blocks = [(v0, min(v0 + block, rows)) for v0 in range(0, rows, block)]
+        ahead = self._head_reads(names, *blocks[0])
+        for i, (v0, v1) in enumerate(blocks):
+            pending, stored = ahead
+            if i + 1 < len(blocks):  # the next block is read while this one is computed (one block ahead)
+                ahead = self._head_reads(names, *blocks[i + 1])
             with self.timer("read_source"):
-                src = {name: self._source(name, (v0, v1)) for name in names}  # embedding and lm_head: all their HF rows
+                src = pending.result()
+            back = {}
             if self.content is not None:
                 with self.timer("read_checkpoint"):
                     back = {name: self.ckpt.back_rows(name, v0, v1) for name in names}
                 with self.timer("content"):
                     for name in names:
                         self._compare(name, src[name], back[name])
+            c1 = min(v1, compared)
             if c1 > v0:
                 self._logits(head, v0, c1, src.get(head), back.get(head), to_torch)
             if self.ckpt is not None:
-                self.ckpt.release()
+                self.ckpt.release(stored + [(r.head_key, self.ckpt.rows_index(head, v0, c1)) for r in self.mt.values()])
+
+    def _head_reads(self, names: list[str], v0: int, v1: int):
+        """Start reading one vocabulary block on both sides: (future of the source's rows by name, stored reads)."""
+        stored = [r for name in names for r in self.ckpt.rows_reads(name, v0, v1)] if self.content is not None else []
+        if self.ckpt is not None:
+            self.ckpt.prefetch(stored)
+        return self._reader.submit(lambda: {name: self._source(name, (v0, v1)) for name in names}), stored
 
     def _logits(self, head: str, v0: int, v1: int, src_rows, back_rows, to_torch) -> None:
         """One vocabulary block of every stream's logits, into the comparisons (and the golden file)."""
@@ -384,10 +407,9 @@ class Engine:
             with self.timer(stream):
                 if stream == "hf_ckpt":  # the values that make transformers compute what MaxText computes
                     runtime = self.index.tensors[head].leaf.rule.runtime_chain is not None
-                    w = to_torch(self.ckpt.back_rows(head, v0, v1, runtime=True) if runtime else back_rows[:n])
+                    w = to_torch(self.ckpt.back_rows(head, v0, v1, runtime=True) if runtime else back_rows[:n], model.dtype)
                 else:
                     w = to_torch(src_rows[:n], model.dtype)
-                    w = w if w.dtype == model.dtype else w.to(model.dtype)
                 blocks[stream] = [model.logits(p, w) for p in self.states[stream]]
         for stream, r in self.mt.items():
             with self.timer(stream):

@@ -303,8 +303,11 @@ class HFModel:
         return prompt
 
     def layer(self, i: int, prompt: HFPrompt) -> None:
+        import torch
+
         args, kwargs = prompt.layer_kwargs[i]
-        prompt.x = self.layers[i](prompt.x, *args, **kwargs)
+        with torch.no_grad():  # per thread: MoE layers run each prompt in a thread of its own
+            prompt.x = self.layers[i](prompt.x, *args, **kwargs)
 
     def final(self, prompt: HFPrompt) -> None:
         prompt.x = self.decoder.norm(prompt.x)

@@ -240,9 +240,9 @@ def nonfinite_counts(a: np.ndarray) -> dict[str, int] | None:
         return None
     if a.dtype.itemsize == 2 and a.dtype != np.float16:  # bfloat16: exponent bits 14-7 all ones
         bits = a.view(np.uint16)
-        special = (bits & 0x7F80) == 0x7F80
-        if not special.any():
+        if a.size == 0 or (bits & 0x7FFF).max() < 0x7F80:  # magnitude bits below the first Inf: all finite
             return None
+        special = (bits & 0x7F80) == 0x7F80
         nan = int(np.count_nonzero(special & ((bits & 0x007F) != 0)))
         return {"nan": nan, "inf": int(np.count_nonzero(special)) - nan}
     if np.isfinite(a).all():

@@ -24,6 +24,9 @@ from converters.orbax_io import CheckpointReader
 from converters.transforms import run_chain
 
 F32 = np.dtype(np.float32)
+# Mapped-back tensors come as computed: in the stored dtype when the chain only moves elements (compared bit for bit,
+# cast by the model's loader), float32 when it changes values (never rounded again).
+AS_COMPUTED = None
 
 
 def index_key(index: tuple) -> tuple:
@@ -141,9 +144,12 @@ class CheckpointWeights:
         self._cache[k] = self.nonfinite.scan(path, got, k[1])
         return got
 
-    def release(self) -> None:
-        """Forget the step's arrays (their memory goes once their last user lets go)."""
-        self._cache.clear()
+    def release(self, reads=None) -> None:
+        """Forget the step's arrays, or the (path, index) pairs `reads` only (their memory goes with its last user)."""
+        if reads is None:
+            self._cache.clear()
+        for path, index in reads or ():
+            self._cache.pop((path, index_key(index)), None)
 
     def read_rows(self, path: str, ids: np.ndarray) -> np.ndarray:
         """Rows `ids` of a 2-D array (a prompt's embedding rows), read without the rest of the table."""
@@ -160,13 +166,13 @@ class CheckpointWeights:
         return [r for n in self.index.layers.get(layer, ()) for r in ts[n].reads(ts[n].pieces[0])]
 
     def back(self, name: str, runtime: bool = False) -> np.ndarray:
-        """HF tensor `name` (one piece: not an expert, not row-streamed) mapped back, float32."""
+        """HF tensor `name` (one piece: not an expert, not row-streamed) mapped back (dtype: `AS_COMPUTED`)."""
         t = self.index.tensors[name]
-        return t.leaf.rule.to_hf([self.read(*r) for r in t.reads(t.pieces[0])], F32, runtime)
+        return t.leaf.rule.to_hf([self.read(*r) for r in t.reads(t.pieces[0])], AS_COMPUTED, runtime)
 
     def back_piece(self, t: HFTensor, piece: Piece, arrays: dict[tuple, np.ndarray]) -> np.ndarray:
-        """One expert's part of an expert tensor (a fused tensor's row), float32, from `read_many`'s arrays."""
-        return t.leaf.rule.to_hf([arrays[(path, index_key(index))] for path, index in t.reads(piece)], F32)
+        """One expert's part of an expert tensor (a fused tensor's row), from `read_many`'s arrays (`AS_COMPUTED`)."""
+        return t.leaf.rule.to_hf([arrays[(path, index_key(index))] for path, index in t.reads(piece)], AS_COMPUTED)
 
     def back_gather(self, name: str, ids: np.ndarray, runtime: bool = False) -> np.ndarray:
         """Rows `ids` (sorted, unique) of the embedding mapped back, float32 (a prompt's rows)."""
@@ -176,14 +182,14 @@ class CheckpointWeights:
         ids = np.asarray(ids, np.int64)
         inside, beyond = ids[ids < kept], ids[ids >= kept]
         chain = r.runtime_chain if runtime and r.runtime_chain is not None else r.chain
-        out = [run_chain(chain, self.read_rows(t.leaf.path, inside), F32, inverse=True)] if len(inside) else []
+        out = [run_chain(chain, self.read_rows(t.leaf.path, inside), F32, inverse=True)] if len(inside) else []  # small
         if len(beyond):
             extra = self.dropped.get(name)
             out.append(np.asarray(extra[beyond - kept], F32) if extra is not None else np.zeros((len(beyond),) + r.hf_shape[1:], F32))
         return np.concatenate(out) if len(out) > 1 else out[0]
 
     def back_rows(self, name: str, start: int, stop: int, runtime: bool = False) -> np.ndarray:
-        """Rows [start, stop) of a row-streamed HF tensor mapped back, float32: the checkpoint's rows, then (Gemma3)
+        """Rows [start, stop) of a row-streamed HF tensor mapped back (`AS_COMPUTED`): the checkpoint's rows, then (Gemma3)
         the rows MaxText cannot hold, from the sidecar (zeros without it), as `convert --to hf` writes them. The
         stored block is read through the step cache (`rows_index`), so the reference's logits share the read."""
         t = self.index.tensors[name]
@@ -193,13 +199,18 @@ class CheckpointWeights:
         if start < kept:
             index = self.rows_index(name, start, min(stop, kept))
             chain = r.runtime_chain if runtime and r.runtime_chain is not None else r.chain
-            parts.append(run_chain(chain, self.read(t.leaf.path, index), F32, inverse=True))
+            parts.append(run_chain(chain, self.read(t.leaf.path, index), AS_COMPUTED, inverse=True))
         if stop > kept:
             lo = max(start, kept)
             extra = self.dropped.get(name)
             rows = extra[lo - kept : stop - kept] if extra is not None else np.zeros((stop - lo,) + r.hf_shape[1:])
-            parts.append(np.asarray(rows, F32))
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+            parts.append(np.asarray(rows, parts[0].dtype if parts else F32))
+        return parts[0] if len(parts) == 1 else np.concatenate([p.astype(F32) for p in parts])
+
+    def rows_reads(self, name: str, start: int, stop: int) -> list[tuple[str, tuple]]:
+        """The stored block `back_rows(name, start, stop)` reads (none past the rows the checkpoint holds)."""
+        kept = self.kept_rows(name)
+        return [(self.index.tensors[name].leaf.path, self.rows_index(name, start, min(stop, kept)))] if start < kept else []
 
     def kept_rows(self, name: str) -> int:
         """Rows of a row-streamed HF tensor the checkpoint holds (fewer than HF's for Gemma3's embedding)."""

@@ -359,8 +359,7 @@ class Family:
             # dtype (`logits_dot_in_fp32: false`). In bfloat16 runs that cast is a no-op. In float32 runs it would add
             # ~1e-5 of KL on a tied model that has nothing to do with the conversion, so it is only applied when
             # `bf16_tied_logits` is requested.
-            if spec.option("bf16_tied_logits", False):
-                w = w.astype(jnp.bfloat16)
+            w = w.astype(jnp.bfloat16 if spec.option("bf16_tied_logits", False) else spec.jdtype)
             logits = jnp.dot(y, w.T, preferred_element_type=spec.jdtype)
         else:
             logits = dense(y, w, spec.jdtype)

@@ -139,8 +139,7 @@ class _GemmaBase(Family):
 
     def logits_block(self, spec: ModelSpec, y, w):
         dt = spec.jdtype
-        if spec.option("bf16_tied_logits", False):  # MaxText's attend_on_embedding bf16 cast, see common.py
-            w = w.astype(jnp.bfloat16)
+        w = w.astype(jnp.bfloat16 if spec.option("bf16_tied_logits", False) else dt)  # MaxText's bf16 cast: common.py
         logits = jnp.dot(y, w.T, preferred_element_type=dt)
         logits = logits / jnp.sqrt(y.shape[-1]).astype(dt)  # normalize_embedding_logits: the exact sqrt(E)
         cap = spec.option("final_softcap")
