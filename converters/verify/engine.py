@@ -152,11 +152,12 @@ class Engine:
         t = time.perf_counter()
         self._start()
         ref = self.reference
-        steps = ref.num_layers if ref is not None else next(iter(self.hf.values())).num_layers
-        for k in range(steps):
+        self.steps = ref.num_layers if ref is not None else next(iter(self.hf.values())).num_layers
+        self._next = self._prefetch(0)
+        for k in range(self.steps):
             with self.timer("layers"):
                 self._step(k)
-            log.debug("step %d/%d done", k + 1, steps)
+            log.debug("step %d/%d done", k + 1, self.steps)
         with self.timer("head"):
             self._head()
         self._reader.shutdown()
@@ -218,16 +219,31 @@ class Engine:
         t = self.index.tensors[name]
         return self.content.check(name, t.kind, x, back, t.leaf.rule.chain, self.ckpt.dtype)
 
-    def _step(self, k: int) -> None:
-        """Stored layer k on every stream. The checkpoint's arrays are read in the background (tensorstore) and so are
-        the source's (a thread) while the references compute; each side's weights are let go as soon as it is done."""
+    def _layers_of(self, k: int) -> tuple[tuple[int, ...], list[str]]:
+        """(HF layers, their HF tensors, routed experts excluded) of stored layer k."""
         ref = self.reference
         layers = ref.hf_layers(k) if ref is not None else (k,)
-        names = [n for l in layers for n in self.index.layers.get(l, ())]
+        return layers, [n for l in layers for n in self.index.layers.get(l, ())]
+
+    def _prefetch(self, k: int):
+        """Start reading step k (once step k - 1 has let go of what it read): the checkpoint's arrays (tensorstore,
+        in the background) and the source's tensors (a thread). Returns (k, the source's future, the stored reads)."""
+        if k >= self.steps:
+            return None
+        layers, names = self._layers_of(k)
+        stored = []
         if self.ckpt is not None:
-            self.ckpt.prefetch([r for l in layers for r in self.ckpt.layer_reads(l)])
-            self.ckpt.prefetch([at for r in self.mt.values() for at in r.layer_reads(k).values()])
+            stored = [r for l in layers for r in self.ckpt.layer_reads(l)] + [at for r in self.mt.values() for at in r.layer_reads(k).values()]
+            self.ckpt.prefetch(stored)
         pending = self._reader.submit(lambda: {n: self._source(n) for n in names}) if self.source is not None else None
+        return k, pending, stored
+
+    def _step(self, k: int) -> None:
+        """Stored layer k on every stream, its reads started before (`_prefetch`): the references compute while the
+        source is read, then the source's streams, the content check, and the checkpoint's mapped-back stream while
+        step k + 1 is read. Each side's weights are let go as soon as it is done with them."""
+        (_, pending, stored), self._next = self._next, None
+        layers, names = self._layers_of(k)
         moe = [l for l in layers if self.index.experts.get(l)]
         if moe and len(layers) != 1:
             raise CkptflowError("a stored layer holding several HF layers with experts is not supported")
@@ -248,16 +264,23 @@ class Engine:
                 same = all([self._compare(n, src[n], back[n]) for n in names])
         if moe:
             self._moe_step(k, layers[0], src, back)
-        elif "hf_ckpt" in self.hf:
-            del src
-            self.ckpt.release()  # mapped back: the stored arrays are no longer needed
-            if same and all(self.follows):  # identical weights and inputs: identical outputs
-                for a, b in zip(self.states["hf"], self.states["hf_ckpt"]):
-                    b.x = a.x
-            else:
-                self._hf_layers("hf_ckpt", layers, back, consume=True)
+        del src
         if self.ckpt is not None:
-            self.ckpt.release()
+            self.ckpt.release(stored)  # mapped back: the stored arrays are no longer needed
+
+        def next_step() -> None:  # step k + 1 is read while the mapped-back stream computes on its own copy
+            self._next = self._prefetch(k + 1)
+
+        if moe or "hf_ckpt" not in self.hf:
+            back = None  # (for tensors the chain only views, these are the stored arrays themselves)
+            next_step()
+        elif same and all(self.follows):  # identical weights and inputs: identical outputs
+            back = None
+            for a, b in zip(self.states["hf"], self.states["hf_ckpt"]):
+                b.x = a.x
+            next_step()
+        else:
+            self._hf_layers("hf_ckpt", layers, back, consume=True, loaded=next_step)
 
     def _references(self, k: int) -> None:
         for stream, r in self.mt.items():
@@ -267,15 +290,17 @@ class Engine:
                 del arrays
                 gc.collect()  # JAX leaves the layer's device arrays in reference cycles: up to a layer's worth
 
-    def _hf_layers(self, stream: str, layers: tuple[int, ...], tensors: dict, consume: bool = False) -> None:
+    def _hf_layers(self, stream: str, layers: tuple[int, ...], tensors: dict, consume: bool = False, loaded=None) -> None:
         """The HF layers of one step on one stream. `consume`: `tensors` is emptied once loaded (the module holds
-        its own copy in its dtype), so the step does not hold both."""
+        its own copy in its dtype), so the step does not hold both; `loaded()` is called then."""
         model = self.hf[stream]
         with self.timer(stream):
             for l in layers:
                 model.load({n: tensors[n] for n in self.index.layers.get(l, ())}, scope=model.layer_names[l])
             if consume:
                 tensors.clear()
+            if loaded is not None:
+                loaded()
             for l in layers:
                 for p in self.states[stream]:
                     model.layer(l, p)

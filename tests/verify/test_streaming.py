@@ -4,8 +4,9 @@
   golden logits equals `from_pretrained` + one forward, bit for bit, on every tiny family (eager attention and
   the eager experts loop, the reference implementations; the default `grouped_mm` differs by float rounding).
 * Each stored array a run reads is released before the next layer's are read: every source tensor and every
-  checkpoint array of layer i is garbage by the time anything of layer i + 1 is requested, and a MoE layer holds
-  at most `EXPERT_WINDOW` (+1 for the consumer furthest behind) experts at once.
+  checkpoint array of layer i is garbage by the time anything of layer i + 1 is requested (the next layer is read
+  while the mapped-back stream computes on its own copy), and a MoE layer holds at most `EXPERT_WINDOW` (+1 for
+  the consumer furthest behind) experts at once.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def test_streamed_hf_side_equals_a_whole_model_forward(family, tiny, tmp_path):
 
 
 def _track_reads(monkeypatch):
-    """Record every array verify reads (source tensors, checkpoint arrays) with the step that read it."""
+    """Record every array verify reads (source tensors, checkpoint arrays) with the step whose reads were last started,
+    and check, each time a step's reads start, that nothing read for an earlier step is still alive."""
     from converters.orbax_io import PendingRead
     from converters.verify import engine
     from converters.verify.weights import SourceWeights
@@ -83,16 +85,16 @@ def _track_reads(monkeypatch):
         wrap(SourceWeights, name)
     wrap(PendingRead, "result")
 
-    step = engine.Engine._step
+    prefetch = engine.Engine._prefetch
 
-    def checked_step(self, k):
+    def checked_prefetch(self, k):
         gc.collect()
         alive = [s for s, r in reads if r() is not None and 0 <= s < k]
-        assert not alive, f"step {k} starts while arrays read by steps {sorted(set(alive))} are alive"
+        assert not alive, f"step {k}'s reads start while arrays read for steps {sorted(set(alive))} are alive"
         state["step"] = k
-        step(self, k)
+        return prefetch(self, k)
 
-    monkeypatch.setattr(engine.Engine, "_step", checked_step)
+    monkeypatch.setattr(engine.Engine, "_prefetch", checked_prefetch)
     return reads
 
 
