@@ -32,12 +32,16 @@ MAX_FAILURES = 20  # failures listed by name in the result (all are counted)
 
 
 def ulp(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Spacing of `dtype`'s values at |x| (float64): 2^(exponent - mantissa bits), its smallest normal spacing at 0."""
+    """Spacing of `dtype`'s values at |x| (float64): 2^(exponent - mantissa bits), its smallest normal spacing at 0.
+    The exponent is read from the bits of x (float32 or float64), not computed."""
     name = np.dtype(dtype).name
     m, lo = MANTISSA_BITS[name], MIN_EXPONENT[name]
     x = np.asarray(x)
-    _, e = np.frexp(np.abs(to_float32(x) if x.dtype.itemsize < 4 else x))
-    return np.ldexp(1.0, np.maximum(e - 1, lo) - m)
+    if x.dtype == np.float64:
+        e = ((x.view(np.uint64) >> np.uint64(52)) & np.uint64(0x7FF)).astype(np.int32) - 1023
+    else:
+        e = ((to_float32(x).view(np.uint32) >> np.uint32(23)) & np.uint32(0xFF)).astype(np.int32) - 127
+    return np.ldexp(1.0, np.maximum(e, lo) - m)
 
 
 def to_float32(a: np.ndarray) -> np.ndarray:

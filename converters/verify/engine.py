@@ -10,8 +10,9 @@ The sides ("streams") a run computes, each on every prompt:
     golden        logits saved by `ckptflow golden` (verify --golden: instead of the HF streams)
 
 Step k is stored (MaxText) layer k: it reads layer k's tensors once from each side (the source folder's, the
-checkpoint's), compares them (content), runs every stream's layer k on every prompt, and lets go of them before
-step k + 1 reads anything. A mixture-of-experts layer reads its routed experts one at a time
+checkpoint's), compares them (content), runs every stream's layer k on every prompt, and lets go of what it read
+before step k + 1's reads start (they overlap the last stream of step k, which computes on its own converted
+copy). A mixture-of-experts layer reads its routed experts one at a time
 (`converters.verify.experts`). The output projection is read in vocabulary blocks; each block's logits update
 the comparisons (`converters.verify.metrics`) and are dropped.
 
@@ -40,15 +41,12 @@ from converters.verify.content import ContentCheck
 from converters.verify.experts import Bundle, ExpertFeed
 from converters.verify.metrics import NonFinite, PairStats, StreamStats
 from converters.verify.prompts import Prompt
-from converters.verify.weights import F32, CheckpointWeights, SourceWeights, TensorIndex, index_key
+from converters.verify.weights import CheckpointWeights, SourceWeights, TensorIndex, index_key
 
 log = logging.getLogger("ckptflow.verify")
 
 VOCAB_BLOCK_BYTES = 64 << 20  # one float32 block of the output projection's rows
 EXPERT_WINDOW = 2  # experts of one layer held at once (one being computed, the next being read)
-
-HF_STREAMS = ("hf", "hf_ckpt", "hf_bf16")
-MT_STREAMS = ("maxtext", "maxtext_bf16")
 
 
 class Timer:
@@ -123,6 +121,7 @@ class Engine:
         self.states: dict[str, list] = {}
         self.follows: list[bool] = []  # per prompt: hf_ckpt's activations are hf's, bit for bit (shared, not recomputed)
         self.expert_reads = 0
+        self._content_lock = threading.Lock()  # experts are checked on the feed's reading threads
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="ckptflow-verify-read")  # the source's next tensors
 
     def _comparisons(self) -> dict[str, Comparison]:
@@ -288,7 +287,7 @@ class Engine:
                 arrays = {rel: self.ckpt.read(*at) for rel, at in r.layer_reads(k).items()}
                 r.layer(k, arrays, self.states[stream])
                 del arrays
-                gc.collect()  # JAX leaves the layer's device arrays in reference cycles: up to a layer's worth
+                gc.collect(1)  # JAX leaves the layer's device arrays in young reference cycles: up to a layer's worth
 
     def _hf_layers(self, stream: str, layers: tuple[int, ...], tensors: dict, consume: bool = False, loaded=None) -> None:
         """The HF layers of one step on one stream. `consume`: `tensors` is emptied once loaded (the module holds
@@ -364,8 +363,6 @@ class Engine:
                 for t, _ in entries:
                     self._compare(t.name, bundle["src"][t.name], bundle["back"][t.name])
         return bundle
-
-    _content_lock = threading.Lock()
 
     def _head(self) -> None:
         """Final norms, then the logits one vocabulary block at a time, and the row-streamed tensors' content."""
@@ -448,6 +445,9 @@ class Engine:
             for c in self.comparisons.values():
                 for pair in c.stats:
                     pair.update()
+            for stats in self.stream_stats.values():  # the block's float64 copies are not needed any more
+                for s in stats:
+                    s.block = s.weights = None
         if self.golden_writer is not None:
             for i, b in enumerate(blocks["hf"]):
                 self.golden_writer.write_block(i, v0, b)

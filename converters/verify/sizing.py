@@ -8,7 +8,7 @@ total size, and does not grow with depth, with the number of experts or with the
 
 The estimate, in bytes (T = PROMPT_TOKENS):
 
-    peak = BASE_BYTES + LAYER_COPIES x L x 4 + EXPERT_COPIES x X x 4 + GLOBAL_COPIES x G x 4 + B + A
+    peak = BASE_BYTES + LAYER_COPIES x L x 4 + EXPERT_COPIES x X x 4 + GLOBAL_COPIES x G x 4 + B + A + V
            (+ BF16_COPIES x (L + G) x BF16_BYTES with `--dtype bfloat16`)
 
 * a "layer" is one MaxText decoder layer: the leaves of the family's UNSCANNED plan grouped by their layer
@@ -24,13 +24,16 @@ The estimate, in bytes (T = PROMPT_TOKENS):
 * A: activations, T x (hidden + widest MLP + heads x T) x ACTIVATION_BYTES x ACTIVATION_STREAMS (the widest
   MLP a layer runs: the dense MLP, one expert's, a shared expert's, or DeepSeek's first dense layers'; heads x T
   is a layer's attention scores);
-* dtype: the engine reads and maps every tensor to float32 whatever `--dtype` (its float32 streams measure the
-  conversion), so the copies above are float32 in both cases; `--dtype bfloat16` ADDS two bfloat16 streams
-  (hf_bf16, maxtext_bf16) with their own bfloat16 copy of the layer and of the globals. A bfloat16 verify needs
-  more memory than a float32 one, not less.
+* V: one vocabulary block's logits on every side (T x rows, rows = ROW_BLOCK_BYTES / (4 x hidden)), as float32
+  and as the float64 copies the block-wise KL works on: LOGIT_BYTES per value and side, 3 sides (5 with bfloat16);
+* dtype: the float32 streams measure the conversion whatever `--dtype`, so the copies above are float32 in both
+  cases; `--dtype bfloat16` ADDS two bfloat16 streams (hf_bf16, maxtext_bf16) with their own bfloat16 copy of the
+  layer and of the globals. A bfloat16 verify needs more memory than a float32 one, not less.
 
-The constants are provisional (reasoned, not measured): a benchmark of the streaming verify will calibrate
-them. `describe(cfg)` prints the terms of one model.
+Calibrated with `bench/verify_bench.py` (docs/performance.md, "Verify"): measured peak RSS of the whole process
+against this estimate -- Llama 3.1 8B dimensions, 2 to 32 layers: 3.35-3.47 GB float32 (estimate 4.6 GB), 3.5-3.7
+GB bfloat16 (5.2 GB); Qwen3-30B-A3B dimensions, 4 layers: 1.8 GB float32 (2.6 GB), 2.5 GB bfloat16 (3.0 GB). The
+estimate stays above every measurement; the DAG adds its own margin. `describe(cfg)` prints the terms of one model.
 """
 
 from __future__ import annotations
@@ -48,10 +51,11 @@ GiB = 1024**3
 
 # Every copy of a weight the engine holds is float32 (`weights.F32`), whatever `--dtype`.
 WEIGHT_BYTES = 4
-# Interpreter, torch, JAX and transformers imported, the tokenizer loaded: what verify holds before any weight.
+# Interpreter, torch, JAX and transformers imported, the models built without weights, the tokenizer loaded, the
+# buffer pool's free source buffers (measured 0.6-0.7 GB), with room for compiled functions and allocator slack.
 BASE_BYTES = int(1.5 * GiB)
-# One layer's weights: as the source folder holds it, as the checkpoint stores it (mapped back for the HF-side
-# check of the checkpoint), and as the MaxText reference computes with it.
+# One layer's weights: as the source folder holds it, as the checkpoint stores it, and the float32 copy the stream
+# computing at that moment holds (an HF module or the reference; each lets go before the next loads).
 LAYER_COPIES = 3
 # One expert at a time, but two in flight (engine.EXPERT_WINDOW: one computed, the next read), each as the source
 # holds it, as the checkpoint stores it, mapped back, and as each HF stream's module takes it (2 x ~6). The
@@ -59,9 +63,9 @@ LAYER_COPIES = 3
 EXPERT_COPIES = 12
 # Arrays read whole (norms, a vision tower): one copy per side, held from start to end.
 GLOBAL_COPIES = 2
-# With `--dtype bfloat16`: the hf_bf16 module's and the maxtext_bf16 reference's bfloat16 copies of the layer and
-# of the globals (their experts are within EXPERT_COPIES' slack).
-BF16_COPIES = 2
+# With `--dtype bfloat16`: a bfloat16 copy of the layer and of the globals beside the others (measured: +0.2 GB on
+# an 8B-dimension layer; the hf_bf16 and maxtext_bf16 streams load theirs one after the other).
+BF16_COPIES = 1
 BF16_BYTES = 2
 # Embedding / LM head rows are read in blocks of this size (engine.VOCAB_BLOCK_BYTES): the block from the source,
 # from the checkpoint, and the logits it gives.
@@ -74,6 +78,9 @@ ACTIVATION_BYTES = 4
 # ... once per stream the engine runs, each with its own activations: hf, hf_ckpt, maxtext, and with
 # `--dtype bfloat16` also hf_bf16 and maxtext_bf16 (5 at most).
 ACTIVATION_STREAMS = 5
+# A vocabulary block's logits: float32 as computed, then float64 and its exponentials for the block-wise KL.
+LOGIT_BYTES = 4 + 8 + 8
+LOGIT_SIDES = {"float32": 3, "bfloat16": 5}  # hf, hf_ckpt, maxtext (+ hf_bf16, maxtext_bf16)
 
 DTYPES = ("float32", "bfloat16")  # `ckptflow verify --dtype`
 
@@ -123,9 +130,14 @@ class Terms:
         return PROMPT_TOKENS * width * ACTIVATION_BYTES * ACTIVATION_STREAMS
 
     @property
+    def logit_bytes(self) -> int:
+        rows = ROW_BLOCK_BYTES // (4 * self.hidden) if self.row_streamed else 0
+        return PROMPT_TOKENS * rows * LOGIT_BYTES * LOGIT_SIDES["bfloat16" if self.bf16 else "float32"]
+
+    @property
     def total_bytes(self) -> int:
         weights = self.layer_bytes + self.expert_bytes + self.global_bytes + self.row_block_bytes
-        return BASE_BYTES + weights + self.activation_bytes
+        return BASE_BYTES + weights + self.activation_bytes + self.logit_bytes
 
 
 def layer_of(path: str) -> str | None:
@@ -210,4 +222,5 @@ def describe(cfg: dict, *, dtype: str = "float32") -> str:
         f" + globals ({GLOBAL_COPIES} f32{bf16}) x {_count(t.global_params)} {_size(t.global_bytes)}"
         f" + row blocks {ROW_BLOCK_COPIES} x {_size(ROW_BLOCK_BYTES)} {_size(t.row_block_bytes)}"
         f" + activations {PROMPT_TOKENS} tok x {ACTIVATION_STREAMS} streams {_size(t.activation_bytes)}"
+        f" + logits block {_size(t.logit_bytes)}"
     )

@@ -79,9 +79,11 @@ def test_terms_match_the_config_numbers(name, dtype):
     t = terms(cfg_of(name), dtype=dtype)
     assert (t.layer_params, t.expert_params, t.global_params) == (want["L"], want["X"], want["G"])
     assert t.activation_bytes == want["A"] and t.row_streamed
-    bf16 = 2 * 2 if dtype == "bfloat16" else 0  # the hf_bf16 and maxtext_bf16 streams' bfloat16 copies
+    bf16 = 2 if dtype == "bfloat16" else 0  # a bfloat16 copy of the layer and globals for the bfloat16 streams
+    h = (cfg_of(name).get("text_config") or cfg_of(name))["hidden_size"]
+    logits = sizing.PROMPT_TOKENS * (64 * 2**20 // (4 * h)) * 20 * (5 if dtype == "bfloat16" else 3)  # one vocabulary block
     total = (int(1.5 * GiB) + want["L"] * (3 * 4 + bf16) + 12 * want["X"] * 4 + want["G"] * (2 * 4 + bf16)
-             + 3 * 64 * 2**20 + want["A"])
+             + 3 * 64 * 2**20 + want["A"] + logits)
     assert verify_memory_bytes(cfg_of(name), dtype=dtype) == t.total_bytes == total
 
 
@@ -161,9 +163,9 @@ def test_describe_names_every_term_on_one_line():
     line = describe(cfg_of("deepseek3-671b"))
     assert "\n" not in line
     for word in ("base 1.5 GiB", "layer (3 f32) x 583.5M", "experts 12 f32 x 44.0M", "globals (2 f32) x 7.2K",
-                 "row blocks 3 x 64.0 MiB", "activations 520 tok x 5 streams", "(float32)"):
+                 "row blocks 3 x 64.0 MiB", "activations 520 tok x 5 streams", "logits block", "(float32)"):
         assert word in line, (word, line)
-    assert "layer (3 f32 + 2 bf16) x 583.5M" in describe(cfg_of("deepseek3-671b"), dtype="bfloat16")
+    assert "layer (3 f32 + 1 bf16) x 583.5M" in describe(cfg_of("deepseek3-671b"), dtype="bfloat16")
     total = verify_memory_bytes(cfg_of("deepseek3-671b")) / GiB
     assert line.startswith(f"verify peak ~{total:.1f} GiB")
 
