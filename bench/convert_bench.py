@@ -19,55 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import psutil
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from converters import registry  # noqa: E402
-from converters.test_models import write_synthetic_checkpoint  # noqa: E402
-
-
-class PeakRSS:
-    """Samples the summed RSS of a process and its children every 50 ms."""
-
-    def __init__(self, pid: int):
-        self.proc = psutil.Process(pid)
-        self.peak = 0
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-
-    def _run(self):
-        while not self._stop.is_set():
-            try:
-                procs = [self.proc] + self.proc.children(recursive=True)
-                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs if p.is_running()))
-            except psutil.Error:
-                pass
-            self._stop.wait(0.05)
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._t.join()
-        return self.peak
-
-
-def drop_caches() -> None:
-    """Best effort: make every step read from disk, not from the page cache of the previous one."""
-    subprocess.run(["sync"], check=False)
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        pass
+from measure import PeakRSS, dir_bytes, drop_caches, pyplot, run_measured, synthetic_model
 
 
 def warm_memory(src: Path, work: Path) -> None:
@@ -86,18 +45,10 @@ def warm_memory(src: Path, work: Path) -> None:
 def measure(name: str, cmd: list[str], nbytes: int, cold: bool, warm_from: tuple[Path, Path] | None = None) -> dict:
     if warm_from is not None:
         warm_memory(*warm_from)
-    if cold:
-        drop_caches()
-    t0 = time.monotonic()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    mon = PeakRSS(p.pid)
-    _, err = p.communicate()
-    subprocess.run(["sync"], check=True)  # count the flush to disk, as for cp
-    wall = time.monotonic() - t0
-    peak = mon.stop()
-    if p.returncode:
-        raise SystemExit(f"{name} failed ({p.returncode}):\n{err[-2000:]}")
-    return {"step": name, "wall_s": round(wall, 2), "GB_per_s": round(nbytes / 1e9 / wall, 3), "peak_rss_GB": round(peak / 1e9, 3)}
+    r = run_measured(cmd, cold=cold)  # the clock counts the flush to disk, as for cp
+    if r.returncode:
+        raise SystemExit(f"{name} failed ({r.returncode}):\n{r.stderr[-2000:]}")
+    return {"step": name, "wall_s": r.wall_s, "GB_per_s": round(nbytes / 1e9 / r.wall_s, 3), "peak_rss_GB": r.peak_rss_GB}
 
 
 def measure_parts(name: str, cmd: list[str], n: int, nbytes: int, cold: bool) -> dict:
@@ -128,11 +79,7 @@ def measure_parts(name: str, cmd: list[str], n: int, nbytes: int, cold: bool) ->
 
 def run_parts(model: str, layers: int, work: Path, counts: list[int], cold: bool, keep: bool) -> dict:
     """Scale-out sweep: both directions split into N local processes, for each N in `counts`."""
-    src = work / f"hf-{layers}"
-    if not src.exists():
-        cfg = registry.model(model)[1]
-        cfg["num_hidden_layers"] = layers
-        write_synthetic_checkpoint(src, cfg)
+    src = synthetic_model(model, layers, work / f"hf-{layers}")
     nbytes = dir_bytes(src)
     ck = [sys.executable, "-m", "converters", "convert"]
     shard = ["--shard-size", "512MB"]  # enough shards to give each of N parts some (the same for every N)
@@ -158,18 +105,9 @@ def print_parts(res: dict) -> None:
               f"{r['part_GB_per_s']:>11.3f}{r['peak_rss_GB']:>13.3f}")
 
 
-def dir_bytes(p: Path) -> int:
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-
-
 def run_one(model: str, layers: int, work: Path, extra: list[str], cold: bool, keep: bool, repeat: int = 1,
             warm_vm: bool = False) -> dict:
-    src = work / f"hf-{layers}"
-    if not src.exists():
-        print(f"building synthetic {model} with {layers} layers in {src} ...", file=sys.stderr)
-        cfg = registry.model(model)[1]
-        cfg["num_hidden_layers"] = layers
-        write_synthetic_checkpoint(src, cfg)
+    src = synthetic_model(model, layers, work / f"hf-{layers}")
     nbytes = dir_bytes(src)
     ck = [sys.executable, "-m", "converters", "convert"]
     steps = [  # (name, output folder, command)
@@ -232,10 +170,7 @@ def parts_markdown(res: dict) -> str:
 
 
 def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     names = [r["step"] for r in results[0]["steps"]]

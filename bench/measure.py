@@ -1,0 +1,137 @@
+"""What the benchmarks share: synthetic models of real dimensions, a cold page cache, and one command run as
+its own process with its wall time, the peak RSS of its whole process tree, and the share of the CPUs other
+processes took meanwhile (a busy machine inflates wall times).
+
+Used by `bench/convert_bench.py` and `bench/verify_bench.py` (run as scripts: this folder is on sys.path).
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from converters import registry  # noqa: E402
+from converters.test_models import write_synthetic_checkpoint  # noqa: E402
+
+
+class PeakRSS:
+    """Samples the summed RSS of a process and its children every 50 ms (and, on the way, their CPU seconds)."""
+
+    def __init__(self, pid: int):
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self.cpu: dict[int, float] = {}  # pid -> user + system seconds at its last sample
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                procs = [self.proc] + self.proc.children(recursive=True)
+                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+                for p in procs:
+                    t = p.cpu_times()
+                    self.cpu[p.pid] = t.user + t.system
+            except psutil.Error:
+                pass
+            self._stop.wait(0.05)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._t.join()
+        return self.peak
+
+
+def drop_caches() -> None:
+    """Best effort: make every step read from disk, not from the page cache of the previous one."""
+    subprocess.run(["sync"], check=False)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        pass
+
+
+def dir_bytes(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+@dataclass
+class Run:
+    """One measured process: exit status, wall seconds (including the final `sync`), peak RSS of its tree."""
+
+    returncode: int
+    wall_s: float
+    peak_bytes: int
+    stdout: str | None
+    stderr: str
+    others_cpu_share: float = 0.0  # CPU time of processes outside the tree during the run / (wall x cores)
+
+    @property
+    def peak_rss_GB(self) -> float:
+        return round(self.peak_bytes / 1e9, 3)
+
+
+def run_measured(cmd: list[str], *, cold: bool, capture_stdout: bool = False) -> Run:
+    """Run `cmd` (after dropping the page cache when `cold`), sampling its tree's RSS; the clock stops after a
+    `sync`, so that data the process left in the page cache counts as written. A failure is returned, not raised."""
+    if cold:
+        drop_caches()
+    busy0 = busy_cpu_seconds()
+    t0 = time.monotonic()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE if capture_stdout else subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True)
+    mon = PeakRSS(p.pid)
+    out, err = p.communicate()
+    subprocess.run(["sync"], check=True)
+    wall = time.monotonic() - t0
+    peak = mon.stop()
+    others = max(0.0, busy_cpu_seconds() - busy0 - sum(mon.cpu.values())) / (wall * (psutil.cpu_count() or 1))
+    return Run(p.returncode, round(wall, 2), peak, out, err, round(others, 3))
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent not idle (nor waiting for I/O) since boot."""
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def synthetic_config(model: str, layers: int) -> dict:
+    """The published HF config of `model` (a MaxText model name) with `layers` decoder layers."""
+    cfg = registry.model(model)[1]
+    cfg["num_hidden_layers"] = layers
+    return cfg
+
+
+def synthetic_params(model: str, layers: int) -> int:
+    """Parameter count of `synthetic_model(model, layers)` (every HF tensor it writes)."""
+    cfg = synthetic_config(model, layers)
+    return sum(math.prod(leaf.hf_shape) * len(leaf.hf_names()) for leaf in registry.family_for_config(cfg).plan(cfg, scan=False))
+
+
+def synthetic_model(model: str, layers: int, dest: Path) -> Path:
+    """Random bf16 weights of `model`'s real dimensions with `layers` layers in `dest`, unless it already exists
+    (written tensor by tensor, never held in memory whole)."""
+    if not dest.exists():
+        print(f"building synthetic {model} with {layers} layers in {dest} ...", file=sys.stderr)
+        write_synthetic_checkpoint(dest, synthetic_config(model, layers))
+    return dest
