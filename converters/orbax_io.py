@@ -432,6 +432,13 @@ class CheckpointReader:
         """Start reading a slice; `.result()` waits for it (tensorstore reads on its own threads meanwhile)."""
         return PendingRead(self, key, self._open(key)[index].read())
 
+    def read_rows(self, key: str, ids) -> np.ndarray:
+        """Rows `ids` of a 2-D array (e.g. the embedding rows of a prompt's token ids), without the rest of it."""
+        try:
+            return np.asarray(self._open(key).oindex[np.asarray(ids, np.int64)].read().result())
+        except Exception as e:
+            raise CorruptFileError(f"{self.items}: cannot read rows of array {key!r}: {str(e).splitlines()[0][:200]}") from None
+
     def scan_layers(self) -> bool | None:
         """The `scan_layers` step metadata MaxText writes, when present."""
         meta = self.items.parent / "_CHECKPOINT_METADATA"

@@ -198,6 +198,7 @@ class HFModel:
         bad += [f"{k}: {v}" for k, v in (info.conversion_errors or {}).items()]
         if bad:
             raise CkptflowError(f"transformers refused tensors: {', '.join(map(str, bad[:5]))}")
+
         def within(n: str) -> bool:
             return n.startswith(scope + ".") if scope is not None else not any(n == s or n.startswith(s + ".") for s in self._streamed)
 

@@ -282,6 +282,10 @@ def _explain(engine, comparisons: dict, content: dict | None, *, dtype: str, max
                        f"{describe_chain(r.runtime_chain)}; part of the format cost")
     if "format" in kl:
         out.append(f"format: transformers on the checkpoint's values vs on the source: max KL {kl['format']:.3g}")
+        top1 = comparisons["format"]["summary"]["top1_agreement"]
+        if top1 < 1.0 and engine.ckpt.dtype.name != "float32":
+            out.append(f"the checkpoint's {engine.ckpt.dtype.name} values change the most likely next token at {1 - top1:.1%} of "
+                       "the positions: greedy output may change; --dtype float32 keeps the source's values exactly")
     if "layout" in kl:
         out.append(f"layout: MaxText vs transformers on the same values (float32): max KL {kl['layout']:.3g}")
     if "bf16_compute" in kl:

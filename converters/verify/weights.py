@@ -2,8 +2,9 @@
 
 `SourceWeights`: the HF folder's tensors as the converter reads them (aliases resolved, quantized sources decoded).
 `CheckpointWeights`: a MaxText checkpoint through its family's plan (`converters.mapping`): the arrays as stored
-(what the JAX reference computes with) and every HF tensor mapped back as `convert --to hf` computes it, in
-float32. Reads of the current step are cached so each stored array is read once for every consumer, then released.
+(what the JAX reference computes with) and every HF tensor mapped back as `convert --to hf` computes it (before
+its final cast: `AS_COMPUTED`). Reads of the current step are cached so each stored array is read once for every
+consumer, then released.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ class CheckpointWeights:
 
     def read_rows(self, path: str, ids: np.ndarray) -> np.ndarray:
         """Rows `ids` of a 2-D array (a prompt's embedding rows), read without the rest of the table."""
-        return np.asarray(self.reader._open(path).oindex[np.asarray(ids, np.int64)].read().result())
+        return self.reader.read_rows(path, ids)
 
     def read_many(self, reads) -> dict[tuple, np.ndarray]:
         """(path, index) pairs read at once, outside the step cache (one expert's slices): {(path, index_key): array}."""
