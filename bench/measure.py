@@ -19,8 +19,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from converters import registry  # noqa: E402
-from converters.test_models import write_synthetic_checkpoint  # noqa: E402
+from converters.core import registry  # noqa: E402
+from converters.tiny_models import write_synthetic_checkpoint  # noqa: E402
 
 
 class PeakRSS:

@@ -1,3 +1,3 @@
-from converters.cli import main
+from converters.cli.main import main
 
 raise SystemExit(main())

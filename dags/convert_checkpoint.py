@@ -2,7 +2,7 @@
 pieces) -> finalize -> verify -> publish one LLM checkpoint (HF <-> MaxText).
 
 Triggered by hand with a form (typed params below). Parsing this file imports Airflow's task SDK, the
-light `converters.registry` and the `operators` package only: no jax, torch, transformers or Kubernetes.
+light `converters.core.registry` and the `operators` package only: no jax, torch, transformers or Kubernetes.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ except ImportError:  # a checkout used as is: the repo root is the DAG folder's 
 
 from airflow.sdk import DAG, Param
 
-from converters.registry import model_names
+from converters.core.registry import model_names
 from operators.ckptflow_operators import (
     DEFAULT_RETRIES,
     DEFAULT_TIMEOUTS,

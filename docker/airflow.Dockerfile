@@ -48,7 +48,7 @@ COPY --chown=50000:0 pyproject.toml README.md /opt/ckptflow/src/
 COPY --chown=50000:0 converters/ /opt/ckptflow/src/converters/
 COPY --chown=50000:0 operators/ /opt/ckptflow/src/operators/
 RUN pip install --no-deps /opt/ckptflow/src \
-    && python -c "import operators.ckptflow_operators, converters.registry"
+    && python -c "import operators.ckptflow_operators, converters.core.registry"
 
 COPY --chown=50000:0 dags/ /opt/airflow/dags/
 COPY --chown=50000:0 plugins/ /opt/airflow/plugins/

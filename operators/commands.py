@@ -30,8 +30,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import PurePosixPath
 
-from converters.commands.download import looks_local
-from converters.commands.publish import SUPPORTED_SCHEMES
+from converters.cli.commands.download import looks_local
+from converters.cli.commands.publish import SUPPORTED_SCHEMES
 
 STEPS = ("download", "convert", "verify", "publish")
 # Not subcommands: `ckptflow convert --finalize`, which assembles the parts of a convert split into `parts` pieces,
@@ -57,7 +57,7 @@ _NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 SOURCE_PATTERN = rf"^{_GUARD}((file://)?/{_PATH_CHARS}*|{_NAME}/{_NAME})$"  # absolute path, file:// URI, or org/name
 REVISION_PATTERN = rf"^{_GUARD}[A-Za-z0-9_][A-Za-z0-9_./-]{{0,254}}$"
 # file:///abs/path, gs://bucket/prefix (a valid bucket name, a non-empty prefix) or hf://org/name
-# (converters.publish parses each fully; SUPPORTED_SCHEMES lists the three).
+# (converters.remote.publish parses each fully; SUPPORTED_SCHEMES lists the three).
 DESTINATION_PATTERN = (
     rf"^{_GUARD}(file:///{_PATH_CHARS}+"
     rf"|gs://[a-z0-9][a-z0-9._-]{{1,220}}[a-z0-9]/{_PATH_CHARS}*[A-Za-z0-9._+@=,:-]"
@@ -101,7 +101,7 @@ STEP_ENV = {"PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "30"}
 # split download and its finalize (which fetches the small files) all fetch from the hub.
 CREDENTIAL_STEPS = ("download", DOWNLOAD_FINALIZE, "publish")
 
-DOWNLOAD_MANIFEST = "ckptflow-download.json"  # converters.commands.download.MANIFEST_NAME
+DOWNLOAD_MANIFEST = "ckptflow-download.json"  # converters.cli.commands.download.MANIFEST_NAME
 CONVERT_MANIFEST = "ckptflow-manifest.json"  # converters.outputs.MANIFEST
 PARTS_STAGING = ".{name}.ckptflow-parts"  # `ckptflow convert --part`: hidden sibling of OUT, same file system
 VERIFY_REPORT = "verify.json"  # converters.verify.report.write_json

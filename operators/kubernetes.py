@@ -7,7 +7,7 @@
   verify streams both models through the CPU (JAX forced to CPU), so on a TPU preset every step, verify
   included, runs on `cpu-standard`.
 * Requests per step and model (`step_resources`): memory from the model's published config (in
-  `converters.registry`), checked against what the pool's nodes can hold so a too-small pool fails at
+  `converters.core.registry`), checked against what the pool's nodes can hold so a too-small pool fails at
   once instead of waiting for a node that can never fit the pod. Convert follows the model's largest tensor,
   verify its largest layer (`converters.verify.sizing`); the other steps hold no tensors.
 * A shared work volume (`WorkVolume`: a PVC, or a GCS bucket through the GCS FUSE CSI driver) mounted at the
@@ -279,7 +279,7 @@ def model_config(model: str | None) -> dict:
     """The published HF config of a registry model name; an 8B-class stand-in for `auto`/unknown."""
     if not model:
         return dict(_DEFAULT_CONFIG)
-    from converters.registry import model as registry_model
+    from converters.core.registry import model as registry_model
 
     return registry_model(model)[1]
 

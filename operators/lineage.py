@@ -22,7 +22,7 @@ from __future__ import annotations
 import urllib.parse
 from typing import Any
 
-from converters.commands.download import digest_of, local_path
+from converters.cli.commands.download import digest_of, local_path
 from operators.commands import DOWNLOAD_FINALIZE, FINALIZE, RunSpec
 
 HF_NAMESPACE = "https://huggingface.co"
@@ -83,8 +83,8 @@ def output_digest(manifest: dict | None) -> str | None:
 
 
 def verify_metrics(report: dict | None) -> dict[str, Any] | None:
-    """A verify report's verdict and metrics (`converters.publish.verify_summary`), None without a report."""
-    from converters.publish import verify_summary
+    """A verify report's verdict and metrics (`converters.remote.publish.verify_summary`), None without a report."""
+    from converters.remote.publish import verify_summary
 
     return verify_summary(report) if report else None
 

@@ -112,7 +112,7 @@ def _date(value, where: str) -> datetime.datetime | None:
 
 def parse_watchlist(data: Any, source: str = "watch list") -> list[Entry]:
     """Check and normalise a parsed watch list; errors name the entry."""
-    from converters.hub import is_repo_id
+    from converters.remote.hub import is_repo_id
 
     if not isinstance(data, dict) or not isinstance(data.get("watch"), list) or not data["watch"]:
         raise WatchlistError(f"{source}: needs a non-empty `watch:` list")
@@ -160,7 +160,7 @@ def parse_watchlist(data: Any, source: str = "watch list") -> list[Entry]:
 
 def _check_target(target: dict, where: str) -> None:
     """The target as the convert DAG would see it, with a made-up repo and sha (checks params early)."""
-    from converters.registry import model_names
+    from converters.core.registry import model_names
 
     model = target.get("model", AUTO_MODEL)
     if model != AUTO_MODEL and model not in model_names():
@@ -236,9 +236,9 @@ def _convertible(release: Release) -> bool:
 
 
 def poll(entries: Iterable[Entry], token: str | None = None) -> list[tuple[Entry, Release]]:
-    """The current release (commit sha) of every watched repo. Rate limits are retried (converters.hub.call);
+    """The current release (commit sha) of every watched repo. Rate limits are retried (converters.remote.hub.call);
     a repo that vanished or is not readable is logged and skipped, not fatal for the others."""
-    from converters import hub
+    from converters.remote import hub
     from converters.errors import CkptflowError
 
     api = hub.api(token)

@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """`tiny_model(family, layers=2, dtype="bfloat16", tied=None)` -> path of a saved random HF model."""
-    from converters.test_models import make_test_model
+    from converters.tiny_models import make_test_model
 
     cache: dict = {}
 

@@ -8,9 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-from converters.convert import hf_to_maxtext, maxtext_to_hf
+from converters.convert.engine import hf_to_maxtext, maxtext_to_hf
 from converters.errors import CkptflowError, CorruptFileError, MappingError, OutputExistsError, UnsupportedModelError
-from converters.safetensors_io import SafetensorsFolder, save_file
+from converters.io.safetensors import SafetensorsFolder, save_file
 
 
 def copy_model(tiny_model, tmp_path, family="llama3.1"):
@@ -110,7 +110,7 @@ def test_existing_output_refused_unless_overwrite(tiny_model, tmp_path):
 def test_failure_midway_leaves_no_output(tiny_model, tmp_path, monkeypatch):
     """A read error during writing: the temp folder is removed and the destination never appears."""
     src = tiny_model("llama3.1", layers=3)
-    from converters import safetensors_io
+    from converters.io import safetensors as safetensors_io
 
     real = safetensors_io.read_tensor
     calls = {"n": 0}

@@ -1,1 +1,1 @@
-"""One module per model family; each defines a `Family` subclass registered in `converters.registry`."""
+"""One module per model family; each defines a `Family` subclass registered in `converters.core.registry`."""

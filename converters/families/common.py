@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from converters.mapping import Dims, Family, Rule, require
-from converters.transforms import Kernel, Permute, Reshape, RopeInterleave, Scale
+from converters.core.mapping import Dims, Family, Rule, require
+from converters.core.transforms import Kernel, Permute, Reshape, RopeInterleave, Scale
 
 L = "model.layers.{i}."
 

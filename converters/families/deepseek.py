@@ -39,8 +39,8 @@ from dataclasses import replace
 from converters.errors import UnsupportedModelError
 from converters.families import common, moe_common
 from converters.families.common import L
-from converters.mapping import Dims, LayerGroup, Rule, require
-from converters.transforms import Kernel
+from converters.core.mapping import Dims, LayerGroup, Rule, require
+from converters.core.transforms import Kernel
 
 MOE = "DeepSeekMoeBlock_0"
 ROUTED = f"{MOE}/MoeBlock_0"

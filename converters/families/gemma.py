@@ -8,7 +8,7 @@ What the two have in common on the MaxText side:
     output projection divides by the exact sqrt(hidden_size) again;
   * the vocabulary differs: MaxText's gemma2 configs pad 256000 -> 256128 rows (zeros, dropped on export);
     gemma3's hold 262144 of HF's 262208 rows. The rows MaxText cannot hold are kept beside the checkpoint
-    (`ckptflow/dropped_rows.safetensors`) and put back on export, see `converters.convert`;
+    (`ckptflow/dropped_rows.safetensors`) and put back on export, see `converters.convert.engine`;
   * no lm_head / logits_dense (tied), no biases, half-split RoPE (kernels are only transposed and reshaped).
 
 Gemma2: one MaxText layer holds a (local sliding-window, global) pair of HF layers (2m, 2m+1) under
@@ -33,8 +33,8 @@ import numpy as np
 
 from converters.errors import MappingError
 from converters.families import common
-from converters.mapping import Dims, Family, LayerGroup, Rule
-from converters.transforms import Kernel, Offset, Permute, Reshape, Scale
+from converters.core.mapping import Dims, Family, LayerGroup, Rule
+from converters.core.transforms import Kernel, Offset, Permute, Reshape, Scale
 
 GEMMA2_MT_VOCAB_PAD = 128  # MaxText gemma2-*.yml: vocab_size 256128 for HF's 256000
 GEMMA3_PATTERN = 6  # MaxText GEMMA3_ATTENTION_PATTERN: 5 local sliding-window layers, then 1 global

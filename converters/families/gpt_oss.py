@@ -17,7 +17,7 @@ The published models have emb == F == 2880: every expert matrix is square, so an
 every shape. Only values (round trips, logits) catch it.
 
 The official `openai/gpt-oss-*` repos store the expert kernels as MXFP4 (`*_blocks` + `*_scales`); they are
-decoded while reading (`converters.quant`), and exports are plain bf16 without `quantization_config`.
+decoded while reading (`converters.io.quantized`), and exports are plain bf16 without `quantization_config`.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from __future__ import annotations
 from converters.errors import UnsupportedModelError
 from converters.families import common, moe_common
 from converters.families.common import L
-from converters.mapping import Dims, LayerGroup, Rule
-from converters.transforms import Deinterleave
+from converters.core.mapping import Dims, LayerGroup, Rule
+from converters.core.transforms import Deinterleave
 
 PATTERN = ("sliding_attention", "full_attention")  # MaxText GPT_OSS_ATTENTION_PATTERN, repeated
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from converters.families import common
 from converters.families.common import L
-from converters.mapping import Dims
+from converters.core.mapping import Dims
 
 _ROPE = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192, "rope_type": "llama3"}
 

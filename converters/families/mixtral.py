@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from converters.families import common, moe_common
 from converters.families.common import L
-from converters.mapping import Dims
+from converters.core.mapping import Dims
 
 
 def _published(hidden, mlp, layers, heads, vocab, max_pos, aux, version) -> dict:

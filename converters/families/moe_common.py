@@ -8,8 +8,8 @@ scanned `[E, L, ...]` (expert axis 0, layer axis 1). The engine builds those fro
 from __future__ import annotations
 
 from converters.errors import UnsupportedModelError
-from converters.mapping import Dims, Rule, require
-from converters.transforms import Kernel
+from converters.core.mapping import Dims, Rule, require
+from converters.core.transforms import Kernel
 
 GLU = ("wi_0", "wi_1", "wo")  # MaxText names of gate, up and down projections
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from converters.families import common
 from converters.families.common import L
-from converters.mapping import Dims
+from converters.core.mapping import Dims
 
 _QWEN_IDS = {"bos_token_id": 151643, "eos_token_id": 151645}
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from converters.errors import UnsupportedModelError
 from converters.families import common, moe_common
 from converters.families.common import L
-from converters.mapping import Dims
+from converters.core.mapping import Dims
 
 _IDS = {"bos_token_id": 151643, "eos_token_id": 151645}
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 from converters.errors import UnsupportedModelError
 from converters.families import common, moe_common
 from converters.families.common import L
-from converters.mapping import Dims, LayerGroup, Rule, require
-from converters.transforms import Kernel, Permute
+from converters.core.mapping import Dims, LayerGroup, Rule, require
+from converters.core.transforms import Kernel, Permute
 
 
 def _published() -> dict:

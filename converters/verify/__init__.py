@@ -3,7 +3,7 @@
 Public API:
     verify(maxtext=..., hf=... | golden=..., max_kl=0.015, dtype="float32", ...) -> VerifyResult
     make_golden(hf=..., out=...) -> Path
-    ReferenceModel(params, hf_config_dict, dtype=...).logits(token_ids)   (converters.verify.jax_ref)
+    ReferenceModel(params, hf_config_dict, dtype=...).logits(token_ids)   (converters.verify.reference)
 
 Heavy libraries (torch, jax, transformers) are imported only when used.
 """

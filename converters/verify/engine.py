@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from converters import registry
+from converters.core import registry
 from converters.errors import CkptflowError
-from converters.malloc import fix_mmap_threshold
+from converters.io.malloc import fix_mmap_threshold
 from converters.verify.content import ContentCheck
 from converters.verify.experts import Bundle, ExpertFeed
 from converters.verify.metrics import NonFinite, PairStats, StreamStats
@@ -89,9 +89,9 @@ class Engine:
     def __init__(self, *, config: dict, prompts: list[Prompt], dtype: str, source: SourceWeights | None = None,
                  ckpt: CheckpointWeights | None = None, golden=None, golden_writer=None):
         from converters.verify.hf_side import HFModel
-        from converters.verify.jax_ref import Reference
+        from converters.verify.reference import Reference
 
-        fix_mmap_threshold()  # freed layer-sized buffers go back to the OS, not to the heap (see converters.malloc)
+        fix_mmap_threshold()  # freed layer-sized buffers go back to the OS, not to the heap (see converters.io.malloc)
         self.prompts, self.dtype = prompts, dtype
         self.source, self.ckpt, self.golden, self.golden_writer = source, ckpt, golden, golden_writer
         self.timer = Timer()

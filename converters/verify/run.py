@@ -71,8 +71,8 @@ def _config_diffs(a: dict, b: dict) -> list[str]:
 def prompt_vocab_size(config: dict) -> int:
     """Token ids both sides can embed: the reference spec's vocabulary (the HF one, read from a nested
     `text_config` for multimodal configs, and cut to the rows MaxText holds: Gemma3 262144 of 262208)."""
-    from converters.verify.jax_ref import get_family
-    from converters.verify.jax_ref.common import hf_config_object
+    from converters.verify.reference import get_family
+    from converters.verify.reference.common import hf_config_object
 
     cfg = hf_config_object(config)
     return int(get_family(cfg.model_type).make_spec(cfg).vocab_size)
@@ -81,7 +81,7 @@ def prompt_vocab_size(config: dict) -> int:
 def _image_prompts(config: dict, seed: int, tokenizer) -> list[Prompt]:
     """Multimodal models (a reference family with `image_prompt`): one prompt holding a generated test image,
     its extra model inputs (pixel values, ...) in `meta["inputs"]`. Empty for text-only models."""
-    from converters.verify.jax_ref import get_family
+    from converters.verify.reference import get_family
 
     make = getattr(get_family(config.get("model_type")), "image_prompt", None)
     case = make(config, seed=seed, tokenizer=tokenizer) if make is not None else None
@@ -111,7 +111,7 @@ def _prompt_entry(p: Prompt) -> dict:
 
 def _check_source(source, ckpt) -> None:
     """The source folder has every tensor the checkpoint maps back to, with its shape (else nothing compares)."""
-    from converters.convert import _listing
+    from converters.convert.engine import _listing
 
     missing = [n for n in ckpt.index.tensors if n not in source]
     if missing:
@@ -135,11 +135,11 @@ def verify(
     seed: int = 0,
 ) -> VerifyResult:
     """Verify a MaxText checkpoint against its HF source (or a golden file). Raises CkptflowError on bad input."""
-    from converters import registry
-    from converters.orbax_io import find_items_dir, find_sidecar_dir
+    from converters.core import registry
+    from converters.io.orbax import find_items_dir, find_sidecar_dir
     from converters.verify.engine import Engine
     from converters.verify.golden import GoldenFile
-    from converters.verify.jax_ref import get_family
+    from converters.verify.reference import get_family
     from converters.verify.weights import CheckpointWeights, SourceWeights, config_of_checkpoint
 
     if (hf is None) == (golden is None):
@@ -310,7 +310,7 @@ def make_golden(
     seed: int = 0,
 ) -> Path:
     """Run the HF model on the prompts, one layer at a time, and save its logits as a golden JSON-lines file."""
-    from converters import registry
+    from converters.core import registry
     from converters.verify.engine import Engine
     from converters.verify.golden import GoldenWriter, estimated_size_bytes, human_bytes
     from converters.verify.weights import SourceWeights

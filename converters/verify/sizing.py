@@ -43,8 +43,8 @@ import re
 from dataclasses import dataclass
 
 from converters.errors import CkptflowError
-from converters.mapping import Leaf
-from converters.registry import family_for_config
+from converters.core.mapping import Leaf
+from converters.core.registry import family_for_config
 
 MiB = 1024**2
 GiB = 1024**3

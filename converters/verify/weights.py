@@ -1,7 +1,7 @@
 """Both sides' weights for verification, read one layer, one expert or one vocabulary block at a time.
 
 `SourceWeights`: the HF folder's tensors as the converter reads them (aliases resolved, quantized sources decoded).
-`CheckpointWeights`: a MaxText checkpoint through its family's plan (`converters.mapping`): the arrays as stored
+`CheckpointWeights`: a MaxText checkpoint through its family's plan (`converters.core.mapping`): the arrays as stored
 (what the JAX reference computes with) and every HF tensor mapped back as `convert --to hf` computes it (before
 its final cast: `AS_COMPUTED`). Reads of the current step are cached so each stored array is read once for every
 consumer, then released.
@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from converters import registry
-from converters.convert import choose_plan, export_tensors, hf_source, load_dropped_rows
+from converters.core import registry
+from converters.convert.engine import choose_plan, export_tensors, hf_source, load_dropped_rows
 from converters.errors import CkptflowError
-from converters.mapping import SCAN_AXIS, Leaf, Piece
+from converters.core.mapping import SCAN_AXIS, Leaf, Piece
 from converters.verify.metrics import NonFinite
-from converters.orbax_io import CheckpointReader
-from converters.transforms import run_chain
+from converters.io.orbax import CheckpointReader
+from converters.core.transforms import run_chain
 
 F32 = np.dtype(np.float32)
 # Mapped-back tensors come as computed: in the stored dtype when the chain only moves elements (compared bit for bit,
@@ -229,7 +229,7 @@ class CheckpointWeights:
 
 def config_of_checkpoint(path, hf_config: str | os.PathLike | None) -> tuple[dict, Path | None]:
     """The HF config of a checkpoint: `hf_config` (a config.json or its folder), else our sidecar's."""
-    from converters.orbax_io import find_sidecar_dir
+    from converters.io.orbax import find_sidecar_dir
     from converters.verify.hf_side import read_config
 
     if hf_config is not None:

@@ -80,7 +80,7 @@ def test_dockerignore_keeps_the_context_small():
     rules = dockerignore_rules()
     for rel in (".venv/bin/python", ".git/HEAD", "tests/conftest.py", "demo-output/x", "converters/__pycache__/x.pyc", "bench/convert_bench.py"):
         assert not in_build_context(rel, rules), rel
-    for rel in ("converters/cli.py", "operators/commands.py", "dags/convert_checkpoint.py", "plugins/ckptflow_plugin.py",
+    for rel in ("converters/cli/main.py", "operators/commands.py", "dags/convert_checkpoint.py", "plugins/ckptflow_plugin.py",
                 "plugins/ckptflow_ui/templates/checkpoints.html", "plugins/.airflowignore", "pyproject.toml", "README.md",
                 "docker/requirements-converter.txt", "docker/requirements-converter-tpu.txt", "docker/requirements-airflow.txt"):
         assert in_build_context(rel, rules), rel

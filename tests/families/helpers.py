@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.convert import hf_to_maxtext, maxtext_to_hf
-from converters.orbax_io import read_params
-from converters.safetensors_io import SafetensorsFolder
-from converters.test_models import make_test_model
+from converters.convert.engine import hf_to_maxtext, maxtext_to_hf
+from converters.io.orbax import read_params
+from converters.io.safetensors import SafetensorsFolder
+from converters.tiny_models import make_test_model
 
 
 def model_cache(tmp_path_factory, family: str, layers: int):

@@ -3,7 +3,7 @@
 four directions. V3.2 is exported back to a `deepseek_v32` folder transformers loads with identical logits (MaxText's
 own converter is HF -> MaxText only for it).
 
-Tiny models (`converters.test_models.TINY["deepseek2" / "deepseek3"]`): hidden 64, 4 heads with qk_head_dim 28 and
+Tiny models (`converters.tiny_models.TINY["deepseek2" / "deepseek3"]`): hidden 64, 4 heads with qk_head_dim 28 and
 v_head_dim 24 (so no projection is square or sized from hidden), kv_lora_rank 32, 8 routed experts, 3 layers of which the
 first is dense (scanned: a 1-deep dense stack and a 2-deep MoE stack). Every transform only moves elements: round trips
 are bit-exact, including V3's float32 `e_score_correction_bias` and V3.2's float32 indexer `weights_proj`, which stay
@@ -20,12 +20,12 @@ import json
 import numpy as np
 import pytest
 
-from converters import registry
-from converters.convert import hf_to_maxtext, maxtext_to_hf
+from converters.core import registry
+from converters.convert.engine import hf_to_maxtext, maxtext_to_hf
 from converters.errors import CkptflowError, MappingError, UnsupportedModelError
-from converters.orbax_io import read_params
-from converters.safetensors_io import save_file
-from converters.test_models import make_test_model
+from converters.io.orbax import read_params
+from converters.io.safetensors import save_file
+from converters.tiny_models import make_test_model
 from tests.families.helpers import assert_bit_exact, deepseek_layout, hf_tensors, round_trip
 
 LAYERS = 3
@@ -153,7 +153,7 @@ def test_with_mtp_writes_mtp_block_and_exports_it_back(with_mtp_layer, tmp_path,
 
 
 def test_cli_with_mtp(with_mtp_layer, tmp_path):
-    from converters.cli import main
+    from converters.cli.main import main
 
     assert main(["convert", str(with_mtp_layer), str(tmp_path / "mt"), "--to", "maxtext", "--no-scan", "--with-mtp", "-q"]) == 0
     assert "mtp_block/mtp_layer_1/mtp_1_projection/kernel" in read_params(tmp_path / "mt")

@@ -1,6 +1,6 @@
 """Gemma2 and Gemma3 (text and multimodal): round trips, stored values, dropped vocab rows, transformers load, config.json.
 
-Tiny models (`converters.test_models.TINY`): hidden 72 so sqrt(hidden) = 8.485 is not a power of two (Gemma3
+Tiny models (`converters.tiny_models.TINY`): hidden 72 so sqrt(hidden) = 8.485 is not a power of two (Gemma3
 bakes bf16(8.485) = 8.5); Gemma2 query_pre_attn_scalar 24 so 1/sqrt(24) is not one either; Gemma3 with 14
 layers = two scanned 6-layer blocks + a 2-layer remainder, vocab 576 of which MaxText holds 512 (like
 262208 -> 262144); Gemma2 vocab 512 padded to 640 (like 256000 -> 256128).
@@ -27,13 +27,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from converters import registry
-from converters.convert import DROPPED_ROWS, hf_to_maxtext, maxtext_to_hf
+from converters.core import registry
+from converters.convert.engine import DROPPED_ROWS, hf_to_maxtext, maxtext_to_hf
 from converters.errors import MappingError
 from converters.families.gemma import Gemma2, Gemma3, bf16
-from converters.orbax_io import read_params
-from converters.safetensors_io import SafetensorsFile, SafetensorsFolder, read_tensor
-from converters.test_models import make_test_model, tiny_config
+from converters.io.orbax import read_params
+from converters.io.safetensors import SafetensorsFile, SafetensorsFolder, read_tensor
+from converters.tiny_models import make_test_model, tiny_config
 
 FAMILIES = ("gemma2", "gemma3", "gemma3-mm")
 SHAPE = {"gemma2": (4, 512), "gemma3": (14, 576), "gemma3-mm": (8, 576)}  # (layers, vocab)
@@ -332,7 +332,7 @@ def test_no_warning_on_regular_conversions(gemma, tmp_path):
 
 def test_reads_transformers5_vision_tower_names(gemma, tmp_path):
     """transformers >= 5 saves the tower as `vision_tower.*`; read the same, export the published names."""
-    from converters.safetensors_io import save_file
+    from converters.io.safetensors import save_file
 
     src = gemma("gemma3-mm", "bfloat16")
     published = hf_tensors(src)

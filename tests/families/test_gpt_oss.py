@@ -1,6 +1,6 @@
 """GPT-OSS: two interleaved scanned stacks, attention biases and sinks, router bias, fused experts split and joined.
 
-Tiny model (`converters.test_models.TINY["gpt-oss"]`): hidden 64 = expert MLP 64, so -- as in the published
+Tiny model (`converters.tiny_models.TINY["gpt-oss"]`): hidden 64 = expert MLP 64, so -- as in the published
 models (2880 x 2880) -- every expert matrix is square and an orientation mistake keeps every shape; 4 heads x
 head_dim 32, 4 experts, top-2, 4 layers (scanned: 2 per stack). Every transform only moves elements: round trips
 are bit-exact. Stored values are compared with a plain-numpy layout of the HF tensors (even gate_up columns ->
@@ -13,14 +13,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from converters import registry
-from converters.convert import export_tensors, hf_to_maxtext, maxtext_to_hf
+from converters.core import registry
+from converters.convert.engine import export_tensors, hf_to_maxtext, maxtext_to_hf
 from converters.errors import UnsupportedModelError
 from converters.families.gpt_oss import GptOss
-from converters.mapping import Rule
-from converters.orbax_io import read_params
-from converters.test_models import tiny_config
-from converters.transforms import Permute
+from converters.core.mapping import Rule
+from converters.io.orbax import read_params
+from converters.tiny_models import tiny_config
+from converters.core.transforms import Permute
 from tests.families.helpers import assert_bit_exact, bits, exported_logits, hf_tensors, model_cache, round_trip
 
 FAMILY, LAYERS, EXPERTS = "gpt-oss", 4, 4

@@ -1,6 +1,6 @@
 """Mixtral: per-expert `w1/w3/w2` stacked into `MoeBlock_0/wi_0/wi_1/wo`, router, query scaled by 1/sqrt(head_dim).
 
-Tiny model (`converters.test_models.TINY["mixtral"]`): hidden 64, 4 heads x head_dim 32 = 128 != hidden (the
+Tiny model (`converters.tiny_models.TINY["mixtral"]`): hidden 64, 4 heads x head_dim 32 = 128 != hidden (the
 out projection must be sized from heads x head_dim), MLP 96, 4 experts, top-2, 4 layers.
 
 Tolerance: everything is bit-exact except the query kernel. MaxText stores q_proj times 1/sqrt(32) (not a
@@ -17,8 +17,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from converters.convert import hf_to_maxtext, maxtext_to_hf
-from converters.orbax_io import read_params
+from converters.convert.engine import hf_to_maxtext, maxtext_to_hf
+from converters.io.orbax import read_params
 from tests.families.helpers import exported_logits, hf_tensors, model_cache
 
 FAMILY, LAYERS, EXPERTS = "mixtral", 4, 4

@@ -1,6 +1,6 @@
 """Qwen3-MoE: per-expert HF tensors stacked into `[E, ...]` / `[E, L, ...]`, router, q/k norms; both directions.
 
-Tiny model (`converters.test_models.TINY["qwen3-moe"]`): hidden 64, 4 heads x head_dim 32 (heads x head_dim !=
+Tiny model (`converters.tiny_models.TINY["qwen3-moe"]`): hidden 64, 4 heads x head_dim 32 (heads x head_dim !=
 hidden), expert MLP 48, 4 experts, top-2, 4 layers. Every transform only moves elements, so every round trip
 is bit-exact. Stored values are checked against a plain-numpy layout of the HF tensors at every (expert, layer)
 -- expert 2 of layer 1 must not land at expert 1 of layer 2 -- and the expert arrays are written one
@@ -13,12 +13,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from converters import registry
-from converters.convert import _hf_units, hf_to_maxtext
+from converters.core import registry
+from converters.convert.engine import _hf_units, hf_to_maxtext
 from converters.errors import UnsupportedModelError
-from converters.orbax_io import read_params
-from converters.safetensors_io import SafetensorsFolder
-from converters.test_models import tiny_config
+from converters.io.orbax import read_params
+from converters.io.safetensors import SafetensorsFolder
+from converters.tiny_models import tiny_config
 from tests.families.helpers import bits, exported_logits, hf_tensors, model_cache, round_trip
 
 FAMILY, LAYERS, EXPERTS = "qwen3-moe", 4, 4

@@ -1,7 +1,7 @@
 """Qwen3-Next: the 4-layer cycle (3 gated-delta-net layers, then full attention) as `decoder/layers/layer_0..3` stacks,
 routed experts plus a gated shared expert, in all four directions (MaxText's own export of this model is broken).
 
-Tiny model (`converters.test_models.TINY["qwen3-next"]`): 8 layers (scanned: 2 per cycle position), hidden 64, full
+Tiny model (`converters.tiny_models.TINY["qwen3-next"]`): 8 layers (scanned: 2 per cycle position), hidden 64, full
 attention 4 x 32 with a 32-wide output gate per head, delta net 2 key heads x 16 / 4 value heads x 24, conv kernel 4,
 8 experts, top-2. Every transform only moves elements: round trips are bit-exact. Stored values are compared with a
 plain-numpy layout of the HF tensors (`tests.families.helpers.qwen3_next_layout`).
@@ -13,10 +13,10 @@ import json
 
 import pytest
 
-from converters import registry
-from converters.convert import hf_to_maxtext, maxtext_to_hf
+from converters.core import registry
+from converters.convert.engine import hf_to_maxtext, maxtext_to_hf
 from converters.errors import UnsupportedModelError
-from converters.test_models import make_test_model
+from converters.tiny_models import make_test_model
 from tests.families.helpers import assert_bit_exact, qwen3_next_layout, round_trip
 
 FAMILY, LAYERS = "qwen3-next", 8

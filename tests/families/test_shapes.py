@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from converters import registry
+from converters.core import registry
 
 # Shapes from MaxText's layout for each model (scanned: layer axis at position 1).
 EXPECTED = {

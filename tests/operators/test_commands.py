@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from converters.cli import build_parser
+from converters.cli.main import build_parser
 from operators import commands
 from operators.commands import RunSpec, WorkLayout, run_key, step_args
 

@@ -14,7 +14,7 @@ import re
 import kubernetes_validate
 import pytest
 
-from converters.registry import model_names
+from converters.core.registry import model_names
 from converters.verify.sizing import verify_memory_bytes
 from operators import kubernetes
 from operators.commands import DOWNLOAD_FINALIZE, FINALIZE, STEPS, WorkLayout, step_args

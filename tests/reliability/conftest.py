@@ -58,7 +58,7 @@ def check_complete(out: Path) -> dict:
 @pytest.fixture(scope="session")
 def synthetic_llama(tmp_path_factory):
     """An 8-layer Llama with hidden 256 and vocab 8192 (18 MB in bf16): long enough to interrupt."""
-    from converters.test_models import tiny_config, write_synthetic_checkpoint
+    from converters.tiny_models import tiny_config, write_synthetic_checkpoint
 
     cfg = tiny_config("llama3.1", layers=8, vocab=8192)
     cfg.update(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64)

@@ -1,4 +1,4 @@
-"""Fuzzing the safetensors reader (`converters.safetensors_io`): every input ends in our own clear error or a
+"""Fuzzing the safetensors reader (`converters.io.safetensors`): every input ends in our own clear error or a
 correct read, never a crash, a hang or an unbounded allocation.
 
 Cases start from a valid file (random tensors, dtypes, shapes, metadata) and apply 0-3 mutations: truncation,
@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from converters.errors import CkptflowError
-from converters.safetensors_io import DTYPES, MAX_HEADER_BYTES, INDEX_NAME, SafetensorsFile, SafetensorsFolder, read_tensor
+from converters.io.safetensors import DTYPES, MAX_HEADER_BYTES, INDEX_NAME, SafetensorsFile, SafetensorsFolder, read_tensor
 
 EXAMPLES = int(os.environ.get("CKPTFLOW_FUZZ_EXAMPLES", "2000"))
 FUZZ = settings(
@@ -211,7 +211,7 @@ def test_raw_bytes(scratch, blob):
 
 @pytest.fixture(scope="module")
 def index_folder(tmp_path_factory) -> Path:
-    from converters.safetensors_io import save_file
+    from converters.io.safetensors import save_file
 
     folder = tmp_path_factory.mktemp("fuzz-index")
     save_file(folder / "a.safetensors", {"x": np.ones(2, np.float32)})

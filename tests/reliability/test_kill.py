@@ -99,7 +99,7 @@ def run(rel, args: list[str], out: Path, kill: tuple | None = None, total_bytes:
 
 
 def arrays(path: Path) -> dict[str, np.ndarray]:
-    from converters.orbax_io import read_params
+    from converters.io.orbax import read_params
 
     return read_params(path)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from converters import parts
+from converters.convert import shares as parts
 from converters.outputs import MANIFEST
 
 POLL = 0.001
@@ -69,7 +69,7 @@ def _kill_mid_write(rel, proc: subprocess.Popen, out: Path, i: int, n: int, thre
 @pytest.fixture(scope="module")
 def references(synthetic_llama, tmp_path_factory):
     """Uninterrupted single-process conversions: HF -> MaxText (scanned), and that checkpoint -> HF in 2 MB shards."""
-    from converters.convert import hf_to_maxtext, maxtext_to_hf
+    from converters.convert.engine import hf_to_maxtext, maxtext_to_hf
 
     root = tmp_path_factory.mktemp("kill-parts-ref")
     hf_to_maxtext(synthetic_llama, root / "mt", scan=True)
@@ -78,7 +78,7 @@ def references(synthetic_llama, tmp_path_factory):
 
 
 def _same_maxtext(a: Path, b: Path) -> None:
-    from converters.orbax_io import read_params
+    from converters.io.orbax import read_params
 
     xa, xb = read_params(a), read_params(b)
     assert sorted(xa) == sorted(xb)

@@ -15,10 +15,10 @@ import time
 
 import pytest
 
-from converters import hub as hub_lib
-from converters.download import MANIFEST_NAME, download
+from converters.remote import hub as hub_lib
+from converters.remote.download import MANIFEST_NAME, download
 from converters.errors import CkptflowError
-from converters.publish import publish
+from converters.remote.publish import publish
 from tests.reliability.fault_proxy import FaultProxy
 from tests.stand_ins.fixtures import TOKEN, converted, folder_files, gcs, gcs_objects, hub, model_files  # noqa: F401
 
@@ -156,7 +156,7 @@ def test_hub_publish_gives_up_after_the_retry_budget_and_publishes_nothing(fault
 @pytest.fixture
 def faulty_gcs(gcs, monkeypatch):
     """The GCS emulator behind a FaultProxy; retries wait 0.01 s at first and give up after 3 s (not 1 s / 300 s)."""
-    from converters import gcs as gcs_lib
+    from converters.remote import gcs as gcs_lib
 
     monkeypatch.setattr(gcs_lib, "RETRY_INITIAL", 0.01)
     monkeypatch.setattr(gcs_lib, "RETRY_SECONDS", 3.0)
@@ -186,7 +186,7 @@ def test_gcs_publish_rides_out_transient_faults(faulty_gcs, converted, tmp_path,
 
 
 def test_gcs_publish_gives_up_after_the_retry_budget_without_a_marker(faulty_gcs, converted, tmp_path, monkeypatch):
-    from converters import gcs as gcs_lib
+    from converters.remote import gcs as gcs_lib
 
     _, proxy = faulty_gcs
     mt, _ = converted

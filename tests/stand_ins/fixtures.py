@@ -26,7 +26,7 @@ def hub(monkeypatch, tmp_path_factory):
     """A hub stand-in on 127.0.0.1 that the real `huggingface_hub` client in this process talks to."""
     from huggingface_hub import constants
 
-    from converters import hub as hub_lib
+    from converters.remote import hub as hub_lib
 
     home = tmp_path_factory.mktemp("hf-home")
     with HubServer(tokens=(TOKEN,)) as server:
@@ -47,8 +47,8 @@ def converted(tmp_path_factory, tiny_model):
     """A real converted checkpoint (tiny llama, MaxText) staged through `ckptflow download` from the stand-in."""
     from huggingface_hub import constants
 
-    from converters.convert import hf_to_maxtext
-    from converters.download import download
+    from converters.convert.engine import hf_to_maxtext
+    from converters.remote.download import download
 
     root = tmp_path_factory.mktemp("converted")
     src = tiny_model("llama3.1")
@@ -69,7 +69,7 @@ def model_files(*, seed: int = 0, sharded: bool = True, extras: bool = True) -> 
     """The files of a small HF model repo (safetensors, index, config, tokenizer; pickles and a README too)."""
     import tempfile
 
-    from converters.safetensors_io import save_file
+    from converters.io.safetensors import save_file
 
     rng = np.random.default_rng(seed)
     a = {"model.embed_tokens.weight": rng.standard_normal((64, 32), dtype=np.float32)}

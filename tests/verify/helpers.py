@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.convert import hf_to_maxtext
+from converters.convert.engine import hf_to_maxtext
 from tests.families.helpers import hf_tensors
 
 
@@ -62,7 +62,7 @@ def hf_logits(folder: Path, ids: list[int]) -> np.ndarray:
 def assert_reference_matches_transformers(src: Path, params: dict, max_kl: float):
     """The JAX reference on `params` (a numpy layout of float32 folder `src`) against transformers on 300 random
     tokens: HF logits are not flat and the per-token KL stays below `max_kl`. Returns the ReferenceModel."""
-    from converters.verify.jax_ref import ReferenceModel
+    from converters.verify.reference import ReferenceModel
     from converters.verify.metrics import kl_per_token
 
     ref = ReferenceModel(params, json.loads((src / "config.json").read_text()))

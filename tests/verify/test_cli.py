@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from converters.cli import main
+from converters.cli.main import main
 
 
 def test_verify_passes_with_json(converted, capsys):

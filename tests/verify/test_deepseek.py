@@ -19,14 +19,14 @@ import json
 import numpy as np
 import pytest
 
-from converters.convert import hf_to_maxtext
+from converters.convert.engine import hf_to_maxtext
 from converters.families.deepseek import _DeepSeek
-from converters.mapping import Rule
-from converters.test_models import make_test_model
-from converters.transforms import RopeInterleave
+from converters.core.mapping import Rule
+from converters.tiny_models import make_test_model
+from converters.core.transforms import RopeInterleave
 from converters.verify import DEFAULT_MAX_KL, verify
-from converters.verify.jax_ref import ReferenceModel
-from converters.verify.jax_ref.deepseek import route
+from converters.verify.reference import ReferenceModel
+from converters.verify.reference.deepseek import route
 from converters.verify.metrics import kl_per_token
 from tests.families.helpers import deepseek_layout, hf_tensors
 

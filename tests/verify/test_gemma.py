@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 
 from converters.verify import DEFAULT_MAX_KL, verify
-from converters.verify.jax_ref import ReferenceModel
-from converters.verify.jax_ref.gemma import gemma3_image_prompt, multimodal_logits
+from converters.verify.reference import ReferenceModel
+from converters.verify.reference.gemma import gemma3_image_prompt, multimodal_logits
 from converters.verify.metrics import kl_per_token
 
 SHAPE = {"gemma2": (4, 512), "gemma3": (14, 576), "gemma3-mm": (8, 576)}  # as tests/families/test_gemma.py
@@ -36,7 +36,7 @@ FLOAT32_MAX_KL = {"gemma2": 1e-9, "gemma3": 1e-4, "gemma3-mm": 1e-4}  # see the 
 @pytest.fixture(scope="module")
 def hf_model(tmp_path_factory):
     """`hf_model(family)` -> folder of a float32 tiny random model."""
-    from converters.test_models import make_test_model
+    from converters.tiny_models import make_test_model
 
     cache: dict = {}
 
@@ -52,7 +52,7 @@ def hf_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def converted(hf_model, tmp_path_factory):
     """`converted(family, scan)` -> (hf folder, MaxText checkpoint written by the converter, float32)."""
-    from converters.convert import hf_to_maxtext
+    from converters.convert.engine import hf_to_maxtext
 
     cache: dict = {}
 

@@ -84,7 +84,7 @@ def test_moe_block_clips_like_transformers(hf_model):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from converters.verify.jax_ref import Reference
+    from converters.verify.reference import Reference
 
     src = hf_model("float32")
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters.convert import hf_to_maxtext
-from converters.orbax_io import read_params
+from converters.convert.engine import hf_to_maxtext
+from converters.io.orbax import read_params
 from converters.verify import verify
-from converters.verify.jax_ref import ReferenceModel
+from converters.verify.reference import ReferenceModel
 from converters.verify.metrics import kl_per_token
 from tests.families.helpers import model_cache
 from tests.verify.helpers import (assert_reference_matches_transformers, converted_cache, embed_and_head, hf_float32, hf_logits,

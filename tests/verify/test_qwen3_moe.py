@@ -16,7 +16,7 @@ import pytest
 
 from converters.errors import UnsupportedModelError
 from converters.verify import DEFAULT_MAX_KL, verify
-from converters.verify.jax_ref import ReferenceModel
+from converters.verify.reference import ReferenceModel
 from tests.families.helpers import model_cache
 from tests.verify.helpers import (assert_reference_matches_transformers, converted_cache, embed_and_head, hf_float32, restore_tree,
                                   save_tree, stack_layers)

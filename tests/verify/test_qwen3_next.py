@@ -14,13 +14,13 @@ import json
 import numpy as np
 import pytest
 
-from converters.convert import hf_to_maxtext
+from converters.convert.engine import hf_to_maxtext
 from converters.families.qwen3_next import Qwen3Next
-from converters.mapping import Rule
-from converters.test_models import make_test_model
-from converters.transforms import Transform
+from converters.core.mapping import Rule
+from converters.tiny_models import make_test_model
+from converters.core.transforms import Transform
 from converters.verify import verify
-from converters.verify.jax_ref import ReferenceModel
+from converters.verify.reference import ReferenceModel
 from converters.verify.metrics import kl_per_token
 from tests.families.helpers import hf_tensors, qwen3_next_layout
 

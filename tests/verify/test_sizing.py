@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from converters.errors import CkptflowError, UnsupportedModelError
-from converters.registry import model
+from converters.core.registry import model
 from converters.verify import sizing
 from converters.verify.sizing import GiB, describe, layer_of, terms, verify_memory_bytes
 

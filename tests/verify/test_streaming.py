@@ -17,8 +17,8 @@ import weakref
 import numpy as np
 import pytest
 
-from converters.convert import hf_to_maxtext
-from converters.test_models import TINY, make_test_model
+from converters.convert.engine import hf_to_maxtext
+from converters.tiny_models import TINY, make_test_model
 from converters.verify import make_golden, verify
 from converters.verify.golden import GoldenFile
 
@@ -66,7 +66,7 @@ def test_streamed_hf_side_equals_a_whole_model_forward(family, tiny, tmp_path):
 def _track_reads(monkeypatch):
     """Record every array verify reads (source tensors, checkpoint arrays) with the step whose reads were last started,
     and check, each time a step's reads start, that nothing read for an earlier step is still alive."""
-    from converters.orbax_io import PendingRead
+    from converters.io.orbax import PendingRead
     from converters.verify import engine
     from converters.verify.weights import SourceWeights
 

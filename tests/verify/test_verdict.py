@@ -12,11 +12,11 @@ import shutil
 import numpy as np
 import pytest
 
-from converters.convert import hf_to_maxtext
+from converters.convert.engine import hf_to_maxtext
 from converters.families.llama import Llama31
-from converters.safetensors_io import SafetensorsFolder, save_file
-from converters.test_models import make_test_model
-from converters.transforms import RopeInterleave, Scale, Transform
+from converters.io.safetensors import SafetensorsFolder, save_file
+from converters.tiny_models import make_test_model
+from converters.core.transforms import RopeInterleave, Scale, Transform
 from converters.verify import verify
 
 SHORT = '{"tokens": [1, 17, 301, 44]}\n{"tokens": [9, 2, 250, 3]}\n'

@@ -1,0 +1,1 @@
+"""The `ckptflow` command line: one module per subcommand under `commands/`."""

@@ -1,0 +1,313 @@
+"""Declarative model mappings: a family is a list of rules plus how its layers are grouped.
+
+A `Rule` pairs one HF tensor name (with `{i}` for the layer index, `{e}` for the expert of stacked MoE
+experts) with one MaxText tree path (or several, when one HF tensor is split) and the chain of invertible
+transforms between them. A `Family` turns an HF config into `Dims`, lists its global
+and per-layer rules, and says how layers stack when scanned. `Family.plan()` expands that into `Leaf`s:
+one per MaxText array, each knowing which HF tensors fill it. Both conversion directions walk the same
+plan, so nothing is written twice.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from converters.errors import CkptflowError
+from converters.core.transforms import Split, Transform, run_chain
+
+SCAN_AXIS = 1  # MaxText's default param_scan_axis: the layer axis is inserted at position 1
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One HF tensor <-> one MaxText array (per layer for layer rules).
+
+    `row_axis`: the MaxText axis that HF axis 0 becomes, for 2-D tensors streamed in row chunks
+    (embedding: 0, lm_head -> logits kernel: 1); the chain must then act row by row. A MaxText size along
+    that axis larger than HF's is zero padding (vocab padding), dropped again on export; a smaller one
+    (Gemma3: 262144 of 262208) keeps the HF rows past it in a sidecar file, restored on export.
+
+    `experts`: the MaxText array gets a leading expert axis of this size (`[E, ...]`; scanned `[E, L, ...]`,
+    the layer axis at SCAN_AXIS after it). The HF side is one tensor per expert (`{e}` in `hf`), or one
+    fused tensor whose axis 0 holds the experts, read one expert row at a time. Either way `hf_shape`,
+    `mt_shape` and the chain are one expert's, and every (expert, layer) slice is its own piece.
+
+    `split`: one HF tensor fills several MaxText arrays (`mt` is then a tuple of paths in `split` order, all
+    of shape `mt_shape`). Import takes part k, then runs the chain; export runs the inverse chain on every
+    part and joins them back into the HF tensor.
+
+    `dtype`: a tensor the model keeps in this dtype whatever `--dtype` says (DeepSeek-V3's float32
+    `e_score_correction_bias`): stored so in the MaxText checkpoint and written so on export.
+
+    `runtime_chain`: where MaxText's computation differs from HF's float32 computation by more than the stored
+    values say, the chain that maps HF values to what MaxText computes with (Gemma3's embedding: the table holds
+    x * bf16(sqrt(hidden)), HF multiplies by the exact sqrt(hidden) in float32). Verification inverts it to give
+    the HF model weights that make it compute what MaxText computes from the checkpoint (its layout check); the
+    conversion itself uses `chain`.
+    """
+
+    hf: str
+    mt: str | tuple[str, ...]
+    hf_shape: tuple[int, ...]
+    mt_shape: tuple[int, ...]
+    chain: tuple[Transform, ...] = ()
+    row_axis: int | None = None
+    experts: int = 0
+    split: Split | None = None
+    dtype: str | None = None
+    runtime_chain: tuple[Transform, ...] | None = None
+
+    def out_dtype(self, default: np.dtype) -> np.dtype:
+        return np.dtype(self.dtype) if self.dtype else default
+
+    @property
+    def fused_experts(self) -> bool:
+        return self.experts > 0 and "{e}" not in self.hf
+
+    def to_maxtext(self, x: np.ndarray, dtype: np.dtype, part: int = 0) -> np.ndarray:
+        if self.split is not None:
+            x = self.split.take(x, part)
+        return run_chain(self.chain, x, dtype)
+
+    def to_hf(self, parts: list[np.ndarray], dtype: np.dtype | None, runtime: bool = False) -> np.ndarray:
+        """The HF tensor (or one expert row of it) from the matching slice of each MaxText array (`runtime`: through
+        `runtime_chain` where the rule has one; `dtype` None: as computed, see `run_chain`)."""
+        chain = self.runtime_chain if runtime and self.runtime_chain is not None else self.chain
+        xs = [run_chain(chain, p, dtype, inverse=True) for p in parts]
+        return xs[0] if self.split is None else self.split.join(xs)
+
+
+@dataclass(frozen=True)
+class LayerGroup:
+    """Rules repeated over `hf_layers`: stacked under `stacked` when scanning, else one prefix per layer."""
+
+    rules: tuple[Rule, ...]
+    hf_layers: tuple[int, ...]
+    stacked: str | None
+    unstacked: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One HF tensor (or one expert row of a fused one) and the region of a MaxText array it fills."""
+
+    index: tuple  # ints pick the expert / layer slice; () is the whole array
+    hf: str
+    row: int | None = None  # expert row of a fused HF expert tensor; None: the whole tensor
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """One MaxText array and the HF tensors that fill it."""
+
+    path: str
+    rule: Rule
+    hf_layers: tuple[int, ...] | None = None  # stacked along SCAN_AXIS, one entry per slice
+    hf_layer: int | None = None  # an unstacked layer's HF index
+    part: int = 0  # which output of the rule's split this array is
+    parts: tuple[str, ...] = ()  # split rules: the paths of all arrays cut from the same HF tensors, in order
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        s = self.rule.mt_shape
+        if self.rule.experts:
+            s = (self.rule.experts,) + s
+        if self.hf_layers is None:
+            return s
+        return s[:SCAN_AXIS] + (len(self.hf_layers),) + s[SCAN_AXIS:]
+
+    @property
+    def hf_shape(self) -> tuple[int, ...]:
+        """The shape of each HF tensor this leaf reads (a fused expert tensor has all experts)."""
+        r = self.rule
+        return (r.experts,) + r.hf_shape if r.fused_experts else r.hf_shape
+
+    @property
+    def row_streamed(self) -> bool:
+        """A single 2-D tensor streamed in row blocks (embedding, lm_head) rather than as pieces."""
+        return self.rule.row_axis is not None and self.hf_layers is None and not self.rule.experts
+
+    @property
+    def piece_shape(self) -> tuple[int, ...]:
+        """The region one piece fills: the array with its expert and layer axes cut to 1 (chunk shape)."""
+        s = list(self.shape)
+        if self.rule.experts:
+            s[0] = 1
+        if self.hf_layers is not None:
+            s[SCAN_AXIS] = 1
+        return tuple(s)
+
+    def hf_name(self, layer: int | None = None, expert: int | None = None) -> str:
+        if layer is None:
+            layer = self.hf_layer
+        return self.rule.hf.format(i=layer, e=expert) if "{" in self.rule.hf else self.rule.hf
+
+    def pieces(self) -> list[Piece]:
+        """Every piece of this array, layer by layer and expert by expert within a layer."""
+        r = self.rule
+        layers = list(enumerate(self.hf_layers)) if self.hf_layers is not None else [(None, self.hf_layer)]
+        out = []
+        for j, layer in layers:
+            for e in range(r.experts) if r.experts else [None]:
+                index: list = [slice(None)] * len(self.shape)
+                if e is not None:
+                    index[0] = e
+                if j is not None:
+                    index[SCAN_AXIS] = j
+                while index and index[-1] == slice(None):
+                    index.pop()
+                out.append(Piece(tuple(index), self.hf_name(layer, e), e if r.fused_experts else None))
+        return out
+
+    def hf_tensors(self) -> list[tuple[str, list[Piece]]]:
+        """Each HF tensor this leaf fills, once, with its pieces in the tensor's row order."""
+        by_name: dict[str, list[Piece]] = {}
+        for p in self.pieces():
+            by_name.setdefault(p.hf, []).append(p)
+        return list(by_name.items())
+
+    def hf_names(self) -> list[tuple[tuple | None, str]]:
+        """(region of the first piece, or None for the whole array; HF tensor name) per HF tensor of this leaf."""
+        return [(ps[0].index or None, name) for name, ps in self.hf_tensors()]
+
+
+@dataclass
+class Dims:
+    """Architecture numbers every family uses, plus family-specific extras."""
+
+    emb: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    mlp: int
+    vocab: int
+    layers: int
+    tied: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# Config keys that size arrays: when present (and not null) each must be a positive integer.
+DIMENSION_KEYS = (
+    "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size",
+    "num_hidden_layers", "moe_intermediate_size", "num_experts", "num_local_experts", "num_experts_per_tok",
+    "experts_per_token",
+)
+
+
+def check_dimensions(cfg: dict, family: str) -> None:
+    """Refuse a config whose array sizes are not positive integers (a string, a list, 0, -1), naming the key."""
+    for where, c in (("", cfg), ("text_config.", cfg.get("text_config"))):
+        if not isinstance(c, dict):
+            continue
+        for key in DIMENSION_KEYS:
+            v = c.get(key)
+            if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+                raise CkptflowError(f"config.json for a {family} model: {where}{key} must be a positive integer, got {v!r}")
+
+
+def require(cfg: dict, key: str, family: str):
+    if key not in cfg or cfg[key] is None:
+        raise CkptflowError(f"config.json for a {family} model is missing {key!r}")
+    return cfg[key]
+
+
+class Family:
+    """Base class of a model family. Subclasses are data: names, configs and rule lists."""
+
+    name: ClassVar[str]  # ckptflow family name, e.g. "llama3.1"
+    model_types: ClassVar[tuple[str, ...]]  # HF config `model_type`s this family converts
+    architectures: ClassVar[tuple[str, ...]]  # HF `architectures` written on export (first one)
+    models: ClassVar[dict[str, dict]]  # MaxText model name -> its published HF config.json
+    ignored_hf: ClassVar[tuple[str, ...]] = (r".*rotary_emb\.inv_freq",)  # HF tensors never read
+    # (name prefix the rules use, prefix some writers use instead): a source without the first but with the
+    # second is read under the rules' names (e.g. transformers >= 5 saves Gemma3's `vision_tower.vision_model.*`
+    # as `vision_tower.*`). Export always writes the rules' names.
+    hf_aliases: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    # ---- to override -------------------------------------------------------------------------------
+    @classmethod
+    def dims(cls, cfg: dict) -> Dims:
+        raise NotImplementedError
+
+    @classmethod
+    def global_rules(cls, d: Dims) -> list[Rule]:
+        raise NotImplementedError
+
+    @classmethod
+    def layer_rules(cls, d: Dims) -> list[Rule]:
+        raise NotImplementedError
+
+    @classmethod
+    def layer_groups(cls, d: Dims, scan: bool) -> list[LayerGroup]:
+        """Default: one homogeneous stack, `decoder/layers` scanned or `decoder/layers_<i>` unscanned."""
+        n = d.layers
+        return [LayerGroup(tuple(cls.layer_rules(d)), tuple(range(n)), "decoder/layers", tuple(f"decoder/layers_{i}" for i in range(n)))]
+
+    @classmethod
+    def ignored(cls, d: Dims) -> list[str]:
+        """Regexes of HF tensors that exist in checkpoints but are not converted (e.g. a tied lm_head)."""
+        out = list(cls.ignored_hf)
+        if d.tied:
+            out.append(r"lm_head\.weight")
+        return out
+
+    @classmethod
+    def optional_groups(cls, d: Dims) -> dict[str, list[LayerGroup]]:
+        """Parts converted only on request (`plan(..., extras=(name,))`), e.g. DeepSeek-V3's multi-token-prediction
+        layer (`--with-mtp`); always unstacked. Their HF tensors are otherwise among `ignored`. Default: none."""
+        return {}
+
+    @classmethod
+    def config_for_checkpoint(cls, cfg: dict, stored: set[str]) -> dict:
+        """The config to export a checkpoint with, given its stored array paths (e.g. a Gemma3 checkpoint
+        trained without the vision tower exports as the text-only model). Default: `cfg` as is."""
+        return cfg
+
+    @classmethod
+    def export_config(cls, cfg: dict, dtype: str) -> dict:
+        """The config.json written on export: the source config with what the conversion changed."""
+        out = {k: v for k, v in cfg.items() if k not in ("quantization_config", "_name_or_path", "torch_dtype")}
+        out["architectures"] = list(cfg.get("architectures") or cls.architectures[:1])
+        out["dtype"] = dtype
+        return out
+
+    # ---- derived --------------------------------------------------------------------------------
+    @classmethod
+    def plan(cls, cfg: dict, scan: bool, extras: tuple[str, ...] = ()) -> list[Leaf]:
+        check_dimensions(cfg, cls.name)
+        try:
+            d = cls.dims(cfg)
+        except (TypeError, ValueError, ZeroDivisionError, AttributeError) as e:  # a value of the wrong kind elsewhere
+            raise CkptflowError(f"config.json for a {cls.name} model has a value of the wrong type or range: {e}") from None
+        leaves = [leaf for r in cls.global_rules(d) for leaf in _leaves(r, "")]
+        optional = cls.optional_groups(d) if extras else {}
+        unknown = [x for x in extras if x not in optional]
+        if unknown:
+            raise CkptflowError(f"a {cls.name} model with this config.json has no {', '.join(unknown)} to convert")
+        for g in [*cls.layer_groups(d, scan), *(g for x in extras for g in optional[x])]:
+            for r in g.rules:
+                if scan and g.stacked is not None:
+                    leaves.extend(_leaves(r, f"{g.stacked}/", hf_layers=g.hf_layers))
+                else:
+                    leaves.extend(leaf for p, l in zip(g.unstacked, g.hf_layers) for leaf in _leaves(r, f"{p}/", hf_layer=l))
+        paths = [l.path for l in leaves]
+        dupes = {p for p in paths if paths.count(p) > 1}
+        assert not dupes, f"{cls.name}: duplicate MaxText paths {sorted(dupes)}"
+        return leaves
+
+    @classmethod
+    def is_ignored(cls, d: Dims, hf_name: str) -> bool:
+        return any(re.fullmatch(p, hf_name) for p in cls.ignored(d))
+
+
+def _leaves(r: Rule, prefix: str, **where) -> list[Leaf]:
+    """The array(s) of one rule under `prefix`: one, or one per part of a split."""
+    if r.split is None:
+        return [Leaf(prefix + r.mt, r, **where)]
+    paths = tuple(prefix + m for m in r.mt)
+    assert len(paths) == r.split.n, f"{r.hf}: {len(paths)} MaxText paths for a {r.split.n}-way split"
+    return [Leaf(p, r, part=k, parts=paths, **where) for k, p in enumerate(paths)]

@@ -1,0 +1,60 @@
+"""Which families and MaxText model names ckptflow knows. Light to import (numpy only): DAGs parse it."""
+
+from __future__ import annotations
+
+import copy
+
+from converters.errors import UnsupportedModelError
+from converters.families.deepseek import DeepSeek2, DeepSeek3, DeepSeek32
+from converters.families.gemma import Gemma2, Gemma3
+from converters.families.llama import Llama31
+from converters.families.gpt_oss import GptOss
+from converters.families.mixtral import Mixtral
+from converters.families.qwen3_moe import Qwen3Moe
+from converters.families.qwen3_next import Qwen3Next
+from converters.families.qwen import Qwen3, Qwen25
+from converters.core.mapping import Family
+
+FAMILIES: dict[str, type[Family]] = {f.name: f for f in (Llama31, Qwen25, Qwen3, Gemma2, Gemma3, Qwen3Moe, Mixtral, GptOss, DeepSeek2, DeepSeek3, DeepSeek32, Qwen3Next)}
+
+DIRECTIONS = ("hf->maxtext (scanned)", "hf->maxtext (unscanned)", "maxtext->hf (scanned)", "maxtext->hf (unscanned)")
+
+
+def model_names() -> list[str]:
+    return [m for f in FAMILIES.values() for m in f.models]
+
+
+def family(name: str) -> type[Family]:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise UnsupportedModelError(f"unknown family {name!r}; supported: {', '.join(FAMILIES)}") from None
+
+
+def model(name: str) -> tuple[type[Family], dict]:
+    """MaxText model name (e.g. `llama3.1-8b`) -> (family, its published HF config)."""
+    base = name[: -len("-instruct")] if name.lower().endswith("-instruct") else name
+    for f in FAMILIES.values():
+        if base in f.models:
+            return f, copy.deepcopy(f.models[base])
+    raise UnsupportedModelError(f"unknown model {name!r}; supported: {', '.join(model_names())}")
+
+
+def family_for_config(cfg: dict) -> type[Family]:
+    """Pick the family from an HF config's `model_type` (architectures as a hint in the message)."""
+    mt = cfg.get("model_type")
+    for f in FAMILIES.values():
+        if mt in f.model_types:
+            return f
+    archs = cfg.get("architectures")
+    arch = ", ".join(map(str, archs)) if isinstance(archs, list) and archs else "?"
+    supported = ", ".join(f"{t} ({f.name})" for f in FAMILIES.values() for t in f.model_types)
+    raise UnsupportedModelError(f"unsupported architecture: model_type {mt!r} ({arch}); supported model types: {supported}")
+
+
+def table() -> list[dict]:
+    return [
+        {"model": m, "family": f.name, "hf_model_type": f.model_types[0], "architecture": f.architectures[0], "directions": list(DIRECTIONS)}
+        for f in FAMILIES.values()
+        for m in f.models
+    ]

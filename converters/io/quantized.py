@@ -1,0 +1,197 @@
+"""Quantized HF sources, decoded while reading (HF -> MaxText only; MaxText checkpoints and exports are bf16/fp32).
+
+`decoded_source(folder, cfg)` wraps a `SafetensorsFolder` so that a quantized checkpoint presents the plain
+tensors the family mappings expect: the conversion never sees the quantized storage, and every tensor is
+decoded on its own (or one expert row at a time), so no more than one decoded tensor piece is in memory.
+
+MXFP4 (`quantization_config.quant_method == "mxfp4"`, the official openai/gpt-oss-* repos): a weight `W`
+`[..., out, in]` is stored as
+  * `W_blocks`: uint8 `[..., out, in/32, 16]`, 32 FP4 (E2M1) values per block, two per byte, the low
+    nibble holding the even element and the high nibble the odd one;
+  * `W_scales`: uint8 `[..., out, in/32]`, one E8M0 exponent per block: the block's values are multiplied
+    by 2^(scale - 127).
+E2M1 is sign bit 3, exponent bits 2-1, mantissa bit 0: magnitudes {0, 0.5, 1, 1.5, 2, 3, 4, 6}. The decoded
+tensor is presented under the name without `_blocks`, with its last two axes swapped (`[..., in, out]`:
+GPT-OSS's `gate_up_proj` `[E, emb, 2F]` and `down_proj` `[E, F, emb]`, the layout of the BF16 repos), in
+bfloat16 -- every decoded value is exactly representable there (2 significant bits times a power of two).
+
+FP8 block scales (`quant_method == "fp8"`, the official deepseek-ai/DeepSeek-V3 / V3.2 repos): a linear weight `W`
+`[M, N]` is stored as float8 e4m3 with a float32 companion `W_scale_inv` `[ceil(M/b0), ceil(N/b1)]`, one factor per
+`weight_block_size` = [b0, b1] block (128 x 128), which -- despite its name -- *multiplies* the block's values. A uint8
+scale is an E8M0 exponent, 2^(s - 127). The decoded tensor is `bf16(fp32(W) * fp32(scale))` under the name `W`, the
+scale tensor hidden; unquantized tensors (embeddings, norms, router, correction bias) pass through unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from converters.errors import CorruptFileError, UnsupportedModelError
+from converters.io.safetensors import SafetensorsFolder, TensorInfo
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+FP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
+MXFP4_BLOCK = 32  # values per scale
+SCALE_BIAS = 127  # E8M0
+
+
+def decode_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """`[..., out, G, 16]` uint8 blocks and `[..., out, G]` uint8 scales -> float32 `[..., out, G*32]`."""
+    if blocks.dtype != np.uint8 or scales.dtype != np.uint8:
+        raise CorruptFileError(f"MXFP4 blocks and scales must be uint8, got {blocks.dtype} and {scales.dtype}")
+    if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != MXFP4_BLOCK // 2:
+        raise CorruptFileError(f"MXFP4 blocks {list(blocks.shape)} do not match scales {list(scales.shape)}")
+    values = np.empty(blocks.shape[:-1] + (MXFP4_BLOCK,), np.float32)
+    values[..., 0::2] = FP4_VALUES[blocks & 0x0F]
+    values[..., 1::2] = FP4_VALUES[blocks >> 4]
+    values = np.ldexp(values, scales.astype(np.int32)[..., None] - SCALE_BIAS)
+    return values.reshape(values.shape[:-2] + (-1,))
+
+
+@dataclass(frozen=True)
+class _Mxfp4Tensor:
+    blocks: TensorInfo
+    scales: TensorInfo
+
+
+class Mxfp4Folder:
+    """A `SafetensorsFolder` view in which every `X_blocks` + `X_scales` pair reads as the decoded `X`."""
+
+    def __init__(self, folder: SafetensorsFolder):
+        self.inner = folder
+        self.folder = folder.folder
+        self.tensors: dict[str, TensorInfo] = {}
+        self._quantized: dict[str, _Mxfp4Tensor] = {}
+        names = folder.tensors
+        for name, info in names.items():
+            if name.endswith("_scales") and name[: -len("_scales")] + "_blocks" in names:
+                continue
+            if not name.endswith("_blocks"):
+                self.tensors[name] = info
+                continue
+            base = name[: -len("_blocks")]
+            scales = names.get(base + "_scales")
+            if scales is None:
+                raise CorruptFileError(f"{folder.folder}: {name} has no {base}_scales")
+            if base in names:
+                raise CorruptFileError(f"{folder.folder}: both {base} and its MXFP4 blocks are present")
+            if len(info.shape) < 3 or info.shape[:-1] != scales.shape or info.shape[-1] != MXFP4_BLOCK // 2:
+                raise CorruptFileError(f"{folder.folder}: MXFP4 {name} {list(info.shape)} does not match {base}_scales {list(scales.shape)}")
+            *lead, out_dim, groups, _ = info.shape
+            shape = (*lead, groups * MXFP4_BLOCK, out_dim)
+            self.tensors[base] = TensorInfo(base, BF16, shape, -1, int(np.prod(shape)) * BF16.itemsize, info.path)
+            self._quantized[base] = _Mxfp4Tensor(info, scales)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        if name in self.tensors:
+            return self.tensors[name]
+        return self.inner.info(name)  # raises the folder's missing-tensor error
+
+    def read(self, name: str, rows: slice | None = None) -> np.ndarray:
+        q = self._quantized.get(name)
+        if q is None:
+            return self.inner.read(name, rows)
+        if len(q.blocks.shape) < 4 and rows is not None:
+            raise ValueError(f"{name}: row ranges need a leading (expert) axis")
+        blocks = self.inner.read(q.blocks.name, rows)
+        scales = self.inner.read(q.scales.name, rows)
+        return np.ascontiguousarray(np.swapaxes(decode_mxfp4(blocks, scales), -1, -2), dtype=BF16)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def decode_fp8_blocks(w: np.ndarray, scale: np.ndarray, block: tuple[int, int], row0: int = 0) -> np.ndarray:
+    """float8 `[m, N]` (rows row0.. of the full tensor) times its block scales -> bfloat16 `[m, N]`.
+
+    `scale` holds the scale rows of the blocks those rows fall in, starting at block row0 // block[0]."""
+    if scale.dtype == np.uint8:  # E8M0
+        scale = np.ldexp(np.float32(1), scale.astype(np.int32) - SCALE_BIAS)
+    scale = scale.astype(np.float32)
+    m, n = w.shape
+    first = row0 // block[0]
+    rows = (np.arange(row0, row0 + m) // block[0]) - first
+    cols = np.arange(n) // block[1]
+    if rows.size and (rows.max() >= scale.shape[0] or (n and cols.max() >= scale.shape[1])):
+        raise CorruptFileError(f"FP8 scales {list(scale.shape)} do not cover a [{m}, {n}] weight in {block[0]}x{block[1]} blocks")
+    return (w.astype(np.float32) * scale[rows][:, cols]).astype(BF16)
+
+
+class Fp8Folder:
+    """A `SafetensorsFolder` view in which every float8 `X` with an `X_scale_inv` reads as the decoded bfloat16 `X`."""
+
+    SUFFIX = "_scale_inv"
+
+    def __init__(self, folder: SafetensorsFolder, block: tuple[int, int]):
+        self.inner = folder
+        self.folder = folder.folder
+        self.block = block
+        self.tensors: dict[str, TensorInfo] = {}
+        self._scales: dict[str, TensorInfo] = {}
+        names = folder.tensors
+        for name, info in names.items():
+            if name.endswith(self.SUFFIX) and name[: -len(self.SUFFIX)] in names:
+                continue
+            scale = names.get(name + self.SUFFIX)
+            if scale is None:
+                if "float8" in str(info.dtype):
+                    raise CorruptFileError(f"{folder.folder}: {name} is {info.dtype} without {name}{self.SUFFIX}")
+                self.tensors[name] = info
+                continue
+            want = tuple(-(-n // b) for n, b in zip(info.shape, block))
+            if len(info.shape) != 2 or scale.shape != want:
+                raise CorruptFileError(f"{folder.folder}: FP8 {name} {list(info.shape)} does not match {name}{self.SUFFIX} "
+                                       f"{list(scale.shape)} for {block[0]}x{block[1]} blocks")
+            self.tensors[name] = TensorInfo(name, BF16, info.shape, -1, int(np.prod(info.shape)) * BF16.itemsize, info.path)
+            self._scales[name] = scale
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        if name in self.tensors:
+            return self.tensors[name]
+        return self.inner.info(name)
+
+    def read(self, name: str, rows: slice | None = None) -> np.ndarray:
+        scale = self._scales.get(name)
+        if scale is None:
+            return self.inner.read(name, rows)
+        start = 0 if rows is None else rows.start or 0
+        w = self.inner.read(name, rows)
+        stop = start + w.shape[0]
+        s = self.inner.read(scale.name, slice(start // self.block[0], -(-stop // self.block[0]))) if w.shape[0] else self.inner.read(scale.name)
+        return decode_fp8_blocks(w, s, self.block, start)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def decoded_source(folder: SafetensorsFolder, cfg: dict):
+    """The folder as the family mapping expects it: itself, or a decoding view for a quantized checkpoint."""
+    qc = cfg.get("quantization_config")
+    if not qc:
+        return folder
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if method == "mxfp4":
+        return Mxfp4Folder(folder)
+    if method == "fp8":
+        fmt = qc.get("fmt", "e4m3")
+        block = qc.get("weight_block_size") or [128, 128]
+        if fmt != "e4m3" or not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+            raise UnsupportedModelError(f"{Path(folder.folder)}: FP8 checkpoint with fmt {fmt!r} / weight_block_size {block!r} not supported "
+                                        "(ckptflow reads e4m3 with 2-D block scales, as the DeepSeek repos)")
+        return Fp8Folder(folder, (block[0], block[1]))
+    raise UnsupportedModelError(
+        f"{Path(folder.folder)}: quantized checkpoint (quant_method {method!r}) not supported; "
+        "ckptflow reads bf16/fp16/fp32 weights, MXFP4 (gpt-oss) and FP8 block-scaled (DeepSeek)"
+    )

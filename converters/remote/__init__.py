@@ -1,0 +1,1 @@
+"""Remote storage: the Hugging Face hub, GCS, downloading sources and publishing outputs."""

@@ -1,0 +1,188 @@
+"""Small random models of a family's real architecture, built and saved with `transformers`.
+
+They exercise exactly the tensor names, layouts and config keys of the real checkpoints with tiny
+dimensions (random weights, so a wrong transform changes the logits). Used by tests, the demo and
+`ckptflow make-test-model`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+from converters.core import registry
+
+_GEMMA = {"hidden_size": 72, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 96,
+          "query_pre_attn_scalar": 24, "sliding_window": 8}
+_DEEPSEEK = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 96, "moe_intermediate_size": 32,
+             "n_routed_experts": 8, "kv_lora_rank": 32, "qk_nope_head_dim": 20, "qk_rope_head_dim": 8, "v_head_dim": 24,
+             "first_k_dense_replace": 1}
+_MOE = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "num_experts_per_tok": 2}
+
+# Per family: the real model whose config is shrunk, and the tiny dimensions. head_dim is chosen so that
+# heads * head_dim != hidden_size where the architecture allows it (catches projections sized from hidden).
+TINY = {
+    "llama3.1": ("llama3.1-8b", {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 96}),
+    "qwen2.5": ("qwen2.5-7b", {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96}),
+    "qwen3": ("qwen3-0.6b", {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 96}),
+    # Gemma: hidden 72 so sqrt(hidden) is not a power of two (8.485; bf16 8.5), query_pre_attn_scalar 24 so the
+    # Gemma2 query scale is not one either (like 27B's 144), small windows and soft-caps so both act on tiny prompts.
+    "gemma2": ("gemma2-2b", {**_GEMMA, "final_logit_softcapping": 5.0, "attn_logit_softcapping": 2.0}),
+    "gemma3": ("gemma3-4b", _GEMMA),  # text only: Gemma3ForCausalLM (model_type gemma3_text)
+    "gemma3-mm": ("gemma3-4b", _GEMMA),  # Gemma3ForConditionalGeneration with a tiny SigLIP tower
+    # MoE: 4 experts, top-2. GPT-OSS keeps square experts (intermediate == hidden, as 2880 == 2880) so only values
+    # catch an orientation mistake, and a sliding window the long verification prompt crosses many times.
+    "qwen3-moe": ("qwen3-30b-a3b", {**_MOE, "moe_intermediate_size": 48, "num_experts": 4}),
+    "mixtral": ("mixtral-8x7b", {**_MOE, "intermediate_size": 96, "num_local_experts": 4}),
+    "gpt-oss": ("gpt-oss-20b", {**_MOE, "intermediate_size": 64, "num_local_experts": 4, "experts_per_token": 2, "sliding_window": 32,
+                             "pad_token_id": 0}),
+    # DeepSeek (MLA): heads * v_head_dim (96) and heads * qk_head_dim (112) differ from hidden (64); 8 experts; V3 has 4
+    # routing groups of which 2 are kept, so group-limited routing acts; published YaRN (factor 40, mscale) kept.
+    "deepseek2": ("deepseek2-16b", {**_DEEPSEEK, "num_experts_per_tok": 3}),
+    "deepseek3": ("deepseek3-671b", {**_DEEPSEEK, "q_lora_rank": 48, "n_group": 4, "topk_group": 2, "num_experts_per_tok": 3}),
+    # V3.2: the indexer keeps 32 keys per query, so prompts longer than 32 tokens attend sparsely. 16 indexer heads: a key
+    # scores exactly 0 only when all 16 ReLUs are 0, so exact ties at the top-k boundary (which torch and JAX may break
+    # differently) are practically absent
+    "deepseek3.2": ("deepseek3.2-671b", {**_DEEPSEEK, "q_lora_rank": 48, "n_group": 4, "topk_group": 2, "num_experts_per_tok": 3,
+                                         "index_n_heads": 16, "index_head_dim": 16, "index_topk": 32}),
+    # Qwen3-Next: 2 key / 4 value GDN heads with key dim 16 != value dim 24, full attention head_dim 32 with 8 rotary dims
+    "qwen3-next": ("qwen3-next-80b-a3b", {**_MOE, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "num_experts": 8,
+                                          "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
+                                          "linear_value_head_dim": 24, "intermediate_size": 96}),
+}
+# tensors the models keep in float32 whatever the checkpoint dtype (DeepSeek routing bias, V3.2 indexer weights)
+FP32_TENSORS = ("e_score_correction_bias", "indexer.weights_proj.weight")
+# gemma3-mm: 28px images of 7px patches (16 patches), pooled 2x2 into 4 soft tokens per image
+TINY_VISION = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 48, "num_hidden_layers": 2, "image_size": 28, "patch_size": 7}
+TINY_MM = {"mm_tokens_per_image": 4, "boi_token_index": 5, "eoi_token_index": 6}
+
+# Families the generic tests (tests/convert/test_engine.py, tests/io/test_orbax.py) run on. Gemma's value-changing
+# transforms (+1 norms, sqrt(E) embedding), vocab padding/truncation, layer pairs and vision tower have their
+# own tests in tests/families/test_gemma.py.
+# The MoE families' expert stacking, splits and MXFP4 / FP8 sources are tested in
+# tests/families/test_{qwen3_moe,mixtral,gpt_oss,deepseek,qwen3_next}.py.
+FAMILIES = tuple(f for f in TINY if not f.startswith(("gemma", "deepseek")) and f not in ("qwen3-moe", "mixtral", "gpt-oss", "qwen3-next"))
+
+
+def tiny_config(family: str, *, layers: int = 2, vocab: int = 512, tied: bool | None = None) -> dict:
+    if family not in TINY:
+        raise registry.UnsupportedModelError(f"no test model for family {family!r}; choose one of {', '.join(TINY)}")
+    base, dims = TINY[family]
+    cfg = copy.deepcopy(registry.model(base)[1])
+    if "text_config" in cfg:  # Gemma3: shrink the text model; keep the vision tower only for the multimodal variant
+        text = {**cfg["text_config"], "architectures": ["Gemma3ForCausalLM"], "tie_word_embeddings": True}
+        text.update(dims, num_hidden_layers=layers, vocab_size=vocab, bos_token_id=1, eos_token_id=2)
+        if not family.endswith("-mm"):
+            return text
+        from converters.families.gemma import gemma3_mt_vocab
+
+        text.pop("architectures")
+        cfg.update(TINY_MM, text_config=text, image_token_index=gemma3_mt_vocab(vocab), eos_token_id=2)
+        cfg["vision_config"].update(TINY_VISION)
+        return cfg
+    cfg.update(dims, num_hidden_layers=layers, vocab_size=vocab, bos_token_id=1, eos_token_id=2)
+    if "max_window_layers" in cfg:
+        cfg["max_window_layers"] = layers
+    if family == "qwen3-next":  # the published cycle: 3 gated-delta-net layers, then full attention
+        cfg["layer_types"] = ["full_attention" if (i + 1) % cfg["full_attention_interval"] == 0 else "linear_attention" for i in range(layers)]
+    if "layer_types" in cfg:  # GPT-OSS: the published pattern, cut to the tiny depth
+        cfg["layer_types"] = [cfg["layer_types"][i % len(cfg["layer_types"])] for i in range(layers)]
+    if tied is not None:
+        cfg["tie_word_embeddings"] = tied
+    return cfg
+
+
+def make_test_model(family: str, out: str | os.PathLike, *, layers: int = 2, vocab: int = 512, dtype: str = "bfloat16", seed: int = 0, tied: bool | None = None) -> Path:
+    """Build a random `transformers` model of `family`, save it as safetensors in `out`, return `out`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = tiny_config(family, layers=layers, vocab=vocab, tied=tied)
+    cfg.pop("architectures", None)
+    model_type = cfg.pop("model_type")
+    cfg.pop("torch_dtype", None)
+    config = AutoConfig.for_model(model_type, **cfg)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            # norms near 1, everything else large enough that any misplaced element moves the logits. Gemma's
+            # RMSNorms scale by 1 + weight: their weights sit near 0, as in the real checkpoints
+            # (Qwen3-Next's too, except the plain gated norm of its delta-net output)
+            zero_centred = (model_type.startswith("gemma") and "vision_tower" not in name) or (
+                model_type == "qwen3_next" and "linear_attn.norm" not in name)
+            norm_one = 0.0 if zero_centred else 1.0
+            p.copy_(norm_one + 0.1 * noise if "norm" in name else 0.08 * noise)
+        # DeepSeek-V3's routing correction bias is a float32 buffer (not a parameter) and V3.2's indexer weights_proj a
+        # float32 parameter, in the published repos too
+        for n, b in model.named_buffers():
+            if n.endswith("e_score_correction_bias"):
+                b.copy_(0.05 * torch.randn(b.shape, generator=g))
+        fp32 = {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()] if n.endswith(FP32_TENSORS)}
+    model = model.to(getattr(torch, dtype))
+    with torch.no_grad():
+        for n, t in [*model.named_parameters(), *model.named_buffers()]:
+            if n in fp32:
+                t.data = fp32[n]
+    out = Path(out)
+    model.save_pretrained(out)
+    if model_type == "gemma3":
+        _published_vision_names(out)
+    return out
+
+
+def _published_vision_names(folder: Path) -> None:
+    """Rename the vision tower as the google/gemma-3-*-it repos name it on disk (`vision_tower.vision_model.*`).
+
+    transformers >= 5 writes `vision_tower.*` and reads both; converters must handle the published names.
+    """
+    from safetensors.torch import load_file, save_file
+
+    for path in folder.glob("*.safetensors"):
+        tensors = load_file(path)
+        renamed = {("vision_tower.vision_model." + k[len("vision_tower."):] if k.startswith("vision_tower.") else k): v for k, v in tensors.items()}
+        save_file(renamed, path, metadata={"format": "pt"})
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        import json
+
+        data = json.loads(index.read_text())
+        data["weight_map"] = {("vision_tower.vision_model." + k[len("vision_tower."):] if k.startswith("vision_tower.") else k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def write_synthetic_checkpoint(out: str | os.PathLike, cfg: dict, *, shard_bytes: int = 5 << 30, seed: int = 0) -> Path:
+    """Random bf16 weights for `cfg` written straight to safetensors (no torch; for large benchmark models).
+
+    Values are random bits confined to |x| in [2^-7, 2^-5): no inf/nan, and as incompressible as real weights.
+    """
+    import json
+
+    import ml_dtypes
+    import numpy as np
+
+    from converters.io.safetensors import PlannedTensor, ShardWriter, plan_shards, shard_names, write_index
+
+    family = registry.family_for_config(cfg)
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    tensors = [PlannedTensor(name, leaf.hf_shape, bf16) for leaf in family.plan(cfg, scan=False) for _, name in leaf.hf_names()]
+    shards = plan_shards(tensors, shard_bytes)
+    names = shard_names(len(shards))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for shard, fname in zip(shards, names):
+        w = ShardWriter(out / fname, shard)
+        for t in shard:
+            rows_per_block = max(1, (64 << 20) // max(1, t.nbytes // max(1, t.shape[0])))
+            for start in range(0, t.shape[0], rows_per_block):
+                rows = min(rows_per_block, t.shape[0] - start)
+                bits = rng.integers(0, 1 << 16, size=(rows,) + t.shape[1:], dtype=np.uint16)
+                w.write(t.name, ((bits & np.uint16(0x81FF)) | np.uint16(0x3C00)).view(bf16))
+        w.close()
+    write_index(out, shards, names)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return out

@@ -1,0 +1,307 @@
+"""JAX reference forward pass of a MaxText checkpoint, one module per family, run one layer at a time.
+
+A family is a `Family` subclass (see `common.py`) registered here under the HF `model_type`s it
+serves. Adding a family means adding a module with its block and one `register_family` line; the
+existing families are untouched.
+
+`Reference` is what verification runs: it never holds the checkpoint. Its caller reads what each stage needs
+(`global_keys`, the embedding rows of the prompts' ids, `layer_reads(l)`, `expert_reads(l, e)`, vocabulary blocks
+of the output projection) and hands the arrays over; the reference keeps only the prompts' activations.
+`ReferenceModel` runs the same stages on an in-memory tree of arrays (tests, small models).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from converters.errors import CkptflowError, UnsupportedModelError
+from converters.verify.reference.common import DTYPES, EMBEDDING, LOGITS_KERNEL, Family, ModelSpec, Params, Shapes, hf_config_object
+
+_REGISTRY: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    for model_type in family.model_types:
+        if model_type in _REGISTRY and _REGISTRY[model_type] is not family:
+            raise ValueError(f"model_type {model_type!r} already registered by {_REGISTRY[model_type].name}")
+        _REGISTRY[model_type] = family
+    return family
+
+
+def get_family(model_type: str) -> Family:
+    try:
+        return _REGISTRY[model_type]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"no MaxText reference forward pass for model_type {model_type!r} "
+            f"(supported: {', '.join(sorted(_REGISTRY))})"
+        ) from None
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+# Built-in families.
+from converters.verify.reference.llama import LlamaFamily  # noqa: E402
+from converters.verify.reference.qwen import Qwen2Family, Qwen3Family  # noqa: E402
+from converters.verify.reference.gemma import Gemma2Family, Gemma3Family  # noqa: E402
+from converters.verify.reference.gpt_oss import GptOssFamily  # noqa: E402
+from converters.verify.reference.mixtral import MixtralFamily  # noqa: E402
+from converters.verify.reference.qwen3_moe import Qwen3MoeFamily  # noqa: E402
+from converters.verify.reference.deepseek import DeepSeekFamily  # noqa: E402
+from converters.verify.reference.qwen3_next import Qwen3NextFamily  # noqa: E402
+
+register_family(LlamaFamily())
+register_family(Qwen2Family())
+register_family(Qwen3Family())
+register_family(Gemma2Family())
+register_family(Gemma3Family())
+register_family(Qwen3MoeFamily())
+register_family(MixtralFamily())
+register_family(GptOssFamily())
+register_family(DeepSeekFamily())
+register_family(Qwen3NextFamily())
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(family: Family, stage: str):
+    """One compiled function per family and stage; recompiled only per shape / dtype."""
+    import jax
+
+    return jax.jit(getattr(family, stage), static_argnums=0)
+
+
+def _astype(dtype, tree: dict) -> dict:
+    return {k: v.astype(dtype) for k, v in tree.items()}
+
+
+def _cast_tree(dtype, tree: dict) -> dict:
+    """Device arrays cast to `dtype` by one compiled function (XLA's cast, on every core)."""
+    import jax
+
+    global _cast_jit
+    if _cast_jit is None:
+        _cast_jit = jax.jit(_astype, static_argnums=0)
+    return _cast_jit(dtype, tree)
+
+
+_cast_jit = None
+
+
+def _padded(n: int) -> int:
+    """Token counts an expert is compiled for: powers of two, so a layer compiles a handful of shapes, not one per count."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@dataclass
+class PromptState:
+    """One prompt's activations between stages (device arrays in the compute dtype)."""
+
+    x: object
+    positions: object
+    extra: dict = field(default_factory=dict)  # per-prompt block inputs (Gemma3's image blocks)
+    h: object = None  # MoE layers: the experts' input
+    weights: np.ndarray | None = None  # MoE layers: [T, E] routing weights
+
+
+class Reference:
+    """What MaxText computes for a checkpoint, in one compute dtype, one decoder layer at a time.
+
+    config: the HF config.json dict describing the model; shapes: checkpoint key ('/'-joined path under
+    `params/params`) -> stored shape, for every array (structure and sizes are checked up front).
+    """
+
+    def __init__(self, config: dict, shapes: Shapes, *, dtype: str = "float32", bf16_tied_logits: bool = False):
+        if dtype not in DTYPES:
+            raise CkptflowError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+        cfg = hf_config_object(config)
+        self.family = get_family(cfg.model_type)
+        spec = dataclasses.replace(self.family.make_spec(cfg), dtype=dtype)
+        # bf16_tied_logits: reproduce MaxText's bfloat16 cast of the tied embedding table in the logits matmul
+        # also in float32 runs (see Family.logits_block).
+        self.spec: ModelSpec = spec.with_options(bf16_tied_logits=bool(bf16_tied_logits))
+        self.warnings: list[str] = self.family.config_warnings(cfg)
+        self.layout = self.family.detect_layout(self.spec, shapes)
+        self.family.check_params(self.spec, shapes, self.layout)
+        emb = tuple(shapes[EMBEDDING])
+        if len(emb) != 2 or emb[1] != self.spec.hidden_size or emb[0] < self.spec.vocab_size:
+            raise CkptflowError(
+                f"token_embedder/embedding has shape {emb}; expected [>= {self.spec.vocab_size}, {self.spec.hidden_size}] for this config"
+            )
+        self.vocab_size = int(emb[0])  # may be padded beyond the HF vocabulary
+        self.num_layers = self.layout.num_layers
+
+    @property
+    def scanned(self) -> bool:
+        return self.layout.scanned
+
+    @property
+    def tied(self) -> bool:
+        return self.spec.tie_word_embeddings
+
+    @property
+    def head_key(self) -> str:
+        """The array the logits are computed from: rows of the tied embedding, or columns of the logits kernel."""
+        return EMBEDDING if self.tied else LOGITS_KERNEL
+
+    # ---- what to read ---------------------------------------------------------------------------------
+    norm_keys = ("decoder/decoder_norm/scale",)  # what `final` uses
+
+    @property
+    def global_keys(self) -> list[str]:
+        """Arrays read whole before the layers (final norm, vision tower); the embedding and the logits kernel are
+        read in pieces (`prompt`, `logits`)."""
+        return [k for k in self.family.global_keys(self.spec) if k not in (EMBEDDING, LOGITS_KERNEL)]
+
+    def layer_reads(self, l: int) -> dict[str, tuple[str, tuple]]:
+        return self.family.layer_reads(self.spec, self.layout, l)
+
+    def expert_reads(self, l: int, e: int) -> dict[str, tuple[str, tuple]]:
+        return self.family.expert_reads(self.spec, self.layout, l, e)
+
+    def is_moe(self, l: int) -> bool:
+        return bool(self.family.moe_arrays(self.spec, l))
+
+    def hf_layers(self, l: int) -> tuple[int, ...]:
+        return self.family.hf_layers(self.spec, l)
+
+    # ---- stages -----------------------------------------------------------------------------------------
+    def _cast(self, arrays: dict) -> dict:
+        """Arrays as stored -> device arrays in the compute dtype (MaxText casts each weight where it uses it; once per
+        layer here, by XLA: half the time of a host-side cast, and every prompt reuses it)."""
+        import jax.numpy as jnp
+
+        return _cast_tree(self.spec.jdtype, {k: jnp.asarray(np.asarray(v)) for k, v in arrays.items()})
+
+    def prompt(self, rows: np.ndarray, index: np.ndarray, token_ids, g: dict, inputs: dict | None = None) -> PromptState:
+        """The first layer's input: `rows` of the embedding (stored dtype) and `index` into them per position;
+        `inputs`: a multimodal prompt's extra model inputs (pixel values)."""
+        import jax.numpy as jnp
+
+        ids = np.asarray(token_ids, np.int32)
+        positions = jnp.arange(ids.shape[0], dtype=jnp.int32)
+        if inputs:
+            x, extra = self.family.multimodal_embed(self.spec, self._cast(g), jnp.asarray(rows), jnp.asarray(index), ids, inputs)
+            return PromptState(x, positions, extra)
+        return PromptState(_jitted(self.family, "embed")(self.spec, jnp.asarray(rows), jnp.asarray(index, jnp.int32)), positions)
+
+    def layer(self, l: int, arrays: dict[str, np.ndarray], states: list[PromptState], experts: Callable[[int], dict] | None = None) -> None:
+        """Run layer l on every prompt. arrays: `layer_reads(l)` keys -> arrays as stored; experts(e) -> expert e's
+        `expert_reads(l, e)` arrays (MoE layers: called once per expert some token is routed to, in ascending order)."""
+        import jax
+
+        p = self._cast(arrays)
+        p.update(self.family.layer_markers(self.spec, l))
+        if not self.is_moe(l):
+            block = _jitted(self.family, "block")
+            for s in states:
+                s.x = block(self.spec, p, s.x, s.positions, **s.extra)
+            # JAX dispatches asynchronously: wait, so the layer's weights are gone when this returns (not while the
+            # next side loads its own) and the time is counted where it is spent
+            jax.block_until_ready([s.x for s in states])
+            return
+        pre, route = _jitted(self.family, "pre_moe"), _jitted(self.family, "route")
+        for s in states:
+            s.x, s.h = pre(self.spec, p, s.x, s.positions, **s.extra)
+            s.weights = np.asarray(route(self.spec, p, s.h), np.float32)
+        routed = self._experts(states, experts)
+        post = _jitted(self.family, "post_moe")
+        for s, y in zip(states, routed):
+            s.x = post(self.spec, p, s.x, s.h, y)
+            s.h = s.weights = None
+        jax.block_until_ready([s.x for s in states])
+
+    def _experts(self, states: list[PromptState], experts: Callable[[int], dict]) -> list:
+        """Every expert some token is routed to, one at a time, on exactly those tokens (all prompts at once); the
+        outputs summed with the routing weights in float32, then cast to the compute dtype."""
+        import jax.numpy as jnp
+
+        run = _jitted(self.family, "expert")
+        acc = [np.zeros(np.shape(s.h), np.float32) for s in states]
+        hs = [np.asarray(s.h.astype(jnp.float32)) for s in states]
+        hit = sorted(set().union(*(np.flatnonzero(s.weights.any(axis=0)) for s in states)))
+        for e in hit:
+            w = {rel.rsplit("/", 1)[-1]: v for rel, v in self._cast(experts(e)).items()}
+            rows = [np.flatnonzero(s.weights[:, e]) for s in states]
+            n = sum(len(r) for r in rows)
+            tokens = np.zeros((_padded(n), hs[0].shape[1]), np.float32)
+            tokens[:n] = np.concatenate([h[r] for h, r in zip(hs, rows)])
+            out = np.asarray(run(self.spec, w, jnp.asarray(tokens, self.spec.jdtype)).astype(jnp.float32))
+            at = 0
+            for a, s, r in zip(acc, states, rows):
+                a[r] += out[at : at + len(r)] * s.weights[r, e][:, None]
+                at += len(r)
+        return [jnp.asarray(a, self.spec.jdtype) for a in acc]
+
+    def final(self, g: dict, states: list[PromptState]) -> None:
+        norm = _jitted(self.family, "final_norm")
+        gj = self._cast(g)
+        for s in states:
+            s.x = norm(self.spec, gj, s.x)
+
+    def logits(self, states: list[PromptState], w: np.ndarray) -> list[np.ndarray]:
+        """float32 logits of one vocabulary block for each prompt: `w` is `head_key`'s rows (tied, `[Vb, E]`) or
+        columns (`[E, Vb]`), as stored."""
+        import jax.numpy as jnp
+
+        run, w = _jitted(self.family, "logits_block"), _cast_tree(self.spec.jdtype, {"w": jnp.asarray(np.asarray(w))})["w"]
+        return [np.asarray(run(self.spec, s.x, w)) for s in states]
+
+
+# Vocabulary block of `ReferenceModel.logits`; any size gives the same logits, bit for bit.
+VOCAB_BLOCK = 8192
+
+
+class ReferenceModel:
+    """`Reference` on an in-memory tree: params are the checkpoint's arrays keyed by '/'-joined paths under
+    `params/params` (`converters.io.orbax.read_params`); config: the HF config.json dict describing the model."""
+
+    def __init__(self, params: Params, config: dict, *, dtype: str = "float32", bf16_tied_logits: bool = False):
+        self.ref = Reference(config, {k: tuple(np.shape(v)) for k, v in params.items()}, dtype=dtype, bf16_tied_logits=bf16_tied_logits)
+        self.params = params
+        self.family, self.spec, self.layout, self.warnings = self.ref.family, self.ref.spec, self.ref.layout, self.ref.warnings
+        self.vocab_size = self.ref.vocab_size
+
+    @property
+    def scanned(self) -> bool:
+        return self.ref.scanned
+
+    def _read(self, key: str, index: tuple) -> np.ndarray:
+        return np.asarray(self.params[key][index])
+
+    def logits(self, token_ids, inputs: dict | None = None) -> np.ndarray:
+        """float32 logits `[T, V_checkpoint]` for the given ids (positions 0..T-1, one segment); `inputs`: a
+        multimodal prompt's pixel values (`{"pixel_values": ...}`)."""
+        ref = self.ref
+        ids = np.clip(np.asarray(token_ids, np.int64), 0, ref.vocab_size - 1)
+        uniq, index = np.unique(ids, return_inverse=True)
+        g = {k: self.params[k] for k in ref.global_keys}
+        state = ref.prompt(self._read(EMBEDDING, (uniq,)), index, token_ids, g, inputs)
+        for l in range(ref.num_layers):
+            arrays = {rel: self._read(*at) for rel, at in ref.layer_reads(l).items()}
+            ref.layer(l, arrays, [state], lambda e, l=l: {rel: self._read(*at) for rel, at in ref.expert_reads(l, e).items()})
+        ref.final({k: g[k] for k in ref.norm_keys}, [state])
+        head = self.params[ref.head_key]
+        blocks = []
+        for v0 in range(0, ref.vocab_size, VOCAB_BLOCK):
+            cols = slice(v0, min(v0 + VOCAB_BLOCK, ref.vocab_size))
+            blocks += ref.logits([state], head[cols] if ref.tied else head[:, cols])
+        return np.concatenate(blocks, axis=1)
+
+
+__all__ = [
+    "Family",
+    "ModelSpec",
+    "PromptState",
+    "Reference",
+    "ReferenceModel",
+    "get_family",
+    "register_family",
+    "supported_model_types",
+]
