@@ -13,44 +13,9 @@ from pathlib import Path
 
 from converters.core import registry
 
-_GEMMA = {"hidden_size": 72, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 96,
-          "query_pre_attn_scalar": 24, "sliding_window": 8}
-_DEEPSEEK = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 96, "moe_intermediate_size": 32,
-             "n_routed_experts": 8, "kv_lora_rank": 32, "qk_nope_head_dim": 20, "qk_rope_head_dim": 8, "v_head_dim": 24,
-             "first_k_dense_replace": 1}
-_MOE = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "num_experts_per_tok": 2}
-
-# Per family: the real model whose config is shrunk, and the tiny dimensions. head_dim is chosen so that
-# heads * head_dim != hidden_size where the architecture allows it (catches projections sized from hidden).
-TINY = {
-    "llama3.1": ("llama3.1-8b", {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 96}),
-    "qwen2.5": ("qwen2.5-7b", {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96}),
-    "qwen3": ("qwen3-0.6b", {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 96}),
-    # Gemma: hidden 72 so sqrt(hidden) is not a power of two (8.485; bf16 8.5), query_pre_attn_scalar 24 so the
-    # Gemma2 query scale is not one either (like 27B's 144), small windows and soft-caps so both act on tiny prompts.
-    "gemma2": ("gemma2-2b", {**_GEMMA, "final_logit_softcapping": 5.0, "attn_logit_softcapping": 2.0}),
-    "gemma3": ("gemma3-4b", _GEMMA),  # text only: Gemma3ForCausalLM (model_type gemma3_text)
-    "gemma3-mm": ("gemma3-4b", _GEMMA),  # Gemma3ForConditionalGeneration with a tiny SigLIP tower
-    # MoE: 4 experts, top-2. GPT-OSS keeps square experts (intermediate == hidden, as 2880 == 2880) so only values
-    # catch an orientation mistake, and a sliding window the long verification prompt crosses many times.
-    "qwen3-moe": ("qwen3-30b-a3b", {**_MOE, "moe_intermediate_size": 48, "num_experts": 4}),
-    "mixtral": ("mixtral-8x7b", {**_MOE, "intermediate_size": 96, "num_local_experts": 4}),
-    "gpt-oss": ("gpt-oss-20b", {**_MOE, "intermediate_size": 64, "num_local_experts": 4, "experts_per_token": 2, "sliding_window": 32,
-                             "pad_token_id": 0}),
-    # DeepSeek (MLA): heads * v_head_dim (96) and heads * qk_head_dim (112) differ from hidden (64); 8 experts; V3 has 4
-    # routing groups of which 2 are kept, so group-limited routing acts; published YaRN (factor 40, mscale) kept.
-    "deepseek2": ("deepseek2-16b", {**_DEEPSEEK, "num_experts_per_tok": 3}),
-    "deepseek3": ("deepseek3-671b", {**_DEEPSEEK, "q_lora_rank": 48, "n_group": 4, "topk_group": 2, "num_experts_per_tok": 3}),
-    # V3.2: the indexer keeps 32 keys per query, so prompts longer than 32 tokens attend sparsely. 16 indexer heads: a key
-    # scores exactly 0 only when all 16 ReLUs are 0, so exact ties at the top-k boundary (which torch and JAX may break
-    # differently) are practically absent
-    "deepseek3.2": ("deepseek3.2-671b", {**_DEEPSEEK, "q_lora_rank": 48, "n_group": 4, "topk_group": 2, "num_experts_per_tok": 3,
-                                         "index_n_heads": 16, "index_head_dim": 16, "index_topk": 32}),
-    # Qwen3-Next: 2 key / 4 value GDN heads with key dim 16 != value dim 24, full attention head_dim 32 with 8 rotary dims
-    "qwen3-next": ("qwen3-next-80b-a3b", {**_MOE, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "num_experts": 8,
-                                          "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
-                                          "linear_value_head_dim": 24, "intermediate_size": 96}),
-}
+# Per family (`Family.test_models` in converters/families/): the real model whose config is shrunk, and the tiny
+# dimensions; one entry per variant (Gemma3: text only and with its vision tower).
+TINY = {name: spec for f in registry.FAMILIES.values() for name, spec in f.test_models.items()}
 # tensors the models keep in float32 whatever the checkpoint dtype (DeepSeek routing bias, V3.2 indexer weights)
 FP32_TENSORS = ("e_score_correction_bias", "indexer.weights_proj.weight")
 # gemma3-mm: 28px images of 7px patches (16 patches), pooled 2x2 into 4 soft tokens per image
@@ -62,7 +27,7 @@ TINY_MM = {"mm_tokens_per_image": 4, "boi_token_index": 5, "eoi_token_index": 6}
 # own tests in tests/families/test_gemma.py.
 # The MoE families' expert stacking, splits and MXFP4 / FP8 sources are tested in
 # tests/families/test_{qwen3_moe,mixtral,gpt_oss,deepseek,qwen3_next}.py.
-FAMILIES = tuple(f for f in TINY if not f.startswith(("gemma", "deepseek")) and f not in ("qwen3-moe", "mixtral", "gpt-oss", "qwen3-next"))
+GENERIC_TEST_MODELS = tuple(f for f in TINY if not f.startswith(("gemma", "deepseek")) and f not in ("qwen3-moe", "mixtral", "gpt-oss", "qwen3-next"))
 
 
 def tiny_config(family: str, *, layers: int = 2, vocab: int = 512, tied: bool | None = None) -> dict:

@@ -11,7 +11,7 @@ plan, so nothing is written twice.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -52,6 +52,7 @@ class Rule:
 
     hf: str
     mt: str | tuple[str, ...]
+    _: KW_ONLY  # shapes by name: (hf_shape, mt_shape) positionally are easy to swap
     hf_shape: tuple[int, ...]
     mt_shape: tuple[int, ...]
     chain: tuple[Transform, ...] = ()
@@ -220,7 +221,15 @@ class Family:
 
     name: ClassVar[str]  # ckptflow family name, e.g. "llama3.1"
     model_types: ClassVar[tuple[str, ...]]  # HF config `model_type`s this family converts
-    architectures: ClassVar[tuple[str, ...]]  # HF `architectures` written on export (first one)
+    # HF `architectures` this family converts (a causal LM, or Gemma3's conditional generation); the first is
+    # written on export. A config naming another class (e.g. a sequence classifier) is refused.
+    architectures: ClassVar[tuple[str, ...]]
+    # Its JAX reference of what MaxText computes, "module:Class" (imported only by verify: it needs JAX).
+    # Every registered family has one (tests/core/test_registry.py).
+    reference: ClassVar[str]
+    # Tiny random test models (converters/tiny_models.py): test model name -> (a model of `models` whose config is
+    # shrunk, the dimensions that replace its own). Every registered family has at least one.
+    test_models: ClassVar[dict[str, tuple[str, dict]]]
     models: ClassVar[dict[str, dict]]  # MaxText model name -> its published HF config.json
     ignored_hf: ClassVar[tuple[str, ...]] = (r".*rotary_emb\.inv_freq",)  # HF tensors never read
     # (name prefix the rules use, prefix some writers use instead): a source without the first but with the

@@ -13,11 +13,13 @@ from converters.families.mixtral import Mixtral
 from converters.families.qwen3_moe import Qwen3Moe
 from converters.families.qwen3_next import Qwen3Next
 from converters.families.qwen import Qwen3, Qwen25
+from converters.core.direction import Direction
 from converters.core.mapping import Family
 
 FAMILIES: dict[str, type[Family]] = {f.name: f for f in (Llama31, Qwen25, Qwen3, Gemma2, Gemma3, Qwen3Moe, Mixtral, GptOss, DeepSeek2, DeepSeek3, DeepSeek32, Qwen3Next)}
 
-DIRECTIONS = ("hf->maxtext (scanned)", "hf->maxtext (unscanned)", "maxtext->hf (scanned)", "maxtext->hf (unscanned)")
+# every family converts both ways, scanned and unscanned: "hf->maxtext (scanned)", ...
+DIRECTIONS = tuple(d.label(scan) for d in Direction for scan in (True, False))
 
 
 def model_names() -> list[str]:
@@ -40,16 +42,33 @@ def model(name: str) -> tuple[type[Family], dict]:
     raise UnsupportedModelError(f"unknown model {name!r}; supported: {', '.join(model_names())}")
 
 
-def family_for_config(cfg: dict) -> type[Family]:
-    """Pick the family from an HF config's `model_type` (architectures as a hint in the message)."""
-    mt = cfg.get("model_type")
+def family_for_model_type(model_type: str) -> type[Family]:
     for f in FAMILIES.values():
-        if mt in f.model_types:
+        if model_type in f.model_types:
             return f
-    archs = cfg.get("architectures")
-    arch = ", ".join(map(str, archs)) if isinstance(archs, list) and archs else "?"
     supported = ", ".join(f"{t} ({f.name})" for f in FAMILIES.values() for t in f.model_types)
-    raise UnsupportedModelError(f"unsupported architecture: model_type {mt!r} ({arch}); supported model types: {supported}")
+    raise UnsupportedModelError(f"no family converts model_type {model_type!r} (supported: {supported})")
+
+
+def family_for_config(cfg: dict) -> type[Family]:
+    """The family of an HF config: its `model_type`, and its `architectures` must name a class the family
+    converts (a `Qwen3ForSequenceClassification` has a qwen3 body but another head: not a language model)."""
+    mt = cfg.get("model_type")
+    archs = cfg.get("architectures")
+    names = [str(a) for a in archs] if isinstance(archs, list) else []
+    try:
+        f = family_for_model_type(mt)
+    except UnsupportedModelError:
+        arch = ", ".join(names) or "?"
+        supported = ", ".join(f"{t} ({f.name})" for f in FAMILIES.values() for t in f.model_types)
+        raise UnsupportedModelError(f"unsupported architecture: model_type {mt!r} ({arch}); supported model types: {supported}") from None
+    other = [a for a in names if a not in f.architectures]
+    if other:
+        raise UnsupportedModelError(
+            f"config.json declares {', '.join(other)}: ckptflow converts {f.name} checkpoints of {' or '.join(f.architectures)} "
+            "(a language model); another head's weights would convert silently into a wrong model"
+        )
+    return f
 
 
 def table() -> list[dict]:

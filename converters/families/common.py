@@ -11,16 +11,16 @@ L = "model.layers.{i}."
 
 
 def embedding(d: Dims, hf: str = "model.embed_tokens.weight", mt_vocab: int | None = None, chain=(), runtime_chain=None) -> Rule:
-    return Rule(hf, "token_embedder/embedding", (d.vocab, d.emb), (mt_vocab or d.vocab, d.emb), tuple(chain), row_axis=0,
+    return Rule(hf, "token_embedder/embedding", hf_shape=(d.vocab, d.emb), mt_shape=(mt_vocab or d.vocab, d.emb), chain=tuple(chain), row_axis=0,
                 runtime_chain=runtime_chain)
 
 
 def lm_head(d: Dims, mt_vocab: int | None = None) -> Rule:
-    return Rule("lm_head.weight", "decoder/logits_dense/kernel", (d.vocab, d.emb), (d.emb, mt_vocab or d.vocab), (Permute((1, 0)),), row_axis=1)
+    return Rule("lm_head.weight", "decoder/logits_dense/kernel", hf_shape=(d.vocab, d.emb), mt_shape=(d.emb, mt_vocab or d.vocab), chain=(Permute((1, 0)),), row_axis=1)
 
 
 def vector(hf: str, mt: str, n: int, chain=()) -> Rule:
-    return Rule(hf, mt, (n,), (n,), tuple(chain))
+    return Rule(hf, mt, hf_shape=(n,), mt_shape=(n,), chain=tuple(chain))
 
 
 def qk_norms(d: Dims, *, prefix: str = L, mt: str = "self_attention", dim: int | None = None, chain=()) -> list[Rule]:
@@ -42,10 +42,10 @@ def attention(d: Dims, *, rope_interleave: bool, scale_query: bool, prefix: str 
         q_chain.append(Scale(1.0 / math.sqrt(D)))
     a = prefix + "self_attn."
     return [
-        Rule(a + "q_proj.weight", f"{mt}/query/kernel", (N * D, E), (E, N, D), tuple(q_chain)),
-        Rule(a + "k_proj.weight", f"{mt}/key/kernel", (K * D, E), (E, K, D), tuple(k_chain)),
-        Rule(a + "v_proj.weight", f"{mt}/value/kernel", (K * D, E), (E, K, D), (Kernel((E, K, D)),)),
-        Rule(a + "o_proj.weight", f"{mt}/out/kernel", (E, N * D), (N, D, E), (Kernel((N, D, E), n_in=2),)),
+        Rule(a + "q_proj.weight", f"{mt}/query/kernel", hf_shape=(N * D, E), mt_shape=(E, N, D), chain=tuple(q_chain)),
+        Rule(a + "k_proj.weight", f"{mt}/key/kernel", hf_shape=(K * D, E), mt_shape=(E, K, D), chain=tuple(k_chain)),
+        Rule(a + "v_proj.weight", f"{mt}/value/kernel", hf_shape=(K * D, E), mt_shape=(E, K, D), chain=(Kernel((E, K, D)),)),
+        Rule(a + "o_proj.weight", f"{mt}/out/kernel", hf_shape=(E, N * D), mt_shape=(N, D, E), chain=(Kernel((N, D, E), n_in=2),)),
     ]
 
 
@@ -53,9 +53,9 @@ def qkv_bias(d: Dims, prefix: str = L, mt: str = "self_attention") -> list[Rule]
     N, K, D = d.heads, d.kv_heads, d.head_dim
     a = prefix + "self_attn."
     return [
-        Rule(a + "q_proj.bias", f"{mt}/query/bias", (N * D,), (N, D), (Reshape((N, D), (N * D,)),)),
-        Rule(a + "k_proj.bias", f"{mt}/key/bias", (K * D,), (K, D), (Reshape((K, D), (K * D,)),)),
-        Rule(a + "v_proj.bias", f"{mt}/value/bias", (K * D,), (K, D), (Reshape((K, D), (K * D,)),)),
+        Rule(a + "q_proj.bias", f"{mt}/query/bias", hf_shape=(N * D,), mt_shape=(N, D), chain=(Reshape((N, D), (N * D,)),)),
+        Rule(a + "k_proj.bias", f"{mt}/key/bias", hf_shape=(K * D,), mt_shape=(K, D), chain=(Reshape((K, D), (K * D,)),)),
+        Rule(a + "v_proj.bias", f"{mt}/value/bias", hf_shape=(K * D,), mt_shape=(K, D), chain=(Reshape((K, D), (K * D,)),)),
     ]
 
 
@@ -63,9 +63,9 @@ def gated_mlp(d: Dims, prefix: str = L, mt: str = "mlp") -> list[Rule]:
     E, F = d.emb, d.mlp
     m = prefix + "mlp."
     return [
-        Rule(m + "gate_proj.weight", f"{mt}/wi_0/kernel", (F, E), (E, F), (Kernel((E, F)),)),
-        Rule(m + "up_proj.weight", f"{mt}/wi_1/kernel", (F, E), (E, F), (Kernel((E, F)),)),
-        Rule(m + "down_proj.weight", f"{mt}/wo/kernel", (E, F), (F, E), (Kernel((F, E)),)),
+        Rule(m + "gate_proj.weight", f"{mt}/wi_0/kernel", hf_shape=(F, E), mt_shape=(E, F), chain=(Kernel((E, F)),)),
+        Rule(m + "up_proj.weight", f"{mt}/wi_1/kernel", hf_shape=(F, E), mt_shape=(E, F), chain=(Kernel((E, F)),)),
+        Rule(m + "down_proj.weight", f"{mt}/wo/kernel", hf_shape=(E, F), mt_shape=(F, E), chain=(Kernel((F, E)),)),
     ]
 
 

@@ -78,7 +78,14 @@ def _v3() -> dict:
     }
 
 
+# Tiny test models (MLA): heads * v_head_dim (96) and heads * qk_head_dim (112) differ from hidden (64); 8 experts.
+_TINY = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 96, "moe_intermediate_size": 32,
+         "n_routed_experts": 8, "kv_lora_rank": 32, "qk_nope_head_dim": 20, "qk_rope_head_dim": 8, "v_head_dim": 24,
+         "first_k_dense_replace": 1}
+
+
 class _DeepSeek(common.DecoderOnly):
+    reference = "converters.verify.reference.deepseek:DeepSeekForward"
     correction_bias = False  # V3: the router has `e_score_correction_bias`
 
     @classmethod
@@ -109,30 +116,30 @@ class _DeepSeek(common.DecoderOnly):
         a, mt = L + "self_attn.", "self_attention"
         if Q:
             q = [
-                Rule(a + "q_a_proj.weight", f"{mt}/wq_a/kernel", (Q, E), (E, Q), (Kernel((E, Q)),)),
+                Rule(a + "q_a_proj.weight", f"{mt}/wq_a/kernel", hf_shape=(Q, E), mt_shape=(E, Q), chain=(Kernel((E, Q)),)),
                 common.vector(a + "q_a_layernorm.weight", f"{mt}/q_norm/scale", Q),
-                Rule(a + "q_b_proj.weight", f"{mt}/wq_b/kernel", (H * QK, Q), (Q, H, QK), (Kernel((Q, H, QK)),)),
+                Rule(a + "q_b_proj.weight", f"{mt}/wq_b/kernel", hf_shape=(H * QK, Q), mt_shape=(Q, H, QK), chain=(Kernel((Q, H, QK)),)),
             ]
         else:
-            q = [Rule(a + "q_proj.weight", f"{mt}/query/kernel", (H * QK, E), (E, H, QK), (Kernel((E, H, QK)),))]
+            q = [Rule(a + "q_proj.weight", f"{mt}/query/kernel", hf_shape=(H * QK, E), mt_shape=(E, H, QK), chain=(Kernel((E, H, QK)),))]
         return [
             common.vector(L + "input_layernorm.weight", "pre_self_attention_layer_norm/scale", E),
             common.vector(L + "post_attention_layernorm.weight", "post_self_attention_layer_norm/scale", E),
             *q,
-            Rule(a + "kv_a_proj_with_mqa.weight", f"{mt}/wkv_a/kernel", (C + R, E), (E, C + R), (Kernel((E, C + R)),)),
+            Rule(a + "kv_a_proj_with_mqa.weight", f"{mt}/wkv_a/kernel", hf_shape=(C + R, E), mt_shape=(E, C + R), chain=(Kernel((E, C + R)),)),
             common.vector(a + "kv_a_layernorm.weight", f"{mt}/kv_norm/scale", C),
-            Rule(a + "kv_b_proj.weight", f"{mt}/wkv_b/kernel", (H * (d.extra["nope"] + V), C), (C, H, d.extra["nope"] + V),
-                 (Kernel((C, H, d.extra["nope"] + V)),)),
-            Rule(a + "o_proj.weight", f"{mt}/out/kernel", (E, H * V), (H, V, E), (Kernel((H, V, E), n_in=2),)),
+            Rule(a + "kv_b_proj.weight", f"{mt}/wkv_b/kernel", hf_shape=(H * (d.extra["nope"] + V), C), mt_shape=(C, H, d.extra["nope"] + V),
+                 chain=(Kernel((C, H, d.extra["nope"] + V)),)),
+            Rule(a + "o_proj.weight", f"{mt}/out/kernel", hf_shape=(E, H * V), mt_shape=(H, V, E), chain=(Kernel((H, V, E), n_in=2),)),
         ]
 
     @staticmethod
     def glu(d: Dims, hf: str, mt: str, width: int) -> list[Rule]:
         E, F = d.emb, width
         return [
-            Rule(f"{hf}.gate_proj.weight", f"{mt}/wi_0/kernel", (F, E), (E, F), (Kernel((E, F)),)),
-            Rule(f"{hf}.up_proj.weight", f"{mt}/wi_1/kernel", (F, E), (E, F), (Kernel((E, F)),)),
-            Rule(f"{hf}.down_proj.weight", f"{mt}/wo/kernel", (E, F), (F, E), (Kernel((F, E)),)),
+            Rule(f"{hf}.gate_proj.weight", f"{mt}/wi_0/kernel", hf_shape=(F, E), mt_shape=(E, F), chain=(Kernel((E, F)),)),
+            Rule(f"{hf}.up_proj.weight", f"{mt}/wi_1/kernel", hf_shape=(F, E), mt_shape=(E, F), chain=(Kernel((E, F)),)),
+            Rule(f"{hf}.down_proj.weight", f"{mt}/wo/kernel", hf_shape=(E, F), mt_shape=(F, E), chain=(Kernel((F, E)),)),
         ]
 
     @classmethod
@@ -144,7 +151,7 @@ class _DeepSeek(common.DecoderOnly):
         X = moe_common.experts(d)
         rules = [*cls.attention_rules(d), *moe_common.router(d, L + "mlp.gate", f"{ROUTED}/gate")]
         if cls.correction_bias:
-            rules.append(Rule(L + "mlp.gate.e_score_correction_bias", f"{ROUTED}/gate/bias", (X,), (X,), dtype="float32"))
+            rules.append(Rule(L + "mlp.gate.e_score_correction_bias", f"{ROUTED}/gate/bias", hf_shape=(X,), mt_shape=(X,), dtype="float32"))
         rules += moe_common.per_expert_glu(d, L + "mlp.experts.{e}", ROUTED, ("gate_proj", "up_proj", "down_proj"))
         rules += cls.glu(d, L + "mlp.shared_experts", f"{MOE}/shared_experts", d.extra["shared_mlp"])
         return rules
@@ -163,7 +170,7 @@ class _DeepSeek(common.DecoderOnly):
             rules = [
                 common.vector(L + "enorm.weight", f"{m}embedding_norm/scale", E),
                 common.vector(L + "hnorm.weight", f"{m}hidden_state_norm/scale", E),
-                Rule(L + "eh_proj.weight", f"{m}projection/kernel", (E, 2 * E), (2 * E, E), (Kernel((2 * E, E)),)),
+                Rule(L + "eh_proj.weight", f"{m}projection/kernel", hf_shape=(E, 2 * E), mt_shape=(2 * E, E), chain=(Kernel((2 * E, E)),)),
                 *(replace(r, mt=f"{m}transformer_layer/{r.mt}") for r in cls.moe_rules(d)),
             ]
             groups.append(LayerGroup(tuple(rules), (d.layers + j - 1,), None, (f"mtp_block/mtp_layer_{j}",)))
@@ -197,6 +204,7 @@ class DeepSeek2(_DeepSeek):
     model_types = ("deepseek_v2",)
     architectures = ("DeepseekV2ForCausalLM",)
     models = {"deepseek2-16b": _v2_lite()}
+    test_models = {"deepseek2": ("deepseek2-16b", {**_TINY, "num_experts_per_tok": 3})}
 
 
 class DeepSeek3(_DeepSeek):
@@ -204,6 +212,8 @@ class DeepSeek3(_DeepSeek):
     model_types = ("deepseek_v3",)
     architectures = ("DeepseekV3ForCausalLM",)
     models = {"deepseek3-671b": _v3()}
+    # 4 routing groups of which 2 are kept, so group-limited routing acts; the published YaRN (factor 40, mscale) kept
+    test_models = {"deepseek3": ("deepseek3-671b", {**_TINY, "q_lora_rank": 48, "n_group": 4, "topk_group": 2, "num_experts_per_tok": 3})}
     correction_bias = True
 
 
@@ -212,6 +222,11 @@ class DeepSeek32(DeepSeek3):
     model_types = ("deepseek_v32",)
     architectures = ("DeepseekV32ForCausalLM",)
     models = {"deepseek3.2-671b": _v32()}
+    # the indexer keeps 32 keys per query, so prompts longer than 32 tokens attend sparsely. 16 indexer heads: a key scores
+    # exactly 0 only when all 16 ReLUs are 0, so exact ties at the top-k boundary (which torch and JAX may break
+    # differently) are practically absent
+    test_models = {"deepseek3.2": ("deepseek3.2-671b", {**_TINY, "q_lora_rank": 48, "n_group": 4, "topk_group": 2, "num_experts_per_tok": 3,
+                                                       "index_n_heads": 16, "index_head_dim": 16, "index_topk": 32})}
 
     @classmethod
     def dims(cls, cfg: dict) -> Dims:
@@ -227,9 +242,9 @@ class DeepSeek32(DeepSeek3):
         a, mt = L + "self_attn.indexer.", "self_attention/indexer"
         return [
             *super().attention_rules(d),
-            Rule(a + "wq_b.weight", f"{mt}/wq_b/kernel", (Hi * Di, Q), (Q, Hi, Di), (Kernel((Q, Hi, Di)),)),
-            Rule(a + "wk.weight", f"{mt}/wk/kernel", (Di, E), (E, Di), (Kernel((E, Di)),)),
+            Rule(a + "wq_b.weight", f"{mt}/wq_b/kernel", hf_shape=(Hi * Di, Q), mt_shape=(Q, Hi, Di), chain=(Kernel((Q, Hi, Di)),)),
+            Rule(a + "wk.weight", f"{mt}/wk/kernel", hf_shape=(Di, E), mt_shape=(E, Di), chain=(Kernel((E, Di)),)),
             common.vector(a + "k_norm.weight", f"{mt}/k_norm/scale", Di),
             common.vector(a + "k_norm.bias", f"{mt}/k_norm/bias", Di),
-            Rule(a + "weights_proj.weight", f"{mt}/weights_proj/kernel", (Hi, E), (E, Hi), (Kernel((E, Hi)),), dtype="float32"),
+            Rule(a + "weights_proj.weight", f"{mt}/weights_proj/kernel", hf_shape=(Hi, E), mt_shape=(E, Hi), chain=(Kernel((E, Hi)),), dtype="float32"),
         ]

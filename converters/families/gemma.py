@@ -8,7 +8,7 @@ What the two have in common on the MaxText side:
     output projection divides by the exact sqrt(hidden_size) again;
   * the vocabulary differs: MaxText's gemma2 configs pad 256000 -> 256128 rows (zeros, dropped on export);
     gemma3's hold 262144 of HF's 262208 rows. The rows MaxText cannot hold are kept beside the checkpoint
-    (`ckptflow/dropped_rows.safetensors`) and put back on export, see `converters.convert.engine`;
+    (`ckptflow/dropped_rows.safetensors`) and put back on export, see `converters.convert.dropped_rows`;
   * no lm_head / logits_dense (tied), no biases, half-split RoPE (kernels are only transposed and reshaped).
 
 Gemma2: one MaxText layer holds a (local sliding-window, global) pair of HF layers (2m, 2m+1) under
@@ -39,6 +39,10 @@ from converters.core.transforms import Kernel, Offset, Permute, Reshape, Scale
 GEMMA2_MT_VOCAB_PAD = 128  # MaxText gemma2-*.yml: vocab_size 256128 for HF's 256000
 GEMMA3_PATTERN = 6  # MaxText GEMMA3_ATTENTION_PATTERN: 5 local sliding-window layers, then 1 global
 NORM = (Offset(1.0),)
+# Tiny test models: hidden 72 so sqrt(hidden) is not a power of two (8.485; bf16 8.5), query_pre_attn_scalar 24 so the
+# Gemma2 query scale is not one either (like 27B's 144), small windows and soft-caps so both act on tiny prompts.
+_TINY = {"hidden_size": 72, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 96,
+         "query_pre_attn_scalar": 24, "sliding_window": 8}
 
 # transformers' defaults for keys the published configs leave out (the gemma-3-4b-it text_config omits heads,
 # head_dim, vocab, ...): what transformers assumes is what the checkpoint means.
@@ -130,6 +134,8 @@ class Gemma2(_Gemma):
     name = "gemma2"
     model_types = ("gemma2",)
     architectures = ("Gemma2ForCausalLM",)
+    reference = "converters.verify.reference.gemma:Gemma2Forward"
+    test_models = {"gemma2": ("gemma2-2b", {**_TINY, "final_logit_softcapping": 5.0, "attn_logit_softcapping": 2.0})}
     models = {
         "gemma2-2b": _gemma2(2304, 9216, 26, 8, 4, 256, 256),
         "gemma2-9b": _gemma2(3584, 14336, 42, 16, 8, 256, 256),
@@ -165,7 +171,7 @@ class Gemma2(_Gemma):
         attn = common.attention(d, rope_interleave=False, scale_query=False, mt=f"self_attention_{kind}")
         q = attn[0]
         # MaxText's gemma2 block applies no query scaling at run time: HF's query_pre_attn_scalar**-0.5 is baked in
-        attn[0] = Rule(q.hf, q.mt, q.hf_shape, q.mt_shape, (*q.chain, Scale(d.extra["query_pre_attn_scalar"] ** -0.5)))
+        attn[0] = Rule(q.hf, q.mt, hf_shape=q.hf_shape, mt_shape=q.mt_shape, chain=(*q.chain, Scale(d.extra["query_pre_attn_scalar"] ** -0.5)))
         return [*_norms(d.emb, common.L, f"_{kind}"), *attn, *common.gated_mlp(d, mt=f"mlp_{kind}")]
 
     @classmethod
@@ -222,6 +228,18 @@ def gemma3_mt_vocab(hf_vocab: int) -> int:
     return hf_vocab // 128 * 128 or hf_vocab
 
 
+def gemma3_layer_location(layer: int, layers: int, scanned: bool) -> tuple[str, int | None]:
+    """(MaxText prefix, index along the scan axis or None) of HF decoder layer `layer` of a `layers`-layer Gemma3:
+    scanned, 6-layer blocks `decoder/layers/layers_<b>` (entry j = layer 6j+b) and the unscanned remainder
+    `decoder/layers_remainder/layers_<r>`; unscanned, `decoder/layers_<l>` (MaxText's gemma3 decoder layout)."""
+    if not scanned:
+        return f"decoder/layers_{layer}", None
+    reps = layers // GEMMA3_PATTERN
+    if layer < reps * GEMMA3_PATTERN:
+        return f"decoder/layers/layers_{layer % GEMMA3_PATTERN}", layer // GEMMA3_PATTERN
+    return f"decoder/layers_remainder/layers_{layer - reps * GEMMA3_PATTERN}", None
+
+
 def gemma3_layer_types(layers: int, pattern: int = GEMMA3_PATTERN) -> list[str]:
     return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
 
@@ -230,6 +248,9 @@ class Gemma3(_Gemma):
     name = "gemma3"
     model_types = ("gemma3", "gemma3_text")
     architectures = ("Gemma3ForConditionalGeneration", "Gemma3ForCausalLM")
+    reference = "converters.verify.reference.gemma:Gemma3Forward"
+    # text only (Gemma3ForCausalLM, model_type gemma3_text) and Gemma3ForConditionalGeneration with a tiny SigLIP tower
+    test_models = {"gemma3": ("gemma3-4b", _TINY), "gemma3-mm": ("gemma3-4b", _TINY)}
     hf_aliases = (("vision_tower.vision_model.", "vision_tower."),)  # transformers >= 5 saves the tower without `vision_model.`
     models = {
         "gemma3-4b": _gemma3(2560, 10240, 34, 8, 4, 256, 256),
@@ -307,13 +328,13 @@ class Gemma3(_Gemma):
             H, P, C = v["hidden"], v["patch"], v["channels"]
             e = "vision_tower.vision_model."
             rules += [
-                Rule(e + "embeddings.patch_embedding.weight", f"{VISION_ENCODER}/embedding/kernel", (H, C, P, P), (P, P, C, H), (Permute((2, 3, 1, 0)),)),
+                Rule(e + "embeddings.patch_embedding.weight", f"{VISION_ENCODER}/embedding/kernel", hf_shape=(H, C, P, P), mt_shape=(P, P, C, H), chain=(Permute((2, 3, 1, 0)),)),
                 common.vector(e + "embeddings.patch_embedding.bias", f"{VISION_ENCODER}/embedding/bias", H),
-                Rule(e + "embeddings.position_embedding.weight", f"{VISION_ENCODER}/pos_embedding", (v["patches"], H), (1, v["patches"], H),
-                     (Reshape((1, v["patches"], H), (v["patches"], H)),)),
+                Rule(e + "embeddings.position_embedding.weight", f"{VISION_ENCODER}/pos_embedding", hf_shape=(v["patches"], H), mt_shape=(1, v["patches"], H),
+                     chain=(Reshape((1, v["patches"], H), (v["patches"], H)),)),
                 common.vector(e + "post_layernorm.weight", f"{VISION_ENCODER}/Transformer/encoder_norm/scale", H),
                 common.vector(e + "post_layernorm.bias", f"{VISION_ENCODER}/Transformer/encoder_norm/bias", H),
-                Rule("multi_modal_projector.mm_input_projection_weight", f"{PROJECTOR}/mm_input_projection/w", (H, d.emb), (H, d.emb)),
+                Rule("multi_modal_projector.mm_input_projection_weight", f"{PROJECTOR}/mm_input_projection/w", hf_shape=(H, d.emb), mt_shape=(H, d.emb)),
                 common.vector("multi_modal_projector.mm_soft_emb_norm.weight", f"{PROJECTOR}/mm_soft_embedding_norm/scale", H, NORM),
             ]
         return rules
@@ -341,14 +362,14 @@ class Gemma3(_Gemma):
             common.vector(b + "layer_norm2.bias", "LayerNorm_1/bias", H),
         ]
         for hf, mt in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
-            rules.append(Rule(b + f"self_attn.{hf}.weight", f"{att}/{mt}/kernel", (Nv * Dv, H), (H, Nv, Dv), (Kernel((H, Nv, Dv)),)))
-            rules.append(Rule(b + f"self_attn.{hf}.bias", f"{att}/{mt}/bias", (Nv * Dv,), (Nv, Dv), (Reshape((Nv, Dv), (Nv * Dv,)),)))
+            rules.append(Rule(b + f"self_attn.{hf}.weight", f"{att}/{mt}/kernel", hf_shape=(Nv * Dv, H), mt_shape=(H, Nv, Dv), chain=(Kernel((H, Nv, Dv)),)))
+            rules.append(Rule(b + f"self_attn.{hf}.bias", f"{att}/{mt}/bias", hf_shape=(Nv * Dv,), mt_shape=(Nv, Dv), chain=(Reshape((Nv, Dv), (Nv * Dv,)),)))
         rules += [
-            Rule(b + "self_attn.out_proj.weight", f"{att}/out/kernel", (H, Nv * Dv), (Nv, Dv, H), (Kernel((Nv, Dv, H), n_in=2),)),
+            Rule(b + "self_attn.out_proj.weight", f"{att}/out/kernel", hf_shape=(H, Nv * Dv), mt_shape=(Nv, Dv, H), chain=(Kernel((Nv, Dv, H), n_in=2),)),
             common.vector(b + "self_attn.out_proj.bias", f"{att}/out/bias", H),
-            Rule(b + "mlp.fc1.weight", "MlpBlockViT_0/Dense_0/kernel", (F, H), (H, F), (Kernel((H, F)),)),
+            Rule(b + "mlp.fc1.weight", "MlpBlockViT_0/Dense_0/kernel", hf_shape=(F, H), mt_shape=(H, F), chain=(Kernel((H, F)),)),
             common.vector(b + "mlp.fc1.bias", "MlpBlockViT_0/Dense_0/bias", F),
-            Rule(b + "mlp.fc2.weight", "MlpBlockViT_0/Dense_1/kernel", (H, F), (F, H), (Kernel((F, H)),)),
+            Rule(b + "mlp.fc2.weight", "MlpBlockViT_0/Dense_1/kernel", hf_shape=(H, F), mt_shape=(F, H), chain=(Kernel((F, H)),)),
             common.vector(b + "mlp.fc2.bias", "MlpBlockViT_0/Dense_1/bias", H),
         ]
         return rules
@@ -356,19 +377,15 @@ class Gemma3(_Gemma):
     @classmethod
     def layer_groups(cls, d: Dims, scan: bool) -> list[LayerGroup]:
         rules = tuple(cls.layer_rules(d))
-        L = d.layers
-        if scan:
-            reps = L // GEMMA3_PATTERN
-            groups = [
-                LayerGroup(rules, tuple(range(b, reps * GEMMA3_PATTERN, GEMMA3_PATTERN)), f"decoder/layers/layers_{b}", ())
-                for b in range(GEMMA3_PATTERN)
-                if reps
-            ]
-            rest = tuple(range(reps * GEMMA3_PATTERN, L))
-            if rest:
-                groups.append(LayerGroup(rules, rest, None, tuple(f"decoder/layers_remainder/layers_{r}" for r in range(len(rest)))))
-        else:
-            groups = [LayerGroup(rules, tuple(range(L)), None, tuple(f"decoder/layers_{l}" for l in range(L)))]
+        where = [gemma3_layer_location(l, d.layers, scan) for l in range(d.layers)]
+        stacks: dict[str, list[int]] = {}
+        for l, (prefix, j) in enumerate(where):
+            if j is not None:
+                stacks.setdefault(prefix, []).append(l)
+        groups = [LayerGroup(rules, tuple(ls), prefix, ()) for prefix, ls in stacks.items()]
+        rest = [l for l, (_, j) in enumerate(where) if j is None]
+        if rest:
+            groups.append(LayerGroup(rules, tuple(rest), None, tuple(where[l][0] for l in rest)))
         v = d.extra["vision"]
         if v is not None:  # never scanned
             n = v["layers"]

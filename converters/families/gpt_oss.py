@@ -52,6 +52,11 @@ class GptOss(common.DecoderOnly):
     name = "gpt-oss"
     model_types = ("gpt_oss",)
     architectures = ("GptOssForCausalLM",)
+    reference = "converters.verify.reference.gpt_oss:GptOssForward"
+    # square experts (intermediate == hidden, as 2880 == 2880) so only values catch an orientation mistake, and a sliding
+    # window the long verification prompt crosses many times
+    test_models = {"gpt-oss": ("gpt-oss-20b", {**moe_common.TINY, "intermediate_size": 64, "num_local_experts": 4, "experts_per_token": 2,
+                                               "sliding_window": 32, "pad_token_id": 0})}
     models = {"gpt-oss-20b": _published(24, 32), "gpt-oss-120b": _published(36, 128)}
 
     @classmethod
@@ -84,8 +89,8 @@ class GptOss(common.DecoderOnly):
             common.vector(a + "o_proj.bias", "GptOssAttention/out/bias", d.emb),
             common.vector(a + "sinks", "GptOssAttention/sinks", d.heads),
             *moe_common.router(d, L + "mlp.router", f"{mt}/gate", bias=True),
-            Rule(m + "gate_up_proj", (f"{mt}/wi_0", f"{mt}/wi_1"), (E, 2 * F), (E, F), experts=X, split=gate_up),
-            Rule(m + "gate_up_proj_bias", (f"{mt}/wi_0_bias", f"{mt}/wi_1_bias"), (X, 2 * F), (X, F), split=gate_up),
-            Rule(m + "down_proj", f"{mt}/wo", (F, E), (F, E), experts=X),
-            Rule(m + "down_proj_bias", f"{mt}/wo_bias", (X, E), (X, E)),
+            Rule(m + "gate_up_proj", (f"{mt}/wi_0", f"{mt}/wi_1"), hf_shape=(E, 2 * F), mt_shape=(E, F), experts=X, split=gate_up),
+            Rule(m + "gate_up_proj_bias", (f"{mt}/wi_0_bias", f"{mt}/wi_1_bias"), hf_shape=(X, 2 * F), mt_shape=(X, F), split=gate_up),
+            Rule(m + "down_proj", f"{mt}/wo", hf_shape=(F, E), mt_shape=(F, E), experts=X),
+            Rule(m + "down_proj_bias", f"{mt}/wo_bias", hf_shape=(X, E), mt_shape=(X, E)),
         ]

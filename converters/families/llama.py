@@ -24,6 +24,10 @@ class Llama31(common.DecoderOnly):
     name = "llama3.1"
     model_types = ("llama",)
     architectures = ("LlamaForCausalLM",)
+    reference = "converters.verify.reference.llama:Llama31Forward"
+    # The tiny test model (converters/tiny_models.py): heads * head_dim != hidden catches projections sized from hidden.
+    test_models = {"llama3.1": ("llama3.1-8b", {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+                                               "intermediate_size": 96})}
     models = {
         "llama3.1-8b": _published(4096, 14336, 32, 32),
         "llama3.1-70b": _published(8192, 28672, 80, 64),

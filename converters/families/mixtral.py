@@ -32,6 +32,8 @@ class Mixtral(common.DecoderOnly):
     name = "mixtral"
     model_types = ("mixtral",)
     architectures = ("MixtralForCausalLM",)
+    reference = "converters.verify.reference.mixtral:MixtralForward"
+    test_models = {"mixtral": ("mixtral-8x7b", {**moe_common.TINY, "intermediate_size": 96, "num_local_experts": 4})}
     models = {
         "mixtral-8x7b": _published(4096, 14336, 32, 32, 32000, 32768, 0.02, "4.36.0.dev0"),
         "mixtral-8x22b": _published(6144, 16384, 56, 48, 32768, 65536, 0.001, "4.38.0"),

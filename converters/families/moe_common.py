@@ -11,6 +11,9 @@ from converters.errors import UnsupportedModelError
 from converters.core.mapping import Dims, Rule, require
 from converters.core.transforms import Kernel
 
+# Tiny test models of the MoE families: top-2 routing, heads * head_dim != hidden.
+TINY = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "num_experts_per_tok": 2}
+
 GLU = ("wi_0", "wi_1", "wo")  # MaxText names of gate, up and down projections
 
 
@@ -21,9 +24,9 @@ def experts(d: Dims) -> int:
 def router(d: Dims, hf: str, mt: str, *, bias: bool = False) -> list[Rule]:
     """Router `[E, emb]` <-> `gate/kernel` `[emb, E]` (and its bias `[E]`)."""
     E, X = d.emb, experts(d)
-    rules = [Rule(hf + ".weight", f"{mt}/kernel", (X, E), (E, X), (Kernel((E, X)),))]
+    rules = [Rule(hf + ".weight", f"{mt}/kernel", hf_shape=(X, E), mt_shape=(E, X), chain=(Kernel((E, X)),))]
     if bias:
-        rules.append(Rule(hf + ".bias", f"{mt}/bias", (X,), (X,)))
+        rules.append(Rule(hf + ".bias", f"{mt}/bias", hf_shape=(X,), mt_shape=(X,)))
     return rules
 
 
@@ -35,9 +38,9 @@ def per_expert_glu(d: Dims, hf: str, mt: str, names: tuple[str, str, str]) -> li
     E, F, X = d.emb, d.mlp, experts(d)
     gate, up, down = names
     return [
-        Rule(f"{hf}.{gate}.weight", f"{mt}/wi_0", (F, E), (E, F), (Kernel((E, F)),), experts=X),
-        Rule(f"{hf}.{up}.weight", f"{mt}/wi_1", (F, E), (E, F), (Kernel((E, F)),), experts=X),
-        Rule(f"{hf}.{down}.weight", f"{mt}/wo", (E, F), (F, E), (Kernel((F, E)),), experts=X),
+        Rule(f"{hf}.{gate}.weight", f"{mt}/wi_0", hf_shape=(F, E), mt_shape=(E, F), chain=(Kernel((E, F)),), experts=X),
+        Rule(f"{hf}.{up}.weight", f"{mt}/wi_1", hf_shape=(F, E), mt_shape=(E, F), chain=(Kernel((E, F)),), experts=X),
+        Rule(f"{hf}.{down}.weight", f"{mt}/wo", hf_shape=(E, F), mt_shape=(F, E), chain=(Kernel((F, E)),), experts=X),
     ]
 
 

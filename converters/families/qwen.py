@@ -55,6 +55,8 @@ class Qwen25(_Qwen):
     name = "qwen2.5"
     model_types = ("qwen2",)
     architectures = ("Qwen2ForCausalLM",)
+    reference = "converters.verify.reference.qwen:Qwen25Forward"
+    test_models = {"qwen2.5": ("qwen2.5-7b", {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96})}
     models = {
         "qwen2.5-1.5b": _qwen25(1536, 8960, 28, 12, 2, 151936, True, 21),
         "qwen2.5-7b": _qwen25(3584, 18944, 28, 28, 4, 152064, False, 28),
@@ -70,6 +72,9 @@ class Qwen3(_Qwen):
     name = "qwen3"
     model_types = ("qwen3",)
     architectures = ("Qwen3ForCausalLM",)
+    reference = "converters.verify.reference.qwen:Qwen3Forward"
+    test_models = {"qwen3": ("qwen3-0.6b", {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+                                           "intermediate_size": 96})}
     models = {
         "qwen3-0.6b": _qwen3(1024, 3072, 28, 16, True),
         "qwen3-1.7b": _qwen3(2048, 6144, 28, 16, True),

@@ -40,6 +40,8 @@ class Qwen3Moe(common.DecoderOnly):
     name = "qwen3-moe"
     model_types = ("qwen3_moe",)
     architectures = ("Qwen3MoeForCausalLM",)
+    reference = "converters.verify.reference.qwen3_moe:Qwen3MoeForward"
+    test_models = {"qwen3-moe": ("qwen3-30b-a3b", {**moe_common.TINY, "moe_intermediate_size": 48, "num_experts": 4})}
     models = {
         "qwen3-30b-a3b": _published(2048, 48, 32, 4, 128, 768, 6144, 10000000.0, 262144),
         "qwen3-235b-a22b": _published(4096, 94, 64, 4, 128, 1536, 12288, 5000000.0, 262144),

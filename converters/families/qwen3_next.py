@@ -45,6 +45,11 @@ class Qwen3Next(common.DecoderOnly):
     name = "qwen3-next"
     model_types = ("qwen3_next",)
     architectures = ("Qwen3NextForCausalLM",)
+    reference = "converters.verify.reference.qwen3_next:Qwen3NextForward"
+    # 2 key / 4 value GDN heads with key dim 16 != value dim 24, full attention head_dim 32 with 8 rotary dims
+    test_models = {"qwen3-next": ("qwen3-next-80b-a3b", {**moe_common.TINY, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
+                                                        "num_experts": 8, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+                                                        "linear_key_head_dim": 16, "linear_value_head_dim": 24, "intermediate_size": 96})}
     models = {"qwen3-next-80b-a3b": _published()}
     # the published repos also hold a multi-token-prediction module `mtp.*` that transformers (and MaxText) do not load
     ignored_hf = (r".*rotary_emb\.inv_freq", r"mtp\..*")
@@ -73,10 +78,10 @@ class Qwen3Next(common.DecoderOnly):
         E, N, K, D = d.emb, d.heads, d.kv_heads, d.head_dim
         a, mt = L + "self_attn.", "attention/attention"
         return [
-            Rule(a + "q_proj.weight", f"{mt}/query/kernel", (N * 2 * D, E), (E, N, 2 * D), (Kernel((E, N, 2 * D)),)),
-            Rule(a + "k_proj.weight", f"{mt}/key/kernel", (K * D, E), (E, K, D), (Kernel((E, K, D)),)),
-            Rule(a + "v_proj.weight", f"{mt}/value/kernel", (K * D, E), (E, K, D), (Kernel((E, K, D)),)),
-            Rule(a + "o_proj.weight", f"{mt}/out/kernel", (E, N * D), (N * D, E), (Kernel((N * D, E)),)),
+            Rule(a + "q_proj.weight", f"{mt}/query/kernel", hf_shape=(N * 2 * D, E), mt_shape=(E, N, 2 * D), chain=(Kernel((E, N, 2 * D)),)),
+            Rule(a + "k_proj.weight", f"{mt}/key/kernel", hf_shape=(K * D, E), mt_shape=(E, K, D), chain=(Kernel((E, K, D)),)),
+            Rule(a + "v_proj.weight", f"{mt}/value/kernel", hf_shape=(K * D, E), mt_shape=(E, K, D), chain=(Kernel((E, K, D)),)),
+            Rule(a + "o_proj.weight", f"{mt}/out/kernel", hf_shape=(E, N * D), mt_shape=(N * D, E), chain=(Kernel((N * D, E)),)),
             *common.qk_norms(d, mt=mt, dim=D),
         ]
 
@@ -87,13 +92,13 @@ class Qwen3Next(common.DecoderOnly):
         qkvz, ba, conv = 2 * key + 2 * value, 2 * x["value_heads"], 2 * key + value
         a, mt = L + "linear_attn.", "attention"
         return [
-            Rule(a + "in_proj_qkvz.weight", f"{mt}/in_proj_qkvz/kernel", (qkvz, E), (E, qkvz), (Kernel((E, qkvz)),)),
-            Rule(a + "in_proj_ba.weight", f"{mt}/in_proj_ba/kernel", (ba, E), (E, ba), (Kernel((E, ba)),)),
-            Rule(a + "conv1d.weight", f"{mt}/conv1d/kernel", (conv, 1, x["conv"]), (x["conv"], 1, conv), (Permute((2, 1, 0)),)),
+            Rule(a + "in_proj_qkvz.weight", f"{mt}/in_proj_qkvz/kernel", hf_shape=(qkvz, E), mt_shape=(E, qkvz), chain=(Kernel((E, qkvz)),)),
+            Rule(a + "in_proj_ba.weight", f"{mt}/in_proj_ba/kernel", hf_shape=(ba, E), mt_shape=(E, ba), chain=(Kernel((E, ba)),)),
+            Rule(a + "conv1d.weight", f"{mt}/conv1d/kernel", hf_shape=(conv, 1, x["conv"]), mt_shape=(x["conv"], 1, conv), chain=(Permute((2, 1, 0)),)),
             common.vector(a + "A_log", f"{mt}/A_log", x["value_heads"]),
             common.vector(a + "dt_bias", f"{mt}/dt_bias", x["value_heads"]),
             common.vector(a + "norm.weight", f"{mt}/norm/rms_norm/scale", x["value_dim"]),
-            Rule(a + "out_proj.weight", f"{mt}/out_proj/kernel", (E, value), (value, E), (Kernel((value, E)),)),
+            Rule(a + "out_proj.weight", f"{mt}/out_proj/kernel", hf_shape=(E, value), mt_shape=(value, E), chain=(Kernel((value, E)),)),
         ]
 
     @classmethod
@@ -105,10 +110,10 @@ class Qwen3Next(common.DecoderOnly):
             common.vector(L + "post_attention_layernorm.weight", "post_attention_layernorm/scale", E),
             *moe_common.router(d, m + "gate", f"{mt}/routed_experts/gate"),
             *moe_common.per_expert_glu(d, m + "experts.{e}", f"{mt}/routed_experts", ("gate_proj", "up_proj", "down_proj")),
-            Rule(m + "shared_expert.gate_proj.weight", f"{mt}/shared_expert/wi_0/kernel", (F, E), (E, F), (Kernel((E, F)),)),
-            Rule(m + "shared_expert.up_proj.weight", f"{mt}/shared_expert/wi_1/kernel", (F, E), (E, F), (Kernel((E, F)),)),
-            Rule(m + "shared_expert.down_proj.weight", f"{mt}/shared_expert/wo/kernel", (E, F), (F, E), (Kernel((F, E)),)),
-            Rule(m + "shared_expert_gate.weight", f"{mt}/shared_expert_gate/kernel", (1, E), (E, 1), (Kernel((E, 1)),)),
+            Rule(m + "shared_expert.gate_proj.weight", f"{mt}/shared_expert/wi_0/kernel", hf_shape=(F, E), mt_shape=(E, F), chain=(Kernel((E, F)),)),
+            Rule(m + "shared_expert.up_proj.weight", f"{mt}/shared_expert/wi_1/kernel", hf_shape=(F, E), mt_shape=(E, F), chain=(Kernel((E, F)),)),
+            Rule(m + "shared_expert.down_proj.weight", f"{mt}/shared_expert/wo/kernel", hf_shape=(E, F), mt_shape=(F, E), chain=(Kernel((F, E)),)),
+            Rule(m + "shared_expert_gate.weight", f"{mt}/shared_expert_gate/kernel", hf_shape=(1, E), mt_shape=(E, 1), chain=(Kernel((E, 1)),)),
         ]
 
     @classmethod

@@ -71,19 +71,19 @@ def _config_diffs(a: dict, b: dict) -> list[str]:
 def prompt_vocab_size(config: dict) -> int:
     """Token ids both sides can embed: the reference spec's vocabulary (the HF one, read from a nested
     `text_config` for multimodal configs, and cut to the rows MaxText holds: Gemma3 262144 of 262208)."""
-    from converters.verify.reference import get_family
+    from converters.verify.reference import forward_for
     from converters.verify.reference.common import hf_config_object
 
     cfg = hf_config_object(config)
-    return int(get_family(cfg.model_type).make_spec(cfg).vocab_size)
+    return int(forward_for(cfg.model_type).make_spec(cfg).vocab_size)
 
 
 def _image_prompts(config: dict, seed: int, tokenizer) -> list[Prompt]:
     """Multimodal models (a reference family with `image_prompt`): one prompt holding a generated test image,
     its extra model inputs (pixel values, ...) in `meta["inputs"]`. Empty for text-only models."""
-    from converters.verify.reference import get_family
+    from converters.verify.reference import forward_for
 
-    make = getattr(get_family(config.get("model_type")), "image_prompt", None)
+    make = getattr(forward_for(config.get("model_type")), "image_prompt", None)
     case = make(config, seed=seed, tokenizer=tokenizer) if make is not None else None
     if case is None:
         return []
@@ -111,15 +111,15 @@ def _prompt_entry(p: Prompt) -> dict:
 
 def _check_source(source, ckpt) -> None:
     """The source folder has every tensor the checkpoint maps back to, with its shape (else nothing compares)."""
-    from converters.convert.engine import _listing
+    from converters.convert.common import listing
 
     missing = [n for n in ckpt.index.tensors if n not in source]
     if missing:
-        raise CkptflowError(f"the HF folder lacks tensors the checkpoint holds: {_listing(missing)} (wrong --hf folder?)")
+        raise CkptflowError(f"the HF folder lacks tensors the checkpoint holds: {listing(missing)} (wrong --hf folder?)")
     bad = [f"{n} (source {list(source.folder.info(n).shape)}, checkpoint {list(t.leaf.hf_shape)})"
            for n, t in ckpt.index.tensors.items() if tuple(source.folder.info(n).shape) != tuple(t.leaf.hf_shape)]
     if bad:
-        raise CkptflowError(f"the HF folder does not match the checkpoint's shapes: {_listing(bad, 3)} (wrong --hf folder?)")
+        raise CkptflowError(f"the HF folder does not match the checkpoint's shapes: {listing(bad, 3)} (wrong --hf folder?)")
 
 
 def verify(
@@ -139,7 +139,6 @@ def verify(
     from converters.io.orbax import find_items_dir, find_sidecar_dir
     from converters.verify.engine import Engine
     from converters.verify.golden import GoldenFile
-    from converters.verify.reference import get_family
     from converters.verify.weights import CheckpointWeights, SourceWeights, config_of_checkpoint
 
     if (hf is None) == (golden is None):
@@ -157,7 +156,7 @@ def verify(
     golden_file = None
     if hf is not None:
         config = read_config(hf)
-        get_family(config.get("model_type"))
+        registry.family_for_config(config)  # unsupported model type or class: fail before reading anything
         sidecar_config = read_config(sidecar) if sidecar is not None else None
         if sidecar_config is not None and _config_diffs(config, sidecar_config):
             warnings.append(f"the checkpoint was converted from a config that differs from {hf} in: "
@@ -165,7 +164,7 @@ def verify(
         tokenizer = load_tokenizer(hf, sidecar)
     else:
         config, cfg_dir = config_of_checkpoint(maxtext, hf_config)
-        get_family(config.get("model_type"))
+        registry.family_for_config(config)  # unsupported model type or class: fail before reading anything
         tokenizer = load_tokenizer(sidecar, cfg_dir)
 
     ckpt = CheckpointWeights(items, config)
@@ -220,7 +219,7 @@ def _result(engine, prompts: list[Prompt], tokenizer, *, dtype: str, max_kl: flo
     """verify.json: the verdict, every comparison per prompt, timing."""
     ref = engine.reference
     decode = _decoder(tokenizer)
-    layout_max_kl = ref.family.layout_max_kl
+    layout_max_kl = ref.forward.layout_max_kl
     comparisons = {}
     for name, c in engine.comparisons.items():
         threshold = layout_max_kl if name == "layout" else max_kl

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.convert.engine import hf_to_maxtext, maxtext_to_hf
+from converters.convert import hf_to_maxtext, maxtext_to_hf
 from converters.io.orbax import read_params
 from converters.io.safetensors import SafetensorsFolder
 from converters.tiny_models import make_test_model

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from converters.core import registry
-from converters.convert.engine import hf_to_maxtext, maxtext_to_hf
+from converters.convert import hf_to_maxtext, maxtext_to_hf
 from converters.errors import CkptflowError, MappingError, UnsupportedModelError
 from converters.io.orbax import read_params
 from converters.io.safetensors import save_file

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 from converters.core import registry
-from converters.convert.engine import DROPPED_ROWS, hf_to_maxtext, maxtext_to_hf
+from converters.convert import DROPPED_ROWS, hf_to_maxtext, maxtext_to_hf
 from converters.errors import MappingError
 from converters.families.gemma import Gemma2, Gemma3, bf16
 from converters.io.orbax import read_params

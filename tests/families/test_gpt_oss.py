@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from converters.core import registry
-from converters.convert.engine import export_tensors, hf_to_maxtext, maxtext_to_hf
+from converters.convert import export_tensors, hf_to_maxtext, maxtext_to_hf
 from converters.errors import UnsupportedModelError
 from converters.families.gpt_oss import GptOss
 from converters.core.mapping import Rule
@@ -109,7 +109,7 @@ def test_a_consistently_transposed_expert_kernel_round_trips_but_values_catch_it
     real = GptOss.layer_rules.__func__
 
     def transposed_wo(cls, d):
-        return [Rule(r.hf, r.mt, r.hf_shape, r.mt_shape, (Permute((1, 0)),), experts=r.experts)
+        return [Rule(r.hf, r.mt, hf_shape=r.hf_shape, mt_shape=r.mt_shape, chain=(Permute((1, 0)),), experts=r.experts)
                 if r.mt == f"{MLP}/wo" else r for r in real(cls, d)]
 
     monkeypatch.setattr(GptOss, "layer_rules", classmethod(transposed_wo))

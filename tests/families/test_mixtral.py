@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from converters.convert.engine import hf_to_maxtext, maxtext_to_hf
+from converters.convert import hf_to_maxtext, maxtext_to_hf
 from converters.io.orbax import read_params
 from tests.families.helpers import exported_logits, hf_tensors, model_cache
 

@@ -14,7 +14,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from converters.core import registry
-from converters.convert.engine import _hf_units, hf_to_maxtext
+from converters.convert import hf_to_maxtext
+from converters.convert.to_maxtext import array_units
 from converters.errors import UnsupportedModelError
 from converters.io.orbax import read_params
 from converters.io.safetensors import SafetensorsFolder
@@ -86,7 +87,7 @@ def test_experts_are_written_one_expert_layer_slice_at_a_time(hf_model, tmp_path
     leaves = [l for l in family.plan(cfg, scan=True) if l.rule.experts]
     assert {l.path for l in leaves} == {f"decoder/layers/{MOE}/{n}" for n in ("wi_0", "wi_1", "wo")}
     for leaf in leaves:
-        units, chunk = _hf_units(leaf, folder, np.dtype(np.float32), {})
+        units, chunk = array_units(leaf, folder, np.dtype(np.float32), {})
         seen = set()
         for index, block in ((u.index, u.produce()) for u in units):
             assert len(index) == 2 and all(isinstance(i, int) for i in index) and block.shape == leaf.shape[2:]

@@ -14,7 +14,7 @@ import json
 import pytest
 
 from converters.core import registry
-from converters.convert.engine import hf_to_maxtext, maxtext_to_hf
+from converters.convert import hf_to_maxtext, maxtext_to_hf
 from converters.errors import UnsupportedModelError
 from converters.tiny_models import make_test_model
 from tests.families.helpers import assert_bit_exact, qwen3_next_layout, round_trip

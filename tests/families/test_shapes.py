@@ -225,6 +225,7 @@ def test_real_size_plan(name):
         assert scanned[path] == shape, path
     assert ("decoder/logits_dense/kernel" in scanned) == (name not in TIED)
     assert sum(map(math.prod, scanned.values())) == sum(map(math.prod, unscanned.values()))
+    assert name in PARAMS_B, f"{name}: add its parameter count (billions, in MaxText's tree) to PARAMS_B (docs/adding-a-family.md)"
     assert round(sum(map(math.prod, scanned.values())) / 1e9, 2) == PARAMS_B[name]
     if name in SPLIT_STACKS:
         for group, n in zip(("dense_layers", "moe_layers"), SPLIT_STACKS[name]):

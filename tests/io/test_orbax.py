@@ -9,11 +9,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from converters.core import registry
-from converters.convert.engine import hf_to_maxtext, maxtext_to_hf
+from converters.convert import hf_to_maxtext, maxtext_to_hf
 from converters.io.orbax import CheckpointReader, find_items_dir, read_params
 from converters.io.safetensors import SafetensorsFolder
 
-from converters.tiny_models import FAMILIES
+from converters.tiny_models import GENERIC_TEST_MODELS
 
 
 def flat(tree, prefix=()):
@@ -27,7 +27,7 @@ def flat(tree, prefix=()):
 
 
 @pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unscanned"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", GENERIC_TEST_MODELS)
 def test_restores_with_plain_orbax_in_maxtext_layout(tiny_model, tmp_path, family, scan):
     import ml_dtypes
 
@@ -156,7 +156,7 @@ def test_one_transaction_at_a_time_commits_in_the_background():
     whichever worker started it (that bound keeps the peak flat), and a failed commit reaches the worker waiting."""
     import asyncio
 
-    from converters.io.orbax import _BackgroundCommit
+    from converters.io.orbax_handler import _BackgroundCommit
 
     async def run():
         loop = asyncio.get_running_loop()
@@ -185,3 +185,69 @@ def test_one_transaction_at_a_time_commits_in_the_background():
             await third
 
     asyncio.run(run())
+
+
+def test_concurrent_writes_keep_their_own_options(tmp_path):
+    """Two `write_checkpoint` calls at once in one process, with different options: each call's handler has its own
+    (worker count, progress counter, OCDBT process id, digest table), so neither sees the other's. The writers meet
+    at a barrier in their first array's first piece: both calls have started before either starts its later arrays."""
+    import threading
+
+    from converters.io.orbax import LazyArray, WriteProgress, merge_parts, write_checkpoint
+    from converters.io.orbax_handler import _hash_piece
+
+    barrier = threading.Barrier(2, timeout=60)
+    rng = np.random.default_rng(0)
+
+    def arrays(tag: str, count: int = 3) -> dict:
+        out = {}
+        for k in range(count):
+            data = rng.standard_normal((4, 8, 16)).astype(np.float32)
+
+            def pieces(data=data, first=k == 0):
+                for layer in range(data.shape[1]):
+                    if first and layer == 0:
+                        barrier.wait()
+                    yield (slice(None), slice(layer, layer + 1), slice(None)), data[:, layer : layer + 1]
+
+            out[f"{tag}_{k}"] = (data, LazyArray(data.shape, data.dtype, pieces, (4, 1, 16), name=f"{tag}_{k}"))
+        return out
+
+    runs = {
+        "a": {"arrays": arrays("a"), "process_id": None, "workers": 1, "digests": {}, "progress": WriteProgress()},
+        "b": {"arrays": arrays("b"), "process_id": 3, "workers": 2, "digests": {}, "progress": WriteProgress()},
+    }
+    errors: list = []
+
+    def write(tag: str) -> None:
+        run = runs[tag]
+        try:
+            write_checkpoint(tmp_path / tag, {"decoder": {n: a for n, (_, a) in run["arrays"].items()}}, scan_layers=True,
+                             workers=run["workers"], progress=run["progress"], process_id=run["process_id"],
+                             digests=run["digests"], txn_bytes=1024)
+        except BaseException as e:  # reported below, in the test's thread
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=write, args=(tag,)) for tag in runs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    for tag, run in runs.items():
+        items = tmp_path / tag / "0" / "items"
+        # the arrays go to this writer's OCDBT sub-store (Orbax's own `step` scalar always goes to process 0's)
+        stores = {p.name for p in items.glob("ocdbt.process_*")}
+        assert stores == {"ocdbt.process_0"} | ({f"ocdbt.process_{run['process_id']}"} if run["process_id"] else set()), tag
+        assert set(run["digests"]) == set(run["arrays"]), tag
+        assert run["progress"].done == sum(d.nbytes for d, _ in run["arrays"].values()), tag
+        for name, (data, _) in run["arrays"].items():
+            want = {(0, layer, 0): _hash_piece(data[:, layer : layer + 1])[1] for layer in range(data.shape[1])}
+            assert run["digests"][name] == want, (tag, name)
+        if run["process_id"] is not None:
+            merge_parts(items)  # the root manifest over both sub-stores, as a split conversion's finalize does
+        got = read_params(tmp_path / tag)
+        assert got.keys() == {f"decoder/{name}" for name in run["arrays"]}, tag
+        for name, (data, _) in run["arrays"].items():
+            assert np.array_equal(got[f"decoder/{name}"], data), (tag, name)

@@ -19,7 +19,7 @@ import json
 import numpy as np
 import pytest
 
-from converters.convert.engine import hf_to_maxtext
+from converters.convert import hf_to_maxtext
 from converters.families.deepseek import _DeepSeek
 from converters.core.mapping import Rule
 from converters.tiny_models import make_test_model
@@ -104,7 +104,7 @@ def test_llama_style_rope_permutation_of_the_query_fails_verification(hf_model, 
     real = _DeepSeek.attention_rules.__func__
 
     def permuted(cls, d):
-        return [Rule(r.hf, r.mt, r.hf_shape, r.mt_shape, r.chain + (RopeInterleave(),)) if r.mt.endswith(("wq_b/kernel", "query/kernel")) else r
+        return [Rule(r.hf, r.mt, hf_shape=r.hf_shape, mt_shape=r.mt_shape, chain=r.chain + (RopeInterleave(),)) if r.mt.endswith(("wq_b/kernel", "query/kernel")) else r
                 for r in real(cls, d)]
 
     monkeypatch.setattr(_DeepSeek, "attention_rules", classmethod(permuted))

@@ -101,12 +101,12 @@ def test_moe_block_clips_like_transformers(hf_model):
         """The routed sum as the reference streams it: each expert on its tokens, weighted, summed in float32."""
         ref = Reference(json.loads((src / "config.json").read_text()), {k: v.shape for k, v in params.items()})
         spec = ref.spec.with_options(limit=limit)
-        weights = np.asarray(ref.family.route(spec, p, jnp.asarray(x)))
+        weights = np.asarray(ref.forward.route(spec, p, jnp.asarray(x)))
         out = np.zeros_like(x)
         for e in np.flatnonzero(weights.any(axis=0)):
             rows = np.flatnonzero(weights[:, e])
-            w = {k.rsplit("/", 1)[-1]: p[k][e] for k in ref.family.moe_arrays(spec, 1)}
-            out[rows] += np.asarray(ref.family.expert(spec, w, jnp.asarray(x[rows]))) * weights[rows, e][:, None]
+            w = {k.rsplit("/", 1)[-1]: p[k][e] for k in ref.forward.moe_arrays(spec, 1)}
+            out[rows] += np.asarray(ref.forward.expert(spec, w, jnp.asarray(x[rows]))) * weights[rows, e][:, None]
         return out
 
     np.testing.assert_allclose(moe(7.0), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

@@ -14,7 +14,7 @@ import json
 import numpy as np
 import pytest
 
-from converters.convert.engine import hf_to_maxtext
+from converters.convert import hf_to_maxtext
 from converters.families.qwen3_next import Qwen3Next
 from converters.core.mapping import Rule
 from converters.tiny_models import make_test_model
@@ -78,7 +78,7 @@ def test_flipped_conv_taps_fail_verification(hf_model, tmp_path, monkeypatch):
     real = Qwen3Next.linear_attention_rules.__func__
 
     def flipped(cls, d):
-        return [Rule(r.hf, r.mt, r.hf_shape, r.mt_shape, r.chain + (_FlipTaps(),)) if r.mt.endswith("conv1d/kernel") else r
+        return [Rule(r.hf, r.mt, hf_shape=r.hf_shape, mt_shape=r.mt_shape, chain=r.chain + (_FlipTaps(),)) if r.mt.endswith("conv1d/kernel") else r
                 for r in real(cls, d)]
 
     monkeypatch.setattr(Qwen3Next, "linear_attention_rules", classmethod(flipped))

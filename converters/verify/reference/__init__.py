@@ -1,8 +1,8 @@
 """JAX reference forward pass of a MaxText checkpoint, one module per family, run one layer at a time.
 
-A family is a `Family` subclass (see `common.py`) registered here under the HF `model_type`s it
-serves. Adding a family means adding a module with its block and one `register_family` line; the
-existing families are untouched.
+A family's reference is a `Forward` subclass (see `common.py`) in its own module here; the conversion family
+names it (`Family.reference` in `converters/families/`), so the one registry, `converters.core.registry`,
+also says which reference verifies which family (docs/adding-a-family.md).
 
 `Reference` is what verification runs: it never holds the checkpoint. Its caller reads what each stage needs
 (`global_keys`, the embedding rows of the prompts' ids, `layer_reads(l)`, `expert_reads(l, e)`, vocabulary blocks
@@ -14,63 +14,39 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
-from converters.errors import CkptflowError, UnsupportedModelError
-from converters.verify.reference.common import DTYPES, EMBEDDING, LOGITS_KERNEL, Family, ModelSpec, Params, Shapes, hf_config_object
+from converters.core.mapping import Family as FamilySpec
+from converters.errors import CkptflowError
+from converters.verify.reference.common import DTYPES, EMBEDDING, LOGITS_KERNEL, Forward, ModelSpec, Params, Shapes, hf_config_object
 
-_REGISTRY: dict[str, Family] = {}
-
-
-def register_family(family: Family) -> Family:
-    for model_type in family.model_types:
-        if model_type in _REGISTRY and _REGISTRY[model_type] is not family:
-            raise ValueError(f"model_type {model_type!r} already registered by {_REGISTRY[model_type].name}")
-        _REGISTRY[model_type] = family
-    return family
-
-
-def get_family(model_type: str) -> Family:
-    try:
-        return _REGISTRY[model_type]
-    except KeyError:
-        raise UnsupportedModelError(
-            f"no MaxText reference forward pass for model_type {model_type!r} "
-            f"(supported: {', '.join(sorted(_REGISTRY))})"
-        ) from None
-
-
-def supported_model_types() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-# Built-in families.
-from converters.verify.reference.llama import LlamaFamily  # noqa: E402
-from converters.verify.reference.qwen import Qwen2Family, Qwen3Family  # noqa: E402
-from converters.verify.reference.gemma import Gemma2Family, Gemma3Family  # noqa: E402
-from converters.verify.reference.gpt_oss import GptOssFamily  # noqa: E402
-from converters.verify.reference.mixtral import MixtralFamily  # noqa: E402
-from converters.verify.reference.qwen3_moe import Qwen3MoeFamily  # noqa: E402
-from converters.verify.reference.deepseek import DeepSeekFamily  # noqa: E402
-from converters.verify.reference.qwen3_next import Qwen3NextFamily  # noqa: E402
-
-register_family(LlamaFamily())
-register_family(Qwen2Family())
-register_family(Qwen3Family())
-register_family(Gemma2Family())
-register_family(Gemma3Family())
-register_family(Qwen3MoeFamily())
-register_family(MixtralFamily())
-register_family(GptOssFamily())
-register_family(DeepSeekFamily())
-register_family(Qwen3NextFamily())
+def forward_of(family: type[FamilySpec]) -> Forward:
+    """The reference forward pass a conversion family declares (`Family.reference`, "module:Class")."""
+    return _load_forward(family.reference)
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted(family: Family, stage: str):
+def _load_forward(path: str) -> Forward:
+    module, _, name = path.partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    if not (isinstance(cls, type) and issubclass(cls, Forward)):
+        raise TypeError(f"{path} is not a reference Forward class")
+    return cls()
+
+
+def forward_for(model_type: str) -> Forward:
+    """The reference forward pass of the family that converts `model_type` (UnsupportedModelError if none)."""
+    from converters.core import registry
+
+    return forward_of(registry.family_for_model_type(model_type))
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(family: Forward, stage: str):
     """One compiled function per family and stage; recompiled only per shape / dtype."""
     import jax
 
@@ -121,14 +97,14 @@ class Reference:
         if dtype not in DTYPES:
             raise CkptflowError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
         cfg = hf_config_object(config)
-        self.family = get_family(cfg.model_type)
-        spec = dataclasses.replace(self.family.make_spec(cfg), dtype=dtype)
+        self.forward = forward_for(cfg.model_type)
+        spec = dataclasses.replace(self.forward.make_spec(cfg), dtype=dtype)
         # bf16_tied_logits: reproduce MaxText's bfloat16 cast of the tied embedding table in the logits matmul
-        # also in float32 runs (see Family.logits_block).
+        # also in float32 runs (see Forward.logits_block).
         self.spec: ModelSpec = spec.with_options(bf16_tied_logits=bool(bf16_tied_logits))
-        self.warnings: list[str] = self.family.config_warnings(cfg)
-        self.layout = self.family.detect_layout(self.spec, shapes)
-        self.family.check_params(self.spec, shapes, self.layout)
+        self.warnings: list[str] = self.forward.config_warnings(cfg)
+        self.layout = self.forward.detect_layout(self.spec, shapes)
+        self.forward.check_params(self.spec, shapes, self.layout)
         emb = tuple(shapes[EMBEDDING])
         if len(emb) != 2 or emb[1] != self.spec.hidden_size or emb[0] < self.spec.vocab_size:
             raise CkptflowError(
@@ -157,19 +133,19 @@ class Reference:
     def global_keys(self) -> list[str]:
         """Arrays read whole before the layers (final norm, vision tower); the embedding and the logits kernel are
         read in pieces (`prompt`, `logits`)."""
-        return [k for k in self.family.global_keys(self.spec) if k not in (EMBEDDING, LOGITS_KERNEL)]
+        return [k for k in self.forward.global_keys(self.spec) if k not in (EMBEDDING, LOGITS_KERNEL)]
 
     def layer_reads(self, l: int) -> dict[str, tuple[str, tuple]]:
-        return self.family.layer_reads(self.spec, self.layout, l)
+        return self.forward.layer_reads(self.spec, self.layout, l)
 
     def expert_reads(self, l: int, e: int) -> dict[str, tuple[str, tuple]]:
-        return self.family.expert_reads(self.spec, self.layout, l, e)
+        return self.forward.expert_reads(self.spec, self.layout, l, e)
 
     def is_moe(self, l: int) -> bool:
-        return bool(self.family.moe_arrays(self.spec, l))
+        return bool(self.forward.moe_arrays(self.spec, l))
 
     def hf_layers(self, l: int) -> tuple[int, ...]:
-        return self.family.hf_layers(self.spec, l)
+        return self.forward.hf_layers(self.spec, l)
 
     # ---- stages -----------------------------------------------------------------------------------------
     def _cast(self, arrays: dict) -> dict:
@@ -187,9 +163,9 @@ class Reference:
         ids = np.asarray(token_ids, np.int32)
         positions = jnp.arange(ids.shape[0], dtype=jnp.int32)
         if inputs:
-            x, extra = self.family.multimodal_embed(self.spec, self._cast(g), jnp.asarray(rows), jnp.asarray(index), ids, inputs)
+            x, extra = self.forward.multimodal_embed(self.spec, self._cast(g), jnp.asarray(rows), jnp.asarray(index), ids, inputs)
             return PromptState(x, positions, extra)
-        return PromptState(_jitted(self.family, "embed")(self.spec, jnp.asarray(rows), jnp.asarray(index, jnp.int32)), positions)
+        return PromptState(_jitted(self.forward, "embed")(self.spec, jnp.asarray(rows), jnp.asarray(index, jnp.int32)), positions)
 
     def layer(self, l: int, arrays: dict[str, np.ndarray], states: list[PromptState], experts: Callable[[int], dict] | None = None) -> None:
         """Run layer l on every prompt. arrays: `layer_reads(l)` keys -> arrays as stored; experts(e) -> expert e's
@@ -197,21 +173,21 @@ class Reference:
         import jax
 
         p = self._cast(arrays)
-        p.update(self.family.layer_markers(self.spec, l))
+        p.update(self.forward.layer_markers(self.spec, l))
         if not self.is_moe(l):
-            block = _jitted(self.family, "block")
+            block = _jitted(self.forward, "block")
             for s in states:
                 s.x = block(self.spec, p, s.x, s.positions, **s.extra)
             # JAX dispatches asynchronously: wait, so the layer's weights are gone when this returns (not while the
             # next side loads its own) and the time is counted where it is spent
             jax.block_until_ready([s.x for s in states])
             return
-        pre, route = _jitted(self.family, "pre_moe"), _jitted(self.family, "route")
+        pre, route = _jitted(self.forward, "pre_moe"), _jitted(self.forward, "route")
         for s in states:
             s.x, s.h = pre(self.spec, p, s.x, s.positions, **s.extra)
             s.weights = np.asarray(route(self.spec, p, s.h), np.float32)
         routed = self._experts(states, experts)
-        post = _jitted(self.family, "post_moe")
+        post = _jitted(self.forward, "post_moe")
         for s, y in zip(states, routed):
             s.x = post(self.spec, p, s.x, s.h, y)
             s.h = s.weights = None
@@ -222,7 +198,7 @@ class Reference:
         outputs summed with the routing weights in float32, then cast to the compute dtype."""
         import jax.numpy as jnp
 
-        run = _jitted(self.family, "expert")
+        run = _jitted(self.forward, "expert")
         acc = [np.zeros(np.shape(s.h), np.float32) for s in states]
         hs = [np.asarray(s.h.astype(jnp.float32)) for s in states]
         hit = sorted(set().union(*(np.flatnonzero(s.weights.any(axis=0)) for s in states)))
@@ -240,7 +216,7 @@ class Reference:
         return [jnp.asarray(a, self.spec.jdtype) for a in acc]
 
     def final(self, g: dict, states: list[PromptState]) -> None:
-        norm = _jitted(self.family, "final_norm")
+        norm = _jitted(self.forward, "final_norm")
         gj = self._cast(g)
         for s in states:
             s.x = norm(self.spec, gj, s.x)
@@ -250,7 +226,7 @@ class Reference:
         columns (`[E, Vb]`), as stored."""
         import jax.numpy as jnp
 
-        run, w = _jitted(self.family, "logits_block"), _cast_tree(self.spec.jdtype, {"w": jnp.asarray(np.asarray(w))})["w"]
+        run, w = _jitted(self.forward, "logits_block"), _cast_tree(self.spec.jdtype, {"w": jnp.asarray(np.asarray(w))})["w"]
         return [np.asarray(run(self.spec, s.x, w)) for s in states]
 
 
@@ -265,7 +241,7 @@ class ReferenceModel:
     def __init__(self, params: Params, config: dict, *, dtype: str = "float32", bf16_tied_logits: bool = False):
         self.ref = Reference(config, {k: tuple(np.shape(v)) for k, v in params.items()}, dtype=dtype, bf16_tied_logits=bf16_tied_logits)
         self.params = params
-        self.family, self.spec, self.layout, self.warnings = self.ref.family, self.ref.spec, self.ref.layout, self.ref.warnings
+        self.forward, self.spec, self.layout, self.warnings = self.ref.forward, self.ref.spec, self.ref.layout, self.ref.warnings
         self.vocab_size = self.ref.vocab_size
 
     @property
@@ -296,12 +272,11 @@ class ReferenceModel:
 
 
 __all__ = [
-    "Family",
+    "Forward",
     "ModelSpec",
     "PromptState",
     "Reference",
     "ReferenceModel",
-    "get_family",
-    "register_family",
-    "supported_model_types",
+    "forward_for",
+    "forward_of",
 ]

@@ -59,7 +59,7 @@ class ModelSpec:
     rope_theta: float
     tie_word_embeddings: bool
     dtype: str = "float32"  # compute dtype: "float32" or "bfloat16"
-    # Family-specific options as sorted (key, value) pairs, e.g. (("rope_scaling", (...)),).
+    # Forward-specific options as sorted (key, value) pairs, e.g. (("rope_scaling", (...)),).
     options: tuple = ()
 
     def option(self, key: str, default: Any = None) -> Any:
@@ -223,7 +223,7 @@ EMBEDDING = "token_embedder/embedding"
 LOGITS_KERNEL = "decoder/logits_dense/kernel"
 
 
-class Family:
+class Forward:
     """One MaxText decoder family. Subclasses implement `make_spec`, `layer_keys` and `block`.
 
     The reference runs one decoder layer at a time (`converters.verify.reference.Reference`): the embedding rows
@@ -241,8 +241,6 @@ class Family:
     `float32_weight_sum`) -> `post_moe` (residual, shared experts).
     """
 
-    name: str = ""
-    model_types: tuple[str, ...] = ()
     # Layout check threshold: max per-token KL between the HF model on the checkpoint's values and this reference
     # on the checkpoint, both in float32. A correct conversion differs only in accumulation order (measured on the
     # tiny test models: < 1e-9; PyTorch and XLA sum in different orders); the mapping errors an inverse would

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from converters.errors import CkptflowError
 from converters.verify.reference.common import (
     MASK_VALUE,
-    Family,
+    Forward,
     Layout,
     ModelSpec,
     base_spec,
@@ -54,9 +54,7 @@ MOE, ROUTED = "DeepSeekMoeBlock_0", "DeepSeekMoeBlock_0/MoeBlock_0"
 NORMS = ("pre_self_attention_layer_norm/scale", "post_self_attention_layer_norm/scale")
 
 
-class DeepSeekFamily(Family):
-    name = "deepseek"
-    model_types = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
+class DeepSeekForward(Forward):
 
     def make_spec(self, cfg) -> ModelSpec:
         v3 = cfg.model_type in ("deepseek_v3", "deepseek_v32")

@@ -42,9 +42,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from converters.errors import CkptflowError
+from converters.families.gemma import GEMMA3_PATTERN, PROJECTOR, gemma3_layer_location, gemma3_layer_types
+from converters.families.gemma import VISION_ENCODER as VISION
 from converters.verify.reference.common import (
     MASK_VALUE,
-    Family,
+    Forward,
     Layout,
     ModelSpec,
     dense,
@@ -53,10 +55,7 @@ from converters.verify.reference.common import (
     rms_norm,
 )
 
-GEMMA3_PATTERN = 6
 GLOBAL_MARKER = "global_attention"
-VISION = "vision_encoder/Gemma3VisionEncoderLayer_0"
-PROJECTOR = "vision_encoder/VisionEmbedder_0"
 
 gelu_tanh = functools.partial(jax.nn.gelu, approximate=True)  # MaxText "gelu" (flax default approximate=True)
 
@@ -131,7 +130,7 @@ def image_blocks(token_ids: np.ndarray, image_token: int) -> np.ndarray:
     return np.where(is_img, np.cumsum(start), 0).astype(np.int32)
 
 
-class _GemmaBase(Family):
+class _GemmaBase(Forward):
     """Tied embedding normalized by sqrt(hidden), optional final soft-cap; padded vocab rows allowed."""
 
     def global_keys(self, spec: ModelSpec) -> tuple[str, ...]:
@@ -183,11 +182,9 @@ def _rope_of(params: dict | None, default_theta: float) -> tuple[float, float]:
 # ------------------------------------------------------------------------------------------------ Gemma2
 
 
-class Gemma2Family(_GemmaBase):
+class Gemma2Forward(_GemmaBase):
     """Stored layer m = HF layers (2m local, 2m+1 global); `layout.num_layers` counts pairs."""
 
-    name = "gemma2"
-    model_types = ("gemma2",)
 
     def make_spec(self, cfg) -> ModelSpec:
         require(bool(getattr(cfg, "tie_word_embeddings", True)), "tie_word_embeddings=false")
@@ -268,15 +265,13 @@ def layer_norm(x, scale, bias, eps: float):
     return (x - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
 
 
-class Gemma3Family(_GemmaBase):
+class Gemma3Forward(_GemmaBase):
     """Text decoder (both model types) and, for `gemma3` configs, the vision tower and projector.
 
     `image_prompt` is the hook `converters.verify.run` uses to add a prompt holding an image to a verification
     run; `multimodal_embed` is that prompt's first stage (`converters.verify.reference.Reference.prompt`).
     """
 
-    name = "gemma3"
-    model_types = ("gemma3", "gemma3_text")
 
     def image_prompt(self, config: dict, *, seed: int = 0, tokenizer=None):
         return gemma3_image_prompt(config, seed=seed, tokenizer=tokenizer)
@@ -306,7 +301,7 @@ class Gemma3Family(_GemmaBase):
         require(not getattr(t, "attention_bias", False), "attention_bias=true")
         require(not getattr(t, "use_bidirectional_attention", False), "use_bidirectional_attention=true")
         n = int(t.num_hidden_layers)
-        want = ["full_attention" if (i + 1) % GEMMA3_PATTERN == 0 else "sliding_attention" for i in range(n)]
+        want = gemma3_layer_types(n)
         require(list(getattr(t, "layer_types", None) or want) == want, "a local/global layer pattern other than MaxText's 5 local + 1 global")
         rp = dict(getattr(t, "rope_parameters", None) or {})
         local_theta, local_factor = _rope_of(rp.get("sliding_attention"), 10000.0)
@@ -353,12 +348,7 @@ class Gemma3Family(_GemmaBase):
 
     def layer_location(self, spec: ModelSpec, layout: Layout, l: int) -> tuple[str, int | None]:
         """(key prefix, index along the scan axis or None) of HF layer l."""
-        if not layout.scanned:
-            return f"decoder/layers_{l}", None
-        reps = spec.num_layers // GEMMA3_PATTERN
-        if l < reps * GEMMA3_PATTERN:
-            return f"decoder/layers/layers_{l % GEMMA3_PATTERN}", l // GEMMA3_PATTERN
-        return f"decoder/layers_remainder/layers_{l - reps * GEMMA3_PATTERN}", None
+        return gemma3_layer_location(l, spec.num_layers, layout.scanned)
 
     def layer_markers(self, spec: ModelSpec, l: int) -> dict:
         return {GLOBAL_MARKER: np.zeros((0,), np.float32)} if (l + 1) % GEMMA3_PATTERN == 0 else {}
@@ -427,7 +417,7 @@ class Gemma3Family(_GemmaBase):
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted_vision(family: Gemma3Family):
+def _jitted_vision(family: Gemma3Forward):
     return jax.jit(family.vision_tokens, static_argnums=0)
 
 

@@ -21,7 +21,7 @@ import math
 import numpy as np
 
 from converters.errors import CkptflowError
-from converters.verify.reference.common import Family, Layout, ModelSpec, base_spec, dense, require, rms_norm, rope_parameters
+from converters.verify.reference.common import Forward, Layout, ModelSpec, base_spec, dense, require, rms_norm, rope_parameters
 from converters.verify.reference.moe import GPT_OSS_ALPHA, attention, clipped_swiglu, router_weights, yarn_inv_freq, yarn_rope
 
 ATT, MLP = "GptOssAttention", "GptOssMlp"
@@ -31,9 +31,7 @@ SLIDING_MARKER = "__sliding_window_layer__"  # present (empty) in the params of 
 MAXTEXT_YARN = {"rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "original_max_position_embeddings": 4096, "truncate": False}
 
 
-class GptOssFamily(Family):
-    name = "gpt_oss"
-    model_types = ("gpt_oss",)
+class GptOssForward(Forward):
 
     def make_spec(self, cfg) -> ModelSpec:
         n = int(cfg.num_hidden_layers)

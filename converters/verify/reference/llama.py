@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from converters.verify.reference.common import (
     ATTENTION_KEYS,
     GATED_MLP_KEYS,
-    Family,
+    Forward,
     ModelSpec,
     base_spec,
     causal_attention,
@@ -74,9 +74,7 @@ def rope_interleaved(x, positions, theta: float, scaling: tuple | None, dtype):
     return out.reshape(x.shape).astype(dtype)
 
 
-class LlamaFamily(Family):
-    name = "llama"
-    model_types = ("llama",)
+class Llama31Forward(Forward):
 
     def make_spec(self, cfg) -> ModelSpec:
         require(getattr(cfg, "hidden_act", "silu") == "silu", f"hidden_act={cfg.hidden_act!r} (MaxText llama: silu)")

@@ -15,15 +15,13 @@ MaxText and HF disagree beyond the window however the checkpoint was converted.
 
 from __future__ import annotations
 
-from converters.verify.reference.common import ATTENTION_KEYS, Family, ModelSpec, base_spec, dense, require, rms_norm, rope_halves, rope_parameters
+from converters.verify.reference.common import ATTENTION_KEYS, Forward, ModelSpec, base_spec, dense, require, rms_norm, rope_halves, rope_parameters
 from converters.verify.reference.moe import attention, router_weights
 
 MOE = "MoeBlock_0"
 
 
-class MixtralFamily(Family):
-    name = "mixtral"
-    model_types = ("mixtral",)
+class MixtralForward(Forward):
 
     def make_spec(self, cfg) -> ModelSpec:
         require(getattr(cfg, "hidden_act", "silu") == "silu", f"hidden_act={cfg.hidden_act!r}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 from converters.verify.reference.common import (
     ATTENTION_KEYS,
     GATED_MLP_KEYS,
-    Family,
+    Forward,
     ModelSpec,
     base_spec,
     causal_attention,
@@ -41,7 +41,7 @@ def _check_common(cfg) -> None:
     )
 
 
-class _QwenBase(Family):
+class _QwenBase(Forward):
     qk_norm = False
     qkv_bias = False
 
@@ -71,11 +71,9 @@ class _QwenBase(Family):
         return x + gated_mlp(h, p["mlp/wi_0/kernel"], p["mlp/wi_1/kernel"], p["mlp/wo/kernel"], dt)
 
 
-class Qwen2Family(_QwenBase):
+class Qwen25Forward(_QwenBase):
     """Qwen2 / Qwen2.5: q/k/v biases (HF always has them for qwen2), no qk-norm."""
 
-    name = "qwen2"
-    model_types = ("qwen2",)
     qkv_bias = True
 
     def make_spec(self, cfg) -> ModelSpec:
@@ -83,11 +81,9 @@ class Qwen2Family(_QwenBase):
         return ModelSpec(**base_spec(cfg))
 
 
-class Qwen3Family(_QwenBase):
+class Qwen3Forward(_QwenBase):
     """Qwen3 dense: qk-norm, no biases (MaxText's qwen3 block cannot express attention_bias=true)."""
 
-    name = "qwen3"
-    model_types = ("qwen3",)
     qk_norm = True
 
     def make_spec(self, cfg) -> ModelSpec:

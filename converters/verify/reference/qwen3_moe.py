@@ -13,7 +13,7 @@ without it HF's weights do not sum to one and MaxText cannot express that, so su
 from __future__ import annotations
 
 from converters.verify.reference.common import (
-    Family,
+    Forward,
     ModelSpec,
     base_spec,
     causal_attention,
@@ -28,9 +28,7 @@ from converters.verify.reference.moe import router_weights
 MOE = "moe_block"
 
 
-class Qwen3MoeFamily(Family):
-    name = "qwen3_moe"
-    model_types = ("qwen3_moe",)
+class Qwen3MoeForward(Forward):
 
     def make_spec(self, cfg) -> ModelSpec:
         require(getattr(cfg, "hidden_act", "silu") == "silu", f"hidden_act={cfg.hidden_act!r}")

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from converters.errors import CkptflowError
 from converters.verify.reference.common import (
-    Family,
+    Forward,
     Layout,
     ModelSpec,
     base_spec,
@@ -51,9 +51,7 @@ def rms_norm_1p(x, w, eps: float, dtype):
     return (y * (1.0 + w.astype(jnp.float32))).astype(dtype)
 
 
-class Qwen3NextFamily(Family):
-    name = "qwen3_next"
-    model_types = ("qwen3_next",)
+class Qwen3NextForward(Forward):
 
     def make_spec(self, cfg) -> ModelSpec:
         n, c = int(cfg.num_hidden_layers), int(getattr(cfg, "full_attention_interval", 4) or 4)

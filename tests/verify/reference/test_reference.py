@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from converters.errors import CkptflowError, UnsupportedModelError
-from converters.verify.reference import ReferenceModel, get_family, supported_model_types
+from converters.core import registry
+from converters.verify.reference import ReferenceModel, forward_for
+from converters.verify.reference.qwen import Qwen3Forward
 from converters.verify.metrics import kl_per_token
 
 EXACT_KL = 1e-9
@@ -177,10 +179,10 @@ def test_llama3_frequencies_match_transformers():
 
 
 def test_registry_and_unsupported_configs():
-    assert {"llama", "qwen2", "qwen3"} <= set(supported_model_types())
-    assert get_family("qwen3").name == "qwen3"
+    assert {"llama", "qwen2", "qwen3"} <= {t for f in registry.FAMILIES.values() for t in f.model_types}
+    assert type(forward_for("qwen3")) is Qwen3Forward
     with pytest.raises(UnsupportedModelError, match="'gpt2'.*supported: .*llama"):
-        get_family("gpt2")
+        forward_for("gpt2")
     model = make_model("qwen3", head_dim=16)
     params = to_maxtext(model, True)
     cfg = model.config.to_dict()

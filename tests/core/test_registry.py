@@ -1,0 +1,89 @@
+"""The one family registry: every family has its reference and test models; configs of other heads are refused."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import pkgutil
+import subprocess
+import sys
+
+import pytest
+
+from converters.core import registry
+from converters.errors import UnsupportedModelError
+
+
+def test_every_family_declares_a_reference_forward():
+    from converters.verify.reference import forward_of
+    from converters.verify.reference.common import Forward
+
+    for f in registry.FAMILIES.values():
+        assert isinstance(forward_of(f), Forward), f.name
+
+
+def test_every_reference_forward_belongs_to_a_family():
+    import converters.verify.reference as ref_pkg
+    from converters.verify.reference.common import Forward
+
+    declared = {f.reference for f in registry.FAMILIES.values()}
+    defined = set()
+    for m in pkgutil.iter_modules(ref_pkg.__path__):
+        mod = importlib.import_module(f"{ref_pkg.__name__}.{m.name}")
+        for name, obj in vars(mod).items():
+            if inspect.isclass(obj) and issubclass(obj, Forward) and obj.__module__ == mod.__name__ and not name.startswith("_"):
+                defined.add(f"{mod.__name__}:{name}")
+    defined.discard("converters.verify.reference.common:Forward")
+    assert defined - declared == set(), "reference forward classes no family names in Family.reference"
+    assert declared <= defined
+
+
+def test_every_family_has_test_models_of_its_own_models():
+    seen: dict[str, str] = {}
+    for f in registry.FAMILIES.values():
+        assert f.test_models, f"{f.name}: declare test_models"
+        for name, (base, dims) in f.test_models.items():
+            assert name not in seen, f"test model {name} declared by {seen.get(name)} and {f.name}"
+            seen[name] = f.name
+            assert base in f.models, f"{f.name}: test model {name} shrinks {base}, not one of its models"
+            assert isinstance(dims, dict) and dims
+
+
+def test_model_types_and_names_are_unique():
+    types = [t for f in registry.FAMILIES.values() for t in f.model_types]
+    assert len(types) == len(set(types))
+    names = registry.model_names()
+    assert len(names) == len(set(names))
+
+
+@pytest.mark.parametrize("arch", ["Qwen3ForSequenceClassification", "Qwen3ForTokenClassification", "Qwen3ForQuestionAnswering"])
+def test_other_heads_are_refused_with_the_reason(arch):
+    cfg = registry.model("qwen3-0.6b")[1]
+    assert registry.family_for_config(cfg).name == "qwen3"
+    with pytest.raises(UnsupportedModelError, match=f"{arch}.*Qwen3ForCausalLM.*language model"):
+        registry.family_for_config({**cfg, "architectures": [arch]})
+
+
+def test_configs_without_architectures_still_resolve():
+    cfg = {k: v for k, v in registry.model("llama3.1-8b")[1].items() if k != "architectures"}
+    assert registry.family_for_config(cfg).name == "llama3.1"
+    gemma = registry.model("gemma3-4b")[1]
+    assert gemma["architectures"] == ["Gemma3ForConditionalGeneration"]
+    assert registry.family_for_config({**gemma, "architectures": ["Gemma3ForCausalLM"]}).name == "gemma3"
+
+
+def test_cli_refuses_a_classifier_in_one_line(tiny_model, tmp_path):
+    import shutil
+
+    src = tmp_path / "clf"
+    shutil.copytree(tiny_model("qwen3"), src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["architectures"] = ["Qwen3ForSequenceClassification"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    p = subprocess.run([sys.executable, "-m", "converters", "convert", str(src), str(tmp_path / "out"), "--to", "maxtext"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Qwen3ForSequenceClassification" in lines[0], p.stderr
+    assert not (tmp_path / "out").exists()
