@@ -6,13 +6,15 @@ on the same values in float32, so neither needs a long prompt to see a mistake.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import shutil
 
 import numpy as np
 import pytest
 
-from converters.convert.engine import hf_to_maxtext
+from converters.convert import hf_to_maxtext
 from converters.families.llama import Llama31
 from converters.io.safetensors import SafetensorsFolder, save_file
 from converters.tiny_models import make_test_model
@@ -120,8 +122,8 @@ def _wrong_both_ways(kind: str):
             elif kind == "transposed_query" and r.hf.endswith("q_proj.weight"):
                 chain = (*chain[:1], _TransposeSquare(), *chain[1:])
             elif kind == "gate_for_up" and r.hf.endswith(("gate_proj.weight", "up_proj.weight")):
-                r = type(r)(r.hf, "mlp/wi_1/kernel" if "gate" in r.hf else "mlp/wi_0/kernel", r.hf_shape, r.mt_shape, r.chain)
-            out.append(type(r)(r.hf, r.mt, r.hf_shape, r.mt_shape, chain) if chain is not r.chain else r)
+                r = dataclasses.replace(r, mt="mlp/wi_1/kernel" if "gate" in r.hf else "mlp/wi_0/kernel")
+            out.append(dataclasses.replace(r, chain=chain) if chain is not r.chain else r)
         return out
 
     return classmethod(lambda cls, d: layer_rules(d))
