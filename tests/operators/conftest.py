@@ -1,3 +1,3 @@
 """Airflow suites run against a throwaway Airflow home, set up before Airflow is imported."""
 
-from operators.testing import airflow_db, convert_dag, isolated_runs  # noqa: F401  (fixtures)
+from tests.airflow_fixtures import airflow_db, convert_dag, isolated_runs  # noqa: F401  (fixtures)

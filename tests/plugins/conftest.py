@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from operators.testing import airflow_db, convert_dag, isolated_runs  # noqa: F401  (fixtures)
+from tests.airflow_fixtures import airflow_db, convert_dag, isolated_runs  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[2]
 PLUGINS = REPO / "plugins"

@@ -11,7 +11,7 @@ import pytest
 
 from blake3 import blake3
 
-from converters.outputs import MANIFEST
+from converters.outputs.manifest import MANIFEST
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -74,4 +74,4 @@ def rel():
                            tree_bytes=tree_bytes, repo=REPO)
 
 
-from operators.testing import airflow_db, convert_dag  # noqa: E402,F401  (fixtures: Airflow on a throwaway home)
+from tests.airflow_fixtures import airflow_db, convert_dag  # noqa: E402,F401  (fixtures: Airflow on a throwaway home)
