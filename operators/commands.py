@@ -30,8 +30,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import PurePosixPath
 
-from converters.cli.commands.download import looks_local
-from converters.cli.commands.publish import SUPPORTED_SCHEMES
+from converters.remote.download import looks_local
+from converters.remote.publish import SUPPORTED_SCHEMES
 
 STEPS = ("download", "convert", "verify", "publish")
 # Not subcommands: `ckptflow convert --finalize`, which assembles the parts of a convert split into `parts` pieces,
@@ -101,8 +101,8 @@ STEP_ENV = {"PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "30"}
 # split download and its finalize (which fetches the small files) all fetch from the hub.
 CREDENTIAL_STEPS = ("download", DOWNLOAD_FINALIZE, "publish")
 
-DOWNLOAD_MANIFEST = "ckptflow-download.json"  # converters.cli.commands.download.MANIFEST_NAME
-CONVERT_MANIFEST = "ckptflow-manifest.json"  # converters.outputs.MANIFEST
+DOWNLOAD_MANIFEST = "ckptflow-download.json"  # converters.outputs.manifest.DOWNLOAD_MANIFEST
+CONVERT_MANIFEST = "ckptflow-manifest.json"  # converters.outputs.manifest.MANIFEST
 PARTS_STAGING = ".{name}.ckptflow-parts"  # `ckptflow convert --part`: hidden sibling of OUT, same file system
 VERIFY_REPORT = "verify.json"  # converters.verify.report.write_json
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 import urllib.parse
 from typing import Any
 
-from converters.cli.commands.download import digest_of, local_path
+from converters.io.files import digest_of
+from converters.remote.download import local_path
 from operators.commands import DOWNLOAD_FINALIZE, FINALIZE, RunSpec
 
 HF_NAMESPACE = "https://huggingface.co"
@@ -69,9 +70,9 @@ def step_uris(step: str, uris: dict[str, str], parts: int = 1) -> tuple[list[str
 # --------------------------------------------------------------------------------------------- extras
 
 
-def output_digest(manifest: dict | None) -> str | None:
-    """One digest of a converted folder from its `ckptflow-manifest.json`: its `output_digest` (every manifest
-    ckptflow writes has one), else, for older manifests, one over every output file's sha256."""
+def recorded_output_digest(manifest: dict | None) -> str | None:
+    """One digest of a converted folder, read from its `ckptflow-manifest.json`: its `output_digest` (every
+    manifest ckptflow writes has one), else, for older manifests, one over every output file's sha256."""
     if not manifest:
         return None
     if isinstance(manifest.get("output_digest"), str):
@@ -117,7 +118,7 @@ def extras(step: str, spec: RunSpec, results: dict[str, dict | None]) -> dict[st
         out["family"] = manifest.get("family")
         out["ckptflow_version"] = manifest.get("ckptflow_version")
     if step in ("convert", FINALIZE, "verify", "publish"):
-        out["output_digest"] = output_digest(manifest)
+        out["output_digest"] = recorded_output_digest(manifest)
     if step in ("verify", "publish"):
         out["verify"] = verify_metrics(report)
     if step == "publish" and receipt:

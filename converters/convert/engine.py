@@ -20,7 +20,12 @@ from typing import Callable, Iterator
 import ml_dtypes
 import numpy as np
 
-from converters import outputs
+from converters.io.files import read_json
+from converters.io.orbax import HF_SIDECAR, SIDECAR_DIR
+from converters.outputs.atomic import atomic_dir, check_destination
+from converters.outputs.extras import copy_hf_extras
+from converters.outputs.hashing import CONTENT_HASH, FileHasher, chunked_digest, file_sha256
+from converters.outputs.manifest import describe_source, write_manifest
 
 from converters.io import buffers
 
@@ -52,7 +57,7 @@ DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float
 ROW_CHUNK_BYTES = 64 << 20  # large 2-D tensors (embedding, lm_head) are streamed in blocks of about this size
 DEFAULT_SHARD_BYTES = 5 << 30
 # HF embedding rows a MaxText vocabulary cannot hold (Gemma3), kept beside the checkpoint for export
-DROPPED_ROWS = Path("ckptflow") / "dropped_rows.safetensors"
+DROPPED_ROWS = SIDECAR_DIR / "dropped_rows.safetensors"
 
 
 def _dtype(name: str) -> np.dtype:
@@ -83,9 +88,9 @@ def load_hf_config(src: Path, hf_config: str | None = None, model: str | None = 
     if not src.is_dir():
         raise CkptflowError(f"{src}: not a directory (expected an HF model folder with config.json and *.safetensors)")
     if hf_config:
-        return outputs.read_json(Path(hf_config), "HF config")
+        return read_json(Path(hf_config), "HF config")
     if (src / "config.json").exists():
-        return outputs.read_json(src / "config.json", "config.json")
+        return read_json(src / "config.json", "config.json")
     if model:
         return registry.model(model)[1]
     raise CkptflowError(f"{src}: no config.json (pass --model NAME or --hf-config PATH)")
@@ -264,15 +269,15 @@ def _nest(flat: dict[str, object]) -> dict:
 def _finish_maxtext(root: Path, src: Path, cfg: dict, hf_config: str | None, plan: list[Leaf], folder, family, options: dict,
                     **digests) -> None:
     """What export needs beside the arrays (HF rows MaxText cannot hold, the source config and tokenizer), then
-    the manifest (`digests`: what the writers computed, see `outputs.write_manifest`)."""
+    the manifest (`digests`: what the writers computed, see `write_manifest`)."""
     _save_dropped_rows(plan, folder, root)
-    sidecar = root / outputs.SIDECAR
-    copied = outputs.copy_hf_extras(src, sidecar)
+    sidecar = root / HF_SIDECAR
+    copied = copy_hf_extras(src, sidecar)
     if hf_config or "config.json" not in copied:  # the config actually used, for the way back
         (sidecar / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     # source: + repo, commit sha and file sha256s when `ckptflow download` staged it
-    outputs.write_manifest(root, direction="hf->maxtext", family=family.name, options=options,
-                           source=outputs.describe_source(src), **digests)
+    write_manifest(root, direction="hf->maxtext", family=family.name, options=options,
+                   source=describe_source(src), **digests)
 
 
 def _returns_buffers(fn):
@@ -321,7 +326,7 @@ def hf_to_maxtext(
     out_dtype = _dtype(dtype)
     if (part or finalize) and not use_ocdbt:
         raise CkptflowError("--part/--finalize write Orbax's multi-process layout, which needs OCDBT (drop --no-ocdbt)")
-    outputs.check_destination(out, overwrite)  # parts too: better now than at finalize, hours later
+    check_destination(out, overwrite)  # parts too: better now than at finalize, hours later
     cfg = load_hf_config(src, hf_config, model)
     family = registry.family_for_config(cfg)
     plan = family.plan(cfg, scan, ("mtp",) if with_mtp else ())
@@ -361,23 +366,23 @@ def hf_to_maxtext(
     if part is not None:
         i, n = part
         fp = parts.fingerprint("hf->maxtext", family.name, options, src, cfg)
-        with outputs.atomic_dir(parts.begin(out, i, n, fp), overwrite=True) as tmp:
+        with atomic_dir(parts.begin(out, i, n, fp), overwrite=True) as tmp:
             started = parts.now()
-            with outputs.FileHasher(tmp) as hasher:
+            with FileHasher(tmp) as hasher:
                 write(tmp / "ckpt", process_id=i)
             items = tmp / "ckpt" / "0" / "items"
             substore = items / f"ocdbt.process_{i}"
             written = parts.hash_files(tmp, substore, known=hasher.known(tmp)) if substore.is_dir() else {}
             parts.write_marker(tmp, i=i, n=n, fp=fp, direction="hf->maxtext", files=written,
                                digests={k: {json.dumps(list(o)): h for o, h in v.items()} for k, v in digests.items() if v},
-                               extra={"bytes": total, "tree_metadata": outputs.file_digest(items / "_METADATA")}, started=started)
+                               extra={"bytes": total, "tree_metadata": file_sha256(items / "_METADATA")}, started=started)
         return Result(Path(out), family.name, total, sum(1 for a in flat.values() if a.pieces is not None))
 
-    with outputs.atomic_dir(out, overwrite) as tmp:
-        with outputs.FileHasher(tmp) as hasher:  # OCDBT data files are hashed as soon as tensorstore finishes each
+    with atomic_dir(out, overwrite) as tmp:
+        with FileHasher(tmp) as hasher:  # OCDBT data files are hashed as soon as tensorstore finishes each
             write(tmp)
         _finish_maxtext(tmp, src, cfg, hf_config, plan, folder, family, options, file_hashes=hasher.known(tmp),
-                        tensors={k: (a.shape, np.dtype(a.dtype).name, outputs.chunked_digest(digests[k])) for k, a in flat.items()})
+                        tensors={k: (a.shape, np.dtype(a.dtype).name, chunked_digest(digests[k])) for k, a in flat.items()})
     return Result(Path(out), family.name, total, len(flat))
 
 
@@ -397,11 +402,11 @@ def _finalize_to_maxtext(src: Path, out, family, cfg: dict, hf_config, plan: lis
         for name, entries in p.marker["digests"].items():
             for origin, digest in entries.items():
                 chunks.setdefault(name, {})[tuple(json.loads(origin))] = digest
-        file_hashes.update({rel.removeprefix("ckpt/"): f[outputs.CONTENT_HASH] for rel, f in p.marker["files"].items()})
+        file_hashes.update({rel.removeprefix("ckpt/"): f[CONTENT_HASH] for rel, f in p.marker["files"].items()})
     missing = [leaf.path for leaf in plan if leaf.path not in chunks]
     if missing:
         raise parts.PartsError(f"no part wrote {_listing(missing)}; re-run the parts")
-    with outputs.atomic_dir(out, overwrite) as tmp, parts.Assembly() as assembly:
+    with atomic_dir(out, overwrite) as tmp, parts.Assembly() as assembly:
         # part 0's Orbax save (tree metadata, step, its sub-store), without the root index its own save
         # merged: `merge_parts` rebuilds that over every part's sub-store
         assembly.add_tree(found[0].dir / "ckpt", tmp, skip=("0/items/manifest.ocdbt", "0/items/d"))
@@ -413,7 +418,7 @@ def _finalize_to_maxtext(src: Path, out, family, cfg: dict, hf_config, plan: lis
         merge_parts(items, use_zarr3=options["use_zarr3"])
         _finish_maxtext(tmp, src, cfg, hf_config, plan, folder, family, options, file_hashes=file_hashes,
                         tensors={leaf.path: (leaf.shape, leaf.rule.out_dtype(_dtype(options["dtype"])).name,
-                                             outputs.chunked_digest(chunks[leaf.path])) for leaf in plan},
+                                             chunked_digest(chunks[leaf.path])) for leaf in plan},
                         extra={"parts": parts.summary(found)})
     parts.remove_staging(out)
     total = sum(int(p.marker.get("bytes") or 0) for p in found)
@@ -536,15 +541,15 @@ def maxtext_to_hf(
 
     fix_mmap_threshold()
     out_dtype = _dtype(dtype)
-    outputs.check_destination(out, overwrite)  # parts too: better now than at finalize, hours later
+    check_destination(out, overwrite)  # parts too: better now than at finalize, hours later
     reader = CheckpointReader(ckpt)
     sidecar = find_sidecar_dir(ckpt)
     if hf_config:
-        cfg = outputs.read_json(Path(hf_config), "HF config")
+        cfg = read_json(Path(hf_config), "HF config")
     elif model:
         cfg = registry.model(model)[1]
     elif sidecar is not None:
-        cfg = outputs.read_json(sidecar / "config.json", "sidecar config.json")
+        cfg = read_json(sidecar / "config.json", "sidecar config.json")
     else:
         raise CkptflowError(f"{reader.root}: no ckptflow sidecar config; pass --model NAME or --hf-config PATH")
     family = registry.family_for_config(cfg)
@@ -556,34 +561,34 @@ def maxtext_to_hf(
     planned = [PlannedTensor(name, leaf.hf_shape, leaf.rule.out_dtype(out_dtype)) for leaf, name, _ in tensors]
     shards = plan_shards(planned, shard_bytes)
     names = shard_names(len(shards))
-    source = {**outputs.describe_source(reader.root), "path": str(reader.items)}
+    source = {**describe_source(reader.root), "path": str(reader.items)}
 
     def finish(tmp: Path, file_hashes: dict[str, str], tensor_hashes: dict[str, str], extra: dict | None = None) -> None:
         """Index, config, generation defaults, tokenizer and manifest beside the written shards (the digests the
         writers took: {shard name: blake3}, {tensor name: blake3})."""
         write_index(tmp, shards, names)
         if sidecar is not None:
-            outputs.copy_hf_extras(sidecar, tmp, skip=("config.json",))
+            copy_hf_extras(sidecar, tmp, skip=("config.json",))
         export_cfg = family.export_config(cfg, dtype)
         (tmp / "config.json").write_text(json.dumps(export_cfg, indent=2, sort_keys=True) + "\n")
         if not (tmp / "generation_config.json").exists():
             gen = {k: export_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if export_cfg.get(k) is not None}
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         tensors = {t.name: (t.shape, t.dtype.name, tensor_hashes[t.name]) for t in planned if t.name in tensor_hashes}
-        outputs.write_manifest(tmp, direction="maxtext->hf", family=family.name, options=options, source=source,
-                               file_hashes=file_hashes, tensors=tensors, extra=extra)
+        write_manifest(tmp, direction="maxtext->hf", family=family.name, options=options, source=source,
+                       file_hashes=file_hashes, tensors=tensors, extra=extra)
 
     fp = parts.fingerprint("maxtext->hf", family.name, options, reader.items, cfg) if part or finalize else None
     if finalize:
         found = parts.collect(out, fp, "maxtext->hf")
         file_hashes, tensor_hashes = {}, {}
         for p in found:
-            file_hashes.update({rel.removeprefix("shards/"): f[outputs.CONTENT_HASH] for rel, f in p.marker["files"].items()})
+            file_hashes.update({rel.removeprefix("shards/"): f[CONTENT_HASH] for rel, f in p.marker["files"].items()})
             tensor_hashes.update(p.marker["digests"])
         absent = [f for f in names if f not in file_hashes]
         if absent:
             raise parts.PartsError(f"no part wrote {_listing(absent)}; re-run the parts")
-        with outputs.atomic_dir(out, overwrite) as tmp, parts.Assembly() as assembly:
+        with atomic_dir(out, overwrite) as tmp, parts.Assembly() as assembly:
             for p in found:
                 assembly.add_tree(p.dir / "shards", tmp)
             finish(tmp, file_hashes, tensor_hashes, extra={"parts": parts.summary(found)})
@@ -628,16 +633,16 @@ def maxtext_to_hf(
 
     if part is not None:
         i, n = part
-        with outputs.atomic_dir(parts.begin(out, i, n, fp), overwrite=True) as tmp:
+        with atomic_dir(parts.begin(out, i, n, fp), overwrite=True) as tmp:
             started = parts.now()
             (tmp / "shards").mkdir()
             write_shards(tmp / "shards")
-            files = {f"shards/{f}": {"bytes": (tmp / "shards" / f).stat().st_size, outputs.CONTENT_HASH: h} for f, h in file_hashes.items()}
+            files = {f"shards/{f}": {"bytes": (tmp / "shards" / f).stat().st_size, CONTENT_HASH: h} for f, h in file_hashes.items()}
             parts.write_marker(tmp, i=i, n=n, fp=fp, direction="maxtext->hf", files=files, digests=tensor_hashes,
                                extra={"bytes": total}, started=started)
         return Result(Path(out), family.name, total, len(wanted))
 
-    with outputs.atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite) as tmp:
         write_shards(tmp)
         finish(tmp, file_hashes, tensor_hashes)
     return Result(Path(out), family.name, total, len(planned))

@@ -24,7 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from converters import __version__, outputs
+from converters import __version__
+from converters.io.files import read_json
+from converters.outputs.atomic import remove_tree
+from converters.outputs.hashing import CONTENT_HASH, file_blake3
+from converters.outputs.manifest import DOWNLOAD_MANIFEST
 from converters.errors import CkptflowError
 
 PARTS_MARK = ".ckptflow-parts"
@@ -81,9 +85,9 @@ def source_identity(src: str | os.PathLike) -> dict:
             st = p.stat()
             files[p.relative_to(src).as_posix()] = [st.st_size, st.st_mtime_ns]
     record = {}
-    if (src / outputs.DOWNLOAD_MANIFEST).is_file():
+    if (src / DOWNLOAD_MANIFEST).is_file():
         try:
-            record = outputs.read_json(src / outputs.DOWNLOAD_MANIFEST, "download record")
+            record = read_json(src / DOWNLOAD_MANIFEST, "download record")
         except CkptflowError:
             record = {}
     return {"files": files, "download_digest": record.get("digest")}
@@ -106,18 +110,18 @@ class Part:
 
 def hash_files(root: Path, under: Path | None = None, known: dict[str, str] | None = None) -> dict[str, dict]:
     """{path relative to `root`: {bytes, blake3}} for every file below `under` (default: `root`), on two threads;
-    `known`: digests already taken (see `outputs.FileHasher`), not read again."""
+    `known`: digests already taken (see `converters.outputs.hashing.FileHasher`), not read again."""
     from concurrent.futures import ThreadPoolExecutor
 
     known = known or {}
     files = [p for p in sorted((under or root).rglob("*")) if p.is_file()]
 
     def digest(p: Path) -> str:
-        return known.get(p.relative_to(root).as_posix()) or outputs.file_blake3(p)
+        return known.get(p.relative_to(root).as_posix()) or file_blake3(p)
 
     with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
         digests = list(pool.map(digest, files))
-    return {p.relative_to(root).as_posix(): {"bytes": p.stat().st_size, outputs.CONTENT_HASH: d} for p, d in zip(files, digests)}
+    return {p.relative_to(root).as_posix(): {"bytes": p.stat().st_size, CONTENT_HASH: d} for p, d in zip(files, digests)}
 
 
 def begin(out: str | os.PathLike, i: int, n: int, fp: str) -> Path:
@@ -131,7 +135,7 @@ def begin(out: str | os.PathLike, i: int, n: int, fp: str) -> Path:
             continue
         marker = _read_marker(d)
         if int(m.group(2)) != n or (marker is not None and (marker.get("format") != FORMAT or marker.get("fingerprint") != fp)):
-            outputs._remove(d)
+            remove_tree(d)
     return stage / part_name(i, n)
 
 
@@ -264,4 +268,4 @@ def part_digest(marker: dict) -> str:
 
 
 def remove_staging(out: str | os.PathLike) -> None:
-    outputs._remove(staging_dir(out))
+    remove_tree(staging_dir(out))

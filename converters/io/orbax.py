@@ -27,12 +27,15 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from converters.errors import CkptflowError, CorruptFileError
+from converters.outputs.hashing import array_bytes, content_hasher
 
 Index = tuple  # a tuple of slices / ints into the global array
 PieceFn = Callable[[], Iterator[tuple[Index, np.ndarray]]]
 
 PARAM_ROOTS = ("token_embedder", "decoder", "vision_encoder", "mtp_block")
 TXN_BYTES = 64 << 20  # data buffered per write transaction (per worker) before it is committed
+SIDECAR_DIR = Path("ckptflow")  # ckptflow's own files beside a MaxText checkpoint it wrote (in the checkpoint's root)
+HF_SIDECAR = SIDECAR_DIR / "hf"  # the source HF config and tokenizer, so converting back needs no extra arguments
 
 
 @dataclass(eq=False)
@@ -86,8 +89,6 @@ def _origin(index: Index, ndim: int) -> tuple[int, ...]:
 
 def _hash_piece(block: np.ndarray) -> tuple[np.ndarray, str]:
     """The block in C order (copied only if it was a strided view) and the digest of its bytes as stored."""
-    from converters.outputs import array_bytes, content_hasher
-
     block = np.ascontiguousarray(block)
     return block, content_hasher(array_bytes(block)).hexdigest()
 
@@ -470,7 +471,7 @@ def read_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def find_sidecar_dir(path: str | os.PathLike) -> Path | None:
     """`<ckpt>/ckptflow/hf`, the source HF config and tokenizer kept beside a checkpoint we wrote."""
     items = find_items_dir(path)
-    d = checkpoint_root(items) / "ckptflow" / "hf"
+    d = checkpoint_root(items) / HF_SIDECAR
     return d if (d / "config.json").exists() else None
 
 

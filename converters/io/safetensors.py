@@ -22,7 +22,7 @@ import numpy as np
 
 from converters.io import direct_io
 from converters.errors import CkptflowError, CorruptFileError, MappingError
-from converters.outputs import content_hasher
+from converters.outputs.hashing import content_hasher
 
 # safetensors dtype tag -> numpy dtype
 DTYPES: dict[str, np.dtype] = {
@@ -304,7 +304,7 @@ def will_need(info: TensorInfo, rows: slice | None = None) -> None:
 
 
 class _Hasher:
-    """Digests (`outputs.content_hasher`) of a file and of each of its tensors, computed on a thread of its own
+    """Digests (`content_hasher`) of a file and of each of its tensors, computed on a thread of its own
     as the blocks are written. Both passes over every byte on one thread keep ahead of the writing (BLAKE3 runs
     at 4.3 GB/s on one core here). Blocks queue up in order, at most `depth` of them, so memory stays bounded."""
 

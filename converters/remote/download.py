@@ -13,89 +13,29 @@ hidden sibling `.OUT.ckptflow-partial-<sha12>` that survives an interruption: th
 keeps the files already complete and checked, and fetches only the rest.
 
 OUT appears only complete: files are moved into a temporary sibling that is checked (safetensors headers and
-index) and renamed onto OUT (`converters.outputs.atomic_dir`). `OUT/ckptflow-download.json` records the
+index) and renamed onto OUT (`converters.outputs.atomic.atomic_dir`). `OUT/ckptflow-download.json` records the
 source, the resolved revision sha and each file's size and sha256; `ckptflow convert` copies that lineage into
 its own manifest. Running again with the same source and revision leaves a complete OUT as it is.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
-from converters import outputs
-
-from converters.io import direct_io
 from converters.errors import CkptflowError, CorruptFileError
-from converters.outputs import DOWNLOAD_MANIFEST as MANIFEST_NAME
-from converters.outputs import file_digest, file_digests
+from converters.io.files import copy_file, digest_of, iter_tree, load_json, write_json_atomic
 from converters.io.safetensors import INDEX_NAME, SINGLE_NAME, SafetensorsFolder
+from converters.outputs.atomic import atomic_dir
+from converters.outputs.extras import HF_EXTRA_FILES
+from converters.outputs.hashing import file_sha256
+from converters.outputs.lock import destination_lock
+from converters.outputs.manifest import DOWNLOAD_MANIFEST as MANIFEST_NAME
 
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl")
 PARTIAL_MARK = ".ckptflow-partial-"
-_CHUNK = 8 << 20
-
-
-# ------------------------------------------------------------------------------------ shared file helpers
-
-
-def copy_file(src: Path, dst: Path) -> str:
-    """Copy one file (contents, then mode and times) and return the sha256 of what was read, in one pass."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    h = hashlib.sha256()
-    with open(dst, "wb") as fout:
-        for block in direct_io.read_blocks(src, _CHUNK):
-            h.update(block)
-            fout.write(block)
-    shutil.copystat(src, dst)
-    return h.hexdigest()
-
-
-def iter_tree(root: Path, exclude: Iterable[str] = ()) -> Iterator[tuple[str, Path]]:
-    """(posix relative path, path) of every regular file under `root`, sorted; symlinks are refused."""
-    skip = set(exclude)
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            p = Path(dirpath, name)
-            rel = p.relative_to(root).as_posix()
-            if rel in skip:
-                continue
-            if p.is_symlink():
-                raise CkptflowError(f"{p}: symbolic links are not copied (copy the real file into the folder)")
-            yield rel, p
-
-
-def digest_of(files: dict[str, dict]) -> str:
-    """One sha256 over the sorted (relative path, size, sha256) of every file: equal trees, equal digests."""
-    h = hashlib.sha256()
-    for rel in sorted(files):
-        h.update(f"{rel}\0{files[rel]['size']}\0{files[rel]['sha256']}\n".encode())
-    return "sha256:" + h.hexdigest()
-
-
-def tree_files(root: Path, exclude: Iterable[str] = (), digests: tuple[str, ...] = ("sha256",)) -> dict[str, dict]:
-    """{rel: {"size", and a hex digest per name in `digests`}} of every file under `root` (each read once)."""
-    return {rel: {"size": p.stat().st_size, **file_digests(p, digests)} for rel, p in iter_tree(root, exclude)}
-
-
-def load_json(path: Path) -> dict | None:
-    """A JSON object from `path`, or None when it is missing or unreadable (then the caller redoes the work)."""
-    try:
-        return outputs.read_json(path, "JSON file")
-    except CkptflowError:
-        return None
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------- file selection
@@ -134,7 +74,7 @@ def select_hf_files(names: Iterable[str], read_index) -> list[str]:
         raise CkptflowError("no *.safetensors weights found")
     if "config.json" not in root:
         raise CkptflowError("no config.json found")
-    extra = [n for n in outputs.HF_EXTRA_FILES if n in root]
+    extra = [n for n in HF_EXTRA_FILES if n in root]
     return sorted(set(weights) | set(extra))
 
 
@@ -213,10 +153,10 @@ def download_local(source: str, out: Path, fmt: str) -> tuple[dict, bool]:
     if out == src or src in out.parents:
         raise CkptflowError(f"{out}: the output folder must not be the source folder or inside it")
     want = {"source": src.as_uri(), "kind": "local", "format": fmt, "revision": None, "files": _local_plan(src, fmt)}
-    with outputs.destination_lock(out):  # a concurrent download of the same OUT waits, then finds it complete
+    with destination_lock(out):  # a concurrent download of the same OUT waits, then finds it complete
         if _complete(out, load_json(out / MANIFEST_NAME), want):
             return load_json(out / MANIFEST_NAME), False
-        with outputs.atomic_dir(out, overwrite=True) as tmp:
+        with atomic_dir(out, overwrite=True) as tmp:
             for rel, meta in want["files"].items():
                 meta["sha256"] = copy_file(src / rel, tmp / rel)
                 if (tmp / rel).stat().st_size != meta["size"]:
@@ -280,7 +220,7 @@ def download_hub(repo_id: str, revision: str | None, out: Path, workers: int | N
     checked: dict[str, dict] = {}
 
     def check(name: str, path: Path) -> None:
-        sha256 = file_digest(path)
+        sha256 = file_sha256(path)
         remote = snap.files[name]
         problem = hub.check_file(path, remote, sha256)
         if problem:
@@ -300,7 +240,7 @@ def download_hub(repo_id: str, revision: str | None, out: Path, workers: int | N
         write_json_atomic(_part_record(staging, i, n), record)
         return record, bool(mine)
 
-    with outputs.destination_lock(out):  # a concurrent download of the same OUT waits, then finds it complete
+    with destination_lock(out):  # a concurrent download of the same OUT waits, then finds it complete
         manifest = load_json(out / MANIFEST_NAME)
         names = None
         if manifest and manifest.get("revision") == snap.sha and manifest.get("source") == f"hf://{repo_id}":
@@ -325,7 +265,7 @@ def download_hub(repo_id: str, revision: str | None, out: Path, workers: int | N
 
         rest = [x for x in names if x not in checked]
         hub.download_files(snap, rest, staging, workers=workers or hub.DOWNLOAD_WORKERS, on_file=check)
-        with outputs.atomic_dir(out, overwrite=True) as tmp:
+        with atomic_dir(out, overwrite=True) as tmp:
             for n in names:
                 (tmp / n).parent.mkdir(parents=True, exist_ok=True)
                 os.replace(staging / n, tmp / n)

@@ -21,12 +21,16 @@ import json
 import os
 from pathlib import Path
 
-from converters import __version__, outputs
-from converters.remote.download import copy_file, digest_of, iter_tree, tree_files
+from converters import __version__
 from converters.errors import CkptflowError, OutputExistsError
+from converters.io.files import copy_file, digest_of, iter_tree, read_json, tree_files
+from converters.outputs.atomic import atomic_dir
+from converters.outputs.hashing import CONTENT_HASH, file_digests
+from converters.outputs.lock import destination_lock
+from converters.outputs.manifest import MANIFEST, check_outputs, record_verify
 
 SUPPORTED_SCHEMES = ("file", "gs", "hf")
-_DIGESTS = ("sha256", outputs.CONTENT_HASH)
+_DIGESTS = ("sha256", CONTENT_HASH)
 HUB_KEEP = (".gitattributes",)
 
 
@@ -76,25 +80,25 @@ def checked_source(src: Path, verify_report: str | os.PathLike | None = None) ->
     (sha256 for the destinations' records, BLAKE3 for the manifest's; one read of each file)."""
     if not src.is_dir():
         raise CkptflowError(f"{src}: no such folder to publish")
-    manifest_path = src / outputs.MANIFEST
+    manifest_path = src / MANIFEST
     if not manifest_path.is_file():
-        raise CkptflowError(f"{src}: no {outputs.MANIFEST}; publish takes a folder written by `ckptflow convert`")
-    report = outputs.read_json(Path(verify_report), "verify report") if verify_report else None
-    manifest = outputs.read_json(manifest_path, "ckptflow manifest")
+        raise CkptflowError(f"{src}: no {MANIFEST}; publish takes a folder written by `ckptflow convert`")
+    report = read_json(Path(verify_report), "verify report") if verify_report else None
+    manifest = read_json(manifest_path, "ckptflow manifest")
     files = tree_files(src, digests=_DIGESTS)
     if not files:
         raise CkptflowError(f"{src}: empty folder, nothing to publish")
     listed = manifest.get("outputs")
     if not isinstance(listed, dict) or not listed:
-        raise CkptflowError(f"{src}: {outputs.MANIFEST} lists no output files (not a ckptflow output?)")
-    problems = outputs.check_outputs(src, manifest, files)
+        raise CkptflowError(f"{src}: {MANIFEST} lists no output files (not a ckptflow output?)")
+    problems = check_outputs(src, manifest, files)
     if problems:
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise CkptflowError(f"{src}: files no longer match {outputs.MANIFEST}: {'; '.join(problems[:3])}{more}; "
+        raise CkptflowError(f"{src}: files no longer match {MANIFEST}: {'; '.join(problems[:3])}{more}; "
                             "convert again instead of publishing a changed checkpoint")
     if report is not None:  # the manifest is not among its own outputs: recording changes no checked file
-        manifest = outputs.record_verify(src, verify_summary(report))
-        files[outputs.MANIFEST] = {"size": manifest_path.stat().st_size, **outputs.file_digests(manifest_path, _DIGESTS)}
+        manifest = record_verify(src, verify_summary(report))
+        files[MANIFEST] = {"size": manifest_path.stat().st_size, **file_digests(manifest_path, _DIGESTS)}
     return manifest, files
 
 
@@ -107,7 +111,7 @@ def _publish_local(src: Path, dest: str, files: dict, digest: str, version: str,
         raise CkptflowError(f"{dest}: the destination must not overlap the source folder {src}")
     # Locked from the look at DEST to the rename: a concurrent publish of the same DEST waits, then finds
     # this one's result (same content: "unchanged"; different: refused).
-    with outputs.destination_lock(out):
+    with destination_lock(out):
         status = "published"
         if out.exists():
             if not out.is_dir():
@@ -123,7 +127,7 @@ def _publish_local(src: Path, dest: str, files: dict, digest: str, version: str,
                     "pick a new destination or pass --force to replace it"
                 )
             status = "replaced"
-        with outputs.atomic_dir(out, overwrite=force) as tmp:
+        with atomic_dir(out, overwrite=force) as tmp:
             copied = {rel: {"size": p.stat().st_size, "sha256": copy_file(p, tmp / rel)} for rel, p in iter_tree(src)}
             if digest_of(copied) != digest:
                 raise CkptflowError(f"{src}: changed while it was being published; try again")
@@ -133,11 +137,11 @@ def _publish_local(src: Path, dest: str, files: dict, digest: str, version: str,
 def _local_version(folder: Path, files: dict[str, dict]) -> str | None:
     """The output_digest of a published folder, if its files still match its manifest."""
     try:
-        m = outputs.read_json(folder / outputs.MANIFEST, "manifest")
+        m = read_json(folder / MANIFEST, "manifest")
     except CkptflowError:
         return None
     listed = m.get("outputs") or {}
-    intact = set(listed) == set(files) - {outputs.MANIFEST} and all(
+    intact = set(listed) == set(files) - {MANIFEST} and all(
         (listed[r] or {}).get(algo) in (None, files[r][algo]) for r in listed for algo in _DIGESTS
     )
     return m.get("output_digest") if intact else None
@@ -199,8 +203,8 @@ def _publish_hub(src: Path, dest: str, manifest: dict, files: dict, version: str
         raise CkptflowError(f"{dest}: publish commits to the repo's main branch; drop '@{revision}'")
     existing_files = hub.list_files(repo_id)
     theirs = None
-    if outputs.MANIFEST in existing_files:
-        raw = hub.read_file(repo_id, outputs.MANIFEST)
+    if MANIFEST in existing_files:
+        raw = hub.read_file(repo_id, MANIFEST)
         try:
             theirs = json.loads(raw or b"{}")
         except ValueError:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from converters.cli.main import main
-from converters.cli.commands import download as dl
+from converters.io.files import digest_of, tree_files
+from converters.remote import download as dl
 from converters.errors import CkptflowError
 from converters.io.safetensors import save_file
 from tests.stand_ins.fixtures import hub, model_files  # noqa: F401  (fixture)
@@ -50,7 +51,7 @@ def test_local_copy_takes_only_what_conversion_needs(tmp_path):
     assert files_in(tmp_path / "out") == {"config.json", "tokenizer.json", "model.safetensors", dl.MANIFEST_NAME}
     assert manifest["kind"] == "local" and manifest["revision"] is None
     assert manifest["source"] == src.resolve().as_uri()
-    assert manifest["digest"] == dl.digest_of(dl.tree_files(tmp_path / "out", exclude=[dl.MANIFEST_NAME]))
+    assert manifest["digest"] == digest_of(tree_files(tmp_path / "out", exclude=[dl.MANIFEST_NAME]))
     assert siblings(tmp_path / "out") == []  # no temporary folder left behind
 
 

@@ -129,7 +129,7 @@ def test_tokenizer_and_generation_config_travel_both_ways(tiny_model, tmp_path):
 def test_manifest_records_options_and_digests(tiny_model, tmp_path):
     from blake3 import blake3
 
-    from converters.outputs import MANIFEST
+    from converters.outputs.manifest import MANIFEST
 
     hf_to_maxtext(tiny_model("llama3.1"), tmp_path / "mt", scan=False, dtype="float32")
     m = json.loads((tmp_path / "mt" / MANIFEST).read_text())

@@ -24,7 +24,7 @@ from converters.convert import engine as convert
 from converters.convert import shares as parts
 from converters.convert.engine import hf_to_maxtext, maxtext_to_hf
 from converters.errors import CkptflowError
-from converters.outputs import MANIFEST, check_outputs, output_digest
+from converters.outputs.manifest import MANIFEST, check_outputs, compute_output_digest
 
 HF_SHARD = 40_000  # --to hf shard size: a tiny model exports several shards, so 3 parts each get some
 
@@ -102,7 +102,7 @@ def assert_finished_maxtext(out: Path, single: Path, found: list[dict], n: int) 
     """OUT equals the single run, its manifest is right, and every part's sub-store was merged in."""
     assert_same_arrays(single, out)
     m = manifest(out)
-    assert m["output_digest"] == manifest(single)["output_digest"] == output_digest(out)
+    assert m["output_digest"] == manifest(single)["output_digest"] == compute_output_digest(out)
     assert check_outputs(out) == []
     for rel, meta in m["outputs"].items():
         assert blake3((out / rel).read_bytes()).hexdigest() == meta["blake3"], rel
@@ -205,9 +205,9 @@ def test_hf_to_maxtext_in_parts_equals_single_process(tiny_model, singles, tmp_p
 
 def test_recorded_output_digest_equals_the_one_recomputed_from_disk_gemma2(tiny_model, tmp_path):
     """The manifest's output_digest (from digests recorded while writing, which finalize relies on) equals
-    `output_digest(out)` recomputed from the stored chunks, also when an array has a zero-padding piece."""
+    `compute_output_digest(out)` recomputed from the stored chunks, also when an array has a zero-padding piece."""
     hf_to_maxtext(tiny_model("gemma2", layers=2), tmp_path / "mt", scan=True)
-    assert manifest(tmp_path / "mt")["output_digest"] == output_digest(tmp_path / "mt")
+    assert manifest(tmp_path / "mt")["output_digest"] == compute_output_digest(tmp_path / "mt")
 
 
 def test_padded_vocab_in_parts_equals_single_process_gemma2(tiny_model, tmp_path):
@@ -219,7 +219,7 @@ def test_padded_vocab_in_parts_equals_single_process_gemma2(tiny_model, tmp_path
     for n in (2, 3):
         in_parts(hf_to_maxtext, src, tmp_path / f"mt{n}", n, scan=True)
         assert_same_arrays(tmp_path / "single", tmp_path / f"mt{n}")
-        assert output_digest(tmp_path / f"mt{n}") == output_digest(tmp_path / "single")
+        assert compute_output_digest(tmp_path / f"mt{n}") == compute_output_digest(tmp_path / "single")
 
 
 @pytest.mark.parametrize("direction", ["maxtext", "hf"])
@@ -227,8 +227,6 @@ def test_without_hard_links_finalize_moves_the_parts_and_moves_them_back_when_it
                                                                                       monkeypatch, direction):
     """On a file system without hard links (GCS FUSE) finalize moves the parts' files instead of copying them;
     when finalize then fails, every moved file goes back, so a second finalize succeeds with the same result."""
-    import converters.outputs as outputs_mod
-
     single_mt, single_hf = singles("llama3.1", True)
     out = tmp_path / "out"
     if direction == "maxtext":
@@ -243,19 +241,19 @@ def test_without_hard_links_finalize_moves_the_parts_and_moves_them_back_when_it
         raise OSError(1, "Operation not permitted")
 
     monkeypatch.setattr(os, "link", no_links)
-    real = outputs_mod.write_manifest
+    real = convert.write_manifest
 
     def fail(*a, **k):
         raise RuntimeError("injected failure after the parts were moved")
 
-    monkeypatch.setattr(outputs_mod, "write_manifest", fail)
+    monkeypatch.setattr(convert, "write_manifest", fail)
     with pytest.raises(RuntimeError, match="injected"):
         fn(src, out, finalize=True, **kw)
     assert not out.exists()
     after = {p.relative_to(parts.staging_dir(out)): p.stat().st_size for p in parts.staging_dir(out).rglob("*") if p.is_file()}
     assert after == before  # every part file is back where it was
 
-    monkeypatch.setattr(outputs_mod, "write_manifest", real)
+    monkeypatch.setattr(convert, "write_manifest", real)
     fn(src, out, finalize=True, **kw)
     assert manifest(out)["output_digest"] == manifest(single)["output_digest"]
     assert not parts.staging_dir(out).exists()
@@ -333,7 +331,7 @@ def test_maxtext_to_hf_in_parts_is_byte_identical(singles, tmp_path, family, sca
     m, ms = manifest(out), manifest(single)
     for key in ("direction", "family", "options", "source", "outputs", "output_digest"):
         assert m[key] == ms[key], key
-    assert m["output_digest"] == output_digest(out)
+    assert m["output_digest"] == compute_output_digest(out)
     assert check_outputs(out) == []
     assert [p["part"] for p in m["parts"]] == list(range(n))
     written = [f for x in found for f in x["files"]]

@@ -83,9 +83,9 @@ def test_extras_carry_what_the_issue_asks_for():
 def test_output_digest_is_stable_and_content_based():
     m = {"outputs": {"b": {"bytes": 2, "sha256": "11" * 32}, "a": {"bytes": 1, "sha256": "00" * 32}}}
     same = {"outputs": dict(reversed(list(m["outputs"].items())))}
-    assert lineage.output_digest(m) == lineage.output_digest(same)
-    assert lineage.output_digest({"outputs": {"a": {"bytes": 1}}}) is None
-    assert lineage.output_digest({"output_digest": "sha256:given"}) == "sha256:given"
+    assert lineage.recorded_output_digest(m) == lineage.recorded_output_digest(same)
+    assert lineage.recorded_output_digest({"outputs": {"a": {"bytes": 1}}}) is None
+    assert lineage.recorded_output_digest({"output_digest": "sha256:given"}) == "sha256:given"
 
 
 def test_operator_lineage_marks_the_verified_checkpoint():

@@ -1,6 +1,6 @@
 """Concurrent runs writing the same destination: one writes, the others wait for it and then see its result.
 
-The lock is `converters.outputs.destination_lock` (`flock` on `.NAME.ckptflow-lock` beside the destination),
+The lock is `converters.outputs.lock.destination_lock` (`flock` on `.NAME.ckptflow-lock` beside the destination),
 held by `atomic_dir` and, in publish and download, from the look at the destination to the rename. To make
 the runs overlap for certain, the test holds the lock itself while it starts them, waits until each says it
 is waiting, then lets go.
@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from converters import outputs
+from converters.outputs.atomic import atomic_dir
+from converters.outputs.lock import destination_lock, lock_path
 
 
 def start(rel, args: list[str], log: Path) -> subprocess.Popen:
@@ -38,7 +39,7 @@ def wait_for_text(log: Path, text: str, timeout: float = 120) -> None:
 def race(rel, tmp_path: Path, out: Path, commands: list[list[str]]) -> list[tuple[int, str, str]]:
     """Start every command while holding `out`'s lock; release once all of them wait; (exit, stdout, stderr) each."""
     procs = []
-    with outputs.destination_lock(out):
+    with destination_lock(out):
         for i, args in enumerate(commands):
             log = tmp_path / f"run{i}.err"
             procs.append((start(rel, args, log), log))
@@ -56,19 +57,19 @@ def test_lock_is_exclusive_reentrant_and_leaves_no_file(tmp_path):
     order = []
 
     def other():
-        with outputs.destination_lock(out):
+        with destination_lock(out):
             order.append("other")
 
-    with outputs.destination_lock(out):
-        with outputs.destination_lock(out):  # re-entrant in the same thread
+    with destination_lock(out):
+        with destination_lock(out):  # re-entrant in the same thread
             t = threading.Thread(target=other)
             t.start()
             time.sleep(0.3)
             order.append("first")
-            assert outputs.lock_path(out).exists()
+            assert lock_path(out).exists()
     t.join(10)
     assert order == ["first", "other"]
-    assert not outputs.lock_path(out).exists() and list(tmp_path.iterdir()) == []
+    assert not lock_path(out).exists() and list(tmp_path.iterdir()) == []
 
 
 def test_two_converts_to_one_destination_one_wins_the_other_refuses(rel, synthetic_llama, tmp_path):
@@ -143,7 +144,7 @@ def test_concurrent_downloads_of_one_source_copy_once(rel, synthetic_llama, tmp_
 def test_a_run_waiting_on_the_lock_can_be_killed_cleanly(rel, synthetic_llama, tmp_path, overwrite):
     """SIGTERM while waiting: the process ends, nothing written, the holder unaffected."""
     out = tmp_path / "mt"
-    with outputs.destination_lock(out):
+    with destination_lock(out):
         log = tmp_path / "w.err"
         p = start(rel, ["convert", str(synthetic_llama), str(out), "--to", "maxtext", "-q", *(["--overwrite"] if overwrite else [])], log)
         wait_for_text(log, "waiting for it to finish")
@@ -163,7 +164,7 @@ def test_a_file_system_without_locks_still_converts(tmp_path, monkeypatch, capsy
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
     out = tmp_path / "dest"
-    with outputs.atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:
         (tmp / "f").write_text("x")
     assert (out / "f").read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["dest"]
     assert "does not support file locks" in capsys.readouterr().err

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters.outputs import MANIFEST
+from converters.outputs.manifest import MANIFEST
 
 SEED = 1010
 POLL = 0.001

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from converters.convert import shares as parts
-from converters.outputs import MANIFEST
+from converters.outputs.manifest import MANIFEST
 
 POLL = 0.001
 TIMEOUT = 180

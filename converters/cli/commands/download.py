@@ -23,19 +23,7 @@ import argparse
 import json
 from pathlib import Path
 
-from converters.remote.download import (  # noqa: F401  (re-exported: operators and tests use these names from here)
-    MANIFEST_NAME,
-    copy_file,
-    digest_of,
-    download,
-    is_local_source,
-    iter_tree,
-    local_path,
-    looks_local,
-    select_hf_files,
-    tree_files,
-    write_json_atomic,
-)
+from converters.remote.download import download
 
 
 def _part(text: str) -> tuple[int, int]:

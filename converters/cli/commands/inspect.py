@@ -27,7 +27,7 @@ def add_parser(sub):
 
 
 def describe(path: str) -> dict:
-    from converters.outputs import MANIFEST
+    from converters.outputs.manifest import MANIFEST
     from converters.io.safetensors import is_safetensors_folder
 
     p = Path(path)

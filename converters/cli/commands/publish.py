@@ -22,8 +22,8 @@ import argparse
 import json
 from pathlib import Path
 
-from converters.remote.download import write_json_atomic
-from converters.remote.publish import SUPPORTED_SCHEMES, destination_path, publish  # noqa: F401  (re-exported)
+from converters.io.files import write_json_atomic
+from converters.remote.publish import publish
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -8,9 +8,8 @@ import time
 import pytest
 from blake3 import blake3
 
-from converters import outputs
-
 from converters.io import direct_io
+from converters.outputs import hashing
 
 
 def wait_for(cond, timeout=10.0):
@@ -34,7 +33,7 @@ def test_file_hasher_hashes_settled_files_and_evicts_them(tmp_path, monkeypatch)
     (tmp_path / "d").mkdir()
     done = tmp_path / "d" / "done.bin"
     done.write_bytes(b"a" * 100000)
-    with outputs.FileHasher(tmp_path, settle=0.1) as hasher:
+    with hashing.FileHasher(tmp_path, settle=0.1) as hasher:
         assert wait_for(lambda: "done.bin" in evicted)
         growing = tmp_path / "growing.bin"
         with open(growing, "wb") as f:
@@ -51,7 +50,7 @@ def test_file_hasher_hashes_settled_files_and_evicts_them(tmp_path, monkeypatch)
 def test_a_file_changed_after_hashing_is_not_trusted(tmp_path):
     p = tmp_path / "f.bin"
     p.write_bytes(b"x" * 5000)
-    with outputs.FileHasher(tmp_path, settle=0.05) as hasher:
+    with hashing.FileHasher(tmp_path, settle=0.05) as hasher:
         assert wait_for(lambda: hasher.known(tmp_path))
     p.write_bytes(b"y" * 5000)
     assert hasher.known(tmp_path) == {}
@@ -67,7 +66,7 @@ def test_a_file_hashed_before_its_writer_synced_it_still_leaves_the_page_cache(t
     try:
         if not direct_io._cached(fd, 0):
             pytest.skip("no RWF_NOWAIT page-cache probe here")
-        with outputs.FileHasher(tmp_path, settle=0.0) as hasher:
+        with hashing.FileHasher(tmp_path, settle=0.0) as hasher:
             assert wait_for(lambda: hasher.known(tmp_path))
         probe = tmp_path / "probe.bin"  # does this filesystem drop clean pages on DONTNEED at all? (tmpfs: no)
         probe.write_bytes(b"z" * (1 << 20))
@@ -84,38 +83,13 @@ def test_a_file_hashed_before_its_writer_synced_it_still_leaves_the_page_cache(t
         os.close(fd)
 
 
-def test_manifest_records_blake3_of_every_file_and_check_outputs_finds_a_changed_byte(tmp_path):
-    (tmp_path / "sub").mkdir()
-    files = {"config.json": b"{}", "sub/data": os.urandom(3 << 20)}
-    for rel, data in files.items():
-        (tmp_path / rel).write_bytes(data)
-    m = outputs.write_manifest(tmp_path, direction="hf->maxtext", family="llama3.1", options={}, source={})
-    assert m["outputs"] == {rel: {"bytes": len(d), "blake3": blake3(d).hexdigest()} for rel, d in files.items()}
-    assert outputs.check_outputs(tmp_path) == []
-    changed = bytearray(files["sub/data"])
-    changed[12345] ^= 1
-    (tmp_path / "sub/data").write_bytes(changed)
-    assert outputs.check_outputs(tmp_path) == ["sub/data: blake3 differs from the manifest"]
-
-
-def test_check_outputs_still_reads_manifests_with_sha256(tmp_path):
-    """Manifests written before BLAKE3 list each file's sha256: they are checked by it."""
-    import hashlib
-
-    (tmp_path / "w").write_bytes(b"weights")
-    legacy = {"outputs": {"w": {"bytes": 7, "sha256": hashlib.sha256(b"weights").hexdigest()}}}
-    assert outputs.check_outputs(tmp_path, legacy) == []
-    (tmp_path / "w").write_bytes(b"weightz")
-    assert outputs.check_outputs(tmp_path, legacy) == ["w: sha256 differs from the manifest"]
-
-
 def test_a_failing_file_hasher_warns_and_the_manifest_hashes_instead(tmp_path, monkeypatch, caplog):
     """An unexpected error in the background hasher (a stray thread exception would pass unseen) is logged once;
     the conversion is unaffected: `known()` is empty and the manifest hashes the files itself."""
     (tmp_path / "f.bin").write_bytes(b"x" * 5000)
-    monkeypatch.setattr(outputs, "file_blake3", lambda p: (_ for _ in ()).throw(TypeError("no buffer")))
+    monkeypatch.setattr(hashing, "file_blake3", lambda p: (_ for _ in ()).throw(TypeError("no buffer")))
     with caplog.at_level("WARNING", logger="ckptflow.outputs"):
-        with outputs.FileHasher(tmp_path, settle=0.0) as hasher:
+        with hashing.FileHasher(tmp_path, settle=0.0) as hasher:
             assert wait_for(lambda: not hasher._t.is_alive())
     assert hasher.known(tmp_path) == {}
     assert [r.getMessage() for r in caplog.records] == [
