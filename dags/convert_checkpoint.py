@@ -17,6 +17,7 @@ except ImportError:  # a checkout used as is: the repo root is the DAG folder's 
 
 from airflow.sdk import DAG, Param
 
+from converters.core.direction import Direction
 from converters.core.registry import model_names
 from operators.ckptflow_operators import (
     DEFAULT_RETRIES,
@@ -44,6 +45,7 @@ from operators.commands import (
 from operators.kubernetes import NODE_POOLS
 
 DAG_ID = "convert_checkpoint"
+TO_MAXTEXT, TO_HF = Direction.TO_MAXTEXT.param, Direction.TO_HF.param  # the direction param's values, for the texts below
 
 # SOURCE_PATTERN (an absolute path or file:// URI of a local folder, or a Hugging Face repo id `org/name`),
 # REVISION_PATTERN and DESTINATION_PATTERN come from operators.commands, which checks them again at run time.
@@ -67,8 +69,8 @@ PARAMS = {
         title="Source",
         description=(
             "Hugging Face repo id (`org/name`) or an absolute path / `file://` URI of a local folder. For "
-            "hf-to-maxtext: a safetensors model folder (pickled *.bin/*.pth weights are refused). For "
-            "maxtext-to-hf: a MaxText (Orbax) checkpoint folder."
+            f"{TO_MAXTEXT}: a safetensors model folder (pickled *.bin/*.pth weights are refused). For "
+            f"{TO_HF}: a MaxText (Orbax) checkpoint folder."
         ),
     ),
     "revision": Param(
@@ -80,18 +82,18 @@ PARAMS = {
         description="Hub branch, tag or commit of the source repo; resolved to a commit sha when downloaded. Ignored for local folders.",
     ),
     "direction": Param(
-        "hf-to-maxtext",
+        TO_MAXTEXT,
         type="string",
         enum=list(DIRECTIONS),
-        values_display={"hf-to-maxtext": "Hugging Face -> MaxText", "maxtext-to-hf": "MaxText -> Hugging Face"},
+        values_display={d.param: d.title for d in Direction},
         title="Direction",
-        description="hf-to-maxtext writes a MaxText checkpoint (load it with load_parameters_path=<dest>/0/items); maxtext-to-hf writes a transformers model folder.",
+        description=f"{TO_MAXTEXT} writes a MaxText checkpoint (load it with load_parameters_path=<dest>/0/items); {TO_HF} writes a transformers model folder.",
     ),
     "scan": Param(
         True,
         type="boolean",
         title="Scanned layers",
-        description="hf-to-maxtext: write stacked layers (MaxText scan_layers=true) or one subtree per layer. maxtext-to-hf detects the layout itself.",
+        description=f"{TO_MAXTEXT}: write stacked layers (MaxText scan_layers=true) or one subtree per layer. {TO_HF} detects the layout itself.",
     ),
     "dtype": Param(
         "bfloat16",

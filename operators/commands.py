@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import PurePosixPath
 
+from converters.core.direction import Direction, layout as layout_name
 from converters.remote.download import looks_local
 from converters.remote.publish import SUPPORTED_SCHEMES
 
@@ -39,7 +40,7 @@ STEPS = ("download", "convert", "verify", "publish")
 FINALIZE = "finalize"
 DOWNLOAD_FINALIZE = "download_finalize"
 MAX_PARTS = 256  # one mapped task instance (one process or pod) per part: far more than any model needs
-DIRECTIONS = ("hf-to-maxtext", "maxtext-to-hf")
+DIRECTIONS = tuple(d.param for d in Direction)  # the DAG param's values: hf-to-maxtext, maxtext-to-hf
 DTYPES = ("bfloat16", "float32")
 EXECUTION_MODES = ("local", "kubernetes")
 AUTO_MODEL = "auto"
@@ -127,7 +128,7 @@ class RunSpec:
     destination: str
     model: str = AUTO_MODEL
     revision: str | None = "main"
-    direction: str = "hf-to-maxtext"
+    direction: Direction = Direction.TO_MAXTEXT  # the DAG param's value (`hf-to-maxtext`, ...) is accepted too
     scan: bool = True
     dtype: str = "bfloat16"
     max_kl: float = DEFAULT_MAX_KL
@@ -136,7 +137,9 @@ class RunSpec:
     parts: int = 1  # download and convert split into this many processes (or pods) writing to shared storage
 
     def __post_init__(self):
-        for name, allowed in (("direction", DIRECTIONS), ("dtype", DTYPES), ("execution_mode", EXECUTION_MODES)):
+        if not isinstance(self.direction, Direction):
+            object.__setattr__(self, "direction", Direction.from_param(self.direction))
+        for name, allowed in (("dtype", DTYPES), ("execution_mode", EXECUTION_MODES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if not self.source or not self.destination:
@@ -170,15 +173,15 @@ class RunSpec:
 
     @property
     def target_format(self) -> str:
-        return "maxtext" if self.direction == "hf-to-maxtext" else "hf"
+        return self.direction.target
 
     @property
     def source_format(self) -> str:
-        return "hf" if self.direction == "hf-to-maxtext" else "maxtext"
+        return self.direction.source
 
     @property
     def layout(self) -> str:
-        return "scanned" if self.scan else "unscanned"
+        return layout_name(self.scan)
 
     @property
     def model_name(self) -> str | None:
@@ -226,10 +229,10 @@ class WorkLayout:
         return self._p("publish.json")
 
     def hf_dir(self, spec: RunSpec) -> str:
-        return self.source_dir if spec.direction == "hf-to-maxtext" else self.converted_dir
+        return self.source_dir if spec.direction is Direction.TO_MAXTEXT else self.converted_dir
 
     def maxtext_dir(self, spec: RunSpec) -> str:
-        return self.converted_dir if spec.direction == "hf-to-maxtext" else self.source_dir
+        return self.converted_dir if spec.direction is Direction.TO_MAXTEXT else self.source_dir
 
     def result_files(self) -> dict[str, str]:
         """The small JSON file each step leaves for the next ones (and for lineage)."""
@@ -269,8 +272,8 @@ def step_args(step: str, spec: RunSpec, layout: WorkLayout, part: int | None = N
         # beside OUT in a folder named by the resolved commit (a local source has nothing to split: its parts
         # do nothing and the finalize copies it).
         args = ["download", spec.source, layout.source_dir]
-        if spec.source_format == "maxtext":
-            args += ["--format", "maxtext"]
+        if spec.direction is Direction.TO_HF:  # the source is a MaxText checkpoint
+            args += ["--format", spec.source_format]
         if not spec.source_is_local and spec.revision:
             args += ["--revision", spec.revision]
         return _in_parts("download", args, spec, part, finalize=step == DOWNLOAD_FINALIZE)

@@ -105,7 +105,7 @@ def extras(step: str, spec: RunSpec, results: dict[str, dict | None]) -> dict[st
     out: dict[str, Any] = {
         "step": step,
         "model": spec.model,
-        "direction": spec.direction,
+        "direction": spec.direction.param,
         "layout": layout,
         "dtype": spec.dtype,
         "source": spec.source,

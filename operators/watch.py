@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from converters.core.direction import Direction
 from operators.commands import AUTO_MODEL, DESTINATION_PATTERN, RunSpec
 
 log = logging.getLogger("ckptflow.watch")
@@ -210,7 +211,7 @@ def render_destination(template: str, repo_id: str, sha: str, target: dict) -> s
 
 def build_conf(repo_id: str, sha: str, target: dict) -> dict:
     """The `convert_checkpoint` run conf for one release and target: the source pinned to the commit sha."""
-    conf = {"source": repo_id, "revision": sha, "direction": "hf-to-maxtext"}
+    conf = {"source": repo_id, "revision": sha, "direction": Direction.TO_MAXTEXT.param}
     for k in TARGET_KEYS:
         if k in target and k != "destination":
             conf[k] = target[k]

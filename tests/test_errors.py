@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from converters.convert.engine import hf_to_maxtext, maxtext_to_hf
+from converters.convert import hf_to_maxtext, maxtext_to_hf
 from converters.errors import CkptflowError, CorruptFileError, MappingError, OutputExistsError, UnsupportedModelError
 from converters.io.safetensors import SafetensorsFolder, save_file
 

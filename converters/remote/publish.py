@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 
 from converters import __version__
+from converters.core.direction import Direction
 from converters.errors import CkptflowError, OutputExistsError
 from converters.io.files import copy_file, digest_of, iter_tree, read_json, tree_files
 from converters.outputs.atomic import atomic_dir
@@ -152,18 +153,18 @@ def model_card(manifest: dict, repo_id: str, version: str) -> str:
     src = manifest.get("source") or {}
     opts = manifest.get("options") or {}
     direction = manifest.get("direction", "")
-    target = "maxtext" if direction.endswith("maxtext") else "transformers"
+    to_maxtext = Direction.from_record(direction) is Direction.TO_MAXTEXT
     lines = ["---"]
     if src.get("repo"):
         lines.append(f"base_model: {src['repo']}")
-    lines += ["tags:", "- ckptflow", f"- {target}"]
+    lines += ["tags:", "- ckptflow", f"- {'maxtext' if to_maxtext else 'transformers'}"]
     if manifest.get("family"):
         lines.append(f"- {manifest['family']}")
     lines += ["---", "", f"# {repo_id.split('/')[-1]}", ""]
     origin = f"[{src['repo']}](https://huggingface.co/{src['repo']})" if src.get("repo") else f"`{src.get('path', '?')}`"
     at = f" at commit `{src['revision']}`" if src.get("revision") else ""
     lines += [f"Converted ({direction}) by ckptflow {manifest.get('ckptflow_version', __version__)} from {origin}{at}.", ""]
-    if target == "maxtext":
+    if to_maxtext:
         lines += ["Load it in MaxText with `load_parameters_path=<this checkpoint>/0/items` and "
                   f"`scan_layers={str(bool(opts.get('scan_layers'))).lower()}`.", ""]
     lines += ["## Lineage", "", "| | |", "|---|---|"]

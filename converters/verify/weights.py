@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from converters.core import registry
-from converters.convert.engine import choose_plan, export_tensors, hf_source, load_dropped_rows
+from converters.convert.dropped_rows import load_dropped_rows
+from converters.convert.hf_source import hf_source
+from converters.convert.to_hf import choose_plan, export_tensors
 from converters.errors import CkptflowError
 from converters.core.mapping import SCAN_AXIS, Leaf, Piece
 from converters.verify.metrics import NonFinite

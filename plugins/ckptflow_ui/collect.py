@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from converters.core.direction import Direction
 from operators.commands import (
     CONVERT_MANIFEST,
     DOWNLOAD_FINALIZE,
@@ -383,6 +384,14 @@ class Conversion:
         return self.dag_id, self.run_id
 
     @property
+    def direction_label(self) -> str:
+        """`HF → MaxText` for a known direction, else the recorded value as it is (`–` when none)."""
+        try:
+            return Direction.from_param(self.direction).arrow
+        except ValueError:
+            return self.direction or "–"
+
+    @property
     def verify_label(self) -> str:
         if not self.verify or "passed" not in self.verify:
             return "running" if self.status == "running" and self.failed_step is None else "not run"
@@ -501,7 +510,7 @@ def build_conversion(run: RunRecord, files: WorkFiles, now: datetime | None = No
         revision=None if source_is_local else (spec.revision if spec else run.conf.get("revision")),
         revision_sha=(download or {}).get("revision") or extras.get("source_revision_sha"),
         source_digest=(download or {}).get("digest") or extras.get("source_digest"),
-        direction=spec.direction if spec else extras.get("direction"),
+        direction=spec.direction.param if spec else extras.get("direction"),
         layout=layout_name,
         dtype=options.get("dtype") or extras.get("dtype") or (spec.dtype if spec else None),
         destination=(receipt or {}).get("destination") or extras.get("destination") or (spec.destination if spec else None),

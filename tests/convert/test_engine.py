@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 
-from converters.convert.engine import hf_to_maxtext, maxtext_to_hf
+from converters.convert import hf_to_maxtext, maxtext_to_hf
 from converters.io.orbax import read_params
 from converters.io.safetensors import SafetensorsFolder
 

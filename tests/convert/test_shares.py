@@ -1,4 +1,4 @@
-"""Scale-out (`converters.convert.shares` and the `part=` / `finalize=` paths of `converters.convert.engine`).
+"""Scale-out (`converters.convert.shares` and the `part=` / `finalize=` paths of `hf_to_maxtext` and `maxtext_to_hf`).
 
 A conversion split into N parts and finalized must equal the single-process conversion: the same arrays
 (restored with plain Orbax, so the merged multi-process layout is what MaxText would load), byte-identical HF
@@ -19,10 +19,7 @@ import pytest
 from blake3 import blake3
 from hypothesis import given, settings, strategies as st
 
-from converters.convert import engine as convert
-
-from converters.convert import shares as parts
-from converters.convert.engine import hf_to_maxtext, maxtext_to_hf
+from converters.convert import hf_to_maxtext, maxtext_to_hf, shares, to_hf, to_maxtext
 from converters.errors import CkptflowError
 from converters.outputs.manifest import MANIFEST, check_outputs, compute_output_digest
 
@@ -65,11 +62,11 @@ def manifest(out: Path) -> dict:
 
 def markers(out: Path) -> dict[str, dict]:
     """{part folder name: part.json} of the finished parts in OUT's staging folder."""
-    stage = parts.staging_dir(out)
+    stage = shares.staging_dir(out)
     if not stage.is_dir():
         return {}
-    return {d.name: json.loads((d / parts.MARKER).read_text()) for d in sorted(stage.iterdir())
-            if d.name.startswith("part-") and (d / parts.MARKER).is_file()}
+    return {d.name: json.loads((d / shares.RECORD).read_text()) for d in sorted(stage.iterdir())
+            if d.name.startswith("part-") and (d / shares.RECORD).is_file()}
 
 
 def in_parts(fn, src, out: Path, n: int, **kw) -> list[dict]:
@@ -78,9 +75,9 @@ def in_parts(fn, src, out: Path, n: int, **kw) -> list[dict]:
         fn(src, out, part=(i, n), **kw)
         assert not out.exists(), f"{out} exists after part {i}/{n}, before finalize"
     found = markers(out)
-    assert sorted(found) == [parts.part_name(i, n) for i in range(n)]
+    assert sorted(found) == [shares.share_name(i, n) for i in range(n)]
     fn(src, out, finalize=True, **kw)
-    return [found[parts.part_name(i, n)] for i in range(n)]
+    return [found[shares.share_name(i, n)] for i in range(n)]
 
 
 def chunks_by_part(found: list[dict]) -> dict[tuple[str, str], list[int]]:
@@ -107,7 +104,7 @@ def assert_finished_maxtext(out: Path, single: Path, found: list[dict], n: int) 
     for rel, meta in m["outputs"].items():
         assert blake3((out / rel).read_bytes()).hexdigest() == meta["blake3"], rel
     assert [p["part"] for p in m.get("parts", [])] == list(range(n))
-    assert [p["digest"] for p in m["parts"]] == [parts.part_digest(x) for x in found]
+    assert [p["digest"] for p in m["parts"]] == [shares.share_digest(x) for x in found]
     assert leftovers(out) == [], "staging folder or temp folders left behind"
     # no chunk written twice, every part had work here (these models have dozens of units), its store merged
     owners = chunks_by_part(found)
@@ -118,17 +115,17 @@ def assert_finished_maxtext(out: Path, single: Path, found: list[dict], n: int) 
         assert sum(1 for k in m["outputs"] if k.startswith(f"0/items/ocdbt.process_{x['part']}/")) == len(x["files"])
 
 
-# ------------------------------------------------------------------------------------- assign / parse_part
+# ------------------------------------------------------------------------------------ assign / parse_share
 
 
 def test_assign_examples():
     """Equal items split evenly; a huge item gets its own part; empty input and N=1 are trivial."""
-    assert parts.assign([10] * 6, 3) == [0, 0, 1, 1, 2, 2]
-    assert parts.assign([10] * 7, 1) == [0] * 7
-    assert parts.assign([], 4) == []
-    assert parts.assign([100, 1, 1, 1], 2) == [0, 1, 1, 1]
-    assert parts.assign([1, 1, 1, 100], 2) == [0, 0, 0, 1]
-    assert parts.assign([0, 0, 0], 2) == [0, 0, 0]  # nothing to balance: no crash, all in range
+    assert shares.assign([10] * 6, 3) == [0, 0, 1, 1, 2, 2]
+    assert shares.assign([10] * 7, 1) == [0] * 7
+    assert shares.assign([], 4) == []
+    assert shares.assign([100, 1, 1, 1], 2) == [0, 1, 1, 1]
+    assert shares.assign([1, 1, 1, 100], 2) == [0, 0, 0, 1]
+    assert shares.assign([0, 0, 0], 2) == [0, 0, 0]  # nothing to balance: no crash, all in range
 
 
 @settings(max_examples=300, deadline=None)
@@ -136,7 +133,7 @@ def test_assign_examples():
 def test_assign_contiguous_complete_and_balanced(sizes, n):
     """Every item gets exactly one part in 0..N-1, parts are contiguous runs in order, and no part holds more
     than its share (total/N) plus one of its own items; an item as large as a share may leave a part empty."""
-    owners = parts.assign(sizes, n)
+    owners = shares.assign(sizes, n)
     assert len(owners) == len(sizes)
     assert all(0 <= o < n for o in owners)
     assert owners == sorted(owners), "parts are not contiguous runs"
@@ -151,21 +148,21 @@ def test_assign_contiguous_complete_and_balanced(sizes, n):
 @given(st.integers(1, 50), st.integers(1, 60), st.integers(1, 9))
 def test_assign_equal_items_differ_by_at_most_one(count, size, n):
     """Equal items: part sizes differ by at most one item."""
-    owners = parts.assign([size] * count, n)
+    owners = shares.assign([size] * count, n)
     per = [owners.count(p) for p in range(n)]
     assert max(per) - min(per) <= 1
 
 
 @pytest.mark.parametrize("text,want", [("0/3", (0, 3)), ("2/3", (2, 3)), (" 1 / 2 ", (1, 2)), ("0/1", (0, 1))])
-def test_parse_part_accepts(text, want):
-    assert parts.parse_part(text) == want
+def test_parse_share_accepts(text, want):
+    assert shares.parse_share(text) == want
 
 
 @pytest.mark.parametrize("text,says", [("3/3", "0..N-1"), ("7/3", "0..N-1"), ("1/0", "N at least 1"), ("-1/2", "expected I/N"),
                                        ("a/b", "expected I/N"), ("1", "expected I/N"), ("", "expected I/N"), ("1/2/3", "expected I/N")])
-def test_parse_part_refuses_with_a_clear_message(text, says):
+def test_parse_share_refuses_with_a_clear_message(text, says):
     with pytest.raises(CkptflowError) as e:
-        parts.parse_part(text)
+        shares.parse_share(text)
     assert says in str(e.value) and "--part" in str(e.value) and "\n" not in str(e.value)
 
 
@@ -230,12 +227,12 @@ def test_without_hard_links_finalize_moves_the_parts_and_moves_them_back_when_it
     single_mt, single_hf = singles("llama3.1", True)
     out = tmp_path / "out"
     if direction == "maxtext":
-        fn, src, kw, single = hf_to_maxtext, tiny_model("llama3.1", layers=3), {"scan": True}, single_mt
+        fn, src, kw, single, convert = hf_to_maxtext, tiny_model("llama3.1", layers=3), {"scan": True}, single_mt, to_maxtext
     else:
-        fn, src, kw, single = maxtext_to_hf, single_mt, {"shard_bytes": HF_SHARD}, single_hf
+        fn, src, kw, single, convert = maxtext_to_hf, single_mt, {"shard_bytes": HF_SHARD}, single_hf, to_hf
     for i in range(3):
         fn(src, out, part=(i, 3), **kw)
-    before = {p.relative_to(parts.staging_dir(out)): p.stat().st_size for p in parts.staging_dir(out).rglob("*") if p.is_file()}
+    before = {p.relative_to(shares.staging_dir(out)): p.stat().st_size for p in shares.staging_dir(out).rglob("*") if p.is_file()}
 
     def no_links(*a, **k):
         raise OSError(1, "Operation not permitted")
@@ -250,13 +247,13 @@ def test_without_hard_links_finalize_moves_the_parts_and_moves_them_back_when_it
     with pytest.raises(RuntimeError, match="injected"):
         fn(src, out, finalize=True, **kw)
     assert not out.exists()
-    after = {p.relative_to(parts.staging_dir(out)): p.stat().st_size for p in parts.staging_dir(out).rglob("*") if p.is_file()}
+    after = {p.relative_to(shares.staging_dir(out)): p.stat().st_size for p in shares.staging_dir(out).rglob("*") if p.is_file()}
     assert after == before  # every part file is back where it was
 
     monkeypatch.setattr(convert, "write_manifest", real)
     fn(src, out, finalize=True, **kw)
     assert manifest(out)["output_digest"] == manifest(single)["output_digest"]
-    assert not parts.staging_dir(out).exists()
+    assert not shares.staging_dir(out).exists()
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +269,7 @@ def midsize(tmp_path_factory):
 def test_row_blocks_of_one_array_spread_over_parts(midsize, tmp_path, monkeypatch):
     """With small row blocks the embedding / lm_head are cut into blocks owned by different parts: an array is
     written by two processes into one stored array, and the merge still gives the single run's arrays."""
-    monkeypatch.setattr(convert, "ROW_CHUNK_BYTES", 512 << 10)  # 4 MB embedding -> 8 row blocks
+    monkeypatch.setattr(to_maxtext, "ROW_CHUNK_BYTES", 512 << 10)  # 4 MB embedding -> 8 row blocks
     hf_to_maxtext(midsize, tmp_path / "single", scan=True)
     found = in_parts(hf_to_maxtext, midsize, tmp_path / "mt", 3, scan=True)
     shared = {}
@@ -403,7 +400,7 @@ def test_finalize_refuses_parts_of_a_changed_source(tiny_model, singles, tmp_pat
     victim = max((p for p in src.rglob("*") if p.is_file() and p.suffix != ".json"), key=lambda p: p.stat().st_size)
     st = victim.stat()
     os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
-    assert_refused(capsys, src, out, args, ["part 0/3 is stale"], [parts.part_name(i, 3) for i in range(3)])
+    assert_refused(capsys, src, out, args, ["part 0/3 is stale"], [shares.share_name(i, 3) for i in range(3)])
 
 
 @pytest.mark.parametrize("to,other", [("maxtext", ["--dtype", "float32"]), ("maxtext", ["--no-scan"]),
@@ -414,7 +411,7 @@ def test_finalize_refuses_other_options_than_the_parts(tiny_model, singles, tmp_
     out = tmp_path / "out"
     for i in range(3):
         assert cli(capsys, "convert", src, out, *args, "--part", f"{i}/3", "-q") == (0, [])
-    assert_refused(capsys, src, out, [*args, *other], ["part 0/3 is stale"], [parts.part_name(i, 3) for i in range(3)])
+    assert_refused(capsys, src, out, [*args, *other], ["part 0/3 is stale"], [shares.share_name(i, 3) for i in range(3)])
 
 
 @pytest.mark.parametrize("to", list(DIRECTIONS))
@@ -424,10 +421,10 @@ def test_finalize_refuses_a_truncated_part_file(tiny_model, singles, tmp_path, c
     out = tmp_path / "out"
     for i in range(3):
         assert cli(capsys, "convert", src, out, *args, "--part", f"{i}/3", "-q") == (0, [])
-    part1 = parts.staging_dir(out) / parts.part_name(1, 3)
+    part1 = shares.staging_dir(out) / shares.share_name(1, 3)
     rel, meta = max(markers(out)[part1.name]["files"].items(), key=lambda kv: kv[1]["bytes"])
     os.truncate(part1 / rel, meta["bytes"] // 2)
-    assert_refused(capsys, src, out, args, ["part 1/3", rel], [parts.part_name(i, 3) for i in range(3)])
+    assert_refused(capsys, src, out, args, ["part 1/3", rel], [shares.share_name(i, 3) for i in range(3)])
 
 
 @pytest.mark.parametrize("to", list(DIRECTIONS))
@@ -439,11 +436,11 @@ def test_finalize_refuses_a_part_written_by_another_version_and_a_new_part_run_r
     out = tmp_path / "out"
     for i in range(3):
         assert cli(capsys, "convert", src, out, *args, "--part", f"{i}/3", "-q") == (0, [])
-    record = parts.staging_dir(out) / parts.part_name(1, 3) / parts.MARKER
+    record = shares.staging_dir(out) / shares.share_name(1, 3) / shares.RECORD
     old = json.loads(record.read_text())
     record.write_text(json.dumps({**old, "format": "ckptflow-part-v1"}))
     assert_refused(capsys, src, out, args, ["part 1/3 was written by another ckptflow version", "re-run it"],
-                   [parts.part_name(i, 3) for i in range(3)])
+                   [shares.share_name(i, 3) for i in range(3)])
     assert cli(capsys, "convert", src, out, *args, "--part", "1/3", "-q") == (0, [])
     assert cli(capsys, "convert", src, out, *args, "--finalize", "-q") == (0, [])
     assert check_outputs(out) == [] and leftovers(out) == []
@@ -457,7 +454,7 @@ def test_a_part_of_another_split_or_other_options_drops_the_old_parts(tiny_model
         assert cli(capsys, "convert", src, out, "--to", "maxtext", "--part", f"{i}/3", "-q") == (0, [])
     assert cli(capsys, "convert", src, out, "--to", "maxtext", "--part", "0/2", "-q") == (0, [])
     assert sorted(markers(out)) == ["part-00000-of-00002"]
-    assert sorted(p.name for p in parts.staging_dir(out).iterdir() if not p.name.startswith(".")) == ["part-00000-of-00002"]
+    assert sorted(p.name for p in shares.staging_dir(out).iterdir() if not p.name.startswith(".")) == ["part-00000-of-00002"]
     assert_refused(capsys, src, out, ["--to", "maxtext"], ["part(s) 1/2 not finished"], ["part-00000-of-00002"])
     assert cli(capsys, "convert", src, out, "--to", "maxtext", "--dtype", "float32", "--part", "1/2", "-q") == (0, [])
     assert sorted(markers(out)) == ["part-00001-of-00002"]  # the bfloat16 part 0 is gone

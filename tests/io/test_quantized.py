@@ -16,7 +16,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from converters.convert.engine import hf_to_maxtext, maxtext_to_hf
+from converters.convert import hf_to_maxtext, maxtext_to_hf
 from converters.errors import CorruptFileError, UnsupportedModelError
 from converters.io.orbax import read_params
 from converters.io.quantized import Fp8Folder, Mxfp4Folder, decode_fp8_blocks, decode_mxfp4, decoded_source

@@ -42,7 +42,7 @@ def _fields(cfg: dict) -> list[str]:
 def test_each_config_field_missing_or_mistyped_is_a_clear_error_or_harmless(tiny_model, tmp_path, family, stop_before_writing):
     """Delete each field of config.json in turn, then set each to a string, a list, null, -1: the converter ends in a
     CkptflowError naming the problem or reaches the writing stage; never a KeyError/TypeError traceback."""
-    from converters.convert.engine import hf_to_maxtext
+    from converters.convert import hf_to_maxtext
 
     src = tmp_path / "src"
     shutil.copytree(tiny_model(family), src)
@@ -72,7 +72,7 @@ def test_each_config_field_missing_or_mistyped_is_a_clear_error_or_harmless(tiny
 
 
 def test_config_that_is_not_an_object_or_not_json(tiny_model, tmp_path):
-    from converters.convert.engine import hf_to_maxtext
+    from converters.convert import hf_to_maxtext
 
     src = tmp_path / "src"
     shutil.copytree(tiny_model("llama3.1"), src)
@@ -88,7 +88,7 @@ def test_config_that_is_not_an_object_or_not_json(tiny_model, tmp_path):
 @pytest.fixture(scope="module")
 def poisoned(tiny_model, tmp_path_factory):
     """A tiny Llama with NaN in one layer's down_proj and Inf in the final norm, and its MaxText conversion."""
-    from converters.convert.engine import hf_to_maxtext
+    from converters.convert import hf_to_maxtext
 
     root = tmp_path_factory.mktemp("poisoned")
     src = root / "hf"
@@ -125,7 +125,7 @@ def test_verify_names_nonfinite_weights_on_both_sides(poisoned, tmp_path, capsys
 
 @pytest.fixture
 def orbax_copy(tiny_model, tmp_path):
-    from converters.convert.engine import hf_to_maxtext
+    from converters.convert import hf_to_maxtext
 
     hf_to_maxtext(tiny_model("qwen3"), tmp_path / "mt")
     return tmp_path / "mt"
@@ -142,7 +142,7 @@ def orbax_copy(tiny_model, tmp_path):
     ],
 )
 def test_damaged_orbax_storage_is_a_clear_error(orbax_copy, tmp_path, damage, match):
-    from converters.convert.engine import maxtext_to_hf
+    from converters.convert import maxtext_to_hf
 
     items = orbax_copy / "0" / "items"
     data = sorted((items / "ocdbt.process_0" / "d").iterdir(), key=lambda p: -p.stat().st_size)

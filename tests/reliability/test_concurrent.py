@@ -86,7 +86,7 @@ def test_two_converts_to_one_destination_one_wins_the_other_refuses(rel, synthet
 
 def test_two_converts_with_overwrite_both_finish_one_after_the_other(rel, synthetic_llama, tmp_path):
     out = tmp_path / "hf"
-    from converters.convert.engine import hf_to_maxtext
+    from converters.convert import hf_to_maxtext
 
     hf_to_maxtext(synthetic_llama, tmp_path / "mt")
     cmd = ["convert", str(tmp_path / "mt"), str(out), "--to", "hf", "--overwrite", "-q"]
@@ -99,7 +99,7 @@ def test_two_converts_with_overwrite_both_finish_one_after_the_other(rel, synthe
 @pytest.fixture(scope="module")
 def two_versions(synthetic_llama, tmp_path_factory):
     """Two converted checkpoints of the same model (bfloat16 and float32): what publish takes."""
-    from converters.convert.engine import hf_to_maxtext
+    from converters.convert import hf_to_maxtext
 
     root = tmp_path_factory.mktemp("versions")
     hf_to_maxtext(synthetic_llama, root / "bf16")

@@ -33,7 +33,7 @@ def small_disk(tmp_path):
 
 @pytest.fixture(scope="module")
 def synthetic_maxtext(synthetic_llama, tmp_path_factory):
-    from converters.convert.engine import hf_to_maxtext
+    from converters.convert import hf_to_maxtext
 
     out = tmp_path_factory.mktemp("disk-full") / "mt"
     hf_to_maxtext(synthetic_llama, out)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from converters.convert import shares as parts
+from converters.convert import shares
 from converters.outputs.manifest import MANIFEST
 
 POLL = 0.001
@@ -27,8 +27,8 @@ HF_SHARD = 2 << 20  # --to hf: ~10 shards of the 18 MB model, so each of 3 parts
 
 def _part_temp(out: Path, i: int, n: int, pid: int) -> Path | None:
     """The temp folder process `pid` writes part i/n into (inside the staging folder)."""
-    stage = parts.staging_dir(out)
-    prefix = f".{parts.part_name(i, n)}.ckptflow-tmp-{pid}-"
+    stage = shares.staging_dir(out)
+    prefix = f".{shares.share_name(i, n)}.ckptflow-tmp-{pid}-"
     try:
         return next((p for p in stage.iterdir() if p.name.startswith(prefix)), None)
     except FileNotFoundError:
@@ -69,7 +69,7 @@ def _kill_mid_write(rel, proc: subprocess.Popen, out: Path, i: int, n: int, thre
 @pytest.fixture(scope="module")
 def references(synthetic_llama, tmp_path_factory):
     """Uninterrupted single-process conversions: HF -> MaxText (scanned), and that checkpoint -> HF in 2 MB shards."""
-    from converters.convert.engine import hf_to_maxtext, maxtext_to_hf
+    from converters.convert import hf_to_maxtext, maxtext_to_hf
 
     root = tmp_path_factory.mktemp("kill-parts-ref")
     hf_to_maxtext(synthetic_llama, root / "mt", scan=True)
@@ -118,16 +118,16 @@ def test_a_killed_part_is_refused_then_rerun_and_the_result_equals_one_process(r
     for i in (0, 2):
         rc, err = _finish(procs[i])
         assert rc == 0, f"part {i}/{n} failed: {err[-1000:]}"
-    stage = parts.staging_dir(out)
-    assert sorted(p.name for p in stage.iterdir() if p.name.startswith("part-")) == [parts.part_name(0, n), parts.part_name(2, n)]
-    assert any(p.name.startswith(f".{parts.part_name(1, n)}.ckptflow-tmp-") for p in stage.iterdir()), "the killed part left no temp folder?"
+    stage = shares.staging_dir(out)
+    assert sorted(p.name for p in stage.iterdir() if p.name.startswith("part-")) == [shares.share_name(0, n), shares.share_name(2, n)]
+    assert any(p.name.startswith(f".{shares.share_name(1, n)}.ckptflow-tmp-") for p in stage.iterdir()), "the killed part left no temp folder?"
     assert not out.exists()
 
     rc, err = _finish(_start(rel, ["convert", str(src), str(out), *args, "--finalize", "-q"]))
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert rc == 2 and len(errors) == 1 and "part(s) 1/3 not finished" in errors[0], err[-1000:]
     assert not out.exists(), f"{out} exists after a refused finalize"
-    assert (stage / parts.part_name(0, n) / parts.MARKER).is_file() and (stage / parts.part_name(2, n) / parts.MARKER).is_file()
+    assert (stage / shares.share_name(0, n) / shares.RECORD).is_file() and (stage / shares.share_name(2, n) / shares.RECORD).is_file()
 
     rc, err = _finish(_start(rel, ["convert", str(src), str(out), *args, "--part", f"1/{n}", "-q"]))
     assert rc == 0, err[-1000:]

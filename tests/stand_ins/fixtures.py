@@ -47,7 +47,7 @@ def converted(tmp_path_factory, tiny_model):
     """A real converted checkpoint (tiny llama, MaxText) staged through `ckptflow download` from the stand-in."""
     from huggingface_hub import constants
 
-    from converters.convert.engine import hf_to_maxtext
+    from converters.convert import hf_to_maxtext
     from converters.remote.download import download
 
     root = tmp_path_factory.mktemp("converted")

@@ -157,7 +157,7 @@ def save_damaged(src: Path, dst: Path, damage) -> Path:
 @pytest.fixture(scope="session")
 def converted(tiny_model, tmp_path_factory):
     """`converted(family, scan=True, dtype="bfloat16")` -> (hf_dir, maxtext_dir), cached per session."""
-    from converters.convert.engine import hf_to_maxtext
+    from converters.convert import hf_to_maxtext
 
     cache: dict = {}
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.convert.engine import hf_to_maxtext
+from converters.convert import hf_to_maxtext
 from tests.families.helpers import hf_tensors
 
 

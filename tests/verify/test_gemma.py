@@ -52,7 +52,7 @@ def hf_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def converted(hf_model, tmp_path_factory):
     """`converted(family, scan)` -> (hf folder, MaxText checkpoint written by the converter, float32)."""
-    from converters.convert.engine import hf_to_maxtext
+    from converters.convert import hf_to_maxtext
 
     cache: dict = {}
 

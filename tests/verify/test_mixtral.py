@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters.convert.engine import hf_to_maxtext
+from converters.convert import hf_to_maxtext
 from converters.io.orbax import read_params
 from converters.verify import verify
 from converters.verify.reference import ReferenceModel

@@ -17,7 +17,7 @@ import weakref
 import numpy as np
 import pytest
 
-from converters.convert.engine import hf_to_maxtext
+from converters.convert import hf_to_maxtext
 from converters.tiny_models import TINY, make_test_model
 from converters.verify import make_golden, verify
 from converters.verify.golden import GoldenFile

@@ -5,6 +5,7 @@ import re
 import sys
 import time
 
+from converters.core.direction import Direction
 from converters.errors import CkptflowError
 
 DESCRIPTION = """\
@@ -46,11 +47,11 @@ def _size(text: str) -> int:
     return int(float(m[1]) * 1024 ** "_KMGT".index(m[2].upper() or "_"))
 
 
-def _part(text: str) -> tuple[int, int]:
-    from converters.convert.shares import parse_part
+def _share(text: str) -> tuple[int, int]:
+    from converters.convert.shares import parse_share
 
     try:
-        return parse_part(text)
+        return parse_share(text)
     except CkptflowError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -59,7 +60,7 @@ def add_parser(sub):
     p = sub.add_parser("convert", help="convert HF <-> MaxText", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", metavar="SRC", help="HF model folder (--to maxtext) or MaxText checkpoint (--to hf)")
     p.add_argument("out", metavar="OUT", help="destination folder (must not exist unless --overwrite)")
-    p.add_argument("--to", required=True, choices=("maxtext", "hf"), help="target format")
+    p.add_argument("--to", required=True, choices=[d.value for d in Direction], help="target format")
     p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True,
                    help="--to maxtext: stack layers (MaxText scan_layers=true, the default) or write layers_<i> (--no-scan); "
                         "--to hf detects the layout itself")
@@ -85,8 +86,9 @@ def add_parser(sub):
                         "tensor; smaller saves memory at the cost of more commits")
     p.add_argument("--workers", type=int, default=2, metavar="N", help="arrays converted concurrently (default 2; memory grows with it)")
     split = p.add_mutually_exclusive_group()
-    split.add_argument("--part", metavar="I/N", type=_part,
-                       help="convert only part I (0-based) of N into the staging folder beside OUT; see above")
+    split.add_argument("--part", metavar="I/N", type=_share,
+                       help="convert only this process's share: part I (0-based) of N, into the staging folder beside OUT; "
+                            "see above")
     split.add_argument("--finalize", action="store_true",
                        help="assemble OUT from the N finished parts (same SRC, OUT and options as the parts)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -94,15 +96,16 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from converters.convert.engine import hf_to_maxtext, maxtext_to_hf
     from converters.cli.progress import byte_bar
+    from converters.convert import hf_to_maxtext, maxtext_to_hf
 
     if args.workers < 1:
         raise CkptflowError("--workers must be at least 1")
-    bar = byte_bar(f"-> {args.to}", enabled=not args.quiet)
+    direction = Direction(args.to)
+    bar = byte_bar(f"-> {direction.target}", enabled=not args.quiet)
     t0 = time.monotonic()
     try:
-        if args.to == "maxtext":
+        if direction is Direction.TO_MAXTEXT:
             r = hf_to_maxtext(
                 args.src, args.out, scan=args.scan, dtype=args.dtype, model=args.model, hf_config=args.hf_config,
                 overwrite=args.overwrite, use_ocdbt=args.ocdbt and not args.pathways, use_zarr3=args.zarr3 and not args.pathways,
@@ -116,9 +119,9 @@ def run(args) -> int:
                               part=args.part, finalize=args.finalize)
             where = str(r.out)
         if args.part is not None:
-            from converters.convert.shares import part_name, staging_dir
+            from converters.convert.shares import share_name, staging_dir
 
-            where = f"part {args.part[0]}/{args.part[1]} -> {staging_dir(args.out) / part_name(*args.part)}"
+            where = f"part {args.part[0]}/{args.part[1]} -> {staging_dir(args.out) / share_name(*args.part)}"
     finally:
         for b in getattr(bar, "bars", ()):
             b.close()

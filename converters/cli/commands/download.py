@@ -28,10 +28,10 @@ from converters.remote.download import download
 
 def _part(text: str) -> tuple[int, int]:
     from converters.errors import CkptflowError
-    from converters.convert.shares import parse_part
+    from converters.convert.shares import parse_share
 
     try:
-        return parse_part(text)
+        return parse_share(text)
     except CkptflowError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
