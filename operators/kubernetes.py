@@ -254,8 +254,8 @@ def largest_tensor_elements(config: dict) -> int:
 # Each part of a split download and its finalize (checks, small files, moves) are sized like a whole download.
 _STEP_CPU = {"download": 2.0, "download_finalize": 2.0, "convert": 8.0, "finalize": 4.0, "verify": 8.0, "publish": 2.0}
 _BASE_GIB = {"download": 4, "download_finalize": 4, "convert": 8, "finalize": 8, "publish": 4}
-# The verify estimate's constants are reasoned, not yet measured, and the memory limit equals the request (an
-# overrun is an OOM kill): a quarter more.
+# The verify estimate stays above the peaks measured so far (docs/performance.md, "Verify"), but the memory limit
+# equals the request (an overrun is an OOM kill): a quarter more.
 VERIFY_MEMORY_MARGIN = 1.25
 VERIFY_DTYPE = "float32"  # the DAG's verify runs at `ckptflow verify`'s default dtype
 _DEFAULT_CONFIG = {  # sizing stand-in when the model is "auto": an 8B-class model

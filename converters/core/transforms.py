@@ -19,7 +19,7 @@ from converters.io import buffers
 
 
 _TILE = 256
-_TORCH_MIN_BYTES = 16 << 20  # below this, importing torch (~1 s) is not worth it
+_TORCH_MIN_BYTES = 16 << 20  # below this, importing torch is not worth it (docs/performance.md, "Speed")
 _torch = None
 
 
@@ -37,8 +37,9 @@ def _torch_module():
 
 
 def transpose2d(x: np.ndarray) -> np.ndarray:
-    """Contiguous transpose of a 2-D array: torch's transpose kernel for large ones (1.1 GB/s here, against
-    0.65 GB/s for the tiled numpy copy below, itself 3x numpy's plain strided copy). Bits are moved as integers."""
+    """Contiguous transpose of a 2-D array: torch's transpose kernel for large ones (faster than the tiled numpy
+    copy below, itself faster than numpy's plain strided copy: docs/performance.md, "Speed"). Bits are moved as
+    integers."""
     r, c = x.shape
     ints = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}.get(x.dtype.itemsize)
     if x.nbytes >= _TORCH_MIN_BYTES and ints is not None and x.flags.c_contiguous and x.flags.writeable:

@@ -1,6 +1,7 @@
 """DeepSeek-V2 (V2-Lite), DeepSeek-V3 and DeepSeek-V3.2 (MaxText block `deepseek`, attention `mla`).
 
-Layout (maxtext-format-moe.md §6):
+Layout (as MaxText's own converter writes it: `src/maxtext/checkpoint_conversion/standalone_scripts/convert_deepseek_family_ckpt.py` in
+AI-Hypercomputer/maxtext):
   * the first `first_k_dense_replace` layers have a dense gated MLP, the rest a DeepSeek MoE block; they form
     two separate stacks: scanned `decoder/dense_layers` (HF layers 0..k-1) and `decoder/moe_layers` (HF layers
     k..N-1), each with the layer axis at 1; unscanned `decoder/dense_layers_<i>` and `decoder/moe_layers_<j>`

@@ -1,7 +1,7 @@
 """Qwen3-Next (MaxText block `qwen3_next`): a repeating cycle of `full_attention_interval` (4) layers -- gated-delta-net
 (linear attention) layers, then one full-attention layer -- each with a routed MoE plus a sigmoid-gated shared expert.
 
-Layout (maxtext-format-moe.md §7):
+Layout (as MaxText's own converter writes it: `src/maxtext/checkpoint_conversion/standalone_scripts/convert_qwen3_next_scanned.py` in AI-Hypercomputer/maxtext):
   * scanned: one stack per position in the cycle, `decoder/layers/layer_<b>` holding HF layers b, b+4, b+8, ...
     (`layer_0..2` gated delta net, `layer_3` full attention); unscanned `decoder/layers_<i>`;
   * full attention under `attention/attention`: `query` `[emb, H, 2*head_dim]` (per head `[query | output gate]`, HF's
@@ -13,8 +13,11 @@ Layout (maxtext-format-moe.md §7):
   * the zero-centred (1 + w) norms are stored as HF stores them on both sides (identity).
 MaxText sizes the shared expert with the routed experts' width, so configs with another
 `shared_expert_intermediate_size` are refused, as are dense layers (`mlp_only_layers`, `decoder_sparse_step` != 1) and
-layer types other than the fixed cycle. The published repos' `mtp.*` tensors are skipped (as by transformers). MaxText's own to-HF export of this model is broken (§10.2); here both
-directions come from the same rules.
+layer types other than the fixed cycle. The published repos' `mtp.*` tensors are skipped (as by transformers). MaxText's own to-HF export of this model
+gets the gated-delta-net shapes wrong (`QWEN3_NEXT_HF_WEIGHTS_TO_SHAPE` in its
+`src/maxtext/checkpoint_conversion/utils/hf_shape.py` sizes the value heads, and with them `in_proj_qkvz`, `conv1d`,
+`out_proj` and `norm`, with the full-attention `head_dim` instead of `linear_value_head_dim`); here both directions
+come from the same rules.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 A conversion moves every byte of the model through a few large buffers (the source bytes, a transposed
 copy). Fresh memory for each one costs the kernel a page fault and a zeroed page per 4 KB (on a VM often a
-host fault too): measured, that was the largest single cost of a conversion (~18 % of CPU). The pool keeps
-buffers of the sizes a model uses and reuses one as soon as no array, view, memoryview or torch tensor
-refers to it any more, which Python's reference count tells exactly.
+host fault too): in a profile of a conversion that was its largest single cost (docs/performance.md, "Speed").
+The pool keeps buffers of the sizes a model uses and reuses one as soon as no array, view, memoryview or torch
+tensor refers to it any more, which Python's reference count tells exactly.
 """
 
 from __future__ import annotations

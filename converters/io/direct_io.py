@@ -1,8 +1,8 @@
 """Reading and writing model bytes around the page cache (O_DIRECT), with pooled buffers.
 
 A conversion reads every source byte once. Through the page cache that is a page-cache fill and a copy
-into our buffer per byte; with O_DIRECT the disk writes straight into the (reused, page-aligned) buffer.
-Measured on the project machine for 5.6 GB: 7.6 s and 7 s of kernel CPU buffered, 5.3 s and 0.3 s direct.
+into our buffer per byte; with O_DIRECT the disk writes straight into the (reused, page-aligned) buffer, which
+saves most of the kernel CPU time and some wall time (docs/performance.md, "Speed").
 Ranges that are already cached (a file just downloaded) are read through the cache instead, and
 filesystems without O_DIRECT (tmpfs, some FUSE mounts) fall back to plain reads. `SequentialWriter` writes a
 file the same way; `evict` frees the pages of files others wrote (tensorstore), so that writing does not fill
@@ -96,7 +96,7 @@ def read_blocks(path: str | os.PathLike, chunk: int = 1 << 20, offset: int = 0, 
     (each valid until the next is read). Ends early, without an error, where the file does.
 
     A fresh `bytes` per read above glibc's mmap threshold is a new mapping whose pages the kernel faults in and
-    zeroes each time: a 4 MB read loop hashed at 0.4 GB/s during a conversion, 1.6 GB/s this way."""
+    zeroes each time, which made a hashing read loop several times slower (docs/performance.md, "Speed")."""
     buf = bytearray(chunk)
     view = memoryview(buf)
     left = nbytes
@@ -149,11 +149,13 @@ def _advise(target: str | os.PathLike | int, offset: int, nbytes: int, name: str
         pass
 
 
-def prefetch(path: str | os.PathLike, offset: int, nbytes: int) -> None:
-    """Ask the kernel to start reading a range that will be read through the page cache.
+def advise_willneed(path: str | os.PathLike, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start reading a range that will be read through the page cache (`posix_fadvise`
+    `POSIX_FADV_WILLNEED`: a hint, nothing is read by us and nothing is held in memory by us).
 
-    Ranges read with O_DIRECT are not prefetched: a read of our own ahead of time measured no faster (the
-    other workers keep the disk busy meanwhile) and held one more piece per worker in memory."""
+    Ranges read with O_DIRECT are not advised: a read of our own ahead of time was no faster (the other
+    workers keep the disk busy meanwhile; docs/performance.md, "Speed") and held one more piece per worker in
+    memory."""
     path = os.fspath(path)
     if not (nbytes >= MIN_DIRECT and _O_DIRECT and path not in _no_direct):
         _advise(path, offset, nbytes, "POSIX_FADV_WILLNEED")
@@ -165,8 +167,8 @@ def evict(target: str | os.PathLike | int, offset: int = 0, nbytes: int = 0) -> 
 
     Streaming a large output through the page cache otherwise fills memory with pages nobody reads again,
     each one a fresh page to allocate (on a VM also to fault in from the host); freed early, the same pages
-    are reused for the next writes. Measured for a 5.6 GB write here: 12.6-14.1 s plain, 3.0-4.5 s when
-    ranges written a few hundred MB earlier are evicted as the writing goes on.
+    are reused for the next writes: evicting ranges written a few hundred MB earlier as the writing goes on
+    made a large write several times faster (docs/performance.md, "Speed").
     """
     _advise(target, offset, nbytes, "POSIX_FADV_DONTNEED")
 
@@ -176,8 +178,8 @@ class SequentialWriter:
     staging buffers, and a thread writes each full buffer with O_DIRECT while the other one fills. Where the
     filesystem refuses O_DIRECT, plain writes with the written range evicted as the writing goes on.
 
-    Through the page cache, a 5.6 GB write costs a page-cache fill per byte (here 3 s of kernel CPU with
-    recently used memory, 10 s without) against 0.5 s direct (`dd`). The file is exactly the bytes given:
+    Through the page cache, a write costs a page-cache fill per byte, kernel CPU time that O_DIRECT does not
+    spend (docs/performance.md, "Speed"). The file is exactly the bytes given:
     the last, partial block is written padded and the file then truncated to its size."""
 
     STAGE = 32 << 20  # bytes per direct write

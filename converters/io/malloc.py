@@ -3,12 +3,13 @@
 glibc serves allocations above its mmap threshold with their own mappings, returned to the OS when freed, but
 it raises that threshold (up to 32 MB) each time such a block is freed. After a few tensors, every layer
 slice of up to 32 MB is carved from the heap arenas of whichever thread made it, and freed ones are kept
-there: resident memory then grows with the number of slices converted, not with the largest one (measured:
-+180 MB from 2 to 16 layers of 16 MB slices; flat with the threshold fixed).
+there: resident memory then grows with the number of slices converted, not with the largest one; with the
+threshold fixed it stays flat (docs/performance.md, "Memory").
 
 The number of heap arenas is capped too: the smaller blocks tensorstore's threads allocate and free while
 encoding and committing spread over up to 8 arenas per core, each keeping its freed memory; with one arena the
-8-layer import peaked ~100 MB lower, at the same speed (large buffers come from mmap or the buffer pool anyway).
+peak is lower at the same speed (large buffers come from mmap or the buffer pool anyway; docs/performance.md,
+"Memory").
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Orbax checkpoints in MaxText's layout, written and read slice by slice.
 
 Writing: every MaxText array is a `LazyArray` (shape, dtype and a generator of `(index, piece)` pairs).
-A type handler registered for it reuses Orbax's own write spec (so the tree metadata, OCDBT manifest,
-zarr metadata and commit markers are exactly Orbax's) but writes region by region, with chunks aligned
-to the pieces (one layer of a scanned stack, a row block of an embedding), so no stacked array is ever
-built in memory. It reports `np.ndarray` as its type: the checkpoint restores as ordinary numpy leaves.
+A type handler for it (`converters.io.orbax_handler`, one per write, holding that write's options) reuses
+Orbax's own write spec (so the tree metadata, OCDBT manifest, zarr metadata and commit markers are exactly
+Orbax's) but writes region by region, with chunks aligned to the pieces (one layer of a scanned stack, a row
+block of an embedding), so no stacked array is ever built in memory. It reports `np.ndarray` as its type: the
+checkpoint restores as ordinary numpy leaves.
 
 Reading: the tree metadata gives the leaf names; each array is opened with tensorstore through
 Orbax's read spec and read one slice at a time.
@@ -13,8 +14,6 @@ Orbax's read spec and read one slice at a time.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
 import json
 import math
 import os
@@ -22,20 +21,17 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import numpy as np
 
 from converters.errors import CkptflowError, CorruptFileError
-from converters.outputs.hashing import array_bytes, content_hasher
 
 Index = tuple  # a tuple of slices / ints into the global array
 PieceFn = Callable[[], Iterator[tuple[Index, np.ndarray]]]
 
 PARAM_ROOTS = ("token_embedder", "decoder", "vision_encoder", "mtp_block")
 TXN_BYTES = 64 << 20  # data buffered per write transaction (per worker) before it is committed
-SIDECAR_DIR = Path("ckptflow")  # ckptflow's own files beside a MaxText checkpoint it wrote (in the checkpoint's root)
-HF_SIDECAR = SIDECAR_DIR / "hf"  # the source HF config and tokenizer, so converting back needs no extra arguments
 
 
 @dataclass(eq=False)
@@ -79,170 +75,6 @@ class WriteProgress:
             self._cb(n)
 
 
-def _origin(index: Index, ndim: int) -> tuple[int, ...]:
-    """Where a piece starts in its array (its chunk's origin: pieces are chunk-aligned)."""
-    out = []
-    for k in (tuple(index) + (slice(None),) * ndim)[:ndim]:
-        out.append(k if isinstance(k, int) else (k.start or 0))
-    return tuple(out)
-
-
-def _hash_piece(block: np.ndarray) -> tuple[np.ndarray, str]:
-    """The block in C order (copied only if it was a strided view) and the digest of its bytes as stored."""
-    block = np.ascontiguousarray(block)
-    return block, content_hasher(array_bytes(block)).hexdigest()
-
-
-class _BackgroundCommit:
-    """One transaction at a time committing in the background, shared by the workers of one write.
-
-    A worker starts committing a full transaction and goes on producing its next piece meanwhile (the commit
-    is mostly a wait for the disk); a worker with the next full transaction waits until the one in flight,
-    whoever started it, is done. Memory is then one committing transaction on top of each worker's open one
-    and its piece in the making. (One per worker was no faster and +20 % peak from 2 to 8 layers; unbounded,
-    the peak grew with the model.) All workers run on one event loop, so this needs no lock.
-    """
-
-    def __init__(self):
-        self.pending = None
-
-    async def start(self, txn) -> object:
-        while self.pending is not None:
-            f = self.pending
-            await f
-            if self.pending is f:
-                self.pending = None
-        self.pending = txn.commit_async()
-        return self.pending
-
-
-_handler_installed = False
-# per write: worker count, progress counter, OCDBT process id of this writer (None: Orbax's own), and where the
-# chunk digests computed while writing go ({array name: {chunk origin: blake3}})
-_settings: dict = {"workers": 2, "progress": None, "process_id": None, "digests": None, "txn_bytes": TXN_BYTES}
-
-
-def _install_handler() -> None:
-    """Register the LazyArray handler with Orbax (once per process)."""
-    global _handler_installed
-    if _handler_installed:
-        return
-    from orbax.checkpoint import type_handlers
-    from orbax.checkpoint._src.futures import future
-    from orbax.checkpoint._src.serialization import ocdbt_utils, tensorstore_utils as ts_utils
-    import tensorstore as ts
-
-    class LazyArrayHandler(type_handlers.NumpyHandler):
-        def __init__(self):
-            super().__init__(deepcopy_host_arrays=False)
-
-        async def serialize(self, values, infos, args=None):
-            args = args or [type_handlers.SaveArgs()] * len(values)
-            return [future.CommitFutureAwaitingContractedSignals(self._write_all(values, infos, args), name="ckptflow_lazy")]
-
-        async def _write_all(self, values: Sequence[LazyArray], infos, args):
-            # Largest arrays first so the long tail is short; a small pool bounds how many pieces live at once.
-            # (arrays with nothing to write here, e.g. other parts' share, are skipped: not even their metadata)
-            order = sorted((i for i in range(len(values)) if values[i].pieces is not None), key=lambda i: -values[i].nbytes)
-            queue = list(order)
-            pool = concurrent.futures.ThreadPoolExecutor(max_workers=_settings["workers"])
-            loop = asyncio.get_running_loop()
-
-            async def worker():
-                while queue:
-                    i = queue.pop(0)
-                    try:
-                        await self._write_one(values[i], infos[i], args[i], pool, loop, background)
-                    except BaseException:
-                        queue.clear()  # stop the other workers too: the checkpoint is abandoned
-                        raise
-
-            background = _BackgroundCommit()
-            tasks = [asyncio.ensure_future(worker()) for _ in range(_settings["workers"])]
-            try:
-                await asyncio.gather(*tasks)
-            except BaseException:
-                for t in tasks:  # one failed: stop the others before the checkpoint folder is removed
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                raise
-            finally:
-                # wait for a piece still being produced so no thread calls back into a closed loop
-                pool.shutdown(wait=True, cancel_futures=True)
-
-        async def _write_one(self, value: LazyArray, info, arg, pool, loop, background: _BackgroundCommit):
-            await info.await_path_creation()
-            spec = ts_utils.build_array_write_spec(
-                info=info,
-                arg=arg,
-                global_shape=value.shape,
-                local_shape=value.piece_shape,
-                dtype=np.dtype(value.dtype),
-                use_ocdbt=info.is_ocdbt_checkpoint,
-                process_index=ocdbt_utils.get_process_index_for_subdir(
-                    use_ocdbt=info.is_ocdbt_checkpoint,
-                    override_ocdbt_process_id=None if _settings["process_id"] is None else str(_settings["process_id"]),
-                ),
-            )
-            t = await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
-            it = value.pieces()
-            sentinel = object()
-            progress = _settings["progress"]
-            digests = _settings["digests"]
-            chunk_sha = digests.setdefault(value.name, {}) if digests is not None else None
-
-            def produce():
-                # the next piece, and its digest, on a worker thread while the previous ones are written
-                got = next(it, sentinel)
-                if got is sentinel or chunk_sha is None:
-                    return got
-                index, block = got
-                block, sha = _hash_piece(block)
-                chunk_sha[_origin(index, len(value.shape))] = sha
-                return index, block
-
-            # Pieces are grouped into transactions of about `txn_bytes`: an OCDBT store commits (rewrites
-            # its manifest) once per transaction instead of once per piece, ~4x faster for small pieces
-            # (expert slices). Full transactions commit in the background, one at a time (`_BackgroundCommit`);
-            # an array's last one is committed before the worker moves on.
-            txn, buffered, committing = None, 0, None
-            try:
-                while True:
-                    item = await loop.run_in_executor(pool, produce)
-                    if item is sentinel:
-                        break
-                    index, block = item
-                    if block.shape != t[index].shape:
-                        raise RuntimeError(f"{value.name}: piece {block.shape} does not fit {index} of {value.shape}")
-                    if txn is None:
-                        txn = ts.Transaction()
-                    # tensorstore keeps a reference to the block until the commit instead of copying it (the
-                    # producers never modify a block they yielded; pooled buffers are reused only once released)
-                    await t.with_transaction(txn)[index].write(block, can_reference_source_data_indefinitely=True)
-                    buffered += block.nbytes
-                    if progress is not None:
-                        progress.add(block.nbytes)
-                    item = block = None  # only the transaction holds it now: its buffer is free once committed
-                    if buffered >= _settings["txn_bytes"]:
-                        full, txn, buffered = txn, None, 0
-                        committing = await background.start(full)
-                if committing is not None:
-                    await committing
-                    committing = None
-                if txn is not None:
-                    await txn.commit_async()
-            except BaseException:
-                if txn is not None and not txn.commit_started:
-                    txn.abort()
-                if committing is not None:  # let it end before the caller removes the folder
-                    with contextlib.suppress(BaseException):
-                        await committing
-                raise
-
-    type_handlers.register_type_handler(LazyArray, LazyArrayHandler(), override=True)
-    _handler_installed = True
-
-
 def write_checkpoint(
     root: Path,
     params: dict,
@@ -270,11 +102,15 @@ def write_checkpoint(
     """
     import orbax.checkpoint as ocp
 
-    _install_handler()
-    _settings.update(workers=workers, progress=progress, process_id=process_id, digests=digests, txn_bytes=txn_bytes)
+    from converters.io.orbax_handler import LazyArrayHandler, WriteOptions, registry_for
+
+    # this call's options go to this call's handler only: concurrent writes in one process do not share them
+    lazy = LazyArrayHandler(WriteOptions(workers=workers, progress=progress, process_id=process_id, digests=digests,
+                                         txn_bytes=txn_bytes))
     tree = {"step": 0, "params": {"params": params}, "opt_state": {}}
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True, max_to_keep=None)
-    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt, use_zarr3=use_zarr3, use_compression=use_compression)
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt, use_zarr3=use_zarr3, use_compression=use_compression,
+                                          type_handler_registry=registry_for(LazyArray, lazy))
     before = set(threading.enumerate())
     try:
         with ocp.CheckpointManager(root, item_names=("items",), options=options, item_handlers={"items": handler}) as mgr:
@@ -471,7 +307,7 @@ def read_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def find_sidecar_dir(path: str | os.PathLike) -> Path | None:
     """`<ckpt>/ckptflow/hf`, the source HF config and tokenizer kept beside a checkpoint we wrote."""
     items = find_items_dir(path)
-    d = checkpoint_root(items) / HF_SIDECAR
+    d = checkpoint_root(items) / "ckptflow" / "hf"
     return d if (d / "config.json").exists() else None
 
 

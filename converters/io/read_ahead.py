@@ -1,4 +1,8 @@
-"""Overlap producing blocks (read + transform) with consuming them (write), with bounded memory."""
+"""Overlap producing blocks (read + transform) with consuming them (write), with bounded memory.
+
+`read_ahead` runs an iterator on a thread of its own; not to be confused with `direct_io.advise_willneed`, which
+only asks the kernel to start reading a file range into the page cache.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ T = TypeVar("T")
 _DONE = object()
 
 
-def prefetch(items: Iterable[T], depth: int = 1) -> Iterator[T]:
+def read_ahead(items: Iterable[T], depth: int = 1) -> Iterator[T]:
     """Iterate `items` on a background thread, at most `depth` items ahead of the consumer.
 
     Exceptions raised while producing are re-raised in the consumer; closing the consumer early stops
@@ -34,7 +38,7 @@ def prefetch(items: Iterable[T], depth: int = 1) -> Iterator[T]:
         except BaseException as e:  # handed to the consumer
             q.put((_DONE, e))
 
-    t = threading.Thread(target=run, name="ckptflow-prefetch", daemon=True)
+    t = threading.Thread(target=run, name="ckptflow-read-ahead", daemon=True)
     t.start()
     try:
         while True:

@@ -300,13 +300,13 @@ def will_need(info: TensorInfo, rows: slice | None = None) -> None:
     if info.start < 0:
         return
     _, offset, nbytes = _byte_range(info, rows)
-    direct_io.prefetch(info.path, offset, nbytes)
+    direct_io.advise_willneed(info.path, offset, nbytes)
 
 
 class _Hasher:
     """Digests (`content_hasher`) of a file and of each of its tensors, computed on a thread of its own
-    as the blocks are written. Both passes over every byte on one thread keep ahead of the writing (BLAKE3 runs
-    at 4.3 GB/s on one core here). Blocks queue up in order, at most `depth` of them, so memory stays bounded."""
+    as the blocks are written. Both passes over every byte on one thread keep ahead of the writing (BLAKE3 on one
+    core is faster than the disk: docs/performance.md, "Speed"). Blocks queue up in order, at most `depth` of them, so memory stays bounded."""
 
     def __init__(self, header: bytes, depth: int = 1):
         self.file = content_hasher(header)

@@ -139,7 +139,8 @@ class HFModel:
         hf_logging.disable_progress_bar()  # transformers' per-call "Loading weights" bar
         os.environ.setdefault("HF_DEACTIVATE_ASYNC_LOAD", "1")  # the tensors are in memory already: no loader threads
         # oneDNN (bf16 matmuls) caches up to 1024 primitives with their buffers; every expert sees another token count,
-        # so a MoE layer fills it: 1.2 GB kept per Qwen3-30B-A3B layer. 16 is as fast here and stays flat.
+        # so a MoE layer fills it and memory grows layer by layer. 16 is as fast and stays flat (docs/performance.md,
+        # "Verify").
         os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
         model_type = config.get("model_type")
         if model_type not in CONFIG_MAPPING:

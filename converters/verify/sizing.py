@@ -30,10 +30,9 @@ The estimate, in bytes (T = PROMPT_TOKENS):
   cases; `--dtype bfloat16` ADDS two bfloat16 streams (hf_bf16, maxtext_bf16) with their own bfloat16 copy of the
   layer and of the globals. A bfloat16 verify needs more memory than a float32 one, not less.
 
-Calibrated with `bench/verify_bench.py` (docs/performance.md, "Verify"): measured peak RSS of the whole process
-against this estimate -- Llama 3.1 8B dimensions, 2 to 32 layers: 3.35-3.47 GB float32 (estimate 4.6 GB), 3.5-3.7
-GB bfloat16 (5.2 GB); Qwen3-30B-A3B dimensions, 4 layers: 1.8 GB float32 (2.6 GB), 2.5 GB bfloat16 (3.0 GB). The
-estimate stays above every measurement; the DAG adds its own margin. `describe(cfg)` prints the terms of one model.
+Calibrated with `bench/verify_bench.py` against the measured peak RSS of the whole process (docs/performance.md,
+"Verify", has the runs: Llama 3.1 8B dimensions at 2 to 32 layers and Qwen3-30B-A3B dimensions, float32 and
+bfloat16). The estimate stays above every measurement; the DAG adds its own margin. `describe(cfg)` prints the terms of one model.
 """
 
 from __future__ import annotations
@@ -52,7 +51,8 @@ GiB = 1024**3
 # Every copy of a weight the engine holds is float32 (`weights.F32`), whatever `--dtype`.
 WEIGHT_BYTES = 4
 # Interpreter, torch, JAX and transformers imported, the models built without weights, the tokenizer loaded, the
-# buffer pool's free source buffers (measured 0.6-0.7 GB), with room for compiled functions and allocator slack.
+# buffer pool's free source buffers (docs/performance.md, "Verify"), with room for compiled functions and
+# allocator slack.
 BASE_BYTES = int(1.5 * GiB)
 # One layer's weights: as the source folder holds it, as the checkpoint stores it, and the float32 copy the stream
 # computing at that moment holds (an HF module or the reference; each lets go before the next loads).
@@ -63,8 +63,8 @@ LAYER_COPIES = 3
 EXPERT_COPIES = 12
 # Arrays read whole (norms, a vision tower): one copy per side, held from start to end.
 GLOBAL_COPIES = 2
-# With `--dtype bfloat16`: a bfloat16 copy of the layer and of the globals beside the others (measured: +0.2 GB on
-# an 8B-dimension layer; the hf_bf16 and maxtext_bf16 streams load theirs one after the other).
+# With `--dtype bfloat16`: a bfloat16 copy of the layer and of the globals beside the others (the hf_bf16 and
+# maxtext_bf16 streams load theirs one after the other; docs/performance.md, "Verify").
 BF16_COPIES = 1
 BF16_BYTES = 2
 # Embedding / LM head rows are read in blocks of this size (engine.VOCAB_BLOCK_BYTES): the block from the source,

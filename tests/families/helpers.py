@@ -4,7 +4,9 @@
 `hf_tensors` / `bits` / `assert_bit_exact` / `round_trip` are the round-trip checks every family test needs;
 `exported_logits` runs transformers on a source folder and on its float32 export;
 `deepseek_layout` / `qwen3_next_layout` lay HF tensors out as MaxText arrays with plain numpy, independently of the
-converter (maxtext-format-moe.md §6 / §7), for the family and verification tests.
+converter, as MaxText's own converters lay them out (`convert_deepseek_family_ckpt.py` /
+`convert_qwen3_next_scanned.py` under src/maxtext/checkpoint_conversion/standalone_scripts/ in AI-Hypercomputer/maxtext), for the family and
+verification tests.
 """
 
 from __future__ import annotations
@@ -129,7 +131,8 @@ def deepseek_layout(hf: dict, cfg: dict, scan: bool) -> dict:
 
 
 def qwen3_next_layout(hf: dict, cfg: dict, scan: bool) -> dict:
-    """Qwen3-Next HF tensors -> MaxText arrays (`decoder/layers/layer_<b>` cycle stacks), plain numpy (§7.3)."""
+    """Qwen3-Next HF tensors -> MaxText arrays (`decoder/layers/layer_<b>` cycle stacks: HF layer i
+    in stack i % cycle, at position i // cycle), plain numpy."""
     e, n, kv, d = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
     c, layers = cfg.get("full_attention_interval", 4), cfg["num_hidden_layers"]
     out = {"token_embedder/embedding": hf["model.embed_tokens.weight"], "decoder/decoder_norm/scale": hf["model.norm.weight"],

@@ -34,7 +34,9 @@ def hf_model(tmp_path_factory):
 
 
 def expected_layer(hf: dict, i: int) -> dict:
-    """MaxText arrays of HF layer i, laid out independently of the converter (maxtext-format-moe.md §5.3)."""
+    """MaxText arrays of HF layer i, laid out independently of the converter as MaxText's own converter lays
+    them out (src/maxtext/checkpoint_conversion/standalone_scripts/convert_gpt_oss_ckpt.py in AI-Hypercomputer/maxtext): `gate_up_proj`
+    de-interleaved, even columns to `wi_0`, odd ones to `wi_1`."""
     p = f"model.layers.{i}."
     a, m = p + "self_attn.", p + "mlp."
     gate_up, gate_up_bias = hf[m + "experts.gate_up_proj"], hf[m + "experts.gate_up_proj_bias"]

@@ -52,7 +52,9 @@ def assert_close(a: dict, b: dict, scaled: str) -> int:
 
 
 def expected_layer(hf: dict, i: int) -> dict:
-    """MaxText arrays of HF layer i, laid out independently of the converter (maxtext-format-moe.md §4.2)."""
+    """MaxText arrays of HF layer i, laid out independently of the converter as MaxText's own converter lays
+    them out (src/maxtext/checkpoint_conversion/standalone_scripts/llama_or_mistral_ckpt.py in AI-Hypercomputer/maxtext): the experts stacked
+    `[E, ...]` under `MoeBlock_0`, the query kernel scaled by 1/sqrt(head_dim)."""
     p = f"model.layers.{i}."
     q = hf[p + "self_attn.q_proj.weight"]
     out = {

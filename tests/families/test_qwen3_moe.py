@@ -32,7 +32,9 @@ def hf_model(tmp_path_factory):
 
 
 def expected_layer(hf: dict, i: int) -> dict:
-    """MaxText arrays of HF layer i, laid out independently of the converter (maxtext-format-moe.md §3.2)."""
+    """MaxText arrays of HF layer i, laid out independently of the converter as MaxText's own converter lays
+    them out (src/maxtext/checkpoint_conversion/standalone_scripts/convert_qwen3_moe.py in AI-Hypercomputer/maxtext): the routed experts stacked
+    `[E, ...]` under `moe_block`."""
     p = f"model.layers.{i}."
     q, k = hf[p + "self_attn.q_proj.weight"], hf[p + "self_attn.k_proj.weight"]
     e, n, kv, d = 64, 4, 2, 32

@@ -66,7 +66,9 @@ def test_exported_folder_loads_in_transformers_with_same_logits(hf_model, tmp_pa
 def test_real_model_and_unsupported_variants():
     fam, cfg = registry.model("qwen3-next-80b-a3b")
     shapes = {l.path: l.shape for l in fam.plan(cfg, scan=True)}
-    # the HF shapes MaxText's own exporter gets wrong (maxtext-format-moe.md §10.2)
+    # the HF shapes MaxText's own exporter gets wrong: `QWEN3_NEXT_HF_WEIGHTS_TO_SHAPE` in MaxText's
+    # src/maxtext/checkpoint_conversion/utils/hf_shape.py sizes the linear-attention value heads with the
+    # full-attention head_dim (256) instead of linear_value_head_dim (128)
     hf = {name: leaf.hf_shape for leaf in fam.plan(cfg, scan=False) for _, name in leaf.hf_names()}
     assert hf["model.layers.0.linear_attn.in_proj_qkvz.weight"] == (12288, 2048)
     assert hf["model.layers.0.linear_attn.conv1d.weight"] == (8192, 1, 4)

@@ -38,7 +38,7 @@ EXPECTED = {
         "decoder/layers/self_attention/query/kernel": (1024, 28, 16, 128),
         "decoder/layers/self_attention/out/kernel": (16, 28, 128, 1024),
     },
-    # MoE (maxtext-format-moe.md): expert axis 0, scanned layer axis 1
+    # MoE (as MaxText's src/maxtext/checkpoint_conversion/standalone_scripts/convert_qwen3_moe.py stacks them): expert axis 0, scanned layer axis 1
     "qwen3-30b-a3b": {
         "token_embedder/embedding": (151936, 2048),
         "decoder/logits_dense/kernel": (2048, 151936),
@@ -136,7 +136,8 @@ EXPECTED = {
         "vision_encoder/VisionEmbedder_0/mm_input_projection/w": (1152, 2560),
         "vision_encoder/VisionEmbedder_0/mm_soft_embedding_norm/scale": (1152,),
     },
-    # DeepSeek: dense and MoE layers in two stacks (maxtext-format-moe.md §6.3)
+    # DeepSeek: dense and MoE layers in two stacks, `dense_layers` and `moe_layers` (as MaxText's
+    # src/maxtext/checkpoint_conversion/standalone_scripts/convert_deepseek_family_ckpt.py writes them)
     "deepseek2-16b": {
         "token_embedder/embedding": (102400, 2048),
         "decoder/dense_layers/self_attention/query/kernel": (2048, 1, 16, 192),

@@ -41,7 +41,9 @@ def converted(hf_model, tmp_path_factory):
 
 
 def to_maxtext(folder: Path, scan: bool) -> dict:
-    """HF safetensors -> MaxText arrays with numpy, independently of the converter (maxtext-format-moe.md §5)."""
+    """HF safetensors -> MaxText arrays with numpy, independently of the converter, as MaxText's own converter lays them
+    out (src/maxtext/checkpoint_conversion/standalone_scripts/convert_gpt_oss_ckpt.py in AI-Hypercomputer/maxtext): `gate_up_proj` de-interleaved
+    (even columns `wi_0`, odd `wi_1`); scanned, two stacks `layers_0` / `layers_1` of alternating layers."""
     cfg, hf = hf_float32(folder)
     e, n, k, d = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
     out = embed_and_head(hf)

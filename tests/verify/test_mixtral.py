@@ -46,7 +46,9 @@ def converted(hf_model, tmp_path_factory):
 
 
 def to_maxtext(folder: Path, scan: bool) -> dict:
-    """HF safetensors -> MaxText arrays with numpy, independently of the converter (maxtext-format-moe.md §4)."""
+    """HF safetensors -> MaxText arrays with numpy, independently of the converter, as MaxText's own converter lays them
+    out (src/maxtext/checkpoint_conversion/standalone_scripts/llama_or_mistral_ckpt.py in AI-Hypercomputer/maxtext): the experts stacked `[E, ...]`
+    under `MoeBlock_0` (scanned `[E, L, ...]`), the query kernel scaled by 1/sqrt(head_dim)."""
     cfg, hf = hf_float32(folder)
     e, n, k, d = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
     out = embed_and_head(hf)

@@ -36,7 +36,9 @@ def converted(hf_model, tmp_path_factory):
 
 
 def to_maxtext(folder: Path, scan: bool) -> dict:
-    """HF safetensors -> MaxText arrays with numpy, independently of the converter (maxtext-format-moe.md §3)."""
+    """HF safetensors -> MaxText arrays with numpy, independently of the converter, as MaxText's own converter lays them
+    out (src/maxtext/checkpoint_conversion/standalone_scripts/convert_qwen3_moe.py in AI-Hypercomputer/maxtext): the routed experts stacked `[E, ...]`
+    under `moe_block` (scanned `[E, L, ...]`)."""
     cfg, hf = hf_float32(folder)
     e, n, k, d = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
     experts = cfg.get("num_experts") or cfg["num_local_experts"]
