@@ -32,6 +32,8 @@ PieceFn = Callable[[], Iterator[tuple[Index, np.ndarray]]]
 
 PARAM_ROOTS = ("token_embedder", "decoder", "vision_encoder", "mtp_block")
 TXN_BYTES = 64 << 20  # data buffered per write transaction (per worker) before it is committed
+SIDECAR_DIR = Path("ckptflow")  # ckptflow's own files beside a MaxText checkpoint it wrote (in the checkpoint's root)
+HF_SIDECAR = SIDECAR_DIR / "hf"  # the source HF config and tokenizer, so converting back needs no extra arguments
 
 
 @dataclass(eq=False)
@@ -307,7 +309,7 @@ def read_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def find_sidecar_dir(path: str | os.PathLike) -> Path | None:
     """`<ckpt>/ckptflow/hf`, the source HF config and tokenizer kept beside a checkpoint we wrote."""
     items = find_items_dir(path)
-    d = checkpoint_root(items) / "ckptflow" / "hf"
+    d = checkpoint_root(items) / HF_SIDECAR
     return d if (d / "config.json").exists() else None
 
 
