@@ -18,8 +18,8 @@ from converters.io import direct_io
 
 log = logging.getLogger("ckptflow.outputs")
 
-# What the bytes ckptflow writes are hashed with: BLAKE3, cryptographic like sha256 but 2.5x faster here (4.3
-# against 1.7 GB/s on one core), and it releases the GIL. Every output file's digest in the manifest and every
+# What the bytes ckptflow writes are hashed with: BLAKE3, cryptographic like sha256 but more than twice as fast on
+# one core (docs/performance.md, "Speed"), and it releases the GIL. Every output file's digest in the manifest and every
 # tensor or chunk digest under the manifest's `output_digest` is one; a conversion takes both while it writes (two
 # passes over each byte, on threads of their own). sha256 stays where others fix the algorithm: hub LFS ids
 # (download) and publish's staging records.
@@ -143,8 +143,9 @@ class FileHasher:
 
 def _drop_pages(path: str) -> None:
     """Free a finished file's pages from the page cache. Synced first: `POSIX_FADV_DONTNEED` leaves dirty pages
-    alone, and a file hashed before its writer's own fsync would otherwise stay cached for good (measured: the
-    cache then grew by GBs, and tensorstore's writes into fresh pages ran at 0.4 against 1.0 GB/s on this VM)."""
+    alone, and a file hashed before its writer's own fsync would otherwise stay cached for good: the page cache
+    then grows by the model's size, and tensorstore's writes into fresh pages are slower than into reused ones
+    (docs/performance.md, "Speed")."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fdatasync(fd)
