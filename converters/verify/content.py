@@ -94,6 +94,9 @@ def bound(x: np.ndarray, back: np.ndarray, chain: tuple[Transform, ...], ckpt_dt
     stored = back.astype(np.float32)
     for t in steps:  # the stored value's magnitude, from the back-mapped one (the steps are elementwise)
         stored = t.forward(stored)
+    # ... rounded to the checkpoint's dtype: the stored value is one of its values. Recomputed in float32 it can land
+    # just below a power of two the source rounded down to, where the spacing (and the bound) would be half as large.
+    stored = from_float32(stored, ckpt_dtype)
     x32 = to_float32(x)
     out = 0.5 * ulp(stored, ckpt_dtype) * _inverse_gain(steps)
     if MANTISSA_BITS[src.name] < MANTISSA_BITS["float32"]:

@@ -20,7 +20,10 @@ def test_models_json_lists_every_family():
     assert p.returncode == 0
     rows = json.loads(p.stdout)
     names = {r["model"] for r in rows}
-    assert {"llama3.1-8b", "llama3.1-405b", "qwen2.5-7b", "qwen3-0.6b", "qwen3-32b"} <= names
+    assert {"llama3.1-8b", "llama3.1-405b", "mistral-7b", "qwen2.5-7b", "qwen3-0.6b", "qwen3-32b"} <= names
+    from converters.core import registry
+
+    assert {r["family"] for r in rows} == set(registry.FAMILIES) and names == set(registry.model_names())
     assert all(len(r["directions"]) == 4 for r in rows)
 
 

@@ -20,6 +20,21 @@ EXPECTED = {
         "decoder/layers/mlp/wo/kernel": (14336, 32, 4096),
         "decoder/layers/pre_self_attention_layer_norm/scale": (4096, 32),
     },
+    # all 12 arrays: nnx.eval_shape of MaxText 0.2.5's model for model_name=mistral-7b gives exactly these
+    "mistral-7b": {
+        "token_embedder/embedding": (32000, 4096),
+        "decoder/decoder_norm/scale": (4096,),
+        "decoder/logits_dense/kernel": (4096, 32000),
+        "decoder/layers/pre_self_attention_layer_norm/scale": (4096, 32),
+        "decoder/layers/post_self_attention_layer_norm/scale": (4096, 32),
+        "decoder/layers/self_attention/query/kernel": (4096, 32, 32, 128),
+        "decoder/layers/self_attention/key/kernel": (4096, 32, 8, 128),
+        "decoder/layers/self_attention/value/kernel": (4096, 32, 8, 128),
+        "decoder/layers/self_attention/out/kernel": (32, 32, 128, 4096),
+        "decoder/layers/mlp/wi_0/kernel": (4096, 32, 14336),
+        "decoder/layers/mlp/wi_1/kernel": (4096, 32, 14336),
+        "decoder/layers/mlp/wo/kernel": (14336, 32, 4096),
+    },
     "qwen2.5-7b": {
         "token_embedder/embedding": (152064, 3584),
         "decoder/logits_dense/kernel": (3584, 152064),
@@ -197,7 +212,7 @@ EXPECTED = {
         "vision_encoder/VisionEmbedder_0/mm_input_projection/w": (1152, 5376),
     },
 }
-PARAMS_B = {"llama3.1-8b": 8.03, "llama3.1-70b": 70.55, "llama3.1-405b": 405.85, "qwen2.5-1.5b": 1.54, "qwen2.5-7b": 7.62,
+PARAMS_B = {"llama3.1-8b": 8.03, "llama3.1-70b": 70.55, "llama3.1-405b": 405.85, "mistral-7b": 7.24, "qwen2.5-1.5b": 1.54, "qwen2.5-7b": 7.62,
             "qwen2.5-14b": 14.77, "qwen3-0.6b": 0.60, "qwen3-1.7b": 1.72, "qwen3-4b": 4.02, "qwen3-8b": 8.19,
             "qwen3-14b": 14.77, "qwen3-32b": 32.76,
             # MoE totals as published: 30.5B, 235B, 480B; 46.7B, 141B; 21B, 117B
