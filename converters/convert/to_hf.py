@@ -87,7 +87,7 @@ def export_tensors(plan: list[Leaf]) -> list[tuple[Leaf, str, list[Piece] | None
     """(leaf, HF name, its pieces or None when row-streamed) for every HF tensor of the model, each once."""
     out: list = []
     for leaf in plan:
-        if leaf.part:
+        if leaf.split_index:
             continue  # a split HF tensor is written once, by the leaf of its first piece reading all of them
         if leaf.row_streamed:
             out.append((leaf, leaf.hf_name(), None))
@@ -112,8 +112,8 @@ def _tensor_blocks(leaf: Leaf, pieces: list[Piece] | None, dtype: np.dtype, drop
                 x = r.to_hf(xs, dtype)
                 return x if p.row is None else x[None]
 
-            # a split HF tensor is read from every array it was cut into (`leaf.parts`), joined by `to_hf`
-            yield [(path, p.index) for path in leaf.parts or (leaf.path,)], block
+            # a split HF tensor is read from every array it was cut into (`leaf.split_paths`), joined by `to_hf`
+            yield [(path, p.index) for path in leaf.split_paths or (leaf.path,)], block
         return
     ax, hf_rows = r.row_axis, r.hf_shape[0]
     row_bytes = math.prod(r.hf_shape[1:]) * 4

@@ -107,7 +107,7 @@ def array_units(leaf: Leaf, src: SafetensorsFolder, dtype: np.dtype, files: dict
 
         def produce(p: Piece) -> np.ndarray:
             x = src.read(p.hf) if p.row is None else src.read(p.hf, slice(p.row, p.row + 1))[0]
-            return r.to_maxtext(x, dtype, leaf.part)  # leaf.part: which piece of a split HF tensor this array is
+            return r.to_maxtext(x, dtype, leaf.split_index)  # which piece of a split HF tensor this array is
 
         def ahead(p: Piece) -> None:
             if p.hf in src and hasattr(src.info(p.hf), "path"):
@@ -270,7 +270,7 @@ def _convert_share(conv: _Conversion, out, share: tuple[int, int], writing: _Wri
 def _finalize_shares(conv: _Conversion, out, overwrite: bool) -> Result:
     """Assemble the shares into one checkpoint: share 0's Orbax save (tree metadata, step, its sub-store) plus every
     other share's `ocdbt.process_<i>` sub-store, with the root OCDBT manifest rebuilt over all of them."""
-    from converters.io.orbax import merge_parts
+    from converters.io.orbax import merge_shares
 
     found = shares.collect(out, conv.fingerprint(), DIRECTION)
     if len({s.record.get("tree_metadata") for s in found}) != 1:
@@ -286,14 +286,14 @@ def _finalize_shares(conv: _Conversion, out, overwrite: bool) -> Result:
         raise shares.SharesError(f"no part wrote {listing(missing)}; re-run the parts")
     with atomic_dir(out, overwrite) as tmp, shares.Assembly() as assembly:
         # share 0's Orbax save (tree metadata, step, its sub-store), without the root index its own save
-        # merged: `merge_parts` rebuilds that over every share's sub-store
+        # merged: `merge_shares` rebuilds that over every share's sub-store
         assembly.add_tree(found[0].dir / "ckpt", tmp, skip=("0/items/manifest.ocdbt", "0/items/d"))
         items = tmp / "0" / "items"
         for s in found[1:]:
             sub = f"ocdbt.process_{s.i}"
             if (s.dir / "ckpt" / "0" / "items" / sub).is_dir():
                 assembly.add_tree(s.dir / "ckpt" / "0" / "items" / sub, items / sub)
-        merge_parts(items, use_zarr3=conv.options["use_zarr3"])
+        merge_shares(items, use_zarr3=conv.options["use_zarr3"])
         _finish(tmp, conv, file_hashes=file_hashes, chunks=chunks, extra={"parts": shares.summary(found)})
     shares.remove_staging(out)
     return Result(Path(out), conv.family.name, sum(int(s.record.get("bytes") or 0) for s in found), len(conv.plan))

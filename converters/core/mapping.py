@@ -69,16 +69,16 @@ class Rule:
     def fused_experts(self) -> bool:
         return self.experts > 0 and "{e}" not in self.hf
 
-    def to_maxtext(self, x: np.ndarray, dtype: np.dtype, part: int = 0) -> np.ndarray:
+    def to_maxtext(self, x: np.ndarray, dtype: np.dtype, split_index: int = 0) -> np.ndarray:
         if self.split is not None:
-            x = self.split.take(x, part)
+            x = self.split.take(x, split_index)
         return run_chain(self.chain, x, dtype)
 
-    def to_hf(self, parts: list[np.ndarray], dtype: np.dtype | None, runtime: bool = False) -> np.ndarray:
+    def to_hf(self, pieces: list[np.ndarray], dtype: np.dtype | None, runtime: bool = False) -> np.ndarray:
         """The HF tensor (or one expert row of it) from the matching slice of each MaxText array (`runtime`: through
         `runtime_chain` where the rule has one; `dtype` None: as computed, see `run_chain`)."""
         chain = self.runtime_chain if runtime and self.runtime_chain is not None else self.chain
-        xs = [run_chain(chain, p, dtype, inverse=True) for p in parts]
+        xs = [run_chain(chain, p, dtype, inverse=True) for p in pieces]
         return xs[0] if self.split is None else self.split.join(xs)
 
 
@@ -109,8 +109,8 @@ class Leaf:
     rule: Rule
     hf_layers: tuple[int, ...] | None = None  # stacked along SCAN_AXIS, one entry per slice
     hf_layer: int | None = None  # an unstacked layer's HF index
-    part: int = 0  # which output of the rule's split this array is
-    parts: tuple[str, ...] = ()  # split rules: the paths of all arrays cut from the same HF tensors, in order
+    split_index: int = 0  # which output of the rule's split this array is
+    split_paths: tuple[str, ...] = ()  # split rules: the paths of all arrays cut from the same HF tensors, in order
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -319,4 +319,4 @@ def _leaves(r: Rule, prefix: str, **where) -> list[Leaf]:
         return [Leaf(prefix + r.mt, r, **where)]
     paths = tuple(prefix + m for m in r.mt)
     assert len(paths) == r.split.n, f"{r.hf}: {len(paths)} MaxText paths for a {r.split.n}-way split"
-    return [Leaf(p, r, part=k, parts=paths, **where) for k, p in enumerate(paths)]
+    return [Leaf(p, r, split_index=k, split_paths=paths, **where) for k, p in enumerate(paths)]

@@ -97,7 +97,7 @@ def write_checkpoint(
     `{"scan_layers": ...}`, as MaxText's `to_maxtext` does. Returns the items path.
 
     `process_id`: write the arrays into `ocdbt.process_<id>` as process `id` of a multi-process save does (a part of
-    a split conversion; `merge_parts` joins them). `digests`: filled with each LazyArray's chunk digests as written.
+    a split conversion; `merge_shares` joins them). `digests`: filled with each LazyArray's chunk digests as written.
     `txn_bytes`: data each worker buffers before committing it (memory is about (workers + 1) x (this + a piece)
     + workers x a piece: each worker's open transaction and the piece it produces with its source bytes, and the
     one transaction committing in the background; smaller means more OCDBT commits).
@@ -128,7 +128,7 @@ def write_checkpoint(
     return root / "0" / "items"
 
 
-def merge_parts(items: Path, use_zarr3: bool = True) -> None:
+def merge_shares(items: Path, use_zarr3: bool = True) -> None:
     """Rebuild `items`' root OCDBT manifest over every `ocdbt.process_*` sub-store in it, as the primary process of a
     multi-process Orbax save does once all processes have written (Orbax's own merge)."""
     import shutil

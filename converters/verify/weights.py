@@ -77,7 +77,7 @@ class HFTensor:
         return mt if isinstance(mt, str) else "+".join(mt)
 
     def reads(self, piece: Piece) -> list[tuple[str, tuple]]:
-        return [(path, piece.index) for path in self.leaf.parts or (self.leaf.path,)]
+        return [(path, piece.index) for path in self.leaf.split_paths or (self.leaf.path,)]
 
 
 def _layer_of(leaf: Leaf, piece: Piece) -> int | None:

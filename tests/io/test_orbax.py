@@ -193,7 +193,7 @@ def test_concurrent_writes_keep_their_own_options(tmp_path):
     at a barrier in their first array's first piece: both calls have started before either starts its later arrays."""
     import threading
 
-    from converters.io.orbax import LazyArray, WriteProgress, merge_parts, write_checkpoint
+    from converters.io.orbax import LazyArray, WriteProgress, merge_shares, write_checkpoint
     from converters.io.orbax_handler import _hash_piece
 
     barrier = threading.Barrier(2, timeout=60)
@@ -246,7 +246,7 @@ def test_concurrent_writes_keep_their_own_options(tmp_path):
             want = {(0, layer, 0): _hash_piece(data[:, layer : layer + 1])[1] for layer in range(data.shape[1])}
             assert run["digests"][name] == want, (tag, name)
         if run["process_id"] is not None:
-            merge_parts(items)  # the root manifest over both sub-stores, as a split conversion's finalize does
+            merge_shares(items)  # the root manifest over both sub-stores, as a split conversion's finalize does
         got = read_params(tmp_path / tag)
         assert got.keys() == {f"decoder/{name}" for name in run["arrays"]}, tag
         for name, (data, _) in run["arrays"].items():
