@@ -17,7 +17,7 @@ from converters.convert import hf_to_maxtext, maxtext_to_hf
 from converters.io.orbax import read_params
 from converters.io.safetensors import SafetensorsFolder
 
-from converters.tiny_models import FAMILIES
+from converters.tiny_models import GENERIC_TEST_MODELS
 
 SCALED = {"llama3.1": ("q_proj.weight", "query/kernel")}  # tensors stored scaled by a non-power-of-two
 
@@ -48,7 +48,7 @@ def hf_tensors(path) -> dict:
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unscanned"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", GENERIC_TEST_MODELS)
 def test_hf_maxtext_hf_round_trip(tiny_model, tmp_path, family, scan, dtype):
     src = tiny_model(family, layers=3, dtype=dtype)
     hf_to_maxtext(src, tmp_path / "mt", scan=scan, dtype=dtype)
@@ -62,7 +62,7 @@ def test_hf_maxtext_hf_round_trip(tiny_model, tmp_path, family, scan, dtype):
     assert_same_tensors(read_params(tmp_path / "mt"), read_params(tmp_path / "mt2"), scaled_mt)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", GENERIC_TEST_MODELS)
 def test_tied_and_untied_variants(tiny_model, tmp_path, family):
     """Tied models have no logits_dense and write no lm_head; untied ones keep both."""
     for tied in (True, False):
@@ -74,7 +74,7 @@ def test_tied_and_untied_variants(tiny_model, tmp_path, family):
         assert ("lm_head.weight" in SafetensorsFolder(tmp_path / f"hf{tied}").tensors) == (not tied)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", GENERIC_TEST_MODELS)
 def test_exported_folder_loads_in_transformers_with_same_logits(tiny_model, tmp_path, family):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
