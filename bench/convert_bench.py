@@ -48,7 +48,12 @@ def measure(name: str, cmd: list[str], nbytes: int, cold: bool, warm_from: tuple
     r = run_measured(cmd, cold=cold)  # the clock counts the flush to disk, as for cp
     if r.returncode:
         raise SystemExit(f"{name} failed ({r.returncode}):\n{r.stderr[-2000:]}")
-    return {"step": name, "wall_s": r.wall_s, "GB_per_s": round(nbytes / 1e9 / r.wall_s, 3), "peak_rss_GB": r.peak_rss_GB}
+    return {
+        "step": name,
+        "wall_s": r.wall_s,
+        "GB_per_s": round(nbytes / 1e9 / r.wall_s, 3),
+        "peak_rss_GB": r.peak_rss_GB,
+    }
 
 
 def measure_parts(name: str, cmd: list[str], n: int, nbytes: int, cold: bool) -> dict:
@@ -71,10 +76,17 @@ def measure_parts(name: str, cmd: list[str], n: int, nbytes: int, cold: bool) ->
     parts_wall = time.monotonic() - t0
     fin = measure(f"{name} finalize", cmd + ["--finalize"], nbytes, cold=False)
     total = parts_wall + fin["wall_s"]
-    return {"step": f"{name}, {n} part(s)", "parts": n, "wall_s": round(total, 2), "parts_wall_s": round(parts_wall, 2),
-            "finalize_s": fin["wall_s"], "GB_per_s": round(nbytes / 1e9 / total, 3),
-            "part_GB_per_s": round(nbytes / n / 1e9 / (sum(walls) / n), 3),
-            "peak_rss_GB": round(max(peaks) / 1e9, 3), "finalize_peak_rss_GB": fin["peak_rss_GB"]}
+    return {
+        "step": f"{name}, {n} part(s)",
+        "parts": n,
+        "wall_s": round(total, 2),
+        "parts_wall_s": round(parts_wall, 2),
+        "finalize_s": fin["wall_s"],
+        "GB_per_s": round(nbytes / 1e9 / total, 3),
+        "part_GB_per_s": round(nbytes / n / 1e9 / (sum(walls) / n), 3),
+        "peak_rss_GB": round(max(peaks) / 1e9, 3),
+        "finalize_peak_rss_GB": fin["peak_rss_GB"],
+    }
 
 
 def run_parts(model: str, layers: int, work: Path, counts: list[int], cold: bool, keep: bool) -> dict:
@@ -88,9 +100,20 @@ def run_parts(model: str, layers: int, work: Path, counts: list[int], cold: bool
         for d in ("mt-parts", "hf-parts"):
             shutil.rmtree(work / d, ignore_errors=True)
         print(f"  {n} part(s) ...", file=sys.stderr)
-        rows.append(measure_parts("hf->maxtext scanned", ck + [str(src), str(work / "mt-parts"), "--to", "maxtext", "-q"], n, nbytes, cold))
-        rows.append(measure_parts("maxtext->hf", ck + [str(work / "mt-parts"), str(work / "hf-parts"), "--to", "hf", "-q", *shard],
-                                  n, nbytes, cold))
+        rows.append(
+            measure_parts(
+                "hf->maxtext scanned", ck + [str(src), str(work / "mt-parts"), "--to", "maxtext", "-q"], n, nbytes, cold
+            )
+        )
+        rows.append(
+            measure_parts(
+                "maxtext->hf",
+                ck + [str(work / "mt-parts"), str(work / "hf-parts"), "--to", "hf", "-q", *shard],
+                n,
+                nbytes,
+                cold,
+            )
+        )
     if not keep:
         for d in ("mt-parts", "hf-parts"):
             shutil.rmtree(work / d, ignore_errors=True)
@@ -101,20 +124,42 @@ def print_parts(res: dict) -> None:
     print(f"\n{res['model']} x {res['layers']} layers ({res['model_GB']:.2f} GB), scale-out on this machine:")
     print(f"{'step':<34}{'wall s':>8}{'parts s':>9}{'final s':>9}{'GB/s':>8}{'part GB/s':>11}{'part RSS GB':>13}")
     for r in res["parts"]:
-        print(f"{r['step']:<34}{r['wall_s']:>8.2f}{r['parts_wall_s']:>9.2f}{r['finalize_s']:>9.2f}{r['GB_per_s']:>8.3f}"
-              f"{r['part_GB_per_s']:>11.3f}{r['peak_rss_GB']:>13.3f}")
+        print(
+            f"{r['step']:<34}{r['wall_s']:>8.2f}{r['parts_wall_s']:>9.2f}{r['finalize_s']:>9.2f}{r['GB_per_s']:>8.3f}"
+            f"{r['part_GB_per_s']:>11.3f}{r['peak_rss_GB']:>13.3f}"
+        )
 
 
-def run_one(model: str, layers: int, work: Path, extra: list[str], cold: bool, keep: bool, repeat: int = 1,
-            warm_vm: bool = False) -> dict:
+def run_one(
+    model: str,
+    layers: int,
+    work: Path,
+    extra: list[str],
+    cold: bool,
+    keep: bool,
+    repeat: int = 1,
+    warm_vm: bool = False,
+) -> dict:
     src = synthetic_model(model, layers, work / f"hf-{layers}")
     nbytes = dir_bytes(src)
     ck = [sys.executable, "-m", "converters", "convert"]
     steps = [  # (name, output folder, command)
         ("cp -r + sync", "cp-copy", ["cp", "-r", str(src), str(work / "cp-copy")]),
-        ("hf->maxtext scanned", "mt-scan", ck + [str(src), str(work / "mt-scan"), "--to", "maxtext", "--scan", "-q", *extra]),
-        ("hf->maxtext unscanned", "mt-noscan", ck + [str(src), str(work / "mt-noscan"), "--to", "maxtext", "--no-scan", "-q", *extra]),
-        ("maxtext->hf (from scanned)", "hf-back", ck + [str(work / "mt-scan"), str(work / "hf-back"), "--to", "hf", "-q"]),
+        (
+            "hf->maxtext scanned",
+            "mt-scan",
+            ck + [str(src), str(work / "mt-scan"), "--to", "maxtext", "--scan", "-q", *extra],
+        ),
+        (
+            "hf->maxtext unscanned",
+            "mt-noscan",
+            ck + [str(src), str(work / "mt-noscan"), "--to", "maxtext", "--no-scan", "-q", *extra],
+        ),
+        (
+            "maxtext->hf (from scanned)",
+            "hf-back",
+            ck + [str(work / "mt-scan"), str(work / "hf-back"), "--to", "hf", "-q"],
+        ),
     ]
     # Rounds of every step in turn, so that the disk's and the VM's moods (cp alone varied 6-20 s for the same
     # 5.6 GB here) fall on every step alike; each step reports its median, fastest and slowest round.
@@ -128,44 +173,77 @@ def run_one(model: str, layers: int, work: Path, extra: list[str], cold: bool, k
     for name, _, _ in steps:
         walls = sorted(r["wall_s"] for r in runs[name])
         wall = statistics.median(walls)
-        rows.append({"step": name, "wall_s": round(wall, 2), "wall_min_s": walls[0], "wall_max_s": walls[-1],
-                     "GB_per_s": round(nbytes / 1e9 / wall, 3), "peak_rss_GB": max(r["peak_rss_GB"] for r in runs[name])})
+        rows.append(
+            {
+                "step": name,
+                "wall_s": round(wall, 2),
+                "wall_min_s": walls[0],
+                "wall_max_s": walls[-1],
+                "GB_per_s": round(nbytes / 1e9 / wall, 3),
+                "peak_rss_GB": max(r["peak_rss_GB"] for r in runs[name]),
+            }
+        )
     base = rows[0]["wall_s"]
     for r in rows:
         r["x_cp"] = round(r["wall_s"] / base, 2)
     if not keep:
         for d in ("cp-copy", "mt-scan", "mt-noscan", "hf-back"):
             shutil.rmtree(work / d, ignore_errors=True)
-    return {"model": model, "layers": layers, "model_GB": round(nbytes / 1e9, 3), "rounds": repeat, "warm_vm": warm_vm,
-            "steps": rows}
+    return {
+        "model": model,
+        "layers": layers,
+        "model_GB": round(nbytes / 1e9, 3),
+        "rounds": repeat,
+        "warm_vm": warm_vm,
+        "steps": rows,
+    }
 
 
 def print_table(results: list[dict]) -> None:
-    print(f"{'model':<14}{'layers':>7}{'GB':>8}  {'step':<28}{'wall s':>8}{'range s':>14}{'GB/s':>8}{'x cp':>7}{'peak RSS GB':>13}")
+    print(
+        f"{'model':<14}{'layers':>7}{'GB':>8}  "
+        f"{'step':<28}{'wall s':>8}{'range s':>14}{'GB/s':>8}{'x cp':>7}{'peak RSS GB':>13}"
+    )
     for res in results:
         for r in res["steps"]:
             spread = f"{r.get('wall_min_s', r['wall_s']):.1f}-{r.get('wall_max_s', r['wall_s']):.1f}"
-            print(f"{res['model']:<14}{res['layers']:>7}{res['model_GB']:>8.2f}  {r['step']:<28}{r['wall_s']:>8.2f}{spread:>14}"
-                  f"{r['GB_per_s']:>8.3f}{r['x_cp']:>7.2f}{r['peak_rss_GB']:>13.3f}")
+            print(
+                f"{res['model']:<14}{res['layers']:>7}{res['model_GB']:>8.2f}  "
+                f"{r['step']:<28}{r['wall_s']:>8.2f}{spread:>14}"
+                f"{r['GB_per_s']:>8.3f}{r['x_cp']:>7.2f}{r['peak_rss_GB']:>13.3f}"
+            )
 
 
 def markdown_table(results: list[dict]) -> str:
-    lines = ["| model dims | layers | model GB | step | wall s (median) | fastest-slowest s | GB/s | x cp | peak RSS GB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model dims | layers | model GB | step | wall s (median) | fastest-slowest s | GB/s | x cp | peak RSS GB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for res in results:
         for r in res["steps"]:
             spread = f"{r.get('wall_min_s', r['wall_s']):.1f}-{r.get('wall_max_s', r['wall_s']):.1f}"
-            lines.append(f"| {res['model']} | {res['layers']} | {res['model_GB']:.2f} | {r['step']} | {r['wall_s']:.1f} | {spread} | "
-                         f"{r['GB_per_s']:.3f} | {r['x_cp']:.2f} | {r['peak_rss_GB']:.2f} |")
+            lines.append(
+                f"| {res['model']} | {res['layers']} | {res['model_GB']:.2f} | {r['step']} | {r['wall_s']:.1f} | "
+                f"{spread} | "
+                f"{r['GB_per_s']:.3f} | {r['x_cp']:.2f} | {r['peak_rss_GB']:.2f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def parts_markdown(res: dict) -> str:
-    lines = ["", f"{res['model']} dims, {res['layers']} layers, {res['model_GB']:.2f} GB, N local part processes + finalize:", "",
-             "| step | wall s | parts s | finalize s | GB/s | per-part GB/s | per-part peak RSS GB |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        f"{res['model']} dims, {res['layers']} layers, {res['model_GB']:.2f} GB, N local part processes + finalize:",
+        "",
+        "| step | wall s | parts s | finalize s | GB/s | per-part GB/s | per-part peak RSS GB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in res["parts"]:
-        lines.append(f"| {r['step']} | {r['wall_s']:.1f} | {r['parts_wall_s']:.1f} | {r['finalize_s']:.1f} | {r['GB_per_s']:.3f} | "
-                     f"{r['part_GB_per_s']:.3f} | {r['peak_rss_GB']:.2f} |")
+        lines.append(
+            f"| {r['step']} | {r['wall_s']:.1f} | {r['parts_wall_s']:.1f} | {r['finalize_s']:.1f} | "
+            f"{r['GB_per_s']:.3f} | "
+            f"{r['part_GB_per_s']:.3f} | {r['peak_rss_GB']:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -177,7 +255,9 @@ def plot(results: list[dict], path: Path) -> None:
     sizes = [r["model_GB"] for r in results]
     for n in names:
         a.plot(sizes, [next(s["wall_s"] for s in r["steps"] if s["step"] == n) for r in results], marker="o", label=n)
-        b.plot(sizes, [next(s["peak_rss_GB"] for s in r["steps"] if s["step"] == n) for r in results], marker="o", label=n)
+        b.plot(
+            sizes, [next(s["peak_rss_GB"] for s in r["steps"] if s["step"] == n) for r in results], marker="o", label=n
+        )
     a.set(xlabel="model size (GB)", ylabel="wall time (s)", title="time vs cp")
     b.set(xlabel="model size (GB)", ylabel="peak RSS (GB)", title="peak resident memory")
     a.legend(fontsize=7)
@@ -197,18 +277,32 @@ def main() -> int:
     p.add_argument("--markdown", type=Path, help="write the table as Markdown here")
     p.add_argument("--warm", action="store_true", help="do not drop the page cache between steps")
     p.add_argument("--keep", action="store_true", help="keep converted outputs")
-    p.add_argument("--warm-vm", action="store_true", help="before every step, copy the source once (untimed) so the "
-                   "memory it gets was just in use: on VMs that hand freed memory back to the host, the regime closer to "
-                   "a machine of its own (see warm_memory)")
-    p.add_argument("--repeat", type=int, default=3, help="rounds of every step; each reports its median, fastest and "
-                   "slowest round (default 3)")
-    p.add_argument("--compare-maxtext", action="store_true", help="also run MaxText's to_maxtext when the maxtext package is importable")
+    p.add_argument(
+        "--warm-vm",
+        action="store_true",
+        help="before every step, copy the source once (untimed) so the "
+        "memory it gets was just in use: on VMs that hand freed memory back to the host, the regime closer to "
+        "a machine of its own (see warm_memory)",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="rounds of every step; each reports its median, fastest and slowest round (default 3)",
+    )
+    p.add_argument(
+        "--compare-maxtext",
+        action="store_true",
+        help="also run MaxText's to_maxtext when the maxtext package is importable",
+    )
     p.add_argument("--parts", help="comma-separated part counts (e.g. 1,2,4): also run the scale-out sweep at --layers")
     p.add_argument("convert_args", nargs="*", help="extra args passed to `ckptflow convert --to maxtext` (after --)")
     a = p.parse_args()
     layers = [int(x) for x in a.sizes.split(",")] if a.sizes else [a.layers]
     a.out.mkdir(parents=True, exist_ok=True)
-    results = [run_one(a.model, n, a.out, a.convert_args, not a.warm, a.keep, max(1, a.repeat), a.warm_vm) for n in layers]
+    results = [
+        run_one(a.model, n, a.out, a.convert_args, not a.warm, a.keep, max(1, a.repeat), a.warm_vm) for n in layers
+    ]
     if a.compare_maxtext:
         try:
             import maxtext  # noqa: F401
@@ -216,9 +310,17 @@ def main() -> int:
             print("--compare-maxtext: the maxtext package is not importable here; skipped", file=sys.stderr)
         else:  # pragma: no cover - needs MaxText (Python >= 3.12, ~7 GB)
             src = a.out / f"hf-{layers[-1]}"
-            cmd = [sys.executable, "-m", "maxtext.checkpoint_conversion.to_maxtext", "maxtext/configs/base.yml",
-                   f"model_name={a.model}", f"base_output_directory={a.out / 'maxtext-own'}", "scan_layers=true",
-                   f"--hf_model_path={src}", "--simulated_cpu_devices_count=1"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "maxtext.checkpoint_conversion.to_maxtext",
+                "maxtext/configs/base.yml",
+                f"model_name={a.model}",
+                f"base_output_directory={a.out / 'maxtext-own'}",
+                "scan_layers=true",
+                f"--hf_model_path={src}",
+                "--simulated_cpu_devices_count=1",
+            ]
             results[-1]["steps"].append(measure("maxtext to_maxtext", cmd, dir_bytes(src), not a.warm))
     print_table(results)
     if a.parts:

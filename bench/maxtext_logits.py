@@ -47,7 +47,6 @@ import sys
 
 import numpy as np
 
-
 # ---------------------------------------------------------------------------------------------------------
 # HF config -> MaxText config overrides
 # ---------------------------------------------------------------------------------------------------------
@@ -98,7 +97,9 @@ def overrides_from_hf(cfg: dict, decoder_block: str, *, ckpt_vocab: int, scanned
         o.update(
             rope_factor=float(rp["factor"]),
             original_max_position_embeddings=int(rp["original_max_position_embeddings"]),
-            max_position_embeddings=int(_get(cfg, "max_position_embeddings", default=o.get("max_position_embeddings", 163840))),
+            max_position_embeddings=int(
+                _get(cfg, "max_position_embeddings", default=o.get("max_position_embeddings", 163840))
+            ),
             beta_fast=float(rp.get("beta_fast", 32)),
             beta_slow=float(rp.get("beta_slow", 1)),
         )
@@ -151,8 +152,11 @@ def overrides_from_hf(cfg: dict, decoder_block: str, *, ckpt_vocab: int, scanned
             topk_routing_group=int(cfg.get("topk_group") or 1) if n_group > 1 else -1,
         )
         if "index_topk" in cfg:  # DeepSeek-V3.2 sparse-attention indexer
-            o.update(indexer_n_heads=int(cfg["index_n_heads"]), indexer_head_dim=int(cfg["index_head_dim"]),
-                     indexer_topk=int(cfg["index_topk"]))
+            o.update(
+                indexer_n_heads=int(cfg["index_n_heads"]),
+                indexer_head_dim=int(cfg["index_head_dim"]),
+                indexer_topk=int(cfg["index_topk"]),
+            )
         if rp.get("rope_type", rp.get("type")) == "yarn":
             yarn()
     elif decoder_block == "gemma2":
@@ -169,7 +173,9 @@ def overrides_from_hf(cfg: dict, decoder_block: str, *, ckpt_vocab: int, scanned
             o["local_rope_max_timescale"] = float(local.get("rope_theta", 10000.0))
         if full:
             o["rope_max_timescale"] = float(full.get("rope_theta", 1e6))
-            o["rope_linear_scaling_factor"] = float(full.get("factor", 1.0)) if full.get("rope_type") == "linear" else 1.0
+            o["rope_linear_scaling_factor"] = (
+                float(full.get("factor", 1.0)) if full.get("rope_type") == "linear" else 1.0
+            )
         else:
             o.pop("rope_max_timescale", None)
         # NB: MaxText's gemma3 query scale is not a config key: head_dim**-0.5 for gemma3-4b/12b,
@@ -254,8 +260,9 @@ def maxtext_logits(ckpt: str, model_name: str, overrides: dict, ids: np.ndarray,
     positions = jnp.asarray(np.tile(np.arange(T, dtype=np.int32)[None, :], (batch, 1)))
     segments = jnp.full((batch, T), DECODING_ACTIVE_SEQUENCE_INDICATOR, dtype=jnp.int32)
     with jax.set_mesh(mesh):
-        logits = model(decoder_input_tokens=tokens, decoder_positions=positions, decoder_segment_ids=segments,
-                       enable_dropout=False)
+        logits = model(
+            decoder_input_tokens=tokens, decoder_positions=positions, decoder_segment_ids=segments, enable_dropout=False
+        )
     return np.asarray(logits[0], dtype=np.float32)
 
 
@@ -270,27 +277,40 @@ def check_loaded(model, ckpt_shapes: dict) -> None:
 
     # the persistent variables, as from_pretrained selects them (e.g. DeepSeek's routing bias is not an nnx.Param)
     state = nnx.state(model).filter(
-        lambda path, var: not isinstance(var, (nnx.RngState, nnx.Cache, nnx.Intermediate, nnx.BatchStat)))
+        lambda path, var: not isinstance(var, (nnx.RngState, nnx.Cache, nnx.Intermediate, nnx.BatchStat))
+    )
     flat = nnx.to_flat_state(state) if hasattr(nnx, "to_flat_state") else state.flat_state()
-    model_shapes = {"/".join(str(k) for k in path): tuple(v.get_value().shape if hasattr(v, "get_value") else v.value.shape)
-                    for path, v in flat}
+    model_shapes = {
+        "/".join(str(k) for k in path): tuple(v.get_value().shape if hasattr(v, "get_value") else v.value.shape)
+        for path, v in flat
+    }
     missing = sorted(set(model_shapes) - set(ckpt_shapes))
     unused = sorted(set(ckpt_shapes) - set(model_shapes))
     common = set(model_shapes) & set(ckpt_shapes)
     # from_pretrained transposes a 2-D array stored with its axes reversed (_align_checkpoint_to_model_shapes);
     # MaxText's own converter writes DeepSeek-V3's scanned routing bias (a MoEBiasVar, stacked by NNX on axis 0)
     # as [experts, layers], so this case is part of MaxText's loading contract
-    transposed = sorted(k for k in common if len(ckpt_shapes[k]) == 2 and model_shapes[k] != ckpt_shapes[k]
-                        and model_shapes[k] == ckpt_shapes[k][::-1])
+    transposed = sorted(
+        k
+        for k in common
+        if len(ckpt_shapes[k]) == 2 and model_shapes[k] != ckpt_shapes[k] and model_shapes[k] == ckpt_shapes[k][::-1]
+    )
     for k in transposed:
-        print(f"note: {k} stored {ckpt_shapes[k]}, model {model_shapes[k]}: MaxText transposes it on load", file=sys.stderr)
+        print(
+            f"note: {k} stored {ckpt_shapes[k]}, model {model_shapes[k]}: MaxText transposes it on load",
+            file=sys.stderr,
+        )
     reshaped = sorted(k for k in common if model_shapes[k] != ckpt_shapes[k] and k not in transposed)
-    problems = [f"model parameter not in checkpoint (left randomly initialized): {k} {model_shapes[k]}" for k in missing]
+    problems = [
+        f"model parameter not in checkpoint (left randomly initialized): {k} {model_shapes[k]}" for k in missing
+    ]
     problems += [f"checkpoint array not used by the model: {k} {ckpt_shapes[k]}" for k in unused]
     problems += [f"shape differs: {k} checkpoint {ckpt_shapes[k]} model {model_shapes[k]}" for k in reshaped]
     if problems:
         raise SystemExit("checkpoint does not fit the MaxText model exactly:\n  " + "\n  ".join(problems))
-    print(f"all {len(model_shapes)} model parameters restored from the checkpoint with matching shapes", file=sys.stderr)
+    print(
+        f"all {len(model_shapes)} model parameters restored from the checkpoint with matching shapes", file=sys.stderr
+    )
 
 
 def _cli(v) -> str:
@@ -308,7 +328,9 @@ def main(argv=None) -> None:
     ap.add_argument("--model-name", required=True, help="MaxText base model name, e.g. llama3.1-8b")
     ap.add_argument("--ids", required=True, help="token ids: .npy or a text file of integers")
     ap.add_argument("--out", required=True, help="output .npy: float32 logits [T, vocab]")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra MaxText override (last word)")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="extra MaxText override (last word)"
+    )
     args = ap.parse_args(argv)
 
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -324,11 +346,16 @@ def main(argv=None) -> None:
     # unscanned checkpoints hold decoder/layers_<i>, dense_layers_<i>, moe_layers_<i> (scanned: stacked
     # decoder/layers, dense_layers, moe_layers; Gemma3 adds decoder/layers_remainder)
     scanned = not any(re.match(r"decoder/(\w+_)?layers_\d+/", k) for k in shapes)
-    overrides = overrides_from_hf(hf_cfg, decoder_block, ckpt_vocab=shapes["token_embedder/embedding"][0], scanned=scanned)
+    overrides = overrides_from_hf(
+        hf_cfg, decoder_block, ckpt_vocab=shapes["token_embedder/embedding"][0], scanned=scanned
+    )
     for kv in args.set:
         k, _, v = kv.partition("=")
         overrides[k] = yaml.safe_load(v)
-    print(json.dumps({"model_name": args.model_name, "decoder_block": decoder_block, "overrides": overrides}), file=sys.stderr)
+    print(
+        json.dumps({"model_name": args.model_name, "decoder_block": decoder_block, "overrides": overrides}),
+        file=sys.stderr,
+    )
 
     ids = read_ids(args.ids)
     logits = maxtext_logits(ckpt, args.model_name, overrides, ids, shapes)

@@ -88,8 +88,9 @@ def run_measured(cmd: list[str], *, cold: bool, capture_stdout: bool = False) ->
         drop_caches()
     busy0 = busy_cpu_seconds()
     t0 = time.monotonic()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE if capture_stdout else subprocess.DEVNULL, stderr=subprocess.PIPE,
-                         text=True)
+    p = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE if capture_stdout else subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     mon = PeakRSS(p.pid)
     out, err = p.communicate()
     subprocess.run(["sync"], check=True)
@@ -125,7 +126,10 @@ def synthetic_config(model: str, layers: int) -> dict:
 def synthetic_params(model: str, layers: int) -> int:
     """Parameter count of `synthetic_model(model, layers)` (every HF tensor it writes)."""
     cfg = synthetic_config(model, layers)
-    return sum(math.prod(leaf.hf_shape) * len(leaf.hf_names()) for leaf in registry.family_for_config(cfg).plan(cfg, scan=False))
+    return sum(
+        math.prod(leaf.hf_shape) * len(leaf.hf_names())
+        for leaf in registry.family_for_config(cfg).plan(cfg, scan=False)
+    )
 
 
 def synthetic_model(model: str, layers: int, dest: Path) -> Path:

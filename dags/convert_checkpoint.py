@@ -45,7 +45,10 @@ from operators.commands import (
 from operators.kubernetes import NODE_POOLS
 
 DAG_ID = "convert_checkpoint"
-TO_MAXTEXT, TO_HF = Direction.TO_MAXTEXT.param, Direction.TO_HF.param  # the direction param's values, for the texts below
+TO_MAXTEXT, TO_HF = (
+    Direction.TO_MAXTEXT.param,
+    Direction.TO_HF.param,
+)  # the direction param's values, for the texts below
 
 # SOURCE_PATTERN (an absolute path or file:// URI of a local folder, or a Hugging Face repo id `org/name`),
 # REVISION_PATTERN and DESTINATION_PATTERN come from operators.commands, which checks them again at run time.
@@ -79,7 +82,8 @@ PARAMS = {
         pattern=REVISION_PATTERN,
         examples=["main", "v1.0", "0123456789abcdef0123456789abcdef01234567"],
         title="Revision",
-        description="Hub branch, tag or commit of the source repo; resolved to a commit sha when downloaded. Ignored for local folders.",
+        description="Hub branch, tag or commit of the source repo; resolved to a commit sha when downloaded. Ignored "
+        "for local folders.",
     ),
     "direction": Param(
         TO_MAXTEXT,
@@ -87,13 +91,15 @@ PARAMS = {
         enum=list(DIRECTIONS),
         values_display={d.param: d.title for d in Direction},
         title="Direction",
-        description=f"{TO_MAXTEXT} writes a MaxText checkpoint (load it with load_parameters_path=<dest>/0/items); {TO_HF} writes a transformers model folder.",
+        description=f"{TO_MAXTEXT} writes a MaxText checkpoint (load it with load_parameters_path=<dest>/0/items); "
+        f"{TO_HF} writes a transformers model folder.",
     ),
     "scan": Param(
         True,
         type="boolean",
         title="Scanned layers",
-        description=f"{TO_MAXTEXT}: write stacked layers (MaxText scan_layers=true) or one subtree per layer. {TO_HF} detects the layout itself.",
+        description=f"{TO_MAXTEXT}: write stacked layers (MaxText scan_layers=true) or one subtree per layer. {TO_HF} "
+        f"detects the layout itself.",
     ),
     "dtype": Param(
         "bfloat16",
@@ -105,7 +111,11 @@ PARAMS = {
     "destination": Param(
         type="string",
         pattern=DESTINATION_PATTERN,
-        examples=["file:///models/llama3.1-8b/maxtext-scanned-bf16", "gs://my-bucket/maxtext/llama3.1-8b/v1", "hf://my-org/Llama-3.1-8B-maxtext"],
+        examples=[
+            "file:///models/llama3.1-8b/maxtext-scanned-bf16",
+            "gs://my-bucket/maxtext/llama3.1-8b/v1",
+            "hf://my-org/Llama-3.1-8B-maxtext",
+        ],
         title="Destination",
         description=(
             "Where the verified checkpoint is published, one location per version: `file:///abs/path`, "
@@ -119,7 +129,8 @@ PARAMS = {
         exclusiveMinimum=0,
         maximum=10,
         title="Max KL",
-        description="Verification threshold: publish only if every token's KL(P_hf || Q_maxtext) is at most this (MaxText's checker uses 0.015).",
+        description="Verification threshold: publish only if every token's KL(P_hf || Q_maxtext) is at most this "
+        "(MaxText's checker uses 0.015).",
     ),
     "execution_mode": Param(
         "local",
@@ -127,7 +138,8 @@ PARAMS = {
         enum=list(EXECUTION_MODES),
         values_display={"local": "Local (worker subprocess)", "kubernetes": "Kubernetes pods"},
         title="Execution mode",
-        description="local: each step runs `ckptflow` as a subprocess of the Airflow worker. kubernetes: each step runs the same command in a pod of the converter image.",
+        description="local: each step runs `ckptflow` as a subprocess of the Airflow worker. kubernetes: each step "
+        "runs the same command in a pod of the converter image.",
     ),
     "node_pool": Param(
         DEFAULT_NODE_POOL,
@@ -163,7 +175,9 @@ def _param_table() -> str:
     rows = ["| param | default | allowed | meaning |", "|---|---|---|---|"]
     for name, p in PARAMS.items():
         schema = p.schema
-        default = "*(required)*" if p.value is None or not isinstance(p.value, (str, int, float, bool)) else f"`{p.value}`"
+        default = (
+            "*(required)*" if p.value is None or not isinstance(p.value, (str, int, float, bool)) else f"`{p.value}`"
+        )
         if "enum" in schema:
             allowed = ", ".join(f"`{v}`" for v in schema["enum"])
         elif schema.get("type") == "number":

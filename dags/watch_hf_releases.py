@@ -66,8 +66,12 @@ def _hf_token() -> str | None:
 def _watchlist_path(param: str | None) -> str:
     from airflow.sdk import Variable
 
-    return (param or Variable.get(WATCHLIST_VARIABLE, default=None) or os.environ.get("CKPTFLOW_WATCHLIST")
-            or str(DEFAULT_WATCHLIST))
+    return (
+        param
+        or Variable.get(WATCHLIST_VARIABLE, default=None)
+        or os.environ.get("CKPTFLOW_WATCHLIST")
+        or str(DEFAULT_WATCHLIST)
+    )
 
 
 with DAG(
@@ -81,7 +85,8 @@ with DAG(
             "",
             type="string",
             title="Watch list",
-            description=f"Path of the watch list YAML; empty: the Variable `{WATCHLIST_VARIABLE}`, `$CKPTFLOW_WATCHLIST` or dags/watchlist.yaml.",
+            description=f"Path of the watch list YAML; empty: the Variable `{WATCHLIST_VARIABLE}`, "
+            f"`$CKPTFLOW_WATCHLIST` or dags/watchlist.yaml.",
         ),
     },
     doc_md=DOC,
@@ -89,7 +94,12 @@ with DAG(
     tags=["ckptflow"],
 ) as dag:
 
-    @task(retries=3, retry_delay=timedelta(minutes=2), retry_exponential_backoff=2.0, max_retry_delay=timedelta(minutes=30))
+    @task(
+        retries=3,
+        retry_delay=timedelta(minutes=2),
+        retry_exponential_backoff=2.0,
+        max_retry_delay=timedelta(minutes=30),
+    )
     def find_new_releases(params=None) -> list[dict]:
         """Poll the hub; return one trigger (run id + conf) per (repo, commit, target) not started yet."""
         import logging
@@ -101,14 +111,23 @@ with DAG(
         log = logging.getLogger("airflow.task")
         path = _watchlist_path((params or {}).get("watchlist"))
         if path == str(DEFAULT_WATCHLIST) and not DEFAULT_WATCHLIST.exists():
-            log.warning("no watch list configured (param, Variable %s, $CKPTFLOW_WATCHLIST or %s): nothing to watch",
-                        WATCHLIST_VARIABLE, DEFAULT_WATCHLIST)
+            log.warning(
+                "no watch list configured (param, Variable %s, $CKPTFLOW_WATCHLIST or %s): nothing to watch",
+                WATCHLIST_VARIABLE,
+                DEFAULT_WATCHLIST,
+            )
             return []
         entries = watch.load_watchlist(path)
         state = json.loads(Variable.get(STATE_VARIABLE, default="{}") or "{}")
         found = watch.poll(entries, token=_hf_token())
         triggers = [t.as_dict() for t in watch.plan(found, state)]
-        log.info("%s: %d watched entries, %d releases seen, %d new conversions to start", path, len(entries), len(found), len(triggers))
+        log.info(
+            "%s: %d watched entries, %d releases seen, %d new conversions to start",
+            path,
+            len(entries),
+            len(found),
+            len(triggers),
+        )
         for t in triggers:
             log.info("new: %s@%s -> %s (run %s)", t["repo_id"], t["sha"], t["conf"]["destination"], t["trigger_run_id"])
         return triggers

@@ -429,8 +429,10 @@ class VerifyOperator(CkptflowStepOperator):
     def on_command_failure(self, plan: StepPlan, exit_code: int, message: str) -> None:
         metrics = self._verdict(plan)
         if metrics and metrics.get("passed") is False:
-            raise AirflowFailException(f"verification failed: {_why_failed(metrics)} (report: {plan.layout.verify_dir}); "
-                                       "the checkpoint is not published")
+            raise AirflowFailException(
+                f"verification failed: {_why_failed(metrics)} (report: {plan.layout.verify_dir}); "
+                "the checkpoint is not published"
+            )
         super().on_command_failure(plan, exit_code, message)
 
     def after_run(self, plan: StepPlan, results: dict[str, dict | None]) -> None:

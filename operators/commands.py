@@ -30,7 +30,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import PurePosixPath
 
-from converters.core.direction import Direction, layout as layout_name
+from converters.core.direction import Direction
+from converters.core.direction import layout as layout_name
 from converters.remote.download import looks_local
 from converters.remote.publish import SUPPORTED_SCHEMES
 
@@ -76,18 +77,26 @@ def _check_locations(source: object, destination: object, revision: object) -> N
         if value is None and name == "revision":
             continue
         if not isinstance(value, str) or _UNSAFE.search(value):
-            raise ValueError(f"{name} {value!r} is refused: no '..' segments, control characters, quotes or shell metacharacters")
+            raise ValueError(
+                f"{name} {value!r} is refused: no '..' segments, control characters, quotes or shell metacharacters"
+            )
     if not (source.startswith(("/", "file:///")) and "://" not in source.removeprefix("file://")) and not re.fullmatch(
         rf"{_NAME}/{_NAME}", source
     ):
-        raise ValueError(f"source {source!r} is not an absolute path, a file:///absolute/path URI or a Hugging Face repo id org/name")
+        raise ValueError(
+            f"source {source!r} is not an absolute path, a file:///absolute/path URI or a Hugging Face repo id org/name"
+        )
     scheme, sep, _ = destination.partition("://")
     if sep and (scheme not in SUPPORTED_SCHEMES or (scheme == "file" and not destination.startswith("file:///"))):
-        raise ValueError(f"destination {destination!r}: use {', '.join(s + '://' for s in SUPPORTED_SCHEMES)} (file:///absolute/path)")
+        raise ValueError(
+            f"destination {destination!r}: use {', '.join(s + '://' for s in SUPPORTED_SCHEMES)} (file:///absolute/path)"
+        )
     if not sep and not destination.startswith("/"):
         raise ValueError(f"destination {destination!r} is not an absolute path or a URI")
     if revision is not None and not re.fullmatch(REVISION_PATTERN, revision):
-        raise ValueError(f"revision {revision!r} is not a branch, tag or commit (letters, digits and ._/- only, no '..')")
+        raise ValueError(
+            f"revision {revision!r} is not a branch, tag or commit (letters, digits and ._/- only, no '..')"
+        )
 
 
 # The program in front of `step_args` inside the converter image (its console script).
@@ -289,13 +298,25 @@ def step_args(step: str, spec: RunSpec, layout: WorkLayout, part: int | None = N
         return _in_parts("conversion", args, spec, part, finalize=step == FINALIZE)
     if step == "verify":
         return [
-            "verify", "--hf", layout.hf_dir(spec), "--maxtext", layout.maxtext_dir(spec),
-            "--max-kl", repr(float(spec.max_kl)), "--report", layout.verify_dir,
+            "verify",
+            "--hf",
+            layout.hf_dir(spec),
+            "--maxtext",
+            layout.maxtext_dir(spec),
+            "--max-kl",
+            repr(float(spec.max_kl)),
+            "--report",
+            layout.verify_dir,
         ]
     if step == "publish":
         # The verify metrics go into the checkpoint's manifest (and the hub model card) as it is published.
         return [
-            "publish", layout.converted_dir, spec.destination, "--receipt", layout.publish_receipt,
-            "--verify-report", layout.result_files()["verify"],
+            "publish",
+            layout.converted_dir,
+            spec.destination,
+            "--receipt",
+            layout.publish_receipt,
+            "--verify-report",
+            layout.result_files()["verify"],
         ]
     raise ValueError(f"unknown step {step!r}; steps are {', '.join((*STEPS, DOWNLOAD_FINALIZE, FINALIZE))}")

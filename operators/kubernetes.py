@@ -110,7 +110,8 @@ NODE_POOLS: dict[str, NodePool] = {
         ),
         NodePool(
             "cpu-highmem",
-            "CPU node pool `ckptflow-cpu-highmem` (n2-highmem-80: 80 vCPU, 640 GiB): headroom beyond what the registry's models need",
+            "CPU node pool `ckptflow-cpu-highmem` (n2-highmem-80: 80 vCPU, 640 GiB): headroom beyond what the "
+            "registry's models need",
             {NODEPOOL_LABEL: "ckptflow-cpu-highmem"},
             allocatable_cpu=78,
             allocatable_memory_gib=600,
@@ -259,8 +260,13 @@ _BASE_GIB = {"download": 4, "download_finalize": 4, "convert": 8, "finalize": 8,
 VERIFY_MEMORY_MARGIN = 1.25
 VERIFY_DTYPE = "float32"  # the DAG's verify runs at `ckptflow verify`'s default dtype
 _DEFAULT_CONFIG = {  # sizing stand-in when the model is "auto": an 8B-class model
-    "model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
-    "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256,
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "intermediate_size": 14336,
+    "vocab_size": 128256,
 }
 
 
@@ -321,9 +327,8 @@ def build_pod_operator(
     """A `KubernetesPodOperator` running `ckptflow <args>` for one step (retries belong to the caller); `part`
     names the pod of one part of a split download or convert (each part is a pod of its own, sized like the whole
     step)."""
-    from kubernetes.client import models as k8s
-
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from kubernetes.client import models as k8s
 
     step_pool = pool_for_step(pool, step)
     accelerated = step_pool.is_tpu and step in step_pool.accelerated_steps
@@ -334,13 +339,20 @@ def build_pod_operator(
         env.append(k8s.V1EnvVar(name="HF_TOKEN", value_from=k8s.V1EnvVarSource(secret_key_ref=ref)))
     wv = settings.work_volume
     if wv.kind == "pvc":
-        volume = k8s.V1Volume(name=WORK_VOLUME_NAME, persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(claim_name=wv.claim))
+        volume = k8s.V1Volume(
+            name=WORK_VOLUME_NAME, persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(claim_name=wv.claim)
+        )
     else:
-        volume = k8s.V1Volume(name=WORK_VOLUME_NAME, csi=k8s.V1CSIVolumeSource(driver=GCSFUSE_DRIVER, volume_attributes=wv.csi_attributes()))
+        volume = k8s.V1Volume(
+            name=WORK_VOLUME_NAME,
+            csi=k8s.V1CSIVolumeSource(driver=GCSFUSE_DRIVER, volume_attributes=wv.csi_attributes()),
+        )
     volumes = [volume]
     mounts = [k8s.V1VolumeMount(name=WORK_VOLUME_NAME, mount_path=settings.mount_path)]
     if settings.gcp_key_secret:
-        volumes.append(k8s.V1Volume(name="gcp-key", secret=k8s.V1SecretVolumeSource(secret_name=settings.gcp_key_secret)))
+        volumes.append(
+            k8s.V1Volume(name="gcp-key", secret=k8s.V1SecretVolumeSource(secret_name=settings.gcp_key_secret))
+        )
         mounts.append(k8s.V1VolumeMount(name="gcp-key", mount_path="/var/secrets/google", read_only=True))
         env.append(k8s.V1EnvVar(name="GOOGLE_APPLICATION_CREDENTIALS", value="/var/secrets/google/key.json"))
     res = step_resources(step, step_pool, model)

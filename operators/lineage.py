@@ -144,7 +144,9 @@ def ol_name(uri: str) -> tuple[str, str, str | None]:
     return f"{parsed.scheme}://{parsed.netloc}", parsed.path.lstrip("/") or "/", None
 
 
-def ol_dataset(uri: str, version: str | None = None, *, output: bool = False, assertions: list[tuple[str, bool]] | None = None):
+def ol_dataset(
+    uri: str, version: str | None = None, *, output: bool = False, assertions: list[tuple[str, bool]] | None = None
+):
     from openlineage.client.event_v2 import Dataset, InputDataset, OutputDataset
     from openlineage.client.facet_v2 import data_quality_assertions_dataset as dq
     from openlineage.client.facet_v2 import dataset_version_dataset
@@ -196,8 +198,11 @@ def operator_lineage(step: str, inlets: list[str], outlets: list[str], data: dic
         is_checkpoint = step == "verify" and uri == inlets[-1]
         inputs.append(ol_dataset(uri, assertions=assertions if is_checkpoint else None))
     out_version = {
-        "download": "source_digest", DOWNLOAD_FINALIZE: "source_digest",
-        "convert": "output_digest", FINALIZE: "output_digest", "publish": "published_digest",
+        "download": "source_digest",
+        DOWNLOAD_FINALIZE: "source_digest",
+        "convert": "output_digest",
+        FINALIZE: "output_digest",
+        "publish": "published_digest",
     }.get(step)
     outputs = [ol_dataset(uri, data.get(out_version) if out_version else None, output=True) for uri in outlets]
     run_facets = {"ckptflow": ckptflow_run_facet(data)} if data else {}

@@ -90,7 +90,13 @@ class Trigger:
     conf: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        return {"key": self.key, "repo_id": self.repo_id, "sha": self.sha, "trigger_run_id": self.run_id, "conf": self.conf}
+        return {
+            "key": self.key,
+            "repo_id": self.repo_id,
+            "sha": self.sha,
+            "trigger_run_id": self.run_id,
+            "conf": self.conf,
+        }
 
 
 # -------------------------------------------------------------------------------------------- watch list
@@ -151,11 +157,17 @@ def parse_watchlist(data: Any, source: str = "watch list") -> list[Entry]:
         limit = raw.get("limit", DEFAULT_LIMIT)
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 1000:
             raise WatchlistError(f"{where}: limit must be an integer from 1 to 1000")
-        entries.append(Entry(
-            repo=str(repo) if repo else None, author=str(author) if author else None, match=str(raw.get("match") or "*"),
-            revision=str(raw.get("revision") or "main"), since=_date(raw.get("since"), where), limit=limit,
-            targets=tuple(merged),
-        ))
+        entries.append(
+            Entry(
+                repo=str(repo) if repo else None,
+                author=str(author) if author else None,
+                match=str(raw.get("match") or "*"),
+                revision=str(raw.get("revision") or "main"),
+                since=_date(raw.get("since"), where),
+                limit=limit,
+                targets=tuple(merged),
+            )
+        )
     return entries
 
 
@@ -196,16 +208,25 @@ def target_id(target: dict) -> str:
 def render_destination(template: str, repo_id: str, sha: str, target: dict) -> str:
     org, name = repo_id.split("/", 1)
     fields = {
-        "repo": repo_id, "org": org, "name": name, "sha": sha, "sha12": sha[:12],
-        "layout": "scanned" if target.get("scan", True) else "unscanned", "dtype": target.get("dtype", "bfloat16"),
+        "repo": repo_id,
+        "org": org,
+        "name": name,
+        "sha": sha,
+        "sha12": sha[:12],
+        "layout": "scanned" if target.get("scan", True) else "unscanned",
+        "dtype": target.get("dtype", "bfloat16"),
         "model": target.get("model", AUTO_MODEL),
     }
     try:
         out = template.format(**fields)
     except (KeyError, IndexError, ValueError) as e:
-        raise ValueError(f"destination {template!r}: unknown placeholder {e} (use {', '.join('{' + k + '}' for k in fields)})") from None
+        raise ValueError(
+            f"destination {template!r}: unknown placeholder {e} (use {', '.join('{' + k + '}' for k in fields)})"
+        ) from None
     if not re.fullmatch(DESTINATION_PATTERN, out):
-        raise ValueError(f"destination {out!r} (from {template!r}) is not a file:///path, gs://bucket/prefix or hf://org/name URI")
+        raise ValueError(
+            f"destination {out!r} (from {template!r}) is not a file:///path, gs://bucket/prefix or hf://org/name URI"
+        )
     return out
 
 
@@ -239,20 +260,27 @@ def _convertible(release: Release) -> bool:
 def poll(entries: Iterable[Entry], token: str | None = None) -> list[tuple[Entry, Release]]:
     """The current release (commit sha) of every watched repo. Rate limits are retried (converters.remote.hub.call);
     a repo that vanished or is not readable is logged and skipped, not fatal for the others."""
-    from converters.remote import hub
     from converters.errors import CkptflowError
+    from converters.remote import hub
 
     api = hub.api(token)
     out: list[tuple[Entry, Release]] = []
     for e in entries:
         if e.repo:
             try:
-                info = hub.call(api.model_info, e.repo, revision=None if e.revision == "main" else e.revision,
-                                expand=EXPAND, what=f"{e.repo}: model_info")
+                info = hub.call(
+                    api.model_info,
+                    e.repo,
+                    revision=None if e.revision == "main" else e.revision,
+                    expand=EXPAND,
+                    what=f"{e.repo}: model_info",
+                )
             except Exception as err:
                 if hub.retryable(err):
                     raise  # the hub is down or still rate limiting: the task retries later
-                log.warning("skipping %s: %s", e.label, hub.explain(err, e.repo, e.revision, token_given=bool(token) or None))
+                log.warning(
+                    "skipping %s: %s", e.label, hub.explain(err, e.repo, e.revision, token_given=bool(token) or None)
+                )
                 continue
             found = [info]
         else:

@@ -22,7 +22,6 @@ if _HERE not in sys.path:  # Airflow puts the plugins folder on sys.path; make s
     sys.path.append(_HERE)
 
 from airflow.plugins_manager import AirflowPlugin  # noqa: E402
-
 from ckptflow_ui import MOUNT_PREFIX, URL_ROUTE  # noqa: E402
 from ckptflow_ui.app import app as checkpoints_app  # noqa: E402
 

@@ -85,10 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"building a tiny {args.family} ({args.layers} layers) with ckptflow make-test-model ...", flush=True)
     subprocess.run(
         [sys.executable, "-m", "converters", "make-test-model", args.family, str(model), "--layers", str(args.layers)],
-        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     print(f"Airflow {embedded_version()} embedded: SQLite + LocalExecutor in {home}", flush=True)
-    print("running DAG convert_checkpoint (download -> convert -> verify -> publish; parts=1), local mode ...", flush=True)
+    print(
+        "running DAG convert_checkpoint (download -> convert -> verify -> publish; parts=1), local mode ...", flush=True
+    )
     t0 = time.monotonic()
     with output_to(airflow_log):
         embedded.migrate()
@@ -121,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         note = ""
         if ti.task_id == "verify" and verdict:
             parts = ", ".join(f"{k} {'ok' if verdict.get(f'{k}_passed') else 'FAILED'}" for k in ("content", "layout"))
-            note = f"  {parts}, precision: max per-token KL {verdict['kl_max']:.2e} (threshold {verdict['max_kl_threshold']:g})"
+            note = (
+                f"  {parts}, precision: max per-token KL {verdict['kl_max']:.2e} "
+                f"(threshold {verdict['max_kl_threshold']:g})"
+            )
         part = f"[{ti.map_index}]" if ti.map_index >= 0 else ""
         print(f"  {ti.task_id + part:<20} {ti.state} (try {ti.try_number}){note}")
     print()
@@ -135,8 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"work folder:     {run_dir}")
     if airflow_log:
         print(f"Airflow log:     {airflow_log}")
-    print(f"\nlook around:     export AIRFLOW_HOME={home} AIRFLOW__CORE__DAGS_FOLDER={embedded.DAGS_FOLDER} "
-          f"AIRFLOW__CORE__PLUGINS_FOLDER={embedded.PLUGINS_FOLDER}")
+    print(
+        f"\nlook around:     export AIRFLOW_HOME={home} AIRFLOW__CORE__DAGS_FOLDER={embedded.DAGS_FOLDER} "
+        f"AIRFLOW__CORE__PLUGINS_FOLDER={embedded.PLUGINS_FOLDER}"
+    )
     print("                 airflow assets list   # or `airflow standalone` and open the UI")
     return 0 if str(dr.state) == "success" else 1
 

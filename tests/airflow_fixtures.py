@@ -12,6 +12,7 @@ from operators.embedded import DAGS_FOLDER, migrate, session_home
 
 AIRFLOW_HOME = session_home()
 
+
 @pytest.fixture(scope="session")
 def airflow_db():
     """The migrated metadata database of the session's Airflow home; returns the home folder."""

@@ -11,8 +11,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 
 
-
-
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """`tiny_model(family, layers=2, dtype="bfloat16", tied=None)` -> path of a saved random HF model."""

@@ -52,7 +52,9 @@ def test_missing_tensor_is_named(tiny_model, tmp_path):
 
 def test_unexpected_tensor_is_named(tiny_model, tmp_path):
     src = copy_model(tiny_model, tmp_path)
-    rewrite(src, lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": np.zeros(128, t["model.norm.weight"].dtype)}))
+    rewrite(
+        src, lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": np.zeros(128, t["model.norm.weight"].dtype)})
+    )
     with pytest.raises(MappingError, match=r"unexpected tensors .*q_proj\.bias"):
         hf_to_maxtext(src, tmp_path / "out")
     assert_nothing_left(tmp_path)

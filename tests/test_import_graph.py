@@ -98,7 +98,12 @@ def analyse(modules: dict[str, Module]) -> None:
                         module.imports.append((sub, node.lineno))
                         continue
                     module.imports.append((own, node.lineno))  # a name defined in `source` (its __init__ if a package)
-                    if own == source and source == module.package and alias.name.startswith("_") and not alias.name.startswith("__"):
+                    if (
+                        own == source
+                        and source == module.package
+                        and alias.name.startswith("_")
+                        and not alias.name.startswith("__")
+                    ):
                         module.private_from_own_package.append((alias.name, node.lineno))
 
 
@@ -116,7 +121,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
             node, children = stack[-1]
             for child in children:
                 if colour.get(child, BLACK) == GREY:
-                    return path[path.index(child):] + [child]
+                    return path[path.index(child) :] + [child]
                 if colour.get(child) == WHITE:
                     colour[child] = GREY
                     path.append(child)
@@ -175,12 +180,20 @@ def test_find_cycle_reports_the_modules_of_a_cycle():
 
 
 def test_the_library_does_not_import_airflow():
-    found = [f"{m.path.relative_to(REPO)}:{line}" for m in build().values() if m.name.split(".")[0] == "converters"
-             for top, line in m.external if top == "airflow"]
+    found = [
+        f"{m.path.relative_to(REPO)}:{line}"
+        for m in build().values()
+        if m.name.split(".")[0] == "converters"
+        for top, line in m.external
+        if top == "airflow"
+    ]
     assert found == [], "converters/ imports airflow at " + ", ".join(found)
 
 
 def test_no_module_imports_a_private_name_from_its_own_package():
-    found = [f"{m.path.relative_to(REPO)}:{line} imports {name} from {m.package}" for m in build().values()
-             for name, line in m.private_from_own_package]
+    found = [
+        f"{m.path.relative_to(REPO)}:{line} imports {name} from {m.package}"
+        for m in build().values()
+        for name, line in m.private_from_own_package
+    ]
     assert found == [], "move these helpers into a module of their own:\n" + "\n".join(found)

@@ -27,7 +27,12 @@ Run `ckptflow COMMAND --help` for each command's options and examples.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ckptflow", description=DESCRIPTION, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="ckptflow",
+        description=DESCRIPTION,
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--version", action="version", version=f"ckptflow {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="show library logs (Orbax, JAX) and full tracebacks")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -87,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug or an unexpected library failure: distinct from "verification failed" (1)
         if args.verbose:
             raise
-        print(f"error: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-              "(run with -v for the traceback)", file=sys.stderr)
+        print(
+            f"error: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+            "(run with -v for the traceback)",
+            file=sys.stderr,
+        )
         return 4

@@ -10,8 +10,17 @@ def byte_bar(desc: str, enabled: bool = True):
     from tqdm import tqdm
 
     def make(total: int, count: int):
-        bar = tqdm(total=total, desc=f"{desc} ({count} arrays)", unit="B", unit_scale=True, unit_divisor=1024,
-                   file=sys.stderr, disable=not enabled, dynamic_ncols=True, mininterval=0.5)
+        bar = tqdm(
+            total=total,
+            desc=f"{desc} ({count} arrays)",
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            file=sys.stderr,
+            disable=not enabled,
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
         make.bars.append(bar)
         return bar
 

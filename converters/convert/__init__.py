@@ -1,11 +1,11 @@
 """The conversions: HF safetensors to MaxText and back, whole or as one process's share.
 
-    to_maxtext     hf_to_maxtext: HF -> MaxText (Orbax)
-    to_hf          maxtext_to_hf: MaxText -> HF, and the plan a stored checkpoint has (choose_plan, export_tensors)
-    hf_source      an HF folder's config and tensors as a family's rules name them
-    dropped_rows   HF vocabulary rows MaxText cannot hold, kept beside the checkpoint for the way back
-    shares         one conversion split over N processes: who does what, staging, records, finalize's checks
-    common         dtypes, the result, buffer release
+to_maxtext     hf_to_maxtext: HF -> MaxText (Orbax)
+to_hf          maxtext_to_hf: MaxText -> HF, and the plan a stored checkpoint has (choose_plan, export_tensors)
+hf_source      an HF folder's config and tensors as a family's rules name them
+dropped_rows   HF vocabulary rows MaxText cannot hold, kept beside the checkpoint for the way back
+shares         one conversion split over N processes: who does what, staging, records, finalize's checks
+common         dtypes, the result, buffer release
 """
 
 from converters.convert.common import DTYPES, Result

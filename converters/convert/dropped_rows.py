@@ -46,7 +46,8 @@ def load_dropped_rows(plan: list[Leaf], root: Path) -> dict[str, np.ndarray]:
             out[name] = read_tensor(found[name])
         else:
             warnings.warn(
-                f"{name}: rows {kept}..{leaf.rule.hf_shape[0] - 1} are not in the MaxText checkpoint and {path} does not "
+                f"{name}: rows {kept}..{leaf.rule.hf_shape[0] - 1} are not in the MaxText checkpoint and {path} does "
+                f"not "
                 "have them; they are written as zeros",
                 stacklevel=3,
             )

@@ -14,7 +14,8 @@ from converters.io.safetensors import SafetensorsFolder
 
 
 def load_hf_config(src: Path, hf_config: str | None = None, model: str | None = None) -> dict:
-    """The config of the HF folder `src`: `hf_config` when given, else its config.json, else the registry's for `model`."""
+    """The config of the HF folder `src`: `hf_config` when given, else its config.json, else the registry's for
+    `model`."""
     if not src.is_dir():
         raise CkptflowError(f"{src}: not a directory (expected an HF model folder with config.json and *.safetensors)")
     if hf_config:
@@ -33,12 +34,16 @@ def validate_hf_source(family: type[Family], cfg: dict, plan: list[Leaf], src: S
     missing = [n for n in wanted if n not in src]
     if missing:
         raise MappingError(f"missing tensors for a {family.name} model: {listing(missing)}")
-    bad = [f"{n} (expected {list(s)}, got {list(src.info(n).shape)})" for n, s in wanted.items() if src.info(n).shape != s]
+    bad = [
+        f"{n} (expected {list(s)}, got {list(src.info(n).shape)})" for n, s in wanted.items() if src.info(n).shape != s
+    ]
     if bad:
         raise MappingError(f"shape mismatch against config.json: {listing(bad, 4)}")
     extra = [n for n in src.tensors if n not in wanted and not family.is_ignored(d, n)]
     if extra:
-        raise MappingError(f"unexpected tensors a {family.name} model does not have (wrong config.json?): {listing(extra)}")
+        raise MappingError(
+            f"unexpected tensors a {family.name} model does not have (wrong config.json?): {listing(extra)}"
+        )
 
 
 def with_aliases(family: type[Family], folder: SafetensorsFolder) -> SafetensorsFolder:
@@ -46,7 +51,7 @@ def with_aliases(family: type[Family], folder: SafetensorsFolder) -> Safetensors
     for want, alt in family.hf_aliases:
         names = folder.tensors
         if not any(n.startswith(want) for n in names) and any(n.startswith(alt) for n in names):
-            folder.tensors = {(want + n[len(alt):] if n.startswith(alt) else n): info for n, info in names.items()}
+            folder.tensors = {(want + n[len(alt) :] if n.startswith(alt) else n): info for n, info in names.items()}
     return folder
 
 

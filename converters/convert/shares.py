@@ -114,8 +114,17 @@ def source_identity(src: str | os.PathLike) -> dict:
 
 def fingerprint(direction: Direction, family: str, options: dict, src: str | os.PathLike, config: dict) -> str:
     """One conversion's identity: the shares and finalize must agree on it (N is recorded separately)."""
-    blob = json.dumps({"direction": direction.record, "family": family, "options": options, "config": config,
-                       "source": source_identity(src)}, sort_keys=True, default=str)
+    blob = json.dumps(
+        {
+            "direction": direction.record,
+            "family": family,
+            "options": options,
+            "config": config,
+            "source": source_identity(src),
+        },
+        sort_keys=True,
+        default=str,
+    )
     return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -142,7 +151,9 @@ def hash_files(root: Path, under: Path | None = None, known: dict[str, str] | No
 
     with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
         digests = list(pool.map(digest, files))
-    return {p.relative_to(root).as_posix(): {"bytes": p.stat().st_size, CONTENT_HASH: d} for p, d in zip(files, digests)}
+    return {
+        p.relative_to(root).as_posix(): {"bytes": p.stat().st_size, CONTENT_HASH: d} for p, d in zip(files, digests)
+    }
 
 
 def begin(out: str | os.PathLike, i: int, n: int, fp: str) -> Path:
@@ -155,7 +166,9 @@ def begin(out: str | os.PathLike, i: int, n: int, fp: str) -> Path:
         if not m or not d.is_dir():
             continue
         record = _read_record(d)
-        if int(m.group(2)) != n or (record is not None and (record.get("format") != FORMAT or record.get("fingerprint") != fp)):
+        if int(m.group(2)) != n or (
+            record is not None and (record.get("format") != FORMAT or record.get("fingerprint") != fp)
+        ):
             remove_tree(d)
     return stage / share_name(i, n)
 
@@ -174,8 +187,17 @@ class StagedShare:
     def write_record(self, *, files: dict, digests: dict, extra: dict | None = None) -> dict:
         """The share's record, the last thing written: what it wrote (`files`: {path below `dir`: {bytes, blake3}},
         `digests`: of its tensors or chunks) and `extra` facts finalize needs."""
-        return write_record(self.dir, i=self.i, n=self.n, fp=self.fp, direction=self.direction, files=files,
-                            digests=digests, extra=extra, started=self.started)
+        return write_record(
+            self.dir,
+            i=self.i,
+            n=self.n,
+            fp=self.fp,
+            direction=self.direction,
+            files=files,
+            digests=digests,
+            extra=extra,
+            started=self.started,
+        )
 
 
 @contextmanager
@@ -187,8 +209,18 @@ def staged(out: str | os.PathLike, share: tuple[int, int], fp: str, direction: D
         yield StagedShare(tmp, i, n, fp, direction, now())
 
 
-def write_record(folder: Path, *, i: int, n: int, fp: str, direction: Direction, files: dict, digests: dict,
-                 extra: dict | None = None, started: str) -> dict:
+def write_record(
+    folder: Path,
+    *,
+    i: int,
+    n: int,
+    fp: str,
+    direction: Direction,
+    files: dict,
+    digests: dict,
+    extra: dict | None = None,
+    started: str,
+) -> dict:
     record = {
         "format": FORMAT,
         "ckptflow_version": __version__,
@@ -220,7 +252,8 @@ def _read_record(d: Path) -> dict | None:
 
 
 def collect(out: str | os.PathLike, fp: str, direction: Direction) -> list[Share]:
-    """Every share of this conversion, checked: all N present, same fingerprint, files as recorded. Else a one-line cause."""
+    """Every share of this conversion, checked: all N present, same fingerprint, files as recorded. Else a one-line
+    cause."""
     stage = staging_dir(out)
     if not stage.is_dir():
         raise SharesError(f"{stage}: no parts to finalize (run `ckptflow convert ... --part I/N` for every I first)")
@@ -230,25 +263,40 @@ def collect(out: str | os.PathLike, fp: str, direction: Direction) -> list[Share
         if m and d.is_dir():
             found.setdefault(int(m.group(2)), {})[int(m.group(1))] = d
     if not found:
-        raise SharesError(f"{stage}: no finished parts (a part still running or killed leaves only a hidden temp folder)")
+        raise SharesError(
+            f"{stage}: no finished parts (a part still running or killed leaves only a hidden temp folder)"
+        )
     if len(found) > 1:
-        raise SharesError(f"{stage}: parts of different splits ({', '.join(f'N={k}' for k in sorted(found))}); re-run the parts of one")
+        raise SharesError(
+            f"{stage}: parts of different splits ({', '.join(f'N={k}' for k in sorted(found))}); re-run the parts of "
+            f"one"
+        )
     n, dirs = next(iter(found.items()))
     missing = [i for i in range(n) if i not in dirs]
     if missing:
-        raise SharesError(f"part(s) {', '.join(f'{i}/{n}' for i in missing)} not finished (in {stage}); run them, then finalize again")
+        raise SharesError(
+            f"part(s) {', '.join(f'{i}/{n}' for i in missing)} not finished (in {stage}); run them, then finalize again"
+        )
     shares = []
     for i in range(n):
         record = _read_record(dirs[i])
         if record is None:
             raise SharesError(f"part {i}/{n}: {dirs[i] / RECORD} is missing or unreadable; re-run that part")
         if record.get("format") != FORMAT:
-            raise SharesError(f"part {i}/{n} was written by another ckptflow version ({record.get('format')}, this one reads "
-                              f"{FORMAT}); re-run it")
-        if (record.get("fingerprint") != fp or record.get("direction") != direction.record or record.get("part") != i
-                or record.get("parts") != n):
-            raise SharesError(f"part {i}/{n} is stale: it was written for another source, revision or options than this "
-                              f"finalize ({record.get('fingerprint', '?')[:19]} != {fp[:19]}); re-run it")
+            raise SharesError(
+                f"part {i}/{n} was written by another ckptflow version ({record.get('format')}, this one reads "
+                f"{FORMAT}); re-run it"
+            )
+        if (
+            record.get("fingerprint") != fp
+            or record.get("direction") != direction.record
+            or record.get("part") != i
+            or record.get("parts") != n
+        ):
+            raise SharesError(
+                f"part {i}/{n} is stale: it was written for another source, revision or options than this "
+                f"finalize ({record.get('fingerprint', '?')[:19]} != {fp[:19]}); re-run it"
+            )
         for rel, f in (record.get("files") or {}).items():
             p = dirs[i] / rel
             if not p.is_file() or p.stat().st_size != f.get("bytes"):
@@ -304,8 +352,15 @@ class Assembly:
 def summary(shares: list[Share]) -> list[dict]:
     """What the manifest records about each share (its `parts` list)."""
     return [
-        {"part": s.i, "host": s.record.get("host"), "started": s.record.get("started"), "finished": s.record.get("finished"),
-         "bytes": s.record.get("bytes"), "files": len(s.record.get("files") or {}), "digest": share_digest(s.record)}
+        {
+            "part": s.i,
+            "host": s.record.get("host"),
+            "started": s.record.get("started"),
+            "finished": s.record.get("finished"),
+            "bytes": s.record.get("bytes"),
+            "files": len(s.record.get("files") or {}),
+            "digest": share_digest(s.record),
+        }
         for s in shares
     ]
 

@@ -49,7 +49,11 @@ def _shape_fits(leaf: Leaf, stored: tuple[int, ...]) -> bool:
     if stored == want:
         return True
     ax = leaf.rule.row_axis
-    return ax is not None and len(stored) == len(want) and all(s == w or (a == ax and s >= w) for a, (s, w) in enumerate(zip(stored, want)))
+    return (
+        ax is not None
+        and len(stored) == len(want)
+        and all(s == w or (a == ax and s >= w) for a, (s, w) in enumerate(zip(stored, want)))
+    )
 
 
 def choose_plan(family: type[Family], cfg: dict, stored: dict[str, tuple[int, ...]]) -> tuple[bool, list[Leaf]]:
@@ -61,7 +65,8 @@ def choose_plan(family: type[Family], cfg: dict, stored: dict[str, tuple[int, ..
     plans, refused = {}, None
     for ex in [(), *optional]:
         for scan in (True, False):
-            try:  # a layout this config cannot have (Qwen3-Next scanned needs a multiple of 4 layers) is not a candidate
+            # a layout this config cannot have (Qwen3-Next scanned needs a multiple of 4 layers) is not a candidate
+            try:
                 plans[(scan, ex)] = family.plan(cfg, scan, ex)
             except CkptflowError as e:
                 refused = refused or e
@@ -73,11 +78,20 @@ def choose_plan(family: type[Family], cfg: dict, stored: dict[str, tuple[int, ..
     paths = {l.path for l in plan}
     missing = paths - stored.keys()
     if missing:
-        raise MappingError(f"checkpoint is missing arrays of a {'scanned' if scan else 'unscanned'} {family.name} model: {listing(missing)}")
+        raise MappingError(
+            f"checkpoint is missing arrays of a {'scanned' if scan else 'unscanned'} {family.name} model: "
+            f"{listing(missing)}"
+        )
     extra = stored.keys() - paths
     if extra:
-        raise MappingError(f"checkpoint has arrays a {family.name} model with this config does not have: {listing(extra)}")
-    bad = [f"{l.path} (expected {list(l.shape)}, got {list(stored[l.path])})" for l in plan if not _shape_fits(l, stored[l.path])]
+        raise MappingError(
+            f"checkpoint has arrays a {family.name} model with this config does not have: {listing(extra)}"
+        )
+    bad = [
+        f"{l.path} (expected {list(l.shape)}, got {list(stored[l.path])})"
+        for l in plan
+        if not _shape_fits(l, stored[l.path])
+    ]
     if bad:
         raise MappingError(f"shape mismatch between checkpoint and HF config (wrong --model?): {listing(bad, 4)}")
     return scan, plan
@@ -99,7 +113,9 @@ def export_tensors(plan: list[Leaf]) -> list[tuple[Leaf, str, list[Piece] | None
 # ----------------------------------------------------------------------------------------- reading and writing
 
 
-def _tensor_blocks(leaf: Leaf, pieces: list[Piece] | None, dtype: np.dtype, dropped: dict | None = None) -> Iterator[tuple[list, Callable]]:
+def _tensor_blocks(
+    leaf: Leaf, pieces: list[Piece] | None, dtype: np.dtype, dropped: dict | None = None
+) -> Iterator[tuple[list, Callable]]:
     """The blocks (whole tensor, expert rows, or row chunks) of one HF tensor, each as the MaxText reads it needs
     ([(array path, index)]) and the function that makes the block from what they return.
 
@@ -108,6 +124,7 @@ def _tensor_blocks(leaf: Leaf, pieces: list[Piece] | None, dtype: np.dtype, drop
     r = leaf.rule
     if pieces is not None:
         for p in pieces:
+
             def block(xs, p=p):
                 x = r.to_hf(xs, dtype)
                 return x if p.row is None else x[None]
@@ -123,7 +140,10 @@ def _tensor_blocks(leaf: Leaf, pieces: list[Piece] | None, dtype: np.dtype, drop
         yield [(leaf.path, index)], lambda xs: run_chain(r.chain, xs[0], dtype, inverse=True)
     if kept < hf_rows:
         rows = (dropped or {}).get(leaf.hf_name())
-        yield [], lambda _: rows.astype(dtype) if rows is not None else np.zeros((hf_rows - kept,) + r.hf_shape[1:], dtype)
+        yield (
+            [],
+            lambda _: rows.astype(dtype) if rows is not None else np.zeros((hf_rows - kept,) + r.hf_shape[1:], dtype),
+        )
 
 
 def _pipelined_reads(jobs: Iterator[tuple[object, list, Callable]], reader) -> Iterator[tuple[object, np.ndarray]]:
@@ -177,8 +197,11 @@ def _write_shards(folder: Path, exp: _Export, mine: list[bool], progress) -> _Wr
     written = _Written(bytes=sum(t.nbytes for t in exp.planned if t.name in wanted), count=len(wanted))
     bar = progress(written.bytes, written.count) if progress else None
     dropped = load_dropped_rows(exp.plan, exp.reader.root)
-    jobs = ((name, reads, make) for leaf, name, pieces in todo
-            for reads, make in _tensor_blocks(leaf, pieces, leaf.rule.out_dtype(exp.dtype), dropped))
+    jobs = (
+        (name, reads, make)
+        for leaf, name, pieces in todo
+        for reads, make in _tensor_blocks(leaf, pieces, leaf.rule.out_dtype(exp.dtype), dropped)
+    )
     blocks = read_ahead(_pipelined_reads(jobs, exp.reader), depth=1)
     for shard, fname, m in zip(exp.shards, exp.names, mine):
         if not m:
@@ -201,7 +224,9 @@ def _write_shards(folder: Path, exp: _Export, mine: list[bool], progress) -> _Wr
     return written
 
 
-def _finish(tmp: Path, exp: _Export, file_hashes: dict[str, str], tensor_hashes: dict[str, str], extra: dict | None = None) -> None:
+def _finish(
+    tmp: Path, exp: _Export, file_hashes: dict[str, str], tensor_hashes: dict[str, str], extra: dict | None = None
+) -> None:
     """Index, config, generation defaults, tokenizer and manifest beside the written shards (the digests the
     writers took: {shard name: blake3}, {tensor name: blake3})."""
     write_index(tmp, exp.shards, exp.names)
@@ -210,12 +235,22 @@ def _finish(tmp: Path, exp: _Export, file_hashes: dict[str, str], tensor_hashes:
     export_cfg = exp.family.export_config(exp.cfg, exp.dtype_name)
     (tmp / "config.json").write_text(json.dumps(export_cfg, indent=2, sort_keys=True) + "\n")
     if not (tmp / "generation_config.json").exists():
-        gen = {k: export_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if export_cfg.get(k) is not None}
+        gen = {
+            k: export_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if export_cfg.get(k) is not None
+        }
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     tensors = {t.name: (t.shape, t.dtype.name, tensor_hashes[t.name]) for t in exp.planned if t.name in tensor_hashes}
     source = {**describe_source(exp.reader.root), "path": str(exp.reader.items)}
-    write_manifest(tmp, direction=DIRECTION.record, family=exp.family.name, options=exp.options, source=source,
-                   file_hashes=file_hashes, tensors=tensors, extra=extra)
+    write_manifest(
+        tmp,
+        direction=DIRECTION.record,
+        family=exp.family.name,
+        options=exp.options,
+        source=source,
+        file_hashes=file_hashes,
+        tensors=tensors,
+        extra=extra,
+    )
 
 
 # ----------------------------------------------------------------------------------------- the three modes
@@ -236,7 +271,9 @@ def _convert_share(exp: _Export, out, share: tuple[int, int], progress) -> Resul
         folder = staged.dir / "shards"
         folder.mkdir()
         written = _write_shards(folder, exp, mine, progress)
-        files = {f"shards/{f}": {"bytes": (folder / f).stat().st_size, CONTENT_HASH: h} for f, h in written.files.items()}
+        files = {
+            f"shards/{f}": {"bytes": (folder / f).stat().st_size, CONTENT_HASH: h} for f, h in written.files.items()
+        }
         staged.write_record(files=files, digests=written.tensors, extra={"bytes": written.bytes})
     return Result(Path(out), exp.family.name, written.bytes, written.count)
 
@@ -262,7 +299,9 @@ def _finalize_shares(exp: _Export, out, overwrite: bool) -> Result:
 # ----------------------------------------------------------------------------------------- entry point
 
 
-def _prepare(ckpt, *, dtype_name: str, dtype: np.dtype, model: str | None, hf_config: str | None, shard_bytes: int) -> _Export:
+def _prepare(
+    ckpt, *, dtype_name: str, dtype: np.dtype, model: str | None, hf_config: str | None, shard_bytes: int
+) -> _Export:
     """The checkpoint's config (`hf_config`, else `model`'s, else its sidecar's), family and plan, checked against
     the stored arrays, and the shards the HF tensors go to."""
     from converters.io.orbax import CheckpointReader, find_sidecar_dir
@@ -284,7 +323,20 @@ def _prepare(ckpt, *, dtype_name: str, dtype: np.dtype, model: str | None, hf_co
     tensors = export_tensors(plan)
     planned = [PlannedTensor(name, leaf.hf_shape, leaf.rule.out_dtype(dtype)) for leaf, name, _ in tensors]
     shards = plan_shards(planned, shard_bytes)
-    return _Export(reader, sidecar, cfg, family, plan, dtype_name, dtype, options, tensors, planned, shards, shard_names(len(shards)))
+    return _Export(
+        reader,
+        sidecar,
+        cfg,
+        family,
+        plan,
+        dtype_name,
+        dtype,
+        options,
+        tensors,
+        planned,
+        shards,
+        shard_names(len(shards)),
+    )
 
 
 @returns_buffers

@@ -96,7 +96,9 @@ def _source_position(src, name: str, files: dict[str, int]) -> tuple[int, int]:
     return (files.get(path.name, len(files)), getattr(info, "start", 0)) if path is not None else (len(files), 0)
 
 
-def array_units(leaf: Leaf, src: SafetensorsFolder, dtype: np.dtype, files: dict[str, int]) -> tuple[list[_Unit], tuple[int, ...]]:
+def array_units(
+    leaf: Leaf, src: SafetensorsFolder, dtype: np.dtype, files: dict[str, int]
+) -> tuple[list[_Unit], tuple[int, ...]]:
     """The units that fill one MaxText array, and the block shape (its stored chunking).
 
     `files`: source file name -> its rank in source order (where each unit's bytes are)."""
@@ -113,8 +115,10 @@ def array_units(leaf: Leaf, src: SafetensorsFolder, dtype: np.dtype, files: dict
             if p.hf in src and hasattr(src.info(p.hf), "path"):
                 will_need(src.info(p.hf), None if p.row is None else slice(p.row, p.row + 1))
 
-        units = [_Unit(p.index, nbytes, _source_position(src, p.hf, files), lambda p=p: produce(p), lambda p=p: ahead(p))
-                 for p in leaf.pieces()]
+        units = [
+            _Unit(p.index, nbytes, _source_position(src, p.hf, files), lambda p=p: produce(p), lambda p=p: ahead(p))
+            for p in leaf.pieces()
+        ]
         return units, leaf.piece_shape
 
     name = leaf.hf_name()
@@ -145,8 +149,12 @@ def array_units(leaf: Leaf, src: SafetensorsFolder, dtype: np.dtype, files: dict
 
     for rs in iter_row_chunks(shape[ax], 1, step_rows):
         at = where[1] + min(rs.start, kept) * info.row_bytes
-        rows_ahead = (lambda rs=rs: will_need(info, slice(rs.start, min(rs.stop, kept)))) if rs.start < kept else (lambda: None)
-        units.append(_Unit(region(rs), (rs.stop - rs.start) * row_bytes, (where[0], at), lambda rs=rs: block(rs), rows_ahead))
+        rows_ahead = (
+            (lambda rs=rs: will_need(info, slice(rs.start, min(rs.stop, kept)))) if rs.start < kept else (lambda: None)
+        )
+        units.append(
+            _Unit(region(rs), (rs.stop - rs.start) * row_bytes, (where[0], at), lambda rs=rs: block(rs), rows_ahead)
+        )
     return units, tuple(min(step_rows, n) if a == ax else n for a, n in enumerate(shape))
 
 
@@ -183,8 +191,14 @@ def _nest(flat: dict[str, object]) -> dict:
     return tree
 
 
-def _write(root: Path, conv: _Conversion, work: list[_ArrayWork], todo: list[list[_Unit]], writing: _Writing,
-           process_id: int | None = None) -> dict:
+def _write(
+    root: Path,
+    conv: _Conversion,
+    work: list[_ArrayWork],
+    todo: list[list[_Unit]],
+    writing: _Writing,
+    process_id: int | None = None,
+) -> dict:
     """Write the units `todo` (per array of `work`; an array without any is left to other processes) as MaxText's
     checkpoint under `root`, as process `process_id` of a multi-process save if given. Returns each array's chunk
     digests ({path: {chunk origin: blake3}})."""
@@ -202,10 +216,19 @@ def _write(root: Path, conv: _Conversion, work: list[_ArrayWork], todo: list[lis
     bar = writing.progress(_bytes(todo), len(arrays)) if writing.progress else None
     digests: dict = {}
     o = conv.options
-    write_checkpoint(root, _nest(arrays), scan_layers=o["scan_layers"], use_ocdbt=o["use_ocdbt"], use_zarr3=o["use_zarr3"],
-                     use_compression=o["compress"], workers=writing.workers,
-                     progress=WriteProgress(bar.update if bar is not None else None), process_id=process_id, digests=digests,
-                     txn_bytes=writing.buffer_bytes or TXN_BYTES)
+    write_checkpoint(
+        root,
+        _nest(arrays),
+        scan_layers=o["scan_layers"],
+        use_ocdbt=o["use_ocdbt"],
+        use_zarr3=o["use_zarr3"],
+        use_compression=o["compress"],
+        workers=writing.workers,
+        progress=WriteProgress(bar.update if bar is not None else None),
+        process_id=process_id,
+        digests=digests,
+        txn_bytes=writing.buffer_bytes or TXN_BYTES,
+    )
     if bar is not None:
         bar.close()
     return digests
@@ -215,7 +238,9 @@ def _bytes(todo: list[list[_Unit]]) -> int:
     return sum(u.nbytes for units in todo for u in units)
 
 
-def _finish(root: Path, conv: _Conversion, *, file_hashes: dict[str, str], chunks: dict[str, dict], extra: dict | None = None) -> None:
+def _finish(
+    root: Path, conv: _Conversion, *, file_hashes: dict[str, str], chunks: dict[str, dict], extra: dict | None = None
+) -> None:
     """What export needs beside the arrays (HF rows MaxText cannot hold, the source config and tokenizer), then the
     manifest: `file_hashes` ({file: blake3}) and `chunks` (each array's chunk digests) as the writers took them."""
     save_dropped_rows(conv.plan, conv.source, root)
@@ -223,11 +248,21 @@ def _finish(root: Path, conv: _Conversion, *, file_hashes: dict[str, str], chunk
     copied = copy_hf_extras(conv.src, sidecar)
     if conv.hf_config or "config.json" not in copied:  # the config actually used, for the way back
         (sidecar / "config.json").write_text(json.dumps(conv.cfg, indent=2) + "\n")
-    tensors = {leaf.path: (leaf.shape, leaf.rule.out_dtype(conv.dtype).name, chunked_digest(chunks[leaf.path]))
-               for leaf in conv.plan}
+    tensors = {
+        leaf.path: (leaf.shape, leaf.rule.out_dtype(conv.dtype).name, chunked_digest(chunks[leaf.path]))
+        for leaf in conv.plan
+    }
     # source: + repo, commit sha and file sha256s when `ckptflow download` staged it
-    write_manifest(root, direction=DIRECTION.record, family=conv.family.name, options=conv.options,
-                   source=describe_source(conv.src), file_hashes=file_hashes, tensors=tensors, extra=extra)
+    write_manifest(
+        root,
+        direction=DIRECTION.record,
+        family=conv.family.name,
+        options=conv.options,
+        source=describe_source(conv.src),
+        file_hashes=file_hashes,
+        tensors=tensors,
+        extra=extra,
+    )
 
 
 # ----------------------------------------------------------------------------------------- the three modes
@@ -247,12 +282,15 @@ def _share_of(work: list[_ArrayWork], share: tuple[int, int]) -> list[list[_Unit
     """The units share (i, n) writes, per array: contiguous runs in source order, balanced by bytes."""
     i, n = share
     units = [u for w in work for u in w.units]
-    mine = iter([owner == i for owner in shares.assign_by_position([u.source for u in units], [u.nbytes for u in units], n)])
+    mine = iter(
+        [owner == i for owner in shares.assign_by_position([u.source for u in units], [u.nbytes for u in units], n)]
+    )
     return [[u for u in w.units if next(mine)] for w in work]
 
 
 def _convert_share(conv: _Conversion, out, share: tuple[int, int], writing: _Writing) -> Result:
-    """Share i of n as process i of a multi-process Orbax save (its `ocdbt.process_<i>` sub-store), in the staging folder."""
+    """Share i of n as process i of a multi-process Orbax save (its `ocdbt.process_<i>` sub-store), in the staging
+    folder."""
     i, _ = share
     work = _work(conv)
     todo = _share_of(work, share)
@@ -262,8 +300,11 @@ def _convert_share(conv: _Conversion, out, share: tuple[int, int], writing: _Wri
         items = staged.dir / "ckpt" / "0" / "items"
         substore = items / f"ocdbt.process_{i}"
         written = shares.hash_files(staged.dir, substore, known=hasher.known(staged.dir)) if substore.is_dir() else {}
-        staged.write_record(files=written, digests=_chunks_to_record(chunks),
-                            extra={"bytes": _bytes(todo), "tree_metadata": file_sha256(items / "_METADATA")})
+        staged.write_record(
+            files=written,
+            digests=_chunks_to_record(chunks),
+            extra={"bytes": _bytes(todo), "tree_metadata": file_sha256(items / "_METADATA")},
+        )
     return Result(Path(out), conv.family.name, _bytes(todo), sum(1 for units in todo if units))
 
 
@@ -274,7 +315,9 @@ def _finalize_shares(conv: _Conversion, out, overwrite: bool) -> Result:
 
     found = shares.collect(out, conv.fingerprint(), DIRECTION)
     if len({s.record.get("tree_metadata") for s in found}) != 1:
-        raise shares.SharesError("parts disagree on the checkpoint's tree metadata (written by different ckptflow versions?); re-run them")
+        raise shares.SharesError(
+            "parts disagree on the checkpoint's tree metadata (written by different ckptflow versions?); re-run them"
+        )
     chunks: dict[str, dict] = {}
     file_hashes: dict[str, str] = {}
     for s in found:
@@ -300,19 +343,27 @@ def _finalize_shares(conv: _Conversion, out, overwrite: bool) -> Result:
 
 
 def _chunks_to_record(chunks: dict[str, dict]) -> dict[str, dict[str, str]]:
-    """Chunk digests as a share record holds them (JSON keys: the chunk origin as a JSON list); arrays without any left out."""
-    return {name: {json.dumps(list(origin)): h for origin, h in by_origin.items()} for name, by_origin in chunks.items() if by_origin}
+    """Chunk digests as a share record holds them (JSON keys: the chunk origin as a JSON list); arrays without any
+    left out."""
+    return {
+        name: {json.dumps(list(origin)): h for origin, h in by_origin.items()}
+        for name, by_origin in chunks.items()
+        if by_origin
+    }
 
 
 def _chunks_from_record(recorded: dict[str, dict[str, str]]) -> dict[str, dict]:
-    return {name: {tuple(json.loads(origin)): h for origin, h in by_origin.items()} for name, by_origin in recorded.items()}
+    return {
+        name: {tuple(json.loads(origin)): h for origin, h in by_origin.items()} for name, by_origin in recorded.items()
+    }
 
 
 # ----------------------------------------------------------------------------------------- entry point
 
 
-def _prepare(src: Path, *, scan: bool, dtype: np.dtype, model: str | None, hf_config: str | None, with_mtp: bool,
-             options: dict) -> _Conversion:
+def _prepare(
+    src: Path, *, scan: bool, dtype: np.dtype, model: str | None, hf_config: str | None, with_mtp: bool, options: dict
+) -> _Conversion:
     """The source's config, family and plan, and its tensors checked against the plan (before anything is written)."""
     cfg = load_hf_config(src, hf_config, model)
     family = registry.family_for_config(cfg)
@@ -353,9 +404,17 @@ def hf_to_maxtext(
     if (part or finalize) and not use_ocdbt:
         raise CkptflowError("--part/--finalize write Orbax's multi-process layout, which needs OCDBT (drop --no-ocdbt)")
     check_destination(out, overwrite)  # shares too: better now than at finalize, hours later
-    options = {"scan_layers": scan, "dtype": dtype, "use_ocdbt": use_ocdbt, "use_zarr3": use_zarr3, "compress": compress,
-               **({"with_mtp": True} if with_mtp else {})}
-    conv = _prepare(Path(src), scan=scan, dtype=out_dtype, model=model, hf_config=hf_config, with_mtp=with_mtp, options=options)
+    options = {
+        "scan_layers": scan,
+        "dtype": dtype,
+        "use_ocdbt": use_ocdbt,
+        "use_zarr3": use_zarr3,
+        "compress": compress,
+        **({"with_mtp": True} if with_mtp else {}),
+    }
+    conv = _prepare(
+        Path(src), scan=scan, dtype=out_dtype, model=model, hf_config=hf_config, with_mtp=with_mtp, options=options
+    )
     if finalize:
         return _finalize_shares(conv, out, overwrite)
     writing = _Writing(workers, buffer_bytes, progress)

@@ -1,1 +1,2 @@
-"""The mapping core: rules and invertible transforms (`mapping`, `transforms`), the family registry, the direction of a conversion."""
+"""The mapping core: rules and invertible transforms (`mapping`, `transforms`), the family registry, the direction of
+a conversion."""

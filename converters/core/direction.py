@@ -75,4 +75,3 @@ class Direction(Enum):
 def layout(scan: bool) -> str:
     """MaxText's layer layout as ckptflow names it: `scanned` (stacked layers) or `unscanned`."""
     return "scanned" if scan else "unscanned"
-

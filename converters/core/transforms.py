@@ -17,7 +17,6 @@ import numpy as np
 
 from converters.io import buffers
 
-
 _TILE = 256
 _TORCH_MIN_BYTES = 16 << 20  # below this, importing torch is not worth it (docs/performance.md, "Speed")
 _torch = None
@@ -211,7 +210,9 @@ class Deinterleave(Split):
         return out
 
 
-def run_chain(chain: tuple[Transform, ...], x: np.ndarray, out_dtype: np.dtype | None, inverse: bool = False) -> np.ndarray:
+def run_chain(
+    chain: tuple[Transform, ...], x: np.ndarray, out_dtype: np.dtype | None, inverse: bool = False
+) -> np.ndarray:
     """Apply a chain (forward, or inverted in reverse order), computing in float32 only when a step changes values.
     `out_dtype` None: the result as computed (the input's dtype when the chain only moves elements, else float32)."""
     steps = tuple(reversed(chain)) if inverse else chain

@@ -1,6 +1,7 @@
 """DeepSeek-V2 (V2-Lite), DeepSeek-V3 and DeepSeek-V3.2 (MaxText block `deepseek`, attention `mla`).
 
-Layout (as MaxText's own converter writes it: `src/maxtext/checkpoint_conversion/standalone_scripts/convert_deepseek_family_ckpt.py` in
+Layout (as MaxText's own converter writes it:
+`src/maxtext/checkpoint_conversion/standalone_scripts/convert_deepseek_family_ckpt.py` in
 AI-Hypercomputer/maxtext):
   * the first `first_k_dense_replace` layers have a dense gated MLP, the rest a DeepSeek MoE block; they form
     two separate stacks: scanned `decoder/dense_layers` (HF layers 0..k-1) and `decoder/moe_layers` (HF layers
@@ -18,7 +19,8 @@ AI-Hypercomputer/maxtext):
 
 V3.2 adds the sparse-attention indexer to every layer's attention (`self_attn.indexer.*` <->
 `self_attention/indexer/*`): `wq_b` `[Hi*Di, q_lora]` -> `[q_lora, Hi, Di]`, `wk` -> `[emb, Di]`, LayerNorm `k_norm`
-weight and bias (`scale`, `bias`), `weights_proj` `[Hi, emb]` -> `[emb, Hi]`, kept in float32 like the router's correction
+weight and bias (`scale`, `bias`), `weights_proj` `[Hi, emb]` -> `[emb, Hi]`, kept in float32 like the router's
+correction
 bias (transformers keeps it in float32). MaxText converts V3.2 only HF -> MaxText; ckptflow also exports it back as a
 `deepseek_v32` folder transformers loads.
 
@@ -26,7 +28,8 @@ Only MaxText's own layout is supported: every layer after the dense ones is MoE 
 is at least one shared expert.
 
 Multi-token prediction (V3 / V3.2: HF layer `num_hidden_layers` + j for j < `num_nextn_predict_layers`, not part of
-transformers' model): skipped by default, as MaxText's converter does; with `--with-mtp` (plan extra "mtp") it is written
+transformers' model): skipped by default, as MaxText's converter does; with `--with-mtp` (plan extra "mtp") it is
+written
 as MaxText's legacy converter lays it out, unscanned, under `mtp_block/mtp_layer_<j+1>/`: `mtp_<j+1>_embedding_norm`
 (`enorm`), `mtp_<j+1>_hidden_state_norm` (`hnorm`), `mtp_<j+1>_projection` (`eh_proj` `[emb, 2 emb]` transposed; input
 `[embedding norm | hidden norm]` in both), `mtp_<j+1>_transformer_layer/<MoE layer>`. The layer's `embed_tokens`,
@@ -37,11 +40,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from converters.core.mapping import Dims, LayerGroup, Rule, require
+from converters.core.transforms import Kernel
 from converters.errors import UnsupportedModelError
 from converters.families import common, moe_common
 from converters.families.common import L
-from converters.core.mapping import Dims, LayerGroup, Rule, require
-from converters.core.transforms import Kernel
 
 MOE = "DeepSeekMoeBlock_0"
 ROUTED = f"{MOE}/MoeBlock_0"
@@ -52,37 +55,110 @@ _YARN = {"beta_fast": 32, "beta_slow": 1, "factor": 40, "original_max_position_e
 def _v2_lite() -> dict:
     """deepseek-ai/DeepSeek-V2-Lite config.json (the `auto_map` remote-code entries dropped)."""
     return {
-        "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "attention_bias": False, "attention_dropout": 0.0,
-        "aux_loss_alpha": 0.001, "bos_token_id": 100000, "eos_token_id": 100001, "first_k_dense_replace": 1, "hidden_act": "silu",
-        "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 10944, "kv_lora_rank": 512,
-        "max_position_embeddings": 163840, "moe_intermediate_size": 1408, "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 64,
-        "n_shared_experts": 2, "norm_topk_prob": False, "num_attention_heads": 16, "num_experts_per_tok": 6, "num_hidden_layers": 27,
-        "num_key_value_heads": 16, "pretraining_tp": 1, "q_lora_rank": None, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
-        "rms_norm_eps": 1e-06, "rope_scaling": {**_YARN, "mscale": 0.707, "mscale_all_dim": 0.707}, "rope_theta": 10000,
-        "routed_scaling_factor": 1.0, "scoring_func": "softmax", "seq_aux": True, "tie_word_embeddings": False, "topk_group": 1,
-        "topk_method": "greedy", "torch_dtype": "bfloat16", "use_cache": True, "v_head_dim": 128, "vocab_size": 102400,
+        "architectures": ["DeepseekV2ForCausalLM"],
+        "model_type": "deepseek_v2",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "aux_loss_alpha": 0.001,
+        "bos_token_id": 100000,
+        "eos_token_id": 100001,
+        "first_k_dense_replace": 1,
+        "hidden_act": "silu",
+        "hidden_size": 2048,
+        "initializer_range": 0.02,
+        "intermediate_size": 10944,
+        "kv_lora_rank": 512,
+        "max_position_embeddings": 163840,
+        "moe_intermediate_size": 1408,
+        "moe_layer_freq": 1,
+        "n_group": 1,
+        "n_routed_experts": 64,
+        "n_shared_experts": 2,
+        "norm_topk_prob": False,
+        "num_attention_heads": 16,
+        "num_experts_per_tok": 6,
+        "num_hidden_layers": 27,
+        "num_key_value_heads": 16,
+        "pretraining_tp": 1,
+        "q_lora_rank": None,
+        "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": {**_YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
+        "rope_theta": 10000,
+        "routed_scaling_factor": 1.0,
+        "scoring_func": "softmax",
+        "seq_aux": True,
+        "tie_word_embeddings": False,
+        "topk_group": 1,
+        "topk_method": "greedy",
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "v_head_dim": 128,
+        "vocab_size": 102400,
     }
 
 
 def _v3() -> dict:
     """deepseek-ai/DeepSeek-V3 config.json, as bf16 (its FP8 `quantization_config` is decoded on read)."""
     return {
-        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "attention_bias": False, "attention_dropout": 0.0,
-        "bos_token_id": 0, "eos_token_id": 1, "ep_size": 1, "first_k_dense_replace": 3, "hidden_act": "silu", "hidden_size": 7168,
-        "initializer_range": 0.02, "intermediate_size": 18432, "kv_lora_rank": 512, "max_position_embeddings": 163840,
-        "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 256, "n_shared_experts": 1,
-        "norm_topk_prob": True, "num_attention_heads": 128, "num_experts_per_tok": 8, "num_hidden_layers": 61,
-        "num_key_value_heads": 128, "num_nextn_predict_layers": 1, "q_lora_rank": 1536, "qk_nope_head_dim": 128,
-        "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06, "rope_scaling": {**_YARN, "mscale": 1.0, "mscale_all_dim": 1.0},
-        "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "tie_word_embeddings": False, "topk_group": 4,
-        "topk_method": "noaux_tc", "torch_dtype": "bfloat16", "use_cache": True, "v_head_dim": 128, "vocab_size": 129280,
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "ep_size": 1,
+        "first_k_dense_replace": 3,
+        "hidden_act": "silu",
+        "hidden_size": 7168,
+        "initializer_range": 0.02,
+        "intermediate_size": 18432,
+        "kv_lora_rank": 512,
+        "max_position_embeddings": 163840,
+        "moe_intermediate_size": 2048,
+        "moe_layer_freq": 1,
+        "n_group": 8,
+        "n_routed_experts": 256,
+        "n_shared_experts": 1,
+        "norm_topk_prob": True,
+        "num_attention_heads": 128,
+        "num_experts_per_tok": 8,
+        "num_hidden_layers": 61,
+        "num_key_value_heads": 128,
+        "num_nextn_predict_layers": 1,
+        "q_lora_rank": 1536,
+        "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": {**_YARN, "mscale": 1.0, "mscale_all_dim": 1.0},
+        "rope_theta": 10000,
+        "routed_scaling_factor": 2.5,
+        "scoring_func": "sigmoid",
+        "tie_word_embeddings": False,
+        "topk_group": 4,
+        "topk_method": "noaux_tc",
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "v_head_dim": 128,
+        "vocab_size": 129280,
     }
 
 
 # Tiny test models (MLA): heads * v_head_dim (96) and heads * qk_head_dim (112) differ from hidden (64); 8 experts.
-_TINY = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 96, "moe_intermediate_size": 32,
-         "n_routed_experts": 8, "kv_lora_rank": 32, "qk_nope_head_dim": 20, "qk_rope_head_dim": 8, "v_head_dim": 24,
-         "first_k_dense_replace": 1}
+_TINY = {
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "intermediate_size": 96,
+    "moe_intermediate_size": 32,
+    "n_routed_experts": 8,
+    "kv_lora_rank": 32,
+    "qk_nope_head_dim": 20,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 24,
+    "first_k_dense_replace": 1,
+}
 
 
 class _DeepSeek(common.DecoderOnly):
@@ -99,14 +175,25 @@ class _DeepSeek(common.DecoderOnly):
         first = int(cfg.get("first_k_dense_replace") or 0)
         shared = int(cfg.get("n_shared_experts") or 0)
         if not 0 <= first < d.layers:
-            raise UnsupportedModelError(f"DeepSeek first_k_dense_replace={first} must be below num_hidden_layers={d.layers}")
+            raise UnsupportedModelError(
+                f"DeepSeek first_k_dense_replace={first} must be below num_hidden_layers={d.layers}"
+            )
         if (cfg.get("moe_layer_freq") or 1) != 1:
-            raise UnsupportedModelError("DeepSeek with moe_layer_freq != 1 has no MaxText layout (every layer after the dense ones is MoE)")
+            raise UnsupportedModelError(
+                "DeepSeek with moe_layer_freq != 1 has no MaxText layout (every layer after the dense ones is MoE)"
+            )
         if shared < 1:
             raise UnsupportedModelError("DeepSeek without shared experts has no MaxText deepseek layout")
         d.extra.update(
-            dense_mlp=require(cfg, "intermediate_size", cls.name), first_dense=first, shared_mlp=shared * d.mlp,
-            mtp_layers=int(cfg.get("num_nextn_predict_layers") or 0), q_lora=int(cfg.get("q_lora_rank") or 0), kv_lora=require(cfg, "kv_lora_rank", cls.name), nope=nope, rope=rope, v=v,
+            dense_mlp=require(cfg, "intermediate_size", cls.name),
+            first_dense=first,
+            shared_mlp=shared * d.mlp,
+            mtp_layers=int(cfg.get("num_nextn_predict_layers") or 0),
+            q_lora=int(cfg.get("q_lora_rank") or 0),
+            kv_lora=require(cfg, "kv_lora_rank", cls.name),
+            nope=nope,
+            rope=rope,
+            v=v,
         )
         return d
 
@@ -117,30 +204,73 @@ class _DeepSeek(common.DecoderOnly):
         a, mt = L + "self_attn.", "self_attention"
         if Q:
             q = [
-                Rule(a + "q_a_proj.weight", f"{mt}/wq_a/kernel", hf_shape=(Q, E), mt_shape=(E, Q), chain=(Kernel((E, Q)),)),
+                Rule(
+                    a + "q_a_proj.weight",
+                    f"{mt}/wq_a/kernel",
+                    hf_shape=(Q, E),
+                    mt_shape=(E, Q),
+                    chain=(Kernel((E, Q)),),
+                ),
                 common.vector(a + "q_a_layernorm.weight", f"{mt}/q_norm/scale", Q),
-                Rule(a + "q_b_proj.weight", f"{mt}/wq_b/kernel", hf_shape=(H * QK, Q), mt_shape=(Q, H, QK), chain=(Kernel((Q, H, QK)),)),
+                Rule(
+                    a + "q_b_proj.weight",
+                    f"{mt}/wq_b/kernel",
+                    hf_shape=(H * QK, Q),
+                    mt_shape=(Q, H, QK),
+                    chain=(Kernel((Q, H, QK)),),
+                ),
             ]
         else:
-            q = [Rule(a + "q_proj.weight", f"{mt}/query/kernel", hf_shape=(H * QK, E), mt_shape=(E, H, QK), chain=(Kernel((E, H, QK)),))]
+            q = [
+                Rule(
+                    a + "q_proj.weight",
+                    f"{mt}/query/kernel",
+                    hf_shape=(H * QK, E),
+                    mt_shape=(E, H, QK),
+                    chain=(Kernel((E, H, QK)),),
+                )
+            ]
         return [
             common.vector(L + "input_layernorm.weight", "pre_self_attention_layer_norm/scale", E),
             common.vector(L + "post_attention_layernorm.weight", "post_self_attention_layer_norm/scale", E),
             *q,
-            Rule(a + "kv_a_proj_with_mqa.weight", f"{mt}/wkv_a/kernel", hf_shape=(C + R, E), mt_shape=(E, C + R), chain=(Kernel((E, C + R)),)),
+            Rule(
+                a + "kv_a_proj_with_mqa.weight",
+                f"{mt}/wkv_a/kernel",
+                hf_shape=(C + R, E),
+                mt_shape=(E, C + R),
+                chain=(Kernel((E, C + R)),),
+            ),
             common.vector(a + "kv_a_layernorm.weight", f"{mt}/kv_norm/scale", C),
-            Rule(a + "kv_b_proj.weight", f"{mt}/wkv_b/kernel", hf_shape=(H * (d.extra["nope"] + V), C), mt_shape=(C, H, d.extra["nope"] + V),
-                 chain=(Kernel((C, H, d.extra["nope"] + V)),)),
-            Rule(a + "o_proj.weight", f"{mt}/out/kernel", hf_shape=(E, H * V), mt_shape=(H, V, E), chain=(Kernel((H, V, E), n_in=2),)),
+            Rule(
+                a + "kv_b_proj.weight",
+                f"{mt}/wkv_b/kernel",
+                hf_shape=(H * (d.extra["nope"] + V), C),
+                mt_shape=(C, H, d.extra["nope"] + V),
+                chain=(Kernel((C, H, d.extra["nope"] + V)),),
+            ),
+            Rule(
+                a + "o_proj.weight",
+                f"{mt}/out/kernel",
+                hf_shape=(E, H * V),
+                mt_shape=(H, V, E),
+                chain=(Kernel((H, V, E), n_in=2),),
+            ),
         ]
 
     @staticmethod
     def glu(d: Dims, hf: str, mt: str, width: int) -> list[Rule]:
         E, F = d.emb, width
         return [
-            Rule(f"{hf}.gate_proj.weight", f"{mt}/wi_0/kernel", hf_shape=(F, E), mt_shape=(E, F), chain=(Kernel((E, F)),)),
-            Rule(f"{hf}.up_proj.weight", f"{mt}/wi_1/kernel", hf_shape=(F, E), mt_shape=(E, F), chain=(Kernel((E, F)),)),
-            Rule(f"{hf}.down_proj.weight", f"{mt}/wo/kernel", hf_shape=(E, F), mt_shape=(F, E), chain=(Kernel((F, E)),)),
+            Rule(
+                f"{hf}.gate_proj.weight", f"{mt}/wi_0/kernel", hf_shape=(F, E), mt_shape=(E, F), chain=(Kernel((E, F)),)
+            ),
+            Rule(
+                f"{hf}.up_proj.weight", f"{mt}/wi_1/kernel", hf_shape=(F, E), mt_shape=(E, F), chain=(Kernel((E, F)),)
+            ),
+            Rule(
+                f"{hf}.down_proj.weight", f"{mt}/wo/kernel", hf_shape=(E, F), mt_shape=(F, E), chain=(Kernel((F, E)),)
+            ),
         ]
 
     @classmethod
@@ -152,7 +282,15 @@ class _DeepSeek(common.DecoderOnly):
         X = moe_common.experts(d)
         rules = [*cls.attention_rules(d), *moe_common.router(d, L + "mlp.gate", f"{ROUTED}/gate")]
         if cls.correction_bias:
-            rules.append(Rule(L + "mlp.gate.e_score_correction_bias", f"{ROUTED}/gate/bias", hf_shape=(X,), mt_shape=(X,), dtype="float32"))
+            rules.append(
+                Rule(
+                    L + "mlp.gate.e_score_correction_bias",
+                    f"{ROUTED}/gate/bias",
+                    hf_shape=(X,),
+                    mt_shape=(X,),
+                    dtype="float32",
+                )
+            )
         rules += moe_common.per_expert_glu(d, L + "mlp.experts.{e}", ROUTED, ("gate_proj", "up_proj", "down_proj"))
         rules += cls.glu(d, L + "mlp.shared_experts", f"{MOE}/shared_experts", d.extra["shared_mlp"])
         return rules
@@ -171,7 +309,13 @@ class _DeepSeek(common.DecoderOnly):
             rules = [
                 common.vector(L + "enorm.weight", f"{m}embedding_norm/scale", E),
                 common.vector(L + "hnorm.weight", f"{m}hidden_state_norm/scale", E),
-                Rule(L + "eh_proj.weight", f"{m}projection/kernel", hf_shape=(E, 2 * E), mt_shape=(2 * E, E), chain=(Kernel((2 * E, E)),)),
+                Rule(
+                    L + "eh_proj.weight",
+                    f"{m}projection/kernel",
+                    hf_shape=(E, 2 * E),
+                    mt_shape=(2 * E, E),
+                    chain=(Kernel((2 * E, E)),),
+                ),
                 *(replace(r, mt=f"{m}transformer_layer/{r.mt}") for r in cls.moe_rules(d)),
             ]
             groups.append(LayerGroup(tuple(rules), (d.layers + j - 1,), None, (f"mtp_block/mtp_layer_{j}",)))
@@ -187,17 +331,35 @@ class _DeepSeek(common.DecoderOnly):
         k, n = d.extra["first_dense"], d.layers
         groups = []
         if k:
-            groups.append(LayerGroup(tuple(cls.dense_rules(d)), tuple(range(k)), "decoder/dense_layers",
-                                     tuple(f"decoder/dense_layers_{i}" for i in range(k))))
-        groups.append(LayerGroup(tuple(cls.moe_rules(d)), tuple(range(k, n)), "decoder/moe_layers",
-                                 tuple(f"decoder/moe_layers_{j}" for j in range(n - k))))
+            groups.append(
+                LayerGroup(
+                    tuple(cls.dense_rules(d)),
+                    tuple(range(k)),
+                    "decoder/dense_layers",
+                    tuple(f"decoder/dense_layers_{i}" for i in range(k)),
+                )
+            )
+        groups.append(
+            LayerGroup(
+                tuple(cls.moe_rules(d)),
+                tuple(range(k, n)),
+                "decoder/moe_layers",
+                tuple(f"decoder/moe_layers_{j}" for j in range(n - k)),
+            )
+        )
         return groups
 
 
 def _v32() -> dict:
     """deepseek-ai/DeepSeek-V3.2 config.json, as bf16: V3 plus the indexer sizes."""
-    return {**_v3(), "architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32", "index_head_dim": 128,
-            "index_n_heads": 64, "index_topk": 2048}
+    return {
+        **_v3(),
+        "architectures": ["DeepseekV32ForCausalLM"],
+        "model_type": "deepseek_v32",
+        "index_head_dim": 128,
+        "index_n_heads": 64,
+        "index_topk": 2048,
+    }
 
 
 class DeepSeek2(_DeepSeek):
@@ -214,7 +376,12 @@ class DeepSeek3(_DeepSeek):
     architectures = ("DeepseekV3ForCausalLM",)
     models = {"deepseek3-671b": _v3()}
     # 4 routing groups of which 2 are kept, so group-limited routing acts; the published YaRN (factor 40, mscale) kept
-    test_models = {"deepseek3": ("deepseek3-671b", {**_TINY, "q_lora_rank": 48, "n_group": 4, "topk_group": 2, "num_experts_per_tok": 3})}
+    test_models = {
+        "deepseek3": (
+            "deepseek3-671b",
+            {**_TINY, "q_lora_rank": 48, "n_group": 4, "topk_group": 2, "num_experts_per_tok": 3},
+        )
+    }
     correction_bias = True
 
 
@@ -223,18 +390,34 @@ class DeepSeek32(DeepSeek3):
     model_types = ("deepseek_v32",)
     architectures = ("DeepseekV32ForCausalLM",)
     models = {"deepseek3.2-671b": _v32()}
-    # the indexer keeps 32 keys per query, so prompts longer than 32 tokens attend sparsely. 16 indexer heads: a key scores
+    # the indexer keeps 32 keys per query, so prompts longer than 32 tokens attend sparsely. 16 indexer heads: a key
+    # scores
     # exactly 0 only when all 16 ReLUs are 0, so exact ties at the top-k boundary (which torch and JAX may break
     # differently) are practically absent
-    test_models = {"deepseek3.2": ("deepseek3.2-671b", {**_TINY, "q_lora_rank": 48, "n_group": 4, "topk_group": 2, "num_experts_per_tok": 3,
-                                                       "index_n_heads": 16, "index_head_dim": 16, "index_topk": 32})}
+    test_models = {
+        "deepseek3.2": (
+            "deepseek3.2-671b",
+            {
+                **_TINY,
+                "q_lora_rank": 48,
+                "n_group": 4,
+                "topk_group": 2,
+                "num_experts_per_tok": 3,
+                "index_n_heads": 16,
+                "index_head_dim": 16,
+                "index_topk": 32,
+            },
+        )
+    }
 
     @classmethod
     def dims(cls, cfg: dict) -> Dims:
         d = super().dims(cfg)
         if not d.extra["q_lora"]:
             raise UnsupportedModelError("DeepSeek-V3.2 needs a query LoRA (q_lora_rank): the indexer reads its output")
-        d.extra.update(index_heads=require(cfg, "index_n_heads", cls.name), index_dim=require(cfg, "index_head_dim", cls.name))
+        d.extra.update(
+            index_heads=require(cfg, "index_n_heads", cls.name), index_dim=require(cfg, "index_head_dim", cls.name)
+        )
         return d
 
     @classmethod
@@ -243,9 +426,22 @@ class DeepSeek32(DeepSeek3):
         a, mt = L + "self_attn.indexer.", "self_attention/indexer"
         return [
             *super().attention_rules(d),
-            Rule(a + "wq_b.weight", f"{mt}/wq_b/kernel", hf_shape=(Hi * Di, Q), mt_shape=(Q, Hi, Di), chain=(Kernel((Q, Hi, Di)),)),
+            Rule(
+                a + "wq_b.weight",
+                f"{mt}/wq_b/kernel",
+                hf_shape=(Hi * Di, Q),
+                mt_shape=(Q, Hi, Di),
+                chain=(Kernel((Q, Hi, Di)),),
+            ),
             Rule(a + "wk.weight", f"{mt}/wk/kernel", hf_shape=(Di, E), mt_shape=(E, Di), chain=(Kernel((E, Di)),)),
             common.vector(a + "k_norm.weight", f"{mt}/k_norm/scale", Di),
             common.vector(a + "k_norm.bias", f"{mt}/k_norm/bias", Di),
-            Rule(a + "weights_proj.weight", f"{mt}/weights_proj/kernel", hf_shape=(Hi, E), mt_shape=(E, Hi), chain=(Kernel((E, Hi)),), dtype="float32"),
+            Rule(
+                a + "weights_proj.weight",
+                f"{mt}/weights_proj/kernel",
+                hf_shape=(Hi, E),
+                mt_shape=(E, Hi),
+                chain=(Kernel((E, Hi)),),
+                dtype="float32",
+            ),
         ]

@@ -22,11 +22,11 @@ decoded while reading (`converters.io.quantized`), and exports are plain bf16 wi
 
 from __future__ import annotations
 
+from converters.core.mapping import Dims, LayerGroup, Rule
+from converters.core.transforms import Deinterleave
 from converters.errors import UnsupportedModelError
 from converters.families import common, moe_common
 from converters.families.common import L
-from converters.core.mapping import Dims, LayerGroup, Rule
-from converters.core.transforms import Deinterleave
 
 PATTERN = ("sliding_attention", "full_attention")  # MaxText GPT_OSS_ATTENTION_PATTERN, repeated
 
@@ -34,16 +34,44 @@ PATTERN = ("sliding_attention", "full_attention")  # MaxText GPT_OSS_ATTENTION_P
 def _published(layers: int, experts: int) -> dict:
     """openai/gpt-oss-* config.json without its MXFP4 quantization_config (= the BF16 repos MaxText uses)."""
     return {
-        "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "attention_bias": True, "attention_dropout": 0.0,
-        "eos_token_id": 200002, "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2880,
-        "initial_context_length": 4096, "initializer_range": 0.02, "intermediate_size": 2880,
-        "layer_types": [PATTERN[i % 2] for i in range(layers)], "max_position_embeddings": 131072,
-        "num_attention_heads": 64, "num_experts_per_tok": 4, "num_hidden_layers": layers, "num_key_value_heads": 8,
-        "num_local_experts": experts, "output_router_logits": False, "pad_token_id": 199999, "rms_norm_eps": 1e-05,
-        "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0, "original_max_position_embeddings": 4096,
-                         "rope_type": "yarn", "truncate": False},
-        "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128, "swiglu_limit": 7.0,
-        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.55.0.dev0", "use_cache": True,
+        "architectures": ["GptOssForCausalLM"],
+        "model_type": "gpt_oss",
+        "attention_bias": True,
+        "attention_dropout": 0.0,
+        "eos_token_id": 200002,
+        "experts_per_token": 4,
+        "head_dim": 64,
+        "hidden_act": "silu",
+        "hidden_size": 2880,
+        "initial_context_length": 4096,
+        "initializer_range": 0.02,
+        "intermediate_size": 2880,
+        "layer_types": [PATTERN[i % 2] for i in range(layers)],
+        "max_position_embeddings": 131072,
+        "num_attention_heads": 64,
+        "num_experts_per_tok": 4,
+        "num_hidden_layers": layers,
+        "num_key_value_heads": 8,
+        "num_local_experts": experts,
+        "output_router_logits": False,
+        "pad_token_id": 199999,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": {
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "factor": 32.0,
+            "original_max_position_embeddings": 4096,
+            "rope_type": "yarn",
+            "truncate": False,
+        },
+        "rope_theta": 150000,
+        "router_aux_loss_coef": 0.9,
+        "sliding_window": 128,
+        "swiglu_limit": 7.0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.55.0.dev0",
+        "use_cache": True,
         "vocab_size": 201088,
     }
 
@@ -53,18 +81,34 @@ class GptOss(common.DecoderOnly):
     model_types = ("gpt_oss",)
     architectures = ("GptOssForCausalLM",)
     reference = "converters.verify.reference.gpt_oss:GptOssForward"
-    # square experts (intermediate == hidden, as 2880 == 2880) so only values catch an orientation mistake, and a sliding
+    # square experts (intermediate == hidden, as 2880 == 2880) so only values catch an orientation mistake, and a
+    # sliding
     # window the long verification prompt crosses many times
-    test_models = {"gpt-oss": ("gpt-oss-20b", {**moe_common.TINY, "intermediate_size": 64, "num_local_experts": 4, "experts_per_token": 2,
-                                               "sliding_window": 32, "pad_token_id": 0})}
+    test_models = {
+        "gpt-oss": (
+            "gpt-oss-20b",
+            {
+                **moe_common.TINY,
+                "intermediate_size": 64,
+                "num_local_experts": 4,
+                "experts_per_token": 2,
+                "sliding_window": 32,
+                "pad_token_id": 0,
+            },
+        )
+    }
     models = {"gpt-oss-20b": _published(24, 32), "gpt-oss-120b": _published(36, 128)}
 
     @classmethod
     def dims(cls, cfg: dict) -> Dims:
-        d = moe_common.moe_dims(super().dims(cfg), cfg, cls.name, experts_key="num_local_experts", mlp_key="intermediate_size")
+        d = moe_common.moe_dims(
+            super().dims(cfg), cfg, cls.name, experts_key="num_local_experts", mlp_key="intermediate_size"
+        )
         types = cfg.get("layer_types")
         if types is not None and list(types) != [PATTERN[i % 2] for i in range(d.layers)]:
-            raise UnsupportedModelError(f"GPT-OSS layer_types must alternate {PATTERN[0]}/{PATTERN[1]} (MaxText's fixed pattern)")
+            raise UnsupportedModelError(
+                f"GPT-OSS layer_types must alternate {PATTERN[0]}/{PATTERN[1]} (MaxText's fixed pattern)"
+            )
         return d
 
     @classmethod
@@ -74,7 +118,10 @@ class GptOss(common.DecoderOnly):
             return [LayerGroup(rules, tuple(range(n)), None, tuple(f"decoder/layers_{i}" for i in range(n)))]
         if n % len(PATTERN):
             raise UnsupportedModelError(f"a scanned GPT-OSS checkpoint needs an even number of layers, config has {n}")
-        return [LayerGroup(rules, tuple(range(b, n, len(PATTERN))), f"decoder/layers/layers_{b}", ()) for b in range(len(PATTERN))]
+        return [
+            LayerGroup(rules, tuple(range(b, n, len(PATTERN))), f"decoder/layers/layers_{b}", ())
+            for b in range(len(PATTERN))
+        ]
 
     @classmethod
     def layer_rules(cls, d: Dims):
@@ -89,8 +136,21 @@ class GptOss(common.DecoderOnly):
             common.vector(a + "o_proj.bias", "GptOssAttention/out/bias", d.emb),
             common.vector(a + "sinks", "GptOssAttention/sinks", d.heads),
             *moe_common.router(d, L + "mlp.router", f"{mt}/gate", bias=True),
-            Rule(m + "gate_up_proj", (f"{mt}/wi_0", f"{mt}/wi_1"), hf_shape=(E, 2 * F), mt_shape=(E, F), experts=X, split=gate_up),
-            Rule(m + "gate_up_proj_bias", (f"{mt}/wi_0_bias", f"{mt}/wi_1_bias"), hf_shape=(X, 2 * F), mt_shape=(X, F), split=gate_up),
+            Rule(
+                m + "gate_up_proj",
+                (f"{mt}/wi_0", f"{mt}/wi_1"),
+                hf_shape=(E, 2 * F),
+                mt_shape=(E, F),
+                experts=X,
+                split=gate_up,
+            ),
+            Rule(
+                m + "gate_up_proj_bias",
+                (f"{mt}/wi_0_bias", f"{mt}/wi_1_bias"),
+                hf_shape=(X, 2 * F),
+                mt_shape=(X, F),
+                split=gate_up,
+            ),
             Rule(m + "down_proj", f"{mt}/wo", hf_shape=(F, E), mt_shape=(F, E), experts=X),
             Rule(m + "down_proj_bias", f"{mt}/wo_bias", hf_shape=(X, E), mt_shape=(X, E)),
         ]

@@ -27,11 +27,26 @@ from converters.families.common import L
 
 # mistralai/Mistral-7B-Instruct-v0.2 config.json (MaxText's mistral-7b.yml: vocab 32000, rope theta 1e6, no window)
 MISTRAL_7B_INSTRUCT_V02 = {
-    "architectures": ["MistralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
-    "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
-    "max_position_embeddings": 32768, "model_type": "mistral", "num_attention_heads": 32, "num_hidden_layers": 32,
-    "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": None,
-    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.42.0.dev0", "use_cache": True,
+    "architectures": ["MistralForCausalLM"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 32768,
+    "model_type": "mistral",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 1000000.0,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.42.0.dev0",
+    "use_cache": True,
     "vocab_size": 32000,
 }
 
@@ -44,11 +59,28 @@ class Mistral(common.DecoderOnly):
     # heads * head_dim (128) != hidden (64): catches projections sized from hidden_size. The published model has no
     # window; `mistral-window` sets one shorter than verify's long prompt, as Mistral-7B-v0.1's config does (4096).
     test_models = {
-        "mistral": ("mistral-7b", {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
-                                   "intermediate_size": 96}),
-        "mistral-window": ("mistral-7b", {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
-                                          "head_dim": 32, "intermediate_size": 96, "sliding_window": 32,
-                                          "rope_theta": 10000.0}),
+        "mistral": (
+            "mistral-7b",
+            {
+                "hidden_size": 64,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "head_dim": 32,
+                "intermediate_size": 96,
+            },
+        ),
+        "mistral-window": (
+            "mistral-7b",
+            {
+                "hidden_size": 64,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "head_dim": 32,
+                "intermediate_size": 96,
+                "sliding_window": 32,
+                "rope_theta": 10000.0,
+            },
+        ),
     }
     models = {"mistral-7b": MISTRAL_7B_INSTRUCT_V02}
 

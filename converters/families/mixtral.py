@@ -11,20 +11,38 @@ kernel only works because the two are equal in the published models).
 
 from __future__ import annotations
 
+from converters.core.mapping import Dims
 from converters.families import common, moe_common
 from converters.families.common import L
-from converters.core.mapping import Dims
 
 
 def _published(hidden, mlp, layers, heads, vocab, max_pos, aux, version) -> dict:
     return {
-        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "attention_dropout": 0.0, "bos_token_id": 1,
-        "eos_token_id": 2, "hidden_act": "silu", "hidden_size": hidden, "initializer_range": 0.02,
-        "intermediate_size": mlp, "max_position_embeddings": max_pos, "num_attention_heads": heads,
-        "num_experts_per_tok": 2, "num_hidden_layers": layers, "num_key_value_heads": 8, "num_local_experts": 8,
-        "output_router_logits": False, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "router_aux_loss_coef": aux,
-        "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": version,
-        "use_cache": True, "vocab_size": vocab,
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "hidden_act": "silu",
+        "hidden_size": hidden,
+        "initializer_range": 0.02,
+        "intermediate_size": mlp,
+        "max_position_embeddings": max_pos,
+        "num_attention_heads": heads,
+        "num_experts_per_tok": 2,
+        "num_hidden_layers": layers,
+        "num_key_value_heads": 8,
+        "num_local_experts": 8,
+        "output_router_logits": False,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 1000000.0,
+        "router_aux_loss_coef": aux,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": version,
+        "use_cache": True,
+        "vocab_size": vocab,
     }
 
 
@@ -41,7 +59,9 @@ class Mixtral(common.DecoderOnly):
 
     @classmethod
     def dims(cls, cfg: dict) -> Dims:
-        return moe_common.moe_dims(super().dims(cfg), cfg, cls.name, experts_key="num_local_experts", mlp_key="intermediate_size")
+        return moe_common.moe_dims(
+            super().dims(cfg), cfg, cls.name, experts_key="num_local_experts", mlp_key="intermediate_size"
+        )
 
     @classmethod
     def layer_rules(cls, d: Dims):

@@ -7,9 +7,9 @@ scanned `[E, L, ...]` (expert axis 0, layer axis 1). The engine builds those fro
 
 from __future__ import annotations
 
-from converters.errors import UnsupportedModelError
 from converters.core.mapping import Dims, Rule, require
 from converters.core.transforms import Kernel
+from converters.errors import UnsupportedModelError
 
 # Tiny test models of the MoE families: top-2 routing, heads * head_dim != hidden.
 TINY = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "num_experts_per_tok": 2}
@@ -55,5 +55,7 @@ def moe_dims(dims: Dims, cfg: dict, family: str, *, experts_key: str, mlp_key: s
     dims.extra["experts"] = require(cfg, key, family)
     dims.extra["top_k"] = require(cfg, "num_experts_per_tok", family)
     if dims.extra["experts"] < 2:
-        raise UnsupportedModelError(f"a {family} model needs at least 2 experts, config has {key}={dims.extra['experts']}")
+        raise UnsupportedModelError(
+            f"a {family} model needs at least 2 experts, config has {key}={dims.extra['experts']}"
+        )
     return dims

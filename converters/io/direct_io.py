@@ -20,9 +20,9 @@ from typing import Iterator
 
 import numpy as np
 
+from converters.errors import CorruptFileError
 from converters.io import buffers
 from converters.io.buffers import ALIGN, POOL
-from converters.errors import CorruptFileError
 
 MIN_DIRECT = 1 << 20  # smaller reads are not worth bypassing the cache
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -91,7 +91,9 @@ def _read_direct(path: str, offset: int, nbytes: int) -> np.ndarray | None:
         os.close(fd)
 
 
-def read_blocks(path: str | os.PathLike, chunk: int = 1 << 20, offset: int = 0, nbytes: int | None = None) -> Iterator[memoryview]:
+def read_blocks(
+    path: str | os.PathLike, chunk: int = 1 << 20, offset: int = 0, nbytes: int | None = None
+) -> Iterator[memoryview]:
     """A file's bytes front to back (or `nbytes` of them from `offset`), in blocks read into one reused buffer
     (each valid until the next is read). Ends early, without an error, where the file does.
 

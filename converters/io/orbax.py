@@ -107,16 +107,27 @@ def write_checkpoint(
     from converters.io.orbax_handler import LazyArrayHandler, WriteOptions, registry_for
 
     # this call's options go to this call's handler only: concurrent writes in one process do not share them
-    lazy = LazyArrayHandler(WriteOptions(workers=workers, progress=progress, process_id=process_id, digests=digests,
-                                         txn_bytes=txn_bytes))
+    lazy = LazyArrayHandler(
+        WriteOptions(workers=workers, progress=progress, process_id=process_id, digests=digests, txn_bytes=txn_bytes)
+    )
     tree = {"step": 0, "params": {"params": params}, "opt_state": {}}
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True, max_to_keep=None)
-    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt, use_zarr3=use_zarr3, use_compression=use_compression,
-                                          type_handler_registry=registry_for(LazyArray, lazy))
+    handler = ocp.PyTreeCheckpointHandler(
+        use_ocdbt=use_ocdbt,
+        use_zarr3=use_zarr3,
+        use_compression=use_compression,
+        type_handler_registry=registry_for(LazyArray, lazy),
+    )
     before = set(threading.enumerate())
     try:
-        with ocp.CheckpointManager(root, item_names=("items",), options=options, item_handlers={"items": handler}) as mgr:
-            mgr.save(0, args=ocp.args.Composite(items=ocp.args.PyTreeSave(tree)), custom_metadata={"scan_layers": scan_layers})
+        with ocp.CheckpointManager(
+            root, item_names=("items",), options=options, item_handlers={"items": handler}
+        ) as mgr:
+            mgr.save(
+                0,
+                args=ocp.args.Composite(items=ocp.args.PyTreeSave(tree)),
+                custom_metadata={"scan_layers": scan_layers},
+            )
             mgr.wait_until_finished()
     except BaseException:
         # Orbax's background threads may still be finishing files for the failed save: let them end
@@ -134,7 +145,8 @@ def merge_shares(items: Path, use_zarr3: bool = True) -> None:
     import shutil
 
     from etils import epath
-    from orbax.checkpoint._src.serialization import ocdbt_utils, tensorstore_utils as ts_utils
+    from orbax.checkpoint._src.serialization import ocdbt_utils
+    from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
     for stale in ("manifest.ocdbt", "d"):  # the root index the first part's own save left: rebuilt over all parts
         p = items / stale
@@ -142,15 +154,19 @@ def merge_shares(items: Path, use_zarr3: bool = True) -> None:
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
-    asyncio.run(ocdbt_utils.merge_ocdbt_per_process_files(
-        epath.Path(items), ts_context=ts_utils.get_ts_context(use_ocdbt=True), use_zarr3=use_zarr3))
+    asyncio.run(
+        ocdbt_utils.merge_ocdbt_per_process_files(
+            epath.Path(items), ts_context=ts_utils.get_ts_context(use_ocdbt=True), use_zarr3=use_zarr3
+        )
+    )
 
 
 # ----------------------------------------------------------------------------------------------- reading
 
 
 def find_items_dir(path: str | os.PathLike) -> Path:
-    """Accept `<ckpt>`, `<ckpt>/0`, `<ckpt>/0/items`, or a training run dir (`checkpoints/<step>/items`, newest step)."""
+    """Accept `<ckpt>`, `<ckpt>/0`, `<ckpt>/0/items`, or a training run dir (`checkpoints/<step>/items`, newest
+    step)."""
     p = Path(path).absolute()  # tensorstore's OCDBT driver refuses relative paths
     if not p.exists():
         raise CkptflowError(f"{p}: no such checkpoint")
@@ -160,10 +176,14 @@ def find_items_dir(path: str | os.PathLike) -> Path:
     for base in (p, p / "checkpoints"):
         if not base.is_dir():
             continue
-        steps = sorted((int(c.name), c) for c in base.iterdir() if c.name.isdigit() and (c / "items" / "_METADATA").exists())
+        steps = sorted(
+            (int(c.name), c) for c in base.iterdir() if c.name.isdigit() and (c / "items" / "_METADATA").exists()
+        )
         if steps:
             return steps[-1][1] / "items"
-    raise CkptflowError(f"{p}: not an Orbax checkpoint (no _METADATA in it, in items/, in <step>/items or checkpoints/<step>/items)")
+    raise CkptflowError(
+        f"{p}: not an Orbax checkpoint (no _METADATA in it, in items/, in <step>/items or checkpoints/<step>/items)"
+    )
 
 
 def checkpoint_root(items: Path) -> Path:
@@ -202,15 +222,26 @@ class CheckpointReader:
             meta = json.loads((self.items / "_METADATA").read_text())
             tree = meta["tree_metadata"]
             entries = [([km["key"] for km in e["key_metadata"]], e) for e in tree.values()]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # TypeError etc.: JSON of the wrong shape
-            raise CorruptFileError(f"{self.items}/_METADATA: unreadable Orbax tree metadata ({type(e).__name__}: {e})") from None
+        except (
+            OSError,
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+        ) as e:  # TypeError etc.: JSON of the wrong shape
+            raise CorruptFileError(
+                f"{self.items}/_METADATA: unreadable Orbax tree metadata ({type(e).__name__}: {e})"
+            ) from None
         self.use_ocdbt = bool(meta.get("use_ocdbt", True))
         self.use_zarr3 = bool(meta.get("use_zarr3", False))
         self.arrays: dict[str, StoredArray] = {}
         prefixes = set()
         for keys, entry in entries:
             if not isinstance(entry.get("value_metadata", {}), dict):
-                raise CorruptFileError(f"{self.items}/_METADATA: unreadable Orbax tree metadata (value_metadata of {keys} is not an object)")
+                raise CorruptFileError(
+                    f"{self.items}/_METADATA: unreadable Orbax tree metadata (value_metadata of {keys} is not an "
+                    f"object)"
+                )
             if entry.get("value_metadata", {}).get("value_type") not in ("np.ndarray", "jax.Array"):
                 continue
             if any(k in ("opt_state", "optimizer", "opt") for k in map(str, keys)):
@@ -224,7 +255,9 @@ class CheckpointReader:
         if not self.arrays:
             raise CkptflowError(f"{self.items}: no MaxText parameters (token_embedder/decoder) in this checkpoint")
         if len(prefixes) > 1:
-            raise CkptflowError(f"{self.items}: parameters under several roots {sorted(prefixes)}; cannot tell which to read")
+            raise CkptflowError(
+                f"{self.items}: parameters under several roots {sorted(prefixes)}; cannot tell which to read"
+            )
         self._context = None
 
     def _open(self, key: str):
@@ -240,12 +273,17 @@ class CheckpointReader:
                 spec["file_io_mode"] = {"mode": "direct"}
                 self._context = ts.Context(ts.Context.Spec(spec))
             spec = ts_utils.ArrayReadSpec(
-                directory=self.items.as_posix(), relative_array_filename=a.orbax_name, use_zarr3=self.use_zarr3, use_ocdbt=self.use_ocdbt
+                directory=self.items.as_posix(),
+                relative_array_filename=a.orbax_name,
+                use_zarr3=self.use_zarr3,
+                use_ocdbt=self.use_ocdbt,
             )
             try:
                 a._store = ts.open(ts.Spec(spec.json), open=True, read=True, context=self._context).result()
             except Exception as e:  # tensorstore raises ValueError with a long spec dump
-                raise CorruptFileError(f"{self.items}: cannot open array {key!r}: {str(e).splitlines()[0][:200]}") from None
+                raise CorruptFileError(
+                    f"{self.items}: cannot open array {key!r}: {str(e).splitlines()[0][:200]}"
+                ) from None
             a.shape = tuple(a._store.shape)
             a.dtype = np.dtype(a._store.dtype.numpy_dtype)
         return a._store
@@ -276,7 +314,9 @@ class CheckpointReader:
         try:
             return np.asarray(self._open(key).oindex[np.asarray(ids, np.int64)].read().result())
         except Exception as e:
-            raise CorruptFileError(f"{self.items}: cannot read rows of array {key!r}: {str(e).splitlines()[0][:200]}") from None
+            raise CorruptFileError(
+                f"{self.items}: cannot read rows of array {key!r}: {str(e).splitlines()[0][:200]}"
+            ) from None
 
     def scan_layers(self) -> bool | None:
         """The `scan_layers` step metadata MaxText writes, when present."""
@@ -297,7 +337,9 @@ class PendingRead:
         try:
             return np.asarray(self.future.result())
         except Exception as e:
-            raise CorruptFileError(f"{self.reader.items}: cannot read array {self.key!r}: {str(e).splitlines()[0][:200]}") from None
+            raise CorruptFileError(
+                f"{self.reader.items}: cannot read array {self.key!r}: {str(e).splitlines()[0][:200]}"
+            ) from None
 
 
 def read_params(path: str | os.PathLike) -> dict[str, np.ndarray]:

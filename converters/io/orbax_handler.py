@@ -22,7 +22,8 @@ import numpy as np
 import tensorstore as ts
 from orbax.checkpoint import type_handlers
 from orbax.checkpoint._src.futures import future
-from orbax.checkpoint._src.serialization import ocdbt_utils, tensorstore_utils as ts_utils
+from orbax.checkpoint._src.serialization import ocdbt_utils
+from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
 from converters.outputs.hashing import array_bytes, content_hasher
 
@@ -88,7 +89,9 @@ class LazyArrayHandler(type_handlers.NumpyHandler):
 
     async def serialize(self, values, infos, args=None):
         args = args or [type_handlers.SaveArgs()] * len(values)
-        return [future.CommitFutureAwaitingContractedSignals(self._write_all(values, infos, args), name="ckptflow_lazy")]
+        return [
+            future.CommitFutureAwaitingContractedSignals(self._write_all(values, infos, args), name="ckptflow_lazy")
+        ]
 
     async def _write_all(self, values: Sequence, infos, args):
         # Largest arrays first so the long tail is short; a small pool bounds how many pieces live at once.
@@ -154,7 +157,8 @@ class LazyArrayHandler(type_handlers.NumpyHandler):
 
         # Pieces are grouped into transactions of about `txn_bytes`: an OCDBT store commits (rewrites
         # its manifest) once per transaction instead of once per piece, which is what small pieces (expert
-        # slices) would otherwise spend their time on (docs/performance.md, "Speed"). Full transactions commit in the background, one at a time (`_BackgroundCommit`);
+        # slices) would otherwise spend their time on (docs/performance.md, "Speed"). Full transactions commit in the
+        # background, one at a time (`_BackgroundCommit`);
         # an array's last one is committed before the worker moves on.
         txn, buffered, committing = None, 0, None
         try:

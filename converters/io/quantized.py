@@ -34,7 +34,9 @@ from converters.errors import CorruptFileError, UnsupportedModelError
 from converters.io.safetensors import SafetensorsFolder, TensorInfo
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
-FP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
+FP4_VALUES = np.array(
+    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32
+)
 MXFP4_BLOCK = 32  # values per scale
 SCALE_BIAS = 127  # E8M0
 
@@ -80,7 +82,10 @@ class Mxfp4Folder:
             if base in names:
                 raise CorruptFileError(f"{folder.folder}: both {base} and its MXFP4 blocks are present")
             if len(info.shape) < 3 or info.shape[:-1] != scales.shape or info.shape[-1] != MXFP4_BLOCK // 2:
-                raise CorruptFileError(f"{folder.folder}: MXFP4 {name} {list(info.shape)} does not match {base}_scales {list(scales.shape)}")
+                raise CorruptFileError(
+                    f"{folder.folder}: MXFP4 {name} {list(info.shape)} does not match {base}_scales "
+                    f"{list(scales.shape)}"
+                )
             *lead, out_dim, groups, _ = info.shape
             shape = (*lead, groups * MXFP4_BLOCK, out_dim)
             self.tensors[base] = TensorInfo(base, BF16, shape, -1, int(np.prod(shape)) * BF16.itemsize, info.path)
@@ -121,7 +126,9 @@ def decode_fp8_blocks(w: np.ndarray, scale: np.ndarray, block: tuple[int, int], 
     rows = (np.arange(row0, row0 + m) // block[0]) - first
     cols = np.arange(n) // block[1]
     if rows.size and (rows.max() >= scale.shape[0] or (n and cols.max() >= scale.shape[1])):
-        raise CorruptFileError(f"FP8 scales {list(scale.shape)} do not cover a [{m}, {n}] weight in {block[0]}x{block[1]} blocks")
+        raise CorruptFileError(
+            f"FP8 scales {list(scale.shape)} do not cover a [{m}, {n}] weight in {block[0]}x{block[1]} blocks"
+        )
     return (w.astype(np.float32) * scale[rows][:, cols]).astype(BF16)
 
 
@@ -148,9 +155,13 @@ class Fp8Folder:
                 continue
             want = tuple(-(-n // b) for n, b in zip(info.shape, block))
             if len(info.shape) != 2 or scale.shape != want:
-                raise CorruptFileError(f"{folder.folder}: FP8 {name} {list(info.shape)} does not match {name}{self.SUFFIX} "
-                                       f"{list(scale.shape)} for {block[0]}x{block[1]} blocks")
-            self.tensors[name] = TensorInfo(name, BF16, info.shape, -1, int(np.prod(info.shape)) * BF16.itemsize, info.path)
+                raise CorruptFileError(
+                    f"{folder.folder}: FP8 {name} {list(info.shape)} does not match {name}{self.SUFFIX} "
+                    f"{list(scale.shape)} for {block[0]}x{block[1]} blocks"
+                )
+            self.tensors[name] = TensorInfo(
+                name, BF16, info.shape, -1, int(np.prod(info.shape)) * BF16.itemsize, info.path
+            )
             self._scales[name] = scale
 
     def __contains__(self, name: str) -> bool:
@@ -168,7 +179,11 @@ class Fp8Folder:
         start = 0 if rows is None else rows.start or 0
         w = self.inner.read(name, rows)
         stop = start + w.shape[0]
-        s = self.inner.read(scale.name, slice(start // self.block[0], -(-stop // self.block[0]))) if w.shape[0] else self.inner.read(scale.name)
+        s = (
+            self.inner.read(scale.name, slice(start // self.block[0], -(-stop // self.block[0])))
+            if w.shape[0]
+            else self.inner.read(scale.name)
+        )
         return decode_fp8_blocks(w, s, self.block, start)
 
     @property
@@ -187,9 +202,13 @@ def decoded_source(folder: SafetensorsFolder, cfg: dict):
     if method == "fp8":
         fmt = qc.get("fmt", "e4m3")
         block = qc.get("weight_block_size") or [128, 128]
-        if fmt != "e4m3" or not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
-            raise UnsupportedModelError(f"{Path(folder.folder)}: FP8 checkpoint with fmt {fmt!r} / weight_block_size {block!r} not supported "
-                                        "(ckptflow reads e4m3 with 2-D block scales, as the DeepSeek repos)")
+        if fmt != "e4m3" or not (
+            isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)
+        ):
+            raise UnsupportedModelError(
+                f"{Path(folder.folder)}: FP8 checkpoint with fmt {fmt!r} / weight_block_size {block!r} not supported "
+                "(ckptflow reads e4m3 with 2-D block scales, as the DeepSeek repos)"
+            )
         return Fp8Folder(folder, (block[0], block[1]))
     raise UnsupportedModelError(
         f"{Path(folder.folder)}: quantized checkpoint (quant_method {method!r}) not supported; "

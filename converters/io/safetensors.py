@@ -20,8 +20,8 @@ from typing import Iterator, Sequence
 import ml_dtypes
 import numpy as np
 
-from converters.io import direct_io
 from converters.errors import CkptflowError, CorruptFileError, MappingError
+from converters.io import direct_io
 from converters.outputs.hashing import content_hasher
 
 # safetensors dtype tag -> numpy dtype
@@ -123,7 +123,9 @@ class SafetensorsFile:
         if not isinstance(tag, str) or tag not in DTYPES:
             raise self._fail(f"tensor {name!r} has unknown dtype {tag!r}")
         shape = entry.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
             raise self._fail(f"tensor {name!r} has an invalid shape {shape!r}")
         offs = entry.get("data_offsets")
         if (
@@ -139,7 +141,8 @@ class SafetensorsFile:
         expected = math.prod(shape) * dtype.itemsize
         if offs[1] - offs[0] != expected:
             raise self._fail(
-                f"tensor {name!r} of shape {shape} {tag} needs {expected} bytes but its offsets span {offs[1] - offs[0]}"
+                f"tensor {name!r} of shape {shape} {tag} needs {expected} bytes but its offsets span "
+                f"{offs[1] - offs[0]}"
             )
         if offs[1] > data_size:
             raise self._fail(
@@ -184,7 +187,9 @@ class SafetensorsFolder:
         for path in files:
             for name, info in SafetensorsFile(path).tensors.items():
                 if name in self.tensors:
-                    raise CorruptFileError(f"tensor {name!r} appears in both {self.tensors[name].path.name} and {path.name}")
+                    raise CorruptFileError(
+                        f"tensor {name!r} appears in both {self.tensors[name].path.name} and {path.name}"
+                    )
                 self.tensors[name] = info
         self._check_index()
 
@@ -244,7 +249,9 @@ def _load_index(path: Path) -> dict[str, str]:
         if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
             raise TypeError
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-        raise CorruptFileError(f"{path}: not a valid safetensors index (needs a 'weight_map' of name -> file)") from None
+        raise CorruptFileError(
+            f"{path}: not a valid safetensors index (needs a 'weight_map' of name -> file)"
+        ) from None
     for fname in wm.values():
         if "/" in fname or "\\" in fname or fname.startswith("."):
             raise CorruptFileError(f"{path}: shard name {fname!r} is not a plain file name")
@@ -306,7 +313,8 @@ def will_need(info: TensorInfo, rows: slice | None = None) -> None:
 class _Hasher:
     """Digests (`content_hasher`) of a file and of each of its tensors, computed on a thread of its own
     as the blocks are written. Both passes over every byte on one thread keep ahead of the writing (BLAKE3 on one
-    core is faster than the disk: docs/performance.md, "Speed"). Blocks queue up in order, at most `depth` of them, so memory stays bounded."""
+    core is faster than the disk: docs/performance.md, "Speed"). Blocks queue up in order, at most `depth` of them, so
+    memory stays bounded."""
 
     def __init__(self, header: bytes, depth: int = 1):
         self.file = content_hasher(header)

@@ -124,8 +124,12 @@ class FileHasher:
                     except OSError:  # renamed or removed meanwhile: looked at again on the next pass, if still there
                         continue
                     except Exception as e:  # noqa: BLE001 - a bug here must not fail the conversion, nor pass unseen
-                        log.warning("background file hashing stopped (%s: %s); the manifest hashes the remaining files "
-                                    "itself, and written files stay in the page cache", type(e).__name__, e)
+                        log.warning(
+                            "background file hashing stopped (%s: %s); the manifest hashes the remaining files "
+                            "itself, and written files stay in the page cache",
+                            type(e).__name__,
+                            e,
+                        )
                         return
 
     def known(self, folder: Path) -> dict[str, str]:

@@ -60,14 +60,22 @@ def _acquire(path: Path, out: Path) -> int:
             except BlockingIOError:
                 if not told:
                     holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-                    print(f"ckptflow: {out} is being written by {holder}; waiting for it to finish", file=sys.stderr, flush=True)
+                    print(
+                        f"ckptflow: {out} is being written by {holder}; waiting for it to finish",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     told = True
                 fcntl.flock(fd, fcntl.LOCK_EX)
             except OSError as e:  # a file system without locks (some FUSE/network mounts): go on unlocked
                 if e.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOLCK, errno.EINVAL):
                     raise
-                print(f"ckptflow: warning: {out.parent} does not support file locks ({e.strerror}); "
-                      "concurrent runs writing the same destination are not kept apart", file=sys.stderr, flush=True)
+                print(
+                    f"ckptflow: warning: {out.parent} does not support file locks ({e.strerror}); "
+                    "concurrent runs writing the same destination are not kept apart",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 return fd
             st = os.fstat(fd)
             try:

@@ -13,11 +13,17 @@ import uuid
 from pathlib import Path
 
 from converters import __version__
-
-from converters.io import direct_io
 from converters.errors import CkptflowError
+from converters.io import direct_io
 from converters.io.files import read_json
-from converters.outputs.hashing import CONTENT_HASH, array_bytes, chunked_digest, content_hasher, file_blake3, file_digests
+from converters.outputs.hashing import (
+    CONTENT_HASH,
+    array_bytes,
+    chunked_digest,
+    content_hasher,
+    file_blake3,
+    file_digests,
+)
 
 MANIFEST = "ckptflow-manifest.json"
 DOWNLOAD_MANIFEST = "ckptflow-download.json"  # written by `ckptflow download` into the folder it stages
@@ -38,7 +44,13 @@ def describe_source(src: str | os.PathLike) -> dict:
     except CkptflowError:
         pass
     files = (record or {}).get("files") if isinstance((record or {}).get("files"), dict) else None
-    if record and files and all((src / rel).is_file() and (src / rel).stat().st_size == (m or {}).get("size") for rel, m in files.items()):
+    if (
+        record
+        and files
+        and all(
+            (src / rel).is_file() and (src / rel).stat().st_size == (m or {}).get("size") for rel, m in files.items()
+        )
+    ):
         uri = str(record.get("source") or "")
         out["uri"] = uri
         if uri.startswith("hf://"):
@@ -107,8 +119,11 @@ def _tensor_sources(folder: Path):
     return items, set(), (step,) if step else ()
 
 
-def compute_output_digest(folder: str | os.PathLike, file_hashes: dict[str, str] | None = None,
-                          tensors: dict[str, tuple[tuple[int, ...], str, str]] | None = None) -> str:
+def compute_output_digest(
+    folder: str | os.PathLike,
+    file_hashes: dict[str, str] | None = None,
+    tensors: dict[str, tuple[tuple[int, ...], str, str]] | None = None,
+) -> str:
     """The manifest's `output_digest`, computed: a digest of what a checkpoint holds, equal for equal content
     across runs (Orbax file bytes are not: OCDBT file names, timestamps). sha256 over every tensor's name, shape,
     dtype and digest (see `_tensor_sources`) in name order, then over the path and BLAKE3 of every other file
@@ -145,7 +160,9 @@ def compute_output_digest(folder: str | os.PathLike, file_hashes: dict[str, str]
     return "sha256:" + h.hexdigest()
 
 
-def check_outputs(folder: str | os.PathLike, manifest: dict | None = None, files: dict[str, dict] | None = None) -> list[str]:
+def check_outputs(
+    folder: str | os.PathLike, manifest: dict | None = None, files: dict[str, dict] | None = None
+) -> list[str]:
     """What no longer matches the manifest's `outputs` in `folder` (missing, extra, resized or changed files).
 
     Each file is compared by the digest its entry has: `blake3`, or `sha256` in manifests written before BLAKE3.
@@ -185,9 +202,18 @@ def record_verify(folder: str | os.PathLike, metrics: dict) -> dict:
     return manifest
 
 
-def write_manifest(folder: Path, *, direction: str, family: str, options: dict, source: dict, digest_files: bool = True,
-                   file_hashes: dict[str, str] | None = None, tensors: dict[str, tuple] | None = None,
-                   extra: dict | None = None) -> dict:
+def write_manifest(
+    folder: Path,
+    *,
+    direction: str,
+    family: str,
+    options: dict,
+    source: dict,
+    digest_files: bool = True,
+    file_hashes: dict[str, str] | None = None,
+    tensors: dict[str, tuple] | None = None,
+    extra: dict | None = None,
+) -> dict:
     """`ckptflow-manifest.json`: what was converted, how, and the size and BLAKE3 of every file written.
 
     Also `output_digest` (see `compute_output_digest`), the digest a re-run of the same conversion reproduces.
@@ -210,7 +236,8 @@ def write_manifest(folder: Path, *, direction: str, family: str, options: dict, 
             digests = list(pool.map(digest, files))
             content_digest = content.result()
     outputs = {
-        p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, **({CONTENT_HASH: d} if d else {})} for p, d in zip(files, digests)
+        p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, **({CONTENT_HASH: d} if d else {})}
+        for p, d in zip(files, digests)
     }
     manifest = {
         "ckptflow_version": __version__,

@@ -201,8 +201,14 @@ def _weights_of_part(names: list[str], snap, i: int, n: int) -> list[str]:
     return [x for x, o in zip(weights, owners) if o == i]
 
 
-def download_hub(repo_id: str, revision: str | None, out: Path, workers: int | None = None,
-                 part: tuple[int, int] | None = None, finalize: bool = False) -> tuple[dict, bool]:
+def download_hub(
+    repo_id: str,
+    revision: str | None,
+    out: Path,
+    workers: int | None = None,
+    part: tuple[int, int] | None = None,
+    finalize: bool = False,
+) -> tuple[dict, bool]:
     """Fetch the repo at one commit into `out`. `part=(i, n)`: fetch only part i's share of the weight files into
     the commit's staging folder (shared by the parts) and record them; `finalize`: check every part's files are
     there, fetch the small rest and publish `out` as a whole download does."""
@@ -229,7 +235,11 @@ def download_hub(repo_id: str, revision: str | None, out: Path, workers: int | N
                 f"hf://{repo_id}@{snap.sha}: {name} does not match the hub's metadata ({problem}); the file was "
                 "deleted: run again to fetch it anew (if it fails again, a proxy or mirror serves a corrupt copy)"
             )
-        checked[name] = {"size": path.stat().st_size, "sha256": sha256, "verified": "sha256" if remote.sha256 else "git-oid"}
+        checked[name] = {
+            "size": path.stat().st_size,
+            "sha256": sha256,
+            "verified": "sha256" if remote.sha256 else "git-oid",
+        }
 
     if part is not None:  # no destination lock: the parts run at once, each fetching other files
         i, n = part
@@ -252,7 +262,10 @@ def download_hub(repo_id: str, revision: str | None, out: Path, workers: int | N
         want_files = {}
         for n in names:
             r = snap.files[n]
-            want_files[n] = {**({"size": r.size} if r.size is not None else {}), **({"sha256": r.sha256} if r.sha256 else {})}
+            want_files[n] = {
+                **({"size": r.size} if r.size is not None else {}),
+                **({"sha256": r.sha256} if r.sha256 else {}),
+            }
         want = {"source": f"hf://{repo_id}", "kind": "hub", "format": "hf", "revision": snap.sha, "files": want_files}
         if _complete(out, manifest, want):
             shutil.rmtree(staging, ignore_errors=True)
@@ -280,15 +293,23 @@ def download_hub(repo_id: str, revision: str | None, out: Path, workers: int | N
 def _parts_fetched(staging: Path, names: list[str], snap, repo_id: str) -> dict[str, dict]:
     """The weight files the parts of a split download fetched and checked; refuses a missing or damaged part."""
     records = sorted(staging.glob(".ckptflow-part-*-of-*.json")) if staging.is_dir() else []
-    found = [r for r in (load_json(p) for p in records) if r and r.get("revision") == snap.sha and r.get("source") == f"hf://{repo_id}"]
+    found = [
+        r
+        for r in (load_json(p) for p in records)
+        if r and r.get("revision") == snap.sha and r.get("source") == f"hf://{repo_id}"
+    ]
     if not found:
-        raise CkptflowError(f"hf://{repo_id}@{snap.sha[:12]}: no finished download parts in {staging}; run "
-                            "`ckptflow download ... --part I/N` for every I first")
+        raise CkptflowError(
+            f"hf://{repo_id}@{snap.sha[:12]}: no finished download parts in {staging}; run "
+            "`ckptflow download ... --part I/N` for every I first"
+        )
     n = found[0].get("parts")
     done = {r.get("part") for r in found if r.get("parts") == n}
     missing = [i for i in range(n) if i not in done]
     if missing:
-        raise CkptflowError(f"download part(s) {', '.join(f'{i}/{n}' for i in missing)} not finished; run them, then finalize again")
+        raise CkptflowError(
+            f"download part(s) {', '.join(f'{i}/{n}' for i in missing)} not finished; run them, then finalize again"
+        )
     fetched: dict[str, dict] = {}
     for r in found:
         fetched.update(r.get("files") or {})
@@ -296,12 +317,21 @@ def _parts_fetched(staging: Path, names: list[str], snap, repo_id: str) -> dict[
         for name in _weights_of_part(names, snap, i, n):
             meta, p = fetched.get(name), staging / name
             if not meta or not p.is_file() or p.stat().st_size != meta.get("size"):
-                raise CkptflowError(f"download part {i}/{n}: {name} is missing or changed since it was fetched; run that part again")
+                raise CkptflowError(
+                    f"download part {i}/{n}: {name} is missing or changed since it was fetched; run that part again"
+                )
     return {k: v for k, v in fetched.items() if k in names}
 
 
-def download(source: str, out: str | os.PathLike, revision: str | None = None, fmt: str = "hf",
-             workers: int | None = None, part: tuple[int, int] | None = None, finalize: bool = False) -> tuple[dict, bool]:
+def download(
+    source: str,
+    out: str | os.PathLike,
+    revision: str | None = None,
+    fmt: str = "hf",
+    workers: int | None = None,
+    part: tuple[int, int] | None = None,
+    finalize: bool = False,
+) -> tuple[dict, bool]:
     """Stage `source` in `out`; returns (the download manifest, whether anything was copied).
 
     A hub download can be split: `part=(i, n)` fetches part i's share of the weights, `finalize` assembles `out`.
@@ -314,5 +344,7 @@ def download(source: str, out: str | os.PathLike, revision: str | None = None, f
             return {"source": local_path(source).as_uri(), "part": part[0], "parts": part[1], "files": {}}, False
         return download_local(source, out, fmt)
     if fmt != "hf":
-        raise CkptflowError(f"{source}: --format {fmt} needs a local folder (remote MaxText checkpoints are not supported yet)")
+        raise CkptflowError(
+            f"{source}: --format {fmt} needs a local folder (remote MaxText checkpoints are not supported yet)"
+        )
     return download_hub(source, revision, out, workers, part=part, finalize=finalize)

@@ -65,7 +65,9 @@ def client():
     try:
         from google.cloud import storage
     except ImportError:
-        raise CkptflowError("publishing to gs:// needs google-cloud-storage (pip install google-cloud-storage)") from None
+        raise CkptflowError(
+            "publishing to gs:// needs google-cloud-storage (pip install google-cloud-storage)"
+        ) from None
     try:
         return storage.Client()
     except Exception as e:  # google.auth DefaultCredentialsError and friends
@@ -81,7 +83,10 @@ def _explain(e: Exception, uri: str) -> CkptflowError:
     if isinstance(e, gexc.NotFound):
         return CkptflowError(f"{uri}: not found (does the bucket exist?): {e.message if hasattr(e, 'message') else e}")
     if isinstance(e, (gexc.Forbidden, gexc.Unauthorized)):
-        return CkptflowError(f"{uri}: access denied ({type(e).__name__}): the credentials need storage.objects.create/get/delete on the bucket")
+        return CkptflowError(
+            f"{uri}: access denied ({type(e).__name__}): the credentials need storage.objects.create/get/delete on "
+            f"the bucket"
+        )
     return CkptflowError(f"{uri}: GCS request failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
@@ -142,8 +147,16 @@ def _parallel(fn: Callable, jobs: list[tuple], workers: int) -> None:
             raise errors[0]
 
 
-def publish_folder(src: Path, uri: str, files: dict[str, dict], *, version: str, record: dict, force: bool = False,
-                   workers: int = WORKERS) -> tuple[str, dict | None]:
+def publish_folder(
+    src: Path,
+    uri: str,
+    files: dict[str, dict],
+    *,
+    version: str,
+    record: dict,
+    force: bool = False,
+    workers: int = WORKERS,
+) -> tuple[str, dict | None]:
     """Publish `files` ({rel: {"size", "sha256"}}) of `src` at `uri`; `version` identifies the content.
 
     Returns (status, the marker found) with status "published", "replaced" or "unchanged".
@@ -167,7 +180,7 @@ def publish_folder(src: Path, uri: str, files: dict[str, dict], *, version: str,
                     "pick a new destination or pass --force to replace it"
                 )
             status = "replaced"
-        present = {b.name[len(final):]: b for b in gcs.list_blobs(bucket_name, prefix=final)}
+        present = {b.name[len(final) :]: b for b in gcs.list_blobs(bucket_name, prefix=final)}
         present.pop(MARKER, None)
         foreign = [n for n, b in present.items() if (b.metadata or {}).get(VERSION_KEY) != version]
         if existing is None and foreign and not force:
@@ -178,11 +191,15 @@ def publish_folder(src: Path, uri: str, files: dict[str, dict], *, version: str,
 
         # 1. upload into staging, skipping what an interrupted run already staged
         staging = staging_prefix(prefix, version) + "/"
-        staged = {b.name[len(staging):]: b for b in gcs.list_blobs(bucket_name, prefix=staging)}
+        staged = {b.name[len(staging) :]: b for b in gcs.list_blobs(bucket_name, prefix=staging)}
         todo = [
             (bucket, staging + rel, src / rel, meta["sha256"], version)
             for rel, meta in sorted(files.items())
-            if not (rel in staged and staged[rel].size == meta["size"] and (staged[rel].metadata or {}).get(SHA_KEY) == meta["sha256"])
+            if not (
+                rel in staged
+                and staged[rel].size == meta["size"]
+                and (staged[rel].metadata or {}).get(SHA_KEY) == meta["sha256"]
+            )
         ]
         log.info("%s: uploading %d of %d files to staging %s", uri, len(todo), len(files), staging)
         _parallel(_upload_one, todo, workers)
@@ -201,10 +218,14 @@ def publish_folder(src: Path, uri: str, files: dict[str, dict], *, version: str,
         }
         try:
             bucket.blob(final + MARKER).upload_from_string(
-                json.dumps(marker, indent=2, sort_keys=True) + "\n", content_type="application/json", if_generation_match=0
+                json.dumps(marker, indent=2, sort_keys=True) + "\n",
+                content_type="application/json",
+                if_generation_match=0,
             )
         except gexc.PreconditionFailed:
-            raise OutputExistsError(f"{uri}: another publisher wrote a version at the same time; nothing was marked") from None
+            raise OutputExistsError(
+                f"{uri}: another publisher wrote a version at the same time; nothing was marked"
+            ) from None
 
         # 3. staging is garbage now (also what killed runs of other versions left for this destination)
         parent = prefix.rpartition("/")[0]

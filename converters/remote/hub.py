@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, TypeVar
 
-from converters.io import direct_io
 from converters.errors import CkptflowError
+from converters.io import direct_io
 
 log = logging.getLogger("ckptflow.hub")
 T = TypeVar("T")
@@ -111,15 +111,18 @@ def call(fn: Callable[..., T], *args, retries: int | None = None, what: str = "h
                 raise
             asked = _wait_asked(e)
             wait = min(BACKOFF_MAX, asked if asked is not None else delay * (0.5 + random.random()))
-            reason = "rate limited (HTTP 429)" if _status(e) == 429 else f"{type(e).__name__} {_status(e) or ''}".strip()
+            reason = (
+                "rate limited (HTTP 429)" if _status(e) == 429 else f"{type(e).__name__} {_status(e) or ''}".strip()
+            )
             log.warning("%s: %s; retrying in %.1f s (try %d of %d)", what, reason, wait, attempt + 1, tries)
             time.sleep(wait)
             delay = min(BACKOFF_MAX, delay * 2)
     raise AssertionError("unreachable")
 
 
-def explain(e: BaseException, repo_id: str, revision: str | None = None, *, write: bool = False,
-            token_given: bool | None = None) -> CkptflowError:
+def explain(
+    e: BaseException, repo_id: str, revision: str | None = None, *, write: bool = False, token_given: bool | None = None
+) -> CkptflowError:
     """One line saying what went wrong with `repo_id` and what to do (never the token, never a traceback)."""
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -130,7 +133,9 @@ def explain(e: BaseException, repo_id: str, revision: str | None = None, *, writ
             f"{TOKEN_HELP.replace('read access', 'read access for that account')}"
         )
     if isinstance(e, RevisionNotFoundError):
-        return CkptflowError(f"{repo_id}: revision {revision!r} not found (a branch, tag or 40-hex commit sha of the repo)")
+        return CkptflowError(
+            f"{repo_id}: revision {revision!r} not found (a branch, tag or 40-hex commit sha of the repo)"
+        )
     if isinstance(e, RepositoryNotFoundError):
         if has_token:
             return CkptflowError(f"{repo_id}: repository not found, or private and the token given cannot read it")
@@ -138,13 +143,19 @@ def explain(e: BaseException, repo_id: str, revision: str | None = None, *, writ
     status = _status(e)
     if status in (401, 403):
         need = "write access" if write else "read access"
-        return CkptflowError(f"{repo_id}: the hub refused access (HTTP {status}): {TOKEN_HELP.replace('read access', need)}")
+        return CkptflowError(
+            f"{repo_id}: the hub refused access (HTTP {status}): {TOKEN_HELP.replace('read access', need)}"
+        )
     if status == 429:
-        return CkptflowError(f"{repo_id}: still rate limited by the hub after {RETRIES} tries (HTTP 429); pass HF_TOKEN "
-                             "(anonymous quotas are the lowest) or try again later")
+        return CkptflowError(
+            f"{repo_id}: still rate limited by the hub after {RETRIES} tries (HTTP 429); pass HF_TOKEN "
+            "(anonymous quotas are the lowest) or try again later"
+        )
     if isinstance(e, HfHubHTTPError):
         return CkptflowError(f"{repo_id}: hub request failed: {str(e).strip().splitlines()[0]}")
-    return CkptflowError(f"{repo_id}: cannot reach the hub ({endpoint() or 'https://huggingface.co'}): {type(e).__name__}: {e}")
+    return CkptflowError(
+        f"{repo_id}: cannot reach the hub ({endpoint() or 'https://huggingface.co'}): {type(e).__name__}: {e}"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -204,8 +215,13 @@ def check_file(path: Path, remote: RemoteFile, sha256: str) -> str | None:
     return None
 
 
-def download_files(snap: Snapshot, names: Iterable[str], local_dir: Path, workers: int = DOWNLOAD_WORKERS,
-                   on_file: Callable[[str, Path], None] | None = None) -> None:
+def download_files(
+    snap: Snapshot,
+    names: Iterable[str],
+    local_dir: Path,
+    workers: int = DOWNLOAD_WORKERS,
+    on_file: Callable[[str, Path], None] | None = None,
+) -> None:
     """Download `names` of the pinned commit into `local_dir`, `workers` files at a time.
 
     Files already complete in `local_dir` from an earlier (interrupted) call for the same commit are kept (the
@@ -217,7 +233,12 @@ def download_files(snap: Snapshot, names: Iterable[str], local_dir: Path, worker
     def one(name: str) -> None:
         try:
             path = call(
-                hf_hub_download, snap.repo_id, name, revision=snap.sha, local_dir=local_dir, endpoint=endpoint(),
+                hf_hub_download,
+                snap.repo_id,
+                name,
+                revision=snap.sha,
+                local_dir=local_dir,
+                endpoint=endpoint(),
                 what=f"{snap.repo_id}: {name}",
             )
         except Exception as e:
@@ -252,8 +273,15 @@ def read_file(repo_id: str, filename: str, revision: str | None = None) -> bytes
 
     with tempfile.TemporaryDirectory(prefix="ckptflow-hub-") as tmp:
         try:
-            path = call(hf_hub_download, repo_id, filename, revision=revision, local_dir=tmp, endpoint=endpoint(),
-                        what=f"{repo_id}: {filename}")
+            path = call(
+                hf_hub_download,
+                repo_id,
+                filename,
+                revision=revision,
+                local_dir=tmp,
+                endpoint=endpoint(),
+                what=f"{repo_id}: {filename}",
+            )
         except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
             return None
         except Exception as e:
@@ -263,8 +291,16 @@ def read_file(repo_id: str, filename: str, revision: str | None = None) -> bytes
         return Path(path).read_bytes()
 
 
-def commit_folder(repo_id: str, files: dict[str, Path], extra: dict[str, bytes], *, private: bool, message: str,
-                  description: str = "", delete: Iterable[str] = ()) -> tuple[str, str]:
+def commit_folder(
+    repo_id: str,
+    files: dict[str, Path],
+    extra: dict[str, bytes],
+    *,
+    private: bool,
+    message: str,
+    description: str = "",
+    delete: Iterable[str] = (),
+) -> tuple[str, str]:
     """Create the repo if needed and upload `files` (+ `extra` contents) in ONE commit; returns (commit sha, url)."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
@@ -275,8 +311,14 @@ def commit_folder(repo_id: str, files: dict[str, Path], extra: dict[str, bytes],
         ops += [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=data) for rel, data in sorted(extra.items())]
         ops += [CommitOperationDelete(path_in_repo=rel) for rel in sorted(delete)]
         # Retried like every other request (429, 5xx, connection errors): a commit the hub refused changed nothing.
-        info = call(hub.create_commit, repo_id, ops, commit_message=message, commit_description=description,
-                    what=f"{repo_id}: create_commit")
+        info = call(
+            hub.create_commit,
+            repo_id,
+            ops,
+            commit_message=message,
+            commit_description=description,
+            what=f"{repo_id}: create_commit",
+        )
     except Exception as e:
         if isinstance(e, CkptflowError):
             raise

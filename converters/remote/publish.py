@@ -59,8 +59,19 @@ def destination_path(dest: str) -> Path:
 
 
 # The verdict (each part's pass/fail), the precision numbers and the layout check's KL of a verify report
-VERIFY_KEYS = ("passed", "content_passed", "layout_passed", "precision_passed", "kl_max", "kl_mean", "layout_kl_max",
-               "max_abs_logit_diff", "top10_overlap_min", "top10_jaccard_mean", "num_tokens")
+VERIFY_KEYS = (
+    "passed",
+    "content_passed",
+    "layout_passed",
+    "precision_passed",
+    "kl_max",
+    "kl_mean",
+    "layout_kl_max",
+    "max_abs_logit_diff",
+    "top10_overlap_min",
+    "top10_jaccard_mean",
+    "num_tokens",
+)
 
 
 def verify_summary(report: dict) -> dict:
@@ -95,8 +106,10 @@ def checked_source(src: Path, verify_report: str | os.PathLike | None = None) ->
     problems = check_outputs(src, manifest, files)
     if problems:
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise CkptflowError(f"{src}: files no longer match {MANIFEST}: {'; '.join(problems[:3])}{more}; "
-                            "convert again instead of publishing a changed checkpoint")
+        raise CkptflowError(
+            f"{src}: files no longer match {MANIFEST}: {'; '.join(problems[:3])}{more}; "
+            "convert again instead of publishing a changed checkpoint"
+        )
     if report is not None:  # the manifest is not among its own outputs: recording changes no checked file
         manifest = record_verify(src, verify_summary(report))
         files[MANIFEST] = {"size": manifest_path.stat().st_size, **file_digests(manifest_path, _DIGESTS)}
@@ -161,17 +174,28 @@ def model_card(manifest: dict, repo_id: str, version: str) -> str:
     if manifest.get("family"):
         lines.append(f"- {manifest['family']}")
     lines += ["---", "", f"# {repo_id.split('/')[-1]}", ""]
-    origin = f"[{src['repo']}](https://huggingface.co/{src['repo']})" if src.get("repo") else f"`{src.get('path', '?')}`"
+    origin = (
+        f"[{src['repo']}](https://huggingface.co/{src['repo']})" if src.get("repo") else f"`{src.get('path', '?')}`"
+    )
     at = f" at commit `{src['revision']}`" if src.get("revision") else ""
-    lines += [f"Converted ({direction}) by ckptflow {manifest.get('ckptflow_version', __version__)} from {origin}{at}.", ""]
+    lines += [
+        f"Converted ({direction}) by ckptflow {manifest.get('ckptflow_version', __version__)} from {origin}{at}.",
+        "",
+    ]
     if to_maxtext:
-        lines += ["Load it in MaxText with `load_parameters_path=<this checkpoint>/0/items` and "
-                  f"`scan_layers={str(bool(opts.get('scan_layers'))).lower()}`.", ""]
+        lines += [
+            "Load it in MaxText with `load_parameters_path=<this checkpoint>/0/items` and "
+            f"`scan_layers={str(bool(opts.get('scan_layers'))).lower()}`.",
+            "",
+        ]
     lines += ["## Lineage", "", "| | |", "|---|---|"]
     rows = [
         ("source", src.get("uri") or src.get("path")),
         ("source commit", src.get("revision")),
-        ("source files", f"{len(src.get('files') or {})} (sha256 of each in `ckptflow-manifest.json`)" if src.get("files") else None),
+        (
+            "source files",
+            f"{len(src.get('files') or {})} (sha256 of each in `ckptflow-manifest.json`)" if src.get("files") else None,
+        ),
         ("family", manifest.get("family")),
         ("direction", direction),
         ("options", ", ".join(f"{k}={v}" for k, v in sorted(opts.items())) or None),
@@ -184,10 +208,24 @@ def model_card(manifest: dict, repo_id: str, version: str) -> str:
     lines += ["", "## Verification", ""]
     if v:
         verdict = "passed" if v.get("passed") else "FAILED"
-        lines += [f"Logits compared with the source model ({v.get('num_tokens', '?')} tokens, {v.get('dtype', '?')}): **{verdict}**.", "",
-                  "| metric | value |", "|---|---|"]
-        for k in ("content_passed", "layout_passed", "layout_kl_max", "kl_max", "kl_mean", "max_kl_threshold", "max_abs_logit_diff",
-                  "top10_overlap_min", "top10_jaccard_mean"):
+        lines += [
+            f"Logits compared with the source model ({v.get('num_tokens', '?')} tokens, {v.get('dtype', '?')}): "
+            f"**{verdict}**.",
+            "",
+            "| metric | value |",
+            "|---|---|",
+        ]
+        for k in (
+            "content_passed",
+            "layout_passed",
+            "layout_kl_max",
+            "kl_max",
+            "kl_mean",
+            "max_kl_threshold",
+            "max_abs_logit_diff",
+            "top10_overlap_min",
+            "top10_jaccard_mean",
+        ):
             if k in v:
                 lines.append(f"| {k} | {v[k]} |")
     else:
@@ -196,7 +234,9 @@ def model_card(manifest: dict, repo_id: str, version: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _publish_hub(src: Path, dest: str, manifest: dict, files: dict, version: str, force: bool, public: bool) -> tuple[str, dict]:
+def _publish_hub(
+    src: Path, dest: str, manifest: dict, files: dict, version: str, force: bool, public: bool
+) -> tuple[str, dict]:
     from converters.remote import hub
 
     repo_id, revision = hub.parse_hf_uri(dest)
@@ -212,31 +252,54 @@ def _publish_hub(src: Path, dest: str, manifest: dict, files: dict, version: str
             theirs = {}
     status = "published"
     if theirs is not None:
-        same = theirs.get("output_digest") == version if theirs.get("output_digest") else (
-            bool(theirs.get("outputs")) and theirs.get("outputs") == manifest.get("outputs"))
+        same = (
+            theirs.get("output_digest") == version
+            if theirs.get("output_digest")
+            else (bool(theirs.get("outputs")) and theirs.get("outputs") == manifest.get("outputs"))
+        )
         if same:
             return "unchanged", {"repo_id": repo_id}
         if not force:
-            raise OutputExistsError(f"{dest}: already holds a different version ({theirs.get('output_digest')}, publishing "
-                                    f"{version}); pick another repo or pass --force to commit over it")
+            raise OutputExistsError(
+                f"{dest}: already holds a different version ({theirs.get('output_digest')}, publishing "
+                f"{version}); pick another repo or pass --force to commit over it"
+            )
         status = "replaced"
     elif [f for f in existing_files if f not in HUB_KEEP + ("README.md",)] and not force:
-        raise OutputExistsError(f"{dest}: the repo holds files but no ckptflow checkpoint; pass --force to commit over them")
+        raise OutputExistsError(
+            f"{dest}: the repo holds files but no ckptflow checkpoint; pass --force to commit over them"
+        )
     extra = {} if "README.md" in files else {"README.md": model_card(manifest, repo_id, version).encode()}
     delete = [f for f in existing_files if f not in files and f not in extra and f not in HUB_KEEP]
     msg = f"ckptflow: {manifest.get('direction', 'checkpoint')} {manifest.get('family', '')}".strip()
     src_info = manifest.get("source") or {}
-    desc = f"From {src_info.get('uri') or src_info.get('path')}" + (f"@{src_info['revision']}" if src_info.get("revision") else "")
-    sha, url = hub.commit_folder(repo_id, {rel: src / rel for rel in files}, extra, private=not public,
-                                 message=f"{msg} ({version[:19]})", description=desc, delete=delete)
+    desc = f"From {src_info.get('uri') or src_info.get('path')}" + (
+        f"@{src_info['revision']}" if src_info.get("revision") else ""
+    )
+    sha, url = hub.commit_folder(
+        repo_id,
+        {rel: src / rel for rel in files},
+        extra,
+        private=not public,
+        message=f"{msg} ({version[:19]})",
+        description=desc,
+        delete=delete,
+    )
     return status, {"repo_id": repo_id, "commit": sha, "url": url}
 
 
 # ------------------------------------------------------------------------------------------------ entry
 
 
-def publish(src: str | os.PathLike, dest: str, force: bool = False, *, public: bool = False,
-            verify_report: str | os.PathLike | None = None, workers: int | None = None) -> dict:
+def publish(
+    src: str | os.PathLike,
+    dest: str,
+    force: bool = False,
+    *,
+    public: bool = False,
+    verify_report: str | os.PathLike | None = None,
+    workers: int | None = None,
+) -> dict:
     """Publish `src` at `dest`; returns the receipt (status: published, replaced or unchanged)."""
     src = Path(src).expanduser().absolute()
     scheme = scheme_of(dest)
@@ -260,10 +323,22 @@ def publish(src: str | os.PathLike, dest: str, force: bool = False, *, public: b
 
         bucket, prefix = gcs.parse_gs_uri(dest)
         receipt["destination"] = f"gs://{bucket}/{prefix}"
-        record = {"ckptflow_version": __version__, "digest": digest, "output_digest": version,
-                  "source": manifest.get("source"), "verify": manifest.get("verify")}
-        status, _ = gcs.publish_folder(src, receipt["destination"], files, version=version, record=record, force=force,
-                                       workers=workers or gcs.WORKERS)
+        record = {
+            "ckptflow_version": __version__,
+            "digest": digest,
+            "output_digest": version,
+            "source": manifest.get("source"),
+            "verify": manifest.get("verify"),
+        }
+        status, _ = gcs.publish_folder(
+            src,
+            receipt["destination"],
+            files,
+            version=version,
+            record=record,
+            force=force,
+            workers=workers or gcs.WORKERS,
+        )
     else:
         from converters.remote import hub
 

@@ -122,11 +122,19 @@ def _bits(a: np.ndarray) -> np.ndarray:
     return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
 
 
-def compare(name: str, kind: str, x: np.ndarray, back: np.ndarray, chain: tuple[Transform, ...], ckpt_dtype: np.dtype) -> TensorResult:
+def compare(
+    name: str, kind: str, x: np.ndarray, back: np.ndarray, chain: tuple[Transform, ...], ckpt_dtype: np.dtype
+) -> TensorResult:
     """Compare source tensor `x` with the checkpoint's value mapped back (`back`, same shape: in the stored dtype when
     the chain only moves elements, float32 when it changes them)."""
     if x.shape != back.shape:
-        return TensorResult(name, kind, False, False, example={"why": f"shape {list(back.shape)} in the checkpoint, {list(x.shape)} in the source"})
+        return TensorResult(
+            name,
+            kind,
+            False,
+            False,
+            example={"why": f"shape {list(back.shape)} in the checkpoint, {list(x.shape)} in the source"},
+        )
     if back.dtype == x.dtype and np.array_equal(_bits(back), _bits(x)):  # the usual case: moved, not changed
         return TensorResult(name, kind, True, True, identical=True)
     if back.dtype != x.dtype and np.array_equal(to_float32(back), to_float32(x)):
@@ -143,13 +151,23 @@ def compare(name: str, kind: str, x: np.ndarray, back: np.ndarray, chain: tuple[
     over = np.ones(len(moved), bool) if limit is None else ~(err <= limit)  # NaN errors are over
     finite = np.isfinite(err).any()
     res = TensorResult(
-        name, kind, False, not over.any(), max_error=float(np.nanmax(err)) if finite else math.inf,
-        max_ulps=float(np.nanmax(err / ulp(xf, x.dtype))) if finite else math.inf, moved=len(moved) / x.size, over=int(over.sum()),
+        name,
+        kind,
+        False,
+        not over.any(),
+        max_error=float(np.nanmax(err)) if finite else math.inf,
+        max_ulps=float(np.nanmax(err / ulp(xf, x.dtype))) if finite else math.inf,
+        moved=len(moved) / x.size,
+        over=int(over.sum()),
     )
     if over.any():
         j = int(np.argmax(over))
-        res.example = {"index": [int(v) for v in np.unravel_index(int(moved[j]), x.shape)], "source": float(xf[j]),
-                       "checkpoint": float(of[j]), "bound": None if limit is None else float(limit[j])}
+        res.example = {
+            "index": [int(v) for v in np.unravel_index(int(moved[j]), x.shape)],
+            "source": float(xf[j]),
+            "checkpoint": float(of[j]),
+            "bound": None if limit is None else float(limit[j]),
+        }
     return res
 
 
@@ -172,7 +190,9 @@ class ContentCheck:
     results: dict[str, TensorResult] = field(default_factory=dict)
     kinds: dict[str, KindSummary] = field(default_factory=dict)
 
-    def check(self, name: str, kind: str, x: np.ndarray, back: np.ndarray, chain: tuple[Transform, ...], ckpt_dtype: np.dtype) -> bool:
+    def check(
+        self, name: str, kind: str, x: np.ndarray, back: np.ndarray, chain: tuple[Transform, ...], ckpt_dtype: np.dtype
+    ) -> bool:
         """Compare one tensor (or piece of one); True when the checkpoint's values equal the source's as float32."""
         r = compare(name, kind, x, back, chain, ckpt_dtype)
         identical = r.identical
@@ -221,9 +241,13 @@ class ContentCheck:
             ks = [self.kinds[kind] for kind in kinds]
             what = f"stored as {transform}" if transform else f"{self.source_dtype} values stored"
             names = ", ".join(kinds[:4]) + (f" and {len(kinds) - 4} more" if len(kinds) > 4 else "")
-            out.append(f"{what} in {self.ckpt_dtype} ({names}): up to {max(k.moved for k in ks):.0%} of a tensor's elements come "
-                       f"back changed, by at most {max(k.max_error for k in ks):.2g} ({max(k.max_ulps for k in ks):.2g} ulp of "
-                       f"{self.source_dtype}): the format's rounding, within its bound")
+            out.append(
+                f"{what} in {self.ckpt_dtype} ({names}): up to {max(k.moved for k in ks):.0%} of a tensor's elements "
+                f"come "
+                f"back changed, by at most {max(k.max_error for k in ks):.2g} ({max(k.max_ulps for k in ks):.2g} ulp "
+                f"of "
+                f"{self.source_dtype}): the format's rounding, within its bound"
+            )
         return out
 
     def to_dict(self) -> dict:
@@ -235,10 +259,28 @@ class ContentCheck:
             "bit_exact": sum(r.exact for r in self.results.values()),
             "within_bound": sum(r.passed and not r.exact for r in self.results.values()),
             "failed": len(fails),
-            "failures": [{"tensor": r.name, "kind": r.kind, "elements_outside_bound": r.over, "max_abs_error": r.max_error,
-                          "max_ulps": r.max_ulps, "example": r.example} for r in fails[:MAX_FAILURES]],
-            "kinds": {kind: {"transform": k.transform, "tensors": k.tensors, "bit_exact": k.bit_exact, "max_abs_error": k.max_error,
-                             "max_ulps": k.max_ulps, "moved_fraction": k.moved} for kind, k in sorted(self.kinds.items())},
+            "failures": [
+                {
+                    "tensor": r.name,
+                    "kind": r.kind,
+                    "elements_outside_bound": r.over,
+                    "max_abs_error": r.max_error,
+                    "max_ulps": r.max_ulps,
+                    "example": r.example,
+                }
+                for r in fails[:MAX_FAILURES]
+            ],
+            "kinds": {
+                kind: {
+                    "transform": k.transform,
+                    "tensors": k.tensors,
+                    "bit_exact": k.bit_exact,
+                    "max_abs_error": k.max_error,
+                    "max_ulps": k.max_ulps,
+                    "moved_fraction": k.moved,
+                }
+                for kind, k in sorted(self.kinds.items())
+            },
             "checkpoint_dtype": self.ckpt_dtype,
             "source_dtype": self.source_dtype,
             "effects": self.effects(),

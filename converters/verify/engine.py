@@ -86,8 +86,17 @@ class Engine:
     golden: a `GoldenFile` whose records are the prompts' reference logits; golden_writer: collects the HF logits
     (`ckptflow golden`)."""
 
-    def __init__(self, *, config: dict, prompts: list[Prompt], dtype: str, source: SourceWeights | None = None,
-                 ckpt: CheckpointWeights | None = None, golden=None, golden_writer=None):
+    def __init__(
+        self,
+        *,
+        config: dict,
+        prompts: list[Prompt],
+        dtype: str,
+        source: SourceWeights | None = None,
+        ckpt: CheckpointWeights | None = None,
+        golden=None,
+        golden_writer=None,
+    ):
         from converters.verify.hf_side import HFModel
         from converters.verify.reference import Reference
 
@@ -119,7 +128,9 @@ class Engine:
         self.head_rows = self.index.tensors[self.head].leaf.rule.hf_shape[0]  # the HF vocabulary
         self.comparisons = self._comparisons()
         self.states: dict[str, list] = {}
-        self.follows: list[bool] = []  # per prompt: hf_ckpt's activations are hf's, bit for bit (shared, not recomputed)
+        self.follows: list[
+            bool
+        ] = []  # per prompt: hf_ckpt's activations are hf's, bit for bit (shared, not recomputed)
         self.expert_reads = 0
         self._content_lock = threading.Lock()  # experts are checked on the feed's reading threads
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="ckptflow-verify-read")  # the source's next tensors
@@ -137,9 +148,15 @@ class Engine:
                 pairs["hf_bf16"] = ("hf", "hf_bf16")
                 pairs["bf16_compute"] = ("maxtext", "maxtext_bf16")
         streams = {s for pair in pairs.values() for s in pair}
-        self.stream_stats = {s: [StreamStats(p.length) for p in self.prompts] for s in streams}  # one per side and prompt
-        return {name: Comparison(name, ref, test, [PairStats(a, b) for a, b in zip(self.stream_stats[ref], self.stream_stats[test])])
-                for name, (ref, test) in pairs.items()}
+        self.stream_stats = {
+            s: [StreamStats(p.length) for p in self.prompts] for s in streams
+        }  # one per side and prompt
+        return {
+            name: Comparison(
+                name, ref, test, [PairStats(a, b) for a, b in zip(self.stream_stats[ref], self.stream_stats[test])]
+            )
+            for name, (ref, test) in pairs.items()
+        }
 
     @property
     def reference(self):
@@ -187,7 +204,11 @@ class Engine:
                     self._check_globals()
                 read = self._hf_weights(stream)
                 model.load({n: read(n) for n in self.index.globals})
-                rows = (lambda ids: self.ckpt.back_gather(emb, ids, runtime=True)) if stream == "hf_ckpt" else (lambda ids: self.source.gather(emb, ids))
+                rows = (
+                    (lambda ids: self.ckpt.back_gather(emb, ids, runtime=True))
+                    if stream == "hf_ckpt"
+                    else (lambda ids: self.source.gather(emb, ids))
+                )
                 self.states[stream] = [model.record(p.token_ids, rows, p.meta.get("inputs")) for p in self.prompts]
                 model.release(model.model)
                 if self.ckpt is not None:
@@ -203,8 +224,10 @@ class Engine:
                 rows = self.ckpt.read_rows("token_embedder/embedding", uniq)
                 vision = {k: v for k, v in g.items() if k not in ref.norm_keys}
                 for stream, r in self.mt.items():
-                    self.states[stream] = [r.prompt(rows, np.searchsorted(uniq, i), p.token_ids, vision, p.meta.get("inputs"))
-                                           for i, p in zip(ids, self.prompts)]
+                    self.states[stream] = [
+                        r.prompt(rows, np.searchsorted(uniq, i), p.token_ids, vision, p.meta.get("inputs"))
+                        for i, p in zip(ids, self.prompts)
+                    ]
                 self._norm = {k: g[k] for k in ref.norm_keys}
                 self.ckpt.release()
 
@@ -232,7 +255,9 @@ class Engine:
         layers, names = self._layers_of(k)
         stored = []
         if self.ckpt is not None:
-            stored = [r for l in layers for r in self.ckpt.layer_reads(l)] + [at for r in self.mt.values() for at in r.layer_reads(k).values()]
+            stored = [r for l in layers for r in self.ckpt.layer_reads(l)] + [
+                at for r in self.mt.values() for at in r.layer_reads(k).values()
+            ]
             self.ckpt.prefetch(stored)
         pending = self._reader.submit(lambda: {n: self._source(n) for n in names}) if self.source is not None else None
         return k, pending, stored
@@ -289,7 +314,9 @@ class Engine:
                 del arrays
                 gc.collect(1)  # JAX leaves the layer's device arrays in young reference cycles: up to a layer's worth
 
-    def _hf_layers(self, stream: str, layers: tuple[int, ...], tensors: dict, consume: bool = False, loaded=None) -> None:
+    def _hf_layers(
+        self, stream: str, layers: tuple[int, ...], tensors: dict, consume: bool = False, loaded=None
+    ) -> None:
         """The HF layers of one step on one stream. `consume`: `tensors` is emptied once loaded (the module holds
         its own copy in its dtype), so the step does not hold both; `loaded()` is called then."""
         model = self.hf[stream]
@@ -332,7 +359,11 @@ class Engine:
             jobs += [lambda model=model, p=p: model.layer(l, p) for p in self.states[stream]]
         for stream, r in self.mt.items():
             arrays = {rel: self.ckpt.read(*at) for rel, at in r.layer_reads(k).items()}
-            jobs.append(lambda r=r, arrays=arrays, stream=stream: r.layer(k, arrays, self.states[stream], lambda e: feed.get(e)["mt"]))
+            jobs.append(
+                lambda r=r, arrays=arrays, stream=stream: r.layer(
+                    k, arrays, self.states[stream], lambda e: feed.get(e)["mt"]
+                )
+            )
         try:
             with self.timer("moe_layers"):
                 feed.run(jobs)
@@ -371,8 +402,14 @@ class Engine:
         for stream, model in self.hf.items():
             with self.timer(stream):
                 read = self._hf_weights(stream)
-                model.load({n: read(n) for n in self.index.globals if model.param_name(n)[0].startswith(model.norm_name + ".")},
-                           scope=model.norm_name)
+                model.load(
+                    {
+                        n: read(n)
+                        for n in self.index.globals
+                        if model.param_name(n)[0].startswith(model.norm_name + ".")
+                    },
+                    scope=model.norm_name,
+                )
                 for p in self.states[stream]:
                     model.final(p)
                 model.release(model.model)
@@ -429,13 +466,17 @@ class Engine:
             with self.timer(stream):
                 if stream == "hf_ckpt":  # the values that make transformers compute what MaxText computes
                     runtime = self.index.tensors[head].leaf.rule.runtime_chain is not None
-                    w = to_torch(self.ckpt.back_rows(head, v0, v1, runtime=True) if runtime else back_rows[:n], model.dtype)
+                    w = to_torch(
+                        self.ckpt.back_rows(head, v0, v1, runtime=True) if runtime else back_rows[:n], model.dtype
+                    )
                 else:
                     w = to_torch(src_rows[:n], model.dtype)
                 blocks[stream] = [model.logits(p, w) for p in self.states[stream]]
         for stream, r in self.mt.items():
             with self.timer(stream):
-                blocks[stream] = r.logits(self.states[stream], self.ckpt.read(r.head_key, self.ckpt.rows_index(head, v0, v1)))
+                blocks[stream] = r.logits(
+                    self.states[stream], self.ckpt.read(r.head_key, self.ckpt.rows_index(head, v0, v1))
+                )
         if self.golden is not None:
             blocks["golden"] = [rec.logits_block(v0, v1) for rec in self.golden.records]
         with self.timer("compare"):

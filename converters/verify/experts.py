@@ -67,7 +67,10 @@ class ExpertFeed:
                     self._drop()
                     self._cv.notify_all()
 
-        threads = [threading.Thread(target=consumer, args=(c, job), name=f"ckptflow-verify-{c}", daemon=True) for c, job in enumerate(jobs)]
+        threads = [
+            threading.Thread(target=consumer, args=(c, job), name=f"ckptflow-verify-{c}", daemon=True)
+            for c, job in enumerate(jobs)
+        ]
         for t in threads:
             t.start()
         for t in threads:

@@ -67,7 +67,9 @@ def load_tokenizer(*folders: str | os.PathLike | None):
             log.info("tokenizer: %s (%s)", folder, type(tok).__name__)
             return tok
         except Exception as e:  # tokenizers raise many kinds; fall back to seeded ids
-            log.warning("could not load the tokenizer in %s (%s); trying the next source", folder, str(e).splitlines()[0][:200])
+            log.warning(
+                "could not load the tokenizer in %s (%s); trying the next source", folder, str(e).splitlines()[0][:200]
+            )
     return None
 
 
@@ -144,17 +146,23 @@ class HFModel:
         os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
         model_type = config.get("model_type")
         if model_type not in CONFIG_MAPPING:
-            raise CkptflowError(f"transformers {__import__('transformers').__version__} has no model_type {model_type!r}")
+            raise CkptflowError(
+                f"transformers {__import__('transformers').__version__} has no model_type {model_type!r}"
+            )
         self.dtype = torch_dtype(dtype)
         try:
             cfg = CONFIG_MAPPING[model_type].from_dict(copy.deepcopy(config))
             with _parameters_on_meta():
                 kwargs = {"experts_implementation": "eager"} if _has_experts(cfg) else {}
-                self.model = AutoModelForCausalLM.from_config(cfg, dtype=self.dtype, attn_implementation="eager", **kwargs).eval()
+                self.model = AutoModelForCausalLM.from_config(
+                    cfg, dtype=self.dtype, attn_implementation="eager", **kwargs
+                ).eval()
         except CkptflowError:
             raise
         except Exception as e:  # an architecture transformers cannot build from this config
-            raise CkptflowError(f"transformers cannot build a {model_type} model from this config.json: {str(e).splitlines()[0][:300]}") from None
+            raise CkptflowError(
+                f"transformers cannot build a {model_type} model from this config.json: {str(e).splitlines()[0][:300]}"
+            ) from None
         m = self.model
         self.text_config = m.config.get_text_config()
         self.decoder = m.get_decoder()
@@ -183,7 +191,9 @@ class HFModel:
         """(module parameter, converter source pattern or None) a checkpoint tensor becomes (transformers' renaming)."""
         from transformers.core_model_loading import rename_source_key
 
-        return rename_source_key(checkpoint_name, self._renamings, self._converters, self.model.base_model_prefix, self._meta_state)
+        return rename_source_key(
+            checkpoint_name, self._renamings, self._converters, self.model.base_model_prefix, self._meta_state
+        )
 
     def load(self, tensors: dict, scope: str | None = None) -> None:
         """Load checkpoint-named tensors (numpy or torch) into the model as `from_pretrained` would, then check that
@@ -194,18 +204,29 @@ class HFModel:
 
         state = {name: to_torch(a) if isinstance(a, np.ndarray) else a for name, a in tensors.items()}
         info, _ = convert_and_load_state_dict_in_model(
-            self.model, state, LoadStateDictConfig(dtype=self.dtype, dtype_plan=self._dtype_plan, weight_mapping=self._mapping))
-        bad = sorted(info.unexpected_keys) + [f"{k} {list(got)} (model: {list(want)})" for k, got, want in info.mismatched_keys]
+            self.model,
+            state,
+            LoadStateDictConfig(dtype=self.dtype, dtype_plan=self._dtype_plan, weight_mapping=self._mapping),
+        )
+        bad = sorted(info.unexpected_keys) + [
+            f"{k} {list(got)} (model: {list(want)})" for k, got, want in info.mismatched_keys
+        ]
         bad += [f"{k}: {v}" for k, v in (info.conversion_errors or {}).items()]
         if bad:
             raise CkptflowError(f"transformers refused tensors: {', '.join(map(str, bad[:5]))}")
 
         def within(n: str) -> bool:
-            return n.startswith(scope + ".") if scope is not None else not any(n == s or n.startswith(s + ".") for s in self._streamed)
+            return (
+                n.startswith(scope + ".")
+                if scope is not None
+                else not any(n == s or n.startswith(s + ".") for s in self._streamed)
+            )
 
         empty = [n for n, t in self.model.state_dict().items() if t.is_meta and within(n)]
         if empty:
-            raise CkptflowError(f"no tensor for {', '.join(empty[:5])} (transformers' {type(self.model).__name__} expects them)")
+            raise CkptflowError(
+                f"no tensor for {', '.join(empty[:5])} (transformers' {type(self.model).__name__} expects them)"
+            )
 
     def release(self, module) -> None:
         """Put a module's parameters and checkpoint buffers back on the meta device: the memory goes with the last
@@ -256,7 +277,9 @@ class HFModel:
         self._lazy.clear()
 
     # ---- stages ---------------------------------------------------------------------------------------------
-    def record(self, token_ids, embedding_rows: Callable[[np.ndarray], np.ndarray], inputs: dict | None = None) -> HFPrompt:
+    def record(
+        self, token_ids, embedding_rows: Callable[[np.ndarray], np.ndarray], inputs: dict | None = None
+    ) -> HFPrompt:
         """Run the model's forward up to the first decoder layer's input and record every layer's other inputs.
 
         embedding_rows(ids) -> the embedding's rows for those ids (sorted, unique); `inputs`: extra model inputs
@@ -270,7 +293,9 @@ class HFModel:
 
         def lookup(ids):  # the module's own forward on the rows the prompt uses
             uniq, inverse = torch.unique(ids, return_inverse=True)
-            emb._parameters["weight"] = nn.Parameter(to_torch(embedding_rows(uniq.numpy()), self.dtype), requires_grad=False)
+            emb._parameters["weight"] = nn.Parameter(
+                to_torch(embedding_rows(uniq.numpy()), self.dtype), requires_grad=False
+            )
             try:
                 return forward(emb, inverse)
             finally:
@@ -304,7 +329,9 @@ class HFModel:
             for layer in self.layers:
                 del layer.forward
         if any(k is None for k in prompt.layer_kwargs):
-            raise CkptflowError(f"{type(self.model).__name__}'s forward did not call all {self.num_layers} decoder layers")
+            raise CkptflowError(
+                f"{type(self.model).__name__}'s forward did not call all {self.num_layers} decoder layers"
+            )
         return prompt
 
     def layer(self, i: int, prompt: HFPrompt) -> None:

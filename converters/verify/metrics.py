@@ -116,7 +116,9 @@ def compare_top_k_lists(ref: list[tuple[int, float]], test: list[tuple[int, floa
     a, b = {i for i, _ in ref}, {i for i, _ in test}
     n = min(len(ref), len(test))
     same_rank = sum(1 for r in range(n) if ref[r][0] == test[r][0])
-    return TopKComparison(ref, test, len(a & b), len(a & b) / len(a | b) if (a | b) else 0.0, same_rank / n if n else 0.0)
+    return TopKComparison(
+        ref, test, len(a & b), len(a & b) / len(a | b) if (a | b) else 0.0, same_rank / n if n else 0.0
+    )
 
 
 def compare_top_k(ref_row: np.ndarray, test_row: np.ndarray, k: int = TOP_K) -> TopKComparison:
@@ -221,7 +223,9 @@ class PairStats:
         )
 
 
-def compare_logits(name: str, ref_logits: np.ndarray, test_logits: np.ndarray, *, max_kl: float, decode=None) -> PromptMetrics:
+def compare_logits(
+    name: str, ref_logits: np.ndarray, test_logits: np.ndarray, *, max_kl: float, decode=None
+) -> PromptMetrics:
     """All metrics for one prompt from two whole `[T, V*]` arrays (cut to the common vocabulary)."""
     ref, test = cut_vocab(np.asarray(ref_logits, np.float32), np.asarray(test_logits, np.float32))
     sides = StreamStats(ref.shape[0]), StreamStats(ref.shape[0])
@@ -290,7 +294,7 @@ def describe_nonfinite(found: dict[str, dict[str, int]], limit: int = 6) -> str:
 def summarize(per_prompt: list[PromptMetrics], max_kl: float) -> dict:
     """Overall metrics: the token-weighted mean KL, the max over every position of every prompt."""
     all_kl = np.concatenate([np.asarray(m.kl_per_token, np.float64) for m in per_prompt])
-    worst = max(per_prompt, key=lambda m: (np.nan_to_num(m.kl_max, nan=np.inf)))
+    worst = max(per_prompt, key=lambda m: np.nan_to_num(m.kl_max, nan=np.inf))
     kl_max = float(np.max(all_kl)) if np.all(np.isfinite(all_kl)) else float("nan")
     return {
         "num_prompts": len(per_prompt),
@@ -299,7 +303,9 @@ def summarize(per_prompt: list[PromptMetrics], max_kl: float) -> dict:
         "kl_max": kl_max,
         "kl_max_prompt": worst.name,
         "max_abs_logit_diff": float(max(m.max_abs_logit_diff for m in per_prompt)),
-        "top1_agreement": float(np.average([m.top1_agreement for m in per_prompt], weights=[m.num_tokens for m in per_prompt])),
+        "top1_agreement": float(
+            np.average([m.top1_agreement for m in per_prompt], weights=[m.num_tokens for m in per_prompt])
+        ),
         "top10_overlap_min": int(min(m.top10_overlap for m in per_prompt)),
         "top10_jaccard_mean": float(np.mean([m.top10_jaccard for m in per_prompt])),
         "top10_rank_agreement_mean": float(np.mean([m.top10_rank_agreement for m in per_prompt])),

@@ -204,7 +204,5 @@ def build_prompts(
             raise CkptflowError(f"prompt {p.name!r} has no tokens")
         bad = [t for t in p.token_ids if not 0 <= t < vocab_size]
         if bad:
-            raise CkptflowError(
-                f"prompt {p.name!r} has token id {bad[0]} outside the vocabulary [0, {vocab_size})"
-            )
+            raise CkptflowError(f"prompt {p.name!r} has token id {bad[0]} outside the vocabulary [0, {vocab_size})")
     return prompts

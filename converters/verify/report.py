@@ -39,19 +39,34 @@ def _verdict_lines(result: dict) -> list[str]:
         return "not run" if not part["ran"] else ("pass" if part["passed"] else "**FAIL**")
 
     c, lay, pre = v["content"], v["layout"], v["precision"]
-    measure = (f"{c['bit_exact']} of {c['tensors']} tensors bit-exact, {c['within_bound']} within the format's bound, "
-               f"{c['failed']} outside" if c["ran"] else c.get("why", ""))
+    measure = (
+        f"{c['bit_exact']} of {c['tensors']} tensors bit-exact, {c['within_bound']} within the format's bound, "
+        f"{c['failed']} outside"
+        if c["ran"]
+        else c.get("why", "")
+    )
     out.append(f"| content | does the checkpoint hold this source's weights? | {status(c)} | {measure} |")
-    measure = f"max KL {_fmt(lay['kl_max'])} (threshold {lay['max_kl']:g}, float32)" if lay["ran"] else lay.get("why", "")
+    measure = (
+        f"max KL {_fmt(lay['kl_max'])} (threshold {lay['max_kl']:g}, float32)" if lay["ran"] else lay.get("why", "")
+    )
     out.append(f"| layout | does MaxText compute the source model from it? | {status(lay)} | {measure} |")
-    out.append(f"| precision | what do the dtype and the format cost? | {status(pre)} | max KL {_fmt(pre['kl_max'])} "
-               f"(threshold {pre['max_kl']:g}, {result['dtype']}) |")
+    out.append(
+        f"| precision | what do the dtype and the format cost? | {status(pre)} | max KL {_fmt(pre['kl_max'])} "
+        f"(threshold {pre['max_kl']:g}, {result['dtype']}) |"
+    )
     out.append("")
     if c["ran"] and c["failures"]:
-        out += ["### Tensors that differ from the source", "", "| tensor | elements outside the bound | max abs error | example |",
-                "|---|---:|---:|---|"]
+        out += [
+            "### Tensors that differ from the source",
+            "",
+            "| tensor | elements outside the bound | max abs error | example |",
+            "|---|---:|---:|---|",
+        ]
         for f in c["failures"]:
-            out.append(f"| `{f['tensor']}` | {f['elements_outside_bound']} | {f['max_abs_error']:.3g} | {_cell(json.dumps(f['example']))} |")
+            out.append(
+                f"| `{f['tensor']}` | {f['elements_outside_bound']} | {f['max_abs_error']:.3g} | "
+                f"{_cell(json.dumps(f['example']))} |"
+            )
         if c["failed"] > len(c["failures"]):
             out.append(f"| ... {c['failed'] - len(c['failures'])} more | | | |")
         out.append("")
@@ -79,22 +94,32 @@ def render_markdown(result: dict) -> str:
         lines.append("")
     lines += _verdict_lines(result)
 
-    lines += ["## Comparisons", "", "| comparison | what | max KL | mean KL | max abs logit diff | top-1 agreement |", "|---|---|---:|---:|---:|---:|"]
+    lines += [
+        "## Comparisons",
+        "",
+        "| comparison | what | max KL | mean KL | max abs logit diff | top-1 agreement |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for name, c in result["comparisons"].items():
         cs = c["summary"]
-        lines.append(f"| {name} | {c['description']} | {_fmt(cs['kl_max'])} | {_fmt(cs['kl_mean'])} | {_fmt(cs['max_abs_logit_diff'])} "
-                     f"| {100 * cs['top1_agreement']:.1f}% |")
+        lines.append(
+            f"| {name} | {c['description']} | {_fmt(cs['kl_max'])} | {_fmt(cs['kl_mean'])} | "
+            f"{_fmt(cs['max_abs_logit_diff'])} "
+            f"| {100 * cs['top1_agreement']:.1f}% |"
+        )
     lines.append("")
 
     lines += [
         f"## Precision per prompt ({result['comparisons']['precision']['description']})",
         "",
-        "| prompt | tokens | mean KL | max KL (position) | max abs logit diff | top-10 overlap | Jaccard | rank agreement | result |",
+        "| prompt | tokens | mean KL | max KL (position) | max abs logit diff | top-10 overlap | Jaccard | rank "
+        "agreement | result |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for p in result["prompts"]:
         lines.append(
-            f"| {_cell(p['label'])} | {p['num_tokens']} | {_fmt(p['kl_mean'])} | {_fmt(p['kl_max'])} ({p['kl_argmax']}) "
+            f"| {_cell(p['label'])} | {p['num_tokens']} | {_fmt(p['kl_mean'])} | {_fmt(p['kl_max'])} "
+            f"({p['kl_argmax']}) "
             f"| {_fmt(p['max_abs_logit_diff'])} | {p['top10_overlap']}/10 | {p['top10_jaccard']:.3f} "
             f"| {100 * p['top10_rank_agreement']:.0f}% | {'pass' if p['passed'] else '**FAIL**'} |"
         )
@@ -103,7 +128,8 @@ def render_markdown(result: dict) -> str:
     for p in result["prompts"]:
         lines += [f"## Top-10 at the last position: {_cell(p['label'])}", ""]
         lines += [
-            f"| rank | {ref_name} id | {ref_name} token | {ref_name} logit | MaxText id | MaxText token | MaxText logit |",
+            f"| rank | {ref_name} id | {ref_name} token | {ref_name} logit | MaxText id | MaxText token | MaxText "
+            f"logit |",
             "|---:|---:|---|---:|---:|---|---:|",
         ]
         for r, (a, b) in enumerate(zip(p["top10_ref"], p["top10_maxtext"]), 1):
@@ -142,8 +168,13 @@ def write_plot(result: dict, out_dir: Path) -> Path:
     ax.axhline(threshold, color="red", linestyle="--", linewidth=1, label=f"precision threshold {threshold:g}")
     layout = result.get("verdict", {}).get("layout", {})
     if layout.get("ran"):
-        ax.axhline(layout["max_kl"], color="purple", linestyle=":", linewidth=1,
-                   label=f"layout: max KL {layout['kl_max']:.2g} (threshold {layout['max_kl']:g})")
+        ax.axhline(
+            layout["max_kl"],
+            color="purple",
+            linestyle=":",
+            linewidth=1,
+            label=f"layout: max KL {layout['kl_max']:.2g} (threshold {layout['max_kl']:g})",
+        )
     ax.set_yscale("log")
     ax.set_xlabel("position")
     ax.set_ylabel(f"KL(P_ref || Q_maxtext)  (floor {KL_FLOOR:g})")

@@ -40,9 +40,20 @@ RESULT_VERSION = 2
 
 # Config fields whose disagreement between the HF folder and the checkpoint's sidecar is worth a warning.
 _ARCH_FIELDS = (
-    "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-    "intermediate_size", "vocab_size", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
-    "tie_word_embeddings", "attention_bias",
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "vocab_size",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "tie_word_embeddings",
+    "attention_bias",
 )
 STREAM_NAMES = {
     "hf": "transformers on the source weights",
@@ -89,7 +100,14 @@ def _image_prompts(config: dict, seed: int, tokenizer) -> list[Prompt]:
         return []
     ids, inputs = case
     n = sum(1 for t in inputs.get("token_type_ids", [[]])[0] if t)
-    return [Prompt(name="image", token_ids=ids, text=f"[prompt with a generated test image: {n} image tokens]", meta={"inputs": inputs})]
+    return [
+        Prompt(
+            name="image",
+            token_ids=ids,
+            text=f"[prompt with a generated test image: {n} image tokens]",
+            meta={"inputs": inputs},
+        )
+    ]
 
 
 def _decoder(tokenizer):
@@ -115,11 +133,18 @@ def _check_source(source, ckpt) -> None:
 
     missing = [n for n in ckpt.index.tensors if n not in source]
     if missing:
-        raise CkptflowError(f"the HF folder lacks tensors the checkpoint holds: {listing(missing)} (wrong --hf folder?)")
-    bad = [f"{n} (source {list(source.folder.info(n).shape)}, checkpoint {list(t.leaf.hf_shape)})"
-           for n, t in ckpt.index.tensors.items() if tuple(source.folder.info(n).shape) != tuple(t.leaf.hf_shape)]
+        raise CkptflowError(
+            f"the HF folder lacks tensors the checkpoint holds: {listing(missing)} (wrong --hf folder?)"
+        )
+    bad = [
+        f"{n} (source {list(source.folder.info(n).shape)}, checkpoint {list(t.leaf.hf_shape)})"
+        for n, t in ckpt.index.tensors.items()
+        if tuple(source.folder.info(n).shape) != tuple(t.leaf.hf_shape)
+    ]
     if bad:
-        raise CkptflowError(f"the HF folder does not match the checkpoint's shapes: {listing(bad, 3)} (wrong --hf folder?)")
+        raise CkptflowError(
+            f"the HF folder does not match the checkpoint's shapes: {listing(bad, 3)} (wrong --hf folder?)"
+        )
 
 
 def verify(
@@ -159,8 +184,10 @@ def verify(
         registry.family_for_config(config)  # unsupported model type or class: fail before reading anything
         sidecar_config = read_config(sidecar) if sidecar is not None else None
         if sidecar_config is not None and _config_diffs(config, sidecar_config):
-            warnings.append(f"the checkpoint was converted from a config that differs from {hf} in: "
-                            f"{', '.join(_config_diffs(config, sidecar_config))}")
+            warnings.append(
+                f"the checkpoint was converted from a config that differs from {hf} in: "
+                f"{', '.join(_config_diffs(config, sidecar_config))}"
+            )
         tokenizer = load_tokenizer(hf, sidecar)
     else:
         config, cfg_dir = config_of_checkpoint(maxtext, hf_config)
@@ -173,21 +200,30 @@ def verify(
     if hf is not None:
         source = SourceWeights(hf, family, config)
         _check_source(source, ckpt)
-        prompts = build_prompts(tokenizer=tokenizer, vocab_size=prompt_vocab_size(ckpt.cfg), prompts_file=prompts_file, seed=seed)
+        prompts = build_prompts(
+            tokenizer=tokenizer, vocab_size=prompt_vocab_size(ckpt.cfg), prompts_file=prompts_file, seed=seed
+        )
         prompts += _image_prompts(ckpt.cfg, seed, tokenizer)
         reference = {"kind": "hf", "path": str(hf), "dtype": dtype, "model_type": config.get("model_type")}
     else:
         golden_file = GoldenFile(golden)
         prompts = [r.prompt for r in golden_file.records]
         meta = golden_file.records[0].meta
-        reference = {"kind": "golden", "path": str(golden), "dtype": meta.get("dtype"), "model_type": meta.get("model_type")}
+        reference = {
+            "kind": "golden",
+            "path": str(golden),
+            "dtype": meta.get("dtype"),
+            "model_type": meta.get("model_type"),
+        }
         if meta.get("dtype") and meta.get("dtype") != dtype:
             log.info("golden logits were computed in %s; the MaxText side runs in %s", meta.get("dtype"), dtype)
     log.info("prompts: %s", ", ".join(f"{p.name} ({p.length} tokens)" for p in prompts))
     try:
         engine = Engine(config=config, prompts=prompts, dtype=dtype, source=source, ckpt=ckpt, golden=golden_file)
         ref = engine.reference
-        bad = [(p.name, t) for p in prompts if "inputs" not in p.meta for t in p.token_ids if not 0 <= t < ref.vocab_size]
+        bad = [
+            (p.name, t) for p in prompts if "inputs" not in p.meta for t in p.token_ids if not 0 <= t < ref.vocab_size
+        ]
         if bad:
             raise CkptflowError(f"prompt {bad[0][0]!r} has token id {bad[0][1]} outside the model's vocabulary")
         warnings += ref.warnings
@@ -198,11 +234,25 @@ def verify(
         if golden_file is not None:
             golden_file.close()
 
-    nonfinite = {side: found for side, found in (("hf", engine.nonfinite.found), ("maxtext", ckpt.nonfinite.found)) if found}
+    nonfinite = {
+        side: found for side, found in (("hf", engine.nonfinite.found), ("maxtext", ckpt.nonfinite.found)) if found
+    }
     for side, found in nonfinite.items():
-        warnings.append(f"non-finite weights in {'the HF model' if side == 'hf' else 'the MaxText checkpoint'}: {describe_nonfinite(found)}")
-    data = _result(engine, prompts, tokenizer, dtype=dtype, max_kl=max_kl, reference=reference, warnings=warnings, items=items,
-                   nonfinite=nonfinite)
+        warnings.append(
+            f"non-finite weights in {'the HF model' if side == 'hf' else 'the MaxText checkpoint'}: "
+            f"{describe_nonfinite(found)}"
+        )
+    data = _result(
+        engine,
+        prompts,
+        tokenizer,
+        dtype=dtype,
+        max_kl=max_kl,
+        reference=reference,
+        warnings=warnings,
+        items=items,
+        nonfinite=nonfinite,
+    )
     result = VerifyResult(passed=data["passed"], data=data)
     for w in warnings:
         log.warning("%s", w)
@@ -214,8 +264,18 @@ def verify(
     return result
 
 
-def _result(engine, prompts: list[Prompt], tokenizer, *, dtype: str, max_kl: float, reference: dict, warnings: list[str], items,
-            nonfinite: dict) -> dict:
+def _result(
+    engine,
+    prompts: list[Prompt],
+    tokenizer,
+    *,
+    dtype: str,
+    max_kl: float,
+    reference: dict,
+    warnings: list[str],
+    items,
+    nonfinite: dict,
+) -> dict:
     """verify.json: the verdict, every comparison per prompt, timing."""
     ref = engine.reference
     decode = _decoder(tokenizer)
@@ -224,26 +284,59 @@ def _result(engine, prompts: list[Prompt], tokenizer, *, dtype: str, max_kl: flo
     for name, c in engine.comparisons.items():
         threshold = layout_max_kl if name == "layout" else max_kl
         per_prompt = [s.result(p.name, max_kl=threshold, decode=decode) for s, p in zip(c.stats, prompts)]
-        comparisons[name] = {"reference": c.ref, "test": c.test, "description": f"{STREAM_NAMES[c.ref]} vs {STREAM_NAMES[c.test]}",
-                             "summary": summarize(per_prompt, threshold), "prompts": per_prompt}
+        comparisons[name] = {
+            "reference": c.ref,
+            "test": c.test,
+            "description": f"{STREAM_NAMES[c.ref]} vs {STREAM_NAMES[c.test]}",
+            "summary": summarize(per_prompt, threshold),
+            "prompts": per_prompt,
+        }
         s = comparisons[name]["summary"]
-        log.info("%-12s max KL %.3e (prompt %s), mean %.3e, max|dlogit| %.3e, top-1 agreement %.1f%%", name, s["kl_max"],
-                 s["kl_max_prompt"], s["kl_mean"], s["max_abs_logit_diff"], 100 * s["top1_agreement"])
+        log.info(
+            "%-12s max KL %.3e (prompt %s), mean %.3e, max|dlogit| %.3e, top-1 agreement %.1f%%",
+            name,
+            s["kl_max"],
+            s["kl_max_prompt"],
+            s["kl_mean"],
+            s["max_abs_logit_diff"],
+            100 * s["top1_agreement"],
+        )
     content = engine.content.to_dict() if engine.content is not None else None
     if content is not None:
         for f in content["failures"]:
-            log.warning("content: %s differs from the source (%d elements outside the bound, max |error| %.3g)",
-                        f["tensor"], f["elements_outside_bound"], f["max_abs_error"])
+            log.warning(
+                "content: %s differs from the source (%d elements outside the bound, max |error| %.3g)",
+                f["tensor"],
+                f["elements_outside_bound"],
+                f["max_abs_error"],
+            )
     layout = comparisons.get("layout", {}).get("summary")
     precision = comparisons["precision"]["summary"]
     verdict = {
-        "content": {"ran": content is not None, "passed": None if content is None else content["passed"], **(content or {"why": "no source weights (golden file)"})},
-        "layout": {"ran": layout is not None, "passed": None if layout is None else layout["passed"], "max_kl": layout_max_kl,
-                   **({"kl_max": layout["kl_max"], "kl_mean": layout["kl_mean"], "kl_max_prompt": layout["kl_max_prompt"]} if layout else
-                      {"why": "no source weights (golden file): layout and precision cannot be told apart"})},
-        "precision": {"ran": True, "passed": precision["passed"], "max_kl": max_kl, "kl_max": precision["kl_max"],
-                      "kl_mean": precision["kl_mean"], "kl_max_prompt": precision["kl_max_prompt"],
-                      "explanation": _explain(engine, comparisons, content, dtype=dtype, max_kl=max_kl)},
+        "content": {
+            "ran": content is not None,
+            "passed": None if content is None else content["passed"],
+            **(content or {"why": "no source weights (golden file)"}),
+        },
+        "layout": {
+            "ran": layout is not None,
+            "passed": None if layout is None else layout["passed"],
+            "max_kl": layout_max_kl,
+            **(
+                {"kl_max": layout["kl_max"], "kl_mean": layout["kl_mean"], "kl_max_prompt": layout["kl_max_prompt"]}
+                if layout
+                else {"why": "no source weights (golden file): layout and precision cannot be told apart"}
+            ),
+        },
+        "precision": {
+            "ran": True,
+            "passed": precision["passed"],
+            "max_kl": max_kl,
+            "kl_max": precision["kl_max"],
+            "kl_mean": precision["kl_mean"],
+            "kl_max_prompt": precision["kl_max_prompt"],
+            "explanation": _explain(engine, comparisons, content, dtype=dtype, max_kl=max_kl),
+        },
     }
     passed = all(v["passed"] for v in verdict.values() if v["ran"]) and not nonfinite  # NaN / Inf: never a pass
     brief = {name: {p.name: m.brief() for p, m in zip(prompts, c["prompts"])} for name, c in comparisons.items()}
@@ -253,16 +346,29 @@ def _result(engine, prompts: list[Prompt], tokenizer, *, dtype: str, max_kl: flo
         "dtype": dtype,
         "max_kl": max_kl,
         "reference": reference,
-        "maxtext": {"path": str(items), "layout": "scanned" if ref.scanned else "unscanned", "model_type": ref.spec.model_type,
-                    "num_layers": ref.spec.num_layers, "vocab_size": ref.vocab_size, "dtype": engine.ckpt.dtype.name},
+        "maxtext": {
+            "path": str(items),
+            "layout": "scanned" if ref.scanned else "unscanned",
+            "model_type": ref.spec.model_type,
+            "num_layers": ref.spec.num_layers,
+            "vocab_size": ref.vocab_size,
+            "dtype": engine.ckpt.dtype.name,
+        },
         "tokenizer": tokenizer is not None,
         "verdict": verdict,
         # the end-to-end comparison (the number MaxText's own checker reports), with the overall verdict
-        "summary": {**precision, "passed": passed, **{f"{k}_passed": v["passed"] for k, v in verdict.items()},
-                    **({"layout_kl_max": layout["kl_max"]} if layout else {}), "nonfinite_weights": nonfinite},
+        "summary": {
+            **precision,
+            "passed": passed,
+            **{f"{k}_passed": v["passed"] for k, v in verdict.items()},
+            **({"layout_kl_max": layout["kl_max"]} if layout else {}),
+            "nonfinite_weights": nonfinite,
+        },
         "comparisons": {name: {k: v for k, v in c.items() if k != "prompts"} for name, c in comparisons.items()},
-        "prompts": [{**_prompt_entry(p), **m.to_dict(), "comparisons": {n: brief[n][p.name] for n in brief}}
-                    for p, m in zip(prompts, comparisons["precision"]["prompts"])],
+        "prompts": [
+            {**_prompt_entry(p), **m.to_dict(), "comparisons": {n: brief[n][p.name] for n in brief}}
+            for p, m in zip(prompts, comparisons["precision"]["prompts"])
+        ],
         "timing": {**engine.timer.to_dict(), "expert_reads": engine.expert_reads},
         "warnings": warnings,
     }
@@ -277,26 +383,37 @@ def _explain(engine, comparisons: dict, content: dict | None, *, dtype: str, max
         if r.runtime_chain is not None:
             from converters.verify.content import describe_chain
 
-            out.append(f"{t.kind}: MaxText computes with the stored {describe_chain(r.chain)}, transformers in float32 with "
-                       f"{describe_chain(r.runtime_chain)}; part of the format cost")
+            out.append(
+                f"{t.kind}: MaxText computes with the stored {describe_chain(r.chain)}, transformers in float32 with "
+                f"{describe_chain(r.runtime_chain)}; part of the format cost"
+            )
     if "format" in kl:
         out.append(f"format: transformers on the checkpoint's values vs on the source: max KL {kl['format']:.3g}")
         top1 = comparisons["format"]["summary"]["top1_agreement"]
         if top1 < 1.0 and engine.ckpt.dtype.name != "float32":
-            out.append(f"the checkpoint's {engine.ckpt.dtype.name} values change the most likely next token at {1 - top1:.1%} of "
-                       "the positions: greedy output may change; --dtype float32 keeps the source's values exactly")
+            out.append(
+                f"the checkpoint's {engine.ckpt.dtype.name} values change the most likely next token at "
+                f"{1 - top1:.1%} of "
+                "the positions: greedy output may change; --dtype float32 keeps the source's values exactly"
+            )
     if "layout" in kl:
         out.append(f"layout: MaxText vs transformers on the same values (float32): max KL {kl['layout']:.3g}")
     if "bf16_compute" in kl:
-        out.append(f"bfloat16 computation: MaxText bfloat16 vs float32: max KL {kl['bf16_compute']:.3g}; transformers' own "
-                   f"bfloat16 vs float32 on the same prompts: {kl['hf_bf16']:.3g}")
+        out.append(
+            f"bfloat16 computation: MaxText bfloat16 vs float32: max KL {kl['bf16_compute']:.3g}; transformers' own "
+            f"bfloat16 vs float32 on the same prompts: {kl['hf_bf16']:.3g}"
+        )
     if kl["precision"] > max_kl:
         if kl.get("format", 0) > max_kl / 2 and engine.ckpt.dtype.name == "bfloat16":
-            out.append(f"the checkpoint's bfloat16 values alone cost KL {kl['format']:.3g}: greedy output may change; "
-                       "convert with --dtype float32 to keep them exact")
+            out.append(
+                f"the checkpoint's bfloat16 values alone cost KL {kl['format']:.3g}: greedy output may change; "
+                "convert with --dtype float32 to keep them exact"
+            )
         if kl.get("bf16_compute", 0) > max_kl / 2:
-            out.append(f"computing in bfloat16 costs KL {kl['bf16_compute']:.3g} here (transformers' own bfloat16: "
-                       f"{kl['hf_bf16']:.3g}); --dtype float32 measures the conversion without it")
+            out.append(
+                f"computing in bfloat16 costs KL {kl['bf16_compute']:.3g} here (transformers' own bfloat16: "
+                f"{kl['hf_bf16']:.3g}); --dtype float32 measures the conversion without it"
+            )
     return out
 
 
@@ -319,9 +436,13 @@ def make_golden(
     config = read_config(hf)
     family = registry.family_for_config(config)
     tokenizer = load_tokenizer(hf)
-    prompts = build_prompts(tokenizer=tokenizer, vocab_size=prompt_vocab_size(config), prompts_file=prompts_file, seed=seed)
+    prompts = build_prompts(
+        tokenizer=tokenizer, vocab_size=prompt_vocab_size(config), prompts_file=prompts_file, seed=seed
+    )
     engine = Engine(config=config, prompts=prompts, dtype=dtype, source=SourceWeights(hf, family, config))
-    log.info("golden: %d prompts, ~%s of JSON", len(prompts), human_bytes(estimated_size_bytes(prompts, engine.head_rows)))
+    log.info(
+        "golden: %d prompts, ~%s of JSON", len(prompts), human_bytes(estimated_size_bytes(prompts, engine.head_rows))
+    )
     meta = {"dtype": dtype, "model_type": config.get("model_type"), "vocab_size": engine.head_rows, "source": str(hf)}
     with GoldenWriter(out, prompts, engine.head_rows, meta) as writer:
         engine.golden_writer = writer

@@ -32,7 +32,8 @@ The estimate, in bytes (T = PROMPT_TOKENS):
 
 Calibrated with `bench/verify_bench.py` against the measured peak RSS of the whole process (docs/performance.md,
 "Verify", has the runs: Llama 3.1 8B dimensions at 2 to 32 layers and Qwen3-30B-A3B dimensions, float32 and
-bfloat16). The estimate stays above every measurement; the DAG adds its own margin. `describe(cfg)` prints the terms of one model.
+bfloat16). The estimate stays above every measurement; the DAG adds its own margin. `describe(cfg)` prints the terms of
+one model.
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ import math
 import re
 from dataclasses import dataclass
 
-from converters.errors import CkptflowError
 from converters.core.mapping import Leaf
 from converters.core.registry import family_for_config
+from converters.errors import CkptflowError
 
 MiB = 1024**2
 GiB = 1024**3

@@ -16,15 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.core import registry
 from converters.convert.dropped_rows import load_dropped_rows
 from converters.convert.hf_source import hf_source
 from converters.convert.to_hf import choose_plan, export_tensors
-from converters.errors import CkptflowError
+from converters.core import registry
 from converters.core.mapping import SCAN_AXIS, Leaf, Piece
-from converters.verify.metrics import NonFinite
-from converters.io.orbax import CheckpointReader
 from converters.core.transforms import run_chain
+from converters.errors import CkptflowError
+from converters.io.orbax import CheckpointReader
+from converters.verify.metrics import NonFinite
 
 F32 = np.dtype(np.float32)
 # Mapped-back tensors come as computed: in the stored dtype when the chain only moves elements (compared bit for bit,
@@ -58,7 +58,11 @@ class SourceWeights:
 
     def gather(self, name: str, ids: np.ndarray) -> np.ndarray:
         """The rows `ids` (sorted, unique) of a 2-D tensor, each read on its own (a prompt's embedding rows)."""
-        return np.stack([self.row(name, int(i)) for i in ids]) if len(ids) else np.zeros((0,) + self.folder.info(name).shape[1:])
+        return (
+            np.stack([self.row(name, int(i)) for i in ids])
+            if len(ids)
+            else np.zeros((0,) + self.folder.info(name).shape[1:])
+        )
 
 
 @dataclass(frozen=True)
@@ -159,7 +163,8 @@ class CheckpointWeights:
         return self.reader.read_rows(path, ids)
 
     def read_many(self, reads) -> dict[tuple, np.ndarray]:
-        """(path, index) pairs read at once, outside the step cache (one expert's slices): {(path, index_key): array}."""
+        """(path, index) pairs read at once, outside the step cache (one expert's slices): {(path, index_key):
+        array}."""
         pending = {(path, index_key(index)): self.reader.read_async(path, index) for path, index in reads}
         return {k: self.nonfinite.scan(k[0], p.result(), k[1]) for k, p in pending.items()}
 
@@ -188,11 +193,16 @@ class CheckpointWeights:
         out = [run_chain(chain, self.read_rows(t.leaf.path, inside), F32, inverse=True)] if len(inside) else []  # small
         if len(beyond):
             extra = self.dropped.get(name)
-            out.append(np.asarray(extra[beyond - kept], F32) if extra is not None else np.zeros((len(beyond),) + r.hf_shape[1:], F32))
+            out.append(
+                np.asarray(extra[beyond - kept], F32)
+                if extra is not None
+                else np.zeros((len(beyond),) + r.hf_shape[1:], F32)
+            )
         return np.concatenate(out) if len(out) > 1 else out[0]
 
     def back_rows(self, name: str, start: int, stop: int, runtime: bool = False) -> np.ndarray:
-        """Rows [start, stop) of a row-streamed HF tensor mapped back (`AS_COMPUTED`): the checkpoint's rows, then (Gemma3)
+        """Rows [start, stop) of a row-streamed HF tensor mapped back (`AS_COMPUTED`): the checkpoint's rows, then
+        (Gemma3)
         the rows MaxText cannot hold, from the sidecar (zeros without it), as `convert --to hf` writes them. The
         stored block is read through the step cache (`rows_index`), so the reference's logits share the read."""
         t = self.index.tensors[name]
@@ -213,7 +223,11 @@ class CheckpointWeights:
     def rows_reads(self, name: str, start: int, stop: int) -> list[tuple[str, tuple]]:
         """The stored block `back_rows(name, start, stop)` reads (none past the rows the checkpoint holds)."""
         kept = self.kept_rows(name)
-        return [(self.index.tensors[name].leaf.path, self.rows_index(name, start, min(stop, kept)))] if start < kept else []
+        return (
+            [(self.index.tensors[name].leaf.path, self.rows_index(name, start, min(stop, kept)))]
+            if start < kept
+            else []
+        )
 
     def kept_rows(self, name: str) -> int:
         """Rows of a row-streamed HF tensor the checkpoint holds (fewer than HF's for Gemma3's embedding)."""
@@ -221,7 +235,8 @@ class CheckpointWeights:
         return min(t.leaf.rule.hf_shape[0], t.leaf.shape[t.leaf.rule.row_axis])
 
     def rows_index(self, name: str, start: int, stop: int) -> tuple:
-        """The index of HF rows [start, stop) in the stored array (rows of the embedding, columns of the logits kernel)."""
+        """The index of HF rows [start, stop) in the stored array (rows of the embedding, columns of the logits
+        kernel)."""
         t = self.index.tensors[name]
         return tuple(slice(start, stop) if a == t.leaf.rule.row_axis else slice(None) for a in range(len(t.leaf.shape)))
 
@@ -243,5 +258,7 @@ def config_of_checkpoint(path, hf_config: str | os.PathLike | None) -> tuple[dic
         raise CkptflowError(f"HF config not found: {p}")
     sidecar = find_sidecar_dir(path)
     if sidecar is None:
-        raise CkptflowError(f"{path}: no ckptflow/hf/config.json beside the checkpoint; pass --hf-config with the model's config.json")
+        raise CkptflowError(
+            f"{path}: no ckptflow/hf/config.json beside the checkpoint; pass --hf-config with the model's config.json"
+        )
     return read_config(sidecar), sidecar

@@ -60,12 +60,15 @@ class NotLoggedIn(Exception):
 
 async def current_user(request: Request):
     """The Airflow user of this request: bearer token, else the UI's `_token` cookie (Airflow's own rules)."""
+    from airflow.api_fastapi.core_api.security import get_user
     from fastapi.security import HTTPAuthorizationCredentials
 
-    from airflow.api_fastapi.core_api.security import get_user
-
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    creds = HTTPAuthorizationCredentials(scheme=scheme, credentials=token.strip()) if scheme.lower() == "bearer" and token.strip() else None
+    creds = (
+        HTTPAuthorizationCredentials(scheme=scheme, credentials=token.strip())
+        if scheme.lower() == "bearer" and token.strip()
+        else None
+    )
     try:
         return await get_user(request, None, creds)
     except HTTPException as e:
@@ -254,7 +257,9 @@ def create_app() -> FastAPI:
             data = files.read_bytes(location)
             if data is not None:
                 return Response(data, media_type="application/json")
-        return PlainTextResponse(f"the lineage manifest of run {run_id} is not readable from the API server", status_code=404)
+        return PlainTextResponse(
+            f"the lineage manifest of run {run_id} is not readable from the API server", status_code=404
+        )
 
     @app.get("/lineage")
     def lineage(dag_id: str, run_id: str, user=Depends(current_user)):

@@ -61,8 +61,20 @@ _RUNNING_STATES = ("queued", "running", "restarting", "up_for_retry", "up_for_re
 TASKS = ("plan_parts", "download", DOWNLOAD_FINALIZE, "convert", FINALIZE, "verify", "publish")
 _PARTS_ONLY = ("plan_parts", DOWNLOAD_FINALIZE, FINALIZE)
 # The state a step in parts shows is its worst part's: a failed part fails the step, a running one keeps it running.
-_WORST_FIRST = ("failed", "upstream_failed", "up_for_retry", "restarting", "running", "deferred", "up_for_reschedule",
-                "queued", "scheduled", None, "skipped", "success")
+_WORST_FIRST = (
+    "failed",
+    "upstream_failed",
+    "up_for_retry",
+    "restarting",
+    "running",
+    "deferred",
+    "up_for_reschedule",
+    "queued",
+    "scheduled",
+    None,
+    "skipped",
+    "success",
+)
 
 
 # ------------------------------------------------------------------------------------------- settings
@@ -135,12 +147,11 @@ def load_runs(
 ) -> list[RunRecord]:
     """The newest `limit` runs of `dag_ids` (only those in `readable_dag_ids` when given; only `run_id` when
     given), newest first."""
-    from sqlalchemy import select
-
     from airflow.models.asset import AssetEvent, AssetModel
     from airflow.models.dagrun import DagRun
     from airflow.models.taskinstance import TaskInstance
     from airflow.utils.session import create_session
+    from sqlalchemy import select
 
     ids = [d for d in dag_ids if readable_dag_ids is None or d in readable_dag_ids]
     if not ids:
@@ -159,8 +170,14 @@ def load_runs(
     steps: dict[tuple[str, str], dict[str, list[StepRecord]]] = {}
     ti_rows = session.execute(
         select(
-            TaskInstance.dag_id, TaskInstance.run_id, TaskInstance.task_id, TaskInstance.state,
-            TaskInstance.try_number, TaskInstance.start_date, TaskInstance.end_date, TaskInstance.map_index,
+            TaskInstance.dag_id,
+            TaskInstance.run_id,
+            TaskInstance.task_id,
+            TaskInstance.state,
+            TaskInstance.try_number,
+            TaskInstance.start_date,
+            TaskInstance.end_date,
+            TaskInstance.map_index,
         )
         .where(TaskInstance.dag_id.in_(ids), TaskInstance.run_id.in_(run_ids))
         .order_by(TaskInstance.map_index)
@@ -171,8 +188,12 @@ def load_runs(
     events: dict[tuple[str, str], list[EventRecord]] = {}
     ev_rows = session.execute(
         select(
-            AssetEvent.source_dag_id, AssetEvent.source_run_id, AssetEvent.source_task_id,
-            AssetEvent.extra, AssetEvent.timestamp, AssetModel.uri,
+            AssetEvent.source_dag_id,
+            AssetEvent.source_run_id,
+            AssetEvent.source_task_id,
+            AssetEvent.extra,
+            AssetEvent.timestamp,
+            AssetModel.uri,
         )
         .join(AssetModel, AssetModel.id == AssetEvent.asset_id)
         .where(AssetEvent.source_dag_id.in_(ids), AssetEvent.source_run_id.in_(run_ids))
@@ -334,7 +355,9 @@ class Step:
             text = f"{self.task_id}: {self.parts_done}/{self.parts} parts done"
             text += f", {self.parts_retried} retried" if self.parts_retried else ""
             return text if self.state == "success" else f"{text} ({self.state or 'waiting'})"
-        return f"{self.task_id}: {self.state or 'not run'}" + (f" (try {self.try_number})" if self.try_number > 1 else "")
+        return f"{self.task_id}: {self.state or 'not run'}" + (
+            f" (try {self.try_number})" if self.try_number > 1 else ""
+        )
 
     @property
     def note(self) -> str | None:
@@ -432,8 +455,12 @@ def _step(task_id: str, instances: tuple[StepRecord, ...], now: datetime) -> Ste
     starts = [t.start for t in tis if t.start]
     end = None if any(t.end is None for t in tis) else max(t.end for t in tis)
     return Step(
-        task_id, state, max(t.try_number for t in tis), _seconds(min(starts), end, now) if starts else None,
-        parts=len(tis), parts_done=sum(t.state == "success" for t in tis),
+        task_id,
+        state,
+        max(t.try_number for t in tis),
+        _seconds(min(starts), end, now) if starts else None,
+        parts=len(tis),
+        parts_done=sum(t.state == "success" for t in tis),
         parts_retried=sum(t.try_number > 1 for t in tis),
     )
 
@@ -513,7 +540,9 @@ def build_conversion(run: RunRecord, files: WorkFiles, now: datetime | None = No
         direction=spec.direction.param if spec else extras.get("direction"),
         layout=layout_name,
         dtype=options.get("dtype") or extras.get("dtype") or (spec.dtype if spec else None),
-        destination=(receipt or {}).get("destination") or extras.get("destination") or (spec.destination if spec else None),
+        destination=(receipt or {}).get("destination")
+        or extras.get("destination")
+        or (spec.destination if spec else None),
         execution_mode=spec.execution_mode if spec else run.conf.get("execution_mode"),
         verify=verify,
         size_bytes=int(size) if isinstance(size, (int, float)) else None,
@@ -569,10 +598,15 @@ def lineage_manifest(run: RunRecord, files: WorkFiles) -> dict[str, Any]:
                 "step": s.task_id,
                 "state": s.state,
                 "try_number": s.try_number if s.task_id in run.steps else None,
-                **({"parts": s.parts, "parts_done": s.parts_done, "parts_retried": s.parts_retried} if s.parts > 1 else {}),
+                **(
+                    {"parts": s.parts, "parts_done": s.parts_done, "parts_retried": s.parts_retried}
+                    if s.parts > 1
+                    else {}
+                ),
                 "asset_events": [
                     {"uri": e.uri, "timestamp": iso(e.timestamp), "extra": e.extra}
-                    for e in run.events if e.task_id == s.task_id
+                    for e in run.events
+                    if e.task_id == s.task_id
                 ],
             }
             for s in pipeline_steps(run, spec, datetime.now(timezone.utc))
@@ -613,7 +647,7 @@ class ConversionCache:
             self._data.clear()
 
 
-def filter_conversions(conversions: list[Conversion], model: str | None = None, status: str | None = None) -> list[Conversion]:
-    return [
-        c for c in conversions if (not model or c.model == model) and (not status or c.status == status)
-    ]
+def filter_conversions(
+    conversions: list[Conversion], model: str | None = None, status: str | None = None
+) -> list[Conversion]:
+    return [c for c in conversions if (not model or c.model == model) and (not status or c.status == status)]

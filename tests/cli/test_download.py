@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from converters.cli.main import main
-from converters.io.files import digest_of, tree_files
-from converters.remote import download as dl
 from converters.errors import CkptflowError
+from converters.io.files import digest_of, tree_files
 from converters.io.safetensors import save_file
+from converters.remote import download as dl
 from tests.stand_ins.fixtures import hub, model_files  # noqa: F401  (fixture)
 
 
@@ -26,7 +26,10 @@ def make_hf_folder(root: Path, *, sharded: bool = False, extras: tuple[str, ...]
     if sharded:
         save_file(root / "model-00001-of-00002.safetensors", a)
         save_file(root / "model-00002-of-00002.safetensors", b)
-        wm = {**{k: "model-00001-of-00002.safetensors" for k in a}, **{k: "model-00002-of-00002.safetensors" for k in b}}
+        wm = {
+            **{k: "model-00001-of-00002.safetensors" for k in a},
+            **{k: "model-00002-of-00002.safetensors" for k in b},
+        }
         (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
     else:
         save_file(root / "model.safetensors", {**a, **b})
@@ -60,8 +63,12 @@ def test_sharded_source_copies_the_indexed_shards_only(tmp_path):
     save_file(src / "consolidated.safetensors", {"x": np.zeros(2, dtype=np.float32)})  # Mistral-style duplicate
     dl.download(str(src), tmp_path / "out")
     assert files_in(tmp_path / "out") == {
-        "config.json", "tokenizer.json", "model.safetensors.index.json",
-        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", dl.MANIFEST_NAME,
+        "config.json",
+        "tokenizer.json",
+        "model.safetensors.index.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        dl.MANIFEST_NAME,
     }
 
 
@@ -153,7 +160,12 @@ def test_maxtext_format_copies_the_whole_checkpoint(tmp_path):
     (src / "0" / "items" / "d" / "blob").write_bytes(b"abc")
     (src / "ckptflow-manifest.json").write_text("{}")
     manifest, _ = dl.download(f"file://{src}", tmp_path / "out", fmt="maxtext")
-    assert files_in(tmp_path / "out") == {"0/items/_METADATA", "0/items/d/blob", "ckptflow-manifest.json", dl.MANIFEST_NAME}
+    assert files_in(tmp_path / "out") == {
+        "0/items/_METADATA",
+        "0/items/d/blob",
+        "ckptflow-manifest.json",
+        dl.MANIFEST_NAME,
+    }
     assert manifest["format"] == "maxtext"
     with pytest.raises(CkptflowError, match="not an Orbax"):
         dl.download(str(make_hf_folder(tmp_path / "hf")), tmp_path / "out2", fmt="maxtext")
@@ -169,14 +181,20 @@ def test_source_kind_is_decided_like_from_pretrained(tmp_path, monkeypatch):
 
 
 def test_hub_download_through_the_cli(hub, tmp_path, capsys):
-    """The hub path end to end through the CLI (more in tests/remote/test_hub.py): pinned sha, JSON manifest, refusals."""
+    """The hub path end to end through the CLI (more in tests/remote/test_hub.py): pinned sha, JSON manifest,
+    refusals."""
     sha = hub.state.commit("acme/tiny", model_files())
     assert main(["download", "acme/tiny", str(tmp_path / "out"), "--revision", "main", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["revision"] == sha and printed["kind"] == "hub"
     assert files_in(tmp_path / "out") == {
-        "config.json", "tokenizer.json", "generation_config.json", "model.safetensors.index.json",
-        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", dl.MANIFEST_NAME,
+        "config.json",
+        "tokenizer.json",
+        "generation_config.json",
+        "model.safetensors.index.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        dl.MANIFEST_NAME,
     }
     assert main(["download", "acme/tiny", str(tmp_path / "out")]) == 0
     assert capsys.readouterr().out.startswith("already up to date: hf://acme/tiny@" + sha)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from converters.cli.main import main
 from converters.cli.commands import publish as pub
+from converters.cli.main import main
 from converters.errors import CkptflowError, OutputExistsError
 
 
@@ -18,9 +18,17 @@ def make_checkpoint(root: Path, payload: bytes = b"weights") -> Path:
     (root / "0" / "items").mkdir(parents=True)
     (root / "0" / "items" / "_METADATA").write_text("{}")
     (root / "0" / "items" / "data").write_bytes(payload)
-    outputs = {p.relative_to(root).as_posix(): {"bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-               for p in sorted(root.rglob("*")) if p.is_file()}
-    (root / "ckptflow-manifest.json").write_text(json.dumps({"family": "llama3.1", "direction": "hf->maxtext", "outputs": outputs}))
+    outputs = {
+        p.relative_to(root).as_posix(): {
+            "bytes": p.stat().st_size,
+            "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
+        }
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+    (root / "ckptflow-manifest.json").write_text(
+        json.dumps({"family": "llama3.1", "direction": "hf->maxtext", "outputs": outputs})
+    )
     return root
 
 
@@ -94,13 +102,16 @@ def test_cli_writes_the_receipt_and_uses_exit_status_2_for_refusals(tmp_path, ca
     assert "unsupported destination scheme" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda d: (d / "0" / "items" / "data").write_bytes(b"weightz"), "data: sha256 differs"),
-    (lambda d: (d / "0" / "items" / "data").write_bytes(b"more weights"), "data: 12 bytes, the manifest says 7"),
-    (lambda d: (d / "0" / "items" / "data").unlink(), "data: missing"),
-    (lambda d: (d / "stray.txt").write_text("x"), "stray.txt: not in the manifest"),
-    (lambda d: (d / "ckptflow-manifest.json").unlink(), "no ckptflow-manifest.json"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / "0" / "items" / "data").write_bytes(b"weightz"), "data: sha256 differs"),
+        (lambda d: (d / "0" / "items" / "data").write_bytes(b"more weights"), "data: 12 bytes, the manifest says 7"),
+        (lambda d: (d / "0" / "items" / "data").unlink(), "data: missing"),
+        (lambda d: (d / "stray.txt").write_text("x"), "stray.txt: not in the manifest"),
+        (lambda d: (d / "ckptflow-manifest.json").unlink(), "no ckptflow-manifest.json"),
+    ],
+)
 def test_an_output_that_no_longer_matches_its_manifest_is_refused(tmp_path, damage, message):
     src = make_checkpoint(tmp_path / "ckpt")
     damage(src)

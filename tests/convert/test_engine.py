@@ -16,7 +16,6 @@ import pytest
 from converters.convert import hf_to_maxtext, maxtext_to_hf
 from converters.io.orbax import read_params
 from converters.io.safetensors import SafetensorsFolder
-
 from converters.tiny_models import GENERIC_TEST_MODELS
 
 SCALED = {"llama3.1": ("q_proj.weight", "query/kernel")}  # tensors stored scaled by a non-power-of-two
@@ -54,7 +53,11 @@ def test_hf_maxtext_hf_round_trip(tiny_model, tmp_path, family, scan, dtype):
     hf_to_maxtext(src, tmp_path / "mt", scan=scan, dtype=dtype)
     maxtext_to_hf(tmp_path / "mt", tmp_path / "hf", dtype=dtype)
     scaled = SCALED.get(family, (None,))[0]
-    original = {n: t for n, t in hf_tensors(src).items() if not (n == "lm_head.weight" and "lm_head.weight" not in hf_tensors(tmp_path / "hf"))}
+    original = {
+        n: t
+        for n, t in hf_tensors(src).items()
+        if not (n == "lm_head.weight" and "lm_head.weight" not in hf_tensors(tmp_path / "hf"))
+    }
     assert_same_tensors(original, hf_tensors(tmp_path / "hf"), scaled)
     # MaxText -> HF -> MaxText gives the same arrays back, in the same layout
     hf_to_maxtext(tmp_path / "hf", tmp_path / "mt2", scan=scan, dtype=dtype)
@@ -85,8 +88,18 @@ def test_exported_folder_loads_in_transformers_with_same_logits(tiny_model, tmp_
 
     want_cfg, got_cfg = AutoConfig.from_pretrained(src), AutoConfig.from_pretrained(tmp_path / "hf")
     assert type(got_cfg) is type(want_cfg)
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-                "vocab_size", "tie_word_embeddings", "rope_parameters", "rms_norm_eps", "attention_bias"):
+    for key in (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "vocab_size",
+        "tie_word_embeddings",
+        "rope_parameters",
+        "rms_norm_eps",
+        "attention_bias",
+    ):
         assert getattr(got_cfg, key, None) == getattr(want_cfg, key, None), key
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == want_cfg.architectures
     assert (tmp_path / "hf" / "generation_config.json").exists()
@@ -134,7 +147,13 @@ def test_manifest_records_options_and_digests(tiny_model, tmp_path):
     hf_to_maxtext(tiny_model("llama3.1"), tmp_path / "mt", scan=False, dtype="float32")
     m = json.loads((tmp_path / "mt" / MANIFEST).read_text())
     assert m["direction"] == "hf->maxtext" and m["family"] == "llama3.1"
-    assert m["options"] == {"scan_layers": False, "dtype": "float32", "use_ocdbt": True, "use_zarr3": True, "compress": False}
+    assert m["options"] == {
+        "scan_layers": False,
+        "dtype": "float32",
+        "use_ocdbt": True,
+        "use_zarr3": True,
+        "compress": False,
+    }
     some = next(k for k in m["outputs"] if k.startswith("0/items/"))
     assert m["outputs"][some]["blake3"] == blake3((tmp_path / "mt" / some).read_bytes()).hexdigest()
 
@@ -143,14 +162,20 @@ def test_large_pieces_round_trip_bit_exact_through_pool_and_direct_reads(tmp_pat
     """Pieces of a few MB take the fast paths: read with O_DIRECT into pooled buffers, transposed into pooled
     buffers, kept by tensorstore without a copy until their (1 MB) transactions commit. Buffers are reused
     across pieces, and none is reused while a piece in it is still unwritten: the round trip is bit-exact."""
-    from converters.io import buffers
-    from converters.io import direct_io
     from converters.core import registry
+    from converters.io import buffers, direct_io
     from converters.tiny_models import write_synthetic_checkpoint
 
     cfg = registry.model("llama3.1-8b")[1]
-    cfg.update(hidden_size=512, num_attention_heads=4, num_key_value_heads=4, head_dim=128, intermediate_size=2048,
-               vocab_size=4096, num_hidden_layers=4)
+    cfg.update(
+        hidden_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=128,
+        intermediate_size=2048,
+        vocab_size=4096,
+        num_hidden_layers=4,
+    )
     src = write_synthetic_checkpoint(tmp_path / "src", cfg)
     direct = []
     real = direct_io._read_direct

@@ -19,12 +19,20 @@ import pytest
 from converters.core import registry
 from converters.tiny_models import write_synthetic_checkpoint
 
-WIDE = {"hidden_size": 1024, "num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": 128,
-        "intermediate_size": 8192, "vocab_size": 32000}
+WIDE = {
+    "hidden_size": 1024,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "intermediate_size": 8192,
+    "vocab_size": 32000,
+}
 GROWTH_BUDGET = 80 << 20
 
-RUN = ("import resource, sys; from converters.cli.main import main; rc = main(sys.argv[1:]); "
-       "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr); sys.exit(rc)")
+RUN = (
+    "import resource, sys; from converters.cli.main import main; rc = main(sys.argv[1:]); "
+    "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr); sys.exit(rc)"
+)
 
 
 def peak_rss(*args: str) -> int:

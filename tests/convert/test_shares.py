@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from blake3 import blake3
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from converters.convert import hf_to_maxtext, maxtext_to_hf, shares, to_hf, to_maxtext
 from converters.errors import CkptflowError
@@ -65,8 +66,11 @@ def markers(out: Path) -> dict[str, dict]:
     stage = shares.staging_dir(out)
     if not stage.is_dir():
         return {}
-    return {d.name: json.loads((d / shares.RECORD).read_text()) for d in sorted(stage.iterdir())
-            if d.name.startswith("part-") and (d / shares.RECORD).is_file()}
+    return {
+        d.name: json.loads((d / shares.RECORD).read_text())
+        for d in sorted(stage.iterdir())
+        if d.name.startswith("part-") and (d / shares.RECORD).is_file()
+    }
 
 
 def in_parts(fn, src, out: Path, n: int, **kw) -> list[dict]:
@@ -158,8 +162,19 @@ def test_parse_share_accepts(text, want):
     assert shares.parse_share(text) == want
 
 
-@pytest.mark.parametrize("text,says", [("3/3", "0..N-1"), ("7/3", "0..N-1"), ("1/0", "N at least 1"), ("-1/2", "expected I/N"),
-                                       ("a/b", "expected I/N"), ("1", "expected I/N"), ("", "expected I/N"), ("1/2/3", "expected I/N")])
+@pytest.mark.parametrize(
+    "text,says",
+    [
+        ("3/3", "0..N-1"),
+        ("7/3", "0..N-1"),
+        ("1/0", "N at least 1"),
+        ("-1/2", "expected I/N"),
+        ("a/b", "expected I/N"),
+        ("1", "expected I/N"),
+        ("", "expected I/N"),
+        ("1/2/3", "expected I/N"),
+    ],
+)
 def test_parse_share_refuses_with_a_clear_message(text, says):
     with pytest.raises(CkptflowError) as e:
         shares.parse_share(text)
@@ -220,19 +235,30 @@ def test_padded_vocab_in_parts_equals_single_process_gemma2(tiny_model, tmp_path
 
 
 @pytest.mark.parametrize("direction", ["maxtext", "hf"])
-def test_without_hard_links_finalize_moves_the_parts_and_moves_them_back_when_it_fails(tiny_model, singles, tmp_path,
-                                                                                      monkeypatch, direction):
+def test_without_hard_links_finalize_moves_the_parts_and_moves_them_back_when_it_fails(
+    tiny_model, singles, tmp_path, monkeypatch, direction
+):
     """On a file system without hard links (GCS FUSE) finalize moves the parts' files instead of copying them;
     when finalize then fails, every moved file goes back, so a second finalize succeeds with the same result."""
     single_mt, single_hf = singles("llama3.1", True)
     out = tmp_path / "out"
     if direction == "maxtext":
-        fn, src, kw, single, convert = hf_to_maxtext, tiny_model("llama3.1", layers=3), {"scan": True}, single_mt, to_maxtext
+        fn, src, kw, single, convert = (
+            hf_to_maxtext,
+            tiny_model("llama3.1", layers=3),
+            {"scan": True},
+            single_mt,
+            to_maxtext,
+        )
     else:
         fn, src, kw, single, convert = maxtext_to_hf, single_mt, {"shard_bytes": HF_SHARD}, single_hf, to_hf
     for i in range(3):
         fn(src, out, part=(i, 3), **kw)
-    before = {p.relative_to(shares.staging_dir(out)): p.stat().st_size for p in shares.staging_dir(out).rglob("*") if p.is_file()}
+    before = {
+        p.relative_to(shares.staging_dir(out)): p.stat().st_size
+        for p in shares.staging_dir(out).rglob("*")
+        if p.is_file()
+    }
 
     def no_links(*a, **k):
         raise OSError(1, "Operation not permitted")
@@ -247,7 +273,11 @@ def test_without_hard_links_finalize_moves_the_parts_and_moves_them_back_when_it
     with pytest.raises(RuntimeError, match="injected"):
         fn(src, out, finalize=True, **kw)
     assert not out.exists()
-    after = {p.relative_to(shares.staging_dir(out)): p.stat().st_size for p in shares.staging_dir(out).rglob("*") if p.is_file()}
+    after = {
+        p.relative_to(shares.staging_dir(out)): p.stat().st_size
+        for p in shares.staging_dir(out).rglob("*")
+        if p.is_file()
+    }
     assert after == before  # every part file is back where it was
 
     monkeypatch.setattr(convert, "write_manifest", real)
@@ -281,7 +311,8 @@ def test_row_blocks_of_one_array_spread_over_parts(midsize, tmp_path, monkeypatc
 
 
 def test_a_part_reads_only_the_source_files_of_its_share(midsize, tmp_path, monkeypatch):
-    """Part 0 of 3 never reads tensor data from the last shard, nor part 2 from the first; together they read them all."""
+    """Part 0 of 3 never reads tensor data from the last shard, nor part 2 from the first; together they read them
+    all."""
     import converters.io.safetensors as sio
 
     shards = sorted(p.name for p in midsize.glob("*.safetensors"))
@@ -403,15 +434,24 @@ def test_finalize_refuses_parts_of_a_changed_source(tiny_model, singles, tmp_pat
     assert_refused(capsys, src, out, args, ["part 0/3 is stale"], [shares.share_name(i, 3) for i in range(3)])
 
 
-@pytest.mark.parametrize("to,other", [("maxtext", ["--dtype", "float32"]), ("maxtext", ["--no-scan"]),
-                                      ("hf", ["--dtype", "float32"]), ("hf", ["--shard-size", "80000"])])
+@pytest.mark.parametrize(
+    "to,other",
+    [
+        ("maxtext", ["--dtype", "float32"]),
+        ("maxtext", ["--no-scan"]),
+        ("hf", ["--dtype", "float32"]),
+        ("hf", ["--shard-size", "80000"]),
+    ],
+)
 def test_finalize_refuses_other_options_than_the_parts(tiny_model, singles, tmp_path, capsys, to, other):
     """finalize with options the parts were not run with (dtype, layout, shard size) is refused as stale."""
     src, args = DIRECTIONS[to](tiny_model, singles)
     out = tmp_path / "out"
     for i in range(3):
         assert cli(capsys, "convert", src, out, *args, "--part", f"{i}/3", "-q") == (0, [])
-    assert_refused(capsys, src, out, [*args, *other], ["part 0/3 is stale"], [shares.share_name(i, 3) for i in range(3)])
+    assert_refused(
+        capsys, src, out, [*args, *other], ["part 0/3 is stale"], [shares.share_name(i, 3) for i in range(3)]
+    )
 
 
 @pytest.mark.parametrize("to", list(DIRECTIONS))
@@ -428,8 +468,9 @@ def test_finalize_refuses_a_truncated_part_file(tiny_model, singles, tmp_path, c
 
 
 @pytest.mark.parametrize("to", list(DIRECTIONS))
-def test_finalize_refuses_a_part_written_by_another_version_and_a_new_part_run_replaces_it(tiny_model, singles, tmp_path,
-                                                                                          capsys, to):
+def test_finalize_refuses_a_part_written_by_another_version_and_a_new_part_run_replaces_it(
+    tiny_model, singles, tmp_path, capsys, to
+):
     """Part records changed format with the digests (v1: sha256, v2: BLAKE3; the two never mix in one digest): a v1
     part is refused by name, and running that part again replaces it."""
     src, args = DIRECTIONS[to](tiny_model, singles)
@@ -439,8 +480,14 @@ def test_finalize_refuses_a_part_written_by_another_version_and_a_new_part_run_r
     record = shares.staging_dir(out) / shares.share_name(1, 3) / shares.RECORD
     old = json.loads(record.read_text())
     record.write_text(json.dumps({**old, "format": "ckptflow-part-v1"}))
-    assert_refused(capsys, src, out, args, ["part 1/3 was written by another ckptflow version", "re-run it"],
-                   [shares.share_name(i, 3) for i in range(3)])
+    assert_refused(
+        capsys,
+        src,
+        out,
+        args,
+        ["part 1/3 was written by another ckptflow version", "re-run it"],
+        [shares.share_name(i, 3) for i in range(3)],
+    )
     assert cli(capsys, "convert", src, out, *args, "--part", "1/3", "-q") == (0, [])
     assert cli(capsys, "convert", src, out, *args, "--finalize", "-q") == (0, [])
     assert check_outputs(out) == [] and leftovers(out) == []
@@ -454,7 +501,9 @@ def test_a_part_of_another_split_or_other_options_drops_the_old_parts(tiny_model
         assert cli(capsys, "convert", src, out, "--to", "maxtext", "--part", f"{i}/3", "-q") == (0, [])
     assert cli(capsys, "convert", src, out, "--to", "maxtext", "--part", "0/2", "-q") == (0, [])
     assert sorted(markers(out)) == ["part-00000-of-00002"]
-    assert sorted(p.name for p in shares.staging_dir(out).iterdir() if not p.name.startswith(".")) == ["part-00000-of-00002"]
+    assert sorted(p.name for p in shares.staging_dir(out).iterdir() if not p.name.startswith(".")) == [
+        "part-00000-of-00002"
+    ]
     assert_refused(capsys, src, out, ["--to", "maxtext"], ["part(s) 1/2 not finished"], ["part-00000-of-00002"])
     assert cli(capsys, "convert", src, out, "--to", "maxtext", "--dtype", "float32", "--part", "1/2", "-q") == (0, [])
     assert sorted(markers(out)) == ["part-00001-of-00002"]  # the bfloat16 part 0 is gone
@@ -463,15 +512,24 @@ def test_a_part_of_another_split_or_other_options_drops_the_old_parts(tiny_model
 
 @pytest.mark.parametrize("flag", ["--no-ocdbt", "--pathways"])
 def test_part_without_ocdbt_is_refused(tiny_model, tmp_path, capsys, flag):
-    """Parts write Orbax's multi-process OCDBT layout: --no-ocdbt (or --pathways) with --part exits 2, writes nothing."""
+    """Parts write Orbax's multi-process OCDBT layout: --no-ocdbt (or --pathways) with --part exits 2, writes
+    nothing."""
     out = tmp_path / "out"
-    code, err = cli(capsys, "convert", tiny_model("llama3.1", layers=3), out, "--to", "maxtext", flag, "--part", "0/2", "-q")
+    code, err = cli(
+        capsys, "convert", tiny_model("llama3.1", layers=3), out, "--to", "maxtext", flag, "--part", "0/2", "-q"
+    )
     assert code == 2 and len(err) == 1 and "OCDBT" in err[0], err
     assert not out.exists() and leftovers(out) == []
 
 
-@pytest.mark.parametrize("args,says", [(["--part", "0/2", "--finalize"], "not allowed with argument"),
-                                       (["--part", "3/3"], "0..N-1"), (["--part", "x"], "expected I/N")])
+@pytest.mark.parametrize(
+    "args,says",
+    [
+        (["--part", "0/2", "--finalize"], "not allowed with argument"),
+        (["--part", "3/3"], "0..N-1"),
+        (["--part", "x"], "expected I/N"),
+    ],
+)
 def test_bad_part_arguments_are_refused_by_argparse(tiny_model, tmp_path, capsys, args, says):
     """--part with --finalize, or an I/N out of range, is a usage error (exit 2) before any work."""
     out = tmp_path / "out"

@@ -32,7 +32,12 @@ def test_every_reference_forward_belongs_to_a_family():
     for m in pkgutil.iter_modules(ref_pkg.__path__):
         mod = importlib.import_module(f"{ref_pkg.__name__}.{m.name}")
         for name, obj in vars(mod).items():
-            if inspect.isclass(obj) and issubclass(obj, Forward) and obj.__module__ == mod.__name__ and not name.startswith("_"):
+            if (
+                inspect.isclass(obj)
+                and issubclass(obj, Forward)
+                and obj.__module__ == mod.__name__
+                and not name.startswith("_")
+            ):
                 defined.add(f"{mod.__name__}:{name}")
     defined.discard("converters.verify.reference.common:Forward")
     assert defined - declared == set(), "reference forward classes no family names in Family.reference"
@@ -57,7 +62,9 @@ def test_model_types_and_names_are_unique():
     assert len(names) == len(set(names))
 
 
-@pytest.mark.parametrize("arch", ["Qwen3ForSequenceClassification", "Qwen3ForTokenClassification", "Qwen3ForQuestionAnswering"])
+@pytest.mark.parametrize(
+    "arch", ["Qwen3ForSequenceClassification", "Qwen3ForTokenClassification", "Qwen3ForQuestionAnswering"]
+)
 def test_other_heads_are_refused_with_the_reason(arch):
     cfg = registry.model("qwen3-0.6b")[1]
     assert registry.family_for_config(cfg).name == "qwen3"
@@ -81,8 +88,11 @@ def test_cli_refuses_a_classifier_in_one_line(tiny_model, tmp_path):
     cfg = json.loads((src / "config.json").read_text())
     cfg["architectures"] = ["Qwen3ForSequenceClassification"]
     (src / "config.json").write_text(json.dumps(cfg))
-    p = subprocess.run([sys.executable, "-m", "converters", "convert", str(src), str(tmp_path / "out"), "--to", "maxtext"],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "converters", "convert", str(src), str(tmp_path / "out"), "--to", "maxtext"],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "Qwen3ForSequenceClassification" in lines[0], p.stderr

@@ -106,15 +106,18 @@ def test_valid_params_pass(convert_dag):
 
 
 def test_rest_api_rejects_bad_conf_with_a_400_naming_the_param(convert_dag, monkeypatch):
-    from fastapi.testclient import TestClient
-
     from airflow.api_fastapi.app import create_app
     from airflow.dag_processing.bundles.manager import DagBundlesManager
     from airflow.dag_processing.dagbag import BundleDagBag, sync_bag_to_db
+    from fastapi.testclient import TestClient
 
     # What the DAG processor does: register the bundle, store the serialized DAG the API serves.
     DagBundlesManager().sync_bundles_to_db()
-    sync_bag_to_db(BundleDagBag(dag_folder=str(DAGS_FOLDER), bundle_path=str(DAGS_FOLDER), bundle_name="dags-folder"), "dags-folder", None)
+    sync_bag_to_db(
+        BundleDagBag(dag_folder=str(DAGS_FOLDER), bundle_path=str(DAGS_FOLDER), bundle_name="dags-folder"),
+        "dags-folder",
+        None,
+    )
     monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS", "True")
     monkeypatch.setenv("AIRFLOW__API_AUTH__JWT_SECRET", "ckptflow-test-" + "0" * 64)
     client = TestClient(create_app("core"))
@@ -128,7 +131,11 @@ def test_rest_api_rejects_bad_conf_with_a_400_naming_the_param(convert_dag, monk
     assert form["node_pool"]["schema"]["enum"][0] == "cpu-standard" and form["scan"]["schema"]["type"] == "boolean"
     # The form's field for parts: a whole number from 1, explained (shared storage, when to use it).
     assert form["parts"]["value"] == 1
-    assert {k: form["parts"]["schema"][k] for k in ("type", "minimum", "maximum")} == {"type": "integer", "minimum": 1, "maximum": 256}
+    assert {k: form["parts"]["schema"][k] for k in ("type", "minimum", "maximum")} == {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": 256,
+    }
     assert "shared" in form["parts"]["description"] and "very large models" in form["parts"]["description"]
 
 
@@ -182,7 +189,14 @@ def test_full_run_on_a_tiny_model_in_local_mode(isolated_runs, tiny_model, tmp_p
     tis = {ti.task_id: ti for ti in dr.get_task_instances()}
     assert dr.state == "success", {k: ti.state for k, ti in tis.items()}
     assert {k: ti.try_number for k, ti in tis.items()} == {
-        "download": 1, "download_finalize": 1, "plan_parts": 1, "convert": 2, "finalize": 1, "verify": 1, "publish": 1}
+        "download": 1,
+        "download_finalize": 1,
+        "plan_parts": 1,
+        "convert": 2,
+        "finalize": 1,
+        "verify": 1,
+        "publish": 1,
+    }
 
     # The published checkpoint is the verified one, complete, with nothing of the crashed try in it.
     manifest = json.loads((dest / "ckptflow-manifest.json").read_text())
@@ -202,7 +216,16 @@ def test_full_run_on_a_tiny_model_in_local_mode(isolated_runs, tiny_model, tmp_p
     assert set(by_task) == {"download", "convert", "verify", "publish"}
     uri, extra = by_task["publish"]
     assert uri == dest.as_uri()
-    for key in ("model", "direction", "layout", "dtype", "family", "output_digest", "published_digest", "source_digest"):
+    for key in (
+        "model",
+        "direction",
+        "layout",
+        "dtype",
+        "family",
+        "output_digest",
+        "published_digest",
+        "source_digest",
+    ):
         assert extra.get(key), key
     assert extra["direction"] == "hf-to-maxtext" and extra["layout"] == "scanned" and extra["dtype"] == "float32"
     assert extra["verify"]["passed"] is True and extra["verify"]["kl_max"] == report["summary"]["kl_max"]
@@ -235,7 +258,8 @@ marker = Path(os.environ["FLAKY_MARKER"])
 real = [sys.executable, "-m", "converters", *args]
 with open(os.environ["CALL_LOG"], "a") as log:
     print(" ".join(args), file=log)
-if args[0] == "convert" and "--part" in args and args[args.index("--part") + 1].startswith("1/") and not marker.exists():
+if args[0] == "convert" and "--part" in args and args[args.index("--part") + 1].startswith("1/") and not
+marker.exists():
     # Convert part 1's first try writes its share, then its pod or process dies before reporting success.
     marker.touch()
     subprocess.run(real, check=True)
@@ -261,17 +285,32 @@ def test_full_run_in_two_parts_on_a_tiny_model(isolated_runs, tiny_model, tmp_pa
     convert_dag = isolated_runs
 
     source = tiny_model("llama3.1")
-    _run_steps_through(FLAKY_PART, convert_dag, tmp_path, monkeypatch, FLAKY_MARKER=str(tmp_path / "part-1-failed-once"),
-                       CALL_LOG=str(tmp_path / "calls.txt"))
+    _run_steps_through(
+        FLAKY_PART,
+        convert_dag,
+        tmp_path,
+        monkeypatch,
+        FLAKY_MARKER=str(tmp_path / "part-1-failed-once"),
+        CALL_LOG=str(tmp_path / "calls.txt"),
+    )
     dest = tmp_path / "published" / "tiny-llama" / "v2"
 
-    dr = convert_dag.test(run_conf={"source": str(source), "destination": dest.as_uri(), "dtype": "float32", "parts": 2})
+    dr = convert_dag.test(
+        run_conf={"source": str(source), "destination": dest.as_uri(), "dtype": "float32", "parts": 2}
+    )
 
     tis = {(ti.task_id, ti.map_index): ti for ti in dr.get_task_instances()}
     assert dr.state == "success", {k: ti.state for k, ti in tis.items()}
     assert {k: ti.try_number for k, ti in tis.items() if k[0] != "plan_parts"} == {
-        ("download", 0): 1, ("download", 1): 1, ("download_finalize", -1): 1,
-        ("convert", 0): 1, ("convert", 1): 2, ("finalize", -1): 1, ("verify", -1): 1, ("publish", -1): 1}
+        ("download", 0): 1,
+        ("download", 1): 1,
+        ("download_finalize", -1): 1,
+        ("convert", 0): 1,
+        ("convert", 1): 2,
+        ("finalize", -1): 1,
+        ("verify", -1): 1,
+        ("publish", -1): 1,
+    }
     log = (tmp_path / "calls.txt").read_text().splitlines()
     calls = [line.split() for line in log if line.startswith("convert")]
     runs = [c[c.index("--part") + 1] if "--part" in c else c[-1] for c in calls]
@@ -285,7 +324,9 @@ def test_full_run_in_two_parts_on_a_tiny_model(isolated_runs, tiny_model, tmp_pa
     # The published checkpoint is complete, its manifest records the two parts, and no staging is left behind.
     manifest = json.loads((dest / "ckptflow-manifest.json").read_text())
     assert manifest["family"] == "llama3.1" and manifest["options"]["dtype"] == "float32"
-    assert [p["part"] for p in manifest["parts"]] == [0, 1] and all(p["digest"].startswith("sha256:") for p in manifest["parts"])
+    assert [p["part"] for p in manifest["parts"]] == [0, 1] and all(
+        p["digest"].startswith("sha256:") for p in manifest["parts"]
+    )
     assert (dest / "0" / "items" / "_METADATA").exists()
     run_dir = next((tmp_path / "work" / "convert_checkpoint").iterdir())
     # Same tensors as the single-process command the pipeline runs with parts=1 (same options, one process).
@@ -294,7 +335,10 @@ def test_full_run_in_two_parts_on_a_tiny_model(isolated_runs, tiny_model, tmp_pa
     args = commands.step_args("convert", spec, single)
     args[1] = str(run_dir / "source")
     subprocess.run([sys.executable, "-m", "converters", *args], check=True, capture_output=True, timeout=600)
-    assert json.loads((Path(single.converted_dir) / "ckptflow-manifest.json").read_text())["output_digest"] == manifest["output_digest"]
+    assert (
+        json.loads((Path(single.converted_dir) / "ckptflow-manifest.json").read_text())["output_digest"]
+        == manifest["output_digest"]
+    )
     assert not Path(WorkLayout(str(run_dir)).parts_staging_dir).exists()
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]
     report = json.loads((run_dir / "verify" / "verify.json").read_text())
@@ -330,7 +374,9 @@ def sharded_repo(model: Path, shards: int) -> dict[str, bytes]:
             save_file(group, Path(tmp, name), metadata={"format": "pt"})
             files[name] = Path(tmp, name).read_bytes()
             weight_map.update(dict.fromkeys(group, name))
-    files["model.safetensors.index.json"] = json.dumps({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}).encode()
+    files["model.safetensors.index.json"] = json.dumps(
+        {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+    ).encode()
     return files
 
 
@@ -340,6 +386,7 @@ def test_two_parts_from_the_hub_fetch_each_weight_file_once(isolated_runs, tiny_
     file is fetched exactly once and at the resolved commit, and the conversion is verified and published."""
     from airflow.models.asset import AssetEvent
     from airflow.utils.session import create_session
+
     from operators.local import LocalCommandRunner
 
     convert_dag = isolated_runs
@@ -362,8 +409,15 @@ def test_two_parts_from_the_hub_fetch_each_weight_file_once(isolated_runs, tiny_
     monkeypatch.setattr(LocalCommandRunner, "run", run)
     dest = tmp_path / "published" / "tiny-llama" / "v3"
 
-    dr = convert_dag.test(run_conf={"source": "acme/tiny-llama", "revision": "main", "destination": dest.as_uri(),
-                                    "dtype": "float32", "parts": 2})
+    dr = convert_dag.test(
+        run_conf={
+            "source": "acme/tiny-llama",
+            "revision": "main",
+            "destination": dest.as_uri(),
+            "dtype": "float32",
+            "parts": 2,
+        }
+    )
 
     tis = {(ti.task_id, ti.map_index): ti for ti in dr.get_task_instances()}
     assert dr.state == "success", {k: ti.state for k, ti in tis.items()}
@@ -376,7 +430,9 @@ def test_two_parts_from_the_hub_fetch_each_weight_file_once(isolated_runs, tiny_
 
     run_dir = next((tmp_path / "work" / "convert_checkpoint").iterdir())
     staged = json.loads((run_dir / "source" / "ckptflow-download.json").read_text())
-    assert staged["revision"] == sha and shards | {"model.safetensors.index.json", "config.json"} <= set(staged["files"])
+    assert staged["revision"] == sha and shards | {"model.safetensors.index.json", "config.json"} <= set(
+        staged["files"]
+    )
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]  # the parts' staging folder is gone
     report = json.loads((run_dir / "verify" / "verify.json").read_text())
     assert report["summary"]["passed"] is True

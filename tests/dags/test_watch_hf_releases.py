@@ -16,8 +16,20 @@ from operators.embedded import DAGS_FOLDER
 from tests.stand_ins.fixtures import TOKEN, hub, model_files  # noqa: F401  (fixture)
 
 DAG_FILE = DAGS_FOLDER / "watch_hf_releases.py"
-HEAVY = ("jax", "jaxlib", "torch", "transformers", "tensorflow", "orbax", "tensorstore", "kubernetes", "openlineage",
-         "huggingface_hub", "google.cloud", "numpy")
+HEAVY = (
+    "jax",
+    "jaxlib",
+    "torch",
+    "transformers",
+    "tensorflow",
+    "orbax",
+    "tensorstore",
+    "kubernetes",
+    "openlineage",
+    "huggingface_hub",
+    "google.cloud",
+    "numpy",
+)
 
 
 def test_parsing_imports_nothing_heavy():
@@ -55,10 +67,17 @@ def test_the_example_watch_list_is_valid_and_bad_ones_are_explained(tmp_path):
     ]:
         with pytest.raises(watch.WatchlistError, match=message):
             watch.parse_watchlist(data)
-    conf = watch.build_conf("facebook/opt", "a" * 40, {"destination": "gs://b-1/mt/{name}/{layout}-{dtype}/{sha12}", "scan": False})
-    assert conf == {"source": "facebook/opt", "revision": "a" * 40, "direction": "hf-to-maxtext", "scan": False,
-                    "destination": "gs://b-1/mt/opt/unscanned-bfloat16/aaaaaaaaaaaa"}
-    assert watch.run_id("facebook/opt", "a" * 40, {}) .startswith("watch__facebook--opt__aaaaaaaaaaaa__")
+    conf = watch.build_conf(
+        "facebook/opt", "a" * 40, {"destination": "gs://b-1/mt/{name}/{layout}-{dtype}/{sha12}", "scan": False}
+    )
+    assert conf == {
+        "source": "facebook/opt",
+        "revision": "a" * 40,
+        "direction": "hf-to-maxtext",
+        "scan": False,
+        "destination": "gs://b-1/mt/opt/unscanned-bfloat16/aaaaaaaaaaaa",
+    }
+    assert watch.run_id("facebook/opt", "a" * 40, {}).startswith("watch__facebook--opt__aaaaaaaaaaaa__")
 
 
 @pytest.fixture
@@ -87,7 +106,9 @@ def convert_runs() -> dict[str, dict]:
         return {r.run_id: {k: v for k, v in (r.conf or {}).items() if k != "openlineage"} for r in runs}
 
 
-def test_two_runs_over_a_hub_that_gains_a_commit_start_exactly_one_new_conversion(watch_dag, hub, tmp_path, monkeypatch):
+def test_two_runs_over_a_hub_that_gains_a_commit_start_exactly_one_new_conversion(
+    watch_dag, hub, tmp_path, monkeypatch
+):
     from airflow.models.variable import Variable
 
     for repo in ("acme/model-a", "acme/model-b", "other/model-c"):
@@ -97,7 +118,8 @@ def test_two_runs_over_a_hub_that_gains_a_commit_start_exactly_one_new_conversio
     hub.state.commit("acme/model-secret", model_files(extras=False), private=True)  # listed only with the token
     hub.state.page_size = 2  # list_models pages through Link headers
     watchlist = tmp_path / "watchlist.yaml"
-    watchlist.write_text(textwrap.dedent("""
+    watchlist.write_text(
+        textwrap.dedent("""
         defaults:
           destination: "file:///models/{org}/{name}/{layout}/{sha12}"
         watch:
@@ -108,21 +130,31 @@ def test_two_runs_over_a_hub_that_gains_a_commit_start_exactly_one_new_conversio
             model: llama3.1-8b
             targets: [{scan: true}, {scan: false}]
           - repo: gone/deleted-repo        # not on the hub (any more): logged and skipped, not fatal
-    """))
+    """)
+    )
     monkeypatch.setenv("AIRFLOW_CONN_CKPTFLOW_HF", json.dumps({"conn_type": "generic", "password": TOKEN}))
     before = set(convert_runs())
 
     dr = watch_dag.test(run_conf={"watchlist": str(watchlist)})
     assert dr.state == "success", {ti.task_id: ti.state for ti in dr.get_task_instances()}
     first = {k: v for k, v in convert_runs().items() if k not in before}
-    assert sorted(c["source"] for c in first.values()) == ["acme/model-a", "acme/model-b", "acme/model-secret",
-                                                           "other/model-c", "other/model-c"]
+    assert sorted(c["source"] for c in first.values()) == [
+        "acme/model-a",
+        "acme/model-b",
+        "acme/model-secret",
+        "other/model-c",
+        "other/model-c",
+    ]
     for run_id, conf in first.items():
         sha = hub.state.repos[conf["source"]].refs["main"]
         assert conf["revision"] == sha and sha[:12] in run_id and conf["destination"].endswith(sha[:12])
         assert conf["direction"] == "hf-to-maxtext"
     c = sorted((v for v in first.values() if v["source"] == "other/model-c"), key=lambda v: v["scan"])
-    assert [v["scan"] for v in c] == [False, True] and c[0]["model"] == "llama3.1-8b" and "/unscanned/" in c[0]["destination"]
+    assert (
+        [v["scan"] for v in c] == [False, True]
+        and c[0]["model"] == "llama3.1-8b"
+        and "/unscanned/" in c[0]["destination"]
+    )
     assert all(v["dtype"] == "float32" for v in first.values() if v["source"].startswith("acme/"))
     assert len(json.loads(Variable.get("ckptflow_watch_state"))) == 5
 
@@ -131,16 +163,26 @@ def test_two_runs_over_a_hub_that_gains_a_commit_start_exactly_one_new_conversio
     dr = watch_dag.test(run_conf={"watchlist": str(watchlist)})
     assert dr.state == "success"
     second = {k: v for k, v in convert_runs().items() if k not in before and k not in first}
-    assert list(second.values()) == [{**first_conf(first, "acme/model-b"), "revision": new_sha,
-                                      "destination": f"file:///models/acme/model-b/scanned/{new_sha[:12]}"}]
+    assert list(second.values()) == [
+        {
+            **first_conf(first, "acme/model-b"),
+            "revision": new_sha,
+            "destination": f"file:///models/acme/model-b/scanned/{new_sha[:12]}",
+        }
+    ]
     assert hub.state.throttle == {"list": 0, "info": 0}
 
     Variable.delete("ckptflow_watch_state")  # state lost: the run ids still keep every conversion single
     dr = watch_dag.test(run_conf={"watchlist": str(watchlist)})
     assert dr.state == "success"
     assert set(convert_runs()) == before | set(first) | set(second)
-    assert json.loads(Variable.get("ckptflow_watch_state"))["acme/model-b#" + watch.target_id(
-        {"destination": "file:///models/{org}/{name}/{layout}/{sha12}", "dtype": "float32"})]["sha"] == new_sha
+    assert (
+        json.loads(Variable.get("ckptflow_watch_state"))[
+            "acme/model-b#"
+            + watch.target_id({"destination": "file:///models/{org}/{name}/{layout}/{sha12}", "dtype": "float32"})
+        ]["sha"]
+        == new_sha
+    )
 
 
 def first_conf(runs: dict, source: str) -> dict:

@@ -248,7 +248,9 @@ OWN_PACKAGES = {"converters", "operators", "ckptflow_ui", "ckptflow_plugin"}
 
 
 def third_party(modules: set[str]) -> set[str]:
-    return {m for m in modules if m.split(".")[0] not in OWN_PACKAGES and m.split(".")[0] not in sys.stdlib_module_names}
+    return {
+        m for m in modules if m.split(".")[0] not in OWN_PACKAGES and m.split(".")[0] not in sys.stdlib_module_names
+    }
 
 
 def third_party_imports(folder: Path) -> dict[str, set[str]]:

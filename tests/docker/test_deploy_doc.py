@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 
 import yaml
-
 from dockerfiles import REPO
 
 DOC = (REPO / "docs" / "deploy.md").read_text()
@@ -39,7 +38,10 @@ def test_chart_values_use_real_settings():
     assert settings.image.endswith("ckptflow-converter:0.1.0")
     assert values["airflowVersion"] == values_pin("apache-airflow")
     mount = values["apiServer"]["extraVolumeMounts"][0]
-    assert mount["mountPath"] == settings.mount_path and {"name": "CKPTFLOW_UI_WORK_MOUNT", "value": settings.mount_path} in values["apiServer"]["env"]
+    assert (
+        mount["mountPath"] == settings.mount_path
+        and {"name": "CKPTFLOW_UI_WORK_MOUNT", "value": settings.mount_path} in values["apiServer"]["env"]
+    )
 
 
 def values_pin(name: str) -> str:

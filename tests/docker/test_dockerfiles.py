@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from dockerfiles import (
     AIRFLOW,
     AIRFLOW_DOCKERFILE,
@@ -78,11 +77,28 @@ def test_every_copied_file_exists_and_reaches_the_build_context(dockerfile):
 
 def test_dockerignore_keeps_the_context_small():
     rules = dockerignore_rules()
-    for rel in (".venv/bin/python", ".git/HEAD", "tests/conftest.py", "demo-output/x", "converters/__pycache__/x.pyc", "bench/convert_bench.py"):
+    for rel in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "tests/conftest.py",
+        "demo-output/x",
+        "converters/__pycache__/x.pyc",
+        "bench/convert_bench.py",
+    ):
         assert not in_build_context(rel, rules), rel
-    for rel in ("converters/cli/main.py", "operators/commands.py", "dags/convert_checkpoint.py", "plugins/ckptflow_plugin.py",
-                "plugins/ckptflow_ui/templates/checkpoints.html", "plugins/.airflowignore", "pyproject.toml", "README.md",
-                "docker/requirements-converter.txt", "docker/requirements-converter-tpu.txt", "docker/requirements-airflow.txt"):
+    for rel in (
+        "converters/cli/main.py",
+        "operators/commands.py",
+        "dags/convert_checkpoint.py",
+        "plugins/ckptflow_plugin.py",
+        "plugins/ckptflow_ui/templates/checkpoints.html",
+        "plugins/.airflowignore",
+        "pyproject.toml",
+        "README.md",
+        "docker/requirements-converter.txt",
+        "docker/requirements-converter-tpu.txt",
+        "docker/requirements-airflow.txt",
+    ):
         assert in_build_context(rel, rules), rel
 
 
@@ -109,7 +125,9 @@ def test_converter_image():
     # cpu and tpu variants, each from its requirement file; only pinned requirement files are installed.
     assert args["ACCELERATOR"] == "cpu"
     run = " ".join(i.args for i in instrs if i.keyword == "RUN")
-    assert "cpu) req=docker/requirements-converter.txt" in run and "tpu) req=docker/requirements-converter-tpu.txt" in run
+    assert (
+        "cpu) req=docker/requirements-converter.txt" in run and "tpu) req=docker/requirements-converter-tpu.txt" in run
+    )
     assert "--only-binary=:all:" in run and '-r "${req}"' in run and "torch.version.cuda is None" in run
     assert "pip install --no-deps ." in run
     # No Airflow code or packages in the converter image.
@@ -139,7 +157,9 @@ def test_airflow_image():
     assert "operators" in copies and "converters" in copies
     run = " ".join(i.args for i in instrs if i.keyword == "RUN")
     assert '"apache-airflow==${AIRFLOW_VERSION}"' in run  # pip may never move the image's Airflow
-    assert "requirements-airflow.txt" in run and 'WITH_CONVERTER}" = "true"' in run and "requirements-converter.txt" in run
+    assert (
+        "requirements-airflow.txt" in run and 'WITH_CONVERTER}" = "true"' in run and "requirements-converter.txt" in run
+    )
     assert "get_import_errors" in run and "import_errors" in run  # the build fails on a broken DAG or plugin
     users = [i.args for i in instrs if i.keyword == "USER"]
     assert users and all(u.split(":")[0].isdigit() and u.split(":")[0] != "0" for u in users)

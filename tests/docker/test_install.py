@@ -25,9 +25,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from packaging.utils import canonicalize_name
-
 from dockerfiles import AIRFLOW, CONVERTER, CONVERTER_TPU, REPO, dists_of_module, imported_modules, pins, third_party
+from packaging.utils import canonicalize_name
 
 PIP = [sys.executable, "-m", "pip"]
 RESOLVES = {
@@ -43,7 +42,16 @@ def resolves(tmp_path_factory):
     procs = {}
     for name, files in RESOLVES.items():
         report = out / f"{name}.json"
-        cmd = [*PIP, "install", "--dry-run", "--ignore-installed", "--only-binary=:all:", "--quiet", "--report", str(report)]
+        cmd = [
+            *PIP,
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "--only-binary=:all:",
+            "--quiet",
+            "--report",
+            str(report),
+        ]
         for f in files:
             cmd += ["-r", str(f)]
         log = open(out / f"{name}.log", "wb")
@@ -71,7 +79,9 @@ def resolves(tmp_path_factory):
 
 def _run(cmd, **kw) -> subprocess.CompletedProcess:
     out = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, **kw)
-    assert out.returncode == 0, f"{' '.join(map(str, cmd))} -> {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    assert out.returncode == 0, (
+        f"{' '.join(map(str, cmd))} -> {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    )
     return out
 
 
@@ -85,7 +95,20 @@ def converter_venv():
         _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], timeout=120)
         python = venv / "bin" / "python"
         # --no-compile: byte-compiling 1.9 GB of packages takes longer than the install itself.
-        _run([*PIP, "--python", str(python), "install", "--quiet", "--no-compile", "--only-binary=:all:", "-r", str(CONVERTER)], timeout=900)
+        _run(
+            [
+                *PIP,
+                "--python",
+                str(python),
+                "install",
+                "--quiet",
+                "--no-compile",
+                "--only-binary=:all:",
+                "-r",
+                str(CONVERTER),
+            ],
+            timeout=900,
+        )
         src = root / "src"
         src.mkdir()
         for name in ("pyproject.toml", "README.md"):
@@ -95,8 +118,13 @@ def converter_venv():
         yield venv
     finally:
         # ~2 GB in ~100k files takes 20-30 s to delete: leave it to a background `rm` that ends by itself.
-        subprocess.Popen(["rm", "-rf", str(root)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True)
+        subprocess.Popen(
+            ["rm", "-rf", str(root)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
 
 def test_converter_image_runs_every_pipeline_step(converter_venv, resolves, tiny_model, tmp_path):
@@ -117,8 +145,15 @@ def test_converter_image_runs_every_pipeline_step(converter_venv, resolves, tiny
     assert no_airflow.returncode != 0
 
     # What a step pod sees: only the image's environment, STEP_ENV and JAX on CPU.
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1",
-           "HF_HOME": str(tmp_path / "hf-home"), "MPLCONFIGDIR": str(tmp_path / "mpl"), **STEP_ENV}
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "JAX_PLATFORMS": "cpu",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "MPLCONFIGDIR": str(tmp_path / "mpl"),
+        **STEP_ENV,
+    }
     help_text = _run([str(entry), "--help"], env=env, timeout=120).stdout
     assert "convert" in help_text and "verify" in help_text
     source = tiny_model("llama3.1")
@@ -160,8 +195,8 @@ def test_airflow_image_parses_the_dags_and_loads_the_plugin_with_what_it_install
     code = textwrap.dedent(f"""
         import importlib.util, json, sys
         from pathlib import Path
-        sys.path.insert(0, {str(REPO / 'plugins')!r})
-        for i, f in enumerate(sorted(Path({str(REPO / 'dags')!r}).glob("*.py"))):
+        sys.path.insert(0, {str(REPO / "plugins")!r})
+        for i, f in enumerate(sorted(Path({str(REPO / "dags")!r}).glob("*.py"))):
             spec = importlib.util.spec_from_file_location(f"dag_{{i}}", f)
             sys.modules[spec.name] = module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
@@ -172,8 +207,10 @@ def test_airflow_image_parses_the_dags_and_loads_the_plugin_with_what_it_install
     out = _run([sys.executable, "-c", code], env=env, timeout=300)
     loaded = json.loads(out.stdout.strip().splitlines()[-1])
     ours = [
-        Path(f) for f in loaded
-        if f.endswith(".py") and f.startswith(str(REPO) + "/")
+        Path(f)
+        for f in loaded
+        if f.endswith(".py")
+        and f.startswith(str(REPO) + "/")
         and Path(f).relative_to(REPO).parts[0] in ("converters", "operators", "dags", "plugins")
     ]
     assert any(p.name == "ckptflow_plugin.py" for p in ours) and any(p.parent.name == "dags" for p in ours)

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import importlib.metadata
 
+from dockerfiles import AIRFLOW, CONVERTER, CONVERTER_TPU, REPO, ROOT_REQUIREMENTS, closure, pins, third_party_imports
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from dockerfiles import AIRFLOW, CONVERTER, CONVERTER_TPU, REPO, ROOT_REQUIREMENTS, closure, pins, third_party_imports
-
 # Pins that exist only in an image, with the reason; everything else must be pinned the same in requirements.txt.
 ONLY_IN_IMAGES = {
-    AIRFLOW.name: {"apache-airflow-providers-google"},  # GCS for the workers and the UI; not needed for the embedded venv
+    AIRFLOW.name: {
+        "apache-airflow-providers-google"
+    },  # GCS for the workers and the UI; not needed for the embedded venv
     CONVERTER.name: set(),
     CONVERTER_TPU.name: {"libtpu"},  # jax[tpu]'s runtime; no TPU here
 }
@@ -36,7 +37,11 @@ def test_tpu_set_is_the_cpu_set_plus_the_tpu_runtime():
     assert set(tpu) - set(cpu) == {"libtpu"} and "tpu" in tpu["jax"][1]
     # libtpu is the one jax's `tpu` extra asks for.
     jax_requires = [Requirement(r) for r in importlib.metadata.requires("jax") or []]
-    (libtpu,) = [r for r in jax_requires if canonicalize_name(r.name) == "libtpu" and r.marker and r.marker.evaluate({"extra": "tpu"})]
+    (libtpu,) = [
+        r
+        for r in jax_requires
+        if canonicalize_name(r.name) == "libtpu" and r.marker and r.marker.evaluate({"extra": "tpu"})
+    ]
     assert libtpu.specifier.contains(tpu["libtpu"][0]), (libtpu, tpu["libtpu"])
     assert tpu["jax"][0] == tpu["jaxlib"][0] == pins(ROOT_REQUIREMENTS)["jax"][0]
 

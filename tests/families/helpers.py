@@ -5,7 +5,8 @@
 `exported_logits` runs transformers on a source folder and on its float32 export;
 `deepseek_layout` / `qwen3_next_layout` lay HF tensors out as MaxText arrays with plain numpy, independently of the
 converter, as MaxText's own converters lay them out (`convert_deepseek_family_ckpt.py` /
-`convert_qwen3_next_scanned.py` under src/maxtext/checkpoint_conversion/standalone_scripts/ in AI-Hypercomputer/maxtext), for the family and
+`convert_qwen3_next_scanned.py` under src/maxtext/checkpoint_conversion/standalone_scripts/ in
+AI-Hypercomputer/maxtext), for the family and
 verification tests.
 """
 
@@ -22,12 +23,15 @@ from converters.tiny_models import make_test_model
 
 
 def model_cache(tmp_path_factory, family: str, layers: int):
-    """Body of a module-scoped `hf_model` fixture: `make(dtype="bfloat16")` -> a tiny HF folder, built once per dtype."""
+    """Body of a module-scoped `hf_model` fixture: `make(dtype="bfloat16")` -> a tiny HF folder, built once per
+    dtype."""
     cache: dict = {}
 
     def make(dtype: str = "bfloat16"):
         if dtype not in cache:
-            cache[dtype] = make_test_model(family, tmp_path_factory.mktemp(f"{family}-{dtype}") / "model", layers=layers, dtype=dtype)
+            cache[dtype] = make_test_model(
+                family, tmp_path_factory.mktemp(f"{family}-{dtype}") / "model", layers=layers, dtype=dtype
+            )
         return cache[dtype]
 
     return make
@@ -45,7 +49,13 @@ def bits(a: np.ndarray) -> np.ndarray:
 def assert_bit_exact(a: dict, b: dict):
     assert sorted(a) == sorted(b), sorted(set(a) ^ set(b))
     for k in a:
-        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, (k, a[k].dtype, b[k].dtype, a[k].shape, b[k].shape)
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, (
+            k,
+            a[k].dtype,
+            b[k].dtype,
+            a[k].shape,
+            b[k].shape,
+        )
         assert np.array_equal(bits(a[k]), bits(b[k])), f"{k} not bit-exact"
 
 
@@ -81,8 +91,11 @@ def deepseek_layout(hf: dict, cfg: dict, scan: bool) -> dict:
     e, h = cfg["hidden_size"], cfg["num_attention_heads"]
     nope, rope, v, c = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"]
     q_lora, k, n = cfg.get("q_lora_rank"), cfg["first_k_dense_replace"], cfg["num_hidden_layers"]
-    out = {"token_embedder/embedding": hf["model.embed_tokens.weight"], "decoder/decoder_norm/scale": hf["model.norm.weight"],
-           "decoder/logits_dense/kernel": hf["lm_head.weight"].T}
+    out = {
+        "token_embedder/embedding": hf["model.embed_tokens.weight"],
+        "decoder/decoder_norm/scale": hf["model.norm.weight"],
+        "decoder/logits_dense/kernel": hf["lm_head.weight"].T,
+    }
     layers = []
     for i in range(n):
         p, a, m = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
@@ -116,7 +129,9 @@ def deepseek_layout(hf: dict, cfg: dict, scan: bool) -> dict:
             if m + "gate.e_score_correction_bias" in hf:
                 lay[f"{moe}/MoeBlock_0/gate/bias"] = hf[m + "gate.e_score_correction_bias"]
             for mt, name in (("wi_0", "gate_proj"), ("wi_1", "up_proj"), ("wo", "down_proj")):
-                lay[f"{moe}/MoeBlock_0/{mt}"] = np.stack([hf[f"{m}experts.{x}.{name}.weight"].T for x in range(cfg["n_routed_experts"])])
+                lay[f"{moe}/MoeBlock_0/{mt}"] = np.stack(
+                    [hf[f"{m}experts.{x}.{name}.weight"].T for x in range(cfg["n_routed_experts"])]
+                )
                 lay[f"{moe}/shared_experts/{mt}/kernel"] = hf[f"{m}shared_experts.{name}.weight"].T
         layers.append(lay)
     for group, rng in (("dense_layers", range(k)), ("moe_layers", range(k, n))):
@@ -124,9 +139,16 @@ def deepseek_layout(hf: dict, cfg: dict, scan: bool) -> dict:
         if not group_layers:
             continue
         if scan:
-            out.update({f"decoder/{group}/{key}": np.stack([lay[key] for lay in group_layers], axis=1) for key in group_layers[0]})
+            out.update(
+                {
+                    f"decoder/{group}/{key}": np.stack([lay[key] for lay in group_layers], axis=1)
+                    for key in group_layers[0]
+                }
+            )
         else:
-            out.update({f"decoder/{group}_{j}/{key}": val for j, lay in enumerate(group_layers) for key, val in lay.items()})
+            out.update(
+                {f"decoder/{group}_{j}/{key}": val for j, lay in enumerate(group_layers) for key, val in lay.items()}
+            )
     return out
 
 
@@ -135,29 +157,46 @@ def qwen3_next_layout(hf: dict, cfg: dict, scan: bool) -> dict:
     in stack i % cycle, at position i // cycle), plain numpy."""
     e, n, kv, d = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
     c, layers = cfg.get("full_attention_interval", 4), cfg["num_hidden_layers"]
-    out = {"token_embedder/embedding": hf["model.embed_tokens.weight"], "decoder/decoder_norm/scale": hf["model.norm.weight"],
-           "decoder/logits_dense/kernel": hf["lm_head.weight"].T}
+    out = {
+        "token_embedder/embedding": hf["model.embed_tokens.weight"],
+        "decoder/decoder_norm/scale": hf["model.norm.weight"],
+        "decoder/logits_dense/kernel": hf["lm_head.weight"].T,
+    }
     per_layer = []
     for i in range(layers):
         p, m = f"model.layers.{i}.", f"model.layers.{i}.mlp."
-        lay = {"input_layernorm/scale": hf[p + "input_layernorm.weight"], "post_attention_layernorm/scale": hf[p + "post_attention_layernorm.weight"],
-               "mlp/routed_experts/gate/kernel": hf[m + "gate.weight"].T, "mlp/shared_expert_gate/kernel": hf[m + "shared_expert_gate.weight"].T}
+        lay = {
+            "input_layernorm/scale": hf[p + "input_layernorm.weight"],
+            "post_attention_layernorm/scale": hf[p + "post_attention_layernorm.weight"],
+            "mlp/routed_experts/gate/kernel": hf[m + "gate.weight"].T,
+            "mlp/shared_expert_gate/kernel": hf[m + "shared_expert_gate.weight"].T,
+        }
         for mt, name in (("wi_0", "gate_proj"), ("wi_1", "up_proj"), ("wo", "down_proj")):
-            lay[f"mlp/routed_experts/{mt}"] = np.stack([hf[f"{m}experts.{x}.{name}.weight"].T for x in range(cfg["num_experts"])])
+            lay[f"mlp/routed_experts/{mt}"] = np.stack(
+                [hf[f"{m}experts.{x}.{name}.weight"].T for x in range(cfg["num_experts"])]
+            )
             lay[f"mlp/shared_expert/{mt}/kernel"] = hf[f"{m}shared_expert.{name}.weight"].T
         if (i + 1) % c == 0:
             a = p + "self_attn."
-            lay |= {"attention/attention/query/kernel": hf[a + "q_proj.weight"].T.reshape(e, n, 2 * d),
-                    "attention/attention/key/kernel": hf[a + "k_proj.weight"].T.reshape(e, kv, d),
-                    "attention/attention/value/kernel": hf[a + "v_proj.weight"].T.reshape(e, kv, d),
-                    "attention/attention/out/kernel": hf[a + "o_proj.weight"].T,
-                    "attention/attention/query_norm/scale": hf[a + "q_norm.weight"], "attention/attention/key_norm/scale": hf[a + "k_norm.weight"]}
+            lay |= {
+                "attention/attention/query/kernel": hf[a + "q_proj.weight"].T.reshape(e, n, 2 * d),
+                "attention/attention/key/kernel": hf[a + "k_proj.weight"].T.reshape(e, kv, d),
+                "attention/attention/value/kernel": hf[a + "v_proj.weight"].T.reshape(e, kv, d),
+                "attention/attention/out/kernel": hf[a + "o_proj.weight"].T,
+                "attention/attention/query_norm/scale": hf[a + "q_norm.weight"],
+                "attention/attention/key_norm/scale": hf[a + "k_norm.weight"],
+            }
         else:
             a = p + "linear_attn."
-            lay |= {"attention/in_proj_qkvz/kernel": hf[a + "in_proj_qkvz.weight"].T, "attention/in_proj_ba/kernel": hf[a + "in_proj_ba.weight"].T,
-                    "attention/conv1d/kernel": np.transpose(hf[a + "conv1d.weight"], (2, 1, 0)), "attention/A_log": hf[a + "A_log"],
-                    "attention/dt_bias": hf[a + "dt_bias"], "attention/norm/rms_norm/scale": hf[a + "norm.weight"],
-                    "attention/out_proj/kernel": hf[a + "out_proj.weight"].T}
+            lay |= {
+                "attention/in_proj_qkvz/kernel": hf[a + "in_proj_qkvz.weight"].T,
+                "attention/in_proj_ba/kernel": hf[a + "in_proj_ba.weight"].T,
+                "attention/conv1d/kernel": np.transpose(hf[a + "conv1d.weight"], (2, 1, 0)),
+                "attention/A_log": hf[a + "A_log"],
+                "attention/dt_bias": hf[a + "dt_bias"],
+                "attention/norm/rms_norm/scale": hf[a + "norm.weight"],
+                "attention/out_proj/kernel": hf[a + "out_proj.weight"].T,
+            }
         per_layer.append(lay)
     if scan:
         for b in range(c):

@@ -1,10 +1,12 @@
 """DeepSeek-V2 (V2-Lite layout: plain `query`), DeepSeek-V3 (query LoRA, routing correction bias) and DeepSeek-V3.2
-(+ sparse-attention indexer): MLA kernels, separate dense / MoE stacks, stacked routed experts and shared experts, in all
+(+ sparse-attention indexer): MLA kernels, separate dense / MoE stacks, stacked routed experts and shared experts, in
+all
 four directions. V3.2 is exported back to a `deepseek_v32` folder transformers loads with identical logits (MaxText's
 own converter is HF -> MaxText only for it).
 
 Tiny models (`converters.tiny_models.TINY["deepseek2" / "deepseek3"]`): hidden 64, 4 heads with qk_head_dim 28 and
-v_head_dim 24 (so no projection is square or sized from hidden), kv_lora_rank 32, 8 routed experts, 3 layers of which the
+v_head_dim 24 (so no projection is square or sized from hidden), kv_lora_rank 32, 8 routed experts, 3 layers of which
+the
 first is dense (scanned: a 1-deep dense stack and a 2-deep MoE stack). Every transform only moves elements: round trips
 are bit-exact, including V3's float32 `e_score_correction_bias` and V3.2's float32 indexer `weights_proj`, which stay
 float32 in the checkpoint and on export.
@@ -20,8 +22,8 @@ import json
 import numpy as np
 import pytest
 
-from converters.core import registry
 from converters.convert import hf_to_maxtext, maxtext_to_hf
+from converters.core import registry
 from converters.errors import CkptflowError, MappingError, UnsupportedModelError
 from converters.io.orbax import read_params
 from converters.io.safetensors import save_file
@@ -39,7 +41,9 @@ def hf_model(tmp_path_factory):
 
     def make(family: str, dtype: str = "bfloat16"):
         if (family, dtype) not in cache:
-            cache[family, dtype] = make_test_model(family, tmp_path_factory.mktemp(f"{family}-{dtype}") / "model", layers=LAYERS, dtype=dtype)
+            cache[family, dtype] = make_test_model(
+                family, tmp_path_factory.mktemp(f"{family}-{dtype}") / "model", layers=LAYERS, dtype=dtype
+            )
         return cache[family, dtype]
 
     return make
@@ -87,10 +91,17 @@ def test_exported_folder_loads_in_transformers_with_same_logits(hf_model, tmp_pa
         got = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)(ids).logits
     assert torch.equal(got, want)
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert cfg["model_type"] == json.loads((src / "config.json").read_text())["model_type"] and "quantization_config" not in cfg
+    assert (
+        cfg["model_type"] == json.loads((src / "config.json").read_text())["model_type"]
+        and "quantization_config" not in cfg
+    )
 
 
-MTP_SHARED = ("embed_tokens.weight", "shared_head.norm.weight", "shared_head.head.weight")  # MaxText uses the main model's
+MTP_SHARED = (
+    "embed_tokens.weight",
+    "shared_head.norm.weight",
+    "shared_head.head.weight",
+)  # MaxText uses the main model's
 
 
 @pytest.fixture(scope="module")
@@ -104,15 +115,20 @@ def with_mtp_layer(hf_model, tmp_path_factory):
     shutil.copytree(base, src)
     hf = hf_tensors(base)
     rng = np.random.default_rng(1)
-    mtp = {n.replace("layers.2.", f"layers.{LAYERS}."): (t.astype(np.float32) * 1.5).astype(t.dtype)
-           for n, t in hf.items() if n.startswith("model.layers.2.")}
+    mtp = {
+        n.replace("layers.2.", f"layers.{LAYERS}."): (t.astype(np.float32) * 1.5).astype(t.dtype)
+        for n, t in hf.items()
+        if n.startswith("model.layers.2.")
+    }
     bf16 = hf["model.norm.weight"].dtype
-    mtp |= {f"model.layers.{LAYERS}.enorm.weight": (1 + 0.1 * rng.standard_normal(64)).astype(bf16),
-            f"model.layers.{LAYERS}.hnorm.weight": (1 + 0.1 * rng.standard_normal(64)).astype(bf16),
-            f"model.layers.{LAYERS}.eh_proj.weight": (0.08 * rng.standard_normal((64, 128))).astype(bf16),
-            f"model.layers.{LAYERS}.embed_tokens.weight": hf["model.embed_tokens.weight"],
-            f"model.layers.{LAYERS}.shared_head.norm.weight": hf["model.norm.weight"],
-            f"model.layers.{LAYERS}.shared_head.head.weight": hf["lm_head.weight"]}
+    mtp |= {
+        f"model.layers.{LAYERS}.enorm.weight": (1 + 0.1 * rng.standard_normal(64)).astype(bf16),
+        f"model.layers.{LAYERS}.hnorm.weight": (1 + 0.1 * rng.standard_normal(64)).astype(bf16),
+        f"model.layers.{LAYERS}.eh_proj.weight": (0.08 * rng.standard_normal((64, 128))).astype(bf16),
+        f"model.layers.{LAYERS}.embed_tokens.weight": hf["model.embed_tokens.weight"],
+        f"model.layers.{LAYERS}.shared_head.norm.weight": hf["model.norm.weight"],
+        f"model.layers.{LAYERS}.shared_head.head.weight": hf["lm_head.weight"],
+    }
     save_file(src / "model-mtp.safetensors", mtp)
     names = {n: "model.safetensors" for n in hf} | {n: "model-mtp.safetensors" for n in mtp}
     (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": names}))
@@ -138,12 +154,15 @@ def test_with_mtp_writes_mtp_block_and_exports_it_back(with_mtp_layer, tmp_path,
     params, hf = read_params(tmp_path / "mt"), hf_tensors(with_mtp_layer)
     cfg = json.loads((with_mtp_layer / "config.json").read_text())
     m, p = "mtp_block/mtp_layer_1/", f"model.layers.{LAYERS}."
-    want = {f"{m}mtp_1_embedding_norm/scale": hf[p + "enorm.weight"], f"{m}mtp_1_hidden_state_norm/scale": hf[p + "hnorm.weight"],
-            f"{m}mtp_1_projection/kernel": hf[p + "eh_proj.weight"].T}
+    want = {
+        f"{m}mtp_1_embedding_norm/scale": hf[p + "enorm.weight"],
+        f"{m}mtp_1_hidden_state_norm/scale": hf[p + "hnorm.weight"],
+        f"{m}mtp_1_projection/kernel": hf[p + "eh_proj.weight"].T,
+    }
     # the transformer layer is laid out as an unscanned MoE layer: the numpy layout of a model one layer deeper
     deeper = deepseek_layout(hf, {**cfg, "num_hidden_layers": LAYERS + 1}, scan=False)
     last = f"decoder/moe_layers_{LAYERS - 1}/"
-    want |= {f"{m}mtp_1_transformer_layer/{k[len(last):]}": v for k, v in deeper.items() if k.startswith(last)}
+    want |= {f"{m}mtp_1_transformer_layer/{k[len(last) :]}": v for k, v in deeper.items() if k.startswith(last)}
     assert_bit_exact(want, {k: v for k, v in params.items() if k.startswith("mtp_block/")})
     assert params[f"{m}mtp_1_transformer_layer/DeepSeekMoeBlock_0/MoeBlock_0/wi_0"].shape == (8, 64, 32)
     assert params[f"{m}mtp_1_transformer_layer/DeepSeekMoeBlock_0/MoeBlock_0/gate/bias"].dtype == np.float32
@@ -155,7 +174,10 @@ def test_with_mtp_writes_mtp_block_and_exports_it_back(with_mtp_layer, tmp_path,
 def test_cli_with_mtp(with_mtp_layer, tmp_path):
     from converters.cli.main import main
 
-    assert main(["convert", str(with_mtp_layer), str(tmp_path / "mt"), "--to", "maxtext", "--no-scan", "--with-mtp", "-q"]) == 0
+    assert (
+        main(["convert", str(with_mtp_layer), str(tmp_path / "mt"), "--to", "maxtext", "--no-scan", "--with-mtp", "-q"])
+        == 0
+    )
     assert "mtp_block/mtp_layer_1/mtp_1_projection/kernel" in read_params(tmp_path / "mt")
     manifest = json.loads(next((tmp_path / "mt").rglob("ckptflow-manifest.json")).read_text())
     assert manifest["options"]["with_mtp"] is True

@@ -1,4 +1,5 @@
-"""Gemma2 and Gemma3 (text and multimodal): round trips, stored values, dropped vocab rows, transformers load, config.json.
+"""Gemma2 and Gemma3 (text and multimodal): round trips, stored values, dropped vocab rows, transformers load,
+config.json.
 
 Tiny models (`converters.tiny_models.TINY`): hidden 72 so sqrt(hidden) = 8.485 is not a power of two (Gemma3
 bakes bf16(8.485) = 8.5); Gemma2 query_pre_attn_scalar 24 so 1/sqrt(24) is not one either; Gemma3 with 14
@@ -27,8 +28,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from converters.core import registry
 from converters.convert import DROPPED_ROWS, hf_to_maxtext, maxtext_to_hf
+from converters.core import registry
 from converters.errors import MappingError
 from converters.families.gemma import Gemma2, Gemma3, bf16
 from converters.io.orbax import read_params
@@ -37,7 +38,11 @@ from converters.tiny_models import make_test_model, tiny_config
 
 FAMILIES = ("gemma2", "gemma3", "gemma3-mm")
 SHAPE = {"gemma2": (4, 512), "gemma3": (14, 576), "gemma3-mm": (8, 576)}  # (layers, vocab)
-EMB = {"gemma2": "model.embed_tokens.weight", "gemma3": "model.embed_tokens.weight", "gemma3-mm": "language_model.model.embed_tokens.weight"}
+EMB = {
+    "gemma2": "model.embed_tokens.weight",
+    "gemma3": "model.embed_tokens.weight",
+    "gemma3-mm": "language_model.model.embed_tokens.weight",
+}
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
@@ -100,7 +105,11 @@ def assert_round_trip(original: dict, back: dict, mt_dtype: np.dtype):
 # ------------------------------------------------------------------------------------------------ round trips
 
 
-@pytest.mark.parametrize("scan,dtype", [(True, "bfloat16"), (False, "bfloat16"), (True, "float32")], ids=["scanned-bf16", "unscanned-bf16", "scanned-f32"])
+@pytest.mark.parametrize(
+    "scan,dtype",
+    [(True, "bfloat16"), (False, "bfloat16"), (True, "float32")],
+    ids=["scanned-bf16", "unscanned-bf16", "scanned-f32"],
+)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_hf_maxtext_hf_round_trip(gemma, tmp_path, family, scan, dtype):
     src = gemma(family, dtype)
@@ -139,7 +148,6 @@ def test_gemma2_stored_values_and_layout(gemma, tmp_path):
     hf_to_maxtext(src, tmp_path / "mt", scan=True, dtype="bfloat16")
     mt = read_params(tmp_path / "mt")
     E, V = cfg["hidden_size"], cfg["vocab_size"]
-    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
 
     # embedding: x sqrt(E) in float32 (exact sqrt), rounded once to bf16; 128 zero rows of MaxText padding
     emb = mt["token_embedder/embedding"]
@@ -150,12 +158,21 @@ def test_gemma2_stored_values_and_layout(gemma, tmp_path):
     for m in range(2):
         for half, layer in (("local", 2 * m), ("global", 2 * m + 1)):
             p = f"model.layers.{layer}."
-            np.testing.assert_array_equal(mt[f"decoder/layers/pre_ffw_norm_{half}/scale"][:, m], (hf[p + "pre_feedforward_layernorm.weight"] + np.float32(1)).astype(BF16))
+            np.testing.assert_array_equal(
+                mt[f"decoder/layers/pre_ffw_norm_{half}/scale"][:, m],
+                (hf[p + "pre_feedforward_layernorm.weight"] + np.float32(1)).astype(BF16),
+            )
             # query: 1/sqrt(query_pre_attn_scalar) = 1/sqrt(24), not 1/sqrt(head_dim) (the upstream 27B mistake)
             q = hf[p + "self_attn.q_proj.weight"].T.reshape(E, 4, 16) * np.float32(24**-0.5)
-            np.testing.assert_array_equal(mt[f"decoder/layers/self_attention_{half}/query/kernel"][:, m], q.astype(BF16))
-            np.testing.assert_array_equal(mt[f"decoder/layers/mlp_{half}/wo/kernel"][:, m], hf[p + "mlp.down_proj.weight"].T.astype(BF16))
-    np.testing.assert_array_equal(mt["decoder/decoder_norm/scale"], (hf["model.norm.weight"] + np.float32(1)).astype(BF16))
+            np.testing.assert_array_equal(
+                mt[f"decoder/layers/self_attention_{half}/query/kernel"][:, m], q.astype(BF16)
+            )
+            np.testing.assert_array_equal(
+                mt[f"decoder/layers/mlp_{half}/wo/kernel"][:, m], hf[p + "mlp.down_proj.weight"].T.astype(BF16)
+            )
+    np.testing.assert_array_equal(
+        mt["decoder/decoder_norm/scale"], (hf["model.norm.weight"] + np.float32(1)).astype(BF16)
+    )
     assert "decoder/logits_dense/kernel" not in mt
 
 
@@ -166,17 +183,30 @@ def test_gemma3_stored_values_and_layout(gemma, tmp_path):
     mt = read_params(tmp_path / "mt")
     # embedding: x bf16(sqrt(72)) = 8.5 in float32; the 64 rows past 512 are not in MaxText
     assert bf16(math.sqrt(72)) == 8.5
-    np.testing.assert_array_equal(mt["token_embedder/embedding"], hf["model.embed_tokens.weight"][:512] * np.float32(8.5))
+    np.testing.assert_array_equal(
+        mt["token_embedder/embedding"], hf["model.embed_tokens.weight"][:512] * np.float32(8.5)
+    )
     # 14 layers: decoder/layers/layers_b holds HF layers b and 6 + b; the remainder layers 12, 13 unstacked
     for b in range(6):
         for j in range(2):
             p = f"model.layers.{6 * j + b}.self_attn."
-            np.testing.assert_array_equal(mt[f"decoder/layers/layers_{b}/self_attention/query_norm/scale"][:, j], hf[p + "q_norm.weight"] + np.float32(1))
-            np.testing.assert_array_equal(mt[f"decoder/layers/layers_{b}/self_attention/query/kernel"][:, j], hf[p + "q_proj.weight"].T.reshape(72, 4, 16))
+            np.testing.assert_array_equal(
+                mt[f"decoder/layers/layers_{b}/self_attention/query_norm/scale"][:, j],
+                hf[p + "q_norm.weight"] + np.float32(1),
+            )
+            np.testing.assert_array_equal(
+                mt[f"decoder/layers/layers_{b}/self_attention/query/kernel"][:, j],
+                hf[p + "q_proj.weight"].T.reshape(72, 4, 16),
+            )
     for r in range(2):
         p = f"model.layers.{12 + r}."
-        np.testing.assert_array_equal(mt[f"decoder/layers_remainder/layers_{r}/self_attention/key_norm/scale"], hf[p + "self_attn.k_norm.weight"] + np.float32(1))
-        np.testing.assert_array_equal(mt[f"decoder/layers_remainder/layers_{r}/mlp/wi_0/kernel"], hf[p + "mlp.gate_proj.weight"].T)
+        np.testing.assert_array_equal(
+            mt[f"decoder/layers_remainder/layers_{r}/self_attention/key_norm/scale"],
+            hf[p + "self_attn.k_norm.weight"] + np.float32(1),
+        )
+        np.testing.assert_array_equal(
+            mt[f"decoder/layers_remainder/layers_{r}/mlp/wi_0/kernel"], hf[p + "mlp.gate_proj.weight"].T
+        )
     assert not any(k.startswith("vision_encoder/") for k in mt)
 
 
@@ -186,17 +216,29 @@ def test_gemma3_vision_tower_layout(gemma, tmp_path):
     hf_to_maxtext(src, tmp_path / "mt", scan=False, dtype="float32")
     mt = read_params(tmp_path / "mt")
     ve, vt = "vision_encoder/Gemma3VisionEncoderLayer_0/", "vision_tower.vision_model."
-    np.testing.assert_array_equal(mt[ve + "embedding/kernel"], hf[vt + "embeddings.patch_embedding.weight"].transpose(2, 3, 1, 0))  # [P,P,C,H]
+    np.testing.assert_array_equal(
+        mt[ve + "embedding/kernel"], hf[vt + "embeddings.patch_embedding.weight"].transpose(2, 3, 1, 0)
+    )  # [P,P,C,H]
     np.testing.assert_array_equal(mt[ve + "pos_embedding"], hf[vt + "embeddings.position_embedding.weight"][None])
     b = ve + "Transformer/encoderblock_1/MultiHeadDotProductAttention_0/"
-    np.testing.assert_array_equal(mt[b + "key/kernel"], hf[vt + "encoder.layers.1.self_attn.k_proj.weight"].T.reshape(32, 2, 16))
+    np.testing.assert_array_equal(
+        mt[b + "key/kernel"], hf[vt + "encoder.layers.1.self_attn.k_proj.weight"].T.reshape(32, 2, 16)
+    )
     np.testing.assert_array_equal(mt[b + "key/bias"], hf[vt + "encoder.layers.1.self_attn.k_proj.bias"].reshape(2, 16))
-    np.testing.assert_array_equal(mt[b + "out/kernel"], hf[vt + "encoder.layers.1.self_attn.out_proj.weight"].T.reshape(2, 16, 32))
+    np.testing.assert_array_equal(
+        mt[b + "out/kernel"], hf[vt + "encoder.layers.1.self_attn.out_proj.weight"].T.reshape(2, 16, 32)
+    )
     # SigLIP LayerNorms are real LayerNorms: no +1. The projector's RMSNorm is Gemma's: +1.
-    np.testing.assert_array_equal(mt[ve + "Transformer/encoderblock_0/LayerNorm_1/scale"], hf[vt + "encoder.layers.0.layer_norm2.weight"])
+    np.testing.assert_array_equal(
+        mt[ve + "Transformer/encoderblock_0/LayerNorm_1/scale"], hf[vt + "encoder.layers.0.layer_norm2.weight"]
+    )
     pj = "vision_encoder/VisionEmbedder_0/"
-    np.testing.assert_array_equal(mt[pj + "mm_soft_embedding_norm/scale"], hf["multi_modal_projector.mm_soft_emb_norm.weight"] + np.float32(1))
-    np.testing.assert_array_equal(mt[pj + "mm_input_projection/w"], hf["multi_modal_projector.mm_input_projection_weight"])
+    np.testing.assert_array_equal(
+        mt[pj + "mm_soft_embedding_norm/scale"], hf["multi_modal_projector.mm_soft_emb_norm.weight"] + np.float32(1)
+    )
+    np.testing.assert_array_equal(
+        mt[pj + "mm_input_projection/w"], hf["multi_modal_projector.mm_input_projection_weight"]
+    )
     assert sum(k.startswith("vision_encoder/") for k in mt) == 2 * 16 + 5 + 2
     assert "decoder/layers_7/mlp/wo/kernel" in mt and not any(k.startswith("decoder/layers/") for k in mt)
     # plain Orbax sees MaxText's multimodal tree (use_multimodal=true adds the vision_encoder root)
@@ -222,7 +264,9 @@ def test_dropped_vocab_rows_kept_beside_the_checkpoint(gemma, tmp_path):
 
     # restored on export (the round trip tests check every other tensor)
     maxtext_to_hf(tmp_path / "mt", tmp_path / "hf")
-    np.testing.assert_array_equal(SafetensorsFolder(tmp_path / "hf").read(name)[512:].view(np.int16), original[512:].view(np.int16))
+    np.testing.assert_array_equal(
+        SafetensorsFolder(tmp_path / "hf").read(name)[512:].view(np.int16), original[512:].view(np.int16)
+    )
 
     # without the sidecar (e.g. a MaxText training run): zeros, the published shape, and a warning
     shutil.copytree(tmp_path / "mt", tmp_path / "mt-bare")
@@ -258,9 +302,23 @@ def test_exported_folder_loads_in_transformers_with_same_logits(gemma, tmp_path,
     want_cfg, got_cfg = AutoConfig.from_pretrained(src), AutoConfig.from_pretrained(tmp_path / "hf")
     assert type(got_cfg) is type(want_cfg)
     wt, gt = want_cfg.get_text_config(), got_cfg.get_text_config()
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
-                "query_pre_attn_scalar", "sliding_window", "layer_types", "rope_parameters", "hidden_activation",
-                "final_logit_softcapping", "attn_logit_softcapping", "rms_norm_eps", "tie_word_embeddings"):
+    for key in (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "vocab_size",
+        "query_pre_attn_scalar",
+        "sliding_window",
+        "layer_types",
+        "rope_parameters",
+        "hidden_activation",
+        "final_logit_softcapping",
+        "attn_logit_softcapping",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+    ):
         assert getattr(gt, key) == getattr(wt, key), key
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == want_cfg.architectures
 
@@ -339,7 +397,10 @@ def test_reads_transformers5_vision_tower_names(gemma, tmp_path):
     renamed = tmp_path / "t5"
     renamed.mkdir()
     shutil.copy(src / "config.json", renamed / "config.json")
-    save_file(renamed / "model.safetensors", {k.replace("vision_tower.vision_model.", "vision_tower."): v for k, v in published.items()})
+    save_file(
+        renamed / "model.safetensors",
+        {k.replace("vision_tower.vision_model.", "vision_tower."): v for k, v in published.items()},
+    )
     assert "vision_tower.embeddings.patch_embedding.weight" in SafetensorsFolder(renamed).tensors
     hf_to_maxtext(renamed, tmp_path / "mt", scan=True, dtype="float32")
     maxtext_to_hf(tmp_path / "mt", tmp_path / "hf")

@@ -13,14 +13,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from converters.core import registry
 from converters.convert import export_tensors, hf_to_maxtext, maxtext_to_hf
+from converters.core import registry
+from converters.core.mapping import Rule
+from converters.core.transforms import Permute
 from converters.errors import UnsupportedModelError
 from converters.families.gpt_oss import GptOss
-from converters.core.mapping import Rule
 from converters.io.orbax import read_params
 from converters.tiny_models import tiny_config
-from converters.core.transforms import Permute
 from tests.families.helpers import assert_bit_exact, bits, exported_logits, hf_tensors, model_cache, round_trip
 
 FAMILY, LAYERS, EXPERTS = "gpt-oss", 4, 4
@@ -35,7 +35,8 @@ def hf_model(tmp_path_factory):
 
 def expected_layer(hf: dict, i: int) -> dict:
     """MaxText arrays of HF layer i, laid out independently of the converter as MaxText's own converter lays
-    them out (src/maxtext/checkpoint_conversion/standalone_scripts/convert_gpt_oss_ckpt.py in AI-Hypercomputer/maxtext): `gate_up_proj`
+    them out (src/maxtext/checkpoint_conversion/standalone_scripts/convert_gpt_oss_ckpt.py in
+    AI-Hypercomputer/maxtext): `gate_up_proj`
     de-interleaved, even columns to `wi_0`, odd ones to `wi_1`."""
     p = f"model.layers.{i}."
     a, m = p + "self_attn.", p + "mlp."
@@ -65,12 +66,20 @@ def expected_layer(hf: dict, i: int) -> dict:
 
 def stored_layer(params: dict, rel: str, i: int, scan: bool) -> np.ndarray:
     """HF layer i's slice: scanned stacks are decoder/layers/layers_{i % 2} at position i // 2."""
-    return np.take(params[f"decoder/layers/layers_{i % 2}/{rel}"], i // 2, axis=1) if scan else params[f"decoder/layers_{i}/{rel}"]
+    return (
+        np.take(params[f"decoder/layers/layers_{i % 2}/{rel}"], i // 2, axis=1)
+        if scan
+        else params[f"decoder/layers_{i}/{rel}"]
+    )
 
 
 def mismatches(params: dict, hf: dict, scan: bool) -> list:
-    return [(rel, i) for i in range(LAYERS) for rel, want in expected_layer(hf, i).items()
-            if not np.array_equal(bits(stored_layer(params, rel, i, scan)), bits(want))]
+    return [
+        (rel, i)
+        for i in range(LAYERS)
+        for rel, want in expected_layer(hf, i).items()
+        if not np.array_equal(bits(stored_layer(params, rel, i, scan)), bits(want))
+    ]
 
 
 @pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unscanned"])
@@ -90,7 +99,9 @@ def test_stored_values_at_every_expert_and_layer(hf_model, tmp_path, scan):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unscanned"])
 def test_round_trips_are_bit_exact(hf_model, tmp_path, scan, dtype):
-    round_trip(hf_model(dtype), tmp_path, scan=scan, dtype=dtype)  # asserts both HF folders and both checkpoints bit-exact
+    round_trip(
+        hf_model(dtype), tmp_path, scan=scan, dtype=dtype
+    )  # asserts both HF folders and both checkpoints bit-exact
 
 
 def test_fused_experts_are_read_and_written_one_expert_at_a_time():
@@ -111,8 +122,12 @@ def test_a_consistently_transposed_expert_kernel_round_trips_but_values_catch_it
     real = GptOss.layer_rules.__func__
 
     def transposed_wo(cls, d):
-        return [Rule(r.hf, r.mt, hf_shape=r.hf_shape, mt_shape=r.mt_shape, chain=(Permute((1, 0)),), experts=r.experts)
-                if r.mt == f"{MLP}/wo" else r for r in real(cls, d)]
+        return [
+            Rule(r.hf, r.mt, hf_shape=r.hf_shape, mt_shape=r.mt_shape, chain=(Permute((1, 0)),), experts=r.experts)
+            if r.mt == f"{MLP}/wo"
+            else r
+            for r in real(cls, d)
+        ]
 
     monkeypatch.setattr(GptOss, "layer_rules", classmethod(transposed_wo))
     src = hf_model()

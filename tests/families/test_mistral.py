@@ -27,8 +27,50 @@ from tests.families.helpers import exported_logits, hf_tensors, model_cache
 
 FAMILY, LAYERS = "mistral", 3
 E, N, KV, D, F = 64, 4, 2, 32, 96
-IDS = [[1, 5, 77, 300, 12, 499, 3, 8, 250, 100, 42, 7, 19, 201, 64, 33, 2, 480, 91, 15, 6, 311, 128, 70, 9, 44, 10, 399,
-        26, 57, 81, 140, 222, 5, 18, 73, 260, 31, 444, 4]]  # 40 tokens: longer than mistral-window's window of 32
+IDS = [
+    [
+        1,
+        5,
+        77,
+        300,
+        12,
+        499,
+        3,
+        8,
+        250,
+        100,
+        42,
+        7,
+        19,
+        201,
+        64,
+        33,
+        2,
+        480,
+        91,
+        15,
+        6,
+        311,
+        128,
+        70,
+        9,
+        44,
+        10,
+        399,
+        26,
+        57,
+        81,
+        140,
+        222,
+        5,
+        18,
+        73,
+        260,
+        31,
+        444,
+        4,
+    ]
+]  # 40 tokens: longer than mistral-window's window of 32
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +108,9 @@ def expected_layer(hf: dict, i: int) -> dict:
         "pre_self_attention_layer_norm/scale": hf[p + "input_layernorm.weight"],
         "post_self_attention_layer_norm/scale": hf[p + "post_attention_layernorm.weight"],
         # float32 product with a float32 scalar, rounded once to the tensor's dtype
-        "self_attention/query/kernel": (q.T.reshape(E, N, D).astype(np.float32) * np.float32(1 / math.sqrt(D))).astype(q.dtype),
+        "self_attention/query/kernel": (q.T.reshape(E, N, D).astype(np.float32) * np.float32(1 / math.sqrt(D))).astype(
+            q.dtype
+        ),
         "self_attention/key/kernel": hf[p + "self_attn.k_proj.weight"].T.reshape(E, KV, D),
         "self_attention/value/kernel": hf[p + "self_attn.v_proj.weight"].T.reshape(E, KV, D),
         "self_attention/out/kernel": hf[p + "self_attn.o_proj.weight"].T.reshape(N, D, E),
@@ -147,8 +191,20 @@ def test_exported_folder_loads_in_transformers(tiny_model, tmp_path, family, sca
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     a, b = AutoConfig.from_pretrained(src), AutoConfig.from_pretrained(tmp_path / "hf")
     assert type(b) is MistralConfig
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
-                "vocab_size", "tie_word_embeddings", "rope_parameters", "rms_norm_eps", "sliding_window", "max_position_embeddings"):
+    for key in (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "intermediate_size",
+        "vocab_size",
+        "tie_word_embeddings",
+        "rope_parameters",
+        "rms_norm_eps",
+        "sliding_window",
+        "max_position_embeddings",
+    ):
         assert getattr(b, key) == getattr(a, key), key
     exported = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert exported["architectures"] == ["MistralForCausalLM"] and exported["model_type"] == "mistral"

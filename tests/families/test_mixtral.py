@@ -53,7 +53,8 @@ def assert_close(a: dict, b: dict, scaled: str) -> int:
 
 def expected_layer(hf: dict, i: int) -> dict:
     """MaxText arrays of HF layer i, laid out independently of the converter as MaxText's own converter lays
-    them out (src/maxtext/checkpoint_conversion/standalone_scripts/llama_or_mistral_ckpt.py in AI-Hypercomputer/maxtext): the experts stacked
+    them out (src/maxtext/checkpoint_conversion/standalone_scripts/llama_or_mistral_ckpt.py in
+    AI-Hypercomputer/maxtext): the experts stacked
     `[E, ...]` under `MoeBlock_0`, the query kernel scaled by 1/sqrt(head_dim)."""
     p = f"model.layers.{i}."
     q = hf[p + "self_attn.q_proj.weight"]
@@ -61,7 +62,9 @@ def expected_layer(hf: dict, i: int) -> dict:
         "pre_self_attention_layer_norm/scale": hf[p + "input_layernorm.weight"],
         "post_self_attention_layer_norm/scale": hf[p + "post_attention_layernorm.weight"],
         # MaxText's hook: f32 product with a f32 scalar, cast back to the tensor's dtype
-        "self_attention/query/kernel": (q.T.reshape(E, N, D).astype(np.float32) * np.float32(1 / math.sqrt(D))).astype(q.dtype),
+        "self_attention/query/kernel": (q.T.reshape(E, N, D).astype(np.float32) * np.float32(1 / math.sqrt(D))).astype(
+            q.dtype
+        ),
         "self_attention/key/kernel": hf[p + "self_attn.k_proj.weight"].T.reshape(E, KV, D),
         "self_attention/value/kernel": hf[p + "self_attn.v_proj.weight"].T.reshape(E, KV, D),
         "self_attention/out/kernel": hf[p + "self_attn.o_proj.weight"].T.reshape(N, D, E),
@@ -92,7 +95,9 @@ def test_round_trips_within_one_ulp_on_the_query(hf_model, tmp_path, scan, dtype
     src = hf_model(dtype)
     hf_to_maxtext(src, tmp_path / "mt", scan=scan, dtype=dtype)
     maxtext_to_hf(tmp_path / "mt", tmp_path / "hf", dtype=dtype)
-    assert assert_close(hf_tensors(src), hf_tensors(tmp_path / "hf"), "q_proj.weight") == 1  # ~15% of elements move 1 ulp
+    assert (
+        assert_close(hf_tensors(src), hf_tensors(tmp_path / "hf"), "q_proj.weight") == 1
+    )  # ~15% of elements move 1 ulp
     hf_to_maxtext(tmp_path / "hf", tmp_path / "mt2", scan=scan, dtype=dtype)
     assert_close(read_params(tmp_path / "mt"), read_params(tmp_path / "mt2"), "query/kernel")
 
@@ -101,7 +106,9 @@ def test_exported_folder_loads_in_transformers(hf_model, tmp_path):
     """Logits of the exported model agree with the source to float32 noise (the query is within 1 ulp)."""
     import torch
 
-    want, got = exported_logits(hf_model("float32"), tmp_path, [[1, 5, 77, 300, 12, 499, 3, 8, 250, 100, 42, 7]], scan=False)
+    want, got = exported_logits(
+        hf_model("float32"), tmp_path, [[1, 5, 77, 300, 12, 499, 3, 8, 250, 100, 42, 7]], scan=False
+    )
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

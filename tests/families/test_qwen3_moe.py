@@ -13,9 +13,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from converters.core import registry
 from converters.convert import hf_to_maxtext
 from converters.convert.to_maxtext import array_units
+from converters.core import registry
 from converters.errors import UnsupportedModelError
 from converters.io.orbax import read_params
 from converters.io.safetensors import SafetensorsFolder
@@ -33,7 +33,8 @@ def hf_model(tmp_path_factory):
 
 def expected_layer(hf: dict, i: int) -> dict:
     """MaxText arrays of HF layer i, laid out independently of the converter as MaxText's own converter lays
-    them out (src/maxtext/checkpoint_conversion/standalone_scripts/convert_qwen3_moe.py in AI-Hypercomputer/maxtext): the routed experts stacked
+    them out (src/maxtext/checkpoint_conversion/standalone_scripts/convert_qwen3_moe.py in AI-Hypercomputer/maxtext):
+    the routed experts stacked
     `[E, ...]` under `moe_block`."""
     p = f"model.layers.{i}."
     q, k = hf[p + "self_attn.q_proj.weight"], hf[p + "self_attn.k_proj.weight"]
@@ -77,7 +78,9 @@ def test_stored_values_at_every_expert_and_layer(hf_model, tmp_path, scan):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unscanned"])
 def test_round_trips_are_bit_exact(hf_model, tmp_path, scan, dtype):
-    round_trip(hf_model(dtype), tmp_path, scan=scan, dtype=dtype)  # asserts both HF folders and both checkpoints bit-exact
+    round_trip(
+        hf_model(dtype), tmp_path, scan=scan, dtype=dtype
+    )  # asserts both HF folders and both checkpoints bit-exact
 
 
 def test_experts_are_written_one_expert_layer_slice_at_a_time(hf_model, tmp_path):
@@ -105,7 +108,9 @@ def test_experts_are_written_one_expert_layer_slice_at_a_time(hf_model, tmp_path
 def test_exported_folder_loads_in_transformers_with_same_logits(hf_model, tmp_path):
     import torch
 
-    want, got = exported_logits(hf_model("float32"), tmp_path, [[1, 5, 77, 300, 12, 499, 3, 8, 250, 100, 42, 7]], scan=True)
+    want, got = exported_logits(
+        hf_model("float32"), tmp_path, [[1, 5, 77, 300, 12, 499, 3, 8, 250, 100, 42, 7]], scan=True
+    )
     assert torch.equal(got, want)
 
 

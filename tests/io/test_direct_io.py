@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from converters.io import direct_io
 from converters.errors import CorruptFileError
+from converters.io import direct_io
 
 
 @pytest.fixture
@@ -40,7 +40,9 @@ def spy(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("offset,nbytes", [(0, 1 << 20), (4095, (2 << 20) + 3), (12345, 3 << 20), ((3 << 20) + 12345 - (1 << 20), 1 << 20)])
+@pytest.mark.parametrize(
+    "offset,nbytes", [(0, 1 << 20), (4095, (2 << 20) + 3), (12345, 3 << 20), ((3 << 20) + 12345 - (1 << 20), 1 << 20)]
+)
 def test_direct_reads_at_any_offset_equal_the_file(blob, spy, offset, nbytes):
     path, data = blob
     got = direct_io.read_range(path, offset, nbytes)
@@ -153,7 +155,9 @@ def test_a_failed_direct_write_is_raised_to_the_writer(tmp_path, small_stage, mo
     w.abort()  # after a failure: no hang, no second error
 
 
-@pytest.mark.parametrize("offset,nbytes", [(0, None), (0, 1 << 20), (12345, 2 << 20), (5, 3), ((3 << 20) + 12000, None)])
+@pytest.mark.parametrize(
+    "offset,nbytes", [(0, None), (0, 1 << 20), (12345, 2 << 20), (5, 3), ((3 << 20) + 12000, None)]
+)
 def test_read_blocks_gives_the_range_asked_for_in_blocks_of_at_most_chunk(blob, offset, nbytes):
     path, data = blob
     blocks = [bytes(b) for b in direct_io.read_blocks(path, 64 << 10, offset, nbytes)]
@@ -163,4 +167,6 @@ def test_read_blocks_gives_the_range_asked_for_in_blocks_of_at_most_chunk(blob, 
 
 def test_read_blocks_ends_where_the_file_does(blob):
     path, data = blob
-    assert b"".join(bytes(b) for b in direct_io.read_blocks(path, 1 << 20, len(data) - 10, 1000)) == data[-10:].tobytes()
+    assert (
+        b"".join(bytes(b) for b in direct_io.read_blocks(path, 1 << 20, len(data) - 10, 1000)) == data[-10:].tobytes()
+    )

@@ -8,11 +8,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from converters.core import registry
 from converters.convert import hf_to_maxtext, maxtext_to_hf
+from converters.core import registry
 from converters.io.orbax import CheckpointReader, find_items_dir, read_params
 from converters.io.safetensors import SafetensorsFolder
-
 from converters.tiny_models import GENERIC_TEST_MODELS
 
 
@@ -57,7 +56,9 @@ def test_stacked_arrays_are_chunked_per_layer(tiny_model, tmp_path):
     assert q.shape == (64, 3, 4, 32) and q.storage.chunk_shape == (64, 1, 4, 32)
 
 
-@pytest.mark.parametrize("ocdbt,zarr3,compress", [(False, False, True), (True, False, True), (False, True, True), (True, True, False)])
+@pytest.mark.parametrize(
+    "ocdbt,zarr3,compress", [(False, False, True), (True, False, True), (False, True, True), (True, True, False)]
+)
 def test_storage_switches(tiny_model, tmp_path, ocdbt, zarr3, compress):
     src = tiny_model("qwen3")
     hf_to_maxtext(src, tmp_path / "mt", use_ocdbt=ocdbt, use_zarr3=zarr3, compress=compress)
@@ -73,8 +74,11 @@ def test_storage_switches(tiny_model, tmp_path, ocdbt, zarr3, compress):
 
 def _save_tree(path, tree, step=7):
     """Write a tree the way a MaxText training run does: checkpoints/<step>/items with optimizer state."""
-    mgr = ocp.CheckpointManager(path / "checkpoints", item_names=("items",),
-                                options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True))
+    mgr = ocp.CheckpointManager(
+        path / "checkpoints",
+        item_names=("items",),
+        options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True),
+    )
     mgr.save(step, args=ocp.args.Composite(items=ocp.args.PyTreeSave(tree)))
     mgr.wait_until_finished()
     mgr.close()
@@ -93,7 +97,9 @@ def test_reads_training_checkpoint_with_optimizer_state_and_padded_vocab(tiny_mo
     emb = params["token_embedder"]["embedding"]
     params["token_embedder"]["embedding"] = np.concatenate([emb, np.full((64, emb.shape[1]), 9.0, emb.dtype)])
     head = params["decoder"]["logits_dense"]["kernel"]
-    params["decoder"]["logits_dense"]["kernel"] = np.concatenate([head, np.full((head.shape[0], 64), 9.0, head.dtype)], 1)
+    params["decoder"]["logits_dense"]["kernel"] = np.concatenate(
+        [head, np.full((head.shape[0], 64), 9.0, head.dtype)], 1
+    )
     mu = {"mu": {"params": params}, "count": np.int32(5)}
     _save_tree(tmp_path / "run", {"step": 7, "params": {"params": params}, "opt_state": [mu, {}]})
 
@@ -138,8 +144,13 @@ def test_tensorstore_holds_a_referenced_block_until_its_commit():
 
     import tensorstore as ts
 
-    t = ts.open({"driver": "zarr3", "kvstore": {"driver": "memory"}}, dtype=ts.uint16, shape=[1024, 1024],
-                chunk_layout=ts.ChunkLayout(write_chunk_shape=[512, 1024]), create=True).result()
+    t = ts.open(
+        {"driver": "zarr3", "kvstore": {"driver": "memory"}},
+        dtype=ts.uint16,
+        shape=[1024, 1024],
+        chunk_layout=ts.ChunkLayout(write_chunk_shape=[512, 1024]),
+        create=True,
+    ).result()
     base = np.zeros(512 * 1024 + 8, np.uint16)
     alone = sys.getrefcount(base)
     block = base[8:].reshape(512, 1024)
@@ -222,9 +233,16 @@ def test_concurrent_writes_keep_their_own_options(tmp_path):
     def write(tag: str) -> None:
         run = runs[tag]
         try:
-            write_checkpoint(tmp_path / tag, {"decoder": {n: a for n, (_, a) in run["arrays"].items()}}, scan_layers=True,
-                             workers=run["workers"], progress=run["progress"], process_id=run["process_id"],
-                             digests=run["digests"], txn_bytes=1024)
+            write_checkpoint(
+                tmp_path / tag,
+                {"decoder": {n: a for n, (_, a) in run["arrays"].items()}},
+                scan_layers=True,
+                workers=run["workers"],
+                progress=run["progress"],
+                process_id=run["process_id"],
+                digests=run["digests"],
+                txn_bytes=1024,
+            )
         except BaseException as e:  # reported below, in the test's thread
             errors.append(e)
             barrier.abort()
@@ -239,7 +257,9 @@ def test_concurrent_writes_keep_their_own_options(tmp_path):
         items = tmp_path / tag / "0" / "items"
         # the arrays go to this writer's OCDBT sub-store (Orbax's own `step` scalar always goes to process 0's)
         stores = {p.name for p in items.glob("ocdbt.process_*")}
-        assert stores == {"ocdbt.process_0"} | ({f"ocdbt.process_{run['process_id']}"} if run["process_id"] else set()), tag
+        assert stores == {"ocdbt.process_0"} | (
+            {f"ocdbt.process_{run['process_id']}"} if run["process_id"] else set()
+        ), tag
         assert set(run["digests"]) == set(run["arrays"]), tag
         assert run["progress"].done == sum(d.nbytes for d, _ in run["arrays"].values()), tag
         for name, (data, _) in run["arrays"].items():

@@ -61,9 +61,24 @@ def twins(tmp_path_factory):
         else:
             quantized[name] = twin[name] = t
     cfg = json.loads((base / "config.json").read_text())
-    for folder, tensors, extra in ((root / "mxfp4", quantized, {"quantization_config": {
-            "quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}}),
-            (root / "twin", twin, {})):
+    for folder, tensors, extra in (
+        (
+            root / "mxfp4",
+            quantized,
+            {
+                "quantization_config": {
+                    "quant_method": "mxfp4",
+                    "modules_to_not_convert": [
+                        "model.layers.*.self_attn",
+                        "model.layers.*.mlp.router",
+                        "model.embed_tokens",
+                        "lm_head",
+                    ],
+                }
+            },
+        ),
+        (root / "twin", twin, {}),
+    ):
         folder.mkdir()
         save_file(folder / "model.safetensors", tensors)
         (folder / "config.json").write_text(json.dumps({**cfg, **extra}, indent=2))
@@ -80,8 +95,13 @@ def test_decode_table_nibble_order_and_scales():
     assert np.array_equal(got[0], want)
     codes = np.arange(16, dtype=np.uint8)
     allcodes = np.broadcast_to((codes[0::2] | (codes[1::2] << 4))[None, None], (1, 2, 8)).reshape(1, 1, 16)
-    assert np.array_equal(decode_mxfp4(allcodes, np.array([[127]], np.uint8))[0, :16], [0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6])
-    assert decode_mxfp4(np.full((1, 1, 16), 0x77, np.uint8), np.array([[0]], np.uint8))[0, 0] == np.float32(6 * 2.0**-127)
+    assert np.array_equal(
+        decode_mxfp4(allcodes, np.array([[127]], np.uint8))[0, :16],
+        [0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6],
+    )
+    assert decode_mxfp4(np.full((1, 1, 16), 0x77, np.uint8), np.array([[0]], np.uint8))[0, 0] == np.float32(
+        6 * 2.0**-127
+    )
 
 
 def test_decoder_matches_transformers():
@@ -92,7 +112,9 @@ def test_decoder_matches_transformers():
     blocks = rng.integers(0, 256, (3, 10, 4, 16), dtype=np.uint8)
     scales = rng.integers(110, 140, (3, 10, 4), dtype=np.uint8)
     want = _convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales), dtype=torch.float32).numpy()
-    assert np.array_equal(np.swapaxes(decode_mxfp4(blocks, scales), -1, -2), want)  # transformers also gives [E, in, out]
+    assert np.array_equal(
+        np.swapaxes(decode_mxfp4(blocks, scales), -1, -2), want
+    )  # transformers also gives [E, in, out]
 
 
 def test_folder_view_presents_decoded_tensors(twins):
@@ -177,7 +199,9 @@ def fp8_twins(tmp_path_factory):
         if name.endswith(FP8_QUANTIZED):
             q, scale = quantize_fp8(t)
             quantized[name], quantized[name + "_scale_inv"] = q, scale
-            twin[name] = (q.astype(np.float32) * np.repeat(np.repeat(scale, 16, 0), 16, 1)[: t.shape[0], : t.shape[1]]).astype(BF16)
+            twin[name] = (
+                q.astype(np.float32) * np.repeat(np.repeat(scale, 16, 0), 16, 1)[: t.shape[0], : t.shape[1]]
+            ).astype(BF16)
         else:
             quantized[name] = twin[name] = t
     cfg = json.loads((base / "config.json").read_text())
@@ -194,7 +218,9 @@ def test_fp8_block_decode_rules():
     scale = np.array([[2.0, 0.25], [-1.0, 8.0]], np.float32)  # blocks of 2x2; last row / column are partial blocks
     got = decode_fp8_blocks(w, scale, (2, 2)).astype(np.float32)
     assert np.array_equal(got, [[2.0, -4.0, 112.0], [1.0, 0.0, -0.75], [-1.5, -2.0, 32.0]])
-    assert np.array_equal(decode_fp8_blocks(w[2:], scale[1:], (2, 2), row0=2).astype(np.float32), got[2:])  # a row range
+    assert np.array_equal(
+        decode_fp8_blocks(w[2:], scale[1:], (2, 2), row0=2).astype(np.float32), got[2:]
+    )  # a row range
     e8m0 = decode_fp8_blocks(w[:1, :1], np.array([[130]], np.uint8), (2, 2)).astype(np.float32)  # 2^(130-127)
     assert e8m0[0, 0] == 8.0
     with pytest.raises(CorruptFileError):
@@ -219,8 +245,11 @@ def test_fp8_source_converts_like_its_dequantized_twin(fp8_twins, tmp_path, scan
         assert "quantization_config" not in cfg and cfg["dtype"] == "bfloat16"
         out, ref = SafetensorsFolder(tmp_path / "hf"), SafetensorsFolder(twin)
         assert sorted(out.tensors) == sorted(ref.tensors)
-        assert all(out.info(n).dtype == ref.info(n).dtype and np.array_equal(out.read(n).view(np.uint8), ref.read(n).view(np.uint8))
-                   for n in ref.tensors)
+        assert all(
+            out.info(n).dtype == ref.info(n).dtype
+            and np.array_equal(out.read(n).view(np.uint8), ref.read(n).view(np.uint8))
+            for n in ref.tensors
+        )
 
 
 def test_fp8_weight_without_scales_is_refused(fp8_twins, tmp_path):

@@ -9,11 +9,22 @@ import pytest
 import safetensors.numpy
 
 from converters.errors import CkptflowError, CorruptFileError
-from converters.io.safetensors import PlannedTensor, SafetensorsFile, SafetensorsFolder, ShardWriter, read_tensor, save_file
+from converters.io.safetensors import (
+    PlannedTensor,
+    SafetensorsFile,
+    SafetensorsFolder,
+    ShardWriter,
+    read_tensor,
+    save_file,
+)
 
 
 def test_reads_what_the_reference_library_writes(tmp_path):
-    tensors = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones((2, 5), ml_dtypes.bfloat16), "c": np.array([1, 2], np.int64)}
+    tensors = {
+        "a": np.arange(12, dtype=np.float32).reshape(3, 4),
+        "b": np.ones((2, 5), ml_dtypes.bfloat16),
+        "c": np.array([1, 2], np.int64),
+    }
     safetensors.numpy.save_file(tensors, tmp_path / "x.safetensors", metadata={"format": "pt"})
     f = SafetensorsFolder(tmp_path)
     for n, t in tensors.items():
@@ -22,7 +33,10 @@ def test_reads_what_the_reference_library_writes(tmp_path):
 
 
 def test_reference_library_reads_what_we_write(tmp_path):
-    tensors = {"w": np.arange(20, dtype=np.float32).reshape(4, 5).astype(ml_dtypes.bfloat16), "z": np.zeros((0, 3), np.float32)}
+    tensors = {
+        "w": np.arange(20, dtype=np.float32).reshape(4, 5).astype(ml_dtypes.bfloat16),
+        "z": np.zeros((0, 3), np.float32),
+    }
     save_file(tmp_path / "m.safetensors", tensors)
     back = safetensors.numpy.load_file(tmp_path / "m.safetensors")
     assert all(np.array_equal(back[n], t) for n, t in tensors.items())
@@ -35,7 +49,12 @@ def test_writer_accepts_row_chunks_and_checks_order(tmp_path):
     w.write("a", np.ones((1, 2), np.float32))
     w.write("a", np.full((3, 2), 2, np.float32))
     w.close()
-    assert read_tensor(SafetensorsFile(tmp_path / "m.safetensors").tensors["a"]).tolist() == [[1, 1], [2, 2], [2, 2], [2, 2]]
+    assert read_tensor(SafetensorsFile(tmp_path / "m.safetensors").tensors["a"]).tolist() == [
+        [1, 1],
+        [2, 2],
+        [2, 2],
+        [2, 2],
+    ]
 
 
 def _raw(tmp_path, header: bytes, body: bytes = b"", hlen: int | None = None):
@@ -52,14 +71,46 @@ def _raw(tmp_path, header: bytes, body: bytes = b"", hlen: int | None = None):
         (b"[]", b"", None, "not a JSON object"),
         (b"{}", b"", 10**12, "exceeds"),
         (b"{}", b"", 50, "runs past the end"),
-        (json.dumps({"a": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 4]}}).encode(), b"\0" * 4, None, "unknown dtype"),
-        (json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}).encode(), b"\0" * 4, None, "needs 8 bytes"),
-        (json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode(), b"\0" * 4, None, "truncated"),
-        (json.dumps({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}).encode(), b"\0" * 4, None, "invalid shape"),
-        (json.dumps({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}).encode(), b"\0" * 4, None, "invalid data_offsets"),
         (
-            json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}).encode(),
-            b"\0" * 8, None, "overlap",
+            json.dumps({"a": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 4]}}).encode(),
+            b"\0" * 4,
+            None,
+            "unknown dtype",
+        ),
+        (
+            json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}).encode(),
+            b"\0" * 4,
+            None,
+            "needs 8 bytes",
+        ),
+        (
+            json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode(),
+            b"\0" * 4,
+            None,
+            "truncated",
+        ),
+        (
+            json.dumps({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}).encode(),
+            b"\0" * 4,
+            None,
+            "invalid shape",
+        ),
+        (
+            json.dumps({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}).encode(),
+            b"\0" * 4,
+            None,
+            "invalid data_offsets",
+        ),
+        (
+            json.dumps(
+                {
+                    "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                    "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]},
+                }
+            ).encode(),
+            b"\0" * 8,
+            None,
+            "overlap",
         ),
     ],
 )
@@ -89,7 +140,9 @@ def test_pickle_only_folder_is_refused_with_explanation(tmp_path):
 
 def test_index_must_match_files(tmp_path):
     save_file(tmp_path / "a.safetensors", {"x": np.ones(2, np.float32)})
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "a.safetensors", "y": "b.safetensors"}}))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"x": "a.safetensors", "y": "b.safetensors"}})
+    )
     with pytest.raises(CkptflowError, match="missing: b.safetensors"):
         SafetensorsFolder(tmp_path)
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "../a.safetensors"}}))
@@ -106,7 +159,9 @@ def test_shard_writer_output_and_digests_are_whole_across_many_direct_writes(tmp
 
     monkeypatch.setattr(direct_io.SequentialWriter, "STAGE", 64 << 10)
     rng = np.random.default_rng(1)
-    tensors = {f"t{k}": rng.integers(0, 2**15, size=(97 + k, 1031), dtype=np.int16).view(ml_dtypes.bfloat16) for k in range(6)}
+    tensors = {
+        f"t{k}": rng.integers(0, 2**15, size=(97 + k, 1031), dtype=np.int16).view(ml_dtypes.bfloat16) for k in range(6)
+    }
     w = ShardWriter(tmp_path / "s.safetensors", [PlannedTensor(n, t.shape, t.dtype) for n, t in tensors.items()])
     for n, t in tensors.items():
         for rows in (slice(0, 50), slice(50, t.shape[0])):

@@ -42,7 +42,9 @@ def is_local(source: str) -> bool:
 
 def same_conversion(argv):
     """The command without --part/--finalize: every part and the finalize of one download or conversion share it."""
-    drop = {i for i, a in enumerate(argv) if a == "--part" for i in (i, i + 1)} | {i for i, a in enumerate(argv) if a == "--finalize"}
+    drop = {i for i, a in enumerate(argv) if a == "--part" for i in (i, i + 1)} | {
+        i for i, a in enumerate(argv) if a == "--finalize"
+    }
     return [a for i, a in enumerate(argv) if i not in drop]
 
 
@@ -63,12 +65,17 @@ def finalize(argv):
             print(f"error: part {i}/{parts} is missing or from another conversion", file=sys.stderr)
             return 2
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ckptflow-manifest.json").write_text(json.dumps({
-        "family": "llama3.1", "ckptflow_version": "0.0-fake",
-        "options": {"scan_layers": "--scan" in argv, "dtype": opt(argv, "--dtype")},
-        "outputs": {"0/items/data": {"bytes": 3, "sha256": "ab" * 32}},
-        "parts": [{"part": i, "pid": records[i]["pid"]} for i in range(parts)],
-    }))
+    (out / "ckptflow-manifest.json").write_text(
+        json.dumps(
+            {
+                "family": "llama3.1",
+                "ckptflow_version": "0.0-fake",
+                "options": {"scan_layers": "--scan" in argv, "dtype": opt(argv, "--dtype")},
+                "outputs": {"0/items/data": {"bytes": 3, "sha256": "ab" * 32}},
+                "parts": [{"part": i, "pid": records[i]["pid"]} for i in range(parts)],
+            }
+        )
+    )
     for p in stage.iterdir():
         p.unlink()
     stage.rmdir()
@@ -86,7 +93,7 @@ def download_part(argv, part, parts):
 
 def download_finalize(argv):
     """Exit status 2 naming the first missing part; else the recorded parts (empty for a local source)."""
-    out, stage = Path(argv[2]), download_staging(Path(argv[2]))
+    stage = download_staging(Path(argv[2]))
     records = {int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in stage.glob("part-*.json")}
     if not is_local(argv[1]):
         parts = next(iter(records.values()), {}).get("parts") or 1
@@ -104,9 +111,16 @@ def download_finalize(argv):
 def write_download(argv, part_pids=None):
     out = Path(argv[2])
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ckptflow-download.json").write_text(json.dumps(
-        {"source": argv[1], "revision": "f" * 40 if opt(argv, "--revision") else None, "digest": "sha256:src",
-         **({"part_pids": part_pids} if part_pids else {})}))
+    (out / "ckptflow-download.json").write_text(
+        json.dumps(
+            {
+                "source": argv[1],
+                "revision": "f" * 40 if opt(argv, "--revision") else None,
+                "digest": "sha256:src",
+                **({"part_pids": part_pids} if part_pids else {}),
+            }
+        )
+    )
 
 
 def main(argv):
@@ -119,8 +133,17 @@ def main(argv):
     elif "--finalize" in argv:
         step = "download_finalize" if argv[0] == "download" else "finalize"
     with open(state / "calls.jsonl", "a") as f:
-        f.write(json.dumps({"argv": argv, "pid": os.getpid(), "hf_token": os.environ.get("HF_TOKEN"),
-                            "airflow_env": sorted(k for k in os.environ if k.startswith("AIRFLOW__"))}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "argv": argv,
+                    "pid": os.getpid(),
+                    "hf_token": os.environ.get("HF_TOKEN"),
+                    "airflow_env": sorted(k for k in os.environ if k.startswith("AIRFLOW__")),
+                }
+            )
+            + "\n"
+        )
     print(f"fake ckptflow {step}: starting", flush=True)
     code = os.environ.get("FAKE_CKPTFLOW_EXIT", "")
     if code.partition(":")[0] == step:
@@ -148,26 +171,42 @@ def main(argv):
     elif step == "convert":
         out = Path(argv[2])
         out.mkdir(parents=True, exist_ok=True)
-        (out / "ckptflow-manifest.json").write_text(json.dumps({
-            "family": "llama3.1", "ckptflow_version": "0.0-fake",
-            "options": {"scan_layers": "--scan" in argv, "dtype": opt(argv, "--dtype")},
-            "outputs": {"0/items/data": {"bytes": 3, "sha256": "ab" * 32}},
-        }))
+        (out / "ckptflow-manifest.json").write_text(
+            json.dumps(
+                {
+                    "family": "llama3.1",
+                    "ckptflow_version": "0.0-fake",
+                    "options": {"scan_layers": "--scan" in argv, "dtype": opt(argv, "--dtype")},
+                    "outputs": {"0/items/data": {"bytes": 3, "sha256": "ab" * 32}},
+                }
+            )
+        )
     elif step == "verify":
         passed = os.environ.get("FAKE_CKPTFLOW_VERIFY") != "fail"
         report = Path(opt(argv, "--report"))
         report.mkdir(parents=True, exist_ok=True)
         kl = 1e-7 if passed else 0.5
-        (report / "verify.json").write_text(json.dumps({
-            "dtype": "float32", "max_kl": float(opt(argv, "--max-kl")),
-            "summary": {"passed": passed, "kl_max": kl, "kl_mean": kl / 2, "max_kl_threshold": float(opt(argv, "--max-kl"))},
-        }))
+        (report / "verify.json").write_text(
+            json.dumps(
+                {
+                    "dtype": "float32",
+                    "max_kl": float(opt(argv, "--max-kl")),
+                    "summary": {
+                        "passed": passed,
+                        "kl_max": kl,
+                        "kl_mean": kl / 2,
+                        "max_kl_threshold": float(opt(argv, "--max-kl")),
+                    },
+                }
+            )
+        )
         if not passed:
             print("verify FAILED", file=sys.stderr)
             return 1
     elif step == "publish":
-        Path(opt(argv, "--receipt")).write_text(json.dumps(
-            {"destination": argv[2], "digest": "sha256:pub", "status": "published"}))
+        Path(opt(argv, "--receipt")).write_text(
+            json.dumps({"destination": argv[2], "digest": "sha256:pub", "status": "published"})
+        )
     print(f"fake ckptflow {step}: done", flush=True)
     return 0
 

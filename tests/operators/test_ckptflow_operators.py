@@ -85,8 +85,17 @@ def test_a_step_failing_once_is_retried_and_the_run_succeeds(fast_retries, fake_
     dr, tis = run(fast_retries, CONF)
     assert dr.state == "success"
     assert {k: ti.try_number for k, ti in tis.items()} == {
-        "download": 1, "download_finalize": 1, "plan_parts": 1, "convert": 2, "finalize": 1, "verify": 1, "publish": 1}
-    assert tis["finalize"].state == tis["download_finalize"].state == "success"  # one part: the finalizes run no command
+        "download": 1,
+        "download_finalize": 1,
+        "plan_parts": 1,
+        "convert": 2,
+        "finalize": 1,
+        "verify": 1,
+        "publish": 1,
+    }
+    assert (
+        tis["finalize"].state == tis["download_finalize"].state == "success"
+    )  # one part: the finalizes run no command
     argvs = [c["argv"] for c in fake_cli()]
     assert [a[0] for a in argvs] == ["download", "convert", "convert", "verify", "publish"]
     assert argvs[1] == argvs[2]  # a retry runs exactly the same command
@@ -141,13 +150,20 @@ def test_hub_source_token_from_a_connection_and_lineage_pinned_to_the_sha(fast_r
     assert all(secret not in " ".join(c["argv"]) for c in fake_cli())
 
     with create_session() as session:
-        extras = {e.source_task_id: e.extra for e in session.query(AssetEvent).filter(AssetEvent.source_run_id == dr.run_id)}
+        extras = {
+            e.source_task_id: e.extra for e in session.query(AssetEvent).filter(AssetEvent.source_run_id == dr.run_id)
+        }
     assert extras["publish"]["source_revision"] == "v1.0" and extras["publish"]["source_revision_sha"] == "f" * 40
     assert secret not in json.dumps(extras)
     # OpenLineage names the source by the resolved commit, not by "v1.0".
     home = Path(os.environ["AIRFLOW_HOME"])
-    (done,) = [e for e in ol_events(home) if e["eventType"] == "COMPLETE" and e["job"]["name"].endswith(".download")
-               and e["run"]["facets"]["airflow"]["dagRun"]["run_id"] == dr.run_id]
+    (done,) = [
+        e
+        for e in ol_events(home)
+        if e["eventType"] == "COMPLETE"
+        and e["job"]["name"].endswith(".download")
+        and e["run"]["facets"]["airflow"]["dagRun"]["run_id"] == dr.run_id
+    ]
     (source,) = done["inputs"]
     assert (source["namespace"], source["name"]) == ("https://huggingface.co", "acme/tiny")
     assert source["facets"]["version"]["datasetVersion"] == "f" * 40
@@ -156,10 +172,10 @@ def test_hub_source_token_from_a_connection_and_lineage_pinned_to_the_sha(fast_r
 @pytest.fixture
 def local_pods(fake_cli, tmp_path, monkeypatch):
     """Kubernetes mode with each step's pod run as a local process (the stand-in plays the image)."""
-    from kubernetes.client import models as k8s
-
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from airflow.sdk.exceptions import AirflowException
+    from kubernetes.client import models as k8s
+
     from operators import kubernetes
 
     class LocalPod(KubernetesPodOperator):
@@ -167,8 +183,14 @@ def local_pods(fake_cli, tmp_path, monkeypatch):
             assert self.cmds == ["ckptflow"]
             done = subprocess.run([sys.executable, str(FAKE), *self.arguments], capture_output=True, text=True)
             terminated = k8s.V1ContainerStateTerminated(exit_code=done.returncode)
-            status = k8s.V1ContainerStatus(name="base", image=self.image, image_id="", ready=False, restart_count=0,
-                                           state=k8s.V1ContainerState(terminated=terminated))
+            status = k8s.V1ContainerStatus(
+                name="base",
+                image=self.image,
+                image_id="",
+                ready=False,
+                restart_count=0,
+                state=k8s.V1ContainerState(terminated=terminated),
+            )
             self.remote_pod = k8s.V1Pod(status=k8s.V1PodStatus(container_statuses=[status]))
             if done.returncode:
                 raise AirflowException(f"Pod {self.name} returned a failure.\n{done.stderr}")
@@ -196,7 +218,11 @@ def test_kubernetes_mode_runs_each_step_in_a_pod(fast_retries, local_pods, fake_
     assert dr.state == "success", {k: ti.state for k, ti in tis.items()}
     assert [p.arguments[0] for p in local_pods] == list(STEPS)
     assert [c["argv"] for c in fake_cli()] == [p.arguments for p in local_pods]
-    assert all(p.arguments[2].startswith(str(tmp_path / "mnt")) for p in local_pods if p.arguments[0] in ("download", "convert"))
+    assert all(
+        p.arguments[2].startswith(str(tmp_path / "mnt"))
+        for p in local_pods
+        if p.arguments[0] in ("download", "convert")
+    )
     # verify computes on the CPU: on a TPU preset it runs on the CPU pool like every other step
     assert [p.node_selector for p in local_pods] == [{"cloud.google.com/gke-nodepool": "ckptflow-cpu"}] * len(STEPS)
 
@@ -215,7 +241,7 @@ PARTS_CONF = {**CONF, "parts": 3}
 
 
 def part_of(argv):
-    """"convert 0/3" for a part's command, "convert --finalize" for a finalize, else the subcommand."""
+    """ "convert 0/3" for a part's command, "convert --finalize" for a finalize, else the subcommand."""
     if "--part" in argv:
         return f"{argv[0]} {argv[argv.index('--part') + 1]}"
     return f"{argv[0]} --finalize" if "--finalize" in argv else argv[0]
@@ -288,7 +314,9 @@ def test_a_failed_part_is_retried_alone_and_the_other_parts_work_is_kept(fast_re
     pids = {part_of(c["argv"]): c["pid"] for c in calls}  # the last call of each
     layout = WorkLayout(str(Path(calls[0]["argv"][2]).parent))
     if step == "convert":
-        taken = [p["pid"] for p in json.loads((Path(layout.converted_dir) / "ckptflow-manifest.json").read_text())["parts"]]
+        taken = [
+            p["pid"] for p in json.loads((Path(layout.converted_dir) / "ckptflow-manifest.json").read_text())["parts"]
+        ]
     else:
         taken = json.loads((Path(layout.source_dir) / "ckptflow-download.json").read_text())["part_pids"]
     assert taken == [pids[k] for k in keys[:3]]
@@ -301,7 +329,11 @@ def test_a_part_with_bad_input_stops_the_run_before_its_finalize(fast_retries, f
     assert dr.state == "failed"
     assert tis[(step, 2)].state == "failed" and tis[(step, 2)].try_number == 1  # bad input: not retried
     assert tis[(step, 0)].state == tis[(step, 1)].state == "success"
-    after = (DOWNLOAD_FINALIZE, "convert", "finalize", "verify", "publish") if step == "download" else ("finalize", "verify", "publish")
+    after = (
+        (DOWNLOAD_FINALIZE, "convert", "finalize", "verify", "publish")
+        if step == "download"
+        else ("finalize", "verify", "publish")
+    )
     assert {ti.state for (task_id, _), ti in tis.items() if task_id in after} == {"upstream_failed"}
     ran = [part_of(c["argv"]) for c in fake_cli()]
     assert f"{step} --finalize" not in ran and "verify" not in ran
@@ -315,8 +347,14 @@ def test_a_split_download_gets_the_token_in_every_part_and_its_finalize_only(fas
     assert dr.state == "success"
     tokens = {part_of(c["argv"]): c["hf_token"] for c in fake_cli()}
     assert tokens == {
-        "download 0/2": secret, "download 1/2": secret, "download --finalize": secret,
-        "convert 0/2": None, "convert 1/2": None, "convert --finalize": None, "verify": None, "publish": secret,
+        "download 0/2": secret,
+        "download 1/2": secret,
+        "download --finalize": secret,
+        "convert 0/2": None,
+        "convert 1/2": None,
+        "convert --finalize": None,
+        "verify": None,
+        "publish": secret,
     }
 
 
@@ -326,7 +364,8 @@ def test_a_download_finalize_refusing_a_missing_part_is_not_retried(fast_retries
     wrapper = tmp_path / "lossy.py"
     wrapper.write_text(
         "import runpy, sys\n"
-        "if sys.argv[1:2] == ['download'] and '1/2' in sys.argv: sys.exit(0)  # part 1 claims success, fetches nothing\n"
+        "if sys.argv[1:2] == ['download'] and '1/2' in sys.argv: sys.exit(0)  # part 1 claims success, fetches "
+        "nothing\n"
         f"sys.argv = [{str(FAKE)!r}, *sys.argv[1:]]\n"
         f"runpy.run_path({str(FAKE)!r}, run_name='__main__')\n"
     )
@@ -342,19 +381,32 @@ def test_kubernetes_mode_runs_each_part_in_a_pod_of_its_own(fast_retries, local_
     dr, tis = run_mapped(fast_retries, {**K8S_CONF, "parts": 2})
     assert dr.state == "success", {k: ti.state for k, ti in tis.items()}
     pods = {part_of(p.arguments): p for p in local_pods}
-    assert len(local_pods) == 8 and sorted(pods) == sorted([
-        "download 0/2", "download 1/2", "download --finalize",
-        "convert 0/2", "convert 1/2", "convert --finalize", "verify", "publish"])
+    assert len(local_pods) == 8 and sorted(pods) == sorted(
+        [
+            "download 0/2",
+            "download 1/2",
+            "download --finalize",
+            "convert 0/2",
+            "convert 1/2",
+            "convert --finalize",
+            "verify",
+            "publish",
+        ]
+    )
     assert [c["argv"] for c in fake_cli()] == [p.arguments for p in local_pods]
     names = {key: pod.name for key, pod in pods.items() if key not in ("verify", "publish")}
     assert names == {
-        "download 0/2": "ckptflow-download-part-0", "download 1/2": "ckptflow-download-part-1",
+        "download 0/2": "ckptflow-download-part-0",
+        "download 1/2": "ckptflow-download-part-1",
         "download --finalize": "ckptflow-download-finalize",
-        "convert 0/2": "ckptflow-convert-part-0", "convert 1/2": "ckptflow-convert-part-1",
+        "convert 0/2": "ckptflow-convert-part-0",
+        "convert 1/2": "ckptflow-convert-part-1",
         "convert --finalize": "ckptflow-finalize",
     }
     for step in ("download", "convert"):
-        assert pods[f"{step} 1/2"].labels["ckptflow/part"] == "1" and pods[f"{step} 1/2"].labels["ckptflow/step"] == step
+        assert (
+            pods[f"{step} 1/2"].labels["ckptflow/part"] == "1" and pods[f"{step} 1/2"].labels["ckptflow/step"] == step
+        )
     assert pods["download --finalize"].labels["ckptflow/step"] == DOWNLOAD_FINALIZE
     assert "ckptflow/part" not in pods["download --finalize"].labels
     # On a TPU preset the parts and the finalizes stay on the CPU pool, like a whole download or convert.

@@ -14,29 +14,72 @@ LAYOUT = WorkLayout("/work/convert_checkpoint/run-1")
 
 
 def test_hf_to_maxtext_commands():
-    spec = RunSpec(source="acme/tiny", revision="v2", destination="file:///models/tiny/v1", model="qwen3-0.6b", scan=False, dtype="float32", max_kl=0.02)
-    assert step_args("download", spec, LAYOUT) == ["download", "acme/tiny", "/work/convert_checkpoint/run-1/source", "--revision", "v2"]
+    spec = RunSpec(
+        source="acme/tiny",
+        revision="v2",
+        destination="file:///models/tiny/v1",
+        model="qwen3-0.6b",
+        scan=False,
+        dtype="float32",
+        max_kl=0.02,
+    )
+    assert step_args("download", spec, LAYOUT) == [
+        "download",
+        "acme/tiny",
+        "/work/convert_checkpoint/run-1/source",
+        "--revision",
+        "v2",
+    ]
     assert step_args("convert", spec, LAYOUT) == [
-        "convert", "/work/convert_checkpoint/run-1/source", "/work/convert_checkpoint/run-1/converted",
-        "--to", "maxtext", "--no-scan", "--dtype", "float32", "--model", "qwen3-0.6b", "--overwrite", "--quiet",
+        "convert",
+        "/work/convert_checkpoint/run-1/source",
+        "/work/convert_checkpoint/run-1/converted",
+        "--to",
+        "maxtext",
+        "--no-scan",
+        "--dtype",
+        "float32",
+        "--model",
+        "qwen3-0.6b",
+        "--overwrite",
+        "--quiet",
     ]
     assert step_args("verify", spec, LAYOUT) == [
-        "verify", "--hf", "/work/convert_checkpoint/run-1/source", "--maxtext", "/work/convert_checkpoint/run-1/converted",
-        "--max-kl", "0.02", "--report", "/work/convert_checkpoint/run-1/verify",
+        "verify",
+        "--hf",
+        "/work/convert_checkpoint/run-1/source",
+        "--maxtext",
+        "/work/convert_checkpoint/run-1/converted",
+        "--max-kl",
+        "0.02",
+        "--report",
+        "/work/convert_checkpoint/run-1/verify",
     ]
     assert step_args("publish", spec, LAYOUT) == [
-        "publish", "/work/convert_checkpoint/run-1/converted", "file:///models/tiny/v1",
-        "--receipt", "/work/convert_checkpoint/run-1/publish.json",
-        "--verify-report", "/work/convert_checkpoint/run-1/verify/verify.json",
+        "publish",
+        "/work/convert_checkpoint/run-1/converted",
+        "file:///models/tiny/v1",
+        "--receipt",
+        "/work/convert_checkpoint/run-1/publish.json",
+        "--verify-report",
+        "/work/convert_checkpoint/run-1/verify/verify.json",
     ]
 
 
 def test_maxtext_to_hf_swaps_the_verify_sides_and_stages_a_checkpoint():
     spec = RunSpec(source="/ckpts/run7", destination="file:///models/hf", direction="maxtext-to-hf")
-    assert step_args("download", spec, LAYOUT) == ["download", "/ckpts/run7", "/work/convert_checkpoint/run-1/source", "--format", "maxtext"]
+    assert step_args("download", spec, LAYOUT) == [
+        "download",
+        "/ckpts/run7",
+        "/work/convert_checkpoint/run-1/source",
+        "--format",
+        "maxtext",
+    ]
     assert step_args("convert", spec, LAYOUT)[3:5] == ["--to", "hf"]
     verify = step_args("verify", spec, LAYOUT)
-    assert verify[verify.index("--hf") + 1].endswith("/converted") and verify[verify.index("--maxtext") + 1].endswith("/source")
+    assert verify[verify.index("--hf") + 1].endswith("/converted") and verify[verify.index("--maxtext") + 1].endswith(
+        "/source"
+    )
 
 
 def test_local_sources_get_no_revision_and_auto_model_no_flag():
@@ -47,8 +90,10 @@ def test_local_sources_get_no_revision_and_auto_model_no_flag():
 
 def test_every_command_parses_with_the_real_cli():
     parser = build_parser()
-    for spec in (RunSpec(source="acme/tiny", destination="file:///x", model="llama3.1-8b"),
-                 RunSpec(source="/ckpt", destination="file:///y", direction="maxtext-to-hf", scan=False)):
+    for spec in (
+        RunSpec(source="acme/tiny", destination="file:///x", model="llama3.1-8b"),
+        RunSpec(source="/ckpt", destination="file:///y", direction="maxtext-to-hf", scan=False),
+    ):
         for step in commands.STEPS:
             args = parser.parse_args(step_args(step, spec, LAYOUT))
             assert args.command == step
@@ -73,7 +118,8 @@ def test_run_spec_rejects_bad_values(params, message):
 def test_run_spec_from_params_ignores_unknown_keys_and_applies_task_overrides():
     spec = RunSpec.from_params(
         {"source": "acme/tiny", "destination": "file:///x", "unrelated": 1, "execution_mode": "kubernetes"},
-        execution_mode="local", node_pool=None,
+        execution_mode="local",
+        node_pool=None,
     )
     assert spec.execution_mode == "local" and spec.node_pool == commands.DEFAULT_NODE_POOL
 
@@ -81,7 +127,7 @@ def test_run_spec_from_params_ignores_unknown_keys_and_applies_task_overrides():
 def test_run_keys_are_safe_and_distinct():
     a, b = run_key("d", "manual__2026-11-29T12:00:00+00:00"), run_key("d", "manual__2026-11-29T12_00_00_00_00")
     assert a != b and a.startswith("d/manual__2026-11-29T12_00_00_00_00-")
-    assert run_key("d", "../../etc") .startswith("d/etc-")
+    assert run_key("d", "../../etc").startswith("d/etc-")
     assert "/" not in run_key("d", "a/b/c").removeprefix("d/")
 
 
@@ -96,7 +142,9 @@ PARTS_SPEC = RunSpec(source="acme/tiny", destination="file:///x", model="llama3.
 
 
 def test_convert_in_parts_runs_one_command_per_part_and_a_finalize_with_the_same_conversion():
-    whole = step_args("convert", RunSpec(source="acme/tiny", destination="file:///x", model="llama3.1-8b", scan=False), LAYOUT)
+    whole = step_args(
+        "convert", RunSpec(source="acme/tiny", destination="file:///x", model="llama3.1-8b", scan=False), LAYOUT
+    )
     parts = [step_args("convert", PARTS_SPEC, LAYOUT, part=i) for i in range(3)]
     assert parts == [whole + ["--part", f"{i}/3"] for i in range(3)]  # same SRC, OUT and options for every part
     assert step_args("finalize", PARTS_SPEC, LAYOUT) == whole + ["--finalize"]
@@ -115,10 +163,17 @@ def test_convert_in_parts_runs_one_command_per_part_and_a_finalize_with_the_same
 def test_download_in_parts_runs_one_command_per_part_and_a_finalize_with_the_same_source(source, revision):
     one = RunSpec(source=source, revision=revision, destination="file:///x", parts=1)
     whole = step_args("download", one, LAYOUT)
-    assert whole == ["download", source, "/work/convert_checkpoint/run-1/source", *(["--revision", revision] if revision else [])]
+    assert whole == [
+        "download",
+        source,
+        "/work/convert_checkpoint/run-1/source",
+        *(["--revision", revision] if revision else []),
+    ]
     spec = RunSpec(source=source, revision=revision, destination="file:///x", parts=3)
     # Same SOURCE, OUT and revision for every part and the finalize (a local source's parts do nothing).
-    assert [step_args("download", spec, LAYOUT, part=i) for i in range(3)] == [whole + ["--part", f"{i}/3"] for i in range(3)]
+    assert [step_args("download", spec, LAYOUT, part=i) for i in range(3)] == [
+        whole + ["--part", f"{i}/3"] for i in range(3)
+    ]
     assert step_args("download_finalize", spec, LAYOUT) == whole + ["--finalize"]
     # One part is the whole download: the single-process command, as before `parts` existed.
     assert step_args("download", one, LAYOUT, part=0) == whole
@@ -155,6 +210,8 @@ def test_part_and_finalize_commands_parse_with_the_real_cli():
     for spec in (PARTS_SPEC, RunSpec(source="/ckpt", destination="file:///y", direction="maxtext-to-hf", parts=2)):
         for step, finalize in (("download", "download_finalize"), ("convert", "finalize")):
             parts = [parser.parse_args(step_args(step, spec, LAYOUT, part=i)) for i in range(spec.parts)]
-            assert [(a.command, a.part, a.finalize) for a in parts] == [(step, (i, spec.parts), False) for i in range(spec.parts)]
+            assert [(a.command, a.part, a.finalize) for a in parts] == [
+                (step, (i, spec.parts), False) for i in range(spec.parts)
+            ]
             done = parser.parse_args(step_args(finalize, spec, LAYOUT))
             assert (done.command, done.part, done.finalize) == (step, None, True)

@@ -10,9 +10,18 @@ ALL_OPERATORS = {**OPERATORS, "download_finalize": DownloadFinalizeOperator, "fi
 
 
 def test_gcp_connection_sets_key_file_and_project_for_download_and_publish_only(monkeypatch):
-    monkeypatch.setenv("AIRFLOW_CONN_CKPTFLOW_GCP", json.dumps(
-        {"conn_type": "google_cloud_platform", "extra": {"key_path": "/secrets/gcs-key.json", "project": "my-project"}}))
-    monkeypatch.setenv("AIRFLOW_CONN_CKPTFLOW_HF", json.dumps({"conn_type": "generic", "password": "hf_fromTheConnection"}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_CKPTFLOW_GCP",
+        json.dumps(
+            {
+                "conn_type": "google_cloud_platform",
+                "extra": {"key_path": "/secrets/gcs-key.json", "project": "my-project"},
+            }
+        ),
+    )
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_CKPTFLOW_HF", json.dumps({"conn_type": "generic", "password": "hf_fromTheConnection"})
+    )
     monkeypatch.setenv("HF_TOKEN", "hf_inTheWorkersEnvironment")
     envs = {step: op(task_id=step)._child_env() for step, op in ALL_OPERATORS.items()}
     for step, env in envs.items():

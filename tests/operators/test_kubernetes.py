@@ -122,7 +122,9 @@ def test_pod_specs_validate_strictly_and_run_the_local_command(convert_dag, sett
         # No secret value anywhere; the token is a secretKeyRef for the steps that talk to the hub.
         assert SECRET not in json.dumps(pod)
         refs = [e["valueFrom"]["secretKeyRef"] for e in container.get("env", []) if "valueFrom" in e]
-        assert refs == ([{"name": "ckptflow-hf-token", "key": "token", "optional": True}] if step in ("download", "publish") else [])
+        assert refs == (
+            [{"name": "ckptflow-hf-token", "key": "token", "optional": True}] if step in ("download", "publish") else []
+        )
 
     # No step computes on a TPU (verify streams the models through the CPU): on a TPU preset every step, verify
     # included, runs on the CPU pool, with no TPU request, no TPU toleration and JAX on the CPU.
@@ -141,14 +143,26 @@ def test_a_step_that_computes_on_an_accelerator_goes_to_the_tpu_slice(settings):
     requests its chips and lets JAX see the TPU; the other steps stay on the CPU companion."""
     tpu = dataclasses.replace(NODE_POOLS["tpu-v5e-8"], accelerated_steps=("verify",))
     built = {
-        step: pod_manifest(build_pod_operator(task_id=step, step=step, args=[step], pool=tpu, model="llama3.1-8b",
-                                              settings=settings, timeout_seconds=3600))
+        step: pod_manifest(
+            build_pod_operator(
+                task_id=step,
+                step=step,
+                args=[step],
+                pool=tpu,
+                model="llama3.1-8b",
+                settings=settings,
+                timeout_seconds=3600,
+            )
+        )
         for step in ("convert", "verify")
     }
     for pod in built.values():
         kubernetes_validate.validate(pod, K8S_VERSIONS[-1], strict=True)
     spec = built["verify"]["spec"]
-    assert spec["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v5-lite-podslice", "cloud.google.com/gke-tpu-topology": "2x4"}
+    assert spec["nodeSelector"] == {
+        "cloud.google.com/gke-tpu-accelerator": "tpu-v5-lite-podslice",
+        "cloud.google.com/gke-tpu-topology": "2x4",
+    }
     resources = spec["containers"][0]["resources"]
     assert resources["limits"][TPU_RESOURCE] == resources["requests"][TPU_RESOURCE] == "8"
     assert {"key": TPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
@@ -165,10 +179,18 @@ def test_pod_spec_with_a_kubeconfig_and_a_gcs_fuse_work_volume(convert_dag, sett
         assert pod["metadata"]["annotations"] == {"gke-gcsfuse/volumes": "true"}
         assert pod["spec"]["volumes"][0]["csi"] == {
             "driver": "gcsfuse.csi.storage.gke.io",
-            "volumeAttributes": {"bucketName": "acme-ckptflow", "mountOptions": "implicit-dirs,uid=1000,gid=0,only-dir=work"},
+            "volumeAttributes": {
+                "bucketName": "acme-ckptflow",
+                "mountOptions": "implicit-dirs,uid=1000,gid=0,only-dir=work",
+            },
         }
         # non-root like the image, and the work volume writable by it
-        assert pod["spec"]["securityContext"] == {"runAsUser": 1000, "runAsGroup": 0, "fsGroup": 0, "runAsNonRoot": True}
+        assert pod["spec"]["securityContext"] == {
+            "runAsUser": 1000,
+            "runAsGroup": 0,
+            "fsGroup": 0,
+            "runAsNonRoot": True,
+        }
         # The worker reads the steps' result files through object storage, at the matching gs:// URIs.
         assert plan.results[step].startswith("gs://acme-ckptflow/work/convert_checkpoint/")
     assert pods["convert"][1].outlets[0].startswith("gs://acme-ckptflow/work/")
@@ -180,8 +202,12 @@ def gib(quantity: str) -> int:
 
 def test_memory_is_sized_per_step_and_model():
     cpu = NODE_POOLS["cpu-highmem"]
-    small = {s: step_resources(s, cpu, "qwen3-0.6b")["requests"]["memory"] for s in (*STEPS, DOWNLOAD_FINALIZE, FINALIZE)}
-    big = {s: step_resources(s, cpu, "llama3.1-70b")["requests"]["memory"] for s in (*STEPS, DOWNLOAD_FINALIZE, FINALIZE)}
+    small = {
+        s: step_resources(s, cpu, "qwen3-0.6b")["requests"]["memory"] for s in (*STEPS, DOWNLOAD_FINALIZE, FINALIZE)
+    }
+    big = {
+        s: step_resources(s, cpu, "llama3.1-70b")["requests"]["memory"] for s in (*STEPS, DOWNLOAD_FINALIZE, FINALIZE)
+    }
     assert gib(big["verify"]) > gib(small["verify"])
     assert gib(big["convert"]) > gib(small["convert"])
     assert small["download"] == big["download"] and small["publish"] == big["publish"]
@@ -206,7 +232,9 @@ def test_verify_is_sized_by_the_largest_layer_not_the_model():
     assert verify_gib("deepseek3-671b") < verify_gib("llama3.1-70b")  # a larger model with smaller layers
     # Depth costs time, not memory: twice the layers, the same pod.
     cfg = model_config("llama3.1-70b")
-    assert kubernetes.memory_gib("verify", {**cfg, "num_hidden_layers": 2 * cfg["num_hidden_layers"]}) == verify_gib("llama3.1-70b")
+    assert kubernetes.memory_gib("verify", {**cfg, "num_hidden_layers": 2 * cfg["num_hidden_layers"]}) == verify_gib(
+        "llama3.1-70b"
+    )
     # `auto` (no name) is sized as an 8B-class llama.
     assert step_resources("verify", cpu, None) == step_resources("verify", cpu, "llama3.1-8b")
 
@@ -251,10 +279,15 @@ def test_kubernetes_mode_needs_a_model_name(convert_dag, settings, monkeypatch):
 
 
 def test_settings_from_environment():
-    s = KubernetesSettings.from_env({
-        "CKPTFLOW_K8S_WORK_VOLUME": "gcsfuse", "CKPTFLOW_K8S_WORK_BUCKET": "b", "CKPTFLOW_K8S_NAMESPACE": "ml",
-        "CKPTFLOW_K8S_IMAGE_PULL_SECRETS": "a, b", "CKPTFLOW_K8S_IN_CLUSTER": "true",
-    })
+    s = KubernetesSettings.from_env(
+        {
+            "CKPTFLOW_K8S_WORK_VOLUME": "gcsfuse",
+            "CKPTFLOW_K8S_WORK_BUCKET": "b",
+            "CKPTFLOW_K8S_NAMESPACE": "ml",
+            "CKPTFLOW_K8S_IMAGE_PULL_SECRETS": "a, b",
+            "CKPTFLOW_K8S_IN_CLUSTER": "true",
+        }
+    )
     assert s.work_volume == WorkVolume("gcsfuse", bucket="b") and s.namespace == "ml"
     assert s.image_pull_secrets == ("a", "b") and s.in_cluster is True
     with pytest.raises(ValueError, match="needs a bucket"):
@@ -273,7 +306,9 @@ def test_pod_specs_of_a_step_in_parts(convert_dag, settings, pool, monkeypatch, 
     whole = render(convert_dag, {**conf, "parts": 1}, settings, monkeypatch)[step][0]["spec"]
     layout = WorkLayout.for_run(settings.mount_path, "convert_checkpoint", "manual__2026-11-29T12:00:00+00:00")
     pods = {}
-    ops = [(i, step_operator(convert_dag, step, i)) for i in range(3)] + [(finalize_step, convert_dag.get_task(finalize_step))]
+    ops = [(i, step_operator(convert_dag, step, i)) for i in range(3)] + [
+        (finalize_step, convert_dag.get_task(finalize_step))
+    ]
     for key, op in ops:
         monkeypatch.setattr(op, "kubernetes_settings", settings)
         plan = op.plan(context_for(convert_dag, conf))
@@ -287,19 +322,25 @@ def test_pod_specs_of_a_step_in_parts(convert_dag, settings, pool, monkeypatch, 
         want = step_args(step, plan.spec, layout, key) if is_part else step_args(finalize_step, plan.spec, layout)
         assert container["args"] == plan.args == want
         tail = ["--part", f"{key}/3"] if is_part else ["--finalize"]
-        assert container["args"][-len(tail):] == tail
+        assert container["args"][-len(tail) :] == tail
         name = pod["metadata"]["name"]
         assert POD_NAME.match(name) and len(name) <= 63, name
-        assert name.startswith(f"ckptflow-{step}-part-{key}-" if is_part else f"ckptflow-{finalize_step.replace('_', '-')}-"), name
+        assert name.startswith(
+            f"ckptflow-{step}-part-{key}-" if is_part else f"ckptflow-{finalize_step.replace('_', '-')}-"
+        ), name
         names.add(name)
         # The same work volume at the same path as every other step: parts stage beside OUT on it.
         assert pod["spec"]["volumes"][0] == whole["volumes"][0]
         assert {"name": "ckptflow-work", "mountPath": settings.mount_path} in container["volumeMounts"]
-        assert pod["spec"]["nodeSelector"] == {"cloud.google.com/gke-nodepool": "ckptflow-cpu-highmem" if pool == "cpu-highmem" else "ckptflow-cpu"}
+        assert pod["spec"]["nodeSelector"] == {
+            "cloud.google.com/gke-nodepool": "ckptflow-cpu-highmem" if pool == "cpu-highmem" else "ckptflow-cpu"
+        }
         assert TPU_RESOURCE not in json.dumps(pod) and SECRET not in json.dumps(pod)
         # Every part of a download and its finalize fetch from the hub: the token as a reference, never a value.
         refs = [e["valueFrom"]["secretKeyRef"] for e in container.get("env", []) if "valueFrom" in e]
-        assert refs == ([{"name": "ckptflow-hf-token", "key": "token", "optional": True}] if step == "download" else []), key
+        assert refs == (
+            [{"name": "ckptflow-hf-token", "key": "token", "optional": True}] if step == "download" else []
+        ), key
         if is_part:
             assert pod["metadata"]["labels"]["ckptflow/part"] == str(key)
             assert pod["metadata"]["labels"]["ckptflow/step"] == step
@@ -307,7 +348,9 @@ def test_pod_specs_of_a_step_in_parts(convert_dag, settings, pool, monkeypatch, 
             assert pod["spec"]["activeDeadlineSeconds"] == whole["activeDeadlineSeconds"]
     assert len(names) == 4
     finalize = pods[finalize_step][0]
-    assert finalize["spec"]["activeDeadlineSeconds"] == int(convert_dag.get_task(finalize_step).execution_timeout.total_seconds())
+    assert finalize["spec"]["activeDeadlineSeconds"] == int(
+        convert_dag.get_task(finalize_step).execution_timeout.total_seconds()
+    )
     assert "ckptflow/part" not in finalize["metadata"]["labels"]
     assert finalize["metadata"]["labels"]["ckptflow/step"] == finalize_step
 

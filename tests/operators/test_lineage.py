@@ -66,9 +66,15 @@ def test_extras_carry_what_the_issue_asks_for():
     spec = RunSpec(source="acme/tiny", revision="main", destination="file:///m/v1", model="qwen3-0.6b", scan=True)
     results = {
         "download": {"revision": SHA, "digest": "sha256:src"},
-        "convert": {"family": "qwen3", "options": {"scan_layers": False, "dtype": "bfloat16"},
-                    "outputs": {"a": {"bytes": 1, "sha256": "00" * 32}}},
-        "verify": {"dtype": "float32", "summary": {"passed": True, "kl_max": 1e-7, "kl_mean": 1e-8, "max_kl_threshold": 0.015}},
+        "convert": {
+            "family": "qwen3",
+            "options": {"scan_layers": False, "dtype": "bfloat16"},
+            "outputs": {"a": {"bytes": 1, "sha256": "00" * 32}},
+        },
+        "verify": {
+            "dtype": "float32",
+            "summary": {"passed": True, "kl_max": 1e-7, "kl_mean": 1e-8, "max_kl_threshold": 0.015},
+        },
         "publish": {"destination": "file:///m/v1", "digest": "sha256:pub", "status": "published"},
     }
     ex = lineage.extras("publish", spec, results)

@@ -31,13 +31,15 @@ def alive(pid: int) -> bool:
 def test_output_is_streamed_line_by_line_including_progress_redraws(caplog):
     caplog.set_level(logging.INFO, logger="t")
     runner = LocalCommandRunner(log=logging.getLogger("t"))
-    result = runner.run(py("""
+    result = runner.run(
+        py("""
         import sys
         print("one", flush=True)
         sys.stderr.write("10%\\r50%\\r100%\\n")
         print("error: bad input", file=sys.stderr)
         sys.exit(2)
-    """))
+    """)
+    )
     assert result.exit_code == 2
     logged = [r.getMessage() for r in caplog.records if r.name == "t"]
     for line in ("one", "10%", "50%", "100%", "error: bad input"):
@@ -59,12 +61,14 @@ def test_lines_reach_the_log_while_the_command_runs(caplog):
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     t0 = time.monotonic()
-    runner.run(py("""
+    runner.run(
+        py("""
         import time
         print("first", flush=True)
         time.sleep(1.5)
         print("second", flush=True)
-    """))
+    """)
+    )
     watcher.join(2)
     assert seen_at["first"] - t0 < 1.4  # logged before the command finished
 

@@ -24,6 +24,7 @@ def wait_for(cond, timeout=10.0):
 def test_file_hasher_hashes_settled_files_and_evicts_them(tmp_path, monkeypatch):
     evicted = []
     real = direct_io.evict
+
     def spy(target, *a):
         path = os.readlink(f"/proc/self/fd/{target}") if isinstance(target, int) else os.fspath(target)
         evicted.append(os.path.basename(path))
@@ -94,4 +95,5 @@ def test_a_failing_file_hasher_warns_and_the_manifest_hashes_instead(tmp_path, m
     assert hasher.known(tmp_path) == {}
     assert [r.getMessage() for r in caplog.records] == [
         "background file hashing stopped (TypeError: no buffer); the manifest hashes the remaining files itself, and "
-        "written files stay in the page cache"]
+        "written files stay in the page cache"
+    ]

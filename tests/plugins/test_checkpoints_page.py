@@ -41,9 +41,17 @@ def test_plugin_loads_in_airflow_and_is_mounted_by_the_api_server():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["errors"] == {}
     (plugin,) = result["info"]
-    assert plugin["fastapi_apps"] == [{"app": "fastapi.applications.FastAPI", "url_prefix": "/ckptflow", "name": "ckptflow checkpoints"}]
+    assert plugin["fastapi_apps"] == [
+        {"app": "fastapi.applications.FastAPI", "url_prefix": "/ckptflow", "name": "ckptflow checkpoints"}
+    ]
     (view,) = plugin["external_views"]
-    assert view == {"name": "Checkpoints", "href": "ckptflow/", "destination": "nav", "category": "browse", "url_route": "checkpoints"}
+    assert view == {
+        "name": "Checkpoints",
+        "href": "ckptflow/",
+        "destination": "nav",
+        "category": "browse",
+        "url_route": "checkpoints",
+    }
     assert "/ckptflow" in result["mounts"]
     assert str(plugin["source"]).endswith("ckptflow_plugin.py")
 
@@ -52,7 +60,10 @@ def test_plugin_modules_are_not_loaded_one_by_one():
     """The plugins folder's .airflowignore keeps Airflow from importing the package's modules as plugins."""
     from airflow._shared.module_loading import find_path_from_directory
 
-    files = {Path(p).relative_to(PLUGINS).as_posix() for p in find_path_from_directory(str(PLUGINS), ".airflowignore", "glob")}
+    files = {
+        Path(p).relative_to(PLUGINS).as_posix()
+        for p in find_path_from_directory(str(PLUGINS), ".airflowignore", "glob")
+    }
     assert {f for f in files if f.endswith(".py")} == {"ckptflow_plugin.py"}
 
 
@@ -100,12 +111,11 @@ class Rows(HTMLParser):
 
 @pytest.fixture(scope="module")
 def client(conversion_runs):
-    from fastapi import FastAPI
-    from fastapi.testclient import TestClient
-
     from airflow.api_fastapi.app import init_auth_manager
     from ckptflow_ui import MOUNT_PREFIX
     from ckptflow_ui.app import create_app
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AIRFLOW__API_AUTH__JWT_SECRET", JWT_SECRET)
@@ -142,7 +152,18 @@ def test_page_shows_every_conversion_from_the_real_runs(client, conversion_runs)
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/html")
     rows = Rows(resp.text).rows
     assert {ok.run_id, bad.run_id} <= set(rows)
-    headers = ["Run", "Model", "Source", "Conversion", "Destination", "Verify (KL)", "KL per token", "Size", "Duration", "Links"]
+    headers = [
+        "Run",
+        "Model",
+        "Source",
+        "Conversion",
+        "Destination",
+        "Verify (KL)",
+        "KL per token",
+        "Size",
+        "Duration",
+        "Links",
+    ]
     for h in headers:
         assert f"<th>{h}</th>" in resp.text
 
@@ -159,12 +180,17 @@ def test_page_shows_every_conversion_from_the_real_runs(client, conversion_runs)
     assert download["digest"].split(":")[1][:12] in source
     assert conversion == "HF → MaxText scanned · float32 · local"
     assert dest.startswith(conversion_runs.published_dest.as_uri()) and "published" in dest
-    assert verify == f"passed mean {sci(summary['kl_mean'])} max {sci(summary['kl_max'])} threshold 0.015 · {summary['num_tokens']} tokens"
+    assert (
+        verify == f"passed mean {sci(summary['kl_mean'])} max {sci(summary['kl_max'])} threshold 0.015 · "
+        f"{summary['num_tokens']} tokens"
+    )
     assert row["imgs"] == [f"plot?{q(ok)}"]
     assert size.startswith(f"{receipt['bytes'] / 1024:.1f} KiB") and f"{receipt['files']} files" in size
     assert duration.endswith(" s")
     assert row["links"]["DAG run"] == f"/dags/convert_checkpoint/runs/{urllib.parse.quote(ok.run_id, safe='')}"
-    assert row["links"]["Lineage manifest"] == f"manifest?{q(ok)}" and row["links"]["Asset events"] == f"lineage?{q(ok)}"
+    assert (
+        row["links"]["Lineage manifest"] == f"manifest?{q(ok)}" and row["links"]["Asset events"] == f"lineage?{q(ok)}"
+    )
     assert row["links"]["Verify report"] == f"report?{q(ok)}"
 
     # The run stopped by verification: the verdict comes from the report (no asset event carries it).
@@ -174,7 +200,9 @@ def test_page_shows_every_conversion_from_the_real_runs(client, conversion_runs)
     run, model, source, conversion, dest, verify, plot, size, duration, links = row["cells"]
     assert row["attrs"]["data-status"] == "verify-failed" and run.startswith("Verify failed at verify")
     assert model == "llama3.1" and conversion == "HF → MaxText unscanned · bfloat16 · local"
-    assert verify.startswith(f"failed mean {sci(bad_summary['kl_mean'])} max {sci(bad_summary['kl_max'])} threshold 1e-07")
+    assert verify.startswith(
+        f"failed mean {sci(bad_summary['kl_mean'])} max {sci(bad_summary['kl_max'])} threshold 1e-07"
+    )
     assert dest == conversion_runs.failed_dest.as_uri()  # the destination asked for; nothing was published
     assert not conversion_runs.failed_dest.exists()
     assert row["imgs"] == [f"plot?{q(bad)}"]
@@ -191,7 +219,9 @@ def test_filters_by_model_and_status(client, conversion_runs):
     nothing = Rows(get(client, "/ckptflow/?status=running&model=qwen3").text)
     assert nothing.rows == {} and nothing.empty
     page = get(client, "/ckptflow/?model=qwen3").text
-    assert '<option value="qwen3" selected>qwen3</option>' in page and '<option value="llama3.1">llama3.1</option>' in page
+    assert (
+        '<option value="qwen3" selected>qwen3</option>' in page and '<option value="llama3.1">llama3.1</option>' in page
+    )
 
     api = get(client, "/ckptflow/api/conversions", params={"status": "verify-failed"}).json()
     mine = [c for c in api["conversions"] if c["run_id"] == bad.run_id]
@@ -231,7 +261,10 @@ def test_plot_report_and_lineage_of_a_run(client, conversion_runs):
     assert doc["verify_summary"]["passed"] is False and doc["publish_receipt"] is None
 
     assert get(client, "/ckptflow/plot?dag_id=other_dag&run_id=x").status_code == 404
-    assert get(client, "/ckptflow/plot", params={"dag_id": "convert_checkpoint", "run_id": "no-such-run"}).status_code == 404
+    assert (
+        get(client, "/ckptflow/plot", params={"dag_id": "convert_checkpoint", "run_id": "no-such-run"}).status_code
+        == 404
+    )
 
 
 FAKE_CKPTFLOW = Path(__file__).resolve().parents[1] / "operators" / "fake_ckptflow.py"  # the operator tests' stand-in
@@ -265,7 +298,9 @@ def test_a_run_in_parts_is_summed_up_per_step(client, isolated_runs, tmp_path, m
     assert list(steps) == ["plan_parts", "download", "download_finalize", "convert", "finalize", "verify", "publish"]
     assert (steps["convert"]["parts"], steps["convert"]["parts_done"], steps["convert"]["parts_retried"]) == (2, 2, 1)
     assert steps["convert"]["try_number"] == 2 and steps["download"]["parts_retried"] == 0
-    assert [e["uri"] for e in steps["download_finalize"]["asset_events"]] == [Path(doc["work_folder"], "source").as_uri()]
+    assert [e["uri"] for e in steps["download_finalize"]["asset_events"]] == [
+        Path(doc["work_folder"], "source").as_uri()
+    ]
     assert steps["finalize"]["asset_events"] and not steps["download"]["asset_events"]
     assert Path(doc["work_folder"]).parent.parent == tmp_path / "work"
 

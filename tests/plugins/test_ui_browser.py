@@ -21,7 +21,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from chromium_cdp import Chromium, chromium_or_skip
 
 PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
@@ -59,7 +58,11 @@ def api_server(conversion_runs, tmp_path_factory):
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [airflow, "api-server", "-H", "127.0.0.1", "-p", str(port), "-w", "1"],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
         )
     try:
         deadline = time.monotonic() + 120
@@ -117,7 +120,8 @@ def test_checkpoints_page_in_the_airflow_ui(api_server, conversion_runs, tmp_pat
         rows = browser.wait_for(
             f"(() => {{ const f = {FRAME}; const d = f && f.contentDocument;"
             " return d && d.querySelectorAll('#conversions tbody tr[data-run-id]').length; })()",
-            timeout=60, what="the Checkpoints table inside the Airflow UI",
+            timeout=60,
+            what="the Checkpoints table inside the Airflow UI",
         )
         assert rows >= 2
         runs = [conversion_runs.published.run_id, conversion_runs.verify_failed.run_id]
@@ -125,19 +129,23 @@ def test_checkpoints_page_in_the_airflow_ui(api_server, conversion_runs, tmp_pat
         # database may have thumbnails below the fold, which lazy loading never fetches.
         widths = browser.wait_for(
             f"(() => {{ const d = {FRAME}.contentDocument;"
-            f" const imgs = {json.dumps(runs)}.map(id => d.querySelector(`tr[data-run-id=\"${{id}}\"] img`));"
+            f' const imgs = {json.dumps(runs)}.map(id => d.querySelector(`tr[data-run-id="${{id}}"] img`));'
             " return imgs.every(i => i && i.complete && i.naturalWidth > 0) && imgs.map(i => i.naturalWidth); })()",
-            timeout=30, what="the KL plots to load",
+            timeout=30,
+            what="the KL plots to load",
         )
-        assert len(widths) == 2 and all(w == 990 for w in widths)  # the verify step's kl_per_token.png, served by the plugin
+        assert len(widths) == 2 and all(
+            w == 990 for w in widths
+        )  # the verify step's kl_per_token.png, served by the plugin
         # Where the table and each run's plot are on the screen (top-level coordinates).
         geometry = browser.evaluate(
             f"(() => {{ const f = {FRAME}, fr = f.getBoundingClientRect(), d = f.contentDocument;"
             " const box = e => { const r = e.getBoundingClientRect();"
             "   return {x: fr.left + r.left, y: fr.top + r.top, w: r.width, h: r.height}; };"
-            f" const imgs = {json.dumps(runs)}.map(id => box(d.querySelector(`tr[data-run-id=\"${{id}}\"] img`)));"
+            f' const imgs = {json.dumps(runs)}.map(id => box(d.querySelector(`tr[data-run-id="${{id}}"] img`)));'
             " return {table: box(d.querySelector('#conversions')), imgs: imgs,"
-            "   vw: innerWidth, vh: innerHeight, nav: !!document.querySelector('nav, [role=navigation], a[href*=\"dags\"]')}; })()"
+            "   vw: innerWidth, vh: innerHeight, nav: !!document.querySelector('nav, [role=navigation], "
+            'a[href*="dags"]\')}; })()'
         )
         shot = browser.screenshot(tmp_path / "checkpoints-ui.png")
         if os.environ.get("CKPTFLOW_UI_SCREENSHOT"):
@@ -153,15 +161,17 @@ def test_checkpoints_page_in_the_airflow_ui(api_server, conversion_runs, tmp_pat
 
         def region(b):
             assert b["w"] >= 200 and b["h"] >= 100, b
-            assert 0 <= b["x"] and b["x"] + b["w"] <= geometry["vw"] and 0 <= b["y"] and b["y"] + b["h"] <= geometry["vh"], b
-            return picture[int(b["y"]): int(b["y"] + b["h"]), int(b["x"]): int(b["x"] + b["w"])]
+            assert (
+                0 <= b["x"] and b["x"] + b["w"] <= geometry["vw"] and 0 <= b["y"] and b["y"] + b["h"] <= geometry["vh"]
+            ), b
+            return picture[int(b["y"]) : int(b["y"] + b["h"]), int(b["x"]) : int(b["x"] + b["w"])]
 
         for run_id, b in zip(runs, geometry["imgs"]):
             px = region(b)
             red = int(((px[..., 0] - px[..., 1:].max(axis=-1)) > 50).sum())
             drawn = int((px.sum(axis=-1) < 600).sum())
             assert red > 30 and drawn > 200, f"no plot painted for {run_id} at {b}: {red} red, {drawn} dark pixels"
-        header = picture[int(table["y"]): int(table["y"] + 30), int(table["x"]): int(table["x"] + table["w"])]
+        header = picture[int(table["y"]) : int(table["y"] + 30), int(table["x"]) : int(table["x"] + table["w"])]
         assert int((header.sum(axis=-1) < 400).sum()) > 100, "the table header is blank"
 
         # The DAG run link moves the Airflow UI itself (not the iframe) to the run.
@@ -172,5 +182,6 @@ def test_checkpoints_page_in_the_airflow_ui(api_server, conversion_runs, tmp_pat
         browser.wait_for(f"location.pathname === {json.dumps(path)}", timeout=20, what=f"the UI to go to {path}")
         browser.wait_for(
             f"document.body.innerText.includes({json.dumps(ok.run_id)}) && !document.querySelector('iframe')",
-            timeout=30, what="the DAG run page",
+            timeout=30,
+            what="the DAG run page",
         )

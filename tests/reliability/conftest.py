@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from blake3 import blake3
 
 from converters.outputs.manifest import MANIFEST
@@ -70,8 +69,9 @@ def rel():
     """The helpers above, for test modules (imported with --import-mode=importlib, they cannot import conftest)."""
     from types import SimpleNamespace
 
-    return SimpleNamespace(cli=cli, child_env=child_env, siblings=siblings, check_complete=check_complete,
-                           tree_bytes=tree_bytes, repo=REPO)
+    return SimpleNamespace(
+        cli=cli, child_env=child_env, siblings=siblings, check_complete=check_complete, tree_bytes=tree_bytes, repo=REPO
+    )
 
 
 from tests.airflow_fixtures import airflow_db, convert_dag  # noqa: E402,F401  (fixtures: Airflow on a throwaway home)

@@ -22,7 +22,16 @@ import urllib.parse
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade", "content-length"}
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "content-length",
+}
 
 
 @dataclass
@@ -83,7 +92,11 @@ class FaultProxy:
         with self.lock:
             self.requests.append((method, path))
             for r in self.rules:
-                if (r.method is None or r.method == method) and r.pattern.search(path) and (r.times is None or r.times > 0):
+                if (
+                    (r.method is None or r.method == method)
+                    and r.pattern.search(path)
+                    and (r.times is None or r.times > 0)
+                ):
                     if r.times is not None:
                         r.times -= 1
                     self.applied.append((method, path, str(r.action)))
@@ -107,8 +120,15 @@ class FaultProxy:
         body = self._read_body(h)
         rule = self._pick(h.command, h.path)
         if rule is not None and isinstance(rule.action, int):
-            data = json.dumps({"error": {"code": rule.action, "message": "injected fault",
-                                         "errors": [{"message": "injected fault", "reason": "backendError"}]}}).encode()
+            data = json.dumps(
+                {
+                    "error": {
+                        "code": rule.action,
+                        "message": "injected fault",
+                        "errors": [{"message": "injected fault", "reason": "backendError"}],
+                    }
+                }
+            ).encode()
             h.send_response(rule.action)
             h.send_header("Content-Type", "application/json")
             h.send_header("Retry-After", "0")

@@ -39,7 +39,9 @@ def _fields(cfg: dict) -> list[str]:
 
 
 @pytest.mark.parametrize("family", ["llama3.1", "qwen3"])
-def test_each_config_field_missing_or_mistyped_is_a_clear_error_or_harmless(tiny_model, tmp_path, family, stop_before_writing):
+def test_each_config_field_missing_or_mistyped_is_a_clear_error_or_harmless(
+    tiny_model, tmp_path, family, stop_before_writing
+):
     """Delete each field of config.json in turn, then set each to a string, a list, null, -1: the converter ends in a
     CkptflowError naming the problem or reaches the writing stage; never a KeyError/TypeError traceback."""
     from converters.convert import hf_to_maxtext
@@ -65,7 +67,14 @@ def test_each_config_field_missing_or_mistyped_is_a_clear_error_or_harmless(tiny
                 assert "\n" not in str(e), str(e)
                 outcomes[(field, label)] = "refused"
     refused = {k for k, v in outcomes.items() if v == "refused"}
-    for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size", "model_type"):
+    for field in (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "vocab_size",
+        "intermediate_size",
+        "model_type",
+    ):
         assert (field, "missing") in refused and (field, "string") in refused, field
     assert not (tmp_path / "out").exists()
     print(f"{family}: {len(outcomes)} config edits, {len(refused)} refused, {len(outcomes) - len(refused)} accepted")
@@ -77,7 +86,9 @@ def test_config_that_is_not_an_object_or_not_json(tiny_model, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(tiny_model("llama3.1"), src)
     for text, match in [("[1, 2]", "must be a JSON object"), ("{oops", "not valid JSON"), ("\xff", "not valid JSON")]:
-        (src / "config.json").write_text(text, errors="surrogateescape") if text != "\xff" else (src / "config.json").write_bytes(b"\xff")
+        (src / "config.json").write_text(text, errors="surrogateescape") if text != "\xff" else (
+            src / "config.json"
+        ).write_bytes(b"\xff")
         with pytest.raises(CkptflowError, match=match):
             hf_to_maxtext(src, tmp_path / "out")
 
@@ -112,8 +123,14 @@ def test_verify_names_nonfinite_weights_on_both_sides(poisoned, tmp_path, capsys
     assert code == 1  # verification failed, not a crash
     report = json.loads((tmp_path / "r" / "verify.json").read_text())
     found = report["summary"]["nonfinite_weights"]
-    assert found["hf"] == {"model.layers.1.mlp.down_proj.weight": {"nan": 5, "inf": 0}, "model.norm.weight": {"nan": 0, "inf": 1}}
-    assert found["maxtext"] == {"decoder/layers/mlp/wo/kernel": {"nan": 5, "inf": 0}, "decoder/decoder_norm/scale": {"nan": 0, "inf": 1}}
+    assert found["hf"] == {
+        "model.layers.1.mlp.down_proj.weight": {"nan": 5, "inf": 0},
+        "model.norm.weight": {"nan": 0, "inf": 1},
+    }
+    assert found["maxtext"] == {
+        "decoder/layers/mlp/wo/kernel": {"nan": 5, "inf": 0},
+        "decoder/decoder_norm/scale": {"nan": 0, "inf": 1},
+    }
     assert report["passed"] is False
     assert "non-finite weights in the HF model: model.layers.1.mlp.down_proj.weight (5 NaN, 0 Inf)" in err
     assert "decoder/decoder_norm/scale (0 NaN, 1 Inf)" in err
@@ -173,7 +190,9 @@ def test_pickles_and_python_files_are_never_taken(tmp_path):
 
     src = tmp_path / "repo"
     src.mkdir()
-    (src / "config.json").write_text(json.dumps({"model_type": "llama", "auto_map": {"AutoModelForCausalLM": "modeling_evil.Evil"}}))
+    (src / "config.json").write_text(
+        json.dumps({"model_type": "llama", "auto_map": {"AutoModelForCausalLM": "modeling_evil.Evil"}})
+    )
     (src / "pytorch_model.bin").write_bytes(b"\x80\x04 not really a pickle")
     (src / "modeling_evil.py").write_text("raise SystemExit('remote code ran')\n")
     with pytest.raises(CkptflowError, match="only pickled weights found .*pytorch_model.bin.*never loads pickles"):
@@ -181,7 +200,11 @@ def test_pickles_and_python_files_are_never_taken(tmp_path):
     assert not (tmp_path / "out").exists()
     save_file(src / "model.safetensors", {"w": np.ones(2, np.float32)})
     download(str(src), tmp_path / "out")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ckptflow-download.json", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "ckptflow-download.json",
+        "config.json",
+        "model.safetensors",
+    ]
 
 
 def test_remote_code_in_a_model_folder_never_runs(tiny_model, tmp_path):
@@ -197,7 +220,9 @@ def test_remote_code_in_a_model_folder_never_runs(tiny_model, tmp_path):
     cfg = json.loads((src / "config.json").read_text())
     cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.Evil", "AutoConfig": "modeling_evil.Evil"}
     (src / "config.json").write_text(json.dumps(cfg))
-    (src / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["tokenization_evil.EvilTok", None]}}))
+    (src / "tokenizer_config.json").write_text(
+        json.dumps({"auto_map": {"AutoTokenizer": ["tokenization_evil.EvilTok", None]}})
+    )
     try:
         HFModel(read_config(src))  # transformers' built-in class of the config's model_type, never auto_map's
     except CkptflowError:
@@ -214,7 +239,12 @@ def test_no_code_path_enables_remote_code_or_unpickling():
     offenders = []
     for py in [*root.glob("converters/**/*.py"), *root.glob("operators/**/*.py"), *root.glob("dags/**/*.py")]:
         text = py.read_text()
-        for pattern in (r"trust_remote_code\s*=\s*True", r"\bpickle\.loads?\(", r"torch\.load\(", r"weights_only\s*=\s*False"):
+        for pattern in (
+            r"trust_remote_code\s*=\s*True",
+            r"\bpickle\.loads?\(",
+            r"torch\.load\(",
+            r"weights_only\s*=\s*False",
+        ):
             if re.search(pattern, text):
                 offenders.append(f"{py.relative_to(root)}: {pattern}")
     assert offenders == []

@@ -146,7 +146,19 @@ def test_a_run_waiting_on_the_lock_can_be_killed_cleanly(rel, synthetic_llama, t
     out = tmp_path / "mt"
     with destination_lock(out):
         log = tmp_path / "w.err"
-        p = start(rel, ["convert", str(synthetic_llama), str(out), "--to", "maxtext", "-q", *(["--overwrite"] if overwrite else [])], log)
+        p = start(
+            rel,
+            [
+                "convert",
+                str(synthetic_llama),
+                str(out),
+                "--to",
+                "maxtext",
+                "-q",
+                *(["--overwrite"] if overwrite else []),
+            ],
+            log,
+        )
         wait_for_text(log, "waiting for it to finish")
         p.terminate()
         p.wait(30)

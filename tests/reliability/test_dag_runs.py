@@ -21,7 +21,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -79,7 +78,8 @@ for step in OPERATORS:
                              model=spec.model_name, settings=KubernetesSettings(), timeout_seconds=3600)
     pods[step] = pod_manifest(kpo)
 (home / "pod-specs.json").write_text(json.dumps(pods, indent=2, default=str))
-print("RESULT " + json.dumps({"state": str(dr.state), "tasks": {k: str(v) for k, v in states.items()}, "run_id": dr.run_id}))
+print("RESULT " + json.dumps({"state": str(dr.state), "tasks": {k: str(v) for k, v in states.items()}, "run_id":
+dr.run_id}))
 """
 
 
@@ -117,9 +117,19 @@ def two_runs(tiny_model, tmp_path_factory):
     }
     # One migrated metadata database, copied for each run (each run is its own Airflow installation).
     template = root / "template-home"
-    subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from operators.embedded import configure, migrate; "
-                    "configure(Path(sys.argv[1])); migrate()", str(template)],
-                   env=base_env, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; from operators.embedded import configure, migrate; "
+            "configure(Path(sys.argv[1])); migrate()",
+            str(template),
+        ],
+        env=base_env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     procs = []
     conf = {"source": str(source), "destination": dest.as_uri(), "dtype": "float32"}
     for i in range(2):
@@ -128,8 +138,18 @@ def two_runs(tiny_model, tmp_path_factory):
         shutil.copy(template / "airflow.db", home / "airflow.db")
         env = {**base_env, "STEP_RECORD": str(root / f"steps{i}.txt")}  # work folders: <home>/ckptflow-work
         out = open(root / f"run{i}.out", "w")
-        procs.append((subprocess.Popen([sys.executable, str(root / "driver.py"), str(home), json.dumps(conf)], env=env,
-                                       stdout=out, stderr=subprocess.STDOUT, cwd=root), out))
+        procs.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, str(root / "driver.py"), str(home), json.dumps(conf)],
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    cwd=root,
+                ),
+                out,
+            )
+        )
     results = []
     for p, out in procs:
         p.wait(timeout=900)
@@ -138,7 +158,7 @@ def two_runs(tiny_model, tmp_path_factory):
         text = (root / f"run{i}.out").read_text()
         line = next((ln for ln in text.splitlines() if ln.startswith("RESULT ")), None)
         assert line, text[-4000:]
-        results.append(json.loads(line[len("RESULT "):]))
+        results.append(json.loads(line[len("RESULT ") :]))
     return root, dest, results
 
 
@@ -146,7 +166,9 @@ def test_two_dag_runs_publish_one_checkpoint(two_runs, rel):
     root, dest, results = two_runs
     for r in results:
         assert r["state"] == "success", r
-    receipts = [json.loads(p.read_text()) for p in sorted(root.glob("home*/ckptflow-work/convert_checkpoint/*/publish.json"))]
+    receipts = [
+        json.loads(p.read_text()) for p in sorted(root.glob("home*/ckptflow-work/convert_checkpoint/*/publish.json"))
+    ]
     assert sorted(r["status"] for r in receipts) == ["published", "unchanged"], receipts
     # the same checkpoint (Orbax file bytes differ between two conversions; the tensor-level digest does not)
     assert len({r["output_digest"] for r in receipts}) == 1
@@ -162,7 +184,16 @@ def test_the_token_reaches_only_the_credential_steps_and_is_written_nowhere(two_
     root, dest, results = two_runs
     for i in range(2):
         steps = (root / f"steps{i}.txt").read_text().split()
-        assert steps == ["download", "token=yes", "convert", "token=no", "verify", "token=no", "publish", "token=yes"], steps
+        assert steps == [
+            "download",
+            "token=yes",
+            "convert",
+            "token=no",
+            "verify",
+            "token=no",
+            "publish",
+            "token=yes",
+        ], steps
     pods = json.loads((root / "home0" / "pod-specs.json").read_text())
     assert set(pods) == {"download", "convert", "verify", "publish"}
     env = {step: {e["name"]: e for e in p["spec"]["containers"][0].get("env", [])} for step, p in pods.items()}

@@ -21,10 +21,15 @@ def small_disk(tmp_path):
     mnt.mkdir()
     if shutil.which("mount") is None:
         pytest.skip("no mount command: cannot make a small tmpfs")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={SIZE_MB}m", f"ckptflow-test-{uuid.uuid4().hex[:6]}", str(mnt)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={SIZE_MB}m", f"ckptflow-test-{uuid.uuid4().hex[:6]}", str(mnt)],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
-        pytest.skip(f"mounting a {SIZE_MB} MB tmpfs is not permitted here (needs root / CAP_SYS_ADMIN): {r.stderr.strip()}")
+        pytest.skip(
+            f"mounting a {SIZE_MB} MB tmpfs is not permitted here (needs root / CAP_SYS_ADMIN): {r.stderr.strip()}"
+        )
     try:
         yield mnt
     finally:

@@ -27,7 +27,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from converters.errors import CkptflowError
-from converters.io.safetensors import DTYPES, MAX_HEADER_BYTES, INDEX_NAME, SafetensorsFile, SafetensorsFolder, read_tensor
+from converters.io.safetensors import (
+    DTYPES,
+    INDEX_NAME,
+    MAX_HEADER_BYTES,
+    SafetensorsFile,
+    SafetensorsFolder,
+    read_tensor,
+)
 
 EXAMPLES = int(os.environ.get("CKPTFLOW_FUZZ_EXAMPLES", "2000"))
 FUZZ = settings(
@@ -41,10 +48,16 @@ BAD_TAGS = ["Q9", "F4", "", "f32", "F32 ", "U128", "C64", "bf16", "F8_E4M3FNUZ"]
 U64 = 2**64 - 1
 
 json_scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6)
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=6),
 )
 json_values = st.recursive(
-    json_scalars, lambda ch: st.lists(ch, max_size=4) | st.dictionaries(st.text(max_size=5), ch, max_size=4), max_leaves=10
+    json_scalars,
+    lambda ch: st.lists(ch, max_size=4) | st.dictionaries(st.text(max_size=5), ch, max_size=4),
+    max_leaves=10,
 )
 dims = st.integers(0, 5)
 odd_dims = st.one_of(st.integers(-3, 8), st.sampled_from([2**31, 2**32, 2**62, 2**63 - 1, 2**63, 2**64, 10**30]))
@@ -54,7 +67,11 @@ odd_dims = st.one_of(st.integers(-3, 8), st.sampled_from([2**31, 2**32, 2**62, 2
 def valid_file(draw):
     """(header dict, data bytes) of a valid file: contiguous tensors in order."""
     n = draw(st.integers(0, 4))
-    names = draw(st.lists(st.text(min_size=1, max_size=8).filter(lambda s: s != "__metadata__"), min_size=n, max_size=n, unique=True))
+    names = draw(
+        st.lists(
+            st.text(min_size=1, max_size=8).filter(lambda s: s != "__metadata__"), min_size=n, max_size=n, unique=True
+        )
+    )
     header: dict = {}
     if draw(st.booleans()):
         header["__metadata__"] = draw(st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=3))
@@ -120,8 +137,25 @@ def byte_mutation(draw, blob: bytes) -> bytes:
     if kind == "truncate":
         return blob[: draw(st.integers(0, max(0, len(blob) - 1)))]
     if kind == "hlen":
-        new = draw(st.sampled_from([0, 1, hlen - 1, hlen + 1, hlen + 8, len(blob), len(blob) - 7, MAX_HEADER_BYTES,
-                                    MAX_HEADER_BYTES + 1, 2**32, 2**63, U64]) | st.integers(0, U64))
+        new = draw(
+            st.sampled_from(
+                [
+                    0,
+                    1,
+                    hlen - 1,
+                    hlen + 1,
+                    hlen + 8,
+                    len(blob),
+                    len(blob) - 7,
+                    MAX_HEADER_BYTES,
+                    MAX_HEADER_BYTES + 1,
+                    2**32,
+                    2**63,
+                    U64,
+                ]
+            )
+            | st.integers(0, U64)
+        )
         return struct.pack("<Q", max(0, min(U64, new))) + blob[8:]
     if kind == "flip" and blob:
         i = draw(st.integers(0, len(blob) - 1))
@@ -133,7 +167,11 @@ def byte_mutation(draw, blob: bytes) -> bytes:
         return blob + draw(st.binary(max_size=64))
     if kind == "deep":  # nesting deep enough to exhaust a recursive JSON parser
         depth = draw(st.sampled_from([100, 10_000, 200_000]))
-        raw = ("[" * depth + "]" * depth).encode() if draw(st.booleans()) else ('{"a":' * depth + "1" + "}" * depth).encode()
+        raw = (
+            ("[" * depth + "]" * depth).encode()
+            if draw(st.booleans())
+            else ('{"a":' * depth + "1" + "}" * depth).encode()
+        )
         return struct.pack("<Q", len(raw)) + raw
     if kind == "not_utf8":
         raw = b'{"\xff\xfe": 1}'
@@ -203,7 +241,10 @@ def test_structured_mutations(scratch, data):
 
 
 @settings(FUZZ, max_examples=max(1, EXAMPLES // 2))
-@given(st.binary(max_size=256) | st.builds(lambda n, rest: struct.pack("<Q", n) + rest, st.integers(0, U64), st.binary(max_size=128)))
+@given(
+    st.binary(max_size=256)
+    | st.builds(lambda n, rest: struct.pack("<Q", n) + rest, st.integers(0, U64), st.binary(max_size=128))
+)
 def test_raw_bytes(scratch, blob):
     scratch.write_bytes(blob)
     _count("raw", check(scratch))
@@ -222,8 +263,13 @@ SHARD_NAMES = ["a.safetensors", "../a.safetensors", "/etc/passwd", "sub/a.safete
 
 
 @settings(FUZZ, max_examples=max(1, EXAMPLES // 4))
-@given(index=json_values | st.builds(lambda wm: {"weight_map": wm}, st.dictionaries(st.text(max_size=4) | st.just("x"),
-                                                                                  json_values | st.sampled_from(SHARD_NAMES), max_size=3)))
+@given(
+    index=json_values
+    | st.builds(
+        lambda wm: {"weight_map": wm},
+        st.dictionaries(st.text(max_size=4) | st.just("x"), json_values | st.sampled_from(SHARD_NAMES), max_size=3),
+    )
+)
 def test_index_files(index_folder, index):
     (index_folder / INDEX_NAME).write_text(json.dumps(index))
     try:

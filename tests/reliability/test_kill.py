@@ -36,7 +36,9 @@ POLL = 0.001
 
 # Orbax files whose bytes differ between two identical saves: OCDBT data files get random names and hold
 # arrays in completion order, OCDBT manifests point at them, commit markers and step metadata hold timestamps.
-VOLATILE = re.compile(r"(^|/)(ocdbt\.process_\d+/|d/[0-9a-f]{32}$|manifest\.ocdbt$|commit_success\.txt$|_CHECKPOINT_METADATA$)")
+VOLATILE = re.compile(
+    r"(^|/)(ocdbt\.process_\d+/|d/[0-9a-f]{32}$|manifest\.ocdbt$|commit_success\.txt$|_CHECKPOINT_METADATA$)"
+)
 
 
 @dataclass
@@ -107,7 +109,13 @@ def arrays(path: Path) -> dict[str, np.ndarray]:
 def assert_same_maxtext(a: Path, b: Path) -> None:
     """Same arrays (bytes, dtype, shape), same tree, same sidecars and same digests for every deterministic file."""
     ma, mb = json.loads((a / MANIFEST).read_text()), json.loads((b / MANIFEST).read_text())
-    for key in ("direction", "family", "options", "source", "output_digest"):  # output_digest: tensor-level, reproducible
+    for key in (
+        "direction",
+        "family",
+        "options",
+        "source",
+        "output_digest",
+    ):  # output_digest: tensor-level, reproducible
         assert ma.get(key) == mb.get(key), key
     stable = lambda m: {k: v for k, v in m["outputs"].items() if not VOLATILE.search(k)}  # noqa: E731
     assert stable(ma) == stable(mb)
@@ -149,16 +157,31 @@ def references(rel, synthetic_llama, tmp_path_factory):
 
 
 SCENARIOS = {
-    # name: (reference, convert arguments after SRC OUT, source reference or None for the HF model, kill kinds, previous version)
-    "hf-to-maxtext-scanned-over-previous": ("mt-scan", ["--to", "maxtext"], None, ["startup", "writing", "writing", "finishing"], True),
-    "hf-to-maxtext-unscanned": ("mt-noscan", ["--to", "maxtext", "--no-scan"], None, ["writing", "writing", "finishing"], False),
+    # name: (reference, convert arguments after SRC OUT, source reference or None for the HF model, kill kinds, previous
+    # version)
+    "hf-to-maxtext-scanned-over-previous": (
+        "mt-scan",
+        ["--to", "maxtext"],
+        None,
+        ["startup", "writing", "writing", "finishing"],
+        True,
+    ),
+    "hf-to-maxtext-unscanned": (
+        "mt-noscan",
+        ["--to", "maxtext", "--no-scan"],
+        None,
+        ["writing", "writing", "finishing"],
+        False,
+    ),
     "maxtext-scanned-to-hf": ("hf-from-scan", ["--to", "hf"], "mt-scan", ["startup", "writing", "writing"], False),
     "maxtext-unscanned-to-hf": ("hf-from-noscan", ["--to", "hf"], "mt-noscan", ["writing", "finishing"], False),
 }
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_sigkill_leaves_nothing_that_looks_finished_and_a_rerun_matches(rel, references, synthetic_llama, tmp_path, scenario, record_property):
+def test_sigkill_leaves_nothing_that_looks_finished_and_a_rerun_matches(
+    rel, references, synthetic_llama, tmp_path, scenario, record_property
+):
     ref_name, extra, src_name, kinds, previous = SCENARIOS[scenario]
     ref_dir, ref_run, total = references[ref_name]
     src = references[src_name][0] if src_name else synthetic_llama
@@ -187,7 +210,9 @@ def test_sigkill_leaves_nothing_that_looks_finished_and_a_rerun_matches(rel, ref
         if before is not None:
             assert rel.check_complete(out)["outputs"] == before["outputs"], r.killed_at
         elif r.killed_at:
-            assert not out.exists(), f"{out} exists after a kill at {r.killed_at}: {sorted(p.name for p in out.iterdir())}"
+            assert not out.exists(), (
+                f"{out} exists after a kill at {r.killed_at}: {sorted(p.name for p in out.iterdir())}"
+            )
         else:  # finished before the kill point came: complete
             rel.check_complete(out)
 
@@ -197,5 +222,7 @@ def test_sigkill_leaves_nothing_that_looks_finished_and_a_rerun_matches(rel, ref
     assert rel.siblings(out) == []  # temp folders of the killed runs and their lock file are gone
     assert len(landed) >= len(kinds) - 1, f"kill points missed: {landed}"
     record_property("kill_points", landed)
-    print(f"{scenario}: reference {ref_run.seconds:.2f}s (temp at {ref_run.timeline.get('temp', 0):.2f}s), "
-          f"rerun {final.seconds:.2f}s, killed at: {'; '.join(landed)}")
+    print(
+        f"{scenario}: reference {ref_run.seconds:.2f}s (temp at {ref_run.timeline.get('temp', 0):.2f}s), "
+        f"rerun {final.seconds:.2f}s, killed at: {'; '.join(landed)}"
+    )

@@ -63,7 +63,9 @@ def _kill_mid_write(rel, proc: subprocess.Popen, out: Path, i: int, n: int, thre
                 return f"{held} bytes in its temp folder at t={time.monotonic() - t0:.2f}s"
         time.sleep(POLL)
     rc, err = _finish(proc)
-    pytest.fail(f"part {i}/{n} ended (rc {rc}) before holding {threshold} bytes: the kill point was missed. {err[-500:]}")
+    pytest.fail(
+        f"part {i}/{n} ended (rc {rc}) before holding {threshold} bytes: the kill point was missed. {err[-500:]}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +104,11 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_killed_part_is_refused_then_rerun_and_the_result_equals_one_process(rel, references, synthetic_llama, tmp_path, case):
-    """Kill part 1 of 3 mid-write: finalize refuses and OUT stays absent; rerun part 1, finalize: same as one process."""
+def test_a_killed_part_is_refused_then_rerun_and_the_result_equals_one_process(
+    rel, references, synthetic_llama, tmp_path, case
+):
+    """Kill part 1 of 3 mid-write: finalize refuses and OUT stays absent; rerun part 1, finalize: same as one
+    process."""
     ref_i, src_i, args = CASES[case]
     ref = references[ref_i]
     src = synthetic_llama if src_i is None else references[src_i]
@@ -119,19 +124,28 @@ def test_a_killed_part_is_refused_then_rerun_and_the_result_equals_one_process(r
         rc, err = _finish(procs[i])
         assert rc == 0, f"part {i}/{n} failed: {err[-1000:]}"
     stage = shares.staging_dir(out)
-    assert sorted(p.name for p in stage.iterdir() if p.name.startswith("part-")) == [shares.share_name(0, n), shares.share_name(2, n)]
-    assert any(p.name.startswith(f".{shares.share_name(1, n)}.ckptflow-tmp-") for p in stage.iterdir()), "the killed part left no temp folder?"
+    assert sorted(p.name for p in stage.iterdir() if p.name.startswith("part-")) == [
+        shares.share_name(0, n),
+        shares.share_name(2, n),
+    ]
+    assert any(p.name.startswith(f".{shares.share_name(1, n)}.ckptflow-tmp-") for p in stage.iterdir()), (
+        "the killed part left no temp folder?"
+    )
     assert not out.exists()
 
     rc, err = _finish(_start(rel, ["convert", str(src), str(out), *args, "--finalize", "-q"]))
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert rc == 2 and len(errors) == 1 and "part(s) 1/3 not finished" in errors[0], err[-1000:]
     assert not out.exists(), f"{out} exists after a refused finalize"
-    assert (stage / shares.share_name(0, n) / shares.RECORD).is_file() and (stage / shares.share_name(2, n) / shares.RECORD).is_file()
+    assert (stage / shares.share_name(0, n) / shares.RECORD).is_file() and (
+        stage / shares.share_name(2, n) / shares.RECORD
+    ).is_file()
 
     rc, err = _finish(_start(rel, ["convert", str(src), str(out), *args, "--part", f"1/{n}", "-q"]))
     assert rc == 0, err[-1000:]
-    assert not any(".ckptflow-tmp-" in p.name for p in stage.iterdir()), "the killed part's temp folder was not cleaned up"
+    assert not any(".ckptflow-tmp-" in p.name for p in stage.iterdir()), (
+        "the killed part's temp folder was not cleaned up"
+    )
     assert not out.exists()
     rc, err = _finish(_start(rel, ["convert", str(src), str(out), *args, "--finalize", "-q"]))
     assert rc == 0, err[-1000:]

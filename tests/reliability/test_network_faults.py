@@ -15,9 +15,9 @@ import time
 
 import pytest
 
-from converters.remote import hub as hub_lib
-from converters.remote.download import MANIFEST_NAME, download
 from converters.errors import CkptflowError
+from converters.remote import hub as hub_lib
+from converters.remote.download import download
 from converters.remote.publish import publish
 from tests.reliability.fault_proxy import FaultProxy
 from tests.stand_ins.fixtures import TOKEN, converted, folder_files, gcs, gcs_objects, hub, model_files  # noqa: F401
@@ -103,8 +103,13 @@ def test_cli_download_through_faults(faulty_hub, tmp_path, rel):
     proxy.add("GET", ANY_FILE, 503, times=3)
     proxy.add("GET", ANY_FILE, "truncate", times=2)
     env = {**rel.child_env(), **hub_env(proxy.url, hub.home)}
-    r = subprocess.run(rel.cli("download", "acme/tiny", str(tmp_path / "out"), "--json"), env=env, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        rel.cli("download", "acme/tiny", str(tmp_path / "out"), "--json"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     manifest = json.loads(r.stdout)
     _assert_downloaded(tmp_path / "out", files, manifest)
@@ -134,7 +139,9 @@ def test_hub_publish_rides_out_transient_faults(faulty_hub, converted, tmp_path,
     assert len(ours) == 1  # one commit with the checkpoint: no half-published version, no duplicate
 
 
-def test_hub_publish_gives_up_after_the_retry_budget_and_publishes_nothing(faulty_hub, converted, tmp_path, monkeypatch):
+def test_hub_publish_gives_up_after_the_retry_budget_and_publishes_nothing(
+    faulty_hub, converted, tmp_path, monkeypatch
+):
     hub, proxy = faulty_hub
     mt, _ = converted
     src = shutil.copytree(mt, tmp_path / "mt")
@@ -181,7 +188,9 @@ def test_gcs_publish_rides_out_transient_faults(faulty_gcs, converted, tmp_path,
     assert proxy.count(fault) >= 2
     remote = gcs_objects("ckptflow-test", "models/tiny/v1/")
     local = folder_files(src)
-    assert {k.removeprefix("models/tiny/v1/"): v for k, v in remote.items() if not k.endswith("ckptflow-published.json")} == local
+    assert {
+        k.removeprefix("models/tiny/v1/"): v for k, v in remote.items() if not k.endswith("ckptflow-published.json")
+    } == local
     assert not [k for k in gcs_objects("ckptflow-test") if ".ckptflow-staging-" in k]
 
 

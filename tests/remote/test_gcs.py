@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from converters.remote import gcs as gcs_lib
 from converters.errors import CkptflowError, OutputExistsError
+from converters.remote import gcs as gcs_lib
 from converters.remote.publish import publish
 from tests.stand_ins.fixtures import converted, folder_files, gcs, gcs_objects  # noqa: F401  (fixtures)
 
@@ -24,18 +24,24 @@ def test_publish_uploads_via_staging_and_writes_the_marker_last(gcs, converted, 
     src = shutil.copytree(mt, tmp_path / "mt")
     order = []
     real_upload, real_copy = gcs_lib._upload_one, gcs_lib._copy_one
-    monkeypatch.setattr(gcs_lib, "_upload_one", lambda b, name, *a: (order.append(("upload", name)), real_upload(b, name, *a)))
+    monkeypatch.setattr(
+        gcs_lib, "_upload_one", lambda b, name, *a: (order.append(("upload", name)), real_upload(b, name, *a))
+    )
     monkeypatch.setattr(gcs_lib, "_copy_one", lambda b, s, d: (order.append(("copy", d)), real_copy(b, s, d)))
 
     receipt = publish(src, DEST)
     assert receipt["status"] == "published" and receipt["destination"] == DEST
     local = folder_files(src)
     remote = gcs_objects("ckptflow-test")
-    assert {k[len(FINAL):]: v for k, v in remote.items() if k != FINAL + gcs_lib.MARKER} == local
+    assert {k[len(FINAL) :]: v for k, v in remote.items() if k != FINAL + gcs_lib.MARKER} == local
     assert set(remote) == {FINAL + rel for rel in local} | {FINAL + gcs_lib.MARKER}  # staging removed
     uploads = [n for kind, n in order if kind == "upload"]
-    assert uploads and all(n.startswith("models/tiny/.v1.ckptflow-staging-") for n in uploads)  # never at the final path
-    assert order.index(("copy", FINAL + "ckptflow-manifest.json")) > max(i for i, (k, _) in enumerate(order) if k == "upload")
+    assert uploads and all(
+        n.startswith("models/tiny/.v1.ckptflow-staging-") for n in uploads
+    )  # never at the final path
+    assert order.index(("copy", FINAL + "ckptflow-manifest.json")) > max(
+        i for i, (k, _) in enumerate(order) if k == "upload"
+    )
     marker = json.loads(remote[FINAL + gcs_lib.MARKER])
     assert marker["version"] == receipt["output_digest"] == json.loads(local["ckptflow-manifest.json"])["output_digest"]
     assert marker["source"]["revision"] == sha and set(marker["files"]) == set(local)
@@ -71,7 +77,7 @@ def test_an_interrupted_upload_leaves_nothing_at_the_final_path_and_resumes(gcs,
     total = len(folder_files(src))
     assert len(uploaded) == total - 3 and not set(uploaded) & set(done)  # only what was missing
     objects = gcs_objects("ckptflow-test")
-    assert {k[len(FINAL):] for k in objects} == set(folder_files(src)) | {gcs_lib.MARKER}
+    assert {k[len(FINAL) :] for k in objects} == set(folder_files(src)) | {gcs_lib.MARKER}
 
 
 def small_checkpoint(root: Path, payload: bytes, extra: dict[str, bytes] | None = None) -> Path:
@@ -81,8 +87,11 @@ def small_checkpoint(root: Path, payload: bytes, extra: dict[str, bytes] | None 
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
     outputs = {rel: {"bytes": len(d), "sha256": hashlib.sha256(d).hexdigest()} for rel, d in files.items()}
-    (root / "ckptflow-manifest.json").write_text(json.dumps({"family": "llama3.1", "outputs": outputs,
-                                                             "output_digest": "sha256:" + hashlib.sha256(payload).hexdigest()}))
+    (root / "ckptflow-manifest.json").write_text(
+        json.dumps(
+            {"family": "llama3.1", "outputs": outputs, "output_digest": "sha256:" + hashlib.sha256(payload).hexdigest()}
+        )
+    )
     return root
 
 
@@ -98,7 +107,10 @@ def test_a_different_version_is_refused_unless_forced_and_replaced_cleanly(gcs, 
     assert publish(first, DEST, force=True)["status"] == "replaced"
     objects = gcs_objects("ckptflow-test", FINAL)
     assert FINAL + "extra.txt" not in objects and objects[FINAL + "0/items/data"] == b"one"  # old files are gone
-    assert json.loads(objects[FINAL + gcs_lib.MARKER])["version"] == json.loads((first / "ckptflow-manifest.json").read_text())["output_digest"]
+    assert (
+        json.loads(objects[FINAL + gcs_lib.MARKER])["version"]
+        == json.loads((first / "ckptflow-manifest.json").read_text())["output_digest"]
+    )
     assert not [k for k in gcs_objects("ckptflow-test") if ".ckptflow-staging-" in k]
 
 
@@ -111,12 +123,15 @@ def test_foreign_objects_without_a_marker_are_not_overwritten(gcs, tmp_path):
     assert gcs_objects("ckptflow-test", FINAL) == {FINAL + "notes.txt": b"someone else's"}
 
 
-@pytest.mark.parametrize("uri, message", [
-    ("gs://ckptflow-test", "name a folder"),
-    ("gs://ckptflow-test/a/../b", "name a folder"),
-    ("gs://UPPER/x", "not a valid bucket"),
-    ("gs://no-such-bucket/x/v1", "not found"),
-])
+@pytest.mark.parametrize(
+    "uri, message",
+    [
+        ("gs://ckptflow-test", "name a folder"),
+        ("gs://ckptflow-test/a/../b", "name a folder"),
+        ("gs://UPPER/x", "not a valid bucket"),
+        ("gs://no-such-bucket/x/v1", "not found"),
+    ],
+)
 def test_bad_gs_destinations_fail_clearly(gcs, tmp_path, uri, message):
     with pytest.raises(CkptflowError, match=message):
         publish(small_checkpoint(tmp_path / "a", b"one"), uri)

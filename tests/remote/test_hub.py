@@ -14,15 +14,21 @@ from pathlib import Path
 
 import pytest
 
+from converters.errors import CkptflowError, CorruptFileError, OutputExistsError
 from converters.remote import hub as hub_lib
 from converters.remote.download import MANIFEST_NAME, download, partial_dir
-from converters.errors import CkptflowError, CorruptFileError, OutputExistsError
 from converters.remote.publish import publish
 from tests.stand_ins.fixtures import TOKEN, converted, folder_files, hub, hub_env, model_files  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[2]
-WANTED = {"config.json", "generation_config.json", "tokenizer.json", "model.safetensors.index.json",
-          "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
+WANTED = {
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "model.safetensors.index.json",
+    "model-00001-of-00002.safetensors",
+    "model-00002-of-00002.safetensors",
+}
 
 
 def resolved_revisions(server) -> set[str]:
@@ -142,8 +148,13 @@ def test_a_killed_download_resumes_with_the_files_already_complete(hub, tmp_path
     release = threading.Event()
     hub.state.stall[("acme/tiny", shard)] = (1 << 20, release)  # send 1 MiB of it, then hang
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "converters", "download", "acme/tiny", str(out)], cwd=REPO,
-                            env=hub_env(hub.url, hub.home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "converters", "download", "acme/tiny", str(out)],
+        cwd=REPO,
+        env=hub_env(hub.url, hub.home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 60
         while len(set(hub.downloads("acme/tiny")) & WANTED) < len(WANTED) and time.monotonic() < deadline:
@@ -189,12 +200,21 @@ def test_the_token_is_never_printed(hub, tmp_path):
     env = {**hub_env(hub.url, hub.home), "HF_TOKEN": TOKEN}
     outs = []
     for repo in ("acme/secret", "acme/gated", "acme/none"):
-        p = subprocess.run([sys.executable, "-m", "converters", "-v", "download", repo, str(tmp_path / repo), "--json"],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        p = subprocess.run(
+            [sys.executable, "-m", "converters", "-v", "download", repo, str(tmp_path / repo), "--json"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         outs.append(p.stdout + p.stderr)
     assert f"Bearer {TOKEN}" in hub.state.seen_tokens  # it was used...
-    written = "".join(outs) + "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file()
-                                      and p.suffix in (".json", ".txt", ".log", ""))
+    written = "".join(outs) + "".join(
+        p.read_text(errors="replace")
+        for p in tmp_path.rglob("*")
+        if p.is_file() and p.suffix in (".json", ".txt", ".log", "")
+    )
     assert TOKEN not in written and TOKEN[3:15] not in written  # ...and never shown
     assert "gated repo" in outs[1]
 
@@ -227,7 +247,9 @@ def test_the_manifest_carries_the_source_lineage(converted):
     m = json.loads((mt / "ckptflow-manifest.json").read_text())
     src = m["source"]
     assert src["repo"] == "meta-llama/Tiny-3.1" and src["revision"] == sha and src["uri"] == "hf://meta-llama/Tiny-3.1"
-    assert set(src["files"]) >= {"config.json", "model.safetensors"} and all(len(f["sha256"]) == 64 for f in src["files"].values())
+    assert set(src["files"]) >= {"config.json", "model.safetensors"} and all(
+        len(f["sha256"]) == 64 for f in src["files"].values()
+    )
     assert m["output_digest"].startswith("sha256:") and m["family"] == "llama3.1"
     assert all(len(o["blake3"]) == 64 for o in m["outputs"].values())
 
@@ -236,7 +258,11 @@ def test_publish_to_the_hub_is_one_private_commit_with_a_model_card(hub, convert
     mt, sha = converted
     src = shutil.copytree(mt, tmp_path / "mt")
     report = tmp_path / "verify.json"
-    report.write_text(json.dumps({"max_kl": 0.015, "dtype": "float32", "summary": {"passed": True, "kl_max": 1.5e-7, "num_tokens": 520}}))
+    report.write_text(
+        json.dumps(
+            {"max_kl": 0.015, "dtype": "float32", "summary": {"passed": True, "kl_max": 1.5e-7, "num_tokens": 520}}
+        )
+    )
     with pytest.raises(CkptflowError, match="refused access|Invalid credentials|write access"):
         publish(src, "hf://facebook/opt")  # no token
     monkeypatch.setenv("HF_TOKEN", TOKEN)

@@ -17,7 +17,9 @@ TOKEN = "hf_SENTINELtokenDoNotPrint0123456789"
 def hub_env(url: str, home: Path) -> dict[str, str]:
     """Environment for a `ckptflow` child process talking to the stand-in hub."""
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN",)}
-    env.update(HF_ENDPOINT=url, HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1", HF_HOME=str(home), HF_HUB_DISABLE_PROGRESS_BARS="1")
+    env.update(
+        HF_ENDPOINT=url, HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1", HF_HOME=str(home), HF_HUB_DISABLE_PROGRESS_BARS="1"
+    )
     return env
 
 
@@ -74,15 +76,21 @@ def model_files(*, seed: int = 0, sharded: bool = True, extras: bool = True) -> 
     rng = np.random.default_rng(seed)
     a = {"model.embed_tokens.weight": rng.standard_normal((64, 32), dtype=np.float32)}
     b = {"lm_head.weight": rng.standard_normal((64, 32), dtype=np.float32)}
-    files: dict[str, bytes] = {"config.json": json.dumps({"model_type": "llama", "hidden_size": 32}).encode(),
-                               "tokenizer.json": b'{"version": "1.0"}', "generation_config.json": b'{"bos_token_id": 1}'}
+    files: dict[str, bytes] = {
+        "config.json": json.dumps({"model_type": "llama", "hidden_size": 32}).encode(),
+        "tokenizer.json": b'{"version": "1.0"}',
+        "generation_config.json": b'{"bos_token_id": 1}',
+    }
     with tempfile.TemporaryDirectory() as tmp:
         if sharded:
             save_file(Path(tmp, "m1.safetensors"), a)
             save_file(Path(tmp, "m2.safetensors"), b)
             files["model-00001-of-00002.safetensors"] = Path(tmp, "m1.safetensors").read_bytes()
             files["model-00002-of-00002.safetensors"] = Path(tmp, "m2.safetensors").read_bytes()
-            wm = {**{k: "model-00001-of-00002.safetensors" for k in a}, **{k: "model-00002-of-00002.safetensors" for k in b}}
+            wm = {
+                **{k: "model-00001-of-00002.safetensors" for k in a},
+                **{k: "model-00002-of-00002.safetensors" for k in b},
+            }
             files["model.safetensors.index.json"] = json.dumps({"metadata": {}, "weight_map": wm}).encode()
         else:
             save_file(Path(tmp, "m.safetensors"), {**a, **b})

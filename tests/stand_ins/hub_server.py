@@ -74,8 +74,17 @@ class HubState:
         self.seen_tokens: list[str] = []
         self.lock = threading.RLock()
 
-    def commit(self, repo_id: str, files: dict[str, bytes], *, branch: str = "main", replace: bool = False,
-               deleted: tuple[str, ...] = (), private: bool = False, gated: bool | str = False) -> str:
+    def commit(
+        self,
+        repo_id: str,
+        files: dict[str, bytes],
+        *,
+        branch: str = "main",
+        replace: bool = False,
+        deleted: tuple[str, ...] = (),
+        private: bool = False,
+        gated: bool | str = False,
+    ) -> str:
         """Add a commit on `branch` (creating the repo): `files` added or changed, `deleted` removed."""
         with self.lock:
             repo = self.repos.setdefault(repo_id, Repo(repo_id, private=private, gated=gated))
@@ -103,9 +112,18 @@ class HubState:
 
     def info(self, repo: Repo, commit: Commit, blobs: bool = False, siblings: bool = True) -> dict:
         d = {
-            "id": repo.id, "_id": hashlib.md5(repo.id.encode()).hexdigest()[:24], "author": repo.id.split("/")[0],
-            "sha": commit.sha, "lastModified": commit.date, "createdAt": repo.created_at, "private": repo.private,
-            "gated": repo.gated, "disabled": False, "tags": [], "downloads": 0, "likes": 0,
+            "id": repo.id,
+            "_id": hashlib.md5(repo.id.encode()).hexdigest()[:24],
+            "author": repo.id.split("/")[0],
+            "sha": commit.sha,
+            "lastModified": commit.date,
+            "createdAt": repo.created_at,
+            "private": repo.private,
+            "gated": repo.gated,
+            "disabled": False,
+            "tags": [],
+            "downloads": 0,
+            "likes": 0,
         }
         if siblings:
             d["siblings"] = [self.sibling(p, commit.files[p], blobs) for p in sorted(commit.files)]
@@ -139,7 +157,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _json(self, status: int, data, headers: dict | None = None, head: bool = False) -> None:
         self._send(status, json.dumps(data).encode(), {"Content-Type": "application/json", **(headers or {})}, head)
 
-    def _error(self, status: int, code: str | None, message: str, head: bool = False, extra: dict | None = None) -> None:
+    def _error(
+        self, status: int, code: str | None, message: str, head: bool = False, extra: dict | None = None
+    ) -> None:
         h = {"X-Error-Message": message, **(extra or {})}
         if code:
             h["X-Error-Code"] = code
@@ -161,8 +181,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(401 if repo is not None or token is None else 404, "RepoNotFound", "Repository not found", head)
             return None
         if download and repo.gated and token not in self.state.gate_approved:
-            self._error(403, "GatedRepo", f"Access to model {repo_id} is restricted. You must have access to it "
-                        "and be authenticated to access it. Please log in.", head)
+            self._error(
+                403,
+                "GatedRepo",
+                f"Access to model {repo_id} is restricted. You must have access to it "
+                "and be authenticated to access it. Please log in.",
+                head,
+            )
             return None
         return repo
 
@@ -230,8 +255,9 @@ class _Handler(BaseHTTPRequestHandler):
         items = [st.info(r, r.resolve("main"), siblings="siblings" in expand) for r in page]
         headers = {}
         if cursor + st.page_size < len(repos):
-            nxt = urllib.parse.urlencode({**{k: v for k, v in query.items() if k != "cursor"}, "cursor": [cursor + st.page_size]},
-                                         doseq=True)
+            nxt = urllib.parse.urlencode(
+                {**{k: v for k, v in query.items() if k != "cursor"}, "cursor": [cursor + st.page_size]}, doseq=True
+            )
             headers["Link"] = f'<http://{self.headers["Host"]}/api/models?{nxt}>; rel="next"'
         self._json(200, items, headers)
 
@@ -264,8 +290,12 @@ class _Handler(BaseHTTPRequestHandler):
         data = self.state.tamper.get(key, meta)
         lfs = filename.endswith(LFS_SUFFIXES)
         etag = hashlib.sha256(meta).hexdigest() if lfs else git_oid(meta)
-        headers = {"X-Repo-Commit": commit.sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes",
-                   "Content-Type": "application/octet-stream"}
+        headers = {
+            "X-Repo-Commit": commit.sha,
+            "ETag": f'"{etag}"',
+            "Accept-Ranges": "bytes",
+            "Content-Type": "application/octet-stream",
+        }
         start = 0
         if not head and (rng := re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))):
             start = int(rng[1])
@@ -294,11 +324,20 @@ class _Handler(BaseHTTPRequestHandler):
         repo_id = f"{payload.get('organization') or 'user'}/{payload['name']}"
         with self.state.lock:
             if repo_id in self.state.repos:
-                return self._json(409, {"error": "You already created this model repo", "url": f"http://{self.headers['Host']}/{repo_id}"},
-                                  {"X-Error-Message": "You already created this model repo"})
+                return self._json(
+                    409,
+                    {"error": "You already created this model repo", "url": f"http://{self.headers['Host']}/{repo_id}"},
+                    {"X-Error-Message": "You already created this model repo"},
+                )
             private = payload.get("visibility") == "private" or bool(payload.get("private"))
             repo = self.state.repos[repo_id] = Repo(repo_id, private=private)
-            repo.commits.append(Commit(hashlib.sha1(repo_id.encode()).hexdigest(), {".gitattributes": b"*.safetensors filter=lfs\n"}, _now()))
+            repo.commits.append(
+                Commit(
+                    hashlib.sha1(repo_id.encode()).hexdigest(),
+                    {".gitattributes": b"*.safetensors filter=lfs\n"},
+                    _now(),
+                )
+            )
             repo.refs["main"] = repo.commits[0].sha
         self._json(200, {"url": f"http://{self.headers['Host']}/{repo_id}", "name": repo_id})
 
@@ -322,8 +361,15 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(404, "RepoNotFound", "Repository not found")
         files = json.loads(self._body())["files"]
         head = repo.resolve("main")
-        out = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-                "oid": git_oid(head.files[f["path"]]) if f["path"] in head.files else None} for f in files]
+        out = [
+            {
+                "path": f["path"],
+                "uploadMode": "regular",
+                "shouldIgnore": False,
+                "oid": git_oid(head.files[f["path"]]) if f["path"] in head.files else None,
+            }
+            for f in files
+        ]
         self._json(200, {"files": out})
 
     def _commit(self, repo_id: str, rev: str) -> None:
@@ -344,7 +390,10 @@ class _Handler(BaseHTTPRequestHandler):
             elif item["key"] == "lfsFile":
                 return self._error(400, None, "this stand-in takes file contents inline only")
         sha = self.state.commit(repo_id, added, branch=urllib.parse.unquote(rev), deleted=tuple(deleted))
-        self._json(200, {"success": True, "commitOid": sha, "commitUrl": f"http://{self.headers['Host']}/{repo_id}/commit/{sha}"})
+        self._json(
+            200,
+            {"success": True, "commitOid": sha, "commitUrl": f"http://{self.headers['Host']}/{repo_id}/commit/{sha}"},
+        )
 
 
 class HubServer:

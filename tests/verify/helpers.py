@@ -39,8 +39,11 @@ def hf_float32(folder: Path) -> tuple[dict, dict]:
 
 
 def embed_and_head(hf: dict) -> dict:
-    return {"token_embedder/embedding": hf["model.embed_tokens.weight"], "decoder/decoder_norm/scale": hf["model.norm.weight"],
-            "decoder/logits_dense/kernel": hf["lm_head.weight"].T}
+    return {
+        "token_embedder/embedding": hf["model.embed_tokens.weight"],
+        "decoder/decoder_norm/scale": hf["model.norm.weight"],
+        "decoder/logits_dense/kernel": hf["lm_head.weight"].T,
+    }
 
 
 def stack_layers(layers: list[dict], scan: bool) -> dict:
@@ -62,8 +65,8 @@ def hf_logits(folder: Path, ids: list[int]) -> np.ndarray:
 def assert_reference_matches_transformers(src: Path, params: dict, max_kl: float):
     """The JAX reference on `params` (a numpy layout of float32 folder `src`) against transformers on 300 random
     tokens: HF logits are not flat and the per-token KL stays below `max_kl`. Returns the ReferenceModel."""
-    from converters.verify.reference import ReferenceModel
     from converters.verify.metrics import kl_per_token
+    from converters.verify.reference import ReferenceModel
 
     ref = ReferenceModel(params, json.loads((src / "config.json").read_text()))
     ids = [int(i) for i in np.random.default_rng(3).integers(0, 512, size=300)]

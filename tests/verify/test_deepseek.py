@@ -3,7 +3,8 @@ MoE stacks, shared experts, softmax / sigmoid-with-correction-bias routing, grou
 V3.2 indexer) and verification of converted checkpoints.
 
 1. The JAX reference against transformers on weights laid out by numpy (not the converter), float32: KL < 1e-9
-   (measured max ~3e-13 for all three). The tiny models keep the published YaRN settings (factor 40, mscale 0.707 / 1.0),
+   (measured max ~3e-13 for all three). The tiny models keep the published YaRN settings (factor 40, mscale 0.707 /
+   1.0),
    V3 has 4 routing groups of which 2 are kept; the V3.2 indexer keeps 32 keys per query on a 300-token prompt (the same
    reference without sparsity is off by KL ~0.3, so the selection is exercised).
 2. Converted checkpoints (scanned and unscanned) verify on the default prompts, incl. the ~500-token one (float32 KL
@@ -20,14 +21,14 @@ import numpy as np
 import pytest
 
 from converters.convert import hf_to_maxtext
-from converters.families.deepseek import _DeepSeek
 from converters.core.mapping import Rule
-from converters.tiny_models import make_test_model
 from converters.core.transforms import RopeInterleave
+from converters.families.deepseek import _DeepSeek
+from converters.tiny_models import make_test_model
 from converters.verify import DEFAULT_MAX_KL, verify
+from converters.verify.metrics import kl_per_token
 from converters.verify.reference import ReferenceModel
 from converters.verify.reference.deepseek import route
-from converters.verify.metrics import kl_per_token
 from tests.families.helpers import deepseek_layout, hf_tensors
 
 LAYERS, FAMILIES = 3, ("deepseek2", "deepseek3", "deepseek3.2")
@@ -40,7 +41,9 @@ def hf_model(tmp_path_factory):
 
     def make(family: str, dtype: str = "bfloat16"):
         if (family, dtype) not in cache:
-            cache[family, dtype] = make_test_model(family, tmp_path_factory.mktemp(f"{family}-{dtype}") / "model", layers=LAYERS, dtype=dtype)
+            cache[family, dtype] = make_test_model(
+                family, tmp_path_factory.mktemp(f"{family}-{dtype}") / "model", layers=LAYERS, dtype=dtype
+            )
         return cache[family, dtype]
 
     return make
@@ -77,23 +80,36 @@ def test_group_limited_routing_and_scaling():
     logits = jnp.array([[3.0, -3.0, -3.0, -3.0, 2.0, 1.9, -5.0, -5.0]])  # groups {0,1}, {2,3}, {4,5}, {6,7}
     bias = jnp.zeros(8)
     w = np.asarray(route(logits, bias, top_k=2, sigmoid=True, groups=(4, 1), norm=True, scaling=2.5))[0]
-    assert set(np.nonzero(w)[0]) == {4, 5} and np.isclose(w.sum(), 2.5)  # group {4,5} (sum 3.9 > 2.x) wins over expert 0
+    assert set(np.nonzero(w)[0]) == {4, 5} and np.isclose(
+        w.sum(), 2.5
+    )  # group {4,5} (sum 3.9 > 2.x) wins over expert 0
     w = np.asarray(route(logits, bias, top_k=2, sigmoid=True, groups=None, norm=True, scaling=2.5))[0]
     assert set(np.nonzero(w)[0]) == {0, 4}
-    w = np.asarray(route(logits, jnp.array([0, 0, 0, 0, 0, 0, 9.0, 0]), top_k=1, sigmoid=True, groups=None, norm=False, scaling=1.0))[0]
-    assert np.nonzero(w)[0].tolist() == [6] and np.isclose(w[6], 1 / (1 + np.exp(5.0)))  # chosen by bias, weighted without it
+    w = np.asarray(
+        route(
+            logits, jnp.array([0, 0, 0, 0, 0, 0, 9.0, 0]), top_k=1, sigmoid=True, groups=None, norm=False, scaling=1.0
+        )
+    )[0]
+    assert np.nonzero(w)[0].tolist() == [6] and np.isclose(
+        w[6], 1 / (1 + np.exp(5.0))
+    )  # chosen by bias, weighted without it
 
 
-# unscanned once: the layouts differ only in where the same per-layer arrays sit (checked in tests/families/test_deepseek.py)
-@pytest.mark.parametrize("family, scan", [("deepseek2", True), ("deepseek3", True), ("deepseek3", False), ("deepseek3.2", True)],
-                         ids=["deepseek2-scanned", "deepseek3-scanned", "deepseek3-unscanned", "deepseek3.2-scanned"])
+# unscanned once: the layouts differ only in where the same per-layer arrays sit (checked in
+# tests/families/test_deepseek.py)
+@pytest.mark.parametrize(
+    "family, scan",
+    [("deepseek2", True), ("deepseek3", True), ("deepseek3", False), ("deepseek3.2", True)],
+    ids=["deepseek2-scanned", "deepseek3-scanned", "deepseek3-unscanned", "deepseek3.2-scanned"],
+)
 def test_converted_checkpoint_verifies(hf_model, tmp_path, family, scan):
     hf_to_maxtext(hf_model(family), tmp_path / "mt", scan=scan)
     r = verify(maxtext=tmp_path / "mt", hf=hf_model(family))
     assert r.passed and r.data["summary"]["kl_max"] < EXACT_KL, r.data["summary"]
     assert r.data["prompts"][-1]["name"] == "long" and r.data["prompts"][-1]["num_tokens"] >= 400
     if scan and family == "deepseek3":
-        # bfloat16: a few near-tied routing decisions flip (the HF model's own bf16-vs-f32 distance on a 500-token prompt is
+        # bfloat16: a few near-tied routing decisions flip (the HF model's own bf16-vs-f32 distance on a 500-token
+        # prompt is
         # max ~0.16, mean ~1e-3 for this tiny model), so only the mean is held to the default bound here
         r16 = verify(maxtext=tmp_path / "mt", hf=hf_model(family), dtype="bfloat16")
         assert r16.data["summary"]["kl_mean"] < DEFAULT_MAX_KL / 5, r16.data["summary"]
@@ -104,8 +120,12 @@ def test_llama_style_rope_permutation_of_the_query_fails_verification(hf_model, 
     real = _DeepSeek.attention_rules.__func__
 
     def permuted(cls, d):
-        return [Rule(r.hf, r.mt, hf_shape=r.hf_shape, mt_shape=r.mt_shape, chain=r.chain + (RopeInterleave(),)) if r.mt.endswith(("wq_b/kernel", "query/kernel")) else r
-                for r in real(cls, d)]
+        return [
+            Rule(r.hf, r.mt, hf_shape=r.hf_shape, mt_shape=r.mt_shape, chain=r.chain + (RopeInterleave(),))
+            if r.mt.endswith(("wq_b/kernel", "query/kernel"))
+            else r
+            for r in real(cls, d)
+        ]
 
     monkeypatch.setattr(_DeepSeek, "attention_rules", classmethod(permuted))
     hf_to_maxtext(hf_model(family), tmp_path / "mt", scan=True)

@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 
 from converters.verify import DEFAULT_MAX_KL, verify
+from converters.verify.metrics import kl_per_token
 from converters.verify.reference import ReferenceModel
 from converters.verify.reference.gemma import gemma3_image_prompt, multimodal_logits
-from converters.verify.metrics import kl_per_token
 
 SHAPE = {"gemma2": (4, 512), "gemma3": (14, 576), "gemma3-mm": (8, 576)}  # as tests/families/test_gemma.py
 EXACT_KL = 1e-9
@@ -43,7 +43,9 @@ def hf_model(tmp_path_factory):
     def make(family: str) -> Path:
         if family not in cache:
             layers, vocab = SHAPE[family]
-            cache[family] = make_test_model(family, tmp_path_factory.mktemp(family) / "hf", layers=layers, vocab=vocab, dtype="float32")
+            cache[family] = make_test_model(
+                family, tmp_path_factory.mktemp(family) / "hf", layers=layers, vocab=vocab, dtype="float32"
+            )
         return cache[family]
 
     return make
@@ -83,7 +85,9 @@ def to_maxtext(model, scan: bool) -> dict:
         "decoder/decoder_norm/scale": sd[lm + "norm.weight"] + one,
     }
     if cfg.model_type == "gemma2":  # MaxText pads 128 zero rows (256000 -> 256128)
-        out["token_embedder/embedding"] = np.concatenate([out["token_embedder/embedding"], np.zeros((128, E), np.float32)])
+        out["token_embedder/embedding"] = np.concatenate(
+            [out["token_embedder/embedding"], np.zeros((128, E), np.float32)]
+        )
     else:  # and holds Gemma3's vocabulary cut to a multiple of 128 (262208 -> 262144)
         out["token_embedder/embedding"] = out["token_embedder/embedding"][: t.vocab_size // 128 * 128]
 
@@ -140,17 +144,33 @@ def to_maxtext(model, scan: bool) -> dict:
         for i in range(v.num_hidden_layers):
             b, h = f"{ve}Transformer/encoderblock_{i}/", f"{vt}encoder.layers.{i}."
             a = b + "MultiHeadDotProductAttention_0/"
-            out[b + "LayerNorm_0/scale"], out[b + "LayerNorm_0/bias"] = sd[h + "layer_norm1.weight"], sd[h + "layer_norm1.bias"]
-            out[b + "LayerNorm_1/scale"], out[b + "LayerNorm_1/bias"] = sd[h + "layer_norm2.weight"], sd[h + "layer_norm2.bias"]
+            out[b + "LayerNorm_0/scale"], out[b + "LayerNorm_0/bias"] = (
+                sd[h + "layer_norm1.weight"],
+                sd[h + "layer_norm1.bias"],
+            )
+            out[b + "LayerNorm_1/scale"], out[b + "LayerNorm_1/bias"] = (
+                sd[h + "layer_norm2.weight"],
+                sd[h + "layer_norm2.bias"],
+            )
             for mt, hf in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
                 out[a + f"{mt}/kernel"] = sd[h + f"self_attn.{hf}.weight"].T.reshape(H, n, H // n)
                 out[a + f"{mt}/bias"] = sd[h + f"self_attn.{hf}.bias"].reshape(n, H // n)
             out[a + "out/kernel"] = sd[h + "self_attn.out_proj.weight"].T.reshape(n, H // n, H)
             out[a + "out/bias"] = sd[h + "self_attn.out_proj.bias"]
-            out[b + "MlpBlockViT_0/Dense_0/kernel"], out[b + "MlpBlockViT_0/Dense_0/bias"] = sd[h + "mlp.fc1.weight"].T, sd[h + "mlp.fc1.bias"]
-            out[b + "MlpBlockViT_0/Dense_1/kernel"], out[b + "MlpBlockViT_0/Dense_1/bias"] = sd[h + "mlp.fc2.weight"].T, sd[h + "mlp.fc2.bias"]
-        out["vision_encoder/VisionEmbedder_0/mm_input_projection/w"] = sd["model.multi_modal_projector.mm_input_projection_weight"]
-        out["vision_encoder/VisionEmbedder_0/mm_soft_embedding_norm/scale"] = sd["model.multi_modal_projector.mm_soft_emb_norm.weight"] + one
+            out[b + "MlpBlockViT_0/Dense_0/kernel"], out[b + "MlpBlockViT_0/Dense_0/bias"] = (
+                sd[h + "mlp.fc1.weight"].T,
+                sd[h + "mlp.fc1.bias"],
+            )
+            out[b + "MlpBlockViT_0/Dense_1/kernel"], out[b + "MlpBlockViT_0/Dense_1/bias"] = (
+                sd[h + "mlp.fc2.weight"].T,
+                sd[h + "mlp.fc2.bias"],
+            )
+        out["vision_encoder/VisionEmbedder_0/mm_input_projection/w"] = sd[
+            "model.multi_modal_projector.mm_input_projection_weight"
+        ]
+        out["vision_encoder/VisionEmbedder_0/mm_soft_embedding_norm/scale"] = (
+            sd["model.multi_modal_projector.mm_soft_emb_norm.weight"] + one
+        )
     return out
 
 
@@ -160,7 +180,9 @@ def test_reference_matches_transformers(hf_model, family, scan):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(hf_model(family), dtype=torch.float32, attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        hf_model(family), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     cfg = json.loads((hf_model(family) / "config.json").read_text())
     ref = ReferenceModel(to_maxtext(model, scan), cfg)
     assert ref.scanned == scan
@@ -173,15 +195,24 @@ def test_reference_matches_transformers(hf_model, family, scan):
     if family == "gemma3-mm":  # the vision tower, projector and bidirectional image attention
         ids, inputs = gemma3_image_prompt(cfg)
         with torch.no_grad():
-            hf = model(torch.tensor([ids]), pixel_values=torch.from_numpy(inputs["pixel_values"]),
-                       token_type_ids=torch.from_numpy(inputs["token_type_ids"])).logits[0].numpy()
+            hf = (
+                model(
+                    torch.tensor([ids]),
+                    pixel_values=torch.from_numpy(inputs["pixel_values"]),
+                    token_type_ids=torch.from_numpy(inputs["token_type_ids"]),
+                )
+                .logits[0]
+                .numpy()
+            )
         assert kl_per_token(hf, multimodal_logits(ref, ids, inputs["pixel_values"])).max() < EXACT_KL
 
 
 # ---------------------------------------------------------------------------------------------------- 2.
 
 
-@pytest.mark.parametrize("family,scan", [("gemma2", True), ("gemma2", False), ("gemma3", True), ("gemma3", False), ("gemma3-mm", True)])
+@pytest.mark.parametrize(
+    "family,scan", [("gemma2", True), ("gemma2", False), ("gemma3", True), ("gemma3", False), ("gemma3-mm", True)]
+)
 def test_converted_checkpoint_matches_hf(converted, family, scan):
     hf, ckpt = converted(family, scan)
     r32 = verify(maxtext=ckpt, hf=hf, dtype="float32", max_kl=FLOAT32_MAX_KL[family])

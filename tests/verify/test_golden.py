@@ -31,7 +31,9 @@ def test_golden_mode_round_trip(converted, damaged, tmp_path):
     assert not good.data["verdict"]["content"]["ran"] and not good.data["verdict"]["layout"]["ran"]
     # the golden logits are the HF side's float32 logits, written exactly: the same precision numbers as with --hf
     direct = verify(maxtext=ckpt, hf=hf, max_kl=FLOAT32_MAX_KL)
-    np.testing.assert_allclose([p["kl_max"] for p in good.data["prompts"]], [p["kl_max"] for p in direct.data["prompts"]], rtol=1e-9)
+    np.testing.assert_allclose(
+        [p["kl_max"] for p in good.data["prompts"]], [p["kl_max"] for p in direct.data["prompts"]], rtol=1e-9
+    )
 
     _, broken = damaged("llama3.1", "skip_rope_permutation", True)
     bad = verify(maxtext=broken, golden=golden)

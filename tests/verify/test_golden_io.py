@@ -83,8 +83,15 @@ def test_maxtext_style_file_is_read(tmp_path, chunk):
     b = -np.arange(3, dtype=np.float32).reshape(1, 3)
     lines = [
         # logits first, as [1][T][V], with default json.dumps spacing and extra keys holding "logits"
-        json.dumps({"logits": [a.tolist()], "note": "logits", "extra": {"logits": [[9]]}, "tokens": [3, 4],
-                    "prompt": "I love to"}),
+        json.dumps(
+            {
+                "logits": [a.tolist()],
+                "note": "logits",
+                "extra": {"logits": [[9]]},
+                "tokens": [3, 4],
+                "prompt": "I love to",
+            }
+        ),
         "",  # blank lines are skipped
         '  {"tokens":[7],"prompt":"x","logits":[ [ -0.0 , -1 ,-2.0E0 ] ] , "dtype" : "bfloat16"}\r',
     ]
@@ -300,7 +307,9 @@ def test_large_record_streams_in_bounded_memory(tmp_path):
     for mode in ("control", "write", "read"):
         p = subprocess.run(
             [sys.executable, "-c", MEMORY, mode, str(path), str(T), str(V), str(BLOCK)],
-            cwd=REPO, capture_output=True, text=True,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
         )
         assert p.returncode == 0, p.stderr[-2000:]
         peak, seconds = p.stdout.split()

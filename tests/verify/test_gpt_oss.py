@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,14 @@ import pytest
 
 from converters.verify import verify
 from tests.families.helpers import model_cache
-from tests.verify.helpers import assert_reference_matches_transformers, converted_cache, embed_and_head, hf_float32, restore_tree, save_tree
+from tests.verify.helpers import (
+    assert_reference_matches_transformers,
+    converted_cache,
+    embed_and_head,
+    hf_float32,
+    restore_tree,
+    save_tree,
+)
 
 FAMILY, LAYERS = "gpt-oss", 4
 ATT, MLP = "GptOssAttention", "GptOssMlp"
@@ -42,7 +48,8 @@ def converted(hf_model, tmp_path_factory):
 
 def to_maxtext(folder: Path, scan: bool) -> dict:
     """HF safetensors -> MaxText arrays with numpy, independently of the converter, as MaxText's own converter lays them
-    out (src/maxtext/checkpoint_conversion/standalone_scripts/convert_gpt_oss_ckpt.py in AI-Hypercomputer/maxtext): `gate_up_proj` de-interleaved
+    out (src/maxtext/checkpoint_conversion/standalone_scripts/convert_gpt_oss_ckpt.py in AI-Hypercomputer/maxtext):
+    `gate_up_proj` de-interleaved
     (even columns `wi_0`, odd `wi_1`); scanned, two stacks `layers_0` / `layers_1` of alternating layers."""
     cfg, hf = hf_float32(folder)
     e, n, k, d = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
@@ -51,18 +58,29 @@ def to_maxtext(folder: Path, scan: bool) -> dict:
     for i in range(cfg["num_hidden_layers"]):
         a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
         gu, gub = hf[m + "experts.gate_up_proj"], hf[m + "experts.gate_up_proj_bias"]
-        layers.append({
-            "pre_self_attention_layer_norm/scale": hf[f"model.layers.{i}.input_layernorm.weight"],
-            "post_self_attention_layer_norm/scale": hf[f"model.layers.{i}.post_attention_layernorm.weight"],
-            f"{ATT}/query/kernel": hf[a + "q_proj.weight"].T.reshape(e, n, d), f"{ATT}/query/bias": hf[a + "q_proj.bias"].reshape(n, d),
-            f"{ATT}/key/kernel": hf[a + "k_proj.weight"].T.reshape(e, k, d), f"{ATT}/key/bias": hf[a + "k_proj.bias"].reshape(k, d),
-            f"{ATT}/value/kernel": hf[a + "v_proj.weight"].T.reshape(e, k, d), f"{ATT}/value/bias": hf[a + "v_proj.bias"].reshape(k, d),
-            f"{ATT}/out/kernel": hf[a + "o_proj.weight"].T.reshape(n, d, e), f"{ATT}/out/bias": hf[a + "o_proj.bias"],
-            f"{ATT}/sinks": hf[a + "sinks"],
-            f"{MLP}/gate/kernel": hf[m + "router.weight"].T, f"{MLP}/gate/bias": hf[m + "router.bias"],
-            f"{MLP}/wi_0": gu[..., 0::2], f"{MLP}/wi_1": gu[..., 1::2], f"{MLP}/wo": hf[m + "experts.down_proj"],
-            f"{MLP}/wi_0_bias": gub[..., 0::2], f"{MLP}/wi_1_bias": gub[..., 1::2], f"{MLP}/wo_bias": hf[m + "experts.down_proj_bias"],
-        })
+        layers.append(
+            {
+                "pre_self_attention_layer_norm/scale": hf[f"model.layers.{i}.input_layernorm.weight"],
+                "post_self_attention_layer_norm/scale": hf[f"model.layers.{i}.post_attention_layernorm.weight"],
+                f"{ATT}/query/kernel": hf[a + "q_proj.weight"].T.reshape(e, n, d),
+                f"{ATT}/query/bias": hf[a + "q_proj.bias"].reshape(n, d),
+                f"{ATT}/key/kernel": hf[a + "k_proj.weight"].T.reshape(e, k, d),
+                f"{ATT}/key/bias": hf[a + "k_proj.bias"].reshape(k, d),
+                f"{ATT}/value/kernel": hf[a + "v_proj.weight"].T.reshape(e, k, d),
+                f"{ATT}/value/bias": hf[a + "v_proj.bias"].reshape(k, d),
+                f"{ATT}/out/kernel": hf[a + "o_proj.weight"].T.reshape(n, d, e),
+                f"{ATT}/out/bias": hf[a + "o_proj.bias"],
+                f"{ATT}/sinks": hf[a + "sinks"],
+                f"{MLP}/gate/kernel": hf[m + "router.weight"].T,
+                f"{MLP}/gate/bias": hf[m + "router.bias"],
+                f"{MLP}/wi_0": gu[..., 0::2],
+                f"{MLP}/wi_1": gu[..., 1::2],
+                f"{MLP}/wo": hf[m + "experts.down_proj"],
+                f"{MLP}/wi_0_bias": gub[..., 0::2],
+                f"{MLP}/wi_1_bias": gub[..., 1::2],
+                f"{MLP}/wo_bias": hf[m + "experts.down_proj_bias"],
+            }
+        )
     for i, lay in enumerate(layers):
         if not scan:
             out.update({f"decoder/layers_{i}/{key}": v for key, v in lay.items()})
@@ -95,7 +113,9 @@ def test_moe_block_clips_like_transformers(hf_model):
     with torch.no_grad():
         want = mlp(torch.from_numpy(x)[None])[0][0].numpy()
     params = to_maxtext(src, scan=False)
-    p = {k.split("layers_1/", 1)[1]: jnp.asarray(v) for k, v in params.items() if k.startswith(f"decoder/layers_1/{MLP}")}
+    p = {
+        k.split("layers_1/", 1)[1]: jnp.asarray(v) for k, v in params.items() if k.startswith(f"decoder/layers_1/{MLP}")
+    }
     pre = x @ np.asarray(p[f"{MLP}/wi_0"])[0] + np.asarray(p[f"{MLP}/wi_0_bias"])[0]
     assert (pre > 7).mean() > 0.05  # the clamp matters
 
@@ -158,9 +178,14 @@ def save_damaged(src: Path, dst: Path, damage) -> Path:
     return save_tree(tree, src, dst)
 
 
-@pytest.mark.parametrize("damage", [transpose_expert_kernel("wo"), transpose_expert_kernel("wi_0"), swap_gate_and_up],
-                         ids=["transposed-wo", "transposed-wi_0", "swapped-gate-up"])
+@pytest.mark.parametrize(
+    "damage",
+    [transpose_expert_kernel("wo"), transpose_expert_kernel("wi_0"), swap_gate_and_up],
+    ids=["transposed-wo", "transposed-wi_0", "swapped-gate-up"],
+)
 def test_orientation_mistakes_fail_verification(hf_model, converted, tmp_path, damage):
     broken = save_damaged(converted(True), tmp_path / "broken", damage)
     r = verify(maxtext=broken, hf=hf_model())
-    assert not r.passed and r.data["summary"]["kl_max"] > 0.05, r.data["summary"]  # measured 0.18-0.28 (threshold 0.015)
+    assert not r.passed and r.data["summary"]["kl_max"] > 0.05, r.data[
+        "summary"
+    ]  # measured 0.18-0.28 (threshold 0.015)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,13 @@ from converters.families.mistral import Mistral
 from converters.verify import verify
 from converters.verify.metrics import kl_per_token
 from converters.verify.reference import ReferenceModel
-from tests.verify.helpers import assert_reference_matches_transformers, embed_and_head, hf_float32, hf_logits, stack_layers
+from tests.verify.helpers import (
+    assert_reference_matches_transformers,
+    embed_and_head,
+    hf_float32,
+    hf_logits,
+    stack_layers,
+)
 
 EXACT_KL = 1e-9
 FLOAT32_MAX_KL = 1e-6  # bf16 rounding of the scaled query only
@@ -35,23 +40,26 @@ SHORT = '{"tokens": [1, 17, 301, 44]}\n{"tokens": [9, 2, 250, 3]}\n'
 
 
 def to_maxtext(folder: Path, scan: bool) -> dict:
-    """HF safetensors -> MaxText arrays with numpy, independently of the converter (half-split rows kept, q / sqrt(D))."""
+    """HF safetensors -> MaxText arrays with numpy, independently of the converter (half-split rows kept, q /
+    sqrt(D))."""
     cfg, hf = hf_float32(folder)
     e, n, k, d = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
     layers = []
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        layers.append({
-            "pre_self_attention_layer_norm/scale": hf[p + "input_layernorm.weight"],
-            "post_self_attention_layer_norm/scale": hf[p + "post_attention_layernorm.weight"],
-            "self_attention/query/kernel": hf[p + "self_attn.q_proj.weight"].T.reshape(e, n, d) / math.sqrt(d),
-            "self_attention/key/kernel": hf[p + "self_attn.k_proj.weight"].T.reshape(e, k, d),
-            "self_attention/value/kernel": hf[p + "self_attn.v_proj.weight"].T.reshape(e, k, d),
-            "self_attention/out/kernel": hf[p + "self_attn.o_proj.weight"].T.reshape(n, d, e),
-            "mlp/wi_0/kernel": hf[p + "mlp.gate_proj.weight"].T,
-            "mlp/wi_1/kernel": hf[p + "mlp.up_proj.weight"].T,
-            "mlp/wo/kernel": hf[p + "mlp.down_proj.weight"].T,
-        })
+        layers.append(
+            {
+                "pre_self_attention_layer_norm/scale": hf[p + "input_layernorm.weight"],
+                "post_self_attention_layer_norm/scale": hf[p + "post_attention_layernorm.weight"],
+                "self_attention/query/kernel": hf[p + "self_attn.q_proj.weight"].T.reshape(e, n, d) / math.sqrt(d),
+                "self_attention/key/kernel": hf[p + "self_attn.k_proj.weight"].T.reshape(e, k, d),
+                "self_attention/value/kernel": hf[p + "self_attn.v_proj.weight"].T.reshape(e, k, d),
+                "self_attention/out/kernel": hf[p + "self_attn.o_proj.weight"].T.reshape(n, d, e),
+                "mlp/wi_0/kernel": hf[p + "mlp.gate_proj.weight"].T,
+                "mlp/wi_1/kernel": hf[p + "mlp.up_proj.weight"].T,
+                "mlp/wo/kernel": hf[p + "mlp.down_proj.weight"].T,
+            }
+        )
     return embed_and_head(hf) | stack_layers(layers, scan)
 
 
@@ -112,7 +120,9 @@ def test_unscaled_query_fails_content_by_name(damaged, tmp_path):
     (tmp_path / "short.jsonl").write_text(SHORT)
     r = verify(maxtext=broken, hf=hf, prompts_file=tmp_path / "short.jsonl")
     failed = {f["tensor"] for f in r.data["verdict"]["content"]["failures"]}
-    assert not r.passed and {"model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"} <= failed
+    assert (
+        not r.passed and {"model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"} <= failed
+    )
 
 
 def test_float32_source_in_a_bfloat16_checkpoint_passes_content(tiny_model, tmp_path):
@@ -151,7 +161,7 @@ def test_content_bound_where_the_stored_query_rounded_down_to_a_power_of_two():
     s = Scale(1 / math.sqrt(32))
     x = np.array([0.011087404564023018], np.float32)
     stored = s.forward(x).astype(ml_dtypes.bfloat16)
-    assert float(stored[0]) == 2.0 ** -9 < float(s.forward(x)[0])
+    assert float(stored[0]) == 2.0**-9 < float(s.forward(x)[0])
     back = s.inverse(stored.astype(np.float32))
-    assert float(s.forward(back)[0]) < 2.0 ** -9
+    assert float(s.forward(back)[0]) < 2.0**-9
     assert compare("q_proj.weight", "self_attention/query/kernel", x, back, (s,), np.dtype(ml_dtypes.bfloat16)).passed

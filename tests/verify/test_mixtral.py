@@ -24,11 +24,19 @@ import pytest
 from converters.convert import hf_to_maxtext
 from converters.io.orbax import read_params
 from converters.verify import verify
-from converters.verify.reference import ReferenceModel
 from converters.verify.metrics import kl_per_token
+from converters.verify.reference import ReferenceModel
 from tests.families.helpers import model_cache
-from tests.verify.helpers import (assert_reference_matches_transformers, converted_cache, embed_and_head, hf_float32, hf_logits,
-                                  restore_tree, save_tree, stack_layers)
+from tests.verify.helpers import (
+    assert_reference_matches_transformers,
+    converted_cache,
+    embed_and_head,
+    hf_float32,
+    hf_logits,
+    restore_tree,
+    save_tree,
+    stack_layers,
+)
 
 FAMILY, LAYERS, MOE = "mixtral", 4, "MoeBlock_0"
 EXACT_KL = 1e-9
@@ -47,7 +55,8 @@ def converted(hf_model, tmp_path_factory):
 
 def to_maxtext(folder: Path, scan: bool) -> dict:
     """HF safetensors -> MaxText arrays with numpy, independently of the converter, as MaxText's own converter lays them
-    out (src/maxtext/checkpoint_conversion/standalone_scripts/llama_or_mistral_ckpt.py in AI-Hypercomputer/maxtext): the experts stacked `[E, ...]`
+    out (src/maxtext/checkpoint_conversion/standalone_scripts/llama_or_mistral_ckpt.py in AI-Hypercomputer/maxtext):
+    the experts stacked `[E, ...]`
     under `MoeBlock_0` (scanned `[E, L, ...]`), the query kernel scaled by 1/sqrt(head_dim)."""
     cfg, hf = hf_float32(folder)
     e, n, k, d = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
@@ -65,7 +74,9 @@ def to_maxtext(folder: Path, scan: bool) -> dict:
             f"{MOE}/gate/kernel": hf[p + "block_sparse_moe.gate.weight"].T,
         }
         for mt, w in (("wi_0", "w1"), ("wi_1", "w3"), ("wo", "w2")):
-            lay[f"{MOE}/{mt}"] = np.stack([hf[f"{p}block_sparse_moe.experts.{x}.{w}.weight"].T for x in range(cfg["num_local_experts"])])
+            lay[f"{MOE}/{mt}"] = np.stack(
+                [hf[f"{p}block_sparse_moe.experts.{x}.{w}.weight"].T for x in range(cfg["num_local_experts"])]
+            )
         layers.append(lay)
     return out | stack_layers(layers, scan)
 

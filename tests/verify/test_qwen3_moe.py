@@ -18,8 +18,15 @@ from converters.errors import UnsupportedModelError
 from converters.verify import DEFAULT_MAX_KL, verify
 from converters.verify.reference import ReferenceModel
 from tests.families.helpers import model_cache
-from tests.verify.helpers import (assert_reference_matches_transformers, converted_cache, embed_and_head, hf_float32, restore_tree,
-                                  save_tree, stack_layers)
+from tests.verify.helpers import (
+    assert_reference_matches_transformers,
+    converted_cache,
+    embed_and_head,
+    hf_float32,
+    restore_tree,
+    save_tree,
+    stack_layers,
+)
 
 FAMILY, LAYERS, MOE = "qwen3-moe", 4, "moe_block"
 EXACT_KL = 1e-9
@@ -37,7 +44,8 @@ def converted(hf_model, tmp_path_factory):
 
 def to_maxtext(folder: Path, scan: bool) -> dict:
     """HF safetensors -> MaxText arrays with numpy, independently of the converter, as MaxText's own converter lays them
-    out (src/maxtext/checkpoint_conversion/standalone_scripts/convert_qwen3_moe.py in AI-Hypercomputer/maxtext): the routed experts stacked `[E, ...]`
+    out (src/maxtext/checkpoint_conversion/standalone_scripts/convert_qwen3_moe.py in AI-Hypercomputer/maxtext): the
+    routed experts stacked `[E, ...]`
     under `moe_block` (scanned `[E, L, ...]`)."""
     cfg, hf = hf_float32(folder)
     e, n, k, d = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
@@ -92,8 +100,22 @@ def test_experts_out_of_order_fail_verification(hf_model, converted, tmp_path):
 
 def test_unnormalised_top_k_is_refused():
     """HF without norm_topk_prob weights experts by their full-softmax probabilities; MaxText cannot."""
-    cfg = json.loads(json.dumps({"model_type": "qwen3_moe", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
-                                 "head_dim": 32, "num_hidden_layers": 1, "num_experts": 4, "num_experts_per_tok": 2,
-                                 "moe_intermediate_size": 48, "vocab_size": 64, "norm_topk_prob": False}))
+    cfg = json.loads(
+        json.dumps(
+            {
+                "model_type": "qwen3_moe",
+                "hidden_size": 64,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "head_dim": 32,
+                "num_hidden_layers": 1,
+                "num_experts": 4,
+                "num_experts_per_tok": 2,
+                "moe_intermediate_size": 48,
+                "vocab_size": 64,
+                "norm_topk_prob": False,
+            }
+        )
+    )
     with pytest.raises(UnsupportedModelError, match="norm_topk_prob"):
         ReferenceModel({}, cfg)

@@ -10,14 +10,41 @@ from converters.verify import verify
 from converters.verify.report import render_markdown
 
 PROMPT_FIELDS = {
-    "name", "label", "text", "token_ids", "num_tokens", "kl_per_token", "kl_mean", "kl_max", "kl_argmax",
-    "max_abs_logit_diff", "top1_agreement", "top10_overlap", "top10_jaccard", "top10_rank_agreement", "top10_ref",
-    "top10_maxtext", "passed", "comparisons",
+    "name",
+    "label",
+    "text",
+    "token_ids",
+    "num_tokens",
+    "kl_per_token",
+    "kl_mean",
+    "kl_max",
+    "kl_argmax",
+    "max_abs_logit_diff",
+    "top1_agreement",
+    "top10_overlap",
+    "top10_jaccard",
+    "top10_rank_agreement",
+    "top10_ref",
+    "top10_maxtext",
+    "passed",
+    "comparisons",
 }
 SUMMARY_FIELDS = {
-    "num_prompts", "num_tokens", "kl_mean", "kl_max", "kl_max_prompt", "max_abs_logit_diff", "top10_overlap_min",
-    "top10_jaccard_mean", "top10_rank_agreement_mean", "max_kl_threshold", "passed", "content_passed", "layout_passed",
-    "precision_passed", "layout_kl_max",
+    "num_prompts",
+    "num_tokens",
+    "kl_mean",
+    "kl_max",
+    "kl_max_prompt",
+    "max_abs_logit_diff",
+    "top10_overlap_min",
+    "top10_jaccard_mean",
+    "top10_rank_agreement_mean",
+    "max_kl_threshold",
+    "passed",
+    "content_passed",
+    "layout_passed",
+    "precision_passed",
+    "layout_kl_max",
 }
 # with --dtype bfloat16: precision (judged) and what it is made of
 COMPARISONS = {"precision", "layout", "format", "hf_bf16", "bf16_compute"}
@@ -41,7 +68,11 @@ def test_report_files(converted, tmp_path):
         assert len(p["top10_ref"]) == len(p["top10_maxtext"]) == 10
         assert {"id", "logit"} <= set(p["top10_ref"][0])
     assert set(data["comparisons"]) == COMPARISONS == set(data["prompts"][0]["comparisons"])
-    assert data["verdict"]["content"]["passed"] and data["verdict"]["layout"]["passed"] and data["verdict"]["precision"]["passed"]
+    assert (
+        data["verdict"]["content"]["passed"]
+        and data["verdict"]["layout"]["passed"]
+        and data["verdict"]["precision"]["passed"]
+    )
     assert data["comparisons"]["precision"]["test"] == "maxtext_bf16"
     assert all(data["timing"][k] > 0 for k in ("hf", "hf_bf16", "maxtext", "maxtext_bf16", "total"))
 
@@ -65,21 +96,47 @@ def test_report_files(converted, tmp_path):
 
 def test_markdown_escapes_token_text():
     p = {
-        "name": "a", "label": "x|y", "num_tokens": 1, "kl_mean": 0.0, "kl_max": 0.0, "kl_argmax": 0,
-        "max_abs_logit_diff": 0.0, "top10_overlap": 10, "top10_jaccard": 1.0, "top10_rank_agreement": 1.0,
-        "passed": True, "top10_ref": [{"id": 5, "logit": 1.0, "token": "a|b\n"}],
+        "name": "a",
+        "label": "x|y",
+        "num_tokens": 1,
+        "kl_mean": 0.0,
+        "kl_max": 0.0,
+        "kl_argmax": 0,
+        "max_abs_logit_diff": 0.0,
+        "top10_overlap": 10,
+        "top10_jaccard": 1.0,
+        "top10_rank_agreement": 1.0,
+        "passed": True,
+        "top10_ref": [{"id": 5, "logit": 1.0, "token": "a|b\n"}],
         "top10_maxtext": [{"id": 6, "logit": 1.0, "token": " "}],
     }
     data = {
-        "summary": {"passed": False, "max_kl_threshold": 0.1, "kl_mean": 0.0, "kl_max": float("nan"),
-                    "kl_max_prompt": "a", "max_abs_logit_diff": 0.0, "num_tokens": 1, "num_prompts": 1},
-        "verdict": {"content": {"ran": False, "passed": None, "why": "no source weights (golden file)"},
-                    "layout": {"ran": False, "passed": None, "why": "golden"},
-                    "precision": {"ran": True, "passed": False, "max_kl": 0.1, "kl_max": float("nan"), "explanation": []}},
-        "comparisons": {"precision": {"description": "golden logits vs MaxText", "summary": {
-            "kl_max": float("nan"), "kl_mean": 0.0, "max_abs_logit_diff": 0.0, "top1_agreement": 1.0}}},
-        "reference": {"kind": "golden", "path": "g"}, "maxtext": {"path": "m", "layout": "scanned", "model_type": "qwen3"},
-        "dtype": "float32", "prompts": [p], "warnings": ["w"],
+        "summary": {
+            "passed": False,
+            "max_kl_threshold": 0.1,
+            "kl_mean": 0.0,
+            "kl_max": float("nan"),
+            "kl_max_prompt": "a",
+            "max_abs_logit_diff": 0.0,
+            "num_tokens": 1,
+            "num_prompts": 1,
+        },
+        "verdict": {
+            "content": {"ran": False, "passed": None, "why": "no source weights (golden file)"},
+            "layout": {"ran": False, "passed": None, "why": "golden"},
+            "precision": {"ran": True, "passed": False, "max_kl": 0.1, "kl_max": float("nan"), "explanation": []},
+        },
+        "comparisons": {
+            "precision": {
+                "description": "golden logits vs MaxText",
+                "summary": {"kl_max": float("nan"), "kl_mean": 0.0, "max_abs_logit_diff": 0.0, "top1_agreement": 1.0},
+            }
+        },
+        "reference": {"kind": "golden", "path": "g"},
+        "maxtext": {"path": "m", "layout": "scanned", "model_type": "qwen3"},
+        "dtype": "float32",
+        "prompts": [p],
+        "warnings": ["w"],
     }
     md = render_markdown(data)
     assert "`a\\|b\\n`" in md and "`x\\|y`" in md and "' '" in md

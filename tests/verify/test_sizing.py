@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from converters.errors import CkptflowError, UnsupportedModelError
 from converters.core.registry import model
+from converters.errors import CkptflowError, UnsupportedModelError
 from converters.verify import sizing
 from converters.verify.sizing import GiB, describe, layer_of, terms, verify_memory_bytes
 
@@ -55,7 +55,13 @@ def expected(name: str) -> dict:
         mlp = t["moe_intermediate_size"]  # every layer is MoE: `intermediate_size` is unused
         X = 3 * h * mlp
     elif name == "deepseek3-671b":
-        q, r, nope, rope, v = t["q_lora_rank"], t["kv_lora_rank"], t["qk_nope_head_dim"], t["qk_rope_head_dim"], t["v_head_dim"]
+        q, r, nope, rope, v = (
+            t["q_lora_rank"],
+            t["kv_lora_rank"],
+            t["qk_nope_head_dim"],
+            t["qk_rope_head_dim"],
+            t["v_head_dim"],
+        )
         mla = h * q + q + q * heads * (nope + rope) + h * (r + rope) + r + r * heads * (nope + v) + heads * v * h
         L = mla + 3 * h * mlp + 2 * h  # one of the first dense layers (18432-wide MLP), not a MoE layer
         X = 3 * h * t["moe_intermediate_size"]
@@ -81,9 +87,18 @@ def test_terms_match_the_config_numbers(name, dtype):
     assert t.activation_bytes == want["A"] and t.row_streamed
     bf16 = 2 if dtype == "bfloat16" else 0  # a bfloat16 copy of the layer and globals for the bfloat16 streams
     h = (cfg_of(name).get("text_config") or cfg_of(name))["hidden_size"]
-    logits = sizing.PROMPT_TOKENS * (64 * 2**20 // (4 * h)) * 20 * (5 if dtype == "bfloat16" else 3)  # one vocabulary block
-    total = (int(1.5 * GiB) + want["L"] * (3 * 4 + bf16) + 12 * want["X"] * 4 + want["G"] * (2 * 4 + bf16)
-             + 3 * 64 * 2**20 + want["A"] + logits)
+    logits = (
+        sizing.PROMPT_TOKENS * (64 * 2**20 // (4 * h)) * 20 * (5 if dtype == "bfloat16" else 3)
+    )  # one vocabulary block
+    total = (
+        int(1.5 * GiB)
+        + want["L"] * (3 * 4 + bf16)
+        + 12 * want["X"] * 4
+        + want["G"] * (2 * 4 + bf16)
+        + 3 * 64 * 2**20
+        + want["A"]
+        + logits
+    )
     assert verify_memory_bytes(cfg_of(name), dtype=dtype) == t.total_bytes == total
 
 
@@ -122,7 +137,8 @@ def test_does_not_grow_with_depth(name):
 
 
 @pytest.mark.parametrize(
-    "name, key", [("qwen3-235b-a22b", "num_experts"), ("deepseek3-671b", "n_routed_experts"), ("mixtral-8x7b", "num_local_experts")]
+    "name, key",
+    [("qwen3-235b-a22b", "num_experts"), ("deepseek3-671b", "n_routed_experts"), ("mixtral-8x7b", "num_local_experts")],
 )
 def test_more_experts_change_only_the_router(name, key):
     base = cfg_of(name)
@@ -143,8 +159,12 @@ def test_layers_are_grouped_by_their_maxtext_prefix():
     assert layer_of("decoder/moe_layers_5/MoeBlock_0/wo") == "decoder/moe_layers_5"
     assert layer_of("decoder/dense_layers_0/mlp/wo/kernel") == "decoder/dense_layers_0"
     assert layer_of("decoder/layers_remainder/layers_1/mlp/wo/kernel") == "decoder/layers_remainder/layers_1"
-    for path in ("decoder/decoder_norm/scale", "decoder/logits_dense/kernel", "token_embedder/embedding",
-                 "vision_encoder/Gemma3VisionEncoderLayer_0/Transformer/encoderblock_0/LayerNorm_0/scale"):
+    for path in (
+        "decoder/decoder_norm/scale",
+        "decoder/logits_dense/kernel",
+        "token_embedder/embedding",
+        "vision_encoder/Gemma3VisionEncoderLayer_0/Transformer/encoderblock_0/LayerNorm_0/scale",
+    ):
         assert layer_of(path) is None, path
 
 
@@ -162,8 +182,16 @@ def test_bad_input_raises_the_registry_errors():
 def test_describe_names_every_term_on_one_line():
     line = describe(cfg_of("deepseek3-671b"))
     assert "\n" not in line
-    for word in ("base 1.5 GiB", "layer (3 f32) x 583.5M", "experts 12 f32 x 44.0M", "globals (2 f32) x 7.2K",
-                 "row blocks 3 x 64.0 MiB", "activations 520 tok x 5 streams", "logits block", "(float32)"):
+    for word in (
+        "base 1.5 GiB",
+        "layer (3 f32) x 583.5M",
+        "experts 12 f32 x 44.0M",
+        "globals (2 f32) x 7.2K",
+        "row blocks 3 x 64.0 MiB",
+        "activations 520 tok x 5 streams",
+        "logits block",
+        "(float32)",
+    ):
         assert word in line, (word, line)
     assert "layer (3 f32 + 1 bf16) x 583.5M" in describe(cfg_of("deepseek3-671b"), dtype="bfloat16")
     total = verify_memory_bytes(cfg_of("deepseek3-671b")) / GiB

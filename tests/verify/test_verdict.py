@@ -7,7 +7,6 @@ on the same values in float32, so neither needs a long prompt to see a mistake.
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import shutil
 
@@ -15,10 +14,10 @@ import numpy as np
 import pytest
 
 from converters.convert import hf_to_maxtext
+from converters.core.transforms import RopeInterleave, Scale, Transform
 from converters.families.llama import Llama31
 from converters.io.safetensors import SafetensorsFolder, save_file
 from converters.tiny_models import make_test_model
-from converters.core.transforms import RopeInterleave, Scale, Transform
 from converters.verify import verify
 
 SHORT = '{"tokens": [1, 17, 301, 44]}\n{"tokens": [9, 2, 250, 3]}\n'
@@ -37,8 +36,16 @@ def _failed(r) -> set[str]:
 
 # (family, damage of tests/verify/conftest.py, tensors content must name)
 DAMAGED = [
-    ("llama3.1", "skip_rope_permutation", {"model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight"}),
-    ("llama3.1", "skip_query_scaling", {"model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"}),
+    (
+        "llama3.1",
+        "skip_rope_permutation",
+        {"model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight"},
+    ),
+    (
+        "llama3.1",
+        "skip_query_scaling",
+        {"model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"},
+    ),
     ("llama3.1", "swap_layers", {"model.layers.0.mlp.up_proj.weight", "model.layers.1.input_layernorm.weight"}),
     ("qwen2.5", "transpose_square_query_kernel", {"model.layers.0.self_attn.q_proj.weight"}),
     ("qwen3", "wrong_rope_permutation", {"model.layers.1.self_attn.k_proj.weight"}),

@@ -57,40 +57,101 @@ def _share(text: str) -> tuple[int, int]:
 
 
 def add_parser(sub):
-    p = sub.add_parser("convert", help="convert HF <-> MaxText", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "convert",
+        help="convert HF <-> MaxText",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("src", metavar="SRC", help="HF model folder (--to maxtext) or MaxText checkpoint (--to hf)")
     p.add_argument("out", metavar="OUT", help="destination folder (must not exist unless --overwrite)")
     p.add_argument("--to", required=True, choices=[d.value for d in Direction], help="target format")
-    p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True,
-                   help="--to maxtext: stack layers (MaxText scan_layers=true, the default) or write layers_<i> (--no-scan); "
-                        "--to hf detects the layout itself")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
-                   help="dtype of the written weights (default bfloat16). Transforms that change values are computed in float32 and rounded once")
-    p.add_argument("--model", metavar="NAME", help="MaxText model name (see `ckptflow models`) supplying the HF config when SRC has none")
+    p.add_argument(
+        "--scan",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--to maxtext: stack layers (MaxText scan_layers=true, the default) or write layers_<i> (--no-scan); "
+        "--to hf detects the layout itself",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        default="bfloat16",
+        help="dtype of the written weights (default bfloat16). Transforms that change values are computed in float32 "
+        "and rounded once",
+    )
+    p.add_argument(
+        "--model",
+        metavar="NAME",
+        help="MaxText model name (see `ckptflow models`) supplying the HF config when SRC has none",
+    )
     p.add_argument("--hf-config", metavar="PATH", help="an HF config.json to use instead of the one in/beside SRC")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (the old one stays until the new one is complete)")
-    p.add_argument("--no-ocdbt", dest="ocdbt", action="store_false", help="--to maxtext: write without OCDBT (one directory per array)")
-    p.add_argument("--no-zarr3", dest="zarr3", action="store_false", help="--to maxtext: write zarr v2 arrays instead of zarr3")
-    p.add_argument("--compress", action=argparse.BooleanOptionalAction, default=False,
-                   help="--to maxtext: zstd-compress the stored arrays as Orbax (and MaxText's to_maxtext) does by default. "
-                        "Off by default: bf16 weights shrink only a few percent and compressing on the CPU costs ~1.7x the "
-                        "conversion time; MaxText restores both the same way")
-    p.add_argument("--pathways", action="store_true", help="--to maxtext: shorthand for --no-ocdbt --no-zarr3, what Pathways loads")
-    p.add_argument("--with-mtp", action="store_true",
-                   help="--to maxtext: also convert DeepSeek-V3's multi-token-prediction layer into mtp_block (skipped by default, "
-                        "as MaxText's converter does); --to hf exports mtp_block whenever the checkpoint has it")
-    p.add_argument("--shard-size", type=_size, default="5GB", metavar="SIZE", help="--to hf: largest safetensors shard (default 5GB)")
-    p.add_argument("--buffer-size", type=_size, metavar="SIZE",
-                   help="--to maxtext: data each worker buffers before committing it to the checkpoint (default 64MB). "
-                        "Peak memory is about (workers + 1) x SIZE + (2 x workers + 1) x the largest layer slice or "
-                        "tensor; smaller saves memory at the cost of more commits")
-    p.add_argument("--workers", type=int, default=2, metavar="N", help="arrays converted concurrently (default 2; memory grows with it)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT if it exists (the old one stays until the new one is complete)",
+    )
+    p.add_argument(
+        "--no-ocdbt",
+        dest="ocdbt",
+        action="store_false",
+        help="--to maxtext: write without OCDBT (one directory per array)",
+    )
+    p.add_argument(
+        "--no-zarr3", dest="zarr3", action="store_false", help="--to maxtext: write zarr v2 arrays instead of zarr3"
+    )
+    p.add_argument(
+        "--compress",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="--to maxtext: zstd-compress the stored arrays as Orbax (and MaxText's to_maxtext) does by default. "
+        "Off by default: bf16 weights shrink only a few percent and compressing on the CPU costs ~1.7x the "
+        "conversion time; MaxText restores both the same way",
+    )
+    p.add_argument(
+        "--pathways", action="store_true", help="--to maxtext: shorthand for --no-ocdbt --no-zarr3, what Pathways loads"
+    )
+    p.add_argument(
+        "--with-mtp",
+        action="store_true",
+        help="--to maxtext: also convert DeepSeek-V3's multi-token-prediction layer into mtp_block (skipped by "
+        "default, "
+        "as MaxText's converter does); --to hf exports mtp_block whenever the checkpoint has it",
+    )
+    p.add_argument(
+        "--shard-size",
+        type=_size,
+        default="5GB",
+        metavar="SIZE",
+        help="--to hf: largest safetensors shard (default 5GB)",
+    )
+    p.add_argument(
+        "--buffer-size",
+        type=_size,
+        metavar="SIZE",
+        help="--to maxtext: data each worker buffers before committing it to the checkpoint (default 64MB). "
+        "Peak memory is about (workers + 1) x SIZE + (2 x workers + 1) x the largest layer slice or "
+        "tensor; smaller saves memory at the cost of more commits",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        metavar="N",
+        help="arrays converted concurrently (default 2; memory grows with it)",
+    )
     split = p.add_mutually_exclusive_group()
-    split.add_argument("--part", metavar="I/N", type=_share,
-                       help="convert only this process's share: part I (0-based) of N, into the staging folder beside OUT; "
-                            "see above")
-    split.add_argument("--finalize", action="store_true",
-                       help="assemble OUT from the N finished parts (same SRC, OUT and options as the parts)")
+    split.add_argument(
+        "--part",
+        metavar="I/N",
+        type=_share,
+        help="convert only this process's share: part I (0-based) of N, into the staging folder beside OUT; see above",
+    )
+    split.add_argument(
+        "--finalize",
+        action="store_true",
+        help="assemble OUT from the N finished parts (same SRC, OUT and options as the parts)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -107,16 +168,37 @@ def run(args) -> int:
     try:
         if direction is Direction.TO_MAXTEXT:
             r = hf_to_maxtext(
-                args.src, args.out, scan=args.scan, dtype=args.dtype, model=args.model, hf_config=args.hf_config,
-                overwrite=args.overwrite, use_ocdbt=args.ocdbt and not args.pathways, use_zarr3=args.zarr3 and not args.pathways,
-                compress=args.compress, workers=args.workers, progress=bar, with_mtp=args.with_mtp,
-                part=args.part, finalize=args.finalize, buffer_bytes=args.buffer_size,
+                args.src,
+                args.out,
+                scan=args.scan,
+                dtype=args.dtype,
+                model=args.model,
+                hf_config=args.hf_config,
+                overwrite=args.overwrite,
+                use_ocdbt=args.ocdbt and not args.pathways,
+                use_zarr3=args.zarr3 and not args.pathways,
+                compress=args.compress,
+                workers=args.workers,
+                progress=bar,
+                with_mtp=args.with_mtp,
+                part=args.part,
+                finalize=args.finalize,
+                buffer_bytes=args.buffer_size,
             )
             where = f"{r.out}/0/items (load_parameters_path)"
         else:
-            r = maxtext_to_hf(args.src, args.out, dtype=args.dtype, model=args.model, hf_config=args.hf_config,
-                              overwrite=args.overwrite, shard_bytes=args.shard_size, progress=bar,
-                              part=args.part, finalize=args.finalize)
+            r = maxtext_to_hf(
+                args.src,
+                args.out,
+                dtype=args.dtype,
+                model=args.model,
+                hf_config=args.hf_config,
+                overwrite=args.overwrite,
+                shard_bytes=args.shard_size,
+                progress=bar,
+                part=args.part,
+                finalize=args.finalize,
+            )
             where = str(r.out)
         if args.part is not None:
             from converters.convert.shares import share_name, staging_dir
@@ -126,7 +208,10 @@ def run(args) -> int:
         for b in getattr(bar, "bars", ()):
             b.close()
     dt = time.monotonic() - t0
-    print(f"wrote {r.family} checkpoint: {where}  [{r.tensors} tensors, {r.bytes / 1e9:.2f} GB in {dt:.1f}s, "
-          f"{r.bytes / 1e6 / max(dt, 1e-9):.0f} MB/s]", file=sys.stderr)
+    print(
+        f"wrote {r.family} checkpoint: {where}  [{r.tensors} tensors, {r.bytes / 1e9:.2f} GB in {dt:.1f}s, "
+        f"{r.bytes / 1e6 / max(dt, 1e-9):.0f} MB/s]",
+        file=sys.stderr,
+    )
     print(r.out)
     return 0

@@ -19,13 +19,19 @@ examples:
 def add_parser(sub):
     from converters.verify.run import DTYPE_CHOICES
 
-    p = sub.add_parser("golden", help="save HF logits for verify --golden", description=DESCRIPTION,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "golden",
+        help="save HF logits for verify --golden",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--hf", required=True, metavar="HF_DIR", help="the Hugging Face model folder")
     p.add_argument("--out", required=True, metavar="FILE", help="golden file to write (.jsonl)")
     p.add_argument("--prompts", metavar="FILE", help="prompts instead of the defaults (as for verify)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="dtype of the HF model (default float32)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the token ids used when there is no tokenizer (default 0)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the token ids used when there is no tokenizer (default 0)"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     return p
 

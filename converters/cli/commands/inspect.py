@@ -19,23 +19,30 @@ examples:
 
 
 def add_parser(sub):
-    p = sub.add_parser("inspect", help="show tree, shapes, dtypes and bytes of a checkpoint", description=DESCRIPTION,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "inspect",
+        help="show tree, shapes, dtypes and bytes of a checkpoint",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("path", metavar="PATH", help="MaxText checkpoint or HF safetensors folder")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 
 
 def describe(path: str) -> dict:
-    from converters.outputs.manifest import MANIFEST
     from converters.io.safetensors import is_safetensors_folder
+    from converters.outputs.manifest import MANIFEST
 
     p = Path(path)
     if is_safetensors_folder(p):
         from converters.io.safetensors import SafetensorsFolder
 
         f = SafetensorsFolder(p)
-        arrays = {n: {"shape": list(t.shape), "dtype": str(t.dtype), "bytes": t.nbytes, "file": t.path.name} for n, t in sorted(f.tensors.items())}
+        arrays = {
+            n: {"shape": list(t.shape), "dtype": str(t.dtype), "bytes": t.nbytes, "file": t.path.name}
+            for n, t in sorted(f.tensors.items())
+        }
         info = {"format": "hf-safetensors", "path": str(p)}
         cfg = p / "config.json"
         if cfg.exists():
@@ -50,7 +57,13 @@ def describe(path: str) -> dict:
         for k in sorted(r.arrays):
             shape, dtype = r.shape(k), r.dtype(k)
             arrays[k] = {"shape": list(shape), "dtype": str(dtype), "bytes": math.prod(shape) * dtype.itemsize}
-        info = {"format": "maxtext-orbax", "path": str(r.items), "scan_layers": r.scan_layers(), "use_ocdbt": r.use_ocdbt, "use_zarr3": r.use_zarr3}
+        info = {
+            "format": "maxtext-orbax",
+            "path": str(r.items),
+            "scan_layers": r.scan_layers(),
+            "use_ocdbt": r.use_ocdbt,
+            "use_zarr3": r.use_zarr3,
+        }
         p = r.root
     info["arrays"] = arrays
     info["total_bytes"] = sum(a["bytes"] for a in arrays.values())
@@ -62,20 +75,34 @@ def describe(path: str) -> dict:
 def print_lineage(m: dict) -> None:
     """The lineage manifest in a few lines: source (repo@sha or path), converter, options, digests, verify."""
     src = m.get("source") or {}
-    origin = f"{src['uri']}@{src['revision']}" if src.get("uri") and src.get("revision") else src.get("uri") or src.get("path")
+    origin = (
+        f"{src['uri']}@{src['revision']}"
+        if src.get("uri") and src.get("revision")
+        else src.get("uri") or src.get("path")
+    )
     hashed = sum(1 for f in (src.get("files") or {}).values() if isinstance(f, dict) and f.get("sha256"))
-    print(f"manifest: {m.get('direction')} {m.get('family')} {json.dumps(m.get('options'))} by ckptflow {m.get('ckptflow_version')}, "
-          f"created {m.get('created')}")
+    print(
+        f"manifest: {m.get('direction')} {m.get('family')} {json.dumps(m.get('options'))} by ckptflow "
+        f"{m.get('ckptflow_version')}, "
+        f"created {m.get('created')}"
+    )
     print(f"  source: {origin}" + (f" ({hashed} files with sha256)" if hashed else ""))
     outs = m.get("outputs") or {}
-    algo = next((a for a in ("blake3", "sha256") if outs and all(isinstance(o, dict) and o.get(a) for o in outs.values())), None)
-    print(f"  outputs: {len(outs)} files, {sum(o.get('bytes') or 0 for o in outs.values())} bytes"
-          + (f", {algo} of each" if algo else "")
-          + (f"; output digest {m['output_digest']}" if m.get("output_digest") else ""))
+    algo = next(
+        (a for a in ("blake3", "sha256") if outs and all(isinstance(o, dict) and o.get(a) for o in outs.values())), None
+    )
+    print(
+        f"  outputs: {len(outs)} files, {sum(o.get('bytes') or 0 for o in outs.values())} bytes"
+        + (f", {algo} of each" if algo else "")
+        + (f"; output digest {m['output_digest']}" if m.get("output_digest") else "")
+    )
     v = m.get("verify")
     if v:
         verdict = "passed" if v.get("passed") else "FAILED"
-        print(f"  verify: {verdict}, max KL {v.get('kl_max')} (threshold {v.get('max_kl_threshold')}), {v.get('num_tokens')} tokens")
+        print(
+            f"  verify: {verdict}, max KL {v.get('kl_max')} (threshold {v.get('max_kl_threshold')}), "
+            f"{v.get('num_tokens')} tokens"
+        )
 
 
 def run(args) -> int:

@@ -7,9 +7,13 @@ HELP = "list supported MaxText model names, their families and directions"
 
 
 def add_parser(sub):
-    p = sub.add_parser("models", help=HELP, description=HELP + ".\n\nAny other size of a listed architecture converts too: "
-                       "its dimensions are read from the HF config.json.\n\nexample:\n  ckptflow models --json",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "models",
+        help=HELP,
+        description=HELP + ".\n\nAny other size of a listed architecture converts too: "
+        "its dimensions are read from the HF config.json.\n\nexample:\n  ckptflow models --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--json", action="store_true", help="print the table as JSON")
     return p
 
@@ -24,6 +28,9 @@ def run(args) -> int:
     wa = max(len(r["architecture"]) for r in rows) + 2
     print(f"{'model':<{wm}}{'family':<{wf}}{'HF architecture':<{wa}}directions")
     for r in rows:
-        print(f"{r['model']:<{wm}}{r['family']:<{wf}}{r['architecture']:<{wa}}HF->MaxText and MaxText->HF, scanned and unscanned")
+        print(
+            f"{r['model']:<{wm}}{r['family']:<{wf}}{r['architecture']:<{wa}}HF->MaxText and MaxText->HF, scanned and "
+            f"unscanned"
+        )
     print(f"\nfamilies: {', '.join(registry.FAMILIES)} (other sizes of these architectures are read from config.json)")
     return 0

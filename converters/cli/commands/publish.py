@@ -37,7 +37,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("dest", help="file:///abs/path, gs://bucket/prefix or hf://org/repo")
     p.add_argument("--force", action="store_true", help="replace a destination that holds a different version")
     p.add_argument("--public", action="store_true", help="hf://: create the repo public (default: private)")
-    p.add_argument("--verify-report", default=None, metavar="FILE", help="verify.json whose metrics go into the manifest and model card")
+    p.add_argument(
+        "--verify-report",
+        default=None,
+        metavar="FILE",
+        help="verify.json whose metrics go into the manifest and model card",
+    )
     p.add_argument("--workers", type=int, default=None, help="gs://: files uploaded at a time (default 8)")
     p.add_argument("--receipt", default=None, help="also write the receipt JSON to this file")
     p.add_argument("--json", action="store_true", help="print the receipt as JSON on stdout")
@@ -45,12 +50,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    receipt = publish(args.src, args.dest, force=args.force, public=args.public, verify_report=args.verify_report,
-                      workers=args.workers)
+    receipt = publish(
+        args.src,
+        args.dest,
+        force=args.force,
+        public=args.public,
+        verify_report=args.verify_report,
+        workers=args.workers,
+    )
     if args.receipt:
         write_json_atomic(Path(args.receipt), receipt)
     if args.json:
         print(json.dumps(receipt, sort_keys=True))
     else:
-        print(f"{receipt['status']}: {receipt['destination']} ({receipt['files']} files, {receipt['bytes']} bytes, {receipt['output_digest']})")
+        print(
+            f"{receipt['status']}: {receipt['destination']} ({receipt['files']} files, {receipt['bytes']} bytes, "
+            f"{receipt['output_digest']})"
+        )
     return 0

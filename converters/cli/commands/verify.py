@@ -48,23 +48,49 @@ examples:
 def add_parser(sub):
     from converters.verify.run import DEFAULT_MAX_KL, DTYPE_CHOICES
 
-    p = sub.add_parser("verify", help="compare HF and MaxText logits", description=DESCRIPTION,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "verify",
+        help="compare HF and MaxText logits",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ref = p.add_mutually_exclusive_group(required=True)
     ref.add_argument("--hf", metavar="HF_DIR", help="the Hugging Face model folder the checkpoint was converted from")
     ref.add_argument("--golden", metavar="FILE", help="golden logits written earlier by `ckptflow golden` (JSON lines)")
-    p.add_argument("--maxtext", required=True, metavar="CKPT_DIR",
-                   help="MaxText checkpoint: our output folder, its 0/items, or a training run directory")
-    p.add_argument("--max-kl", type=float, default=DEFAULT_MAX_KL, metavar="X",
-                   help=f"precision: fail when any token's KL (source model vs MaxText in --dtype) exceeds X (default {DEFAULT_MAX_KL})")
-    p.add_argument("--prompts", metavar="FILE",
-                   help="prompts to use instead of the defaults: text (one per line) or .jsonl with 'prompt' and/or 'tokens'")
+    p.add_argument(
+        "--maxtext",
+        required=True,
+        metavar="CKPT_DIR",
+        help="MaxText checkpoint: our output folder, its 0/items, or a training run directory",
+    )
+    p.add_argument(
+        "--max-kl",
+        type=float,
+        default=DEFAULT_MAX_KL,
+        metavar="X",
+        help=f"precision: fail when any token's KL (source model vs MaxText in --dtype) exceeds X (default "
+        f"{DEFAULT_MAX_KL})",
+    )
+    p.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="prompts to use instead of the defaults: text (one per line) or .jsonl with 'prompt' and/or 'tokens'",
+    )
     p.add_argument("--report", metavar="DIR", help="write verify.json, verify.md and kl_per_token.png to DIR")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
-                   help="compute dtype the precision is judged in (default float32); content and layout are always exact/float32")
-    p.add_argument("--hf-config", metavar="PATH",
-                   help="--golden only: the model's config.json (or its folder) when the checkpoint has no ckptflow/hf sidecar")
-    p.add_argument("--seed", type=int, default=0, help="seed of the token ids used when there is no tokenizer (default 0)")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="float32",
+        help="compute dtype the precision is judged in (default float32); content and layout are always exact/float32",
+    )
+    p.add_argument(
+        "--hf-config",
+        metavar="PATH",
+        help="--golden only: the model's config.json (or its folder) when the checkpoint has no ckptflow/hf sidecar",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the token ids used when there is no tokenizer (default 0)"
+    )
     p.add_argument("--json", action="store_true", help="print the full result as JSON on stdout")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     return p
@@ -100,8 +126,15 @@ def run(args) -> int:
         raise CkptflowError("--hf-config is only used with --golden (with --hf the HF folder's config is used)")
     setup_logging(args.quiet)
     result = verify(
-        maxtext=args.maxtext, hf=args.hf, golden=args.golden, hf_config=args.hf_config, max_kl=args.max_kl,
-        prompts_file=args.prompts, dtype=args.dtype, report_dir=args.report, seed=args.seed,
+        maxtext=args.maxtext,
+        hf=args.hf,
+        golden=args.golden,
+        hf_config=args.hf_config,
+        max_kl=args.max_kl,
+        prompts_file=args.prompts,
+        dtype=args.dtype,
+        report_dir=args.report,
+        seed=args.seed,
     )
     d = result.data
     v = d["verdict"]
@@ -113,13 +146,22 @@ def run(args) -> int:
     c, lay, pre = v["content"], v["layout"], v["precision"]
     details = []
     if c["ran"]:
-        details.append(f"content: {c['bit_exact']}/{c['tensors']} tensors bit-exact, {c['within_bound']} within the format's bound, "
-                       f"{c['failed']} differ" + (f" (first: {c['failures'][0]['tensor']})" if c["failures"] else ""))
+        details.append(
+            f"content: {c['bit_exact']}/{c['tensors']} tensors bit-exact, {c['within_bound']} within the format's "
+            f"bound, "
+            f"{c['failed']} differ" + (f" (first: {c['failures'][0]['tensor']})" if c["failures"] else "")
+        )
     if lay["ran"]:
         details.append(f"layout: max KL {lay['kl_max']:.3e} (threshold {lay['max_kl']:g})")
-    details.append(f"precision: max KL {pre['kl_max']:.3e} (threshold {pre['max_kl']:g}, prompt {pre['kl_max_prompt']}, {d['dtype']})")
-    print(f"verify {'PASSED' if result.passed else 'FAILED'} [{', '.join(part(n) for n in v)}] "
-          f"{d['maxtext']['layout']} {d['maxtext']['model_type']}: " + "; ".join(details), file=sys.stderr)
+    details.append(
+        f"precision: max KL {pre['kl_max']:.3e} (threshold {pre['max_kl']:g}, prompt {pre['kl_max_prompt']}, "
+        f"{d['dtype']})"
+    )
+    print(
+        f"verify {'PASSED' if result.passed else 'FAILED'} [{', '.join(part(n) for n in v)}] "
+        f"{d['maxtext']['layout']} {d['maxtext']['model_type']}: " + "; ".join(details),
+        file=sys.stderr,
+    )
     if args.json:
         json.dump(result.data, sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -1,4 +1,5 @@
-"""DeepSeek-V2 / V3 / V3.2 (HF `deepseek_v2`, `deepseek_v3`, `deepseek_v32`) — MaxText block `deepseek`, attention `mla`.
+"""DeepSeek-V2 / V3 / V3.2 (HF `deepseek_v2`, `deepseek_v3`, `deepseek_v32`) — MaxText block `deepseek`, attention
+`mla`.
 
 What MaxText computes (src/maxtext/models/deepseek.py, layers/attention_mla.py, layers/moe.py,
 layers/embeddings.py `YarnRotaryEmbedding`):
@@ -20,7 +21,8 @@ Routing as HF computes it (router logits in float32):
     with the largest max score); renormalised when `norm_topk_prob`; times `routed_scaling_factor`.
 V3.2 sparse attention (the indexer, `self_attention/indexer/*`): from the query LoRA output r = RMSNorm_q(wq_a(x)),
 q_i = wq_b(r) `[T, Hi, Di]`, k_i = LayerNorm(wk(x)) `[T, Di]` (weight and bias, eps 1e-6); half-split RoPE (not the
-interleaved pairs of MLA) on their first qk_rope_head_dim channels; score[t, s] = sum_h w[t, h] relu(q_i[t,h]·k_i[s] Di**-0.5)
+interleaved pairs of MLA) on their first qk_rope_head_dim channels; score[t, s] = sum_h w[t, h] relu(q_i[t,h]·k_i[s]
+Di**-0.5)
 with w = weights_proj(x) Hi**-0.5 (float32); each query attends only to its `index_topk` highest-scoring causal keys
 (all of them while there are fewer).
 MaxText's shipped V3 config disables group-limited routing (`n_routing_groups: -1`); run MaxText with
@@ -55,7 +57,6 @@ NORMS = ("pre_self_attention_layer_norm/scale", "post_self_attention_layer_norm/
 
 
 class DeepSeekForward(Forward):
-
     def make_spec(self, cfg) -> ModelSpec:
         v3 = cfg.model_type in ("deepseek_v3", "deepseek_v32")
         indexer = None
@@ -72,11 +73,19 @@ class DeepSeekForward(Forward):
         if rp.get("rope_type") == "yarn":
             factor = float(rp["factor"])
             mscale, mscale_all = rp.get("mscale"), rp.get("mscale_all_dim")
-            require(rp.get("attention_factor") is None and mscale == mscale_all,
-                    "YaRN with mscale != mscale_all_dim or an attention_factor (MaxText has one mscale)")
+            require(
+                rp.get("attention_factor") is None and mscale == mscale_all,
+                "YaRN with mscale != mscale_all_dim or an attention_factor (MaxText has one mscale)",
+            )
             original = int(rp.get("original_max_position_embeddings") or 4096)
-            yarn = (float(rp["rope_theta"]), factor, float(rp.get("beta_fast") or 32.0), float(rp.get("beta_slow") or 1.0),
-                    original, bool(rp.get("truncate", True)))
+            yarn = (
+                float(rp["rope_theta"]),
+                factor,
+                float(rp.get("beta_fast") or 32.0),
+                float(rp.get("beta_slow") or 1.0),
+                original,
+                bool(rp.get("truncate", True)),
+            )
             if mscale and factor > 1:
                 m = 0.1 * float(mscale) * math.log(factor) + 1.0
                 scale *= m * m
@@ -104,8 +113,11 @@ class DeepSeekForward(Forward):
 
     def config_warnings(self, cfg) -> list[str]:
         if cfg.model_type in ("deepseek_v3", "deepseek_v32") and int(getattr(cfg, "n_group", 1) or 1) > 1:
-            return [f"group-limited routing (n_group={cfg.n_group}, topk_group={cfg.topk_group}) is off in MaxText's shipped "
-                    "deepseek3 config; run MaxText with n_routing_groups/topk_routing_group set to these values"]
+            return [
+                f"group-limited routing (n_group={cfg.n_group}, topk_group={cfg.topk_group}) is off in MaxText's "
+                f"shipped "
+                "deepseek3 config; run MaxText with n_routing_groups/topk_routing_group set to these values"
+            ]
         return []
 
     # ---- layout ---------------------------------------------------------------------------------
@@ -116,17 +128,39 @@ class DeepSeekForward(Forward):
         return (*NORMS, *self.attention_keys(spec), "mlp/wi_0/kernel", "mlp/wi_1/kernel", "mlp/wo/kernel")
 
     def moe_keys(self, spec: ModelSpec) -> tuple[str, ...]:
-        keys = [*NORMS, *self.attention_keys(spec), f"{ROUTED}/gate/kernel", f"{ROUTED}/wi_0", f"{ROUTED}/wi_1", f"{ROUTED}/wo",
-                *(f"{MOE}/shared_experts/{k}/kernel" for k in ("wi_0", "wi_1", "wo"))]
+        keys = [
+            *NORMS,
+            *self.attention_keys(spec),
+            f"{ROUTED}/gate/kernel",
+            f"{ROUTED}/wi_0",
+            f"{ROUTED}/wi_1",
+            f"{ROUTED}/wo",
+            *(f"{MOE}/shared_experts/{k}/kernel" for k in ("wi_0", "wi_1", "wo")),
+        ]
         if spec.option("sigmoid"):
             keys.append(f"{ROUTED}/gate/bias")
         return tuple(keys)
 
     def attention_keys(self, spec: ModelSpec) -> tuple[str, ...]:
         q = ("wq_a/kernel", "q_norm/scale", "wq_b/kernel") if spec.option("mla")[0] else ("query/kernel",)
-        idx = ("indexer/wq_b/kernel", "indexer/wk/kernel", "indexer/k_norm/scale", "indexer/k_norm/bias", "indexer/weights_proj/kernel")
-        return tuple(f"{ATT}/{k}" for k in (*q, "wkv_a/kernel", "kv_norm/scale", "wkv_b/kernel", "out/kernel",
-                                            *(idx if spec.option("indexer") else ())))
+        idx = (
+            "indexer/wq_b/kernel",
+            "indexer/wk/kernel",
+            "indexer/k_norm/scale",
+            "indexer/k_norm/bias",
+            "indexer/weights_proj/kernel",
+        )
+        return tuple(
+            f"{ATT}/{k}"
+            for k in (
+                *q,
+                "wkv_a/kernel",
+                "kv_norm/scale",
+                "wkv_b/kernel",
+                "out/kernel",
+                *(idx if spec.option("indexer") else ()),
+            )
+        )
 
     def layer_keys(self, spec: ModelSpec) -> tuple[str, ...]:
         return self.moe_keys(spec)
@@ -143,7 +177,9 @@ class DeepSeekForward(Forward):
         scanned = any(k.startswith("decoder/moe_layers/") for k in keys)
         unscanned = any(k.startswith("decoder/moe_layers_") for k in keys)
         if scanned == unscanned:
-            raise CkptflowError("checkpoint needs exactly one of decoder/moe_layers/ (scanned) or decoder/moe_layers_<j>/ (unscanned)")
+            raise CkptflowError(
+                "checkpoint needs exactly one of decoder/moe_layers/ (scanned) or decoder/moe_layers_<j>/ (unscanned)"
+            )
         return Layout(scanned=scanned, num_layers=spec.num_layers)
 
     def moe_arrays(self, spec: ModelSpec, l: int) -> tuple[str, ...]:
@@ -165,8 +201,13 @@ class DeepSeekForward(Forward):
         """HF's routing weights (router logits in float32)."""
         logits = dense(h, p[f"{ROUTED}/gate/kernel"], jnp.float32)
         return route(
-            logits, p.get(f"{ROUTED}/gate/bias"), top_k=spec.option("top_k"), sigmoid=spec.option("sigmoid"),
-            groups=spec.option("groups"), norm=spec.option("norm_topk_prob"), scaling=spec.option("routed_scaling_factor"),
+            logits,
+            p.get(f"{ROUTED}/gate/bias"),
+            top_k=spec.option("top_k"),
+            sigmoid=spec.option("sigmoid"),
+            groups=spec.option("groups"),
+            norm=spec.option("norm_topk_prob"),
+            scaling=spec.option("routed_scaling_factor"),
         )
 
     def post_moe(self, spec: ModelSpec, p: dict, x, h, routed):
@@ -211,7 +252,9 @@ class DeepSeekForward(Forward):
         k = dense(h, p[f"{ATT}/indexer/wk/kernel"], spec.jdtype).astype(f32)  # [T, Di]
         mean = k.mean(-1, keepdims=True)
         var = jnp.square(k - mean).mean(-1, keepdims=True)
-        k = (k - mean) * jax.lax.rsqrt(var + 1e-6) * p[f"{ATT}/indexer/k_norm/scale"].astype(f32) + p[f"{ATT}/indexer/k_norm/bias"].astype(f32)
+        k = (k - mean) * jax.lax.rsqrt(var + 1e-6) * p[f"{ATT}/indexer/k_norm/scale"].astype(f32) + p[
+            f"{ATT}/indexer/k_norm/bias"
+        ].astype(f32)
         q = jnp.concatenate([rope_halves_f32(q[..., :rope], positions, inv_freq), q[..., rope:]], axis=-1)
         k = jnp.concatenate([rope_halves_f32(k[:, None, :rope], positions, inv_freq)[:, 0], k[:, rope:]], axis=-1)
         scores = jax.nn.relu(jnp.einsum("thd,sd->hts", q, k) * dim**-0.5)
@@ -220,6 +263,7 @@ class DeepSeekForward(Forward):
         t, s = index.shape
         top = jax.lax.top_k(index, min(topk, s))[1]
         return jnp.zeros((t, s), bool).at[jnp.arange(t)[:, None], top].set(True)
+
 
 def rope_pairs(x, positions, inv_freq, dtype):
     """Rotate adjacent pairs (2i, 2i+1) of the last axis by angle position * inv_freq[i] (float32), x: [T, H, R]."""

@@ -185,14 +185,16 @@ def _rope_of(params: dict | None, default_theta: float) -> tuple[float, float]:
 class Gemma2Forward(_GemmaBase):
     """Stored layer m = HF layers (2m local, 2m+1 global); `layout.num_layers` counts pairs."""
 
-
     def make_spec(self, cfg) -> ModelSpec:
         require(bool(getattr(cfg, "tie_word_embeddings", True)), "tie_word_embeddings=false")
         require(not getattr(cfg, "attention_bias", False), "attention_bias=true")
         n = int(cfg.num_hidden_layers)
         require(n % 2 == 0, f"num_hidden_layers={n} (MaxText stores (local, global) pairs)")
         types = list(getattr(cfg, "layer_types", None) or [])
-        require(not types or types == ["sliding_attention", "full_attention"] * (n // 2), "layer_types other than local/global alternating")
+        require(
+            not types or types == ["sliding_attention", "full_attention"] * (n // 2),
+            "layer_types other than local/global alternating",
+        )
         rp = getattr(cfg, "rope_parameters", None) or {"rope_theta": getattr(cfg, "rope_theta", 10000.0)}
         theta, factor = _rope_of(rp, 10000.0)
         require(factor == 1.0, "rope scaling (MaxText's gemma2 block has none)")
@@ -229,7 +231,10 @@ class Gemma2Forward(_GemmaBase):
         k = rope(k, positions, spec.rope_theta, dt)
         local = half == "local"
         a = gemma_attention(
-            q, k, v, dt,
+            q,
+            k,
+            v,
+            dt,
             window=spec.option("sliding_window") if local else None,
             softcap=spec.option("attn_softcap"),
             qk_f32=not local,
@@ -237,7 +242,9 @@ class Gemma2Forward(_GemmaBase):
         a = dense(a, p[f"{att}/out/kernel"], dt, contract=2)
         x = x + rms_norm(a, p[f"post_self_attention_norm_{half}/scale"], eps, dt)
         h = rms_norm(x, p[f"pre_ffw_norm_{half}/scale"], eps, dt)
-        m = gated_mlp(h, p[f"mlp_{half}/wi_0/kernel"], p[f"mlp_{half}/wi_1/kernel"], p[f"mlp_{half}/wo/kernel"], dt, gelu_tanh)
+        m = gated_mlp(
+            h, p[f"mlp_{half}/wi_0/kernel"], p[f"mlp_{half}/wi_1/kernel"], p[f"mlp_{half}/wo/kernel"], dt, gelu_tanh
+        )
         return x + rms_norm(m, p[f"post_ffw_norm_{half}/scale"], eps, dt)
 
     def block(self, spec: ModelSpec, p: dict, x, positions):
@@ -251,9 +258,15 @@ class Gemma2Forward(_GemmaBase):
 def _vision_block_keys() -> tuple[str, ...]:
     a = "MultiHeadDotProductAttention_0"
     return (
-        "LayerNorm_0/scale", "LayerNorm_0/bias", "LayerNorm_1/scale", "LayerNorm_1/bias",
+        "LayerNorm_0/scale",
+        "LayerNorm_0/bias",
+        "LayerNorm_1/scale",
+        "LayerNorm_1/bias",
         *(f"{a}/{m}/{w}" for m in ("query", "key", "value", "out") for w in ("kernel", "bias")),
-        "MlpBlockViT_0/Dense_0/kernel", "MlpBlockViT_0/Dense_0/bias", "MlpBlockViT_0/Dense_1/kernel", "MlpBlockViT_0/Dense_1/bias",
+        "MlpBlockViT_0/Dense_0/kernel",
+        "MlpBlockViT_0/Dense_0/bias",
+        "MlpBlockViT_0/Dense_1/kernel",
+        "MlpBlockViT_0/Dense_1/bias",
     )
 
 
@@ -272,7 +285,6 @@ class Gemma3Forward(_GemmaBase):
     run; `multimodal_embed` is that prompt's first stage (`converters.verify.reference.Reference.prompt`).
     """
 
-
     def image_prompt(self, config: dict, *, seed: int = 0, tokenizer=None):
         return gemma3_image_prompt(config, seed=seed, tokenizer=tokenizer)
 
@@ -280,14 +292,18 @@ class Gemma3Forward(_GemmaBase):
         """A prompt holding images: text embeddings with the image tokens replaced by the projected soft tokens, and
         the image blocks that make those tokens attend to each other (`block`'s `image_blocks`)."""
         if spec.option("vision") is None:
-            raise CkptflowError("a prompt with an image needs a multimodal gemma3 config (model_type 'gemma3') and its vision tower")
+            raise CkptflowError(
+                "a prompt with an image needs a multimodal gemma3 config (model_type 'gemma3') and its vision tower"
+            )
         images = np.asarray(inputs["pixel_values"], np.float32)
         images = images[None] if images.ndim == 3 else images
         image_token = spec.option("image_token")
         per_image = spec.option("vision")[5] ** 2
         at = np.flatnonzero(token_ids == image_token)
         if at.size != per_image * images.shape[0]:
-            raise CkptflowError(f"the prompt has {at.size} image tokens; {images.shape[0]} image(s) need {per_image} each")
+            raise CkptflowError(
+                f"the prompt has {at.size} image tokens; {images.shape[0]} image(s) need {per_image} each"
+            )
         vision = _jitted_vision(self)
         soft = jnp.concatenate([vision(spec, g, jnp.asarray(img.transpose(1, 2, 0))) for img in images])  # NCHW -> HWC
         x = self.embed(spec, rows, index)
@@ -302,13 +318,18 @@ class Gemma3Forward(_GemmaBase):
         require(not getattr(t, "use_bidirectional_attention", False), "use_bidirectional_attention=true")
         n = int(t.num_hidden_layers)
         want = gemma3_layer_types(n)
-        require(list(getattr(t, "layer_types", None) or want) == want, "a local/global layer pattern other than MaxText's 5 local + 1 global")
+        require(
+            list(getattr(t, "layer_types", None) or want) == want,
+            "a local/global layer pattern other than MaxText's 5 local + 1 global",
+        )
         rp = dict(getattr(t, "rope_parameters", None) or {})
         local_theta, local_factor = _rope_of(rp.get("sliding_attention"), 10000.0)
         global_theta, global_factor = _rope_of(rp.get("full_attention"), 1000000.0)
         require(local_factor == 1.0, "rope scaling on local layers (MaxText forces factor 1 there)")
-        require(not getattr(t, "attn_logit_softcapping", None) and not getattr(t, "final_logit_softcapping", None),
-                "soft-capping (MaxText's gemma3 configs have none)")
+        require(
+            not getattr(t, "attn_logit_softcapping", None) and not getattr(t, "final_logit_softcapping", None),
+            "soft-capping (MaxText's gemma3 configs have none)",
+        )
         hf_vocab = int(t.vocab_size)
         options = [
             ("global_rope", (global_theta, global_factor)),
@@ -319,31 +340,64 @@ class Gemma3Forward(_GemmaBase):
         if multimodal:
             v = cfg.vision_config
             require(not getattr(v, "vision_use_head", False), "vision_use_head=true")
-            require(getattr(v, "hidden_act", "gelu_pytorch_tanh") in ("gelu_pytorch_tanh", "gelu_tanh"), f"vision hidden_act={v.hidden_act!r}")
+            require(
+                getattr(v, "hidden_act", "gelu_pytorch_tanh") in ("gelu_pytorch_tanh", "gelu_tanh"),
+                f"vision hidden_act={v.hidden_act!r}",
+            )
             side = int(v.image_size) // int(v.patch_size)
             tokens_side = math.isqrt(int(cfg.mm_tokens_per_image))
-            require(tokens_side * tokens_side == int(cfg.mm_tokens_per_image) and side % tokens_side == 0, "mm_tokens_per_image must pool the patch grid evenly")
+            require(
+                tokens_side * tokens_side == int(cfg.mm_tokens_per_image) and side % tokens_side == 0,
+                "mm_tokens_per_image must pool the patch grid evenly",
+            )
             options += [
-                ("vision", (int(v.num_hidden_layers), int(v.hidden_size), int(v.num_attention_heads), int(v.patch_size), side, tokens_side,
-                            float(v.layer_norm_eps))),
+                (
+                    "vision",
+                    (
+                        int(v.num_hidden_layers),
+                        int(v.hidden_size),
+                        int(v.num_attention_heads),
+                        int(v.patch_size),
+                        side,
+                        tokens_side,
+                        float(v.layer_norm_eps),
+                    ),
+                ),
                 ("image_token", int(cfg.image_token_id)),
             ]
-        # MaxText's table holds the vocabulary cut to a multiple of 128 (262208 -> 262144): ids past it do not exist there
-        fields = _text_spec(t, model_type=cfg.model_type, vocab_size=hf_vocab // 128 * 128 or hf_vocab, rope_theta=local_theta)
+        # MaxText's table holds the vocabulary cut to a multiple of 128 (262208 -> 262144): ids past it do not exist
+        # there
+        fields = _text_spec(
+            t, model_type=cfg.model_type, vocab_size=hf_vocab // 128 * 128 or hf_vocab, rope_theta=local_theta
+        )
         return ModelSpec(**fields, options=tuple(options))
 
     # ---- layout: 6-layer scanned blocks + remainder, or layers_<l> ---------------------------------
     def layer_keys(self, spec: ModelSpec) -> tuple[str, ...]:
-        return (*_norm_keys(), "self_attention/query_norm/scale", "self_attention/key_norm/scale", *_attn_keys(), *_mlp_keys())
+        return (
+            *_norm_keys(),
+            "self_attention/query_norm/scale",
+            "self_attention/key_norm/scale",
+            *_attn_keys(),
+            *_mlp_keys(),
+        )
 
     def global_keys(self, spec: ModelSpec) -> tuple[str, ...]:
         keys = list(super().global_keys(spec))
         vision = spec.option("vision")
         if vision is not None:
-            keys += [f"{VISION}/embedding/kernel", f"{VISION}/embedding/bias", f"{VISION}/pos_embedding",
-                     f"{VISION}/Transformer/encoder_norm/scale", f"{VISION}/Transformer/encoder_norm/bias",
-                     f"{PROJECTOR}/mm_input_projection/w", f"{PROJECTOR}/mm_soft_embedding_norm/scale"]
-            keys += [f"{VISION}/Transformer/encoderblock_{i}/{k}" for i in range(vision[0]) for k in _vision_block_keys()]
+            keys += [
+                f"{VISION}/embedding/kernel",
+                f"{VISION}/embedding/bias",
+                f"{VISION}/pos_embedding",
+                f"{VISION}/Transformer/encoder_norm/scale",
+                f"{VISION}/Transformer/encoder_norm/bias",
+                f"{PROJECTOR}/mm_input_projection/w",
+                f"{PROJECTOR}/mm_soft_embedding_norm/scale",
+            ]
+            keys += [
+                f"{VISION}/Transformer/encoderblock_{i}/{k}" for i in range(vision[0]) for k in _vision_block_keys()
+            ]
         return tuple(keys)
 
     def layer_location(self, spec: ModelSpec, layout: Layout, l: int) -> tuple[str, int | None]:
@@ -357,7 +411,9 @@ class Gemma3Forward(_GemmaBase):
         scanned = any(k.startswith(("decoder/layers/", "decoder/layers_remainder/")) for k in keys)
         unscanned = any(k.startswith("decoder/layers_") and not k.startswith("decoder/layers_remainder/") for k in keys)
         if scanned and unscanned:
-            raise CkptflowError("checkpoint has both scanned (decoder/layers/) and unscanned (decoder/layers_<i>/) layers")
+            raise CkptflowError(
+                "checkpoint has both scanned (decoder/layers/) and unscanned (decoder/layers_<i>/) layers"
+            )
         if not scanned and not unscanned:
             raise CkptflowError("checkpoint has no decoder layers (neither decoder/layers/ nor decoder/layers_0/)")
         return Layout(scanned=scanned, num_layers=spec.num_layers)
@@ -377,7 +433,9 @@ class Gemma3Forward(_GemmaBase):
         q = rope(q, positions, theta, dt, factor)
         k = rope(k, positions, theta, dt, factor)
         q = q * spec.option("query_scale")  # query_pre_attn_scalar, at run time (weak-typed: stays in dt)
-        a = gemma_attention(q, k, v, dt, window=None if is_global else spec.option("sliding_window"), image_blocks=image_blocks)
+        a = gemma_attention(
+            q, k, v, dt, window=None if is_global else spec.option("sliding_window"), image_blocks=image_blocks
+        )
         a = dense(a, p["self_attention/out/kernel"], dt, contract=2)
         x = x + rms_norm(a, p["post_self_attention_norm/scale"], eps, dt)
         h = rms_norm(x, p["pre_ffw_norm/scale"], eps, dt)
@@ -390,7 +448,11 @@ class Gemma3Forward(_GemmaBase):
         f32 = jnp.float32
         w = lambda key: g[key].astype(f32)  # noqa: E731  (the tower computes in float32: dtype_mm)
         x = jax.lax.conv_general_dilated(
-            pixels[None].astype(f32), w(f"{VISION}/embedding/kernel"), (patch, patch), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            pixels[None].astype(f32),
+            w(f"{VISION}/embedding/kernel"),
+            (patch, patch),
+            "VALID",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )[0]
         x = x.reshape(side * side, H) + w(f"{VISION}/embedding/bias")
         x = x + w(f"{VISION}/pos_embedding")[0]
@@ -407,9 +469,13 @@ class Gemma3Forward(_GemmaBase):
             x = x + dense(o, w(a + "out/kernel"), f32, contract=2, bias=w(a + "out/bias"))
             y = layer_norm(x, w(b + "LayerNorm_1/scale"), w(b + "LayerNorm_1/bias"), eps)
             y = dense(y, w(b + "MlpBlockViT_0/Dense_0/kernel"), f32, bias=w(b + "MlpBlockViT_0/Dense_0/bias"))
-            y = dense(gelu_tanh(y), w(b + "MlpBlockViT_0/Dense_1/kernel"), f32, bias=w(b + "MlpBlockViT_0/Dense_1/bias"))
+            y = dense(
+                gelu_tanh(y), w(b + "MlpBlockViT_0/Dense_1/kernel"), f32, bias=w(b + "MlpBlockViT_0/Dense_1/bias")
+            )
             x = x + y
-        x = layer_norm(x, w(f"{VISION}/Transformer/encoder_norm/scale"), w(f"{VISION}/Transformer/encoder_norm/bias"), eps)
+        x = layer_norm(
+            x, w(f"{VISION}/Transformer/encoder_norm/scale"), w(f"{VISION}/Transformer/encoder_norm/bias"), eps
+        )
         k = side // tokens_side  # VisionExit: average pool the patch grid
         x = x.reshape(tokens_side, k, tokens_side, k, H).mean(axis=(1, 3)).reshape(tokens_side * tokens_side, H)
         x = rms_norm(x, w(f"{PROJECTOR}/mm_soft_embedding_norm/scale"), spec.norm_eps, f32)

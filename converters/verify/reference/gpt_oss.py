@@ -21,30 +21,63 @@ import math
 import numpy as np
 
 from converters.errors import CkptflowError
-from converters.verify.reference.common import Forward, Layout, ModelSpec, base_spec, dense, require, rms_norm, rope_parameters
-from converters.verify.reference.moe import GPT_OSS_ALPHA, attention, clipped_swiglu, router_weights, yarn_inv_freq, yarn_rope
+from converters.verify.reference.common import (
+    Forward,
+    Layout,
+    ModelSpec,
+    base_spec,
+    dense,
+    require,
+    rms_norm,
+    rope_parameters,
+)
+from converters.verify.reference.moe import (
+    GPT_OSS_ALPHA,
+    attention,
+    clipped_swiglu,
+    router_weights,
+    yarn_inv_freq,
+    yarn_rope,
+)
 
 ATT, MLP = "GptOssAttention", "GptOssMlp"
 PATTERN = ("sliding_attention", "full_attention")  # MaxText GPT_OSS_ATTENTION_PATTERN
 SLIDING_MARKER = "__sliding_window_layer__"  # present (empty) in the params of sliding-window layers
 # MaxText's configs/models/gpt-oss-*.yml rope settings
-MAXTEXT_YARN = {"rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "original_max_position_embeddings": 4096, "truncate": False}
+MAXTEXT_YARN = {
+    "rope_theta": 150000.0,
+    "factor": 32.0,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "original_max_position_embeddings": 4096,
+    "truncate": False,
+}
 
 
 class GptOssForward(Forward):
-
     def make_spec(self, cfg) -> ModelSpec:
         n = int(cfg.num_hidden_layers)
         types = list(getattr(cfg, "layer_types", None) or [])
-        require(not types or types == [PATTERN[i % 2] for i in range(n)], "layer_types other than sliding/full alternating")
-        require(float(getattr(cfg, "swiglu_alpha", GPT_OSS_ALPHA)) == GPT_OSS_ALPHA, "swiglu_alpha != 1.702 (hard-coded in MaxText)")
+        require(
+            not types or types == [PATTERN[i % 2] for i in range(n)], "layer_types other than sliding/full alternating"
+        )
+        require(
+            float(getattr(cfg, "swiglu_alpha", GPT_OSS_ALPHA)) == GPT_OSS_ALPHA,
+            "swiglu_alpha != 1.702 (hard-coded in MaxText)",
+        )
         rp = rope_parameters(cfg)
         require(rp.get("rope_type") == "yarn", f"rope_type={rp.get('rope_type')!r} (MaxText gpt-oss uses yarn)")
-        require(rp.get("attention_factor") is None and not rp.get("mscale") and not rp.get("mscale_all_dim"),
-                "yarn attention_factor/mscale (MaxText scales by 0.1 ln(factor) + 1)")
+        require(
+            rp.get("attention_factor") is None and not rp.get("mscale") and not rp.get("mscale_all_dim"),
+            "yarn attention_factor/mscale (MaxText scales by 0.1 ln(factor) + 1)",
+        )
         yarn = (
-            float(rp["rope_theta"]), float(rp["factor"]), float(rp.get("beta_fast") or 32.0), float(rp.get("beta_slow") or 1.0),
-            int(rp.get("original_max_position_embeddings") or 4096), bool(rp.get("truncate", True)),
+            float(rp["rope_theta"]),
+            float(rp["factor"]),
+            float(rp.get("beta_fast") or 32.0),
+            float(rp.get("beta_slow") or 1.0),
+            int(rp.get("original_max_position_embeddings") or 4096),
+            bool(rp.get("truncate", True)),
         )
         return ModelSpec(
             **base_spec(cfg),
@@ -61,13 +94,31 @@ class GptOssForward(Forward):
         diffs = [f"{k}={rp.get(k)!r}" for k, v in MAXTEXT_YARN.items() if rp.get(k) is not None and rp.get(k) != v]
         if not diffs:
             return []
-        return [f"rope parameters differ from MaxText's gpt-oss configs ({', '.join(diffs)}); MaxText must be run with matching rope_* settings"]
+        return [
+            f"rope parameters differ from MaxText's gpt-oss configs ({', '.join(diffs)}); MaxText must be run with "
+            f"matching rope_* settings"
+        ]
 
     # ---- layout ---------------------------------------------------------------------------------
     def layer_keys(self, spec: ModelSpec) -> tuple[str, ...]:
-        att = [f"{ATT}/{k}" for k in ("query/kernel", "query/bias", "key/kernel", "key/bias", "value/kernel", "value/bias",
-                                     "out/kernel", "out/bias", "sinks")]
-        mlp = [f"{MLP}/{k}" for k in ("gate/kernel", "gate/bias", "wi_0", "wi_1", "wo", "wi_0_bias", "wi_1_bias", "wo_bias")]
+        att = [
+            f"{ATT}/{k}"
+            for k in (
+                "query/kernel",
+                "query/bias",
+                "key/kernel",
+                "key/bias",
+                "value/kernel",
+                "value/bias",
+                "out/kernel",
+                "out/bias",
+                "sinks",
+            )
+        ]
+        mlp = [
+            f"{MLP}/{k}"
+            for k in ("gate/kernel", "gate/bias", "wi_0", "wi_1", "wo", "wi_0_bias", "wi_1_bias", "wo_bias")
+        ]
         return ("pre_self_attention_layer_norm/scale", *att, "post_self_attention_layer_norm/scale", *mlp)
 
     def layer_location(self, spec: ModelSpec, layout: Layout, l: int) -> tuple[str, int | None]:
@@ -79,7 +130,9 @@ class GptOssForward(Forward):
     def detect_layout(self, spec: ModelSpec, keys) -> Layout:
         layout = super().detect_layout(spec, keys)
         if layout.scanned and spec.num_layers % len(PATTERN):
-            raise CkptflowError(f"a scanned GPT-OSS checkpoint needs an even number of layers, config has {spec.num_layers}")
+            raise CkptflowError(
+                f"a scanned GPT-OSS checkpoint needs an even number of layers, config has {spec.num_layers}"
+            )
         return layout
 
     def layer_markers(self, spec: ModelSpec, l: int) -> dict:
@@ -107,7 +160,9 @@ class GptOssForward(Forward):
         return x, rms_norm(x, p["post_self_attention_layer_norm/scale"], spec.norm_eps, dt)
 
     def route(self, spec: ModelSpec, p: dict, h):
-        return router_weights(h, p[f"{MLP}/gate/kernel"], spec.jdtype, top_k=spec.option("top_k"), bias=p[f"{MLP}/gate/bias"])
+        return router_weights(
+            h, p[f"{MLP}/gate/kernel"], spec.jdtype, top_k=spec.option("top_k"), bias=p[f"{MLP}/gate/bias"]
+        )
 
     def expert(self, spec: ModelSpec, w: dict, h):
         dt = spec.jdtype

@@ -75,7 +75,6 @@ def rope_interleaved(x, positions, theta: float, scaling: tuple | None, dtype):
 
 
 class Llama31Forward(Forward):
-
     def make_spec(self, cfg) -> ModelSpec:
         require(getattr(cfg, "hidden_act", "silu") == "silu", f"hidden_act={cfg.hidden_act!r} (MaxText llama: silu)")
         require(not getattr(cfg, "attention_bias", False), "attention_bias=true (MaxText llama2 block has no biases)")

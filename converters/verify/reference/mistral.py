@@ -49,7 +49,6 @@ def binding_window(cfg) -> int:
 
 
 class MistralForward(Forward):
-
     def make_spec(self, cfg) -> ModelSpec:
         require(getattr(cfg, "hidden_act", "silu") == "silu", f"hidden_act={cfg.hidden_act!r} (MaxText mistral: silu)")
         rope_type = rope_parameters(cfg).get("rope_type", "default")

@@ -15,14 +15,23 @@ MaxText and HF disagree beyond the window however the checkpoint was converted.
 
 from __future__ import annotations
 
-from converters.verify.reference.common import ATTENTION_KEYS, Forward, ModelSpec, base_spec, dense, require, rms_norm, rope_halves, rope_parameters
+from converters.verify.reference.common import (
+    ATTENTION_KEYS,
+    Forward,
+    ModelSpec,
+    base_spec,
+    dense,
+    require,
+    rms_norm,
+    rope_halves,
+    rope_parameters,
+)
 from converters.verify.reference.moe import attention, router_weights
 
 MOE = "MoeBlock_0"
 
 
 class MixtralForward(Forward):
-
     def make_spec(self, cfg) -> ModelSpec:
         require(getattr(cfg, "hidden_act", "silu") == "silu", f"hidden_act={cfg.hidden_act!r}")
         require(rope_parameters(cfg).get("rope_type", "default") == "default", "rope scaling")

@@ -72,7 +72,9 @@ def attention(q, k, v, dtype, *, window: int | None = None, sinks=None):
     return out.reshape(t, n, d).astype(dtype)
 
 
-def yarn_inv_freq(dim: int, theta: float, factor: float, beta_fast: float, beta_slow: float, original_max: int, truncate: bool):
+def yarn_inv_freq(
+    dim: int, theta: float, factor: float, beta_fast: float, beta_slow: float, original_max: int, truncate: bool
+):
     """MaxText `YarnRotaryEmbedding.freqs_cis` frequencies (= HF `_compute_yarn_parameters`)."""
 
     def correction_dim(rotations: float) -> float:

@@ -29,16 +29,22 @@ MOE = "moe_block"
 
 
 class Qwen3MoeForward(Forward):
-
     def make_spec(self, cfg) -> ModelSpec:
         require(getattr(cfg, "hidden_act", "silu") == "silu", f"hidden_act={cfg.hidden_act!r}")
         require(rope_parameters(cfg).get("rope_type", "default") == "default", "rope scaling")
-        require(not getattr(cfg, "use_sliding_window", False), "use_sliding_window=true (MaxText's qwen3_moe block attends globally)")
+        require(
+            not getattr(cfg, "use_sliding_window", False),
+            "use_sliding_window=true (MaxText's qwen3_moe block attends globally)",
+        )
         require(not getattr(cfg, "attention_bias", False), "attention_bias=true (MaxText qwen3 blocks have no biases)")
-        require(not (getattr(cfg, "mlp_only_layers", None) or []) and getattr(cfg, "decoder_sparse_step", 1) == 1,
-                "dense layers (mlp_only_layers / decoder_sparse_step): MaxText's qwen3_moe block is MoE in every layer")
-        require(bool(getattr(cfg, "norm_topk_prob", False)),
-                "norm_topk_prob=false (MaxText always softmaxes over the top-k, so its weights sum to one)")
+        require(
+            not (getattr(cfg, "mlp_only_layers", None) or []) and getattr(cfg, "decoder_sparse_step", 1) == 1,
+            "dense layers (mlp_only_layers / decoder_sparse_step): MaxText's qwen3_moe block is MoE in every layer",
+        )
+        require(
+            bool(getattr(cfg, "norm_topk_prob", False)),
+            "norm_topk_prob=false (MaxText always softmaxes over the top-k, so its weights sum to one)",
+        )
         experts = getattr(cfg, "num_experts", None) or cfg.num_local_experts
         return ModelSpec(
             **base_spec(cfg, intermediate_size=int(cfg.moe_intermediate_size)),

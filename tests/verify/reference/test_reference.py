@@ -11,17 +11,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from converters.errors import CkptflowError, UnsupportedModelError
 from converters.core import registry
+from converters.errors import CkptflowError, UnsupportedModelError
+from converters.verify.metrics import kl_per_token
 from converters.verify.reference import ReferenceModel, forward_for
 from converters.verify.reference.qwen import Qwen3Forward
-from converters.verify.metrics import kl_per_token
 
 EXACT_KL = 1e-9
 
 LLAMA3_ROPE = {
-    "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
 }
 
 
@@ -38,7 +42,10 @@ def to_maxtext(model, scan: bool) -> dict:
     e, n, k = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
     d = getattr(cfg, "head_dim", None) or e // n
     sd = {name: t.detach().float().numpy() for name, t in model.state_dict().items()}
-    out = {"token_embedder/embedding": sd["model.embed_tokens.weight"], "decoder/decoder_norm/scale": sd["model.norm.weight"]}
+    out = {
+        "token_embedder/embedding": sd["model.embed_tokens.weight"],
+        "decoder/decoder_norm/scale": sd["model.norm.weight"],
+    }
     if not cfg.tie_word_embeddings:
         out["decoder/logits_dense/kernel"] = sd["lm_head.weight"].T
     layers = []
@@ -78,8 +85,16 @@ def make_model(model_type: str, **overrides):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kw = dict(vocab_size=300, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=4096)
+    kw = dict(
+        vocab_size=300,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        max_position_embeddings=4096,
+    )
     kw.update(overrides)
     cfg = AutoConfig.for_model(model_type, **kw)
     torch.manual_seed(0)
@@ -101,10 +116,16 @@ def hf_logits(model, ids) -> np.ndarray:
 
 VARIANTS = {
     "llama3-rope-untied": ("llama", dict(head_dim=16, rope_parameters=LLAMA3_ROPE, max_position_embeddings=131072)),
-    "llama-plain-rope-tied": ("llama", dict(tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    "llama-plain-rope-tied": (
+        "llama",
+        dict(tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    ),
     "qwen2-untied": ("qwen2", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
     "qwen2-tied": ("qwen2", dict(tie_word_embeddings=True)),
-    "qwen3-tied": ("qwen3", dict(head_dim=16, tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    "qwen3-tied": (
+        "qwen3",
+        dict(head_dim=16, tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+    ),
 }
 
 
@@ -169,8 +190,13 @@ def test_llama3_frequencies_match_transformers():
 
     from converters.verify.reference.llama import llama3_scaled_inv_freq
 
-    cfg = LlamaConfig(hidden_size=4096, num_attention_heads=32, head_dim=128, max_position_embeddings=131072,
-                      rope_parameters=LLAMA3_ROPE)
+    cfg = LlamaConfig(
+        hidden_size=4096,
+        num_attention_heads=32,
+        head_dim=128,
+        max_position_embeddings=131072,
+        rope_parameters=LLAMA3_ROPE,
+    )
     hf_inv, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, torch.device("cpu"))
     base = 1.0 / 500000.0 ** (np.arange(64, dtype=np.float32) * 2 / 128)
     ours = np.asarray(llama3_scaled_inv_freq(jnp.asarray(base), 8.0, 1.0, 4.0, 8192))
@@ -198,7 +224,9 @@ def test_registry_and_unsupported_configs():
 
 
 def test_llama3_constants_mismatch_is_a_warning():
-    model = make_model("llama", head_dim=16, rope_parameters={**LLAMA3_ROPE, "factor": 32.0}, max_position_embeddings=131072)
+    model = make_model(
+        "llama", head_dim=16, rope_parameters={**LLAMA3_ROPE, "factor": 32.0}, max_position_embeddings=131072
+    )
     ref = ReferenceModel(to_maxtext(model, True), model.config.to_dict())
     assert len(ref.warnings) == 1 and "factor=32.0" in ref.warnings[0]
 
