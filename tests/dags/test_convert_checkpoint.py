@@ -258,8 +258,8 @@ marker = Path(os.environ["FLAKY_MARKER"])
 real = [sys.executable, "-m", "converters", *args]
 with open(os.environ["CALL_LOG"], "a") as log:
     print(" ".join(args), file=log)
-if args[0] == "convert" and "--part" in args and args[args.index("--part") + 1].startswith("1/") and not
-marker.exists():
+if (args[0] == "convert" and "--part" in args and args[args.index("--part") + 1].startswith("1/")
+        and not marker.exists()):
     # Convert part 1's first try writes its share, then its pod or process dies before reporting success.
     marker.touch()
     subprocess.run(real, check=True)

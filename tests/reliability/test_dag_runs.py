@@ -78,8 +78,8 @@ for step in OPERATORS:
                              model=spec.model_name, settings=KubernetesSettings(), timeout_seconds=3600)
     pods[step] = pod_manifest(kpo)
 (home / "pod-specs.json").write_text(json.dumps(pods, indent=2, default=str))
-print("RESULT " + json.dumps({"state": str(dr.state), "tasks": {k: str(v) for k, v in states.items()}, "run_id":
-dr.run_id}))
+result = {"state": str(dr.state), "tasks": {k: str(v) for k, v in states.items()}, "run_id": dr.run_id}
+print("RESULT " + json.dumps(result))
 """
 
 
