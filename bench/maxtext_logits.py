@@ -34,7 +34,10 @@ What MaxText 0.2.5 does that matters when comparing with transformers (seen on c
     gemma3-27b, whatever the checkpoint's query_pre_attn_scalar -- pick --model-name accordingly;
   * DeepSeek-V3 group-limited routing: MaxText's shipped ymls leave n_routing_groups=-1; this script sets
     n_routing_groups / topk_routing_group from the HF config (n_group / topk_group) as HF routes;
-  * scanned Qwen3-Next: 0.2.5 stores a block as decoder/layers/{local_layers,global_layer}, not layer_0..3.
+  * scanned Qwen3-Next: 0.2.5 stores a block as decoder/layers/{local_layers,global_layer}, not layer_0..3;
+  * OLMo 3: every layer gets the one `rope_type`, so a YaRN config rotates the sliding-window layers by YaRN too,
+    where transformers uses plain RoPE there (rope_parameters per layer type): pick --model-name olmo3-7b-pt (plain)
+    or olmo3-7b (YaRN), and compare with transformers given the same rope on both layer types.
 """
 
 from __future__ import annotations
@@ -180,6 +183,18 @@ def overrides_from_hf(cfg: dict, decoder_block: str, *, ckpt_vocab: int, scanned
             o.pop("rope_max_timescale", None)
         # NB: MaxText's gemma3 query scale is not a config key: head_dim**-0.5 for gemma3-4b/12b,
         # (hidden/heads)**-0.5 for gemma3-27b (models/gemma3.py get_query_pre_attn_scalar)
+    elif decoder_block == "olmo3":
+        # one rope for every layer (models/olmo3.py passes config.rope_type to all of them): the full-attention layers'
+        full = dict(rp.get("full_attention") or rp)
+        o["sliding_window_size"] = int(cfg["sliding_window"])
+        o["rope_max_timescale"] = float(full.get("rope_theta", cfg.get("rope_theta", 500000.0)))
+        if full.get("rope_type", full.get("type")) == "yarn":
+            o.update(rope_type="yarn", rope_factor=float(full["factor"]), beta_fast=float(full.get("beta_fast") or 32),
+                     beta_slow=float(full.get("beta_slow") or 1), rope_truncate=True, rope_attention_scaling=True,
+                     original_max_position_embeddings=int(full["original_max_position_embeddings"]),
+                     max_position_embeddings=int(cfg["max_position_embeddings"]))
+        else:
+            o["rope_type"] = "default"
     return o
 
 

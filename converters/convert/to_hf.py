@@ -59,15 +59,17 @@ def _shape_fits(leaf: Leaf, stored: tuple[int, ...]) -> bool:
 def choose_plan(family: type[Family], cfg: dict, stored: dict[str, tuple[int, ...]]) -> tuple[bool, list[Leaf]]:
     """Detect scanned vs unscanned from the stored tree and check every array against the plan."""
     try:  # optional groups (DeepSeek's MTP layer) are exported when the checkpoint has them
-        optional = [(x,) for x in family.optional_groups(family.dims(cfg))]
+        d = family.dims(cfg)
+        optional, legacy = [(x,) for x in family.optional_groups(d)], list(family.legacy_layouts(d))
     except Exception:  # a bad config: family.plan below reports it
-        optional = []
+        optional, legacy = [], []
     plans, refused = {}, None
+    # an older writer's scanned layout (Family.legacy_layouts) is a candidate after the current ones (ties: current)
     for ex in [(), *optional]:
-        for scan in (True, False):
+        for scan, old in [(True, None), (False, None), *((True, name) for name in legacy)]:
             # a layout this config cannot have (Qwen3-Next scanned needs a multiple of 4 layers) is not a candidate
             try:
-                plans[(scan, ex)] = family.plan(cfg, scan, ex)
+                plans[(scan, ex, old)] = family.plan(cfg, scan, ex, legacy=old)
             except CkptflowError as e:
                 refused = refused or e
     if not plans:

@@ -6,6 +6,13 @@ transforms between them. A `Family` turns an HF config into `Dims`, lists its gl
 and per-layer rules, and says how layers stack when scanned. `Family.plan()` expands that into `Leaf`s:
 one per MaxText array, each knowing which HF tensors fill it. Both conversion directions walk the same
 plan, so nothing is written twice.
+
+Stacks. A scanned `LayerGroup` stacks its layers along SCAN_AXIS (`[d0, L, d1, ...]`). A nested stack (MaxText
+scanning blocks whose own sublayers are scanned again, e.g. Qwen3-Next's `decoder/layers/local_layers`) has
+several stacked axes, outermost first, consecutive from SCAN_AXIS (`LayerGroup.stack`, `[d0, B, S, d1, ...]`):
+`nnx_scan.create_scanned_layers` (MaxText `src/maxtext/layers/nnx_scan.py`) inserts each scan's axis at
+`param_scan_axis`, the inner scan first, so the outer one lands in front of it. The stack's HF layers are listed
+in row-major order over the stacked axes, and every slice (one index per stacked axis) is one piece.
 """
 
 from __future__ import annotations
@@ -84,12 +91,22 @@ class Rule:
 
 @dataclass(frozen=True)
 class LayerGroup:
-    """Rules repeated over `hf_layers`: stacked under `stacked` when scanning, else one prefix per layer."""
+    """Rules repeated over `hf_layers`: stacked under `stacked` when scanning, else one prefix per layer.
+
+    `stack`: the sizes of the stacked axes of a nested stack (outermost first, from SCAN_AXIS on), whose product
+    is len(hf_layers), `hf_layers` then being row-major over them; None: one stacked axis of len(hf_layers).
+    A nested stack needs arrays of at least SCAN_AXIS axes per layer (experts included): MaxText leaves the scan
+    axis of an array with fewer at 0, which for two scans gives the inner axis first (`nnx_scan.py`).
+    """
 
     rules: tuple[Rule, ...]
     hf_layers: tuple[int, ...]
     stacked: str | None
     unstacked: tuple[str, ...]
+    stack: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        assert self.stack is None or int(np.prod(self.stack)) == len(self.hf_layers), (self.stack, len(self.hf_layers))
 
 
 @dataclass(frozen=True)
@@ -107,10 +124,18 @@ class Leaf:
 
     path: str
     rule: Rule
-    hf_layers: tuple[int, ...] | None = None  # stacked along SCAN_AXIS, one entry per slice
+    hf_layers: tuple[int, ...] | None = None  # stacked from SCAN_AXIS on, one entry per slice (row-major)
     hf_layer: int | None = None  # an unstacked layer's HF index
     split_index: int = 0  # which output of the rule's split this array is
     split_paths: tuple[str, ...] = ()  # split rules: the paths of all arrays cut from the same HF tensors, in order
+    stack: tuple[int, ...] | None = None  # a nested stack's axis sizes (LayerGroup.stack); None: (len(hf_layers),)
+
+    @property
+    def stack_shape(self) -> tuple[int, ...]:
+        """The sizes of the stacked axes, which start at SCAN_AXIS (() when unstacked)."""
+        if self.hf_layers is None:
+            return ()
+        return self.stack if self.stack is not None else (len(self.hf_layers),)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -119,7 +144,14 @@ class Leaf:
             s = (self.rule.experts,) + s
         if self.hf_layers is None:
             return s
-        return s[:SCAN_AXIS] + (len(self.hf_layers),) + s[SCAN_AXIS:]
+        return s[:SCAN_AXIS] + self.stack_shape + s[SCAN_AXIS:]
+
+    def layer_at(self, index: tuple) -> int | None:
+        """The HF layer of the piece at `index` (a `Piece.index`)."""
+        if self.hf_layers is None:
+            return self.hf_layer
+        k = len(self.stack_shape)
+        return self.hf_layers[int(np.ravel_multi_index(tuple(index[SCAN_AXIS : SCAN_AXIS + k]), self.stack_shape))]
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
@@ -138,8 +170,8 @@ class Leaf:
         s = list(self.shape)
         if self.rule.experts:
             s[0] = 1
-        if self.hf_layers is not None:
-            s[SCAN_AXIS] = 1
+        for a in range(len(self.stack_shape)):
+            s[SCAN_AXIS + a] = 1
         return tuple(s)
 
     def hf_name(self, layer: int | None = None, expert: int | None = None) -> str:
@@ -158,7 +190,7 @@ class Leaf:
                 if e is not None:
                     index[0] = e
                 if j is not None:
-                    index[SCAN_AXIS] = j
+                    index[SCAN_AXIS : SCAN_AXIS + len(self.stack_shape)] = (int(a) for a in np.unravel_index(j, self.stack_shape))
                 while index and index[-1] == slice(None):
                     index.pop()
                 out.append(Piece(tuple(index), self.hf_name(layer, e), e if r.fused_experts else None))
@@ -271,6 +303,12 @@ class Family:
         return {}
 
     @classmethod
+    def legacy_layouts(cls, d: Dims) -> dict[str, list[LayerGroup]]:
+        """Scanned layouts that older writers used and MaxText no longer loads: name -> the layer groups that replace
+        `layer_groups(d, True)` (`plan(..., legacy=name)`). Read (export, verify), never written. Default: none."""
+        return {}
+
+    @classmethod
     def config_for_checkpoint(cls, cfg: dict, stored: set[str]) -> dict:
         """The config to export a checkpoint with, given its stored array paths (e.g. a Gemma3 checkpoint
         trained without the vision tower exports as the text-only model). Default: `cfg` as is."""
@@ -286,7 +324,9 @@ class Family:
 
     # ---- derived --------------------------------------------------------------------------------
     @classmethod
-    def plan(cls, cfg: dict, scan: bool, extras: tuple[str, ...] = ()) -> list[Leaf]:
+    def plan(cls, cfg: dict, scan: bool, extras: tuple[str, ...] = (), legacy: str | None = None) -> list[Leaf]:
+        """The leaves of the model `cfg`, scanned or not, with the optional groups `extras`; `legacy`: the scanned
+        layout of that name among `legacy_layouts` instead of the current one (reading old checkpoints)."""
         check_dimensions(cfg, cls.name)
         try:
             d = cls.dims(cfg)
@@ -297,10 +337,18 @@ class Family:
         unknown = [x for x in extras if x not in optional]
         if unknown:
             raise CkptflowError(f"a {cls.name} model with this config.json has no {', '.join(unknown)} to convert")
-        for g in [*cls.layer_groups(d, scan), *(g for x in extras for g in optional[x])]:
+        if legacy is not None:
+            layouts = cls.legacy_layouts(d)
+            if not scan or legacy not in layouts:
+                raise CkptflowError(f"a {cls.name} model has no scanned layout {legacy!r}")
+            groups = layouts[legacy]
+        else:
+            groups = cls.layer_groups(d, scan)
+        for g in [*groups, *(g for x in extras for g in optional[x])]:
             for r in g.rules:
                 if scan and g.stacked is not None:
-                    leaves.extend(_leaves(r, f"{g.stacked}/", hf_layers=g.hf_layers))
+                    assert g.stack is None or len(r.mt_shape) + bool(r.experts) >= SCAN_AXIS, f"{r.hf}: nested stack of a scalar"
+                    leaves.extend(_leaves(r, f"{g.stacked}/", hf_layers=g.hf_layers, stack=g.stack))
                 else:
                     leaves.extend(leaf for p, l in zip(g.unstacked, g.hf_layers) for leaf in _leaves(r, f"{p}/", hf_layer=l))
         paths = [l.path for l in leaves]

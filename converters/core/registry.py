@@ -11,13 +11,14 @@ from converters.families.llama import Llama31
 from converters.families.gpt_oss import GptOss
 from converters.families.mistral import Mistral
 from converters.families.mixtral import Mixtral
+from converters.families.olmo3 import Olmo3
 from converters.families.qwen3_moe import Qwen3Moe
 from converters.families.qwen3_next import Qwen3Next
 from converters.families.qwen import Qwen3, Qwen25
 from converters.core.direction import Direction
 from converters.core.mapping import Family
 
-FAMILIES: dict[str, type[Family]] = {f.name: f for f in (Llama31, Mistral, Qwen25, Qwen3, Gemma2, Gemma3, Qwen3Moe, Mixtral, GptOss, DeepSeek2, DeepSeek3, DeepSeek32, Qwen3Next)}
+FAMILIES: dict[str, type[Family]] = {f.name: f for f in (Llama31, Mistral, Qwen25, Qwen3, Gemma2, Gemma3, Qwen3Moe, Mixtral, GptOss, DeepSeek2, DeepSeek3, DeepSeek32, Qwen3Next, Olmo3)}
 
 # every family converts both ways, scanned and unscanned: "hf->maxtext (scanned)", ...
 DIRECTIONS = tuple(d.label(scan) for d in Direction for scan in (True, False))

@@ -1,9 +1,16 @@
 """Qwen3-Next (MaxText block `qwen3_next`): a repeating cycle of `full_attention_interval` (4) layers -- gated-delta-net
 (linear attention) layers, then one full-attention layer -- each with a routed MoE plus a sigmoid-gated shared expert.
 
-Layout (as MaxText's own converter writes it: `src/maxtext/checkpoint_conversion/standalone_scripts/convert_qwen3_next_scanned.py` in AI-Hypercomputer/maxtext):
-  * scanned: one stack per position in the cycle, `decoder/layers/layer_<b>` holding HF layers b, b+4, b+8, ...
-    (`layer_0..2` gated delta net, `layer_3` full attention); unscanned `decoder/layers_<i>`;
+Layout (MaxText 0.2.5's model tree: `src/maxtext/models/qwen3.py` `Qwen3NextScannableBlock`, scanned by
+`src/maxtext/layers/nnx_decoders.py` `_init_scanned_qwen3_next`; the same paths as
+`src/maxtext/checkpoint_conversion/utils/param_mapping.py` `QWEN3_NEXT_MAXTEXT_TO_HF_PARAM_MAPPING`):
+  * scanned: one scanned block per cycle (B = layers / 4 blocks). `decoder/layers/local_layers/*` holds the cycle's
+    gated-delta-net layers as a nested stack, `[d0, B, 3, d1, ...]` (block b, position p: HF layer 4b + p; experts
+    `[E, B, 3, ...]`), `decoder/layers/global_layer/*` its full-attention layer, `[d0, B, d1, ...]` (HF layer 4b + 3);
+  * unscanned `decoder/layers_<i>`;
+  * older ckptflow versions (and MaxText 0.2.5's standalone `convert_qwen3_next_scanned.py`, which the 0.2.5 model
+    does not load) wrote the scanned model as one stack per cycle position, `decoder/layers/layer_<p>` (HF layers
+    p, p+4, ...): still read for export and verification (`legacy_layouts`), never written;
   * full attention under `attention/attention`: `query` `[emb, H, 2*head_dim]` (per head `[query | output gate]`, HF's
     own split), `key` / `value` `[emb, K, head_dim]`, `out` 2-D `[H*head_dim, emb]`, `query_norm` / `key_norm`;
   * gated delta net under `attention`: `in_proj_qkvz` / `in_proj_ba` transposed only (HF's per-key-head grouping is
@@ -137,4 +144,21 @@ class Qwen3Next(common.DecoderOnly):
                     for kind in ("linear_attention", "full_attention")]
         if n % c:
             raise UnsupportedModelError(f"a scanned Qwen3-Next checkpoint needs a multiple of {c} layers, config has {n}")
-        return [LayerGroup(cls.kind_rules(d, kinds[b]), tuple(range(b, n, c)), f"decoder/layers/layer_{b}", ()) for b in range(c)]
+        # one scanned block per cycle: its linear-attention layers stacked again inside it (`local_layers`, nested
+        # [blocks, c - 1]), its last layer the full-attention one (`global_layer`, [blocks]) -- MaxText
+        # src/maxtext/models/qwen3.py Qwen3NextScannableBlock.__init__
+        blocks = n // c
+        return [
+            LayerGroup(cls.kind_rules(d, "linear_attention"), tuple(b * c + p for b in range(blocks) for p in range(c - 1)),
+                       "decoder/layers/local_layers", (), stack=(blocks, c - 1)),
+            LayerGroup(cls.kind_rules(d, "full_attention"), tuple(b * c + c - 1 for b in range(blocks)), "decoder/layers/global_layer", ()),
+        ]
+
+    @classmethod
+    def legacy_layouts(cls, d: Dims) -> dict[str, list[LayerGroup]]:
+        """`layer_<p>`: one stack per cycle position (older ckptflow; MaxText's standalone converter)."""
+        n, c, kinds = d.layers, d.extra["interval"], d.extra["kinds"]
+        if n % c:
+            return {}
+        return {"layer_<p>": [LayerGroup(cls.kind_rules(d, kinds[b]), tuple(range(b, n, c)), f"decoder/layers/layer_{b}", ())
+                              for b in range(c)]}

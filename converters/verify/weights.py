@@ -20,7 +20,7 @@ from converters.convert.dropped_rows import load_dropped_rows
 from converters.convert.hf_source import hf_source
 from converters.convert.to_hf import choose_plan, export_tensors
 from converters.core import registry
-from converters.core.mapping import SCAN_AXIS, Leaf, Piece
+from converters.core.mapping import Leaf, Piece
 from converters.core.transforms import run_chain
 from converters.errors import CkptflowError
 from converters.io.orbax import CheckpointReader
@@ -85,9 +85,7 @@ class HFTensor:
 
 
 def _layer_of(leaf: Leaf, piece: Piece) -> int | None:
-    if leaf.hf_layers is not None:
-        return leaf.hf_layers[piece.index[SCAN_AXIS]]
-    return leaf.hf_layer
+    return leaf.layer_at(piece.index)
 
 
 class TensorIndex:

@@ -152,9 +152,12 @@ def deepseek_layout(hf: dict, cfg: dict, scan: bool) -> dict:
     return out
 
 
-def qwen3_next_layout(hf: dict, cfg: dict, scan: bool) -> dict:
-    """Qwen3-Next HF tensors -> MaxText arrays (`decoder/layers/layer_<b>` cycle stacks: HF layer i
-    in stack i % cycle, at position i // cycle), plain numpy."""
+def qwen3_next_layout(hf: dict, cfg: dict, scan: bool, legacy: bool = False) -> dict:
+    """Qwen3-Next HF tensors -> MaxText arrays, plain numpy. Scanned as MaxText 0.2.5 stacks one block per cycle
+    (src/maxtext/models/qwen3.py Qwen3NextScannableBlock, src/maxtext/layers/nnx_scan.py create_scanned_layers: each
+    scan stacks on axis 1, the inner one first): HF layer b*c + p at [:, b, p] of `decoder/layers/local_layers/*` for
+    p < c - 1, at [:, b] of `decoder/layers/global_layer/*` for p = c - 1. `legacy`: the older `layer_<p>` stacks
+    (HF layer i in stack i % c, at i // c)."""
     e, n, kv, d = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
     c, layers = cfg.get("full_attention_interval", 4), cfg["num_hidden_layers"]
     out = {
@@ -198,10 +201,17 @@ def qwen3_next_layout(hf: dict, cfg: dict, scan: bool) -> dict:
                 "attention/out_proj/kernel": hf[a + "out_proj.weight"].T,
             }
         per_layer.append(lay)
-    if scan:
+    if scan and legacy:
         for b in range(c):
             group = per_layer[b::c]
             out.update({f"decoder/layers/layer_{b}/{k}": np.stack([lay[k] for lay in group], axis=1) for k in group[0]})
+    elif scan:
+        blocks = [per_layer[b : b + c] for b in range(0, layers, c)]
+        for k in blocks[0][0]:
+            inner = [np.stack([lay[k] for lay in block[:-1]], axis=1) for block in blocks]
+            out[f"decoder/layers/local_layers/{k}"] = np.stack(inner, axis=1)
+        for k in blocks[0][-1]:
+            out[f"decoder/layers/global_layer/{k}"] = np.stack([block[-1][k] for block in blocks], axis=1)
     else:
         out.update({f"decoder/layers_{i}/{k}": v for i, lay in enumerate(per_layer) for k, v in lay.items()})
     return out

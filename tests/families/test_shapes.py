@@ -186,24 +186,46 @@ EXPECTED = {
         "decoder/moe_layers/self_attention/indexer/weights_proj/kernel": (7168, 58, 64),
         "decoder/moe_layers/DeepSeekMoeBlock_0/MoeBlock_0/wo": (256, 58, 2048, 7168),
     },
-    # Qwen3-Next: stacks per cycle position; 3 gated-delta-net positions, then full attention
+    # Qwen3-Next, all 36 arrays (= nnx.eval_shape of MaxText 0.2.5's model): one scanned block per 4-layer cycle
+    # (src/maxtext/models/qwen3.py Qwen3NextScannableBlock), its 3 gated-delta-net layers nested as
+    # local_layers [.., 12 blocks, 3, ..], its full-attention layer as global_layer [.., 12 blocks, ..]
     "qwen3-next-80b-a3b": {
+        "decoder/decoder_norm/scale": (2048,),
+        "decoder/layers/global_layer/attention/attention/key/kernel": (2048, 12, 2, 256),
+        "decoder/layers/global_layer/attention/attention/key_norm/scale": (256, 12),
+        "decoder/layers/global_layer/attention/attention/out/kernel": (4096, 12, 2048),
+        "decoder/layers/global_layer/attention/attention/query/kernel": (2048, 12, 16, 512),
+        "decoder/layers/global_layer/attention/attention/query_norm/scale": (256, 12),
+        "decoder/layers/global_layer/attention/attention/value/kernel": (2048, 12, 2, 256),
+        "decoder/layers/global_layer/input_layernorm/scale": (2048, 12),
+        "decoder/layers/global_layer/mlp/routed_experts/gate/kernel": (2048, 12, 512),
+        "decoder/layers/global_layer/mlp/routed_experts/wi_0": (512, 12, 2048, 512),
+        "decoder/layers/global_layer/mlp/routed_experts/wi_1": (512, 12, 2048, 512),
+        "decoder/layers/global_layer/mlp/routed_experts/wo": (512, 12, 512, 2048),
+        "decoder/layers/global_layer/mlp/shared_expert/wi_0/kernel": (2048, 12, 512),
+        "decoder/layers/global_layer/mlp/shared_expert/wi_1/kernel": (2048, 12, 512),
+        "decoder/layers/global_layer/mlp/shared_expert/wo/kernel": (512, 12, 2048),
+        "decoder/layers/global_layer/mlp/shared_expert_gate/kernel": (2048, 12, 1),
+        "decoder/layers/global_layer/post_attention_layernorm/scale": (2048, 12),
+        "decoder/layers/local_layers/attention/A_log": (32, 12, 3),
+        "decoder/layers/local_layers/attention/conv1d/kernel": (4, 12, 3, 1, 8192),
+        "decoder/layers/local_layers/attention/dt_bias": (32, 12, 3),
+        "decoder/layers/local_layers/attention/in_proj_ba/kernel": (2048, 12, 3, 64),
+        "decoder/layers/local_layers/attention/in_proj_qkvz/kernel": (2048, 12, 3, 12288),
+        "decoder/layers/local_layers/attention/norm/rms_norm/scale": (128, 12, 3),
+        "decoder/layers/local_layers/attention/out_proj/kernel": (4096, 12, 3, 2048),
+        "decoder/layers/local_layers/input_layernorm/scale": (2048, 12, 3),
+        "decoder/layers/local_layers/mlp/routed_experts/gate/kernel": (2048, 12, 3, 512),
+        "decoder/layers/local_layers/mlp/routed_experts/wi_0": (512, 12, 3, 2048, 512),
+        "decoder/layers/local_layers/mlp/routed_experts/wi_1": (512, 12, 3, 2048, 512),
+        "decoder/layers/local_layers/mlp/routed_experts/wo": (512, 12, 3, 512, 2048),
+        "decoder/layers/local_layers/mlp/shared_expert/wi_0/kernel": (2048, 12, 3, 512),
+        "decoder/layers/local_layers/mlp/shared_expert/wi_1/kernel": (2048, 12, 3, 512),
+        "decoder/layers/local_layers/mlp/shared_expert/wo/kernel": (512, 12, 3, 2048),
+        "decoder/layers/local_layers/mlp/shared_expert_gate/kernel": (2048, 12, 3, 1),
+        "decoder/layers/local_layers/post_attention_layernorm/scale": (2048, 12, 3),
+        "decoder/logits_dense/kernel": (2048, 151936),
         "token_embedder/embedding": (151936, 2048),
-        "decoder/layers/layer_0/attention/in_proj_qkvz/kernel": (2048, 12, 12288),
-        "decoder/layers/layer_1/attention/in_proj_ba/kernel": (2048, 12, 64),
-        "decoder/layers/layer_2/attention/conv1d/kernel": (4, 12, 1, 8192),
-        "decoder/layers/layer_0/attention/A_log": (32, 12),
-        "decoder/layers/layer_0/attention/norm/rms_norm/scale": (128, 12),
-        "decoder/layers/layer_1/attention/out_proj/kernel": (4096, 12, 2048),
-        "decoder/layers/layer_3/attention/attention/query/kernel": (2048, 12, 16, 512),
-        "decoder/layers/layer_3/attention/attention/key/kernel": (2048, 12, 2, 256),
-        "decoder/layers/layer_3/attention/attention/out/kernel": (4096, 12, 2048),
-        "decoder/layers/layer_3/attention/attention/query_norm/scale": (256, 12),
-        "decoder/layers/layer_2/mlp/routed_experts/gate/kernel": (2048, 12, 512),
-        "decoder/layers/layer_0/mlp/routed_experts/wi_0": (512, 12, 2048, 512),
-        "decoder/layers/layer_3/mlp/routed_experts/wo": (512, 12, 512, 2048),
-        "decoder/layers/layer_1/mlp/shared_expert/wi_1/kernel": (2048, 12, 512),
-        "decoder/layers/layer_1/mlp/shared_expert_gate/kernel": (2048, 12, 1),
     },
     "gemma3-12b": {"decoder/layers/layers_5/self_attention/query/kernel": (3840, 8, 16, 256), "token_embedder/embedding": (262144, 3840)},
     "gemma3-27b": {
@@ -256,13 +278,14 @@ def test_real_size_plan(name):
     assert any(p.startswith(f"decoder/layers_{L - 1}/") for p in unscanned)
     assert not any(p.startswith(("decoder/layers/", f"decoder/layers_{L}/")) for p in unscanned)
     # every unscanned layer leaf is the scanned leaf with the layer axis removed (axis 1, also for [E, L, ...]
-    # expert stacks); GPT-OSS scans two interleaved stacks, decoder/layers/layers_0 and layers_1
+    # expert stacks); GPT-OSS scans two interleaved stacks, decoder/layers/layers_0 and layers_1; Qwen3-Next nests
+    # layer 0 in decoder/layers/local_layers with two layer axes, [.., blocks, 3, ..]
     for path, shape in unscanned.items():
         if path.startswith("decoder/layers_0/"):
-            # (Qwen3-Next: one stack per position of its 4-layer cycle, decoder/layers/layer_0..3)
-            s = (scanned.get(path.replace("layers_0", "layers", 1)) or scanned.get(path.replace("layers_0", "layers/layer_0", 1))
+            s = (scanned.get(path.replace("layers_0", "layers", 1)) or scanned.get(path.replace("layers_0", "layers/local_layers", 1))
                  or scanned[path.replace("layers_0", "layers/layers_0", 1)])
-            assert s[:1] + s[2:] == shape
+            k = len(s) - len(shape)  # the stacked axes, from axis 1 on
+            assert k in (1, 2) and s[:1] + s[1 + k:] == shape, path
 
 
 def test_instruct_names_map_to_base_architecture():

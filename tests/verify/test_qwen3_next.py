@@ -3,7 +3,9 @@ causal depthwise conv in recurrent form, routed + gated shared experts) and veri
 
 1. The JAX reference against transformers (which runs the chunked delta rule) on weights laid out by numpy, float32:
    KL < 1e-9 (measured max ~4e-11).
-2. Converted checkpoints (scanned `layer_0..3` stacks and unscanned) verify on the default prompts, incl. the long one.
+2. Converted checkpoints (scanned: MaxText 0.2.5's `local_layers` [.., blocks, 3, ..] + `global_layer` blocks;
+   unscanned) verify on the default prompts, incl. the long one; so does older ckptflow's scanned `layer_0..3` layout,
+   with a warning that MaxText does not load it.
 3. A converter that flips the conv taps (convolution vs correlation) fails verification.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -52,8 +55,9 @@ def test_reference_matches_transformers(hf_model):
     with torch.no_grad():
         want = model(torch.tensor([ids])).logits[0].numpy()
     assert float(np.std(want)) > 0.5
-    for scan in (True, False):
-        assert kl_per_token(want, ReferenceModel(qwen3_next_layout(hf, cfg, scan), cfg).logits(ids)).max() < EXACT_KL
+    for scan, legacy in ((True, False), (True, True), (False, False)):
+        params = qwen3_next_layout(hf, cfg, scan, legacy=legacy)
+        assert kl_per_token(want, ReferenceModel(params, cfg).logits(ids)).max() < EXACT_KL
 
 
 @pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unscanned"])
@@ -62,6 +66,24 @@ def test_converted_checkpoint_verifies(hf_model, tmp_path, scan):
     r = verify(maxtext=tmp_path / "mt", hf=hf_model())
     assert r.passed and r.data["summary"]["kl_max"] < EXACT_KL, r.data["summary"]
     assert r.data["prompts"][-1]["name"] == "long" and r.data["prompts"][-1]["num_tokens"] >= 400
+    assert r.data["warnings"] == []
+
+
+def test_legacy_layer_stacks_verify_with_a_warning(hf_model, tmp_path):
+    """Older ckptflow's scanned layout, `decoder/layers/layer_<p>` (HF layers p, p + 4, ...), rebuilt from a current
+    checkpoint (position p < 3 of each block is local_layers[:, :, p]), verifies and says MaxText does not load it."""
+    from tests.verify.helpers import restore_tree, save_tree
+
+    hf_to_maxtext(hf_model(), tmp_path / "mt", scan=True)
+    tree = restore_tree(tmp_path / "mt")
+    layers = tree["params"]["params"]["decoder"]["layers"]
+    local, full = layers.pop("local_layers"), layers.pop("global_layer")
+    for p in range(3):
+        layers[f"layer_{p}"] = jax.tree.map(lambda x, p=p: np.ascontiguousarray(np.asarray(x)[:, :, p]), local)
+    layers["layer_3"] = full
+    r = verify(maxtext=save_tree(tree, tmp_path / "mt", tmp_path / "old"), hf=hf_model())
+    assert r.passed and r.data["summary"]["kl_max"] < EXACT_KL, r.data["summary"]
+    assert any("layer_<p>" in w and "re-convert" in w for w in r.data["warnings"]), r.data["warnings"]
 
 
 class _FlipTaps(Transform):

@@ -105,6 +105,7 @@ class Reference:
         self.warnings: list[str] = self.forward.config_warnings(cfg)
         self.layout = self.forward.detect_layout(self.spec, shapes)
         self.forward.check_params(self.spec, shapes, self.layout)
+        self.warnings += self.forward.layout_warnings(self.spec, self.layout)
         emb = tuple(shapes[EMBEDDING])
         if len(emb) != 2 or emb[1] != self.spec.hidden_size or emb[0] < self.spec.vocab_size:
             raise CkptflowError(

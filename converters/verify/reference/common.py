@@ -207,6 +207,12 @@ class Layout:
     scanned: bool
     num_layers: int
     scan_axis: int = 1
+    legacy: str | None = None  # an older writer's scanned layout (`Family.legacy_layouts`), read all the same
+
+
+def _stack_index(j: int | tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """A `layer_location` index as one index per stacked axis."""
+    return None if j is None else (j,) if isinstance(j, int) else tuple(j)
 
 
 # Layer arrays shared by the Llama-style blocks (under `decoder/layers[_i]/`).
@@ -279,10 +285,15 @@ class Forward:
             raise CkptflowError("checkpoint has no decoder layers (neither decoder/layers/ nor decoder/layers_0/)")
         return Layout(scanned=scanned, num_layers=spec.num_layers)
 
-    def layer_location(self, spec: ModelSpec, layout: Layout, l: int) -> tuple[str, int | None]:
+    def layer_location(self, spec: ModelSpec, layout: Layout, l: int) -> tuple[str, int | tuple[int, ...] | None]:
         """(key prefix, index along the scan axis or None) of decoder layer l. Families whose layers stack
-        differently (blocks, interleaved or separate stacks) override this and nothing else."""
+        differently (blocks, interleaved or separate stacks) override this and nothing else. A nested stack (several
+        stacked axes from the scan axis on, see `converters.core.mapping`) gives a tuple, one index per axis."""
         return ("decoder/layers", l) if layout.scanned else (f"decoder/layers_{l}", None)
+
+    def layout_warnings(self, spec: ModelSpec, layout: Layout) -> list[str]:
+        """What to tell the user about the stored layout (e.g. an older one MaxText does not load)."""
+        return []
 
     def keys_of_layer(self, spec: ModelSpec, l: int) -> tuple[str, ...]:
         """The arrays of layer l, routed experts included (families with several kinds of layer override this)."""
@@ -302,11 +313,11 @@ class Forward:
 
     def check_params(self, spec: ModelSpec, shapes: Shapes, layout: Layout) -> None:
         """Fail early, with the key name, on a missing or wrongly shaped array (`shapes`: key -> stored shape)."""
-        where = [self.layer_location(spec, layout, l) for l in range(layout.num_layers)]
-        depth: dict[str, int] = {}
+        where = [(prefix, _stack_index(j)) for prefix, j in (self.layer_location(spec, layout, l) for l in range(layout.num_layers))]
+        depth: dict[str, tuple[int, ...]] = {}  # prefix -> the sizes of its stacked axes
         for prefix, j in where:
             if j is not None:
-                depth[prefix] = max(depth.get(prefix, 0), j + 1)
+                depth[prefix] = tuple(max(a + 1, b) for a, b in zip(j, depth.get(prefix, (0,) * len(j))))
         missing = [k for k in self.global_keys(spec) if k not in shapes]
         for l, (prefix, j) in enumerate(where):
             for rel in self.keys_of_layer(spec, l):
@@ -314,9 +325,11 @@ class Forward:
                 axis = layout.scan_axis  # routed experts too: [E, L, ...]
                 if key not in shapes:
                     missing.append(key)
-                elif j is not None and (len(shapes[key]) <= axis or shapes[key][axis] != depth[prefix]):
+                elif j is not None and tuple(shapes[key][axis : axis + len(j)]) != depth[prefix]:
+                    n = " x ".join(map(str, depth[prefix]))
                     raise CkptflowError(
-                        f"scanned tensor {key} has shape {tuple(shapes[key])}; expected {depth[prefix]} layers on axis {axis}"
+                        f"scanned tensor {key} has shape {tuple(shapes[key])}; expected {n} layers on axis {axis}"
+                        + (f"..{axis + len(j) - 1}" if len(j) > 1 else "")
                     )
         if missing:
             missing = list(dict.fromkeys(missing))
@@ -330,14 +343,14 @@ class Forward:
     def layer_reads(self, spec: ModelSpec, layout: Layout, l: int) -> dict[str, tuple[str, tuple]]:
         """rel key -> (checkpoint key, index) of layer l's arrays, routed experts excluded."""
         prefix, j = self.layer_location(spec, layout, l)
-        index = () if j is None else (slice(None),) * layout.scan_axis + (j,)
+        index = () if j is None else (slice(None),) * layout.scan_axis + _stack_index(j)
         moe = self.moe_arrays(spec, l)
         return {rel: (f"{prefix}/{rel}", index) for rel in self.keys_of_layer(spec, l) if rel not in moe}
 
     def expert_reads(self, spec: ModelSpec, layout: Layout, l: int, e: int) -> dict[str, tuple[str, tuple]]:
         """rel key -> (checkpoint key, index) of expert e's slice of each routed-expert array of layer l."""
         prefix, j = self.layer_location(spec, layout, l)
-        index = (e,) if j is None else (e,) + (slice(None),) * (layout.scan_axis - 1) + (j,)
+        index = (e,) if j is None else (e,) + (slice(None),) * (layout.scan_axis - 1) + _stack_index(j)
         return {rel: (f"{prefix}/{rel}", index) for rel in self.moe_arrays(spec, l)}
 
     def embed(self, spec: ModelSpec, rows, token_ids):

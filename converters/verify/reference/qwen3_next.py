@@ -1,8 +1,11 @@
 """Qwen3-Next (HF `qwen3_next`) — MaxText decoder block `qwen3_next`.
 
 What MaxText computes (src/maxtext/models/qwen3.py Qwen3-Next layers, layers/moe.py), as HF does:
-  * a cycle of `full_attention_interval` layers: gated-delta-net layers, then one full-attention layer; scanned, one stack
-    per cycle position `decoder/layers/layer_<b>` (HF layers b, b + interval, ...); unscanned `decoder/layers_<i>`;
+  * a cycle of `full_attention_interval` (c) layers: gated-delta-net layers, then one full-attention layer; scanned, one
+    block per cycle (models/qwen3.py Qwen3NextScannableBlock, layers/nnx_decoders.py _init_scanned_qwen3_next): the
+    gated-delta-net layers nested in `decoder/layers/local_layers` (layer c*b + p at [b, p] on axes 1, 2), the
+    full-attention layer in `decoder/layers/global_layer` (layer c*b + c - 1 at b on axis 1); unscanned
+    `decoder/layers_<i>`; older ckptflow's scanned `decoder/layers/layer_<p>` (layers p, p + c, ...) is read too;
   * every RMSNorm of the decoder (input, post-attention, final, q/k norms) is zero-centred: x / rms(x) * (1 + w),
     computed in float32;
   * full attention: `query` gives per head [query | output gate]; q/k norms; RoPE (half-split) on the first
@@ -36,6 +39,7 @@ from converters.verify.reference.common import (
 )
 from converters.verify.reference.moe import router_weights
 
+LEGACY = "layer_<p>"  # converters.families.qwen3_next.Qwen3Next.legacy_layouts
 NORMS = ("input_layernorm/scale", "post_attention_layernorm/scale")
 MLP = ("mlp/routed_experts/gate/kernel", "mlp/routed_experts/wi_0", "mlp/routed_experts/wi_1", "mlp/routed_experts/wo",
        "mlp/shared_expert/wi_0/kernel", "mlp/shared_expert/wi_1/kernel", "mlp/shared_expert/wo/kernel", "mlp/shared_expert_gate/kernel")
@@ -84,15 +88,28 @@ class Qwen3NextForward(Forward):
     def keys_of_layer(self, spec: ModelSpec, l: int) -> tuple[str, ...]:
         return (*NORMS, *(FULL if self._full(spec, l) else LINEAR), *MLP)
 
-    def layer_location(self, spec: ModelSpec, layout: Layout, l: int) -> tuple[str, int | None]:
+    def layer_location(self, spec: ModelSpec, layout: Layout, l: int) -> tuple[str, int | tuple[int, int] | None]:
         c = spec.option("interval")
-        return (f"decoder/layers/layer_{l % c}", l // c) if layout.scanned else (f"decoder/layers_{l}", None)
+        b, p = divmod(l, c)
+        if not layout.scanned:
+            return f"decoder/layers_{l}", None
+        if layout.legacy:
+            return f"decoder/layers/layer_{p}", b
+        return ("decoder/layers/global_layer", b) if p == c - 1 else ("decoder/layers/local_layers", (b, p))
 
     def detect_layout(self, spec: ModelSpec, keys) -> Layout:
         layout = super().detect_layout(spec, keys)
         if layout.scanned and spec.num_layers % spec.option("interval"):
             raise CkptflowError(f"a scanned Qwen3-Next checkpoint needs a multiple of {spec.option('interval')} layers")
+        if layout.scanned and any(k.startswith("decoder/layers/layer_") for k in keys):
+            layout.legacy = LEGACY
         return layout
+
+    def layout_warnings(self, spec: ModelSpec, layout: Layout) -> list[str]:
+        if layout.legacy:
+            return [f"scanned Qwen3-Next checkpoint in the older decoder/layers/{LEGACY} layout, which MaxText 0.2.5 does not "
+                    "load (it expects decoder/layers/{local_layers,global_layer}); re-convert it from HF with this ckptflow"]
+        return []
 
     def moe_arrays(self, spec: ModelSpec, l: int) -> tuple[str, ...]:
         return MLP[1:4]
