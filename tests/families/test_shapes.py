@@ -234,6 +234,26 @@ EXPECTED = {
         "vision_encoder/VisionEmbedder_0/mm_input_projection/w": (1152, 5376),
     },
 }
+
+
+def _olmo3(emb: int, heads: int, kv: int, mlp: int, layers: int, vocab: int = 100278, head_dim: int = 128) -> dict:
+    """Every array of MaxText's olmo3 tree: 4 stacks `decoder/layers/layers_<b>` of layers / 4 entries (attention
+    module `attention`, q/k norms over heads * head_dim)."""
+    n = layers // 4
+    layer = {
+        "attention/query/kernel": (emb, n, heads, head_dim), "attention/key/kernel": (emb, n, kv, head_dim),
+        "attention/value/kernel": (emb, n, kv, head_dim), "attention/out/kernel": (heads, n, head_dim, emb),
+        "attention/query_norm/scale": (heads * head_dim, n), "attention/key_norm/scale": (kv * head_dim, n),
+        "mlp/wi_0/kernel": (emb, n, mlp), "mlp/wi_1/kernel": (emb, n, mlp), "mlp/wo/kernel": (mlp, n, emb),
+        "post_self_attention_layer_norm/scale": (emb, n), "post_mlp_layer_norm/scale": (emb, n),
+    }
+    return {"token_embedder/embedding": (vocab, emb), "decoder/decoder_norm/scale": (emb,), "decoder/logits_dense/kernel": (emb, vocab),
+            **{f"decoder/layers/layers_{b}/{k}": s for b in range(4) for k, s in layer.items()}}
+
+
+# all 47 arrays: nnx.eval_shape of MaxText 0.2.5's model for each model name gives exactly these
+EXPECTED |= {"olmo3-7b": _olmo3(4096, 32, 32, 11008, 32), "olmo3-7b-pt": _olmo3(4096, 32, 32, 11008, 32),
+             "olmo3-32b": _olmo3(5120, 40, 8, 27648, 64)}
 PARAMS_B = {"llama3.1-8b": 8.03, "llama3.1-70b": 70.55, "llama3.1-405b": 405.85, "mistral-7b": 7.24, "qwen2.5-1.5b": 1.54, "qwen2.5-7b": 7.62,
             "qwen2.5-14b": 14.77, "qwen3-0.6b": 0.60, "qwen3-1.7b": 1.72, "qwen3-4b": 4.02, "qwen3-8b": 8.19,
             "qwen3-14b": 14.77, "qwen3-32b": 32.76,
@@ -246,7 +266,8 @@ PARAMS_B = {"llama3.1-8b": 8.03, "llama3.1-70b": 70.55, "llama3.1-405b": 405.85,
             "deepseek2-16b": 15.71, "deepseek3-671b": 671.03, "deepseek3.2-671b": 671.88,
             # Qwen3-Next "80B" without its mtp.* module
             "qwen3-next-80b-a3b": 79.67,
-            "gemma2-2b": 2.61, "gemma2-9b": 9.24, "gemma2-27b": 27.23, "gemma3-4b": 4.30, "gemma3-12b": 12.19, "gemma3-27b": 27.43}
+            "gemma2-2b": 2.61, "gemma2-9b": 9.24, "gemma2-27b": 27.23, "gemma3-4b": 4.30, "gemma3-12b": 12.19, "gemma3-27b": 27.43,
+            "olmo3-7b": 7.30, "olmo3-7b-pt": 7.30, "olmo3-32b": 32.23}
 TIED = {"qwen2.5-1.5b", "qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "gemma2-2b", "gemma2-9b", "gemma2-27b", "gemma3-4b", "gemma3-12b", "gemma3-27b"}
 # MaxText decoder layers when that is not the HF layer count: Gemma2 holds (local, global) pairs
 MAXTEXT_LAYERS = {"gemma2-2b": 13, "gemma2-9b": 21, "gemma2-27b": 23}
