@@ -39,8 +39,14 @@ MT = "attention"  # the olmo3 block's attention attribute
 
 # configs/models/olmo3-7b.yml, olmo3-32b.yml: YaRN from 8192 to 65536 positions (HF's rope_scaling as published;
 # attention_factor = 0.1 ln(8) + 1, which is what MaxText's rope_attention_scaling multiplies by)
-YARN = {"attention_factor": 1.2079441541679836, "beta_fast": 32.0, "beta_slow": 1.0, "factor": 8.0,
-        "original_max_position_embeddings": 8192, "rope_type": "yarn"}
+YARN = {
+    "attention_factor": 1.2079441541679836,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "factor": 8.0,
+    "original_max_position_embeddings": 8192,
+    "rope_type": "yarn",
+}
 
 
 def layer_types(n: int) -> list[str]:
@@ -53,12 +59,30 @@ def _published(hidden: int, mlp: int, layers: int, heads: int, kv: int, *, yarn:
     checkpoint_conversion/utils/hf_model_configs.py; eos 100257 (the Dolma 2 tokenizer's end of text; transformers'
     Olmo3Config default, 50279, is OLMo 1's); the rest transformers' Olmo3Config defaults, written out."""
     return {
-        "architectures": ["Olmo3ForCausalLM"], "model_type": "olmo3", "attention_bias": False, "attention_dropout": 0.0,
-        "bos_token_id": None, "eos_token_id": 100257, "pad_token_id": 100277, "hidden_act": "silu", "hidden_size": hidden,
-        "initializer_range": 0.02, "intermediate_size": mlp, "layer_types": layer_types(layers),
-        "max_position_embeddings": 65536 if yarn else 8192, "num_attention_heads": heads, "num_hidden_layers": layers,
-        "num_key_value_heads": kv, "rms_norm_eps": 1e-06, "rope_scaling": dict(YARN) if yarn else None, "rope_theta": 500000,
-        "sliding_window": 4096, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 100278,
+        "architectures": ["Olmo3ForCausalLM"],
+        "model_type": "olmo3",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": None,
+        "eos_token_id": 100257,
+        "pad_token_id": 100277,
+        "hidden_act": "silu",
+        "hidden_size": hidden,
+        "initializer_range": 0.02,
+        "intermediate_size": mlp,
+        "layer_types": layer_types(layers),
+        "max_position_embeddings": 65536 if yarn else 8192,
+        "num_attention_heads": heads,
+        "num_hidden_layers": layers,
+        "num_key_value_heads": kv,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": dict(YARN) if yarn else None,
+        "rope_theta": 500000,
+        "sliding_window": 4096,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "vocab_size": 100278,
     }
 
 
@@ -66,8 +90,16 @@ def _published(hidden: int, mlp: int, layers: int, heads: int, kv: int, *, yarn:
 # window shorter than the tests' prompts, a pad id inside the tiny vocabulary. `olmo3` keeps the published YaRN with
 # its context shrunk 8192 -> 128 (verify's 500-token prompt goes past it) and 65536 -> 1024; `olmo3-pt` is the stage
 # 1/2 model: plain RoPE. Scanned conversions need 4, 8, ... layers (`layers=8` in the tests).
-_TINY = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 96,
-         "sliding_window": 16, "max_position_embeddings": 1024, "pad_token_id": 0}
+_TINY = {
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "intermediate_size": 96,
+    "sliding_window": 16,
+    "max_position_embeddings": 1024,
+    "pad_token_id": 0,
+}
 
 
 class Olmo3(common.DecoderOnly):
@@ -93,10 +125,15 @@ class Olmo3(common.DecoderOnly):
         d = super().dims(cfg)
         types = cfg.get("layer_types")
         if types is not None and list(types) != layer_types(d.layers):
-            raise MappingError(f"olmo3: layer_types {list(types)[:8]}... do not follow MaxText's fixed pattern (3 sliding-window "
-                               "layers, then 1 full-attention layer); MaxText cannot express this model")
+            raise MappingError(
+                f"olmo3: layer_types {list(types)[:8]}... do not follow MaxText's fixed pattern (3 sliding-window "
+                "layers, then 1 full-attention layer); MaxText cannot express this model"
+            )
         if cfg.get("attention_bias"):
-            raise MappingError("olmo3: attention_bias=true; the published OLMo 3 models and MaxText's olmo3 configs have no attention biases")
+            raise MappingError(
+                "olmo3: attention_bias=true; the published OLMo 3 models and MaxText's olmo3 configs have no "
+                "attention biases"
+            )
         return d
 
     @classmethod
@@ -118,6 +155,8 @@ class Olmo3(common.DecoderOnly):
         if not scan:
             return [LayerGroup(rules, tuple(range(n)), None, tuple(f"decoder/layers_{i}" for i in range(n)))]
         if n % p:
-            raise MappingError(f"olmo3: a scanned checkpoint needs a multiple of {p} layers (MaxText scans {p}-layer blocks "
-                               f"and keeps no remainder), config has {n}; convert with --no-scan")
+            raise MappingError(
+                f"olmo3: a scanned checkpoint needs a multiple of {p} layers (MaxText scans {p}-layer blocks "
+                f"and keeps no remainder), config has {n}; convert with --no-scan"
+            )
         return [LayerGroup(rules, tuple(range(b, n, p)), f"decoder/layers/layers_{b}", ()) for b in range(p)]

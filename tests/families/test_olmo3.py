@@ -30,8 +30,50 @@ from tests.families.helpers import assert_bit_exact, hf_tensors, round_trip
 
 LAYERS, P = 8, 4
 E, N, KV, D, F = 64, 4, 2, 32, 96
-IDS = [[1, 5, 77, 300, 12, 499, 3, 8, 250, 100, 42, 7, 19, 201, 64, 33, 2, 480, 91, 15, 6, 311, 128, 70, 9, 44, 10, 399,
-        26, 57, 81, 140, 222, 5, 18, 73, 260, 31, 444, 4]]  # 40 tokens: longer than the 16-token window
+IDS = [
+    [
+        1,
+        5,
+        77,
+        300,
+        12,
+        499,
+        3,
+        8,
+        250,
+        100,
+        42,
+        7,
+        19,
+        201,
+        64,
+        33,
+        2,
+        480,
+        91,
+        15,
+        6,
+        311,
+        128,
+        70,
+        9,
+        44,
+        10,
+        399,
+        26,
+        57,
+        81,
+        140,
+        222,
+        5,
+        18,
+        73,
+        260,
+        31,
+        444,
+        4,
+    ]
+]  # 40 tokens: longer than the 16-token window
 
 
 def expected_layer(hf: dict, i: int) -> dict:
@@ -55,7 +97,11 @@ def expected_layer(hf: dict, i: int) -> dict:
 
 def stored(params: dict, rel: str, i: int, scan: bool) -> np.ndarray:
     """HF layer i's array `rel`: scanned, entry i // 4 (axis 1) of stack `layers_<i % 4>`."""
-    return np.take(params[f"decoder/layers/layers_{i % P}/{rel}"], i // P, axis=1) if scan else params[f"decoder/layers_{i}/{rel}"]
+    return (
+        np.take(params[f"decoder/layers/layers_{i % P}/{rel}"], i // P, axis=1)
+        if scan
+        else params[f"decoder/layers_{i}/{rel}"]
+    )
 
 
 @pytest.mark.parametrize("family", ["olmo3", "olmo3-pt"])
@@ -64,9 +110,18 @@ def test_stored_values_at_every_layer(tiny_model, tmp_path, family, scan):
     src = tiny_model(family, layers=LAYERS)
     hf_to_maxtext(src, tmp_path / "mt", scan=scan)
     params, hf = read_params(tmp_path / "mt"), hf_tensors(src)
-    assert_bit_exact({"e": params["token_embedder/embedding"], "n": params["decoder/decoder_norm/scale"],
-                      "l": params["decoder/logits_dense/kernel"]},
-                     {"e": hf["model.embed_tokens.weight"], "n": hf["model.norm.weight"], "l": np.ascontiguousarray(hf["lm_head.weight"].T)})
+    assert_bit_exact(
+        {
+            "e": params["token_embedder/embedding"],
+            "n": params["decoder/decoder_norm/scale"],
+            "l": params["decoder/logits_dense/kernel"],
+        },
+        {
+            "e": hf["model.embed_tokens.weight"],
+            "n": hf["model.norm.weight"],
+            "l": np.ascontiguousarray(hf["lm_head.weight"].T),
+        },
+    )
     if scan:
         assert params["decoder/layers/layers_3/attention/query/kernel"].shape == (E, LAYERS // P, N, D)
         assert params["decoder/layers/layers_0/attention/query_norm/scale"].shape == (N * D, LAYERS // P)
@@ -142,9 +197,23 @@ def test_exported_folder_loads_in_transformers(tiny_model, tmp_path, family, sca
     assert torch.equal(got, want)
     a, b = AutoConfig.from_pretrained(src), AutoConfig.from_pretrained(tmp_path / "hf")
     assert type(b) is Olmo3Config
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
-                "vocab_size", "tie_word_embeddings", "rope_parameters", "rms_norm_eps", "sliding_window", "layer_types",
-                "max_position_embeddings", "pad_token_id", "eos_token_id"):
+    for key in (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "intermediate_size",
+        "vocab_size",
+        "tie_word_embeddings",
+        "rope_parameters",
+        "rms_norm_eps",
+        "sliding_window",
+        "layer_types",
+        "max_position_embeddings",
+        "pad_token_id",
+        "eos_token_id",
+    ):
         assert getattr(b, key) == getattr(a, key), key
     if family == "olmo3":
         assert b.rope_parameters["full_attention"]["rope_type"] == "yarn"
@@ -173,16 +242,33 @@ def test_published_configs_are_maxtexts_ymls(name):
     assert family is Olmo3 and registry.family_for_config(cfg) is family
     e, n, kv, hd, f, layers, positions, rope = YML[name]
     d = family.dims(cfg)
-    assert (d.emb, d.heads, d.kv_heads, d.head_dim, d.mlp, d.layers, d.vocab, d.tied) == (e, n, kv, hd, f, layers, 100278, False)
+    assert (d.emb, d.heads, d.kv_heads, d.head_dim, d.mlp, d.layers, d.vocab, d.tied) == (
+        e,
+        n,
+        kv,
+        hd,
+        f,
+        layers,
+        100278,
+        False,
+    )
     assert cfg["rms_norm_eps"] == 1e-6 and cfg["rope_theta"] == 500000 and cfg["sliding_window"] == 4096
     assert cfg["max_position_embeddings"] == positions and not cfg["attention_bias"] and cfg["hidden_act"] == "silu"
     hf = Olmo3Config.from_dict(copy.deepcopy(cfg))
-    assert hf.layer_types == ["sliding_attention"] * 3 + ["full_attention"] + hf.layer_types[4:] and hf.layer_types[7] == "full_attention"
+    assert (
+        hf.layer_types == ["sliding_attention"] * 3 + ["full_attention"] + hf.layer_types[4:]
+        and hf.layer_types[7] == "full_attention"
+    )
     assert hf.rope_parameters["sliding_attention"] == {"rope_type": "default", "rope_theta": 500000}
     full = hf.rope_parameters["full_attention"]
     assert full["rope_type"] == rope and full["rope_theta"] == 500000
     if rope == "yarn":
-        assert (full["factor"], full["original_max_position_embeddings"], full["beta_fast"], full["beta_slow"]) == (8.0, 8192, 32.0, 1.0)
+        assert (full["factor"], full["original_max_position_embeddings"], full["beta_fast"], full["beta_slow"]) == (
+            8.0,
+            8192,
+            32.0,
+            1.0,
+        )
         assert full["attention_factor"] == 0.1 * np.log(8.0) + 1.0  # MaxText's rope_attention_scaling value, exactly
     assert registry.model(f"{name}-Instruct")[0] is family
 

@@ -30,7 +30,14 @@ from converters.families.olmo3 import Olmo3
 from converters.verify import verify
 from converters.verify.metrics import kl_per_token
 from converters.verify.reference import ReferenceModel
-from tests.verify.helpers import assert_reference_matches_transformers, embed_and_head, hf_float32, hf_logits, restore_tree, save_tree
+from tests.verify.helpers import (
+    assert_reference_matches_transformers,
+    embed_and_head,
+    hf_float32,
+    hf_logits,
+    restore_tree,
+    save_tree,
+)
 
 LAYERS, P = 8, 4
 EXACT_KL = 1e-9
@@ -45,19 +52,21 @@ def to_maxtext(folder: Path, scan: bool) -> dict:
     layers = []
     for i in range(cfg["num_hidden_layers"]):
         p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
-        layers.append({
-            "attention/query/kernel": hf[a + "q_proj.weight"].T.reshape(e, n, d),
-            "attention/key/kernel": hf[a + "k_proj.weight"].T.reshape(e, k, d),
-            "attention/value/kernel": hf[a + "v_proj.weight"].T.reshape(e, k, d),
-            "attention/out/kernel": hf[a + "o_proj.weight"].T.reshape(n, d, e),
-            "attention/query_norm/scale": hf[a + "q_norm.weight"],
-            "attention/key_norm/scale": hf[a + "k_norm.weight"],
-            "post_self_attention_layer_norm/scale": hf[p + "post_attention_layernorm.weight"],
-            "mlp/wi_0/kernel": hf[p + "mlp.gate_proj.weight"].T,
-            "mlp/wi_1/kernel": hf[p + "mlp.up_proj.weight"].T,
-            "mlp/wo/kernel": hf[p + "mlp.down_proj.weight"].T,
-            "post_mlp_layer_norm/scale": hf[p + "post_feedforward_layernorm.weight"],
-        })
+        layers.append(
+            {
+                "attention/query/kernel": hf[a + "q_proj.weight"].T.reshape(e, n, d),
+                "attention/key/kernel": hf[a + "k_proj.weight"].T.reshape(e, k, d),
+                "attention/value/kernel": hf[a + "v_proj.weight"].T.reshape(e, k, d),
+                "attention/out/kernel": hf[a + "o_proj.weight"].T.reshape(n, d, e),
+                "attention/query_norm/scale": hf[a + "q_norm.weight"],
+                "attention/key_norm/scale": hf[a + "k_norm.weight"],
+                "post_self_attention_layer_norm/scale": hf[p + "post_attention_layernorm.weight"],
+                "mlp/wi_0/kernel": hf[p + "mlp.gate_proj.weight"].T,
+                "mlp/wi_1/kernel": hf[p + "mlp.up_proj.weight"].T,
+                "mlp/wo/kernel": hf[p + "mlp.down_proj.weight"].T,
+                "post_mlp_layer_norm/scale": hf[p + "post_feedforward_layernorm.weight"],
+            }
+        )
     out = embed_and_head(hf)
     if not scan:
         return out | {f"decoder/layers_{i}/{key}": v for i, lay in enumerate(layers) for key, v in lay.items()}
@@ -96,7 +105,9 @@ def test_the_window_and_each_layer_types_rope_are_applied(tiny_model, tmp_path):
     everywhere = {"full_attention": yarn, "sliding_attention": yarn}
     as_maxtext = kl_per_token(want, ReferenceModel(params, {**cfg, "rope_parameters": everywhere}).logits(ids))
     assert as_maxtext[0] < EXACT_KL and as_maxtext[1:].mean() > 1e-3  # position 0 attends to itself only
-    assert_reference_matches_transformers(with_config(src, tmp_path / "yarn", rope_parameters=everywhere), params, EXACT_KL)
+    assert_reference_matches_transformers(
+        with_config(src, tmp_path / "yarn", rope_parameters=everywhere), params, EXACT_KL
+    )
 
 
 @pytest.fixture(scope="module")
@@ -175,9 +186,9 @@ def _wrong(kind: str):
             if kind == "rope_interleaved" and r.hf.endswith(("q_proj.weight", "k_proj.weight")):  # Llama 3.1's layout
                 chain = (*chain, RopeInterleave())
             elif kind == "query_scale_baked" and r.hf.endswith("q_norm.weight"):
-                # Mistral's 1/sqrt(head_dim), though MaxText scales olmo3's query at run time. Baked into the query kernel
-                # it would be normalized away by the q norm that follows (all but its eps: KL 4e-6 on 4 tokens); into
-                # the q norm's scale it is applied twice
+                # Mistral's 1/sqrt(head_dim), though MaxText scales olmo3's query at run time. Baked into the query
+                # kernel it would be normalized away by the q norm that follows (all but its eps); into the q norm's
+                # scale it is applied twice
                 chain = (Scale(d.head_dim**-0.5),)
             elif kind == "query_transposed" and r.hf.endswith("q_proj.weight"):
                 chain = (*chain[:1], _TransposeSquare())
@@ -196,13 +207,24 @@ def _wrong(kind: str):
 
 
 def _contiguous_stacks(cls, d, scan):
-    """Scanned stacks of consecutive layers (0, 1 | 2, 3 | ...) instead of MaxText's every fourth (0, 4 | 1, 5 | ...)."""
+    """Scanned stacks of consecutive layers (0, 1 | 2, 3 | ...), not MaxText's every fourth (0, 4 | 1, 5 | ...)."""
     n, rules = d.layers, tuple(cls.layer_rules(d))
-    return [LayerGroup(rules, tuple(range(b * n // P, (b + 1) * n // P)), f"decoder/layers/layers_{b}", ()) for b in range(P)]
+    return [
+        LayerGroup(rules, tuple(range(b * n // P, (b + 1) * n // P)), f"decoder/layers/layers_{b}", ())
+        for b in range(P)
+    ]
 
 
-WRONG = ["rope_interleaved", "query_scale_baked", "query_transposed", "out_heads_and_dims_swapped", "qk_norm_per_dim_order",
-         "post_norms_swapped", "gate_for_up", "layer_stacks"]
+WRONG = [
+    "rope_interleaved",
+    "query_scale_baked",
+    "query_transposed",
+    "out_heads_and_dims_swapped",
+    "qk_norm_per_dim_order",
+    "post_norms_swapped",
+    "gate_for_up",
+    "layer_stacks",
+]
 
 
 @pytest.mark.parametrize("kind", WRONG)
@@ -219,7 +241,9 @@ def test_a_mapping_wrong_both_ways_fails_layout(kind, tiny_model, tmp_path, monk
     r = verify(maxtext=tmp_path / "mt", hf=src, prompts_file=tmp_path / "short.jsonl")
     v = r.data["verdict"]
     print(kind, "layout KL", v["layout"]["kl_max"])
-    assert v["content"]["passed"] and v["content"]["failed"] == 0, v["content"]["failures"]  # the inverse undid the mistake
+    assert v["content"]["passed"] and v["content"]["failed"] == 0, v["content"][
+        "failures"
+    ]  # the inverse undid the mistake
     assert not v["layout"]["passed"] and v["layout"]["kl_max"] > 100 * v["layout"]["max_kl"], v["layout"]
     assert not r.passed
 
@@ -228,7 +252,11 @@ def _olmo3_with(out: Path, cfg: dict, **changes) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = {k: v for k, v in {**cfg, **changes}.items() if k not in ("architectures", "torch_dtype", "dtype", "transformers_version")}
+    cfg = {
+        k: v
+        for k, v in {**cfg, **changes}.items()
+        if k not in ("architectures", "torch_dtype", "dtype", "transformers_version")
+    }
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg), dtype=torch.float32)
     with torch.no_grad():
@@ -247,7 +275,9 @@ def test_damaged_checkpoints_fail_content_by_name(converted, tmp_path):
     qn["scale"] = np.array(qn["scale"])
     qn["scale"][:, 1] = qn["scale"][:, 1].astype(np.float32) * 2
     r = verify(maxtext=save_tree(tree, good, tmp_path / "norm"), hf=hf, prompts_file=tmp_path / "short.jsonl")
-    assert not r.passed and {f["tensor"] for f in r.data["verdict"]["content"]["failures"]} == {"model.layers.5.self_attn.q_norm.weight"}
+    assert not r.passed and {f["tensor"] for f in r.data["verdict"]["content"]["failures"]} == {
+        "model.layers.5.self_attn.q_norm.weight"
+    }
 
     tree = restore_tree(good)
     stack = tree["params"]["params"]["decoder"]["layers"]["layers_1"]
@@ -260,8 +290,15 @@ def test_damaged_checkpoints_fail_content_by_name(converted, tmp_path):
     swap(stack)
     r = verify(maxtext=save_tree(tree, good, tmp_path / "swapped"), hf=hf, prompts_file=tmp_path / "short.jsonl")
     failed = {f["tensor"] for f in r.data["verdict"]["content"]["failures"]}
-    assert not r.passed and {"model.layers.1.mlp.down_proj.weight", "model.layers.5.self_attn.k_norm.weight",
-                             "model.layers.5.post_feedforward_layernorm.weight"} <= failed
+    assert (
+        not r.passed
+        and {
+            "model.layers.1.mlp.down_proj.weight",
+            "model.layers.5.self_attn.k_norm.weight",
+            "model.layers.5.post_feedforward_layernorm.weight",
+        }
+        <= failed
+    )
     assert not any(".layers.0." in t or ".layers.4." in t for t in failed)
 
 
@@ -276,9 +313,19 @@ def test_configs_the_reference_refuses(tiny_model):
     for changes, reason in (
         ({"layer_types": ["full_attention"] * LAYERS}, "layer_types"),
         ({"hidden_act": "gelu"}, "hidden_act"),
-        ({"rope_parameters": {**cfg["rope_parameters"], "full_attention": {**yarn, "attention_factor": 1.5}}}, "attention_factor"),
-        ({"rope_parameters": {**cfg["rope_parameters"], "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5}}},
-         "rope_type='linear'"),
+        (
+            {"rope_parameters": {**cfg["rope_parameters"], "full_attention": {**yarn, "attention_factor": 1.5}}},
+            "attention_factor",
+        ),
+        (
+            {
+                "rope_parameters": {
+                    **cfg["rope_parameters"],
+                    "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5},
+                }
+            },
+            "rope_type='linear'",
+        ),
     ):
         with pytest.raises(UnsupportedModelError, match=reason):
             fwd.make_spec(hf_config_object({**cfg, **changes}))

@@ -48,9 +48,15 @@ PATTERN = ("sliding_attention", "sliding_attention", "sliding_attention", "full_
 SLIDING_MARKER = "__sliding_window_layer__"  # present (empty) in the params of sliding-window layers
 A = "attention"
 LAYER_KEYS = (
-    f"{A}/query/kernel", f"{A}/key/kernel", f"{A}/value/kernel", f"{A}/out/kernel",
-    f"{A}/query_norm/scale", f"{A}/key_norm/scale",
-    "post_self_attention_layer_norm/scale", *GATED_MLP_KEYS, "post_mlp_layer_norm/scale",
+    f"{A}/query/kernel",
+    f"{A}/key/kernel",
+    f"{A}/value/kernel",
+    f"{A}/out/kernel",
+    f"{A}/query_norm/scale",
+    f"{A}/key_norm/scale",
+    "post_self_attention_layer_norm/scale",
+    *GATED_MLP_KEYS,
+    "post_mlp_layer_norm/scale",
 )
 
 
@@ -66,18 +72,36 @@ def _rope_spec(rp: dict | None, default_theta: float) -> tuple:
     factor = float(rp["factor"])
     maxtext_scale = 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0  # YarnRotaryEmbedding, rope_attention_scaling
     given = rp.get("attention_factor")
-    require(given is None or math.isclose(float(given), maxtext_scale, rel_tol=1e-12),
-            f"yarn attention_factor={given} (MaxText multiplies by 0.1 ln(factor) + 1 = {maxtext_scale})")
-    require(not rp.get("mscale") and not rp.get("mscale_all_dim"), "yarn mscale / mscale_all_dim (MaxText's olmo3 has neither)")
+    require(
+        given is None or math.isclose(float(given), maxtext_scale, rel_tol=1e-12),
+        f"yarn attention_factor={given} (MaxText multiplies by 0.1 ln(factor) + 1 = {maxtext_scale})",
+    )
+    require(
+        not rp.get("mscale") and not rp.get("mscale_all_dim"),
+        "yarn mscale / mscale_all_dim (MaxText's olmo3 has neither)",
+    )
     # transformers reads `truncate` from the top level of an olmo3 config's per-layer-type rope_parameters, where it
     # never is: it always truncates the correction range, as MaxText's olmo3 ymls do (rope_truncate: true)
-    require(rp.get("truncate", True) is not False, "yarn truncate=false (transformers ignores it for olmo3 and truncates)")
-    return ("yarn", theta, factor, float(rp.get("beta_fast") or 32.0), float(rp.get("beta_slow") or 1.0),
-            int(rp["original_max_position_embeddings"]), maxtext_scale)
+    require(
+        rp.get("truncate", True) is not False, "yarn truncate=false (transformers ignores it for olmo3 and truncates)"
+    )
+    return (
+        "yarn",
+        theta,
+        factor,
+        float(rp.get("beta_fast") or 32.0),
+        float(rp.get("beta_slow") or 1.0),
+        int(rp["original_max_position_embeddings"]),
+        maxtext_scale,
+    )
 
 
 def _describe(rope: tuple) -> str:
-    return f"{rope[0]} RoPE (theta {rope[1]:g})" if rope[0] == "default" else f"YaRN (theta {rope[1]:g}, factor {rope[2]:g})"
+    return (
+        f"{rope[0]} RoPE (theta {rope[1]:g})"
+        if rope[0] == "default"
+        else f"YaRN (theta {rope[1]:g}, factor {rope[2]:g})"
+    )
 
 
 def _apply_rope(x, positions, rope: tuple, dtype):
@@ -95,11 +119,13 @@ def global_rms_norm(x, scale, eps: float, dtype):
 
 
 class Olmo3Forward(Forward):
-
     def make_spec(self, cfg) -> ModelSpec:
         n = int(cfg.num_hidden_layers)
         want = [PATTERN[i % len(PATTERN)] for i in range(n)]
-        require(list(getattr(cfg, "layer_types", None) or want) == want, "layer_types other than MaxText's 3 sliding + 1 full pattern")
+        require(
+            list(getattr(cfg, "layer_types", None) or want) == want,
+            "layer_types other than MaxText's 3 sliding + 1 full pattern",
+        )
         require(getattr(cfg, "hidden_act", "silu") == "silu", f"hidden_act={cfg.hidden_act!r} (MaxText's olmo3: silu)")
         require(not getattr(cfg, "attention_bias", False), "attention_bias=true")
         rp = dict(getattr(cfg, "rope_parameters", None) or {})
@@ -111,9 +137,16 @@ class Olmo3Forward(Forward):
         window = int(cfg.sliding_window or 0) if "sliding_attention" in want else 0
         require(window > 0 or "sliding_attention" not in want, "sliding_window=null with sliding-window layers")
         return ModelSpec(
-            model_type=cfg.model_type, vocab_size=int(cfg.vocab_size), hidden_size=int(cfg.hidden_size), num_layers=n,
-            num_heads=heads, num_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads), head_dim=head_dim,
-            intermediate_size=int(cfg.intermediate_size), norm_eps=float(cfg.rms_norm_eps), rope_theta=full[1],
+            model_type=cfg.model_type,
+            vocab_size=int(cfg.vocab_size),
+            hidden_size=int(cfg.hidden_size),
+            num_layers=n,
+            num_heads=heads,
+            num_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
+            head_dim=head_dim,
+            intermediate_size=int(cfg.intermediate_size),
+            norm_eps=float(cfg.rms_norm_eps),
+            rope_theta=full[1],
             tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
             options=(("rope_full", full), ("rope_sliding", sliding), ("sliding_window", window)),
         )
@@ -128,9 +161,10 @@ class Olmo3Forward(Forward):
         if full == sliding:
             return []
         return [
-            f"the full-attention layers use {_describe(full)} and the sliding-window layers {_describe(sliding)}; the reference "
-            "follows that, as transformers does, but MaxText's olmo3 block gives every layer the one config.rope_type "
-            f"({_describe(full)} with olmo3-7b / olmo3-32b), so MaxText itself computes different logits from HF's at every position"
+            f"the full-attention layers use {_describe(full)} and the sliding-window layers {_describe(sliding)}; "
+            "the reference follows that, as transformers does, but MaxText's olmo3 block gives every layer the one "
+            f"config.rope_type ({_describe(full)} with olmo3-7b / olmo3-32b), so MaxText itself computes different "
+            "logits from HF's at every position"
         ]
 
     # ---- layout: 4-layer scanned blocks, or layers_<l> --------------------------------------------
@@ -145,7 +179,9 @@ class Olmo3Forward(Forward):
     def detect_layout(self, spec: ModelSpec, keys) -> Layout:
         layout = super().detect_layout(spec, keys)
         if layout.scanned and spec.num_layers % len(PATTERN):
-            raise CkptflowError(f"a scanned OLMo 3 checkpoint needs a multiple of {len(PATTERN)} layers, config has {spec.num_layers}")
+            raise CkptflowError(
+                f"a scanned OLMo 3 checkpoint needs a multiple of {len(PATTERN)} layers, config has {spec.num_layers}"
+            )
         return layout
 
     def layer_markers(self, spec: ModelSpec, l: int) -> dict:
@@ -165,7 +201,9 @@ class Olmo3Forward(Forward):
         k = _apply_rope(k, positions, rope, dt)
         q = q * (spec.head_dim**-0.5)  # query_pre_attn_scalar, at run time (weak-typed: stays in dt)
         a = attention(q, k, v, dt, window=spec.option("sliding_window") if sliding else None)
-        h = rms_norm(dense(a, p[f"{A}/out/kernel"], dt, contract=2), p["post_self_attention_layer_norm/scale"], spec.norm_eps, dt)
+        h = rms_norm(
+            dense(a, p[f"{A}/out/kernel"], dt, contract=2), p["post_self_attention_layer_norm/scale"], spec.norm_eps, dt
+        )
         x = x + h
         m = gated_mlp(x, p["mlp/wi_0/kernel"], p["mlp/wi_1/kernel"], p["mlp/wo/kernel"], dt)
         return x + rms_norm(m, p["post_mlp_layer_norm/scale"], spec.norm_eps, dt)
