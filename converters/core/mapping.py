@@ -190,7 +190,8 @@ class Leaf:
                 if e is not None:
                     index[0] = e
                 if j is not None:
-                    index[SCAN_AXIS : SCAN_AXIS + len(self.stack_shape)] = (int(a) for a in np.unravel_index(j, self.stack_shape))
+                    at = np.unravel_index(j, self.stack_shape)  # one index per stacked axis
+                    index[SCAN_AXIS : SCAN_AXIS + len(at)] = [int(a) for a in at]
                 while index and index[-1] == slice(None):
                     index.pop()
                 out.append(Piece(tuple(index), self.hf_name(layer, e), e if r.fused_experts else None))
@@ -347,7 +348,8 @@ class Family:
         for g in [*groups, *(g for x in extras for g in optional[x])]:
             for r in g.rules:
                 if scan and g.stacked is not None:
-                    assert g.stack is None or len(r.mt_shape) + bool(r.experts) >= SCAN_AXIS, f"{r.hf}: nested stack of a scalar"
+                    nested_ok = g.stack is None or len(r.mt_shape) + bool(r.experts) >= SCAN_AXIS
+                    assert nested_ok, f"{r.hf}: a nested stack of arrays with fewer than SCAN_AXIS axes"
                     leaves.extend(_leaves(r, f"{g.stacked}/", hf_layers=g.hf_layers, stack=g.stack))
                 else:
                     leaves.extend(leaf for p, l in zip(g.unstacked, g.hf_layers) for leaf in _leaves(r, f"{p}/", hf_layer=l))

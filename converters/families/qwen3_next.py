@@ -148,10 +148,13 @@ class Qwen3Next(common.DecoderOnly):
         # [blocks, c - 1]), its last layer the full-attention one (`global_layer`, [blocks]) -- MaxText
         # src/maxtext/models/qwen3.py Qwen3NextScannableBlock.__init__
         blocks = n // c
+        local = tuple(b * c + p for b in range(blocks) for p in range(c - 1))
+        full = tuple(b * c + c - 1 for b in range(blocks))
         return [
-            LayerGroup(cls.kind_rules(d, "linear_attention"), tuple(b * c + p for b in range(blocks) for p in range(c - 1)),
-                       "decoder/layers/local_layers", (), stack=(blocks, c - 1)),
-            LayerGroup(cls.kind_rules(d, "full_attention"), tuple(b * c + c - 1 for b in range(blocks)), "decoder/layers/global_layer", ()),
+            LayerGroup(
+                cls.kind_rules(d, "linear_attention"), local, "decoder/layers/local_layers", (), stack=(blocks, c - 1)
+            ),
+            LayerGroup(cls.kind_rules(d, "full_attention"), full, "decoder/layers/global_layer", ()),
         ]
 
     @classmethod
@@ -160,5 +163,8 @@ class Qwen3Next(common.DecoderOnly):
         n, c, kinds = d.layers, d.extra["interval"], d.extra["kinds"]
         if n % c:
             return {}
-        return {"layer_<p>": [LayerGroup(cls.kind_rules(d, kinds[b]), tuple(range(b, n, c)), f"decoder/layers/layer_{b}", ())
-                              for b in range(c)]}
+        stacks = [
+            LayerGroup(cls.kind_rules(d, kinds[p]), tuple(range(p, n, c)), f"decoder/layers/layer_{p}", ())
+            for p in range(c)
+        ]
+        return {"layer_<p>": stacks}

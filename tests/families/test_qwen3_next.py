@@ -44,8 +44,9 @@ def test_stored_values_and_bit_exact_round_trips(hf_model, tmp_path, scan):
     params, hf = round_trip(src, tmp_path, scan=scan)
     assert_bit_exact(qwen3_next_layout(hf, json.loads((src / "config.json").read_text()), scan), params)
     if scan:
-        # MaxText src/maxtext/models/qwen3.py Qwen3NextScannableBlock (local_layers: nnx_scan.create_scanned_layers of
-        # the linear-attention layers; global_layer), scanned per block by layers/nnx_decoders.py _init_scanned_qwen3_next
+        # MaxText src/maxtext/models/qwen3.py Qwen3NextScannableBlock (local_layers: nnx_scan.create_scanned_layers
+        # of the linear-attention layers; global_layer), scanned per block by layers/nnx_decoders.py
+        # _init_scanned_qwen3_next
         assert {k.split("/")[2] for k in params if k.startswith("decoder/layers/")} == {"local_layers", "global_layer"}
         assert params["decoder/layers/local_layers/attention/conv1d/kernel"].shape == (4, 2, 3, 1, 160)
         assert params["decoder/layers/local_layers/attention/A_log"].shape == (4, 2, 3)

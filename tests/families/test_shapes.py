@@ -303,8 +303,11 @@ def test_real_size_plan(name):
     # layer 0 in decoder/layers/local_layers with two layer axes, [.., blocks, 3, ..]
     for path, shape in unscanned.items():
         if path.startswith("decoder/layers_0/"):
-            s = (scanned.get(path.replace("layers_0", "layers", 1)) or scanned.get(path.replace("layers_0", "layers/local_layers", 1))
-                 or scanned[path.replace("layers_0", "layers/layers_0", 1)])
+            s = (
+                scanned.get(path.replace("layers_0", "layers", 1))
+                or scanned.get(path.replace("layers_0", "layers/local_layers", 1))
+                or scanned[path.replace("layers_0", "layers/layers_0", 1)]
+            )
             k = len(s) - len(shape)  # the stacked axes, from axis 1 on
             assert k in (1, 2) and s[:1] + s[1 + k:] == shape, path
 

@@ -313,7 +313,8 @@ class Forward:
 
     def check_params(self, spec: ModelSpec, shapes: Shapes, layout: Layout) -> None:
         """Fail early, with the key name, on a missing or wrongly shaped array (`shapes`: key -> stored shape)."""
-        where = [(prefix, _stack_index(j)) for prefix, j in (self.layer_location(spec, layout, l) for l in range(layout.num_layers))]
+        located = (self.layer_location(spec, layout, l) for l in range(layout.num_layers))
+        where = [(prefix, _stack_index(j)) for prefix, j in located]
         depth: dict[str, tuple[int, ...]] = {}  # prefix -> the sizes of its stacked axes
         for prefix, j in where:
             if j is not None:

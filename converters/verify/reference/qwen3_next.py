@@ -107,8 +107,11 @@ class Qwen3NextForward(Forward):
 
     def layout_warnings(self, spec: ModelSpec, layout: Layout) -> list[str]:
         if layout.legacy:
-            return [f"scanned Qwen3-Next checkpoint in the older decoder/layers/{LEGACY} layout, which MaxText 0.2.5 does not "
-                    "load (it expects decoder/layers/{local_layers,global_layer}); re-convert it from HF with this ckptflow"]
+            return [
+                f"scanned Qwen3-Next checkpoint in the older decoder/layers/{LEGACY} layout, which MaxText 0.2.5 does "
+                "not load (it expects decoder/layers/{local_layers,global_layer}); re-convert it from HF with this "
+                "ckptflow"
+            ]
         return []
 
     def moe_arrays(self, spec: ModelSpec, l: int) -> tuple[str, ...]:
