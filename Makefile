@@ -20,6 +20,8 @@ demo: $(BIN)/ckptflow
 AIRFLOW_TESTS := tests/dags tests/operators $(wildcard tests/plugins)
 
 test: $(BIN)/ckptflow
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(addprefix --ignore=,$(AIRFLOW_TESTS))
 	$(BIN)/python -m pytest $(AIRFLOW_TESTS)
 

@@ -189,10 +189,16 @@ def overrides_from_hf(cfg: dict, decoder_block: str, *, ckpt_vocab: int, scanned
         o["sliding_window_size"] = int(cfg["sliding_window"])
         o["rope_max_timescale"] = float(full.get("rope_theta", cfg.get("rope_theta", 500000.0)))
         if full.get("rope_type", full.get("type")) == "yarn":
-            o.update(rope_type="yarn", rope_factor=float(full["factor"]), beta_fast=float(full.get("beta_fast") or 32),
-                     beta_slow=float(full.get("beta_slow") or 1), rope_truncate=True, rope_attention_scaling=True,
-                     original_max_position_embeddings=int(full["original_max_position_embeddings"]),
-                     max_position_embeddings=int(cfg["max_position_embeddings"]))
+            o.update(
+                rope_type="yarn",
+                rope_factor=float(full["factor"]),
+                beta_fast=float(full.get("beta_fast") or 32),
+                beta_slow=float(full.get("beta_slow") or 1),
+                rope_truncate=True,
+                rope_attention_scaling=True,
+                original_max_position_embeddings=int(full["original_max_position_embeddings"]),
+                max_position_embeddings=int(cfg["max_position_embeddings"]),
+            )
         else:
             o["rope_type"] = "default"
     return o

@@ -19,7 +19,14 @@ TINY = {name: spec for f in registry.FAMILIES.values() for name, spec in f.test_
 # tensors the models keep in float32 whatever the checkpoint dtype (DeepSeek routing bias, V3.2 indexer weights)
 FP32_TENSORS = ("e_score_correction_bias", "indexer.weights_proj.weight")
 # gemma3-mm: 28px images of 7px patches (16 patches), pooled 2x2 into 4 soft tokens per image
-TINY_VISION = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 48, "num_hidden_layers": 2, "image_size": 28, "patch_size": 7}
+TINY_VISION = {
+    "hidden_size": 32,
+    "num_attention_heads": 2,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "image_size": 28,
+    "patch_size": 7,
+}
 TINY_MM = {"mm_tokens_per_image": 4, "boi_token_index": 5, "eoi_token_index": 6}
 
 # Families the generic tests (tests/convert/test_engine.py, tests/io/test_orbax.py) run on. Gemma's value-changing
@@ -29,7 +36,12 @@ TINY_MM = {"mm_tokens_per_image": 4, "boi_token_index": 5, "eoi_token_index": 6}
 # tests/families/test_{qwen3_moe,mixtral,gpt_oss,deepseek,qwen3_next}.py. Mistral's round trips (its query is
 # stored times 1/sqrt(head_dim): within 1 ulp) and its windowed variant are tested in tests/families/test_mistral.py.
 # OLMo 3 scans 4-layer blocks (the generic tests scan 3 layers): tests/families/test_olmo3.py.
-GENERIC_TEST_MODELS = tuple(f for f in TINY if not f.startswith(("gemma", "deepseek", "mistral", "olmo3")) and f not in ("qwen3-moe", "mixtral", "gpt-oss", "qwen3-next"))
+GENERIC_TEST_MODELS = tuple(
+    f
+    for f in TINY
+    if not f.startswith(("gemma", "deepseek", "mistral", "olmo3"))
+    and f not in ("qwen3-moe", "mixtral", "gpt-oss", "qwen3-next")
+)
 
 
 def tiny_config(family: str, *, layers: int = 2, vocab: int = 512, tied: bool | None = None) -> dict:
@@ -52,7 +64,10 @@ def tiny_config(family: str, *, layers: int = 2, vocab: int = 512, tied: bool | 
     if "max_window_layers" in cfg:
         cfg["max_window_layers"] = layers
     if family == "qwen3-next":  # the published cycle: 3 gated-delta-net layers, then full attention
-        cfg["layer_types"] = ["full_attention" if (i + 1) % cfg["full_attention_interval"] == 0 else "linear_attention" for i in range(layers)]
+        cfg["layer_types"] = [
+            "full_attention" if (i + 1) % cfg["full_attention_interval"] == 0 else "linear_attention"
+            for i in range(layers)
+        ]
     if "layer_types" in cfg:  # GPT-OSS: the published pattern, cut to the tiny depth
         cfg["layer_types"] = [cfg["layer_types"][i % len(cfg["layer_types"])] for i in range(layers)]
     if tied is not None:
@@ -60,7 +75,16 @@ def tiny_config(family: str, *, layers: int = 2, vocab: int = 512, tied: bool | 
     return cfg
 
 
-def make_test_model(family: str, out: str | os.PathLike, *, layers: int = 2, vocab: int = 512, dtype: str = "bfloat16", seed: int = 0, tied: bool | None = None) -> Path:
+def make_test_model(
+    family: str,
+    out: str | os.PathLike,
+    *,
+    layers: int = 2,
+    vocab: int = 512,
+    dtype: str = "bfloat16",
+    seed: int = 0,
+    tied: bool | None = None,
+) -> Path:
     """Build a random `transformers` model of `family`, save it as safetensors in `out`, return `out`."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -80,7 +104,8 @@ def make_test_model(family: str, out: str | os.PathLike, *, layers: int = 2, voc
             # RMSNorms scale by 1 + weight: their weights sit near 0, as in the real checkpoints
             # (Qwen3-Next's too, except the plain gated norm of its delta-net output)
             zero_centred = (model_type.startswith("gemma") and "vision_tower" not in name) or (
-                model_type == "qwen3_next" and "linear_attn.norm" not in name)
+                model_type == "qwen3_next" and "linear_attn.norm" not in name
+            )
             norm_one = 0.0 if zero_centred else 1.0
             p.copy_(norm_one + 0.1 * noise if "norm" in name else 0.08 * noise)
         # DeepSeek-V3's routing correction bias is a float32 buffer (not a parameter) and V3.2's indexer weights_proj a
@@ -88,7 +113,11 @@ def make_test_model(family: str, out: str | os.PathLike, *, layers: int = 2, voc
         for n, b in model.named_buffers():
             if n.endswith("e_score_correction_bias"):
                 b.copy_(0.05 * torch.randn(b.shape, generator=g))
-        fp32 = {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()] if n.endswith(FP32_TENSORS)}
+        fp32 = {
+            n: t.detach().clone()
+            for n, t in [*model.named_parameters(), *model.named_buffers()]
+            if n.endswith(FP32_TENSORS)
+        }
     model = model.to(getattr(torch, dtype))
     with torch.no_grad():
         for n, t in [*model.named_parameters(), *model.named_buffers()]:
@@ -110,14 +139,20 @@ def _published_vision_names(folder: Path) -> None:
 
     for path in folder.glob("*.safetensors"):
         tensors = load_file(path)
-        renamed = {("vision_tower.vision_model." + k[len("vision_tower."):] if k.startswith("vision_tower.") else k): v for k, v in tensors.items()}
+        renamed = {
+            ("vision_tower.vision_model." + k[len("vision_tower.") :] if k.startswith("vision_tower.") else k): v
+            for k, v in tensors.items()
+        }
         save_file(renamed, path, metadata={"format": "pt"})
     index = folder / "model.safetensors.index.json"
     if index.exists():
         import json
 
         data = json.loads(index.read_text())
-        data["weight_map"] = {("vision_tower.vision_model." + k[len("vision_tower."):] if k.startswith("vision_tower.") else k): v for k, v in data["weight_map"].items()}
+        data["weight_map"] = {
+            ("vision_tower.vision_model." + k[len("vision_tower.") :] if k.startswith("vision_tower.") else k): v
+            for k, v in data["weight_map"].items()
+        }
         index.write_text(json.dumps(data, indent=2) + "\n")
 
 
@@ -135,7 +170,9 @@ def write_synthetic_checkpoint(out: str | os.PathLike, cfg: dict, *, shard_bytes
 
     family = registry.family_for_config(cfg)
     bf16 = np.dtype(ml_dtypes.bfloat16)
-    tensors = [PlannedTensor(name, leaf.hf_shape, bf16) for leaf in family.plan(cfg, scan=False) for _, name in leaf.hf_names()]
+    tensors = [
+        PlannedTensor(name, leaf.hf_shape, bf16) for leaf in family.plan(cfg, scan=False) for _, name in leaf.hf_names()
+    ]
     shards = plan_shards(tensors, shard_bytes)
     names = shard_names(len(shards))
     out = Path(out)

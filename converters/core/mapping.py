@@ -23,8 +23,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from converters.errors import CkptflowError
 from converters.core.transforms import Split, Transform, run_chain
+from converters.errors import CkptflowError
 
 SCAN_AXIS = 1  # MaxText's default param_scan_axis: the layer axis is inserted at position 1
 
@@ -226,8 +226,17 @@ class Dims:
 
 # Config keys that size arrays: when present (and not null) each must be a positive integer.
 DIMENSION_KEYS = (
-    "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size",
-    "num_hidden_layers", "moe_intermediate_size", "num_experts", "num_local_experts", "num_experts_per_tok",
+    "hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "vocab_size",
+    "num_hidden_layers",
+    "moe_intermediate_size",
+    "num_experts",
+    "num_local_experts",
+    "num_experts_per_tok",
     "experts_per_token",
 )
 
@@ -240,7 +249,9 @@ def check_dimensions(cfg: dict, family: str) -> None:
         for key in DIMENSION_KEYS:
             v = c.get(key)
             if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
-                raise CkptflowError(f"config.json for a {family} model: {where}{key} must be a positive integer, got {v!r}")
+                raise CkptflowError(
+                    f"config.json for a {family} model: {where}{key} must be a positive integer, got {v!r}"
+                )
 
 
 def require(cfg: dict, key: str, family: str):
@@ -287,7 +298,14 @@ class Family:
     def layer_groups(cls, d: Dims, scan: bool) -> list[LayerGroup]:
         """Default: one homogeneous stack, `decoder/layers` scanned or `decoder/layers_<i>` unscanned."""
         n = d.layers
-        return [LayerGroup(tuple(cls.layer_rules(d)), tuple(range(n)), "decoder/layers", tuple(f"decoder/layers_{i}" for i in range(n)))]
+        return [
+            LayerGroup(
+                tuple(cls.layer_rules(d)),
+                tuple(range(n)),
+                "decoder/layers",
+                tuple(f"decoder/layers_{i}" for i in range(n)),
+            )
+        ]
 
     @classmethod
     def ignored(cls, d: Dims) -> list[str]:
@@ -332,7 +350,9 @@ class Family:
         try:
             d = cls.dims(cfg)
         except (TypeError, ValueError, ZeroDivisionError, AttributeError) as e:  # a value of the wrong kind elsewhere
-            raise CkptflowError(f"config.json for a {cls.name} model has a value of the wrong type or range: {e}") from None
+            raise CkptflowError(
+                f"config.json for a {cls.name} model has a value of the wrong type or range: {e}"
+            ) from None
         leaves = [leaf for r in cls.global_rules(d) for leaf in _leaves(r, "")]
         optional = cls.optional_groups(d) if extras else {}
         unknown = [x for x in extras if x not in optional]
@@ -352,7 +372,9 @@ class Family:
                     assert nested_ok, f"{r.hf}: a nested stack of arrays with fewer than SCAN_AXIS axes"
                     leaves.extend(_leaves(r, f"{g.stacked}/", hf_layers=g.hf_layers, stack=g.stack))
                 else:
-                    leaves.extend(leaf for p, l in zip(g.unstacked, g.hf_layers) for leaf in _leaves(r, f"{p}/", hf_layer=l))
+                    leaves.extend(
+                        leaf for p, l in zip(g.unstacked, g.hf_layers) for leaf in _leaves(r, f"{p}/", hf_layer=l)
+                    )
         paths = [l.path for l in leaves]
         dupes = {p for p in paths if paths.count(p) > 1}
         assert not dupes, f"{cls.name}: duplicate MaxText paths {sorted(dupes)}"

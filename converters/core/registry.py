@@ -4,21 +4,39 @@ from __future__ import annotations
 
 import copy
 
+from converters.core.direction import Direction
+from converters.core.mapping import Family
 from converters.errors import UnsupportedModelError
 from converters.families.deepseek import DeepSeek2, DeepSeek3, DeepSeek32
 from converters.families.gemma import Gemma2, Gemma3
-from converters.families.llama import Llama31
 from converters.families.gpt_oss import GptOss
+from converters.families.llama import Llama31
 from converters.families.mistral import Mistral
 from converters.families.mixtral import Mixtral
 from converters.families.olmo3 import Olmo3
+from converters.families.qwen import Qwen3, Qwen25
 from converters.families.qwen3_moe import Qwen3Moe
 from converters.families.qwen3_next import Qwen3Next
-from converters.families.qwen import Qwen3, Qwen25
-from converters.core.direction import Direction
-from converters.core.mapping import Family
 
-FAMILIES: dict[str, type[Family]] = {f.name: f for f in (Llama31, Mistral, Qwen25, Qwen3, Gemma2, Gemma3, Qwen3Moe, Mixtral, GptOss, DeepSeek2, DeepSeek3, DeepSeek32, Qwen3Next, Olmo3)}
+FAMILIES: dict[str, type[Family]] = {
+    f.name: f
+    for f in (
+        Llama31,
+        Mistral,
+        Qwen25,
+        Qwen3,
+        Gemma2,
+        Gemma3,
+        Qwen3Moe,
+        Mixtral,
+        GptOss,
+        DeepSeek2,
+        DeepSeek3,
+        DeepSeek32,
+        Qwen3Next,
+        Olmo3,
+    )
+}
 
 # every family converts both ways, scanned and unscanned: "hf->maxtext (scanned)", ...
 DIRECTIONS = tuple(d.label(scan) for d in Direction for scan in (True, False))
@@ -63,11 +81,14 @@ def family_for_config(cfg: dict) -> type[Family]:
     except UnsupportedModelError:
         arch = ", ".join(names) or "?"
         supported = ", ".join(f"{t} ({f.name})" for f in FAMILIES.values() for t in f.model_types)
-        raise UnsupportedModelError(f"unsupported architecture: model_type {mt!r} ({arch}); supported model types: {supported}") from None
+        raise UnsupportedModelError(
+            f"unsupported architecture: model_type {mt!r} ({arch}); supported model types: {supported}"
+        ) from None
     other = [a for a in names if a not in f.architectures]
     if other:
         raise UnsupportedModelError(
-            f"config.json declares {', '.join(other)}: ckptflow converts {f.name} checkpoints of {' or '.join(f.architectures)} "
+            f"config.json declares {', '.join(other)}: ckptflow converts {f.name} checkpoints of "
+            f"{' or '.join(f.architectures)} "
             "(a language model); another head's weights would convert silently into a wrong model"
         )
     return f
@@ -75,7 +96,13 @@ def family_for_config(cfg: dict) -> type[Family]:
 
 def table() -> list[dict]:
     return [
-        {"model": m, "family": f.name, "hf_model_type": f.model_types[0], "architecture": f.architectures[0], "directions": list(DIRECTIONS)}
+        {
+            "model": m,
+            "family": f.name,
+            "hf_model_type": f.model_types[0],
+            "architecture": f.architectures[0],
+            "directions": list(DIRECTIONS),
+        }
         for f in FAMILIES.values()
         for m in f.models
     ]

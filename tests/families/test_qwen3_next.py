@@ -17,8 +17,8 @@ import json
 import numpy as np
 import pytest
 
-from converters.core import registry
 from converters.convert import hf_to_maxtext, maxtext_to_hf
+from converters.core import registry
 from converters.errors import UnsupportedModelError
 from converters.tiny_models import make_test_model
 from tests.families.helpers import assert_bit_exact, hf_tensors, qwen3_next_layout, read_params, round_trip
@@ -32,7 +32,9 @@ def hf_model(tmp_path_factory):
 
     def make(dtype: str = "bfloat16"):
         if dtype not in cache:
-            cache[dtype] = make_test_model(FAMILY, tmp_path_factory.mktemp(f"{FAMILY}-{dtype}") / "model", layers=LAYERS, dtype=dtype)
+            cache[dtype] = make_test_model(
+                FAMILY, tmp_path_factory.mktemp(f"{FAMILY}-{dtype}") / "model", layers=LAYERS, dtype=dtype
+            )
         return cache[dtype]
 
     return make
@@ -56,7 +58,10 @@ def test_stored_values_and_bit_exact_round_trips(hf_model, tmp_path, scan):
         assert not any("attention/attention" in k for k in params if k.startswith("decoder/layers/local_layers"))
     else:
         assert params["decoder/layers_7/attention/attention/out/kernel"].shape == (128, 64)
-        assert "decoder/layers_6/attention/in_proj_ba/kernel" in params and "decoder/layers_7/attention/in_proj_ba/kernel" not in params
+        assert (
+            "decoder/layers_6/attention/in_proj_ba/kernel" in params
+            and "decoder/layers_7/attention/in_proj_ba/kernel" not in params
+        )
 
 
 def test_legacy_layer_stacks_still_export(hf_model, tmp_path):
@@ -111,9 +116,16 @@ def test_real_model_and_unsupported_variants():
     assert shapes["decoder/layers/local_layers/mlp/routed_experts/wi_0"] == (512, 12, 3, 2048, 512)
     assert shapes["decoder/layers/global_layer/attention/attention/query/kernel"] == (2048, 12, 16, 512)
     assert fam.is_ignored(fam.dims(cfg), "mtp.layers.0.mlp.experts.3.up_proj.weight")
-    for bad in ({"shared_expert_intermediate_size": 1024}, {"mlp_only_layers": [0]}, {"layer_types": ["full_attention"] * 48}):
+    for bad in (
+        {"shared_expert_intermediate_size": 1024},
+        {"mlp_only_layers": [0]},
+        {"layer_types": ["full_attention"] * 48},
+    ):
         with pytest.raises(UnsupportedModelError):
             fam.plan({**cfg, **bad}, scan=True)
     with pytest.raises(UnsupportedModelError, match="multiple of 4"):
         fam.plan({**cfg, "num_hidden_layers": 6, "layer_types": None}, scan=True)
-    assert len([l for l in fam.plan({**cfg, "num_hidden_layers": 6}, scan=False) if l.path.endswith("routed_experts/wo")]) == 6
+    assert (
+        len([l for l in fam.plan({**cfg, "num_hidden_layers": 6}, scan=False) if l.path.endswith("routed_experts/wo")])
+        == 6
+    )

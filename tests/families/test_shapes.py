@@ -53,7 +53,8 @@ EXPECTED = {
         "decoder/layers/self_attention/query/kernel": (1024, 28, 16, 128),
         "decoder/layers/self_attention/out/kernel": (16, 28, 128, 1024),
     },
-    # MoE (as MaxText's src/maxtext/checkpoint_conversion/standalone_scripts/convert_qwen3_moe.py stacks them): expert axis 0, scanned layer axis 1
+    # MoE (as MaxText's src/maxtext/checkpoint_conversion/standalone_scripts/convert_qwen3_moe.py stacks them): expert
+    # axis 0, scanned layer axis 1
     "qwen3-30b-a3b": {
         "token_embedder/embedding": (151936, 2048),
         "decoder/logits_dense/kernel": (2048, 151936),
@@ -130,8 +131,14 @@ EXPECTED = {
         "decoder/layers/mlp_local/wi_0/kernel": (2304, 13, 9216),
         "decoder/layers/mlp_global/wo/kernel": (9216, 13, 2304),
     },
-    "gemma2-9b": {"decoder/layers/self_attention_local/query/kernel": (3584, 21, 16, 256), "token_embedder/embedding": (256128, 3584)},
-    "gemma2-27b": {"decoder/layers/self_attention_global/query/kernel": (4608, 23, 32, 128), "decoder/layers/mlp_local/wi_1/kernel": (4608, 23, 36864)},
+    "gemma2-9b": {
+        "decoder/layers/self_attention_local/query/kernel": (3584, 21, 16, 256),
+        "token_embedder/embedding": (256128, 3584),
+    },
+    "gemma2-27b": {
+        "decoder/layers/self_attention_global/query/kernel": (4608, 23, 32, 128),
+        "decoder/layers/mlp_local/wi_1/kernel": (4608, 23, 36864),
+    },
     # Gemma3: 6-layer scanned blocks + unscanned remainder; MaxText holds 262144 of HF's 262208 rows
     "gemma3-4b": {
         "token_embedder/embedding": (262144, 2560),
@@ -145,9 +152,20 @@ EXPECTED = {
         "decoder/layers_remainder/layers_0/mlp/wi_0/kernel": (2560, 10240),
         "vision_encoder/Gemma3VisionEncoderLayer_0/embedding/kernel": (14, 14, 3, 1152),
         "vision_encoder/Gemma3VisionEncoderLayer_0/pos_embedding": (1, 4096, 1152),
-        "vision_encoder/Gemma3VisionEncoderLayer_0/Transformer/encoderblock_26/MultiHeadDotProductAttention_0/query/kernel": (1152, 16, 72),
-        "vision_encoder/Gemma3VisionEncoderLayer_0/Transformer/encoderblock_0/MultiHeadDotProductAttention_0/out/kernel": (16, 72, 1152),
-        "vision_encoder/Gemma3VisionEncoderLayer_0/Transformer/encoderblock_3/MlpBlockViT_0/Dense_0/kernel": (1152, 4304),
+        "vision_encoder/Gemma3VisionEncoderLayer_0/Transformer/encoderblock_26/MultiHeadDotProductAttention_0/query/kernel": (  # noqa: E501 (MaxText's path)
+            1152,
+            16,
+            72,
+        ),
+        "vision_encoder/Gemma3VisionEncoderLayer_0/Transformer/encoderblock_0/MultiHeadDotProductAttention_0/out/kernel": (  # noqa: E501 (MaxText's path)
+            16,
+            72,
+            1152,
+        ),
+        "vision_encoder/Gemma3VisionEncoderLayer_0/Transformer/encoderblock_3/MlpBlockViT_0/Dense_0/kernel": (
+            1152,
+            4304,
+        ),
         "vision_encoder/VisionEmbedder_0/mm_input_projection/w": (1152, 2560),
         "vision_encoder/VisionEmbedder_0/mm_soft_embedding_norm/scale": (1152,),
     },
@@ -227,7 +245,10 @@ EXPECTED = {
         "decoder/logits_dense/kernel": (2048, 151936),
         "token_embedder/embedding": (151936, 2048),
     },
-    "gemma3-12b": {"decoder/layers/layers_5/self_attention/query/kernel": (3840, 8, 16, 256), "token_embedder/embedding": (262144, 3840)},
+    "gemma3-12b": {
+        "decoder/layers/layers_5/self_attention/query/kernel": (3840, 8, 16, 256),
+        "token_embedder/embedding": (262144, 3840),
+    },
     "gemma3-27b": {
         "decoder/layers/layers_0/self_attention/query/kernel": (5376, 10, 32, 128),
         "decoder/layers_remainder/layers_1/self_attention/out/kernel": (32, 128, 5376),
@@ -241,34 +262,84 @@ def _olmo3(emb: int, heads: int, kv: int, mlp: int, layers: int, vocab: int = 10
     module `attention`, q/k norms over heads * head_dim)."""
     n = layers // 4
     layer = {
-        "attention/query/kernel": (emb, n, heads, head_dim), "attention/key/kernel": (emb, n, kv, head_dim),
-        "attention/value/kernel": (emb, n, kv, head_dim), "attention/out/kernel": (heads, n, head_dim, emb),
-        "attention/query_norm/scale": (heads * head_dim, n), "attention/key_norm/scale": (kv * head_dim, n),
-        "mlp/wi_0/kernel": (emb, n, mlp), "mlp/wi_1/kernel": (emb, n, mlp), "mlp/wo/kernel": (mlp, n, emb),
-        "post_self_attention_layer_norm/scale": (emb, n), "post_mlp_layer_norm/scale": (emb, n),
+        "attention/query/kernel": (emb, n, heads, head_dim),
+        "attention/key/kernel": (emb, n, kv, head_dim),
+        "attention/value/kernel": (emb, n, kv, head_dim),
+        "attention/out/kernel": (heads, n, head_dim, emb),
+        "attention/query_norm/scale": (heads * head_dim, n),
+        "attention/key_norm/scale": (kv * head_dim, n),
+        "mlp/wi_0/kernel": (emb, n, mlp),
+        "mlp/wi_1/kernel": (emb, n, mlp),
+        "mlp/wo/kernel": (mlp, n, emb),
+        "post_self_attention_layer_norm/scale": (emb, n),
+        "post_mlp_layer_norm/scale": (emb, n),
     }
-    return {"token_embedder/embedding": (vocab, emb), "decoder/decoder_norm/scale": (emb,), "decoder/logits_dense/kernel": (emb, vocab),
-            **{f"decoder/layers/layers_{b}/{k}": s for b in range(4) for k, s in layer.items()}}
+    return {
+        "token_embedder/embedding": (vocab, emb),
+        "decoder/decoder_norm/scale": (emb,),
+        "decoder/logits_dense/kernel": (emb, vocab),
+        **{f"decoder/layers/layers_{b}/{k}": s for b in range(4) for k, s in layer.items()},
+    }
 
 
 # all 47 arrays: nnx.eval_shape of MaxText 0.2.5's model for each model name gives exactly these
-EXPECTED |= {"olmo3-7b": _olmo3(4096, 32, 32, 11008, 32), "olmo3-7b-pt": _olmo3(4096, 32, 32, 11008, 32),
-             "olmo3-32b": _olmo3(5120, 40, 8, 27648, 64)}
-PARAMS_B = {"llama3.1-8b": 8.03, "llama3.1-70b": 70.55, "llama3.1-405b": 405.85, "mistral-7b": 7.24, "qwen2.5-1.5b": 1.54, "qwen2.5-7b": 7.62,
-            "qwen2.5-14b": 14.77, "qwen3-0.6b": 0.60, "qwen3-1.7b": 1.72, "qwen3-4b": 4.02, "qwen3-8b": 8.19,
-            "qwen3-14b": 14.77, "qwen3-32b": 32.76,
-            # MoE totals as published: 30.5B, 235B, 480B; 46.7B, 141B; 21B, 117B
-            "qwen3-30b-a3b": 30.53, "qwen3-235b-a22b": 235.09, "qwen3-480b-a35b": 480.15, "mixtral-8x7b": 46.70,
-            "mixtral-8x22b": 140.63, "gpt-oss-20b": 20.91, "gpt-oss-120b": 116.83,
-            # MaxText's arrays: Gemma2 with 128 padded vocab rows, Gemma3 without 64 rows and with the 0.42B vision tower
-            # DeepSeek without the multi-token-prediction layer: V2-Lite 15.7B, V3 671B (685B with MTP)
-            # (V3.2: V3 plus 0.85B of indexer)
-            "deepseek2-16b": 15.71, "deepseek3-671b": 671.03, "deepseek3.2-671b": 671.88,
-            # Qwen3-Next "80B" without its mtp.* module
-            "qwen3-next-80b-a3b": 79.67,
-            "gemma2-2b": 2.61, "gemma2-9b": 9.24, "gemma2-27b": 27.23, "gemma3-4b": 4.30, "gemma3-12b": 12.19, "gemma3-27b": 27.43,
-            "olmo3-7b": 7.30, "olmo3-7b-pt": 7.30, "olmo3-32b": 32.23}
-TIED = {"qwen2.5-1.5b", "qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "gemma2-2b", "gemma2-9b", "gemma2-27b", "gemma3-4b", "gemma3-12b", "gemma3-27b"}
+EXPECTED |= {
+    "olmo3-7b": _olmo3(4096, 32, 32, 11008, 32),
+    "olmo3-7b-pt": _olmo3(4096, 32, 32, 11008, 32),
+    "olmo3-32b": _olmo3(5120, 40, 8, 27648, 64),
+}
+PARAMS_B = {
+    "llama3.1-8b": 8.03,
+    "llama3.1-70b": 70.55,
+    "llama3.1-405b": 405.85,
+    "mistral-7b": 7.24,
+    "qwen2.5-1.5b": 1.54,
+    "qwen2.5-7b": 7.62,
+    "qwen2.5-14b": 14.77,
+    "qwen3-0.6b": 0.60,
+    "qwen3-1.7b": 1.72,
+    "qwen3-4b": 4.02,
+    "qwen3-8b": 8.19,
+    "qwen3-14b": 14.77,
+    "qwen3-32b": 32.76,
+    # MoE totals as published: 30.5B, 235B, 480B; 46.7B, 141B; 21B, 117B
+    "qwen3-30b-a3b": 30.53,
+    "qwen3-235b-a22b": 235.09,
+    "qwen3-480b-a35b": 480.15,
+    "mixtral-8x7b": 46.70,
+    "mixtral-8x22b": 140.63,
+    "gpt-oss-20b": 20.91,
+    "gpt-oss-120b": 116.83,
+    # MaxText's arrays: Gemma2 with 128 padded vocab rows, Gemma3 without 64 rows and with the 0.42B vision tower
+    # DeepSeek without the multi-token-prediction layer: V2-Lite 15.7B, V3 671B (685B with MTP)
+    # (V3.2: V3 plus 0.85B of indexer)
+    "deepseek2-16b": 15.71,
+    "deepseek3-671b": 671.03,
+    "deepseek3.2-671b": 671.88,
+    # Qwen3-Next "80B" without its mtp.* module
+    "qwen3-next-80b-a3b": 79.67,
+    "gemma2-2b": 2.61,
+    "gemma2-9b": 9.24,
+    "gemma2-27b": 27.23,
+    "gemma3-4b": 4.30,
+    "gemma3-12b": 12.19,
+    "gemma3-27b": 27.43,
+    "olmo3-7b": 7.30,
+    "olmo3-7b-pt": 7.30,
+    "olmo3-32b": 32.23,
+}
+TIED = {
+    "qwen2.5-1.5b",
+    "qwen3-0.6b",
+    "qwen3-1.7b",
+    "qwen3-4b",
+    "gemma2-2b",
+    "gemma2-9b",
+    "gemma2-27b",
+    "gemma3-4b",
+    "gemma3-12b",
+    "gemma3-27b",
+}
 # MaxText decoder layers when that is not the HF layer count: Gemma2 holds (local, global) pairs
 MAXTEXT_LAYERS = {"gemma2-2b": 13, "gemma2-9b": 21, "gemma2-27b": 23}
 # DeepSeek: (dense, MoE) layers, stacked as decoder/dense_layers and decoder/moe_layers (unscanned *_layers_<i>)
@@ -284,7 +355,9 @@ def test_real_size_plan(name):
         assert scanned[path] == shape, path
     assert ("decoder/logits_dense/kernel" in scanned) == (name not in TIED)
     assert sum(map(math.prod, scanned.values())) == sum(map(math.prod, unscanned.values()))
-    assert name in PARAMS_B, f"{name}: add its parameter count (billions, in MaxText's tree) to PARAMS_B (docs/adding-a-family.md)"
+    assert name in PARAMS_B, (
+        f"{name}: add its parameter count (billions, in MaxText's tree) to PARAMS_B (docs/adding-a-family.md)"
+    )
     assert round(sum(map(math.prod, scanned.values())) / 1e9, 2) == PARAMS_B[name]
     if name in SPLIT_STACKS:
         for group, n in zip(("dense_layers", "moe_layers"), SPLIT_STACKS[name]):
@@ -309,7 +382,7 @@ def test_real_size_plan(name):
                 or scanned[path.replace("layers_0", "layers/layers_0", 1)]
             )
             k = len(s) - len(shape)  # the stacked axes, from axis 1 on
-            assert k in (1, 2) and s[:1] + s[1 + k:] == shape, path
+            assert k in (1, 2) and s[:1] + s[1 + k :] == shape, path
 
 
 def test_instruct_names_map_to_base_architecture():

@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 
 from converters.convert import hf_to_maxtext
-from converters.families.qwen3_next import Qwen3Next
 from converters.core.mapping import Rule
-from converters.tiny_models import make_test_model
 from converters.core.transforms import Transform
+from converters.families.qwen3_next import Qwen3Next
+from converters.tiny_models import make_test_model
 from converters.verify import verify
-from converters.verify.reference import ReferenceModel
 from converters.verify.metrics import kl_per_token
+from converters.verify.reference import ReferenceModel
 from tests.families.helpers import hf_tensors, qwen3_next_layout
 
 FAMILY, LAYERS = "qwen3-next", 8
@@ -37,7 +37,9 @@ def hf_model(tmp_path_factory):
 
     def make(dtype: str = "bfloat16"):
         if dtype not in cache:
-            cache[dtype] = make_test_model(FAMILY, tmp_path_factory.mktemp(f"{FAMILY}-{dtype}") / "model", layers=LAYERS, dtype=dtype)
+            cache[dtype] = make_test_model(
+                FAMILY, tmp_path_factory.mktemp(f"{FAMILY}-{dtype}") / "model", layers=LAYERS, dtype=dtype
+            )
         return cache[dtype]
 
     return make
@@ -100,8 +102,12 @@ def test_flipped_conv_taps_fail_verification(hf_model, tmp_path, monkeypatch):
     real = Qwen3Next.linear_attention_rules.__func__
 
     def flipped(cls, d):
-        return [Rule(r.hf, r.mt, hf_shape=r.hf_shape, mt_shape=r.mt_shape, chain=r.chain + (_FlipTaps(),)) if r.mt.endswith("conv1d/kernel") else r
-                for r in real(cls, d)]
+        return [
+            Rule(r.hf, r.mt, hf_shape=r.hf_shape, mt_shape=r.mt_shape, chain=r.chain + (_FlipTaps(),))
+            if r.mt.endswith("conv1d/kernel")
+            else r
+            for r in real(cls, d)
+        ]
 
     monkeypatch.setattr(Qwen3Next, "linear_attention_rules", classmethod(flipped))
     hf_to_maxtext(hf_model(), tmp_path / "mt", scan=True)

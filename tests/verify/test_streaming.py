@@ -41,8 +41,14 @@ def _whole_model_logits(folder, prompts) -> list[np.ndarray]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"experts_implementation": "eager"} if any(k in (folder / "config.json").read_text() for k in ("experts", "n_routed")) else {}
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager", **kwargs).eval()
+    kwargs = (
+        {"experts_implementation": "eager"}
+        if any(k in (folder / "config.json").read_text() for k in ("experts", "n_routed"))
+        else {}
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation="eager", **kwargs
+    ).eval()
     out = []
     with torch.no_grad():
         for p in prompts:

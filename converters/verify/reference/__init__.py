@@ -22,7 +22,17 @@ import numpy as np
 
 from converters.core.mapping import Family as FamilySpec
 from converters.errors import CkptflowError
-from converters.verify.reference.common import DTYPES, EMBEDDING, LOGITS_KERNEL, Forward, ModelSpec, Params, Shapes, hf_config_object
+from converters.verify.reference.common import (
+    DTYPES,
+    EMBEDDING,
+    LOGITS_KERNEL,
+    Forward,
+    ModelSpec,
+    Params,
+    Shapes,
+    hf_config_object,
+)
+
 
 def forward_of(family: type[FamilySpec]) -> Forward:
     """The reference forward pass a conversion family declares (`Family.reference`, "module:Class")."""
@@ -71,7 +81,8 @@ _cast_jit = None
 
 
 def _padded(n: int) -> int:
-    """Token counts an expert is compiled for: powers of two, so a layer compiles a handful of shapes, not one per count."""
+    """Token counts an expert is compiled for: powers of two, so a layer compiles a handful of shapes, not one per
+    count."""
     return 1 << max(0, (n - 1).bit_length())
 
 
@@ -109,7 +120,8 @@ class Reference:
         emb = tuple(shapes[EMBEDDING])
         if len(emb) != 2 or emb[1] != self.spec.hidden_size or emb[0] < self.spec.vocab_size:
             raise CkptflowError(
-                f"token_embedder/embedding has shape {emb}; expected [>= {self.spec.vocab_size}, {self.spec.hidden_size}] for this config"
+                f"token_embedder/embedding has shape {emb}; expected [>= {self.spec.vocab_size}, "
+                f"{self.spec.hidden_size}] for this config"
             )
         self.vocab_size = int(emb[0])  # may be padded beyond the HF vocabulary
         self.num_layers = self.layout.num_layers
@@ -156,7 +168,9 @@ class Reference:
 
         return _cast_tree(self.spec.jdtype, {k: jnp.asarray(np.asarray(v)) for k, v in arrays.items()})
 
-    def prompt(self, rows: np.ndarray, index: np.ndarray, token_ids, g: dict, inputs: dict | None = None) -> PromptState:
+    def prompt(
+        self, rows: np.ndarray, index: np.ndarray, token_ids, g: dict, inputs: dict | None = None
+    ) -> PromptState:
         """The first layer's input: `rows` of the embedding (stored dtype) and `index` into them per position;
         `inputs`: a multimodal prompt's extra model inputs (pixel values)."""
         import jax.numpy as jnp
@@ -164,11 +178,21 @@ class Reference:
         ids = np.asarray(token_ids, np.int32)
         positions = jnp.arange(ids.shape[0], dtype=jnp.int32)
         if inputs:
-            x, extra = self.forward.multimodal_embed(self.spec, self._cast(g), jnp.asarray(rows), jnp.asarray(index), ids, inputs)
+            x, extra = self.forward.multimodal_embed(
+                self.spec, self._cast(g), jnp.asarray(rows), jnp.asarray(index), ids, inputs
+            )
             return PromptState(x, positions, extra)
-        return PromptState(_jitted(self.forward, "embed")(self.spec, jnp.asarray(rows), jnp.asarray(index, jnp.int32)), positions)
+        return PromptState(
+            _jitted(self.forward, "embed")(self.spec, jnp.asarray(rows), jnp.asarray(index, jnp.int32)), positions
+        )
 
-    def layer(self, l: int, arrays: dict[str, np.ndarray], states: list[PromptState], experts: Callable[[int], dict] | None = None) -> None:
+    def layer(
+        self,
+        l: int,
+        arrays: dict[str, np.ndarray],
+        states: list[PromptState],
+        experts: Callable[[int], dict] | None = None,
+    ) -> None:
         """Run layer l on every prompt. arrays: `layer_reads(l)` keys -> arrays as stored; experts(e) -> expert e's
         `expert_reads(l, e)` arrays (MoE layers: called once per expert some token is routed to, in ascending order)."""
         import jax
@@ -227,7 +251,10 @@ class Reference:
         columns (`[E, Vb]`), as stored."""
         import jax.numpy as jnp
 
-        run, w = _jitted(self.forward, "logits_block"), _cast_tree(self.spec.jdtype, {"w": jnp.asarray(np.asarray(w))})["w"]
+        run, w = (
+            _jitted(self.forward, "logits_block"),
+            _cast_tree(self.spec.jdtype, {"w": jnp.asarray(np.asarray(w))})["w"],
+        )
         return [np.asarray(run(self.spec, s.x, w)) for s in states]
 
 
@@ -240,9 +267,16 @@ class ReferenceModel:
     `params/params` (`converters.io.orbax.read_params`); config: the HF config.json dict describing the model."""
 
     def __init__(self, params: Params, config: dict, *, dtype: str = "float32", bf16_tied_logits: bool = False):
-        self.ref = Reference(config, {k: tuple(np.shape(v)) for k, v in params.items()}, dtype=dtype, bf16_tied_logits=bf16_tied_logits)
+        self.ref = Reference(
+            config, {k: tuple(np.shape(v)) for k, v in params.items()}, dtype=dtype, bf16_tied_logits=bf16_tied_logits
+        )
         self.params = params
-        self.forward, self.spec, self.layout, self.warnings = self.ref.forward, self.ref.spec, self.ref.layout, self.ref.warnings
+        self.forward, self.spec, self.layout, self.warnings = (
+            self.ref.forward,
+            self.ref.spec,
+            self.ref.layout,
+            self.ref.warnings,
+        )
         self.vocab_size = self.ref.vocab_size
 
     @property
@@ -262,7 +296,9 @@ class ReferenceModel:
         state = ref.prompt(self._read(EMBEDDING, (uniq,)), index, token_ids, g, inputs)
         for l in range(ref.num_layers):
             arrays = {rel: self._read(*at) for rel, at in ref.layer_reads(l).items()}
-            ref.layer(l, arrays, [state], lambda e, l=l: {rel: self._read(*at) for rel, at in ref.expert_reads(l, e).items()})
+            ref.layer(
+                l, arrays, [state], lambda e, l=l: {rel: self._read(*at) for rel, at in ref.expert_reads(l, e).items()}
+            )
         ref.final({k: g[k] for k in ref.norm_keys}, [state])
         head = self.params[ref.head_key]
         blocks = []

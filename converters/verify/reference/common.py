@@ -280,7 +280,9 @@ class Forward:
         scanned = any(k.startswith("decoder/layers/") for k in keys)
         unscanned = any(k.startswith("decoder/layers_") for k in keys)
         if scanned and unscanned:
-            raise CkptflowError("checkpoint has both scanned (decoder/layers/) and unscanned (decoder/layers_<i>/) layers")
+            raise CkptflowError(
+                "checkpoint has both scanned (decoder/layers/) and unscanned (decoder/layers_<i>/) layers"
+            )
         if not scanned and not unscanned:
             raise CkptflowError("checkpoint has no decoder layers (neither decoder/layers/ nor decoder/layers_0/)")
         return Layout(scanned=scanned, num_layers=spec.num_layers)
@@ -392,5 +394,6 @@ class Forward:
         return gated_mlp(h, w["wi_0"], w["wi_1"], w["wo"], spec.jdtype)
 
     def post_moe(self, spec: ModelSpec, p: dict, x, h, routed):
-        """The layer's output from x, the experts' input h and the weighted sum of the experts `routed` (compute dtype)."""
+        """The layer's output from x, the experts' input h and the weighted sum of the experts `routed` (compute
+        dtype)."""
         return x + routed

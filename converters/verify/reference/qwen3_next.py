@@ -14,7 +14,8 @@ What MaxText computes (src/maxtext/models/qwen3.py Qwen3-Next layers, layers/moe
     flattened) through a causal depthwise conv (`conv1d`, kernel `[k, 1, C]`) and SiLU; beta = sigmoid(b),
     g = -exp(A_log) softplus(a + dt_bias); q/k L2-normalised, q / sqrt(key_dim), each key head serving
     value_heads / key_heads consecutive value heads; the delta rule in recurrent form (float32):
-    S <- S exp(g); S <- S + k (beta (v - S^T k))^T; o = S^T q; then RMSNorm(o) w * SiLU(z) (`norm/rms_norm`), `out_proj`;
+    S <- S exp(g); S <- S + k (beta (v - S^T k))^T; o = S^T q; then RMSNorm(o) w * SiLU(z) (`norm/rms_norm`),
+    `out_proj`;
   * MoE: softmax top-k routing renormalised (`norm_topk_prob`), SiLU experts, plus the shared expert times
     sigmoid(`shared_expert_gate`(x)).
 """
@@ -41,11 +42,32 @@ from converters.verify.reference.moe import router_weights
 
 LEGACY = "layer_<p>"  # converters.families.qwen3_next.Qwen3Next.legacy_layouts
 NORMS = ("input_layernorm/scale", "post_attention_layernorm/scale")
-MLP = ("mlp/routed_experts/gate/kernel", "mlp/routed_experts/wi_0", "mlp/routed_experts/wi_1", "mlp/routed_experts/wo",
-       "mlp/shared_expert/wi_0/kernel", "mlp/shared_expert/wi_1/kernel", "mlp/shared_expert/wo/kernel", "mlp/shared_expert_gate/kernel")
-FULL = tuple(f"attention/attention/{k}" for k in ("query/kernel", "key/kernel", "value/kernel", "out/kernel", "query_norm/scale", "key_norm/scale"))
-LINEAR = tuple(f"attention/{k}" for k in ("in_proj_qkvz/kernel", "in_proj_ba/kernel", "conv1d/kernel", "A_log", "dt_bias",
-                                         "norm/rms_norm/scale", "out_proj/kernel"))
+MLP = (
+    "mlp/routed_experts/gate/kernel",
+    "mlp/routed_experts/wi_0",
+    "mlp/routed_experts/wi_1",
+    "mlp/routed_experts/wo",
+    "mlp/shared_expert/wi_0/kernel",
+    "mlp/shared_expert/wi_1/kernel",
+    "mlp/shared_expert/wo/kernel",
+    "mlp/shared_expert_gate/kernel",
+)
+FULL = tuple(
+    f"attention/attention/{k}"
+    for k in ("query/kernel", "key/kernel", "value/kernel", "out/kernel", "query_norm/scale", "key_norm/scale")
+)
+LINEAR = tuple(
+    f"attention/{k}"
+    for k in (
+        "in_proj_qkvz/kernel",
+        "in_proj_ba/kernel",
+        "conv1d/kernel",
+        "A_log",
+        "dt_bias",
+        "norm/rms_norm/scale",
+        "out_proj/kernel",
+    )
+)
 
 
 def rms_norm_1p(x, w, eps: float, dtype):
@@ -56,12 +78,16 @@ def rms_norm_1p(x, w, eps: float, dtype):
 
 
 class Qwen3NextForward(Forward):
-
     def make_spec(self, cfg) -> ModelSpec:
         n, c = int(cfg.num_hidden_layers), int(getattr(cfg, "full_attention_interval", 4) or 4)
         kinds = ["full_attention" if (i + 1) % c == 0 else "linear_attention" for i in range(n)]
-        require(list(getattr(cfg, "layer_types", None) or kinds) == kinds, "layer_types other than MaxText's fixed cycle")
-        require(not (getattr(cfg, "mlp_only_layers", None) or []) and getattr(cfg, "decoder_sparse_step", 1) == 1, "dense layers")
+        require(
+            list(getattr(cfg, "layer_types", None) or kinds) == kinds, "layer_types other than MaxText's fixed cycle"
+        )
+        require(
+            not (getattr(cfg, "mlp_only_layers", None) or []) and getattr(cfg, "decoder_sparse_step", 1) == 1,
+            "dense layers",
+        )
         require(bool(getattr(cfg, "norm_topk_prob", False)), "norm_topk_prob=false")
         require(getattr(cfg, "hidden_act", "silu") == "silu", f"hidden_act={cfg.hidden_act!r}")
         rp = rope_parameters(cfg)
@@ -71,8 +97,15 @@ class Qwen3NextForward(Forward):
             **base_spec(cfg, intermediate_size=int(cfg.moe_intermediate_size)),
             options=(
                 ("interval", c),
-                ("linear", (int(cfg.linear_num_key_heads), int(cfg.linear_num_value_heads), int(cfg.linear_key_head_dim),
-                            int(cfg.linear_value_head_dim))),
+                (
+                    "linear",
+                    (
+                        int(cfg.linear_num_key_heads),
+                        int(cfg.linear_num_value_heads),
+                        int(cfg.linear_key_head_dim),
+                        int(cfg.linear_value_head_dim),
+                    ),
+                ),
                 ("rotary_dim", int(int(cfg.head_dim) * partial)),
                 ("top_k", int(cfg.num_experts_per_tok)),
             ),
@@ -131,11 +164,19 @@ class Qwen3NextForward(Forward):
         return x, rms_norm_1p(x, p[NORMS[1]], spec.norm_eps, dt)
 
     def route(self, spec: ModelSpec, p: dict, h):
-        return router_weights(h, p["mlp/routed_experts/gate/kernel"], spec.jdtype, top_k=spec.option("top_k"), norm_topk_prob=True)
+        return router_weights(
+            h, p["mlp/routed_experts/gate/kernel"], spec.jdtype, top_k=spec.option("top_k"), norm_topk_prob=True
+        )
 
     def post_moe(self, spec: ModelSpec, p: dict, x, h, routed):
         dt = spec.jdtype
-        shared = gated_mlp(h, p["mlp/shared_expert/wi_0/kernel"], p["mlp/shared_expert/wi_1/kernel"], p["mlp/shared_expert/wo/kernel"], dt)
+        shared = gated_mlp(
+            h,
+            p["mlp/shared_expert/wi_0/kernel"],
+            p["mlp/shared_expert/wi_1/kernel"],
+            p["mlp/shared_expert/wo/kernel"],
+            dt,
+        )
         gate = jax.nn.sigmoid(dense(h, p["mlp/shared_expert_gate/kernel"], dt))
         return x + (routed + gate * shared).astype(dt)
 
@@ -166,14 +207,20 @@ class Qwen3NextForward(Forward):
         w = p["attention/conv1d/kernel"][:, 0, :].astype(dt)  # [K, C]
         width = w.shape[0]
         padded = jnp.concatenate([jnp.zeros((width - 1, mixed.shape[1]), dt), mixed.astype(dt)], axis=0)
-        conv = sum(padded[j : j + t] * w[j] for j in range(width))  # causal depthwise: out[t] = sum_j w[j] x[t - K + 1 + j]
+        conv = sum(
+            padded[j : j + t] * w[j] for j in range(width)
+        )  # causal depthwise: out[t] = sum_j w[j] x[t - K + 1 + j]
         mixed = jax.nn.silu(conv.astype(f32)).astype(dt)
         q = mixed[:, : nk * dk].reshape(t, nk, dk)
         k = mixed[:, nk * dk : 2 * nk * dk].reshape(t, nk, dk)
         v = mixed[:, 2 * nk * dk :].reshape(t, nv, dv).astype(f32)
         beta = jax.nn.sigmoid(b.astype(f32))
-        g = -jnp.exp(p["attention/A_log"].astype(f32)) * jax.nn.softplus(a.astype(f32) + p["attention/dt_bias"].astype(f32))
-        q, k = (jnp.repeat(x.astype(f32), rep, axis=1) for x in (q, k))  # key head i serves value heads i*rep .. i*rep+rep-1
+        g = -jnp.exp(p["attention/A_log"].astype(f32)) * jax.nn.softplus(
+            a.astype(f32) + p["attention/dt_bias"].astype(f32)
+        )
+        q, k = (
+            jnp.repeat(x.astype(f32), rep, axis=1) for x in (q, k)
+        )  # key head i serves value heads i*rep .. i*rep+rep-1
         q = q * jax.lax.rsqrt(jnp.sum(q * q, -1, keepdims=True) + 1e-6) / (dk**0.5)
         k = k * jax.lax.rsqrt(jnp.sum(k * k, -1, keepdims=True) + 1e-6)
 
