@@ -39,7 +39,7 @@ def test_every_reference_forward_belongs_to_a_family():
                 and not name.startswith("_")
             ):
                 defined.add(f"{mod.__name__}:{name}")
-    defined.discard("converters.verify.reference.common:Forward")
+    defined = {d for d in defined if not d.startswith("converters.verify.reference.common:")}  # the base classes
     assert defined - declared == set(), "reference forward classes no family names in Family.reference"
     assert declared <= defined
 

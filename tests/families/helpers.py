@@ -21,6 +21,13 @@ from converters.io.orbax import read_params
 from converters.io.safetensors import SafetensorsFolder
 from converters.tiny_models import make_test_model
 
+# A 40-token prompt of ids below every tiny vocabulary (512), varied enough for windows and RoPE to act.
+_PROMPT = (
+    "1 5 77 300 12 499 3 8 250 100 42 7 19 201 64 33 2 480 91 15 "
+    "6 311 128 70 9 44 10 399 26 57 81 140 222 5 18 73 260 31 444 4"
+)
+IDS = [[int(t) for t in _PROMPT.split()]]
+
 
 def model_cache(tmp_path_factory, family: str, layers: int):
     """Body of a module-scoped `hf_model` fixture: `make(dtype="bfloat16")` -> a tiny HF folder, built once per

@@ -23,54 +23,10 @@ import pytest
 from converters.convert import hf_to_maxtext, maxtext_to_hf
 from converters.core import registry
 from converters.io.orbax import read_params
-from tests.families.helpers import exported_logits, hf_tensors, model_cache
+from tests.families.helpers import IDS, exported_logits, hf_tensors, model_cache
 
 FAMILY, LAYERS = "mistral", 3
 E, N, KV, D, F = 64, 4, 2, 32, 96
-IDS = [
-    [
-        1,
-        5,
-        77,
-        300,
-        12,
-        499,
-        3,
-        8,
-        250,
-        100,
-        42,
-        7,
-        19,
-        201,
-        64,
-        33,
-        2,
-        480,
-        91,
-        15,
-        6,
-        311,
-        128,
-        70,
-        9,
-        44,
-        10,
-        399,
-        26,
-        57,
-        81,
-        140,
-        222,
-        5,
-        18,
-        73,
-        260,
-        31,
-        444,
-        4,
-    ]
-]  # 40 tokens: longer than mistral-window's window of 32
 
 
 @pytest.fixture(scope="module")

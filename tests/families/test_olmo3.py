@@ -26,54 +26,10 @@ from converters.core import registry
 from converters.errors import MappingError
 from converters.families.olmo3 import Olmo3
 from converters.io.orbax import read_params
-from tests.families.helpers import assert_bit_exact, hf_tensors, round_trip
+from tests.families.helpers import IDS, assert_bit_exact, hf_tensors, round_trip
 
 LAYERS, P = 8, 4
 E, N, KV, D, F = 64, 4, 2, 32, 96
-IDS = [
-    [
-        1,
-        5,
-        77,
-        300,
-        12,
-        499,
-        3,
-        8,
-        250,
-        100,
-        42,
-        7,
-        19,
-        201,
-        64,
-        33,
-        2,
-        480,
-        91,
-        15,
-        6,
-        311,
-        128,
-        70,
-        9,
-        44,
-        10,
-        399,
-        26,
-        57,
-        81,
-        140,
-        222,
-        5,
-        18,
-        73,
-        260,
-        31,
-        444,
-        4,
-    ]
-]  # 40 tokens: longer than the 16-token window
 
 
 def expected_layer(hf: dict, i: int) -> dict:

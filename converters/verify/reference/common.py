@@ -397,3 +397,33 @@ class Forward:
         """The layer's output from x, the experts' input h and the weighted sum of the experts `routed` (compute
         dtype)."""
         return x + routed
+
+
+SLIDING_MARKER = "__sliding_window_layer__"  # present (empty) in the params of sliding-window layers
+
+
+class PatternStacked(Forward):
+    """Layers of a repeating attention pattern, scanned one stack per position in it (`decoder/layers/layers_<p>`,
+    entry j = layer len(pattern) * j + p; MaxText's `scan_decoder_layers` over the pattern's block, as for GPT-OSS
+    and OLMo 3), unscanned `decoder/layers_<l>`. `layer_markers` gives sliding-window layers `SLIDING_MARKER`."""
+
+    pattern: tuple[str, ...] = ()
+    label: str = ""  # the family's name in messages
+
+    def layer_location(self, spec: ModelSpec, layout: Layout, l: int) -> tuple[str, int | None]:
+        if not layout.scanned:
+            return f"decoder/layers_{l}", None
+        return f"decoder/layers/layers_{l % len(self.pattern)}", l // len(self.pattern)
+
+    def detect_layout(self, spec: ModelSpec, keys) -> Layout:
+        layout = super().detect_layout(spec, keys)
+        if layout.scanned and spec.num_layers % len(self.pattern):
+            raise CkptflowError(
+                f"a scanned {self.label} checkpoint needs a multiple of {len(self.pattern)} layers, "
+                f"config has {spec.num_layers}"
+            )
+        return layout
+
+    def layer_markers(self, spec: ModelSpec, l: int) -> dict:
+        sliding = self.pattern[l % len(self.pattern)] == "sliding_attention"
+        return {SLIDING_MARKER: np.zeros((0,), np.float32)} if sliding else {}

@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
-from converters.errors import CkptflowError
 from converters.verify.reference.common import (
-    Forward,
-    Layout,
+    SLIDING_MARKER,
     ModelSpec,
+    PatternStacked,
     base_spec,
     dense,
     require,
@@ -42,7 +39,6 @@ from converters.verify.reference.moe import (
 
 ATT, MLP = "GptOssAttention", "GptOssMlp"
 PATTERN = ("sliding_attention", "full_attention")  # MaxText GPT_OSS_ATTENTION_PATTERN
-SLIDING_MARKER = "__sliding_window_layer__"  # present (empty) in the params of sliding-window layers
 # MaxText's configs/models/gpt-oss-*.yml rope settings
 MAXTEXT_YARN = {
     "rope_theta": 150000.0,
@@ -54,7 +50,10 @@ MAXTEXT_YARN = {
 }
 
 
-class GptOssForward(Forward):
+class GptOssForward(PatternStacked):
+    pattern = PATTERN
+    label = "GPT-OSS"
+
     def make_spec(self, cfg) -> ModelSpec:
         n = int(cfg.num_hidden_layers)
         types = list(getattr(cfg, "layer_types", None) or [])
@@ -120,23 +119,6 @@ class GptOssForward(Forward):
             for k in ("gate/kernel", "gate/bias", "wi_0", "wi_1", "wo", "wi_0_bias", "wi_1_bias", "wo_bias")
         ]
         return ("pre_self_attention_layer_norm/scale", *att, "post_self_attention_layer_norm/scale", *mlp)
-
-    def layer_location(self, spec: ModelSpec, layout: Layout, l: int) -> tuple[str, int | None]:
-        """(key prefix, index along the scan axis or None) of HF layer l."""
-        if not layout.scanned:
-            return f"decoder/layers_{l}", None
-        return f"decoder/layers/layers_{l % len(PATTERN)}", l // len(PATTERN)
-
-    def detect_layout(self, spec: ModelSpec, keys) -> Layout:
-        layout = super().detect_layout(spec, keys)
-        if layout.scanned and spec.num_layers % len(PATTERN):
-            raise CkptflowError(
-                f"a scanned GPT-OSS checkpoint needs an even number of layers, config has {spec.num_layers}"
-            )
-        return layout
-
-    def layer_markers(self, spec: ModelSpec, l: int) -> dict:
-        return {SLIDING_MARKER: np.zeros((0,), np.float32)} if PATTERN[l % len(PATTERN)] == "sliding_attention" else {}
 
     # ---- compute --------------------------------------------------------------------------------
     def moe_arrays(self, spec: ModelSpec, l: int) -> tuple[str, ...]:

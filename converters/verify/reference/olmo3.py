@@ -28,14 +28,12 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from converters.errors import CkptflowError
 from converters.verify.reference.common import (
     GATED_MLP_KEYS,
-    Forward,
-    Layout,
+    SLIDING_MARKER,
     ModelSpec,
+    PatternStacked,
     dense,
     gated_mlp,
     require,
@@ -45,7 +43,6 @@ from converters.verify.reference.common import (
 from converters.verify.reference.moe import attention, yarn_inv_freq, yarn_rope
 
 PATTERN = ("sliding_attention", "sliding_attention", "sliding_attention", "full_attention")  # OLMO3_ATTENTION_PATTERN
-SLIDING_MARKER = "__sliding_window_layer__"  # present (empty) in the params of sliding-window layers
 A = "attention"
 LAYER_KEYS = (
     f"{A}/query/kernel",
@@ -118,7 +115,10 @@ def global_rms_norm(x, scale, eps: float, dtype):
     return rms_norm(x.reshape(t, h * d), scale, eps, dtype).reshape(t, h, d)
 
 
-class Olmo3Forward(Forward):
+class Olmo3Forward(PatternStacked):
+    pattern = PATTERN
+    label = "OLMo 3"
+
     def make_spec(self, cfg) -> ModelSpec:
         n = int(cfg.num_hidden_layers)
         want = [PATTERN[i % len(PATTERN)] for i in range(n)]
@@ -170,22 +170,6 @@ class Olmo3Forward(Forward):
     # ---- layout: 4-layer scanned blocks, or layers_<l> --------------------------------------------
     def layer_keys(self, spec: ModelSpec) -> tuple[str, ...]:
         return LAYER_KEYS
-
-    def layer_location(self, spec: ModelSpec, layout: Layout, l: int) -> tuple[str, int | None]:
-        if not layout.scanned:
-            return f"decoder/layers_{l}", None
-        return f"decoder/layers/layers_{l % len(PATTERN)}", l // len(PATTERN)
-
-    def detect_layout(self, spec: ModelSpec, keys) -> Layout:
-        layout = super().detect_layout(spec, keys)
-        if layout.scanned and spec.num_layers % len(PATTERN):
-            raise CkptflowError(
-                f"a scanned OLMo 3 checkpoint needs a multiple of {len(PATTERN)} layers, config has {spec.num_layers}"
-            )
-        return layout
-
-    def layer_markers(self, spec: ModelSpec, l: int) -> dict:
-        return {SLIDING_MARKER: np.zeros((0,), np.float32)} if PATTERN[l % len(PATTERN)] == "sliding_attention" else {}
 
     # ---- compute --------------------------------------------------------------------------------
     def block(self, spec: ModelSpec, p: dict, x, positions):
