@@ -183,6 +183,29 @@ def overrides_from_hf(cfg: dict, decoder_block: str, *, ckpt_vocab: int, scanned
             o.pop("rope_max_timescale", None)
         # NB: MaxText's gemma3 query scale is not a config key: head_dim**-0.5 for gemma3-4b/12b,
         # (hidden/heads)**-0.5 for gemma3-27b (models/gemma3.py get_query_pre_attn_scalar)
+    elif decoder_block == "gemma4":
+        # models/gemma4.py: per-type RoPE (local_/global_rope_max_timescale, *_rope_proportion), the global layers'
+        # own head_dim and kv heads, keys as values on global layers (share_kv_projections)
+        local = dict(rp.get("sliding_attention") or {})
+        full = dict(rp.get("full_attention") or {})
+        per_layer = [dict(v) for v in (cfg.get("per_layer_config") or {}).values()]
+        k_eq_v = bool(cfg.get("attention_k_eq_v", False))
+        g_head = cfg.get("global_head_dim") or (per_layer[0].get("head_dim") if per_layer else None) or o["head_dim"]
+        g_kv = (cfg.get("num_global_key_value_heads") if k_eq_v else None) or (
+            per_layer[0].get("num_key_value_heads") if per_layer else None
+        )
+        o.update(
+            sliding_window_size=int(cfg["sliding_window"]),
+            final_logits_soft_cap=float(cfg.get("final_logit_softcapping") or 0.0),
+            local_rope_max_timescale=float(local.get("rope_theta", 10000.0)),
+            global_rope_max_timescale=float(full.get("rope_theta", 1e6)),
+            rope_max_timescale=float(full.get("rope_theta", 1e6)),
+            local_rope_proportion=float(local.get("partial_rotary_factor", 1.0)),
+            global_rope_proportion=float(full.get("partial_rotary_factor", 1.0)),
+            global_head_dim=int(g_head),
+            global_num_kv_heads=int(g_kv or o["base_num_kv_heads"]),
+            share_kv_projections=k_eq_v,
+        )
     elif decoder_block == "olmo3":
         # one rope for every layer (models/olmo3.py passes config.rope_type to all of them): the full-attention layers'
         full = dict(rp.get("full_attention") or rp)

@@ -51,6 +51,9 @@ def tiny_config(family: str, *, layers: int = 2, vocab: int = 512, tied: bool | 
         cfg.update(TINY_MM, text_config=text, image_token_index=gemma3_mt_vocab(vocab), eos_token_id=2)
         cfg["vision_config"].update(TINY_VISION)
         return cfg
+    if cfg.get("model_type") == "gemma4_text":
+        # transformers makes the last Gemma4 layer global, MaxText every 6th: only multiples of 6 agree
+        layers = -(-layers // 6) * 6
     cfg.update(dims, num_hidden_layers=layers, vocab_size=vocab, bos_token_id=1, eos_token_id=2)
     if "max_window_layers" in cfg:
         cfg["max_window_layers"] = layers
@@ -94,7 +97,8 @@ def make_test_model(
             # norms near 1, everything else large enough that any misplaced element moves the logits. Gemma's
             # RMSNorms scale by 1 + weight: their weights sit near 0, as in the real checkpoints
             # (Qwen3-Next's too, except the plain gated norm of its delta-net output)
-            zero_centred = (model_type.startswith("gemma") and "vision_tower" not in name) or (
+            # (not Gemma4's: it folded the 1 into its weights)
+            zero_centred = (model_type.startswith(("gemma2", "gemma3")) and "vision_tower" not in name) or (
                 model_type == "qwen3_next" and "linear_attn.norm" not in name
             )
             norm_one = 0.0 if zero_centred else 1.0
@@ -104,6 +108,8 @@ def make_test_model(
         for n, b in model.named_buffers():
             if n.endswith("e_score_correction_bias"):
                 b.copy_(0.05 * torch.randn(b.shape, generator=g))
+            if n.endswith("layer_scalar"):  # Gemma4's per-layer output scale, a saved buffer
+                b.copy_(1.0 + 0.1 * torch.randn(b.shape, generator=g))
         fp32 = {
             n: t.detach().clone()
             for n, t in [*model.named_parameters(), *model.named_buffers()]

@@ -9,6 +9,7 @@ from converters.core.mapping import Family
 from converters.errors import UnsupportedModelError
 from converters.families.deepseek import DeepSeek2, DeepSeek3, DeepSeek32
 from converters.families.gemma import Gemma2, Gemma3
+from converters.families.gemma4 import Gemma4
 from converters.families.gpt_oss import GptOss
 from converters.families.llama import Llama31
 from converters.families.mistral import Mistral
@@ -35,6 +36,7 @@ FAMILIES: dict[str, type[Family]] = {
         DeepSeek32,
         Qwen3Next,
         Olmo3,
+        Gemma4,
     )
 }
 

@@ -288,6 +288,42 @@ EXPECTED |= {
     "olmo3-7b-pt": _olmo3(4096, 32, 32, 11008, 32),
     "olmo3-32b": _olmo3(5120, 40, 8, 27648, 64),
 }
+
+# all 29 arrays of MaxText 0.2.5's gemma4-31b tree (nnx.eval_shape): 10 scanned blocks of 5 local layers (nested
+# [.., 10, 5, ..]) and 1 global layer (head_dim 512, 4 kv heads, no value kernel: keys are the values); tied
+EXPECTED |= {
+    "gemma4-31b": {
+        "decoder/decoder_norm/scale": (5376,),
+        "decoder/scanned_blocks/global_layer/layer_scalar": (1, 10),
+        "decoder/scanned_blocks/global_layer/mlp/wi_0/kernel": (5376, 10, 21504),
+        "decoder/scanned_blocks/global_layer/mlp/wi_1/kernel": (5376, 10, 21504),
+        "decoder/scanned_blocks/global_layer/mlp/wo/kernel": (21504, 10, 5376),
+        "decoder/scanned_blocks/global_layer/post_ffw_norm/scale": (5376, 10),
+        "decoder/scanned_blocks/global_layer/post_self_attention_norm/scale": (5376, 10),
+        "decoder/scanned_blocks/global_layer/pre_ffw_norm/scale": (5376, 10),
+        "decoder/scanned_blocks/global_layer/pre_self_attention_norm/scale": (5376, 10),
+        "decoder/scanned_blocks/global_layer/self_attention/key/kernel": (5376, 10, 4, 512),
+        "decoder/scanned_blocks/global_layer/self_attention/key_norm/scale": (512, 10),
+        "decoder/scanned_blocks/global_layer/self_attention/out/kernel": (32, 10, 512, 5376),
+        "decoder/scanned_blocks/global_layer/self_attention/query/kernel": (5376, 10, 32, 512),
+        "decoder/scanned_blocks/global_layer/self_attention/query_norm/scale": (512, 10),
+        "decoder/scanned_blocks/local_layers/layer_scalar": (1, 10, 5),
+        "decoder/scanned_blocks/local_layers/mlp/wi_0/kernel": (5376, 10, 5, 21504),
+        "decoder/scanned_blocks/local_layers/mlp/wi_1/kernel": (5376, 10, 5, 21504),
+        "decoder/scanned_blocks/local_layers/mlp/wo/kernel": (21504, 10, 5, 5376),
+        "decoder/scanned_blocks/local_layers/post_ffw_norm/scale": (5376, 10, 5),
+        "decoder/scanned_blocks/local_layers/post_self_attention_norm/scale": (5376, 10, 5),
+        "decoder/scanned_blocks/local_layers/pre_ffw_norm/scale": (5376, 10, 5),
+        "decoder/scanned_blocks/local_layers/pre_self_attention_norm/scale": (5376, 10, 5),
+        "decoder/scanned_blocks/local_layers/self_attention/key/kernel": (5376, 10, 5, 16, 256),
+        "decoder/scanned_blocks/local_layers/self_attention/key_norm/scale": (256, 10, 5),
+        "decoder/scanned_blocks/local_layers/self_attention/out/kernel": (32, 10, 5, 256, 5376),
+        "decoder/scanned_blocks/local_layers/self_attention/query/kernel": (5376, 10, 5, 32, 256),
+        "decoder/scanned_blocks/local_layers/self_attention/query_norm/scale": (256, 10, 5),
+        "decoder/scanned_blocks/local_layers/self_attention/value/kernel": (5376, 10, 5, 16, 256),
+        "token_embedder/embedding": (262144, 5376),
+    },
+}
 PARAMS_B = {
     "llama3.1-8b": 8.03,
     "llama3.1-70b": 70.55,
@@ -327,6 +363,7 @@ PARAMS_B = {
     "olmo3-7b": 7.30,
     "olmo3-7b-pt": 7.30,
     "olmo3-32b": 32.23,
+    "gemma4-31b": 30.70,
 }
 TIED = {
     "qwen2.5-1.5b",
@@ -339,6 +376,7 @@ TIED = {
     "gemma3-4b",
     "gemma3-12b",
     "gemma3-27b",
+    "gemma4-31b",
 }
 # MaxText decoder layers when that is not the HF layer count: Gemma2 holds (local, global) pairs
 MAXTEXT_LAYERS = {"gemma2-2b": 13, "gemma2-9b": 21, "gemma2-27b": 23}
@@ -373,12 +411,14 @@ def test_real_size_plan(name):
     assert not any(p.startswith(("decoder/layers/", f"decoder/layers_{L}/")) for p in unscanned)
     # every unscanned layer leaf is the scanned leaf with the layer axis removed (axis 1, also for [E, L, ...]
     # expert stacks); GPT-OSS scans two interleaved stacks, decoder/layers/layers_0 and layers_1; Qwen3-Next nests
-    # layer 0 in decoder/layers/local_layers with two layer axes, [.., blocks, 3, ..]
+    # layer 0 in decoder/layers/local_layers with two layer axes, [.., blocks, 3, ..], Gemma4 in
+    # decoder/scanned_blocks/local_layers, [.., blocks, 5, ..]
     for path, shape in unscanned.items():
         if path.startswith("decoder/layers_0/"):
             s = (
                 scanned.get(path.replace("layers_0", "layers", 1))
                 or scanned.get(path.replace("layers_0", "layers/local_layers", 1))
+                or scanned.get(path.replace("layers_0", "scanned_blocks/local_layers", 1))
                 or scanned[path.replace("layers_0", "layers/layers_0", 1)]
             )
             k = len(s) - len(shape)  # the stacked axes, from axis 1 on

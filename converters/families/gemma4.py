@@ -1,0 +1,265 @@
+"""Gemma 4 dense text model (MaxText decoder block `gemma4`, model name `gemma4-31b`).
+
+What MaxText 0.2.5 lays out and computes (src/maxtext/models/gemma4.py, layers/attentions.py, layers/embeddings.py,
+layers/nnx_decoders.py, configs/models/gemma4-31b.yml):
+
+* Attention pattern fixed by MaxText: 5 sliding-window layers, then 1 global (`GEMMA4_ATTENTION_PATTERN`);
+  layer l is global iff l % 6 == 5. transformers always makes the last layer global, so a model both can express
+  has a multiple of 6 layers.
+* Global layers have their own head_dim (`global_head_dim`, 512 for 31b) and kv heads (`global_num_kv_heads`, 4),
+  and with `share_kv_projections` (HF `attention_k_eq_v`) no value projection: the keys are the values.
+* RMSNorms multiply by the stored scale, and so do HF's (Gemma 4 folded the `1 + w` into its weights): the norms,
+  q/k norms and `layer_scalar` are stored as is. The value norm has no scale (`v_norm_with_scale: false`).
+* No runtime query scaling (the block passes `query_pre_attn_scalar=1.0`, HF's `scaling` is 1.0): kernels are
+  only transposed and reshaped. RoPE is half-split (`RotaryEmbedding`); on global layers
+  `Gemma4PartialRotaryEmbedding` rotates the first `global_rope_proportion` of each half, which is HF's
+  `proportional` RoPE in the same layout: no permutation.
+* The embedding table holds HF's table times sqrt(hidden) (float32 product, rounded once; MaxText's
+  checkpoint_conversion/utils/param_mapping.py GEMMA4 hook `pad_hf_embedding_layer`); the tied output divides by
+  sqrt(hidden) again (`normalize_embedding_logits`), then `final_logits_soft_cap`. This is the one scaled tensor.
+* Scanned (`Gemma4ScannableBlock`, nnx_decoders.py `_init_scanned_gemma4`): one block per 6 layers,
+  `decoder/scanned_blocks/local_layers/*` nested `[.., blocks, 5, ..]` (entry (b, p) = layer 6b + p) and
+  `decoder/scanned_blocks/global_layer/*` `[.., blocks, ..]` (layer 6b + 5). The remainder block
+  (`layers_remainder`) is empty for a multiple of 6 layers. Unscanned: `decoder/layers_<l>`.
+
+Not supported yet, refused with a reason by `dims`: the multimodal checkpoints (`model_type: gemma4`, vision
+tower; convert the `gemma4_text` model), per-layer embeddings (e2b / e4b: `hidden_size_per_layer_input`, MaxText
+block `gemma4_small`), shared KV layers (`num_kv_shared_layers`), the MoE block (26b: `enable_moe_block`),
+bidirectional attention over all tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from converters.core.mapping import Dims, Family, LayerGroup, Rule
+from converters.core.transforms import Scale
+from converters.errors import MappingError, UnsupportedModelError
+from converters.families import common
+from converters.families.common import L
+
+PATTERN = 6  # MaxText GEMMA4_ATTENTION_PATTERN: 5 local sliding-window layers, then 1 global
+LOCAL = "decoder/scanned_blocks/local_layers"
+GLOBAL = "decoder/scanned_blocks/global_layer"
+
+# transformers' Gemma4TextConfig defaults for keys a config may leave out: what transformers assumes is what the
+# checkpoint means
+TEXT_DEFAULTS = {
+    "vocab_size": 262144,
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "global_head_dim": 512,
+    "num_global_key_value_heads": None,
+    "attention_k_eq_v": False,
+    "hidden_size_per_layer_input": 256,
+    "num_kv_shared_layers": 0,
+    "enable_moe_block": False,
+    "use_bidirectional_attention": None,
+    "tie_word_embeddings": True,
+    "attention_bias": False,
+}
+
+
+def layer_types(n: int) -> list[str]:
+    return ["full_attention" if i % PATTERN == PATTERN - 1 else "sliding_attention" for i in range(n)]
+
+
+def _text(hidden: int, mlp: int, layers: int, heads: int, kv: int, global_kv: int) -> dict:
+    """The text model's HF config.json (Gemma4ForCausalLM): dimensions, window, RoPE, eps, soft-cap and vocabulary
+    from MaxText's configs/models/gemma4-*.yml; token ids, dtype and the flags from the text_config of MaxText's
+    checkpoint_conversion/utils/hf_model_configs.py `gemma4_31b_dict` (the published google/gemma-4-31b-it); eos
+    [1, 106] is that config's top-level list."""
+    return {
+        "architectures": ["Gemma4ForCausalLM"],
+        "model_type": "gemma4_text",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "attention_k_eq_v": True,
+        "bos_token_id": 2,
+        "dtype": "bfloat16",
+        "enable_moe_block": False,
+        "eos_token_id": [1, 106],
+        "final_logit_softcapping": 30.0,
+        "global_head_dim": 512,
+        "head_dim": 256,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_size": hidden,
+        "hidden_size_per_layer_input": 0,
+        "initializer_range": 0.02,
+        "intermediate_size": mlp,
+        "layer_types": layer_types(layers),
+        "max_position_embeddings": 262144,
+        "num_attention_heads": heads,
+        "num_global_key_value_heads": global_kv,
+        "num_hidden_layers": layers,
+        "num_key_value_heads": kv,
+        "num_kv_shared_layers": 0,
+        "pad_token_id": 0,
+        "rms_norm_eps": 1e-06,
+        "rope_parameters": {
+            "full_attention": {"partial_rotary_factor": 0.25, "rope_theta": 1000000.0, "rope_type": "proportional"},
+            "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"},
+        },
+        "sliding_window": 1024,
+        "tie_word_embeddings": True,
+        "use_bidirectional_attention": "vision",
+        "use_cache": True,
+        "use_double_wide_mlp": False,
+        "vocab_size": 262144,
+        "vocab_size_per_layer_input": 262144,
+    }
+
+
+GEMMA4_31B = _text(5376, 21504, 60, 32, 16, 4)
+
+# Tiny test models: hidden 72 so sqrt(hidden) is not a power of two, heads x head_dim != hidden, global layers with
+# another head_dim and kv heads (as 31b), a window of 8 so it acts on short prompts, a soft-cap that bites.
+_TINY = {
+    "hidden_size": 72,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "global_head_dim": 32,
+    "num_global_key_value_heads": 1,
+    "intermediate_size": 96,
+    "sliding_window": 8,
+    "final_logit_softcapping": 5.0,
+}
+
+
+def get(cfg: dict, key: str):
+    """`cfg[key]`, or transformers' default when the key is absent."""
+    return cfg[key] if key in cfg else TEXT_DEFAULTS.get(key)
+
+
+def is_global(layer: int) -> bool:
+    return layer % PATTERN == PATTERN - 1
+
+
+def global_attention_dims(cfg: dict) -> tuple[int, int]:
+    """(head_dim, kv heads) of the global layers, from the published keys (`global_head_dim`,
+    `num_global_key_value_heads`) or the `per_layer_config` transformers >= 5.24 writes instead."""
+    kv = get(cfg, "num_key_value_heads") or get(cfg, "num_attention_heads")
+    per_layer = cfg.get("per_layer_config")
+    if "global_head_dim" not in cfg and per_layer:
+        entries = [dict(v) for v in per_layer.values()]
+        if any(e != entries[0] for e in entries):
+            raise MappingError("gemma4: per_layer_config differs between global layers; MaxText holds one shape")
+        return int(entries[0].get("head_dim", get(cfg, "head_dim"))), int(entries[0].get("num_key_value_heads", kv))
+    head_dim = int(get(cfg, "global_head_dim") or get(cfg, "head_dim"))
+    global_kv = get(cfg, "num_global_key_value_heads") if get(cfg, "attention_k_eq_v") else None
+    return head_dim, int(global_kv or kv)
+
+
+class Gemma4(Family):
+    name = "gemma4"
+    model_types = ("gemma4_text", "gemma4")
+    architectures = ("Gemma4ForCausalLM", "Gemma4ForConditionalGeneration")
+    reference = "converters.verify.reference.gemma4:Gemma4Forward"
+    test_models = {"gemma4": ("gemma4-31b", _TINY), "gemma4-kv": ("gemma4-31b", {**_TINY, "attention_k_eq_v": False})}
+    models = {"gemma4-31b": GEMMA4_31B}
+
+    @classmethod
+    def dims(cls, cfg: dict) -> Dims:
+        if cfg.get("model_type") == "gemma4" or cfg.get("vision_config") or cfg.get("text_config"):
+            raise UnsupportedModelError(
+                "gemma4: multimodal checkpoints (model_type gemma4, vision tower) are not supported yet; convert the "
+                "text model (gemma4_text, Gemma4ForCausalLM)"
+            )
+        refuse = [
+            (get(cfg, "hidden_size_per_layer_input"), "per-layer embeddings (e2b/e4b, MaxText block gemma4_small)"),
+            (get(cfg, "num_kv_shared_layers"), "shared KV layers (num_kv_shared_layers)"),
+            (get(cfg, "enable_moe_block") or cfg.get("num_experts"), "the MoE block (26b)"),
+            (get(cfg, "use_bidirectional_attention") == "all", "bidirectional attention over all tokens"),
+        ]
+        for bad, what in refuse:
+            if bad:
+                raise UnsupportedModelError(f"gemma4: {what} is not supported yet")
+        if get(cfg, "tie_word_embeddings") is False:
+            raise MappingError("gemma4: tie_word_embeddings=false; MaxText's gemma4 block ties the output")
+        if get(cfg, "attention_bias"):
+            raise MappingError("gemma4: attention_bias=true; MaxText's gemma4 block has no attention biases")
+        n = int(get(cfg, "num_hidden_layers"))
+        types = list(cfg.get("layer_types") or [])
+        if n % PATTERN or (types and types != layer_types(n)):
+            raise MappingError(
+                f"gemma4: {n} layers, layer_types {types or 'default'}: MaxText fixes the pattern at 5 local + 1 "
+                "global and transformers makes the last layer global, so only a multiple of 6 layers in that pattern "
+                "can be converted"
+            )
+        heads = int(get(cfg, "num_attention_heads"))
+        g_head_dim, g_kv = global_attention_dims(cfg)
+        return Dims(
+            emb=int(get(cfg, "hidden_size")),
+            heads=heads,
+            kv_heads=int(get(cfg, "num_key_value_heads") or heads),
+            head_dim=int(get(cfg, "head_dim")),
+            mlp=int(get(cfg, "intermediate_size")),
+            vocab=int(get(cfg, "vocab_size")),
+            layers=n,
+            tied=True,
+            extra={
+                "global_head_dim": g_head_dim,
+                "global_kv_heads": g_kv,
+                "k_eq_v": bool(get(cfg, "attention_k_eq_v")),
+            },
+        )
+
+    @classmethod
+    def ignored(cls, d: Dims) -> list[str]:
+        return [*super().ignored(d), r"lm_head\.weight"]
+
+    @classmethod
+    def global_rules(cls, d: Dims) -> list[Rule]:
+        return [
+            # MaxText's table holds sqrt(hidden) (float32, as its converter's hook multiplies); its tied output divides
+            # by the exact sqrt(hidden) again
+            common.embedding(d, chain=(Scale(math.sqrt(d.emb)),)),
+            common.vector("model.norm.weight", "decoder/decoder_norm/scale", d.emb),
+        ]
+
+    @classmethod
+    def kind_rules(cls, d: Dims, glob: bool) -> tuple[Rule, ...]:
+        """The rules of one local or global layer (global: its own head_dim and kv heads, no value projection with
+        attention_k_eq_v -- MaxText models/gemma4.py Gemma4DecoderLayer.__init__)."""
+        a = d
+        if glob:
+            a = dataclasses.replace(d, head_dim=d.extra["global_head_dim"], kv_heads=d.extra["global_kv_heads"])
+        attn = common.attention(a, rope_interleave=False, scale_query=False)
+        if glob and d.extra["k_eq_v"]:
+            attn = [r for r in attn if not r.mt.endswith("/value/kernel")]
+        return (
+            common.vector(L + "input_layernorm.weight", "pre_self_attention_norm/scale", d.emb),
+            common.vector(L + "post_attention_layernorm.weight", "post_self_attention_norm/scale", d.emb),
+            common.vector(L + "pre_feedforward_layernorm.weight", "pre_ffw_norm/scale", d.emb),
+            common.vector(L + "post_feedforward_layernorm.weight", "post_ffw_norm/scale", d.emb),
+            *common.qk_norms(a),
+            *attn,
+            *common.gated_mlp(d),
+            common.vector(L + "layer_scalar", "layer_scalar", 1),
+        )
+
+    @classmethod
+    def layer_rules(cls, d: Dims) -> list[Rule]:
+        return list(cls.kind_rules(d, False))
+
+    @classmethod
+    def layer_groups(cls, d: Dims, scan: bool) -> list[LayerGroup]:
+        n = d.layers
+        local = tuple(i for i in range(n) if not is_global(i))
+        glob = tuple(i for i in range(n) if is_global(i))
+        if not scan:
+            return [
+                LayerGroup(cls.kind_rules(d, False), local, None, tuple(f"decoder/layers_{i}" for i in local)),
+                LayerGroup(cls.kind_rules(d, True), glob, None, tuple(f"decoder/layers_{i}" for i in glob)),
+            ]
+        blocks = n // PATTERN
+        return [
+            LayerGroup(cls.kind_rules(d, False), local, LOCAL, (), stack=(blocks, PATTERN - 1)),
+            LayerGroup(cls.kind_rules(d, True), glob, GLOBAL, ()),
+        ]

@@ -1,0 +1,248 @@
+"""Gemma 4 reference forward (plain-scale norms, q/k/v norms, keys as values on global layers, partial RoPE on global
+layers, sliding window on local ones, layer scalars, soft-capped tied logits) and verification.
+
+1. The JAX reference against transformers on weights laid out by numpy (not the converter), float32, 300 tokens:
+   KL < 1e-9, scanned and unscanned, with and without `attention_k_eq_v`; the window, the global layers' partial
+   RoPE and the final soft-cap are really exercised (leaving one out no longer matches).
+2. Converted checkpoints verify on the default prompts incl. the ~500-token one, with no warning; only the
+   embedding is within the format's bound, every other tensor is exact.
+3. One wrong mapping per transform the family has, each undone by its own inverse (so content passes): verify's
+   layout check fails every one on two 4-token prompts by more than 100x its threshold.
+4. A damaged checkpoint fails content, by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from converters.convert import hf_to_maxtext
+from converters.core.mapping import LayerGroup
+from converters.core.transforms import Kernel, Offset, Permute, RopeInterleave, Scale
+from converters.errors import UnsupportedModelError
+from converters.families.gemma4 import GLOBAL, LOCAL, Gemma4
+from converters.verify import verify
+from converters.verify.metrics import kl_per_token
+from converters.verify.reference import ReferenceModel
+from tests.verify.helpers import assert_reference_matches_transformers, hf_float32, hf_logits, restore_tree, save_tree
+
+LAYERS, P = 12, 6
+EXACT_KL = 1e-9
+SHORT = '{"tokens": [1, 17, 301, 44]}\n{"tokens": [9, 2, 250, 3]}\n'
+
+
+def to_maxtext(folder: Path, scan: bool) -> dict:
+    """HF safetensors -> MaxText arrays with numpy, independently of the converter (src/maxtext/models/gemma4.py
+    names; scanned: HF layer 6b + p is entry (b, p) of `local_layers` (axes 1, 2) for p < 5, entry b of
+    `global_layer`)."""
+    cfg, hf = hf_float32(folder)
+    e, n = cfg["hidden_size"], cfg["num_attention_heads"]
+    glob_shape = next(iter(cfg["per_layer_config"].values()))
+    layers = []
+    for i in range(cfg["num_hidden_layers"]):
+        p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
+        glob = i % P == P - 1
+        k, d = (
+            (glob_shape.get("num_key_value_heads", cfg["num_key_value_heads"]), glob_shape["head_dim"])
+            if glob
+            else (cfg["num_key_value_heads"], cfg["head_dim"])
+        )
+        lay = {
+            "pre_self_attention_norm/scale": hf[p + "input_layernorm.weight"],
+            "post_self_attention_norm/scale": hf[p + "post_attention_layernorm.weight"],
+            "pre_ffw_norm/scale": hf[p + "pre_feedforward_layernorm.weight"],
+            "post_ffw_norm/scale": hf[p + "post_feedforward_layernorm.weight"],
+            "self_attention/query_norm/scale": hf[a + "q_norm.weight"],
+            "self_attention/key_norm/scale": hf[a + "k_norm.weight"],
+            "self_attention/query/kernel": hf[a + "q_proj.weight"].T.reshape(e, n, d),
+            "self_attention/key/kernel": hf[a + "k_proj.weight"].T.reshape(e, k, d),
+            "self_attention/out/kernel": hf[a + "o_proj.weight"].T.reshape(n, d, e),
+            "mlp/wi_0/kernel": hf[p + "mlp.gate_proj.weight"].T,
+            "mlp/wi_1/kernel": hf[p + "mlp.up_proj.weight"].T,
+            "mlp/wo/kernel": hf[p + "mlp.down_proj.weight"].T,
+            "layer_scalar": hf[p + "layer_scalar"],
+        }
+        if a + "v_proj.weight" in hf:
+            lay["self_attention/value/kernel"] = hf[a + "v_proj.weight"].T.reshape(e, k, d)
+        layers.append(lay)
+    out = {
+        "token_embedder/embedding": hf["model.embed_tokens.weight"] * np.float32(math.sqrt(e)),
+        "decoder/decoder_norm/scale": hf["model.norm.weight"],
+    }
+    if not scan:
+        return out | {f"decoder/layers_{i}/{key}": v for i, lay in enumerate(layers) for key, v in lay.items()}
+    blocks = len(layers) // P
+    local = [[layers[b * P + q] for q in range(P - 1)] for b in range(blocks)]
+    out |= {
+        f"{LOCAL}/{key}": np.stack([np.stack([lay[key] for lay in row], axis=1) for row in local], axis=1)
+        for key in layers[0]
+    }
+    glob = [layers[b * P + P - 1] for b in range(blocks)]
+    return out | {f"{GLOBAL}/{key}": np.stack([lay[key] for lay in glob], axis=1) for key in glob[0]}
+
+
+@pytest.mark.parametrize("family", ["gemma4", "gemma4-kv"])
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unscanned"])
+def test_reference_matches_transformers(tiny_model, family, scan):
+    src = tiny_model(family, layers=LAYERS, dtype="float32")
+    assert_reference_matches_transformers(src, to_maxtext(src, scan), EXACT_KL)
+
+
+def test_the_window_the_partial_rope_and_the_softcap_are_applied(tiny_model):
+    """On 300 tokens: without the 8-token window the reference matches HF only within it; with RoPE over the whole
+    global head, or without the soft-cap, it no longer matches."""
+    src = tiny_model("gemma4", layers=LAYERS, dtype="float32")
+    cfg = json.loads((src / "config.json").read_text())
+    params = to_maxtext(src, True)
+    ids = [int(i) for i in np.random.default_rng(3).integers(0, 512, size=300)]
+    want = hf_logits(src, ids)
+    no_window = kl_per_token(want, ReferenceModel(params, {**cfg, "sliding_window": 4096}).logits(ids))
+    assert no_window[:8].max() < EXACT_KL and no_window.max() > 1e-3
+    full = {**cfg["rope_parameters"]["full_attention"], "partial_rotary_factor": 1.0}
+    whole_head = {**cfg, "rope_parameters": {**cfg["rope_parameters"], "full_attention": full}}
+    assert kl_per_token(want, ReferenceModel(params, whole_head).logits(ids))[1:].mean() > 1e-4
+    uncapped = kl_per_token(want, ReferenceModel(params, {**cfg, "final_logit_softcapping": None}).logits(ids))
+    assert uncapped.min() > 1e-5  # far above EXACT_KL at every position
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """`converted(family, scan)` -> (HF folder, bf16 checkpoint) of the 12-layer tiny model, built once each."""
+    from converters.tiny_models import make_test_model
+
+    cache: dict = {}
+
+    def make(family: str, scan: bool = True):
+        if (family, scan) not in cache:
+            root = tmp_path_factory.mktemp(f"{family}-{scan}")
+            hf = make_test_model(family, root / "hf", layers=LAYERS)
+            hf_to_maxtext(hf, root / "mt", scan=scan)
+            cache[family, scan] = (hf, root / "mt")
+        return cache[family, scan]
+
+    return make
+
+
+@pytest.mark.parametrize("family", ["gemma4", "gemma4-kv"])
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unscanned"])
+def test_converted_checkpoint_verifies(converted, family, scan):
+    hf, ckpt = converted(family, scan)
+    r = verify(maxtext=ckpt, hf=hf)
+    v = r.data["verdict"]
+    assert r.passed, v
+    assert r.data["prompts"][-1]["name"] == "long" and r.data["prompts"][-1]["num_tokens"] >= 400
+    assert v["content"]["passed"] and v["content"]["within_bound"] == 1  # the embedding, times sqrt(72)
+    assert v["layout"]["kl_max"] < EXACT_KL
+    assert r.data["warnings"] == []
+
+
+def _wrong(kind: str):
+    """Gemma4's rules with one mistake per kind of transform the family has, undone by its inverse."""
+    rules = Gemma4.kind_rules
+
+    def kind_rules(d, glob):
+        out = []
+        for r in rules.__func__(Gemma4, d, glob):
+            chain, mt = r.chain, r.mt
+            if kind == "rope_interleaved" and r.hf.endswith(("q_proj.weight", "k_proj.weight")):  # Llama 3.1's layout
+                chain = (*chain, RopeInterleave())
+            elif kind == "query_scale_baked" and r.hf.endswith("q_norm.weight"):
+                # a 1/sqrt(head_dim) that MaxText's gemma4 block does not apply (query_pre_attn_scalar 1.0); in the
+                # query kernel the q norm that follows would remove it, in the norm's scale it acts
+                chain = (Scale(r.hf_shape[0] ** -0.5),)
+            elif kind == "norm_plus_one" and r.hf.endswith("layernorm.weight"):  # Gemma 2/3's 1 + w
+                chain = (Offset(1.0),)
+            elif kind == "out_heads_and_dims_swapped" and r.hf.endswith("o_proj.weight"):
+                n, dd, e = r.mt_shape
+                chain = (Kernel((dd, n, e), n_in=2), Permute((1, 0, 2)))
+            elif kind == "pre_post_norms_swapped" and r.hf.endswith(
+                ("input_layernorm.weight", "attention_layernorm.weight")
+            ):
+                mt = "post_self_attention_norm/scale" if "input" in r.hf else "pre_self_attention_norm/scale"
+            elif kind == "gate_for_up" and r.hf.endswith(("gate_proj.weight", "up_proj.weight")):
+                mt = "mlp/wi_1/kernel" if "gate" in r.hf else "mlp/wi_0/kernel"
+            out.append(dataclasses.replace(r, chain=chain, mt=mt) if (chain, mt) != (r.chain, r.mt) else r)
+        return tuple(out)
+
+    return classmethod(lambda cls, d, glob: kind_rules(d, glob))
+
+
+def _transposed_blocks(cls, d, scan):
+    """The nested local stack in the wrong order: [.., 5, blocks, ..] read as (position, block)."""
+    blocks = d.layers // P
+    local = tuple(b * P + q for q in range(P - 1) for b in range(blocks))
+    glob = tuple(b * P + P - 1 for b in range(blocks))
+    return [
+        LayerGroup(cls.kind_rules(d, False), local, LOCAL, (), stack=(blocks, P - 1)),
+        LayerGroup(cls.kind_rules(d, True), glob, GLOBAL, ()),
+    ]
+
+
+WRONG = [
+    "rope_interleaved",
+    "query_scale_baked",
+    "norm_plus_one",
+    "out_heads_and_dims_swapped",
+    "pre_post_norms_swapped",
+    "gate_for_up",
+    "layer_stacks",
+]
+
+
+@pytest.mark.parametrize("kind", WRONG)
+def test_a_mapping_wrong_both_ways_fails_layout(kind, tiny_model, tmp_path, monkeypatch):
+    src = tiny_model("gemma4", layers=LAYERS, dtype="float32")
+    if kind == "layer_stacks":
+        monkeypatch.setattr(Gemma4, "layer_groups", classmethod(_transposed_blocks))
+    else:
+        monkeypatch.setattr(Gemma4, "kind_rules", _wrong(kind))
+    hf_to_maxtext(src, tmp_path / "mt", scan=True, dtype="float32")
+    (tmp_path / "short.jsonl").write_text(SHORT)
+    r = verify(maxtext=tmp_path / "mt", hf=src, prompts_file=tmp_path / "short.jsonl")
+    v = r.data["verdict"]
+    print(kind, "layout KL", v["layout"]["kl_max"])
+    assert v["content"]["passed"] and v["content"]["failed"] == 0, v["content"]["failures"]  # the inverse undid it
+    assert not v["layout"]["passed"] and v["layout"]["kl_max"] > 100 * v["layout"]["max_kl"], v["layout"]
+    assert not r.passed
+
+
+def test_damaged_checkpoint_fails_content_by_name(converted, tmp_path):
+    """A q_norm scale doubled in HF layer 7 (entry (1, 1) of the nested local stack) and layer_scalar of HF layer 11
+    (entry 1 of the global stack) negated."""
+    hf, good = converted("gemma4", True)
+    (tmp_path / "short.jsonl").write_text(SHORT)
+    tree = restore_tree(good)
+    blocks = tree["params"]["params"]["decoder"]["scanned_blocks"]
+    qn = blocks["local_layers"]["self_attention"]["query_norm"]
+    qn["scale"] = np.array(qn["scale"])
+    qn["scale"][:, 1, 1] = qn["scale"][:, 1, 1].astype(np.float32) * 2
+    g = blocks["global_layer"]
+    g["layer_scalar"] = np.array(g["layer_scalar"])
+    g["layer_scalar"][:, 1] = -g["layer_scalar"][:, 1]
+    r = verify(maxtext=save_tree(tree, good, tmp_path / "bad"), hf=hf, prompts_file=tmp_path / "short.jsonl")
+    assert not r.passed and {f["tensor"] for f in r.data["verdict"]["content"]["failures"]} == {
+        "model.layers.7.self_attn.q_norm.weight",
+        "model.layers.11.layer_scalar",
+    }
+
+
+def test_configs_the_reference_refuses(tiny_model):
+    from converters.verify.reference.common import hf_config_object
+    from converters.verify.reference.gemma4 import Gemma4Forward
+
+    cfg = json.loads((tiny_model("gemma4", layers=LAYERS) / "config.json").read_text())
+    fwd = Gemma4Forward()
+    fwd.make_spec(hf_config_object(cfg))
+    rp = cfg["rope_parameters"]
+    for changes, reason in (
+        ({"hidden_size_per_layer_input": 16}, "per-layer embeddings"),
+        ({"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 8}, "MoE"),
+        ({"rope_parameters": {**rp, "sliding_attention": {"rope_type": "linear", "factor": 2.0}}}, "rope_type"),
+    ):
+        with pytest.raises(UnsupportedModelError, match=reason):
+            fwd.make_spec(hf_config_object({**cfg, **changes}))
