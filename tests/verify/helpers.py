@@ -32,6 +32,24 @@ def converted_cache(hf_model, tmp_path_factory, family: str):
     return make
 
 
+def variants_cache(tmp_path_factory, layers: int):
+    """Body of a module-scoped `converted` fixture over several test models: `make(test_model, scan=True)` ->
+    (HF folder, bf16 checkpoint) of the `layers`-layer tiny model, built once each."""
+    from converters.tiny_models import make_test_model
+
+    cache: dict = {}
+
+    def make(test_model: str, scan: bool = True):
+        if (test_model, scan) not in cache:
+            root = tmp_path_factory.mktemp(f"{test_model}-{scan}")
+            hf = make_test_model(test_model, root / "hf", layers=layers)
+            hf_to_maxtext(hf, root / "mt", scan=scan)
+            cache[test_model, scan] = (hf, root / "mt")
+        return cache[test_model, scan]
+
+    return make
+
+
 def hf_float32(folder: Path) -> tuple[dict, dict]:
     """(config.json, every HF tensor as float32)."""
     cfg = json.loads((folder / "config.json").read_text())

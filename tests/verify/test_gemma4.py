@@ -29,7 +29,14 @@ from converters.families.gemma4 import GLOBAL, LOCAL, Gemma4
 from converters.verify import verify
 from converters.verify.metrics import kl_per_token
 from converters.verify.reference import ReferenceModel
-from tests.verify.helpers import assert_reference_matches_transformers, hf_float32, hf_logits, restore_tree, save_tree
+from tests.verify.helpers import (
+    assert_reference_matches_transformers,
+    hf_float32,
+    hf_logits,
+    restore_tree,
+    save_tree,
+    variants_cache,
+)
 
 LAYERS, P = 12, 6
 EXACT_KL = 1e-9
@@ -113,19 +120,7 @@ def test_the_window_the_partial_rope_and_the_softcap_are_applied(tiny_model):
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """`converted(family, scan)` -> (HF folder, bf16 checkpoint) of the 12-layer tiny model, built once each."""
-    from converters.tiny_models import make_test_model
-
-    cache: dict = {}
-
-    def make(family: str, scan: bool = True):
-        if (family, scan) not in cache:
-            root = tmp_path_factory.mktemp(f"{family}-{scan}")
-            hf = make_test_model(family, root / "hf", layers=LAYERS)
-            hf_to_maxtext(hf, root / "mt", scan=scan)
-            cache[family, scan] = (hf, root / "mt")
-        return cache[family, scan]
-
-    return make
+    return variants_cache(tmp_path_factory, LAYERS)
 
 
 @pytest.mark.parametrize("family", ["gemma4", "gemma4-kv"])

@@ -37,6 +37,7 @@ from tests.verify.helpers import (
     hf_logits,
     restore_tree,
     save_tree,
+    variants_cache,
 )
 
 LAYERS, P = 8, 4
@@ -113,19 +114,7 @@ def test_the_window_and_each_layer_types_rope_are_applied(tiny_model, tmp_path):
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """`converted(family, scan)` -> (HF folder, bf16 checkpoint) of the 8-layer tiny model, built once each."""
-    from converters.tiny_models import make_test_model
-
-    cache: dict = {}
-
-    def make(family: str, scan: bool = True):
-        if (family, scan) not in cache:
-            root = tmp_path_factory.mktemp(f"{family}-{scan}")
-            hf = make_test_model(family, root / "hf", layers=LAYERS)
-            hf_to_maxtext(hf, root / "mt", scan=scan)
-            cache[family, scan] = (hf, root / "mt")
-        return cache[family, scan]
-
-    return make
+    return variants_cache(tmp_path_factory, LAYERS)
 
 
 @pytest.mark.parametrize("family", ["olmo3", "olmo3-pt"])
