@@ -66,6 +66,28 @@ def assert_bit_exact(a: dict, b: dict):
         assert np.array_equal(bits(a[k]), bits(b[k])), f"{k} not bit-exact"
 
 
+def ulp_distance(a: np.ndarray, b: np.ndarray) -> int:
+    assert a.dtype == b.dtype and a.shape == b.shape
+    ints = {2: np.int16, 4: np.int32}[a.dtype.itemsize]
+    return int(np.abs(a.view(ints).astype(np.int64) - b.view(ints).astype(np.int64)).max())
+
+
+def assert_close(a: dict, b: dict, scaled: str) -> int:
+    """Tensors of two folders or trees bit-exact except names ending in `scaled` (<= 1 ulp); returns the largest
+    ulp distance seen there."""
+    assert sorted(a) == sorted(b), sorted(set(a) ^ set(b))
+    worst = 0
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        d = ulp_distance(a[k], b[k])
+        if k.endswith(scaled):
+            assert d <= 1, k
+            worst = max(worst, d)
+        else:
+            assert d == 0, f"{k} not bit-exact"
+    return worst
+
+
 def round_trip(src: Path, tmp: Path, *, scan: bool, dtype: str = "bfloat16", **kw) -> tuple[dict, dict]:
     """HF -> MaxText -> HF -> MaxText; asserts both HF folders and both checkpoints are bit-identical.
     Returns (MaxText params, HF tensors) of the first pass."""

@@ -30,31 +30,10 @@ from converters.core import registry
 from converters.errors import MappingError, UnsupportedModelError
 from converters.families.gemma4 import GEMMA4_31B, Gemma4
 from converters.io.orbax import read_params
-from tests.families.helpers import IDS, exported_logits, hf_tensors
+from tests.families.helpers import IDS, assert_close, exported_logits, hf_tensors, ulp_distance
 
 LAYERS, P, BLOCKS = 12, 6, 2
 E, N, KV, D, GKV, GD, F = 72, 4, 2, 16, 1, 32, 96
-
-
-def ulp_distance(a: np.ndarray, b: np.ndarray) -> int:
-    assert a.dtype == b.dtype and a.shape == b.shape
-    ints = {2: np.int16, 4: np.int32}[a.dtype.itemsize]
-    return int(np.abs(a.view(ints).astype(np.int64) - b.view(ints).astype(np.int64)).max())
-
-
-def assert_close(a: dict, b: dict, scaled: str) -> int:
-    """Bit-exact except names ending in `scaled` (<= 1 ulp); returns the largest ulp distance seen there."""
-    assert sorted(a) == sorted(b), sorted(set(a) ^ set(b))
-    worst = 0
-    for k in a:
-        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
-        d = ulp_distance(a[k], b[k])
-        if k.endswith(scaled):
-            assert d <= 1, k
-            worst = max(worst, d)
-        else:
-            assert d == 0, f"{k} not bit-exact"
-    return worst
 
 
 def expected_layer(hf: dict, i: int, k_eq_v: bool) -> dict:
