@@ -210,6 +210,23 @@ class Deinterleave(Split):
         return out
 
 
+@dataclass(repr=False)
+class Chunks(Split):
+    """Part k is the k-th of n equal contiguous blocks along `axis` (Qwen3-VL's vision `qkv`: q, k, v row blocks)."""
+
+    n: int = 3
+    axis: int = 0
+
+    def take(self, x, k):
+        size = x.shape[self.axis] // self.n
+        index = [slice(None)] * x.ndim
+        index[self.axis] = slice(k * size, (k + 1) * size)
+        return x[tuple(index)]
+
+    def join(self, parts):
+        return np.concatenate(parts, axis=self.axis)
+
+
 def run_chain(
     chain: tuple[Transform, ...], x: np.ndarray, out_dtype: np.dtype | None, inverse: bool = False
 ) -> np.ndarray:
