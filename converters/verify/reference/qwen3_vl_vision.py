@@ -1,0 +1,253 @@
+"""What MaxText 0.2.5 computes in Qwen3-VL's vision tower (`Qwen3VLVisionEncoder` + `Qwen3VLVisionProjector`).
+
+MaxText's classes (models/qwen3.py `Qwen3OmniMoeVision*`, layers/embeddings.py
+`Qwen3OmniMoeVisionPosEmbedInterpolate` / `Qwen3OmniMoeVisionRotaryEmbedding` / `generate_block_coords`,
+layers/attentions.py with `is_vision=True`), for one image of `grid_thw = (t, h, w)` patches whose pixels come as
+HF's processor gives them, `[t*h*w, C*tps*ps*ps]`, patches already in the 2x2-merge-block order (MaxText reshapes
+the same buffer to `[-1, C, tps, ps, ps]`):
+
+  * patch embedding: the 3D conv with stride = kernel, i.e. one dense map of each patch, plus bias (float32);
+  * positions: the square `pos_embed` grid (side n) sampled bilinearly at (row, col) * (n-1) / (h-1, w-1), the
+    (row, col) of token s read from the block order (`generate_block_coords`); MaxText casts the interpolated
+    table to bfloat16 before adding it (`cast_as_fprop_dtype` with its default `fprop_dtype=bfloat16`);
+  * blocks: x += attn(LN1(x)); x += fc2(gelu_tanh(fc1(LN2(x)))); attention over the whole image, no mask,
+    q/k rotated by 2D rotary embedding (head_dim/4 frequencies of theta 10000: rows' then columns' angles,
+    doubled, half-split rotation), query scaled by head_dim**-0.5 at run time; LayerNorm eps 1e-6
+    (`normalization_layer_epsilon`);
+  * deepstack: the output of block `deepstack_visual_indexes[k]`, 4 consecutive tokens concatenated, LayerNorm over
+    4H, fc1, GELU, fc2 (`merger_<k>`); the projector: LayerNorm over H, then the same on the final output;
+  * MaxText's merger GELU is `jax.nn.gelu`'s default, the tanh approximation; HF's `nn.GELU()` is exact.
+
+`maxtext_numerics=False` (what verify's layout check compares with transformers) follows HF in the two places
+where MaxText's tower computes something else whatever the checkpoint holds: the exact merger GELU and the float32
+position table. `maxtext_numerics=True` is MaxText's own computation; the family warns about the difference.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from converters.errors import CkptflowError
+from converters.families.qwen3_vl_vision import ENCODER, PROJECTOR
+from converters.verify.reference.common import require
+
+EPS = 1e-6  # MaxText's normalization_layer_epsilon in the qwen3-vl ymls; HF hard-codes 1e-6 in the tower
+ROPE_THETA = 10000.0  # MaxText rope_theta_for_vit (base.yml); HF's vision rope_parameters default
+
+
+class VisionSpec(NamedTuple):
+    """The tower's sizes (hashable: a jit static argument)."""
+
+    layers: int
+    hidden: int
+    heads: int
+    mlp: int
+    channels: int
+    patch: int
+    temporal_patch: int
+    merge: int
+    out: int
+    positions: int
+    deepstack: tuple[int, ...]
+    rope_theta: float = ROPE_THETA
+    maxtext_numerics: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+def vision_spec(v, *, maxtext_numerics: bool = False) -> VisionSpec:
+    """From a transformers `Qwen3VLVisionConfig`; refuses what MaxText's tower does not compute."""
+    act = getattr(v, "hidden_act", "gelu_pytorch_tanh")
+    require(act in ("gelu_pytorch_tanh", "gelu_tanh"), f"vision hidden_act={act!r} (MaxText's blocks use GELU tanh)")
+    rp = dict(getattr(v, "rope_parameters", None) or {})
+    require(rp.get("rope_type", "axial") == "axial", f"vision rope_type={rp.get('rope_type')!r}")
+    theta = float(rp.get("rope_theta", ROPE_THETA))
+    require(theta == ROPE_THETA, f"vision rope_theta={theta} (MaxText's rope_theta_for_vit is {ROPE_THETA})")
+    for k in ("patch_size", "temporal_patch_size"):
+        require(isinstance(getattr(v, k), int), f"vision {k}={getattr(v, k)!r} (one int)")
+    return VisionSpec(
+        layers=int(v.depth),
+        hidden=int(v.hidden_size),
+        heads=int(v.num_heads),
+        mlp=int(v.intermediate_size),
+        channels=int(v.in_channels),
+        patch=int(v.patch_size),
+        temporal_patch=int(v.temporal_patch_size),
+        merge=int(v.spatial_merge_size),
+        out=int(v.out_hidden_size),
+        positions=int(v.num_position_embeddings),
+        deepstack=tuple(int(i) for i in v.deepstack_visual_indexes),
+        maxtext_numerics=maxtext_numerics,
+    )
+
+
+def _merger_keys(prefix: str) -> tuple[str, ...]:
+    return tuple(
+        f"{prefix}{m}/{w}" for m in ("ln_q", "mlp_0", "mlp_2") for w in ("scale" if m == "ln_q" else "kernel", "bias")
+    )
+
+
+BLOCK_KEYS = (
+    "ln1/scale",
+    "ln1/bias",
+    "ln2/scale",
+    "ln2/bias",
+    *(f"attn/attn/{m}/{w}" for m in ("query", "key", "value", "out") for w in ("kernel", "bias")),
+    "mlp/kernel",
+    "mlp/bias",
+    "mlp_out/kernel",
+    "mlp_out/bias",
+)
+
+
+def vision_keys(vs: VisionSpec) -> tuple[str, ...]:
+    """Every array of the tower (global keys of the Qwen3-VL reference when the checkpoint is multimodal)."""
+    keys = [
+        f"{ENCODER}/patch_embed/proj/kernel",
+        f"{ENCODER}/patch_embed/proj/bias",
+        f"{ENCODER}/pos_embed_interpolate/pos_embed",
+    ]
+    keys += [f"{ENCODER}/blocks_{i}/{k}" for i in range(vs.layers) for k in BLOCK_KEYS]
+    for k in range(len(vs.deepstack)):
+        keys += _merger_keys(f"{ENCODER}/merger_{k}/")
+    keys += _merger_keys(f"{PROJECTOR}/merger/")
+    return tuple(keys)
+
+
+# ------------------------------------------------------------------------------------------------ compute
+
+
+def layer_norm(x, scale, bias):
+    """flax nnx.LayerNorm in float32 (mean, variance over the last axis, eps 1e-6)."""
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + EPS) * scale + bias
+
+
+def block_coords(t: int, h: int, w: int, merge: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row, col) of each token in the merge-block order (MaxText `generate_block_coords`, HF's processor order)."""
+    s = np.arange(t * h * w) % (h * w)
+    intra_col = s % merge
+    intra_row = (s // merge) % merge
+    block_col = (s // (merge * merge)) % (w // merge)
+    block_row = s // ((w // merge) * merge * merge)
+    return block_row * merge + intra_row, block_col * merge + intra_col
+
+
+def interpolated_positions(table, row, col, h: int, w: int):
+    """Bilinear samples of the square position grid (MaxText `Qwen3OmniMoeVisionPosEmbedInterpolate`)."""
+    n = int(round(table.shape[0] ** 0.5))
+    grid = table.reshape(n, n, -1)
+    y = jnp.asarray(row / max(h - 1, 1), jnp.float32) * (n - 1)
+    x = jnp.asarray(col / max(w - 1, 1), jnp.float32) * (n - 1)
+    y0 = jnp.floor(y).astype(jnp.int32)
+    x0 = jnp.floor(x).astype(jnp.int32)
+    y1 = jnp.minimum(y0 + 1, n - 1)
+    x1 = jnp.minimum(x0 + 1, n - 1)
+    dy = (y - y0)[:, None]
+    dx = (x - x0)[:, None]
+    return (
+        (1.0 - dy) * (1.0 - dx) * grid[y0, x0]
+        + (1.0 - dy) * dx * grid[y0, x1]
+        + dy * (1.0 - dx) * grid[y1, x0]
+        + dy * dx * grid[y1, x1]
+    )
+
+
+def rotary(x, row, col, theta: float):
+    """2D rotary embedding of [S, N, D] (MaxText `Qwen3OmniMoeVisionRotaryEmbedding`, float32 cos/sin)."""
+    d = x.shape[-1]
+    half = d // 2
+    inv = 1.0 / (theta ** (jnp.arange(0, half, 2, dtype=jnp.float32) / half))
+    ang = jnp.concatenate(
+        [jnp.asarray(row, jnp.float32)[:, None] * inv, jnp.asarray(col, jnp.float32)[:, None] * inv], -1
+    )
+    ang = jnp.concatenate([ang, ang], axis=-1)[:, None, :]
+    rot = jnp.concatenate([-x[..., d // 2 :], x[..., : d // 2]], axis=-1)
+    return x * jnp.cos(ang) + rot * jnp.sin(ang)
+
+
+def _merger(vs: VisionSpec, g, prefix: str, x, post_shuffle: bool):
+    s, H = x.shape
+    m2 = vs.merge * vs.merge
+    w = lambda k: g[prefix + k].astype(jnp.float32)  # noqa: E731
+    if post_shuffle:
+        x = layer_norm(x.reshape(s // m2, m2 * H), w("ln_q/scale"), w("ln_q/bias"))
+    else:
+        x = layer_norm(x, w("ln_q/scale"), w("ln_q/bias")).reshape(s // m2, m2 * H)
+    x = x @ w("mlp_0/kernel") + w("mlp_0/bias")
+    x = jax.nn.gelu(x, approximate=vs.maxtext_numerics)
+    return x @ w("mlp_2/kernel") + w("mlp_2/bias")
+
+
+def vision_image(vs: VisionSpec, g: dict, patches, grid: tuple[int, int, int]):
+    """One image: patches `[t*h*w, C*tps*ps*ps]` -> (tokens `[t*h*w/4, out]`, deepstack features, each the same shape).
+    `g`: the tower's arrays by path (any dtype; the tower computes in float32, MaxText's `dtype_mm`)."""
+    t, h, w = grid
+    D = vs.head_dim
+    f32 = jnp.float32
+    p = lambda k: g[k].astype(f32)  # noqa: E731
+    x = patches.astype(f32).reshape(-1, vs.channels, vs.temporal_patch, vs.patch, vs.patch)
+    # flax conv on channels-last patches, stride = kernel: each output is one patch's dot with the kernel
+    x = jnp.einsum("scijk,ijkch->sh", x, p(f"{ENCODER}/patch_embed/proj/kernel"))
+    x = x + p(f"{ENCODER}/patch_embed/proj/bias")
+    row, col = block_coords(t, h, w, vs.merge)
+    pos = interpolated_positions(p(f"{ENCODER}/pos_embed_interpolate/pos_embed"), row, col, h, w)
+    if vs.maxtext_numerics:
+        pos = pos.astype(jnp.bfloat16).astype(f32)
+    x = x + pos
+    deep = []
+    for i in range(vs.layers):
+        b = f"{ENCODER}/blocks_{i}/"
+        a = b + "attn/attn/"
+        y = layer_norm(x, p(b + "ln1/scale"), p(b + "ln1/bias"))
+        q = jnp.einsum("sh,hnd->snd", y, p(a + "query/kernel")) + p(a + "query/bias")
+        k = jnp.einsum("sh,hnd->snd", y, p(a + "key/kernel")) + p(a + "key/bias")
+        v = jnp.einsum("sh,hnd->snd", y, p(a + "value/kernel")) + p(a + "value/bias")
+        q = rotary(q, row, col, vs.rope_theta) * D**-0.5  # query_pre_attn_scalar, after RoPE
+        k = rotary(k, row, col, vs.rope_theta)
+        att = jax.nn.softmax(jnp.einsum("tnd,snd->nts", q, k), axis=-1)
+        o = jnp.einsum("nts,snd->tnd", att, v)
+        x = x + jnp.einsum("tnd,ndh->th", o, p(a + "out/kernel")) + p(a + "out/bias")
+        y = layer_norm(x, p(b + "ln2/scale"), p(b + "ln2/bias"))
+        y = jax.nn.gelu(y @ p(b + "mlp/kernel") + p(b + "mlp/bias"), approximate=True)
+        x = x + y @ p(b + "mlp_out/kernel") + p(b + "mlp_out/bias")
+        if i in vs.deepstack:
+            deep.append(_merger(vs, g, f"{ENCODER}/merger_{vs.deepstack.index(i)}/", x, True))
+    return _merger(vs, g, f"{PROJECTOR}/merger/", x, False), deep
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted():
+    return jax.jit(vision_image, static_argnums=(0, 3))
+
+
+def vision_features(vs: VisionSpec, g: dict, pixel_values, grid_thw) -> tuple[np.ndarray, list[np.ndarray]]:
+    """All images of a prompt, as HF passes them (`pixel_values` `[sum t*h*w, C*tps*ps*ps]`, `image_grid_thw`
+    `[n, 3]`): (image tokens `[sum t*h*w/4, out]`, one deepstack feature array of that shape per merger), float32."""
+    pixel_values = np.asarray(pixel_values, np.float32)
+    grids = [tuple(int(a) for a in row) for row in np.asarray(grid_thw).reshape(-1, 3)]
+    if sum(t * h * w for t, h, w in grids) != pixel_values.shape[0]:
+        raise CkptflowError(
+            f"pixel_values has {pixel_values.shape[0]} patches; image_grid_thw {grids} needs another count"
+        )
+    for t, h, w in grids:
+        if h % vs.merge or w % vs.merge:
+            raise CkptflowError(f"image grid {(t, h, w)} is not a multiple of the {vs.merge}x{vs.merge} merge")
+    g = {k: jnp.asarray(v) for k, v in g.items()}
+    tokens, deep, at = [], [[] for _ in vs.deepstack], 0
+    for grid in grids:
+        n = grid[0] * grid[1] * grid[2]
+        out, feats = _jitted()(vs, g, jnp.asarray(pixel_values[at : at + n]), grid)
+        tokens.append(np.asarray(out))
+        for k, f in enumerate(feats):
+            deep[k].append(np.asarray(f))
+        at += n
+    return np.concatenate(tokens), [np.concatenate(d) for d in deep]

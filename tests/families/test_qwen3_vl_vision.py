@@ -1,0 +1,368 @@
+"""Qwen3-VL's vision tower (converters/families/qwen3_vl_vision.py): stored values in MaxText's layout, bit-exact
+round trips, MaxText's real-size tree, and the configs it refuses. The tower standalone, on transformers'
+`Qwen3VLVisionModel`; the multimodal family's own tests cover it inside whole checkpoints."""
+
+from __future__ import annotations
+
+import re
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+from converters.core.mapping import Dims, Family
+from converters.errors import MappingError
+from converters.families import qwen3_vl_vision as tower
+from tests.families.helpers import bits
+
+# the tiny tower: head_dim 16 (4 rotary frequencies per axis), a 6x6 position grid, deepstack after blocks 0 and 2
+TINY = {
+    "depth": 3,
+    "hidden_size": 64,
+    "num_heads": 4,
+    "intermediate_size": 96,
+    "in_channels": 3,
+    "patch_size": 4,
+    "temporal_patch_size": 2,
+    "spatial_merge_size": 2,
+    "out_hidden_size": 48,
+    "num_position_embeddings": 36,
+    "deepstack_visual_indexes": [0, 2],
+}
+PUBLISHED = {  # the vision_config of Qwen/Qwen3-VL-{2B,4B,30B-A3B}-Instruct (MaxText's hf_model_configs.py too)
+    "qwen3-vl-2b": {
+        **TINY,
+        "depth": 24,
+        "hidden_size": 1024,
+        "num_heads": 16,
+        "intermediate_size": 4096,
+        "patch_size": 16,
+        "out_hidden_size": 2048,
+        "num_position_embeddings": 2304,
+        "deepstack_visual_indexes": [5, 11, 17],
+    },
+    "qwen3-vl-4b": {
+        **TINY,
+        "depth": 24,
+        "hidden_size": 1024,
+        "num_heads": 16,
+        "intermediate_size": 4096,
+        "patch_size": 16,
+        "out_hidden_size": 2560,
+        "num_position_embeddings": 2304,
+        "deepstack_visual_indexes": [5, 11, 17],
+    },
+    "qwen3-vl-30b-a3b": {
+        **TINY,
+        "depth": 27,
+        "hidden_size": 1152,
+        "num_heads": 16,
+        "intermediate_size": 4304,
+        "patch_size": 16,
+        "out_hidden_size": 2048,
+        "num_position_embeddings": 2304,
+        "deepstack_visual_indexes": [8, 16, 24],
+    },
+}
+
+# MaxText 0.2.5's own tree (create_nnx_abstract_model, use_multimodal=true, scan_layers=false), the tower's arrays:
+# E/ = vision_encoder/Qwen3VLVisionEncoder_0/, P/ = vision_encoder/Qwen3VLVisionProjector_0/, blocks_N = every block
+MAXTEXT_TOWER = {
+    "qwen3-vl-2b": (
+        411,
+        {
+            "E/blocks_N/attn/attn/key/bias": (16, 64),
+            "E/blocks_N/attn/attn/key/kernel": (1024, 16, 64),
+            "E/blocks_N/attn/attn/out/bias": (1024,),
+            "E/blocks_N/attn/attn/out/kernel": (16, 64, 1024),
+            "E/blocks_N/attn/attn/query/bias": (16, 64),
+            "E/blocks_N/attn/attn/query/kernel": (1024, 16, 64),
+            "E/blocks_N/attn/attn/value/bias": (16, 64),
+            "E/blocks_N/attn/attn/value/kernel": (1024, 16, 64),
+            "E/blocks_N/ln1/bias": (1024,),
+            "E/blocks_N/ln1/scale": (1024,),
+            "E/blocks_N/ln2/bias": (1024,),
+            "E/blocks_N/ln2/scale": (1024,),
+            "E/blocks_N/mlp/bias": (4096,),
+            "E/blocks_N/mlp/kernel": (1024, 4096),
+            "E/blocks_N/mlp_out/bias": (1024,),
+            "E/blocks_N/mlp_out/kernel": (4096, 1024),
+            "E/merger_0/ln_q/bias": (4096,),
+            "E/merger_0/ln_q/scale": (4096,),
+            "E/merger_0/mlp_0/bias": (4096,),
+            "E/merger_0/mlp_0/kernel": (4096, 4096),
+            "E/merger_0/mlp_2/bias": (2048,),
+            "E/merger_0/mlp_2/kernel": (4096, 2048),
+            "E/merger_1/ln_q/bias": (4096,),
+            "E/merger_1/ln_q/scale": (4096,),
+            "E/merger_1/mlp_0/bias": (4096,),
+            "E/merger_1/mlp_0/kernel": (4096, 4096),
+            "E/merger_1/mlp_2/bias": (2048,),
+            "E/merger_1/mlp_2/kernel": (4096, 2048),
+            "E/merger_2/ln_q/bias": (4096,),
+            "E/merger_2/ln_q/scale": (4096,),
+            "E/merger_2/mlp_0/bias": (4096,),
+            "E/merger_2/mlp_0/kernel": (4096, 4096),
+            "E/merger_2/mlp_2/bias": (2048,),
+            "E/merger_2/mlp_2/kernel": (4096, 2048),
+            "E/patch_embed/proj/bias": (1024,),
+            "E/patch_embed/proj/kernel": (2, 16, 16, 3, 1024),
+            "E/pos_embed_interpolate/pos_embed": (2304, 1024),
+            "P/merger/ln_q/bias": (1024,),
+            "P/merger/ln_q/scale": (1024,),
+            "P/merger/mlp_0/bias": (4096,),
+            "P/merger/mlp_0/kernel": (4096, 4096),
+            "P/merger/mlp_2/bias": (2048,),
+            "P/merger/mlp_2/kernel": (4096, 2048),
+        },
+    ),
+    "qwen3-vl-4b": (
+        411,
+        {
+            "E/blocks_N/attn/attn/key/bias": (16, 64),
+            "E/blocks_N/attn/attn/key/kernel": (1024, 16, 64),
+            "E/blocks_N/attn/attn/out/bias": (1024,),
+            "E/blocks_N/attn/attn/out/kernel": (16, 64, 1024),
+            "E/blocks_N/attn/attn/query/bias": (16, 64),
+            "E/blocks_N/attn/attn/query/kernel": (1024, 16, 64),
+            "E/blocks_N/attn/attn/value/bias": (16, 64),
+            "E/blocks_N/attn/attn/value/kernel": (1024, 16, 64),
+            "E/blocks_N/ln1/bias": (1024,),
+            "E/blocks_N/ln1/scale": (1024,),
+            "E/blocks_N/ln2/bias": (1024,),
+            "E/blocks_N/ln2/scale": (1024,),
+            "E/blocks_N/mlp/bias": (4096,),
+            "E/blocks_N/mlp/kernel": (1024, 4096),
+            "E/blocks_N/mlp_out/bias": (1024,),
+            "E/blocks_N/mlp_out/kernel": (4096, 1024),
+            "E/merger_0/ln_q/bias": (4096,),
+            "E/merger_0/ln_q/scale": (4096,),
+            "E/merger_0/mlp_0/bias": (4096,),
+            "E/merger_0/mlp_0/kernel": (4096, 4096),
+            "E/merger_0/mlp_2/bias": (2560,),
+            "E/merger_0/mlp_2/kernel": (4096, 2560),
+            "E/merger_1/ln_q/bias": (4096,),
+            "E/merger_1/ln_q/scale": (4096,),
+            "E/merger_1/mlp_0/bias": (4096,),
+            "E/merger_1/mlp_0/kernel": (4096, 4096),
+            "E/merger_1/mlp_2/bias": (2560,),
+            "E/merger_1/mlp_2/kernel": (4096, 2560),
+            "E/merger_2/ln_q/bias": (4096,),
+            "E/merger_2/ln_q/scale": (4096,),
+            "E/merger_2/mlp_0/bias": (4096,),
+            "E/merger_2/mlp_0/kernel": (4096, 4096),
+            "E/merger_2/mlp_2/bias": (2560,),
+            "E/merger_2/mlp_2/kernel": (4096, 2560),
+            "E/patch_embed/proj/bias": (1024,),
+            "E/patch_embed/proj/kernel": (2, 16, 16, 3, 1024),
+            "E/pos_embed_interpolate/pos_embed": (2304, 1024),
+            "P/merger/ln_q/bias": (1024,),
+            "P/merger/ln_q/scale": (1024,),
+            "P/merger/mlp_0/bias": (4096,),
+            "P/merger/mlp_0/kernel": (4096, 4096),
+            "P/merger/mlp_2/bias": (2560,),
+            "P/merger/mlp_2/kernel": (4096, 2560),
+        },
+    ),
+    "qwen3-vl-30b-a3b": (
+        459,
+        {
+            "E/blocks_N/attn/attn/key/bias": (16, 72),
+            "E/blocks_N/attn/attn/key/kernel": (1152, 16, 72),
+            "E/blocks_N/attn/attn/out/bias": (1152,),
+            "E/blocks_N/attn/attn/out/kernel": (16, 72, 1152),
+            "E/blocks_N/attn/attn/query/bias": (16, 72),
+            "E/blocks_N/attn/attn/query/kernel": (1152, 16, 72),
+            "E/blocks_N/attn/attn/value/bias": (16, 72),
+            "E/blocks_N/attn/attn/value/kernel": (1152, 16, 72),
+            "E/blocks_N/ln1/bias": (1152,),
+            "E/blocks_N/ln1/scale": (1152,),
+            "E/blocks_N/ln2/bias": (1152,),
+            "E/blocks_N/ln2/scale": (1152,),
+            "E/blocks_N/mlp/bias": (4304,),
+            "E/blocks_N/mlp/kernel": (1152, 4304),
+            "E/blocks_N/mlp_out/bias": (1152,),
+            "E/blocks_N/mlp_out/kernel": (4304, 1152),
+            "E/merger_0/ln_q/bias": (4608,),
+            "E/merger_0/ln_q/scale": (4608,),
+            "E/merger_0/mlp_0/bias": (4608,),
+            "E/merger_0/mlp_0/kernel": (4608, 4608),
+            "E/merger_0/mlp_2/bias": (2048,),
+            "E/merger_0/mlp_2/kernel": (4608, 2048),
+            "E/merger_1/ln_q/bias": (4608,),
+            "E/merger_1/ln_q/scale": (4608,),
+            "E/merger_1/mlp_0/bias": (4608,),
+            "E/merger_1/mlp_0/kernel": (4608, 4608),
+            "E/merger_1/mlp_2/bias": (2048,),
+            "E/merger_1/mlp_2/kernel": (4608, 2048),
+            "E/merger_2/ln_q/bias": (4608,),
+            "E/merger_2/ln_q/scale": (4608,),
+            "E/merger_2/mlp_0/bias": (4608,),
+            "E/merger_2/mlp_0/kernel": (4608, 4608),
+            "E/merger_2/mlp_2/bias": (2048,),
+            "E/merger_2/mlp_2/kernel": (4608, 2048),
+            "E/patch_embed/proj/bias": (1152,),
+            "E/patch_embed/proj/kernel": (2, 16, 16, 3, 1152),
+            "E/pos_embed_interpolate/pos_embed": (2304, 1152),
+            "P/merger/ln_q/bias": (1152,),
+            "P/merger/ln_q/scale": (1152,),
+            "P/merger/mlp_0/bias": (4608,),
+            "P/merger/mlp_0/kernel": (4608, 4608),
+            "P/merger/mlp_2/bias": (2048,),
+            "P/merger/mlp_2/kernel": (4608, 2048),
+        },
+    ),
+}
+
+
+class Tower(Family):
+    """The tower alone, as a plan (not registered: the Qwen3-VL family carries it)."""
+
+    name = "qwen3-vl-vision"
+
+    @classmethod
+    def dims(cls, cfg):
+        return Dims(
+            emb=0,
+            heads=0,
+            kv_heads=0,
+            head_dim=0,
+            mlp=0,
+            vocab=0,
+            layers=0,
+            tied=True,
+            extra={"v": tower.vision_dims(cfg)},
+        )
+
+    @classmethod
+    def global_rules(cls, d):
+        return tower.vision_rules(d.extra["v"])
+
+    @classmethod
+    def layer_groups(cls, d, scan):
+        return tower.vision_groups(d.extra["v"])
+
+
+def tiny_tower(seed: int = 0) -> dict:
+    """HF tensors of a random tiny Qwen3VLVisionModel, float32, named as in the published checkpoints."""
+    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+    torch.manual_seed(seed)
+    m = Qwen3VLVisionModel(Qwen3VLVisionConfig(**TINY))
+    return {tower.HF + k: v.detach().float().numpy().copy() for k, v in m.state_dict().items()}
+
+
+def to_maxtext(hf: dict, dtype=np.float32) -> dict:
+    out = {}
+    for leaf in Tower.plan(TINY, scan=False):
+        x = hf[leaf.hf_name(leaf.hf_layer)]
+        out[leaf.path] = leaf.rule.to_maxtext(x.astype(dtype), dtype, leaf.split_index)
+        assert out[leaf.path].shape == leaf.shape, leaf.path
+    return out
+
+
+def to_hf(mt: dict, dtype=np.float32) -> dict:
+    out = {}
+    for leaf in Tower.plan(TINY, scan=False):
+        if leaf.split_index == 0:
+            pieces = [mt[p] for p in (leaf.split_paths or (leaf.path,))]
+            out[leaf.hf_name(leaf.hf_layer)] = leaf.rule.to_hf(pieces, dtype)
+    return out
+
+
+def maxtext_hooks(hf: dict) -> dict:
+    """The tower as MaxText 0.2.5's converter lays it out (param_mapping.py QWEN3_VL_..._HOOK_FN), in numpy."""
+    v, E, P = TINY, tower.ENCODER, tower.PROJECTOR
+    H, N = v["hidden_size"], v["num_heads"]
+    D = H // N
+    g = lambda k: hf[tower.HF + k]  # noqa: E731
+    out = {
+        f"{E}/patch_embed/proj/kernel": g("patch_embed.proj.weight").transpose(2, 3, 4, 1, 0),
+        f"{E}/patch_embed/proj/bias": g("patch_embed.proj.bias"),
+        f"{E}/pos_embed_interpolate/pos_embed": g("pos_embed.weight"),
+    }
+    for i in range(v["depth"]):
+        b, m = f"blocks.{i}.", f"{E}/blocks_{i}/"
+        qkv, qkv_b = g(b + "attn.qkv.weight"), g(b + "attn.qkv.bias")
+        for k, name in enumerate(("query", "key", "value")):
+            out[m + f"attn/attn/{name}/kernel"] = qkv[k * H : (k + 1) * H].T.reshape(H, N, D)
+            out[m + f"attn/attn/{name}/bias"] = qkv_b[k * H : (k + 1) * H].reshape(N, D)
+        out[m + "attn/attn/out/kernel"] = g(b + "attn.proj.weight").T.reshape(N, D, H)
+        out[m + "attn/attn/out/bias"] = g(b + "attn.proj.bias")
+        for hf_n, mt_n in (("norm1", "ln1"), ("norm2", "ln2")):
+            out[m + f"{mt_n}/scale"], out[m + f"{mt_n}/bias"] = g(b + hf_n + ".weight"), g(b + hf_n + ".bias")
+        for hf_n, mt_n in (("linear_fc1", "mlp"), ("linear_fc2", "mlp_out")):
+            out[m + f"{mt_n}/kernel"], out[m + f"{mt_n}/bias"] = g(f"{b}mlp.{hf_n}.weight").T, g(f"{b}mlp.{hf_n}.bias")
+    mergers = [(f"deepstack_merger_list.{k}.", f"{E}/merger_{k}/") for k in range(len(v["deepstack_visual_indexes"]))]
+    for hf_p, mt_p in [*mergers, ("merger.", f"{P}/merger/")]:
+        out[mt_p + "ln_q/scale"], out[mt_p + "ln_q/bias"] = g(hf_p + "norm.weight"), g(hf_p + "norm.bias")
+        for hf_n, mt_n in (("linear_fc1", "mlp_0"), ("linear_fc2", "mlp_2")):
+            out[mt_p + f"{mt_n}/kernel"], out[mt_p + f"{mt_n}/bias"] = (
+                g(f"{hf_p}{hf_n}.weight").T,
+                g(f"{hf_p}{hf_n}.bias"),
+            )
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return tiny_tower()
+
+
+def test_stored_values_are_maxtexts_layout(hf):
+    ours, theirs = to_maxtext(hf), maxtext_hooks(hf)
+    assert sorted(ours) == sorted(theirs)
+    for k in theirs:
+        assert ours[k].shape == theirs[k].shape, k
+        assert np.array_equal(bits(np.ascontiguousarray(ours[k])), bits(np.ascontiguousarray(theirs[k]))), k
+
+
+def test_every_hf_tensor_is_converted(hf):
+    read = {leaf.hf_name(leaf.hf_layer) for leaf in Tower.plan(TINY, scan=False)}
+    assert read == set(hf)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16], ids=["float32", "bfloat16"])
+def test_round_trip_is_bit_exact(hf, dtype):
+    """Nothing in the tower is scaled: moves only, so both directions are exact in any dtype."""
+    src = {k: v.astype(dtype) for k, v in hf.items()}
+    mt = to_maxtext(src, dtype)
+    back = to_hf(mt, dtype)
+    assert sorted(back) == sorted(src)
+    for k in src:
+        assert back[k].shape == src[k].shape and back[k].dtype == src[k].dtype, k
+        assert np.array_equal(bits(np.ascontiguousarray(back[k])), bits(src[k])), k
+    again = to_maxtext(back, dtype)
+    assert all(np.array_equal(bits(np.ascontiguousarray(again[k])), bits(np.ascontiguousarray(mt[k]))) for k in mt)
+
+
+@pytest.mark.parametrize("model", sorted(MAXTEXT_TOWER))
+def test_real_size_tower_is_maxtexts_tree(model):
+    count, shapes = MAXTEXT_TOWER[model]
+    plan = Tower.plan(PUBLISHED[model], scan=False)
+
+    def short(p):
+        return re.sub(
+            r"blocks_\d+", "blocks_N", p.replace(tower.ENCODER + "/", "E/").replace(tower.PROJECTOR + "/", "P/")
+        )
+
+    assert len(plan) == count
+    ours = {short(leaf.path): leaf.shape for leaf in plan}
+    assert ours == shapes
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"out_hidden_size": 40}, "out_hidden_size 40 != text hidden_size 48"),
+        ({"num_position_embeddings": 30}, "not a square grid"),
+        ({"deepstack_visual_indexes": [0, 3]}, "out of range for depth 3"),
+        ({"num_heads": 5}, "not a multiple of num_heads"),
+        ({"patch_size": [4, 4]}, "patch_size must be a positive integer"),
+    ],
+)
+def test_refused_configs_say_why(change, reason):
+    with pytest.raises(MappingError, match=re.escape(reason)):
+        tower.vision_dims({**TINY, **change}, text_hidden=48)

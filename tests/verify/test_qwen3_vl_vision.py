@@ -1,0 +1,123 @@
+"""Qwen3-VL's vision tower reference (converters/verify/reference/qwen3_vl_vision.py) against transformers'
+`Qwen3VLVisionModel`, float32, on the tiny random tower of tests/families/test_qwen3_vl_vision.py.
+
+1. On weights laid out by the tower's rules, the reference reproduces transformers' image tokens (the projector's
+   output) and every deepstack feature to float32 accumulation noise: measured max |diff| 5e-6 on values up to
+   6.6 (7e-7 relative); the bound is 1e-5 relative (a conv vs a dot product, and attention sums in another order).
+   Two images, non-square grids of different sizes (the position table is interpolated to each).
+2. `maxtext_numerics=True` (MaxText's tanh-GELU in the mergers and its bfloat16-rounded position table) differs
+   from transformers by more than the bound (measured 2e-4 relative): the option really changes the computation.
+3. One wrong mapping per transform is caught: the checkpoint written with it, read back by the same (wrong)
+   inverse, gives transformers the original weights, so only the reference on the checkpoint can see it -- it must
+   differ from transformers by more than 100x the bound.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from converters.core.transforms import Deinterleave, Permute, Reshape
+from converters.families import qwen3_vl_vision as tower
+from converters.verify.reference import qwen3_vl_vision as ref
+from tests.families.test_qwen3_vl_vision import TINY, to_maxtext
+
+BOUND = 1e-5  # relative to the largest output value: float32 summation-order noise, see the docstring
+# images (t = 1): for a video (t > 1) HF attends within each frame (one cu_seqlens span per frame) and MaxText over
+# all frames of the video at once, so the two differ whatever the checkpoint; verify uses images only
+GRIDS = [[1, 6, 8], [1, 4, 2]]
+
+
+@pytest.fixture(scope="module")
+def hf_tower():
+    """A tiny random Qwen3VLVisionModel (weights ~N(0, 0.2), so every block matters) and its outputs on the GRIDS
+    images: (HF tensors, pixels, image tokens, deepstack features)."""
+    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+    torch.manual_seed(0)
+    cfg = Qwen3VLVisionConfig(**TINY)
+    cfg._attn_implementation = "eager"
+    m = Qwen3VLVisionModel(cfg).float().eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.2)
+    n = sum(t * h * w for t, h, w in GRIDS)
+    pixels = torch.randn(n, TINY["in_channels"] * TINY["temporal_patch_size"] * TINY["patch_size"] ** 2)
+    with torch.no_grad():
+        out = m(pixels, grid_thw=torch.tensor(GRIDS))
+    hf = {tower.HF + k: v.numpy().copy() for k, v in m.state_dict().items()}
+    return cfg, hf, pixels.numpy(), out.pooler_output.numpy(), [d.numpy() for d in out.deepstack_features]
+
+
+def relative_error(cfg, mt: dict, pixels, tokens, deep, **kw) -> float:
+    got, got_deep = ref.vision_features(ref.vision_spec(cfg, **kw), mt, pixels, np.asarray(GRIDS))
+    assert got.shape == tokens.shape and len(got_deep) == len(deep)
+    errors = [np.abs(got - tokens).max() / np.abs(tokens).max()]
+    errors += [np.abs(a - b).max() / np.abs(b).max() for a, b in zip(got_deep, deep)]
+    return float(max(errors))
+
+
+def test_reference_matches_transformers(hf_tower):
+    cfg, hf, pixels, tokens, deep = hf_tower
+    assert relative_error(cfg, to_maxtext(hf), pixels, tokens, deep) < BOUND
+
+
+@pytest.mark.slow
+def test_maxtext_numerics_differ_from_transformers(hf_tower):
+    cfg, hf, pixels, tokens, deep = hf_tower
+    assert relative_error(cfg, to_maxtext(hf), pixels, tokens, deep, maxtext_numerics=True) > 10 * BOUND
+
+
+def _broken(rule_name: str, **change):
+    """The tower's rules with the rule for `rule_name` (an HF name, `{i}` for blocks) replaced by `change`."""
+    rules, blocks = tower.vision_rules, tower.block_rules
+
+    def fix(rs):
+        return [dataclasses.replace(r, **change) if r.hf.endswith(rule_name) else r for r in rs]
+
+    return (lambda v: fix(rules(v))), (lambda v: fix(blocks(v)))
+
+
+H, N = TINY["hidden_size"], TINY["num_heads"]
+D = H // N
+WRONG = {
+    # the Conv3d weight with the patch's rows and columns swapped
+    "patch rows/cols swapped": ("patch_embed.proj.weight", {"chain": (Permute((2, 4, 3, 1, 0)),)}),
+    # the fused q|k|v Linear reshaped without its transpose
+    "qkv kernel not transposed": ("attn.qkv.weight", {"chain": (Reshape((H, N, D), (H, H)),)}),
+    # q, k, v taken as interleaved rows instead of three blocks
+    "qkv bias interleaved": ("attn.qkv.bias", {"split": Deinterleave(3, axis=0)}),
+    # the attention output projection reshaped without its transpose
+    "out kernel not transposed": ("attn.proj.weight", {"chain": (Reshape((N, D, H), (H, H)),)}),
+    # the position table transposed (rows of the grid read as columns)
+    "position grid transposed": (
+        "pos_embed.weight",
+        {"chain": (Reshape((6, 6, H), (36, H)), Permute((1, 0, 2)), Reshape((36, H), (6, 6, H)))},
+    ),
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(WRONG))
+def test_a_wrong_mapping_is_caught(hf_tower, monkeypatch, mistake):
+    cfg, hf, pixels, tokens, deep = hf_tower
+    name, change = WRONG[mistake]
+    rules, blocks = _broken(name, **change)
+    monkeypatch.setattr(tower, "vision_rules", rules)
+    monkeypatch.setattr(tower, "block_rules", blocks)
+    mt = to_maxtext(hf)
+    assert relative_error(cfg, mt, pixels, tokens, deep) > 100 * BOUND, mistake
+
+
+def test_swapped_deepstack_mergers_are_caught(hf_tower):
+    """merger_<k> belongs to deepstack_visual_indexes[k]: stored in the other order, the deepstack features move."""
+    cfg, hf, pixels, tokens, deep = hf_tower
+    mt = to_maxtext(hf)
+    a, b = f"{tower.ENCODER}/merger_0/", f"{tower.ENCODER}/merger_1/"
+    swapped = {
+        (k.replace(a, b) if k.startswith(a) else k.replace(b, a) if k.startswith(b) else k): v for k, v in mt.items()
+    }
+    assert relative_error(cfg, swapped, pixels, tokens, deep) > 100 * BOUND
