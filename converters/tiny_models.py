@@ -40,6 +40,10 @@ def tiny_config(family: str, *, layers: int = 2, vocab: int = 512, tied: bool | 
         raise registry.UnsupportedModelError(f"no test model for family {family!r}; choose one of {', '.join(TINY)}")
     base, dims = TINY[family]
     cfg = copy.deepcopy(registry.model(base)[1])
+    if cfg.get("model_type") == "gemma4_text" and family.endswith("-mm"):  # the text model inside a tiny multimodal one
+        from converters.families.gemma4_vision import tiny_multimodal
+
+        return tiny_multimodal(tiny_config(family[: -len("-mm")], layers=layers, vocab=vocab, tied=tied))
     if "text_config" in cfg:  # Gemma3: shrink the text model; keep the vision tower only for the multimodal variant
         text = {**cfg["text_config"], "architectures": ["Gemma3ForCausalLM"], "tie_word_embeddings": True}
         text.update(dims, num_hidden_layers=layers, vocab_size=vocab, bos_token_id=1, eos_token_id=2)
@@ -110,6 +114,8 @@ def make_test_model(
                 b.copy_(0.05 * torch.randn(b.shape, generator=g))
             if n.endswith("layer_scalar"):  # Gemma4's per-layer output scale, a saved buffer
                 b.copy_(1.0 + 0.1 * torch.randn(b.shape, generator=g))
+            if n.endswith(("vision_tower.std_bias", "vision_tower.std_scale")):  # Gemma4's tower: uninitialised buffers
+                b.copy_(float(n.endswith("scale")) + 0.1 * torch.randn(b.shape, generator=g))
         fp32 = {
             n: t.detach().clone()
             for n, t in [*model.named_parameters(), *model.named_buffers()]

@@ -36,7 +36,7 @@ import math
 from converters.core.mapping import Dims, Family, LayerGroup, Rule
 from converters.core.transforms import Scale
 from converters.errors import MappingError, UnsupportedModelError
-from converters.families import common
+from converters.families import common, gemma4_vision
 from converters.families.common import L
 
 PATTERN = 6  # MaxText GEMMA4_ATTENTION_PATTERN: 5 local sliding-window layers, then 1 global
@@ -161,16 +161,18 @@ class Gemma4(Family):
     model_types = ("gemma4_text", "gemma4")
     architectures = ("Gemma4ForCausalLM", "Gemma4ForConditionalGeneration")
     reference = "converters.verify.reference.gemma4:Gemma4Forward"
-    test_models = {"gemma4": ("gemma4-31b", _TINY), "gemma4-kv": ("gemma4-31b", {**_TINY, "attention_k_eq_v": False})}
+    test_models = {
+        "gemma4": ("gemma4-31b", _TINY),
+        "gemma4-kv": ("gemma4-31b", {**_TINY, "attention_k_eq_v": False}),
+        # Gemma4ForConditionalGeneration: the `gemma4` text model with a tiny tower (gemma4_vision.TINY_VISION)
+        "gemma4-mm": ("gemma4-31b", _TINY),
+    }
     models = {"gemma4-31b": GEMMA4_31B}
 
     @classmethod
     def dims(cls, cfg: dict) -> Dims:
-        if cfg.get("model_type") == "gemma4" or cfg.get("vision_config") or cfg.get("text_config"):
-            raise UnsupportedModelError(
-                "gemma4: multimodal checkpoints (model_type gemma4, vision tower) are not supported yet; convert the "
-                "text model (gemma4_text, Gemma4ForCausalLM)"
-            )
+        # multimodal (model_type gemma4): the text model under model.language_model, the tower (gemma4_vision)
+        cfg, layout = gemma4_vision.split_config(cfg)
         refuse = [
             (get(cfg, "hidden_size_per_layer_input"), "per-layer embeddings (e2b/e4b, MaxText block gemma4_small)"),
             (get(cfg, "num_kv_shared_layers"), "shared KV layers (num_kv_shared_layers)"),
@@ -207,6 +209,7 @@ class Gemma4(Family):
                 "global_head_dim": g_head_dim,
                 "global_kv_heads": g_kv,
                 "k_eq_v": bool(get(cfg, "attention_k_eq_v")),
+                **layout,
             },
         )
 
@@ -215,13 +218,18 @@ class Gemma4(Family):
         return [*super().ignored(d), r"lm_head\.weight"]
 
     @classmethod
+    def config_for_checkpoint(cls, cfg: dict, stored: set[str]) -> dict:
+        return gemma4_vision.config_for_checkpoint(cfg, stored)
+
+    @classmethod
     def global_rules(cls, d: Dims) -> list[Rule]:
-        return [
+        text = [
             # MaxText's table holds sqrt(hidden) (float32, as its converter's hook multiplies); its tied output divides
             # by the exact sqrt(hidden) again
             common.embedding(d, chain=(Scale(math.sqrt(d.emb)),)),
             common.vector("model.norm.weight", "decoder/decoder_norm/scale", d.emb),
         ]
+        return gemma4_vision.text_names(d, text) + gemma4_vision.global_rules(d)
 
     @classmethod
     def kind_rules(cls, d: Dims, glob: bool) -> tuple[Rule, ...]:
@@ -233,7 +241,7 @@ class Gemma4(Family):
         attn = common.attention(a, rope_interleave=False, scale_query=False)
         if glob and d.extra["k_eq_v"]:
             attn = [r for r in attn if not r.mt.endswith("/value/kernel")]
-        return (
+        rules = (
             common.vector(L + "input_layernorm.weight", "pre_self_attention_norm/scale", d.emb),
             common.vector(L + "post_attention_layernorm.weight", "post_self_attention_norm/scale", d.emb),
             common.vector(L + "pre_feedforward_layernorm.weight", "pre_ffw_norm/scale", d.emb),
@@ -243,6 +251,7 @@ class Gemma4(Family):
             *common.gated_mlp(d),
             common.vector(L + "layer_scalar", "layer_scalar", 1),
         )
+        return tuple(gemma4_vision.text_names(d, rules))  # model.language_model.* in a multimodal checkpoint
 
     @classmethod
     def layer_rules(cls, d: Dims) -> list[Rule]:
@@ -257,9 +266,11 @@ class Gemma4(Family):
             return [
                 LayerGroup(cls.kind_rules(d, False), local, None, tuple(f"decoder/layers_{i}" for i in local)),
                 LayerGroup(cls.kind_rules(d, True), glob, None, tuple(f"decoder/layers_{i}" for i in glob)),
+                *gemma4_vision.layer_groups(d),  # the tower is never scanned
             ]
         blocks = n // PATTERN
         return [
             LayerGroup(cls.kind_rules(d, False), local, LOCAL, (), stack=(blocks, PATTERN - 1)),
             LayerGroup(cls.kind_rules(d, True), glob, GLOBAL, ()),
+            *gemma4_vision.layer_groups(d),
         ]

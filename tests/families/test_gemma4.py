@@ -245,7 +245,6 @@ def test_refused_configs(tiny_model):
         ({"hidden_size_per_layer_input": 256}, UnsupportedModelError, "per-layer embeddings"),
         ({"num_kv_shared_layers": 6}, UnsupportedModelError, "shared KV"),
         ({"enable_moe_block": True, "num_experts": 8}, UnsupportedModelError, "MoE"),
-        ({"model_type": "gemma4", "text_config": {}}, UnsupportedModelError, "multimodal"),
         ({"use_bidirectional_attention": "all"}, UnsupportedModelError, "bidirectional"),
         ({"tie_word_embeddings": False}, MappingError, "tie_word_embeddings"),
         ({"attention_bias": True}, MappingError, "attention_bias"),
