@@ -432,3 +432,40 @@ def test_instruct_names_map_to_base_architecture():
 def test_unknown_model_lists_supported():
     with pytest.raises(registry.UnsupportedModelError, match="llama3.1-8b"):
         registry.model("gpt2")
+
+
+def gemma4_tower(emb: int) -> dict:
+    """The 356 vision_encoder arrays of MaxText 0.2.5's gemma4 tree with use_multimodal=true (nnx.eval_shape of
+    gemma4-31b): 27 unscanned layers of 1152 (16 heads x 72, MLP 4304), 16px patches (768 inputs), a 10240-position
+    factorized table [10240, 2, 1152], std_bias / std_scale, the projector [1152, emb]."""
+    e, p = "vision_encoder/Gemma4VisionEncoderLayer_0/", "vision_encoder/Gemma4VisionProjector_0/"
+    out = {
+        e + "vision_entry/input_projection/kernel": (768, 1152),
+        e + "vision_entry/pos_emb_param": (10240, 2, 1152),
+        e + "std_bias": (1152,),
+        e + "std_scale": (1152,),
+        p + "projection/kernel": (1152, emb),
+    }
+    for i in range(27):
+        b = f"{e}layer_{i}/"
+        out |= {b + f"attention/{k}/kernel": (1152, 16, 72) for k in ("query", "key", "value")}
+        out |= {b + "attention/out/kernel": (16, 72, 1152), b + "mlp/wo/kernel": (4304, 1152)}
+        out |= {b + f"attention/{k}_norm/scale": (72,) for k in ("query", "key")}
+        out |= {b + f"mlp/{k}/kernel": (1152, 4304) for k in ("wi_0", "wi_1")}
+        out |= {b + f"{k}_norm/scale": (1152,) for k in ("pre_attention", "post_attention", "pre_ffw", "post_ffw")}
+    return out
+
+
+def test_gemma4_multimodal_real_size_plan_is_maxtexts_whole_tree():
+    """The published Gemma4ForConditionalGeneration layout of gemma4-31b plans exactly MaxText 0.2.5's tree with
+    use_multimodal=true: its 29 text arrays plus the 356 of the tower (385; 31.27 B, 0.58 B of them the tower)."""
+    from converters.families.gemma4_vision import multimodal_config
+
+    family, text = registry.model("gemma4-31b")
+    cfg = multimodal_config(text)
+    assert registry.family_for_config(cfg) is family
+    scanned = {l.path: l.shape for l in family.plan(cfg, True)}
+    assert scanned == EXPECTED["gemma4-31b"] | gemma4_tower(5376)
+    assert round(sum(map(math.prod, scanned.values())) / 1e9, 2) == 31.27
+    unscanned = {l.path: l.shape for l in family.plan(cfg, False)}
+    assert {k: v for k, v in unscanned.items() if k.startswith("vision_encoder/")} == gemma4_tower(5376)
