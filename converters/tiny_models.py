@@ -44,6 +44,10 @@ def tiny_config(family: str, *, layers: int = 2, vocab: int = 512, tied: bool | 
         from converters.families.gemma4_vision import tiny_multimodal
 
         return tiny_multimodal(tiny_config(family[: -len("-mm")], layers=layers, vocab=vocab, tied=tied))
+    if cfg.get("model_type") in ("qwen3_vl", "qwen3_vl_moe"):  # the multimodal layout, with a tiny vision tower
+        from converters.families.qwen3_vl import tiny_multimodal
+
+        return tiny_multimodal(cfg, dims, layers=layers, vocab=vocab, tied=tied)
     if "text_config" in cfg:  # Gemma3: shrink the text model; keep the vision tower only for the multimodal variant
         text = {**cfg["text_config"], "architectures": ["Gemma3ForCausalLM"], "tie_word_embeddings": True}
         text.update(dims, num_hidden_layers=layers, vocab_size=vocab, bos_token_id=1, eos_token_id=2)
@@ -93,7 +97,10 @@ def make_test_model(
     cfg.pop("torch_dtype", None)
     config = AutoConfig.for_model(model_type, **cfg)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    auto = AutoModelForCausalLM
+    if type(config) not in auto._model_mapping:  # no causal-LM class (Qwen3-VL): its image-text-to-text one
+        from transformers import AutoModelForImageTextToText as auto
+    model = auto.from_config(config, dtype=torch.float32)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -130,7 +137,27 @@ def make_test_model(
     model.save_pretrained(out)
     if model_type == "gemma3":
         _published_vision_names(out)
+    if model_type == "qwen3_vl_moe":
+        _published_expert_layout(out)
     return out
+
+
+def _published_expert_layout(folder: Path) -> None:
+    """Store Qwen3-VL-MoE's fused experts as the Qwen/Qwen3-VL-*-A*B repos do (`gate_up_proj` `[X, emb, 2F]`,
+    `down_proj` `[X, F, emb]`); transformers >= 5 writes its in-memory transpose and reads both."""
+    from safetensors.torch import load_file, save_file
+
+    for path in folder.glob("*.safetensors"):
+        tensors = load_file(path)
+        fixed = {
+            k: (
+                v.transpose(1, 2).contiguous()
+                if k.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
+                else v
+            )
+            for k, v in tensors.items()
+        }
+        save_file(fixed, path, metadata={"format": "pt"})
 
 
 def _published_vision_names(folder: Path) -> None:

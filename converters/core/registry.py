@@ -18,6 +18,7 @@ from converters.families.olmo3 import Olmo3
 from converters.families.qwen import Qwen3, Qwen25
 from converters.families.qwen3_moe import Qwen3Moe
 from converters.families.qwen3_next import Qwen3Next
+from converters.families.qwen3_vl import Qwen3VL, Qwen3VLMoe
 
 FAMILIES: dict[str, type[Family]] = {
     f.name: f
@@ -35,6 +36,8 @@ FAMILIES: dict[str, type[Family]] = {
         DeepSeek3,
         DeepSeek32,
         Qwen3Next,
+        Qwen3VL,
+        Qwen3VLMoe,
         Olmo3,
         Gemma4,
     )

@@ -104,22 +104,23 @@ class Engine:
         self.prompts, self.dtype = prompts, dtype
         self.source, self.ckpt, self.golden, self.golden_writer = source, ckpt, golden, golden_writer
         self.timer = Timer()
+        family = registry.family_for_config(config)
         if ckpt is not None:
             self.index = ckpt.index
         else:
-            family = registry.family_for_config(config)
             self.index = TensorIndex(family.plan(config, scan=False))
+        unconverted = tuple(family.ignored(family.dims(config)))  # e.g. a vision tower the family does not convert
         self.content = ContentCheck(ckpt.dtype.name) if source is not None and ckpt is not None else None
         self.nonfinite = NonFinite()  # NaN / Inf in the source's tensors, by name
         self.hf: dict[str, HFModel] = {}
         self.mt: dict[str, Reference] = {}
         if source is not None and ckpt is None:  # golden making: the HF model alone, in the requested dtype
-            self.hf["hf"] = HFModel(config, dtype)
+            self.hf["hf"] = HFModel(config, dtype, unconverted)
         elif source is not None:
-            self.hf["hf"] = HFModel(config, "float32")
-            self.hf["hf_ckpt"] = HFModel(ckpt.cfg, "float32")
+            self.hf["hf"] = HFModel(config, "float32", unconverted)
+            self.hf["hf_ckpt"] = HFModel(ckpt.cfg, "float32", unconverted)
             if dtype == "bfloat16":
-                self.hf["hf_bf16"] = HFModel(config, "bfloat16")
+                self.hf["hf_bf16"] = HFModel(config, "bfloat16", unconverted)
         if ckpt is not None:
             for name, dt in (("maxtext", "float32"), ("maxtext_bf16", "bfloat16")):
                 if dt == dtype or (name == "maxtext" and source is not None):

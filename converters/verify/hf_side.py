@@ -25,6 +25,7 @@ import copy
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -130,7 +131,7 @@ class HFPrompt:
 class HFModel:
     """transformers' model of `config` (a config.json dict) in `dtype`, weights loaded stage by stage."""
 
-    def __init__(self, config: dict, dtype: str = "float32"):
+    def __init__(self, config: dict, dtype: str = "float32", unconverted: tuple[str, ...] = ()):
         import torch
         from transformers import CONFIG_MAPPING, AutoModelForCausalLM
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -154,9 +155,10 @@ class HFModel:
             cfg = CONFIG_MAPPING[model_type].from_dict(copy.deepcopy(config))
             with _parameters_on_meta():
                 kwargs = {"experts_implementation": "eager"} if _has_experts(cfg) else {}
-                self.model = AutoModelForCausalLM.from_config(
-                    cfg, dtype=self.dtype, attn_implementation="eager", **kwargs
-                ).eval()
+                auto = AutoModelForCausalLM
+                if type(cfg) not in auto._model_mapping:  # no causal-LM class (Qwen3-VL): its image-text-to-text one
+                    from transformers import AutoModelForImageTextToText as auto
+                self.model = auto.from_config(cfg, dtype=self.dtype, attn_implementation="eager", **kwargs).eval()
         except CkptflowError:
             raise
         except Exception as e:  # an architecture transformers cannot build from this config
@@ -181,6 +183,8 @@ class HFModel:
         self._dtype_plan = m._get_dtype_plan(self.dtype)
         self._meta_state = m.state_dict()  # names and shapes only (meta)
         self._lazy: dict = {}  # (module, param name) -> the meta Parameter an expert fetcher replaced
+        # regexes of tensors the conversion leaves out (an unconverted vision tower): never loaded, never run on text
+        self._unconverted = tuple(re.compile(p) for p in unconverted)
 
     @property
     def num_layers(self) -> int:
@@ -222,7 +226,11 @@ class HFModel:
                 else not any(n == s or n.startswith(s + ".") for s in self._streamed)
             )
 
-        empty = [n for n, t in self.model.state_dict().items() if t.is_meta and within(n)]
+        empty = [
+            n
+            for n, t in self.model.state_dict().items()
+            if t.is_meta and within(n) and not any(p.fullmatch(n) for p in self._unconverted)
+        ]
         if empty:
             raise CkptflowError(
                 f"no tensor for {', '.join(empty[:5])} (transformers' {type(self.model).__name__} expects them)"
@@ -244,6 +252,8 @@ class HFModel:
     def expert_params(self, tensors: dict) -> dict:
         """One expert's checkpoint tensors (per-expert names, or one row of a fused tensor under its own name) as
         that expert's slice of each fused module parameter, through transformers' own converters."""
+        from transformers.core_model_loading import Transpose
+
         groups: dict = {}
         out = {}
         for name, a in tensors.items():
@@ -251,6 +261,10 @@ class HFModel:
             t = to_torch(a, self.dtype) if isinstance(a, np.ndarray) else a.to(self.dtype)
             if pattern is None:  # stored fused (GPT-OSS): the row is the slice
                 out[target] = t
+                continue
+            ops = next(c for c in self._converters if pattern in c.source_patterns).operations
+            if all(isinstance(op, Transpose) for op in ops):  # fused, stored transposed (Qwen3-VL-MoE)
+                out[target] = _transpose_row(t, ops, tuple(self._meta_state[target].shape[1:]))
                 continue
             conv = groups.get(target)
             if conv is None:
@@ -360,6 +374,18 @@ class HFModel:
             logits = torch.tanh(logits)
             logits = logits * self.softcap
         return logits.float().numpy()
+
+
+def _transpose_row(row, ops, want: tuple):
+    """One expert's row of a fused tensor through transformers' Transpose ops on the stacked tensor (axes counted with
+    the expert axis; `check_dims`: only when the shape is not the model's already)."""
+    import torch
+
+    x = row[None]
+    for op in ops:
+        if not (op.check_dims and tuple(x.shape[1:]) == want):
+            x = torch.transpose(x, op.dim0, op.dim1)
+    return x[0].contiguous()
 
 
 class _ExpertSlices:

@@ -44,6 +44,7 @@ def _check_common(cfg) -> None:
 class _QwenBase(Forward):
     qk_norm = False
     qkv_bias = False
+    rope = staticmethod(rope_halves)  # Qwen3-VL: multimodal RoPE (reference/qwen3_vl.py)
 
     def layer_keys(self, spec: ModelSpec) -> tuple[str, ...]:
         keys = _COMMON_KEYS
@@ -62,8 +63,8 @@ class _QwenBase(Forward):
         if self.qk_norm:
             q = rms_norm(q, p["self_attention/query_norm/scale"], spec.norm_eps, dt)
             k = rms_norm(k, p["self_attention/key_norm/scale"], spec.norm_eps, dt)
-        q = rope_halves(q, positions, spec.rope_theta, dt)
-        k = rope_halves(k, positions, spec.rope_theta, dt)
+        q = self.rope(q, positions, spec.rope_theta, dt)
+        k = self.rope(k, positions, spec.rope_theta, dt)
         q = q * (spec.head_dim**-0.5)  # query_pre_attn_scalar, applied at runtime (weak-typed: stays in dt)
         attn = causal_attention(q, k, v, dt)
         x = x + dense(attn, p["self_attention/out/kernel"], dt, contract=2)

@@ -29,6 +29,8 @@ MOE = "moe_block"
 
 
 class Qwen3MoeForward(Forward):
+    rope = staticmethod(rope_halves)  # Qwen3-VL-MoE: multimodal RoPE (reference/qwen3_vl.py)
+
     def make_spec(self, cfg) -> ModelSpec:
         require(getattr(cfg, "hidden_act", "silu") == "silu", f"hidden_act={cfg.hidden_act!r}")
         require(rope_parameters(cfg).get("rope_type", "default") == "default", "rope scaling")
@@ -78,8 +80,8 @@ class Qwen3MoeForward(Forward):
         v = dense(h, p["self_attention/value/kernel"], dt)
         q = rms_norm(q, p["self_attention/query_norm/scale"], spec.norm_eps, dt)
         k = rms_norm(k, p["self_attention/key_norm/scale"], spec.norm_eps, dt)
-        q = rope_halves(q, positions, spec.rope_theta, dt)
-        k = rope_halves(k, positions, spec.rope_theta, dt)
+        q = self.rope(q, positions, spec.rope_theta, dt)
+        k = self.rope(k, positions, spec.rope_theta, dt)
         q = q * (spec.head_dim**-0.5)  # query_pre_attn_scalar, at run time
         x = x + dense(causal_attention(q, k, v, dt), p["self_attention/out/kernel"], dt, contract=2)
         return x, rms_norm(x, p["post_self_attention_layer_norm/scale"], spec.norm_eps, dt)
