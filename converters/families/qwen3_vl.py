@@ -10,7 +10,10 @@ layers/embeddings.py `Qwen3OmniMoeThinkerTextRotaryEmbedding`):
     temporal, height or width position by j mod 3 within the sections). A text token's three positions are its
     one position, so for text it is plain half-split RoPE at angle position * (1 / theta^(2j/D)) -- what the
     reference computes;
-  * the vision tower (`vision_encoder/...`, `use_multimodal: true`) and deepstack: see `vision_rules` below.
+  * the vision tower (`vision_encoder/...`, `use_multimodal: true`): converters/families/qwen3_vl_vision.py. Its
+    deepstack features are added to the hidden states after the first decoder layers, which MaxText 0.2.5 runs
+    only with `scan_layers=false` (configs/types.py refuses deepstack scanned): the tower converts unscanned; a
+    scanned conversion holds the language model only (MaxText `use_multimodal=false`), with a warning.
 
 HF layout (transformers `Qwen3VLForConditionalGeneration` / `Qwen3VLMoeForConditionalGeneration`, model types
 `qwen3_vl` / `qwen3_vl_moe`): the language model under `model.language_model.*`, `lm_head.weight` at the top
@@ -36,7 +39,7 @@ from typing import ClassVar
 from converters.core.mapping import Dims, LayerGroup, Rule
 from converters.core.transforms import Chunks
 from converters.errors import UnsupportedModelError
-from converters.families import common, moe_common
+from converters.families import common, moe_common, qwen3_vl_vision
 from converters.families.qwen3_moe import Qwen3Moe
 
 TEXT = "model.language_model."  # the language model in the multimodal checkpoints
@@ -137,6 +140,9 @@ def tiny_multimodal(cfg: dict, dims: dict, *, layers: int, vocab: int, tied: boo
     t.update(dims, num_hidden_layers=layers, vocab_size=vocab, bos_token_id=1, eos_token_id=2)
     t["rope_scaling"] = {**t["rope_scaling"], "mrope_section": list(TINY_MROPE)}
     cfg["vision_config"].update(TINY_VISION, out_hidden_size=t["hidden_size"])
+    # the image / video / vision start and end tokens inside the tiny vocabulary (its last four ids)
+    for i, k in enumerate(("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")):
+        cfg[k] = vocab - 4 + i
     if tied is not None:
         cfg["tie_word_embeddings"] = tied
     return cfg
@@ -148,19 +154,21 @@ class _Qwen3VLBase(common.DecoderOnly):
     ignored_hf = (*common.DecoderOnly.ignored_hf,)
 
     # ---- where the vision tower joins (converters/families/qwen3_vl_vision.py) ------------------------------
-    # Until it is wired, a multimodal checkpoint converts its language model only (MaxText use_multimodal=false):
-    # `model.visual.*` is skipped with a warning, and such a MaxText checkpoint exports as the text model.
-    vision_tower: ClassVar[bool] = False
+    # With `vision_tower` False a multimodal checkpoint would convert its language model only (MaxText
+    # use_multimodal=false): `model.visual.*` skipped with a warning. A MaxText checkpoint without the tower exports
+    # as the text model either way.
+    vision_tower: ClassVar[bool] = True
 
     @classmethod
     def vision_rules(cls, d: Dims) -> list[Rule]:
-        """The tower's global rules (patch embedding, positions, projector); d.extra["vision"] is vision_config."""
-        return []
+        """The tower's global rules (patch embedding, positions, deepstack mergers, projector); d.extra["vision"] is
+        vision_config."""
+        return qwen3_vl_vision.vision_rules(qwen3_vl_vision.vision_dims(d.extra["vision"], d.emb))
 
     @classmethod
     def vision_groups(cls, d: Dims) -> list[LayerGroup]:
-        """The tower's blocks and deepstack mergers (never scanned)."""
-        return []
+        """The tower's blocks (never scanned)."""
+        return qwen3_vl_vision.vision_groups(qwen3_vl_vision.vision_dims(d.extra["vision"], d.emb))
 
     # ---- config ---------------------------------------------------------------------------------------------
     @classmethod
@@ -279,6 +287,25 @@ class _Qwen3VLBase(common.DecoderOnly):
         if d.extra["vision"] is not None and cls.vision_tower:
             groups += cls.vision_groups(d)
         return groups
+
+    @classmethod
+    def plan(cls, cfg: dict, scan: bool, extras: tuple[str, ...] = (), legacy: str | None = None) -> list:
+        """Scanned, the language model only: MaxText 0.2.5 adds the tower's deepstack features only unscanned."""
+        leaves = super().plan(cfg, scan, extras, legacy)
+        return [leaf for leaf in leaves if not qwen3_vl_vision.is_vision_path(leaf.path)] if scan else leaves
+
+    @classmethod
+    def is_ignored(cls, d: Dims, hf_name: str) -> bool:
+        # asked only about source tensors the plan leaves out: the tower, when converting to the scanned layout
+        if cls.vision_tower and d.extra["vision"] is not None and hf_name.startswith(qwen3_vl_vision.HF):
+            warnings.warn(
+                f"{cls.name}: scanned, the vision tower (model.visual.*) is not converted: MaxText 0.2.5 adds its "
+                "deepstack features only with scan_layers=false; the language model only, as MaxText with "
+                "use_multimodal=false (convert with --no-scan to keep the tower)",
+                stacklevel=2,
+            )
+            return True
+        return super().is_ignored(d, hf_name)
 
     @classmethod
     def export_config(cls, cfg: dict, dtype: str) -> dict:

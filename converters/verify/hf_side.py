@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import os
@@ -126,6 +127,16 @@ class HFPrompt:
 
     x: object  # torch [1, T, E]
     layer_kwargs: list = field(default_factory=list)  # per layer: (extra positional args, keyword args)
+    # Qwen3-VL's deepstack: (visual position mask, features), feature k added after layer k (the text model's loop)
+    deepstack: tuple | None = None
+
+    def follow(self, other: "HFPrompt") -> None:
+        """Take `other`'s hidden states after a layer both computed identically, with the state its layers hand on
+        (Gemma 4's `shared_kv_states`, one object in every layer's keyword arguments), as if this one had run it."""
+        self.x = other.x
+        mine = self.layer_kwargs[0][1].get("shared_kv_states") if self.layer_kwargs else None
+        if mine is not None:
+            mine.update(other.layer_kwargs[0][1]["shared_kv_states"])
 
 
 class HFModel:
@@ -183,12 +194,21 @@ class HFModel:
         self._dtype_plan = m._get_dtype_plan(self.dtype)
         self._meta_state = m.state_dict()  # names and shapes only (meta)
         self._lazy: dict = {}  # (module, param name) -> the meta Parameter an expert fetcher replaced
+        self._row_tables: dict[str, object] = {}  # checkpoint name -> embedding module looked up by id (`by_rows`)
         # regexes of tensors the conversion leaves out (an unconverted vision tower): never loaded, never run on text
         self._unconverted = tuple(re.compile(p) for p in unconverted)
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    def by_rows(self, names: list[str]) -> None:
+        """Tables besides the input embedding that the forward looks up by token id (Gemma 4's per-layer embedding):
+        read like the embedding, only the rows a prompt uses (`record`'s `table_rows`), never loaded whole."""
+        for name in names:
+            module_name = self.param_name(name)[0].rpartition(".")[0]
+            self._row_tables[name] = self.model.get_submodule(module_name)
+            self._streamed = (*self._streamed, module_name)
 
     # ---- weights --------------------------------------------------------------------------------------------
     def param_name(self, checkpoint_name: str) -> tuple[str, str | None]:
@@ -292,28 +312,38 @@ class HFModel:
 
     # ---- stages ---------------------------------------------------------------------------------------------
     def record(
-        self, token_ids, embedding_rows: Callable[[np.ndarray], np.ndarray], inputs: dict | None = None
+        self,
+        token_ids,
+        embedding_rows: Callable[[np.ndarray], np.ndarray],
+        inputs: dict | None = None,
+        table_rows: Callable[[str, np.ndarray], np.ndarray] | None = None,
     ) -> HFPrompt:
         """Run the model's forward up to the first decoder layer's input and record every layer's other inputs.
 
         embedding_rows(ids) -> the embedding's rows for those ids (sorted, unique); `inputs`: extra model inputs
-        of a multimodal prompt (numpy), whose encoders must be loaded."""
+        of a multimodal prompt (numpy), whose encoders must be loaded; table_rows(name, ids): the rows of the other
+        tables read by rows (`by_rows`)."""
         import torch
         from torch import nn
 
-        emb = self.embed
-        forward = type(emb).forward
-        weight = emb._parameters["weight"]
+        def looked_up(emb, rows_of):
+            forward = type(emb).forward
+            weight = emb._parameters["weight"]
 
-        def lookup(ids):  # the module's own forward on the rows the prompt uses
-            uniq, inverse = torch.unique(ids, return_inverse=True)
-            emb._parameters["weight"] = nn.Parameter(
-                to_torch(embedding_rows(uniq.numpy()), self.dtype), requires_grad=False
-            )
-            try:
-                return forward(emb, inverse)
-            finally:
-                emb._parameters["weight"] = weight
+            def lookup(ids):  # the module's own forward on the rows the prompt uses
+                uniq, inverse = torch.unique(ids, return_inverse=True)
+                emb._parameters["weight"] = nn.Parameter(
+                    to_torch(rows_of(uniq.numpy()), self.dtype), requires_grad=False
+                )
+                try:
+                    return forward(emb, inverse)
+                finally:
+                    emb._parameters["weight"] = weight
+
+            return lookup
+
+        emb = self.embed
+        tables = [(m, functools.partial(table_rows, n)) for n, m in self._row_tables.items()]
 
         prompt = HFPrompt(None, [None] * self.num_layers)
 
@@ -328,7 +358,16 @@ class HFModel:
 
             return run
 
-        emb.forward = lookup
+        decoder_forward = self.decoder.forward
+
+        def decoder(*args, **kwargs):  # the text model's own inputs that its layer loop uses between layers
+            if kwargs.get("deepstack_visual_embeds") is not None:
+                prompt.deepstack = (kwargs["visual_pos_masks"], list(kwargs["deepstack_visual_embeds"]))
+            return decoder_forward(*args, **kwargs)
+
+        for m, rows_of in [(emb, embedding_rows), *tables]:
+            m.forward = looked_up(m, rows_of)
+        self.decoder.forward = decoder
         for i, layer in enumerate(self.layers):
             layer.forward = recorder(i)
         extra = {k: torch.from_numpy(np.asarray(v)) for k, v in (inputs or {}).items()}
@@ -340,6 +379,9 @@ class HFModel:
             pass
         finally:
             del emb.forward
+            for m, _ in tables:
+                del m.forward
+            del self.decoder.forward
             for layer in self.layers:
                 del layer.forward
         if any(k is None for k in prompt.layer_kwargs):
@@ -354,6 +396,9 @@ class HFModel:
         args, kwargs = prompt.layer_kwargs[i]
         with torch.no_grad():  # per thread: MoE layers run each prompt in a thread of its own
             prompt.x = self.layers[i](prompt.x, *args, **kwargs)
+            if prompt.deepstack is not None and i < len(prompt.deepstack[1]):
+                mask, features = prompt.deepstack
+                prompt.x = self.decoder._deepstack_process(prompt.x, mask, features[i])
 
     def final(self, prompt: HFPrompt) -> None:
         prompt.x = self.decoder.norm(prompt.x)

@@ -5,8 +5,9 @@ Tiny models (`converters.tiny_models.TINY["qwen3-vl" / "qwen3-vl-moe"]`): hidden
 tower under `model.visual.*`; the MoE folder stores its fused experts as the published repos do (`gate_up_proj`
 `[X, 64, 96]`, `down_proj` `[X, 48, 64]`). Every transform only moves elements: all four directions (HF -> MaxText
 scanned and unscanned, MaxText -> HF from either layout, back to MaxText), bfloat16 and float32, are bit-exact on every
-language-model tensor. Until the vision tower is wired into the family, `model.visual.*` is skipped with a warning
-and the export holds the language model only; transformers loads it and gives the source's text logits bit for bit.
+language-model tensor. Unscanned, the vision tower converts too (tests/families/test_qwen3_vl_vision.py); scanned,
+`model.visual.*` is skipped with a warning (MaxText 0.2.5 runs deepstack only unscanned) and the checkpoint holds the
+language model only, which exports as Qwen3ForCausalLM / Qwen3MoeForCausalLM.
 """
 
 from __future__ import annotations
@@ -25,13 +26,24 @@ from converters.io.orbax import read_params
 from tests.families.helpers import IDS, assert_bit_exact, hf_tensors
 
 LAYERS, E, N, KV, D, F, X, FX = 3, 64, 4, 2, 32, 96, 4, 48
+SLOW = pytest.mark.slow  # the default run keeps one case of each kind, dense and MoE between them
 T = "model.language_model."
 MOE = "moe_block"
 
 
 def text_tensors(path) -> dict:
-    """The language model's tensors of an HF folder (the vision tower is not converted yet)."""
+    """The language model's tensors of an HF folder (a scanned conversion leaves the vision tower out)."""
     return {k: v for k, v in hf_tensors(path).items() if not k.startswith("model.visual.")}
+
+
+def exported(folder, scan: bool) -> dict:
+    """An export's tensors under the source's names. Scanned, the checkpoint holds the language model only and exports
+    as the text model (names without `language_model.`; MoE experts per expert, compared through the re-import)."""
+    out = hf_tensors(folder)
+    if not scan:
+        return out
+    out = {k.replace("model.", T, 1) if k.startswith("model.") else k: v for k, v in out.items()}
+    return {k: v for k, v in out.items() if ".mlp.experts." not in k}
 
 
 def expected_layer(hf: dict, i: int, moe: bool) -> dict:
@@ -67,12 +79,22 @@ def stored(params: dict, rel: str, i: int, scan: bool) -> np.ndarray:
     return np.take(a, i, axis=1)  # layer axis 1 (experts stay at 0)
 
 
-@pytest.mark.parametrize("family", ["qwen3-vl", "qwen3-vl-moe"])
-@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unscanned"])
+@pytest.mark.parametrize(
+    "scan, family",
+    [
+        (True, "qwen3-vl-moe"),
+        (False, "qwen3-vl"),
+        pytest.param(True, "qwen3-vl", marks=SLOW),
+        pytest.param(False, "qwen3-vl-moe", marks=SLOW),
+    ],
+)
 def test_stored_values_at_every_layer(tiny_model, tmp_path, family, scan):
     src = tiny_model(family, layers=LAYERS)
     moe = family.endswith("moe")
-    with pytest.warns(UserWarning, match="vision tower"):
+    if scan:
+        with pytest.warns(UserWarning, match="vision tower"):
+            hf_to_maxtext(src, tmp_path / "mt", scan=scan)
+    else:
         hf_to_maxtext(src, tmp_path / "mt", scan=scan)
     params, hf = read_params(tmp_path / "mt"), hf_tensors(src)
     assert np.array_equal(params["token_embedder/embedding"], hf[T + "embed_tokens.weight"])
@@ -88,33 +110,47 @@ def test_stored_values_at_every_layer(tiny_model, tmp_path, family, scan):
             got = stored(params, rel, i, scan)
             assert got.shape == want.shape and np.array_equal(got.view(np.uint16), want.view(np.uint16)), (rel, i)
     per_layer = len(expected_layer(hf, 0, moe))
-    assert len(params) == 2 + moe + (per_layer if scan else LAYERS * per_layer)
-    assert not any("vision" in k for k in params)
+    tower = sum(k.startswith("vision_encoder/") for k in params)
+    assert len(params) == 2 + moe + (per_layer if scan else LAYERS * per_layer) + tower
+    assert tower == (0 if scan else 53)  # the tiny tower's arrays: 3 + 2 blocks x 16 + 3 mergers x 6
 
 
-@pytest.mark.parametrize("family", ["qwen3-vl", "qwen3-vl-moe"])
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unscanned"])
+@pytest.mark.parametrize(
+    "scan, dtype, family",
+    [
+        (True, "bfloat16", "qwen3-vl-moe"),
+        (False, "float32", "qwen3-vl"),
+        *(
+            pytest.param(scan, dtype, family, marks=SLOW)
+            for scan in (True, False)
+            for dtype in ("bfloat16", "float32")
+            for family in ("qwen3-vl", "qwen3-vl-moe")
+            if (scan, dtype, family) not in ((True, "bfloat16", "qwen3-vl-moe"), (False, "float32", "qwen3-vl"))
+        ),
+    ],
+)
 def test_round_trips_are_bit_exact(tiny_model, tmp_path, family, scan, dtype):
     src = tiny_model(family, layers=LAYERS, dtype=dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the vision tower is skipped (tested above)
         hf_to_maxtext(src, tmp_path / "mt", scan=scan, dtype=dtype)  # HF -> MaxText (scanned / unscanned)
         maxtext_to_hf(tmp_path / "mt", tmp_path / "hf", dtype=dtype)  # MaxText (that layout, detected) -> HF
-        assert_bit_exact(text_tensors(src), hf_tensors(tmp_path / "hf"))
+        want = {k: v for k, v in text_tensors(src).items() if ".mlp.experts." not in k} if scan else hf_tensors(src)
+        assert_bit_exact(want, exported(tmp_path / "hf", scan))
         hf_to_maxtext(tmp_path / "hf", tmp_path / "mt2", scan=scan, dtype=dtype)  # MaxText -> HF -> MaxText
     assert_bit_exact(read_params(tmp_path / "mt"), read_params(tmp_path / "mt2"))
 
 
-@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unscanned"])
+@pytest.mark.parametrize("scan", [True, pytest.param(False, marks=SLOW)], ids=["scanned", "unscanned"])
 def test_restores_with_plain_orbax_in_maxtext_layout(tiny_model, tmp_path, scan):
     import orbax.checkpoint as ocp
 
     src = tiny_model("qwen3-vl-moe", layers=LAYERS)
-    with pytest.warns(UserWarning, match="vision tower"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # scanned: the vision tower is skipped (tested above)
         hf_to_maxtext(src, tmp_path / "mt", scan=scan)
     tree = ocp.PyTreeCheckpointer().restore((tmp_path / "mt" / "0" / "items").absolute())["params"]["params"]
-    assert set(tree) == {"token_embedder", "decoder"}
+    assert set(tree) == {"token_embedder", "decoder"} | (set() if scan else {"vision_encoder"})
     cfg = json.loads((src / "config.json").read_text())
     plan = {leaf.path: leaf.shape for leaf in Qwen3VLMoe.plan(cfg, scan)}
     assert {k: v.shape for k, v in read_params(tmp_path / "mt").items()} == plan
@@ -139,17 +175,17 @@ def _logits(folder, ids):
         return auto.from_pretrained(folder, dtype=torch.float32)(torch.tensor(ids)).logits
 
 
-@pytest.mark.parametrize("family", ["qwen3-vl", "qwen3-vl-moe"])
+@pytest.mark.parametrize("family", [pytest.param("qwen3-vl", marks=SLOW), "qwen3-vl-moe"])
 def test_exported_folder_loads_in_transformers_with_the_same_logits(tiny_model, tmp_path, family):
-    """The export (no vision tower yet) is the source's Qwen3VL(Moe)ForConditionalGeneration config; transformers
-    initialises the missing tower and gives the source's text logits bit for bit."""
+    """The unscanned export (with the vision tower) is the source's Qwen3VL(Moe)ForConditionalGeneration config;
+    transformers gives the source's text logits bit for bit (image prompts: test_qwen3_vl_vision.py)."""
     import torch
     from transformers import AutoConfig
 
     src = tiny_model(family, layers=LAYERS, dtype="float32")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        hf_to_maxtext(src, tmp_path / "mt", scan=True, dtype="float32")
+        hf_to_maxtext(src, tmp_path / "mt", scan=False, dtype="float32")
         maxtext_to_hf(tmp_path / "mt", tmp_path / "hf", dtype="float32")
     assert torch.equal(_logits(tmp_path / "hf", IDS), _logits(src, IDS))
     a, b = AutoConfig.from_pretrained(src), AutoConfig.from_pretrained(tmp_path / "hf")
@@ -164,20 +200,16 @@ def test_exported_folder_loads_in_transformers_with_the_same_logits(tiny_model, 
     assert (tmp_path / "hf" / "generation_config.json").exists()
 
 
-@pytest.mark.parametrize("family", ["qwen3-vl", "qwen3-vl-moe"])
-def test_checkpoint_without_vision_tower_exports_the_text_model_once_the_tower_converts(
-    tiny_model, tmp_path, family, monkeypatch
-):
-    """With the tower wired (`vision_tower`), a checkpoint lacking it (MaxText use_multimodal=false) exports as
-    Qwen3ForCausalLM / Qwen3MoeForCausalLM (per-expert tensors), which computes the same text logits."""
+@pytest.mark.parametrize("family", ["qwen3-vl", pytest.param("qwen3-vl-moe", marks=SLOW)])
+def test_checkpoint_without_vision_tower_exports_the_text_model(tiny_model, tmp_path, family):
+    """A checkpoint lacking the tower (scanned here; MaxText use_multimodal=false) exports as Qwen3ForCausalLM /
+    Qwen3MoeForCausalLM (per-expert tensors), which computes the same text logits."""
     import torch
 
     src = tiny_model(family, layers=LAYERS, dtype="float32")
-    fam = registry.family(family)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        hf_to_maxtext(src, tmp_path / "mt", scan=False, dtype="float32")
-    monkeypatch.setattr(fam, "vision_tower", True)
+        hf_to_maxtext(src, tmp_path / "mt", scan=True, dtype="float32")
     with pytest.warns(UserWarning, match="writing the text model only"):
         maxtext_to_hf(tmp_path / "mt", tmp_path / "hf", dtype="float32")
     exported = json.loads((tmp_path / "hf" / "config.json").read_text())
@@ -191,6 +223,7 @@ def test_checkpoint_without_vision_tower_exports_the_text_model_once_the_tower_c
     torch.testing.assert_close(_logits(tmp_path / "hf", IDS), _logits(src, IDS), rtol=1e-5, atol=1e-5)
 
 
+@SLOW
 def test_untied_dense_variant_round_trips(tiny_model, tmp_path):
     src = tiny_model("qwen3-vl", layers=2, tied=False)
     with warnings.catch_warnings():
@@ -198,7 +231,7 @@ def test_untied_dense_variant_round_trips(tiny_model, tmp_path):
         hf_to_maxtext(src, tmp_path / "mt", scan=True)
         maxtext_to_hf(tmp_path / "mt", tmp_path / "hf")
     assert "decoder/logits_dense/kernel" in read_params(tmp_path / "mt")
-    assert_bit_exact(text_tensors(src), hf_tensors(tmp_path / "hf"))
+    assert_bit_exact(text_tensors(src), exported(tmp_path / "hf", True))
 
 
 def test_published_configs_are_maxtexts_ymls():
@@ -213,8 +246,7 @@ def test_published_configs_are_maxtexts_ymls():
     for name, (family, emb, heads, kv, mlp, layers, tied) in want.items():
         fam, cfg = registry.model(name)
         assert fam is family and registry.family_for_config(cfg) is family
-        with pytest.warns(UserWarning, match="vision tower"):
-            d = fam.dims(cfg)
+        d = fam.dims(cfg)
         assert (d.emb, d.heads, d.kv_heads, d.head_dim, d.mlp, d.layers, d.vocab, d.tied) == (
             emb,
             heads,

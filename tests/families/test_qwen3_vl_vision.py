@@ -14,7 +14,7 @@ import torch
 from converters.core.mapping import Dims, Family
 from converters.errors import MappingError
 from converters.families import qwen3_vl_vision as tower
-from tests.families.helpers import bits
+from tests.families.helpers import bits, hf_tensors, model_cache, round_trip
 
 # the tiny tower: head_dim 16 (4 rotary frequencies per axis), a 6x6 position grid, deepstack after blocks 0 and 2
 TINY = {
@@ -272,9 +272,9 @@ def to_hf(mt: dict, dtype=np.float32) -> dict:
     return out
 
 
-def maxtext_hooks(hf: dict) -> dict:
+def maxtext_hooks(hf: dict, vision: dict = TINY) -> dict:
     """The tower as MaxText 0.2.5's converter lays it out (param_mapping.py QWEN3_VL_..._HOOK_FN), in numpy."""
-    v, E, P = TINY, tower.ENCODER, tower.PROJECTOR
+    v, E, P = {**tower.VISION_DEFAULTS, **vision}, tower.ENCODER, tower.PROJECTOR
     H, N = v["hidden_size"], v["num_heads"]
     D = H // N
     g = lambda k: hf[tower.HF + k]  # noqa: E731
@@ -366,3 +366,73 @@ def test_real_size_tower_is_maxtexts_tree(model):
 def test_refused_configs_say_why(change, reason):
     with pytest.raises(MappingError, match=re.escape(reason)):
         tower.vision_dims({**TINY, **change}, text_hidden=48)
+
+
+# ------------------------------------------------------------------------------ inside a multimodal checkpoint
+
+
+@pytest.fixture(scope="module")
+def multimodal(tmp_path_factory):
+    """`multimodal(dtype)` -> a tiny random Qwen3VLForConditionalGeneration folder (3 text layers, the family's tiny
+    tower: deepstack after both of its 2 blocks)."""
+    return model_cache(tmp_path_factory, "qwen3-vl", layers=3)
+
+
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
+def test_multimodal_checkpoint_round_trips_with_the_tower(multimodal, tmp_path, dtype):
+    """HF -> MaxText (unscanned) -> HF -> MaxText, bit-exact (round_trip asserts it), the tower stored in MaxText's
+    layout, every one of its arrays present."""
+    import json
+
+    src = multimodal(dtype)
+    params, _ = round_trip(src, tmp_path, scan=False, dtype=dtype)
+    vision = json.loads((src / "config.json").read_text())["vision_config"]
+    want = maxtext_hooks(hf_tensors(src), vision)
+    assert sorted(k for k in params if k.startswith("vision_encoder/")) == sorted(want)
+    for k, v in want.items():
+        assert np.array_equal(bits(np.ascontiguousarray(params[k])), bits(np.ascontiguousarray(v))), k
+
+
+def test_scanned_conversion_leaves_the_tower_out(multimodal, tmp_path):
+    """MaxText 0.2.5 refuses deepstack with scan_layers=true (configs/types.py): scanned, the checkpoint holds the
+    language model only, with a warning, and exports as the text model."""
+    from converters.convert import hf_to_maxtext
+    from converters.io.orbax import read_params
+
+    with pytest.warns(UserWarning, match="scan_layers=false"):
+        hf_to_maxtext(multimodal("float32"), tmp_path / "mt", scan=True, dtype="float32")
+    assert not any(k.startswith("vision_encoder/") for k in read_params(tmp_path / "mt"))
+
+
+def test_export_gives_transformers_the_same_image_logits(multimodal, tmp_path):
+    """The exported Qwen3VLForConditionalGeneration computes the source's logits on a prompt holding an image,
+    bit for bit (float32, nothing scaled)."""
+    import json
+
+    from transformers import AutoModelForImageTextToText
+
+    from converters.convert import hf_to_maxtext, maxtext_to_hf
+    from converters.verify.reference.qwen3_vl_vision import image_prompt
+
+    src = multimodal("float32")
+    hf_to_maxtext(src, tmp_path / "mt", scan=False, dtype="float32")
+    maxtext_to_hf(tmp_path / "mt", tmp_path / "hf", dtype="float32")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen3VLForConditionalGeneration"] and cfg["model_type"] == "qwen3_vl"
+    ids, inputs = image_prompt(cfg)
+    args = {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
+    out = []
+    for folder in (src, tmp_path / "hf"):
+        model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+        with torch.no_grad():
+            out.append(model(input_ids=torch.tensor([ids]), **args).logits[0].numpy())
+    assert np.array_equal(out[0], out[1])
+
+
+@pytest.mark.slow
+def test_moe_multimodal_checkpoint_round_trips_with_the_tower(tmp_path):
+    from converters.tiny_models import make_test_model
+
+    src = make_test_model("qwen3-vl-moe", tmp_path / "src", layers=3, dtype="bfloat16")
+    params, _ = round_trip(src, tmp_path, scan=False, dtype="bfloat16")
+    assert any(k.startswith("vision_encoder/Qwen3VLVisionEncoder_0/merger_1/") for k in params)

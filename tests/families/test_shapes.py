@@ -324,7 +324,113 @@ EXPECTED |= {
         "token_embedder/embedding": (262144, 5376),
     },
 }
+
+# all 47 arrays of MaxText 0.2.5's gemma4-26b tree (nnx.eval_shape): 5 scanned blocks of 5 local layers (nested
+# [.., 5, 5, ..]) and 1 global layer (head_dim 512, 2 kv heads, keys as values); every layer MoE (`Gemma4MoE`): a
+# shared expert of 2112, 128 routed experts of 704 (`[128, blocks, (5,) ..]`: the expert axis first), the router, its
+# scale and per-expert scale, three extra norms; tied
+EXPECTED |= {
+    "gemma4-26b": {
+        "decoder/decoder_norm/scale": (2816,),
+        "decoder/scanned_blocks/global_layer/layer_scalar": (1, 5),
+        "decoder/scanned_blocks/global_layer/mlp/moe_block/MoeBlock_0/gate/kernel": (2816, 5, 128),
+        "decoder/scanned_blocks/global_layer/mlp/moe_block/MoeBlock_0/per_expert_scale": (128, 5),
+        "decoder/scanned_blocks/global_layer/mlp/moe_block/MoeBlock_0/wi_0": (128, 5, 2816, 704),
+        "decoder/scanned_blocks/global_layer/mlp/moe_block/MoeBlock_0/wi_1": (128, 5, 2816, 704),
+        "decoder/scanned_blocks/global_layer/mlp/moe_block/MoeBlock_0/wo": (128, 5, 704, 2816),
+        "decoder/scanned_blocks/global_layer/mlp/moe_block/shared_experts/wi_0/kernel": (2816, 5, 2112),
+        "decoder/scanned_blocks/global_layer/mlp/moe_block/shared_experts/wi_1/kernel": (2816, 5, 2112),
+        "decoder/scanned_blocks/global_layer/mlp/moe_block/shared_experts/wo/kernel": (2112, 5, 2816),
+        "decoder/scanned_blocks/global_layer/mlp/post_feedforward_layernorm_1/scale": (2816, 5),
+        "decoder/scanned_blocks/global_layer/mlp/post_feedforward_layernorm_2/scale": (2816, 5),
+        "decoder/scanned_blocks/global_layer/mlp/pre_feedforward_layernorm_2/scale": (2816, 5),
+        "decoder/scanned_blocks/global_layer/mlp/pre_forward_scale_2": (2816, 5),
+        "decoder/scanned_blocks/global_layer/post_ffw_norm/scale": (2816, 5),
+        "decoder/scanned_blocks/global_layer/post_self_attention_norm/scale": (2816, 5),
+        "decoder/scanned_blocks/global_layer/pre_ffw_norm/scale": (2816, 5),
+        "decoder/scanned_blocks/global_layer/pre_self_attention_norm/scale": (2816, 5),
+        "decoder/scanned_blocks/global_layer/self_attention/key/kernel": (2816, 5, 2, 512),
+        "decoder/scanned_blocks/global_layer/self_attention/key_norm/scale": (512, 5),
+        "decoder/scanned_blocks/global_layer/self_attention/out/kernel": (16, 5, 512, 2816),
+        "decoder/scanned_blocks/global_layer/self_attention/query/kernel": (2816, 5, 16, 512),
+        "decoder/scanned_blocks/global_layer/self_attention/query_norm/scale": (512, 5),
+        "decoder/scanned_blocks/local_layers/layer_scalar": (1, 5, 5),
+        "decoder/scanned_blocks/local_layers/mlp/moe_block/MoeBlock_0/gate/kernel": (2816, 5, 5, 128),
+        "decoder/scanned_blocks/local_layers/mlp/moe_block/MoeBlock_0/per_expert_scale": (128, 5, 5),
+        "decoder/scanned_blocks/local_layers/mlp/moe_block/MoeBlock_0/wi_0": (128, 5, 5, 2816, 704),
+        "decoder/scanned_blocks/local_layers/mlp/moe_block/MoeBlock_0/wi_1": (128, 5, 5, 2816, 704),
+        "decoder/scanned_blocks/local_layers/mlp/moe_block/MoeBlock_0/wo": (128, 5, 5, 704, 2816),
+        "decoder/scanned_blocks/local_layers/mlp/moe_block/shared_experts/wi_0/kernel": (2816, 5, 5, 2112),
+        "decoder/scanned_blocks/local_layers/mlp/moe_block/shared_experts/wi_1/kernel": (2816, 5, 5, 2112),
+        "decoder/scanned_blocks/local_layers/mlp/moe_block/shared_experts/wo/kernel": (2112, 5, 5, 2816),
+        "decoder/scanned_blocks/local_layers/mlp/post_feedforward_layernorm_1/scale": (2816, 5, 5),
+        "decoder/scanned_blocks/local_layers/mlp/post_feedforward_layernorm_2/scale": (2816, 5, 5),
+        "decoder/scanned_blocks/local_layers/mlp/pre_feedforward_layernorm_2/scale": (2816, 5, 5),
+        "decoder/scanned_blocks/local_layers/mlp/pre_forward_scale_2": (2816, 5, 5),
+        "decoder/scanned_blocks/local_layers/post_ffw_norm/scale": (2816, 5, 5),
+        "decoder/scanned_blocks/local_layers/post_self_attention_norm/scale": (2816, 5, 5),
+        "decoder/scanned_blocks/local_layers/pre_ffw_norm/scale": (2816, 5, 5),
+        "decoder/scanned_blocks/local_layers/pre_self_attention_norm/scale": (2816, 5, 5),
+        "decoder/scanned_blocks/local_layers/self_attention/key/kernel": (2816, 5, 5, 8, 256),
+        "decoder/scanned_blocks/local_layers/self_attention/key_norm/scale": (256, 5, 5),
+        "decoder/scanned_blocks/local_layers/self_attention/out/kernel": (16, 5, 5, 256, 2816),
+        "decoder/scanned_blocks/local_layers/self_attention/query/kernel": (2816, 5, 5, 16, 256),
+        "decoder/scanned_blocks/local_layers/self_attention/query_norm/scale": (256, 5, 5),
+        "decoder/scanned_blocks/local_layers/self_attention/value/kernel": (2816, 5, 5, 8, 256),
+        "token_embedder/embedding": (262144, 2816),
+    },
+}
+
+
+def _gemma4_small(e: int, kv: int, mlp: int, ple_width: int, layers: tuple[int, int, int, int]) -> dict:
+    """MaxText 0.2.5's gemma4_small tree (nnx.eval_shape, scan_layers=false; no scanned tree exists): the per-layer
+    embedder and one layer of each kind, `layers` = (local, global, shared local, shared global); shared layers have
+    no key / value / key_norm and, on e2b, twice the MLP."""
+    local, glob, shared_local, shared_glob = (f"decoder/layers_{i}/" for i in layers)
+    wide = 2 * mlp if e == 1536 else mlp
+    out = {
+        "token_embedder/embedding": (262144, e),
+        "decoder/decoder_norm/scale": (e,),
+        "decoder/per_layer_embedder/embed_tokens_per_layer": (262144, ple_width),
+        "decoder/per_layer_embedder/per_layer_model_projection/kernel": (e, ple_width),
+        "decoder/per_layer_embedder/per_layer_projection_norm/scale": (256,),
+    }
+    for prefix, d, f, shared in (
+        (local, 256, mlp, False),
+        (glob, 512, mlp, False),
+        (shared_local, 256, wide, True),
+        (shared_glob, 512, wide, True),
+    ):
+        out |= {
+            prefix + "mlp/wi_0/kernel": (e, f),
+            prefix + "mlp/wo/kernel": (f, e),
+            prefix + "per_layer_input_gate/kernel": (e, 256),
+            prefix + "per_layer_projection/kernel": (256, e),
+            prefix + "post_per_layer_input_norm/scale": (e,),
+            prefix + "layer_scalar": (1,),
+            prefix + "self_attention/query/kernel": (e, 8, d),
+            prefix + "self_attention/query_norm/scale": (d,),
+            prefix + "self_attention/out/kernel": (8, d, e),
+        }
+        if not shared:
+            out |= {
+                prefix + "self_attention/key/kernel": (e, kv, d),
+                prefix + "self_attention/value/kernel": (e, kv, d),
+                prefix + "self_attention/key_norm/scale": (d,),
+            }
+    return out
+
+
+EXPECTED |= {
+    "gemma4-e2b": _gemma4_small(1536, 1, 6144, 35 * 256, (0, 4, 15, 34)),
+    "gemma4-e4b": _gemma4_small(2560, 2, 10240, 42 * 256, (0, 5, 24, 41)),
+}
+# MaxText builds these only unscanned (nnx_decoders.py, configs/types.py refuse scan_layers=true)
+UNSCANNED_ONLY = {"gemma4-e2b", "gemma4-e4b"}
 PARAMS_B = {
+    "qwen3-vl-2b": 2.13,  # Qwen3-VL: MaxText's use_multimodal=true tree, vision tower included
+    "qwen3-vl-4b": 4.44,
+    "qwen3-vl-30b-a3b": 31.07,
     "llama3.1-8b": 8.03,
     "llama3.1-70b": 70.55,
     "llama3.1-405b": 405.85,
@@ -364,7 +470,14 @@ PARAMS_B = {
     "olmo3-7b-pt": 7.30,
     "olmo3-32b": 32.23,
     "gemma4-31b": 30.70,
+    "gemma4-26b": 25.23,  # text model only; 22.84 B of it the 30 x 128 routed experts
+    # text models only (no vision / audio towers); 2.35 B and 2.88 B of them per-layer embedding tables
+    "gemma4-e2b": 4.63,
+    "gemma4-e4b": 7.46,
 }
+# Qwen3-VL: MaxText 0.2.5 adds the vision tower's deepstack features only with scan_layers=false, so the tower is
+# in the unscanned plan only (the scanned one is the language model, as MaxText with use_multimodal=false)
+TOWER_UNSCANNED_ONLY = {"qwen3-vl-2b", "qwen3-vl-4b", "qwen3-vl-30b-a3b"}
 TIED = {
     "qwen2.5-1.5b",
     "qwen3-0.6b",
@@ -377,6 +490,11 @@ TIED = {
     "gemma3-12b",
     "gemma3-27b",
     "gemma4-31b",
+    "gemma4-26b",
+    "gemma4-e2b",
+    "gemma4-e4b",
+    "qwen3-vl-2b",
+    "qwen3-vl-4b",
 }
 # MaxText decoder layers when that is not the HF layer count: Gemma2 holds (local, global) pairs
 MAXTEXT_LAYERS = {"gemma2-2b": 13, "gemma2-9b": 21, "gemma2-27b": 23}
@@ -387,16 +505,28 @@ SPLIT_STACKS = {"deepseek2-16b": (1, 26), "deepseek3-671b": (3, 58), "deepseek3.
 @pytest.mark.parametrize("name", registry.model_names())
 def test_real_size_plan(name):
     family, cfg = registry.model(name)
-    scanned = {l.path: l.shape for l in family.plan(cfg, True)}
     unscanned = {l.path: l.shape for l in family.plan(cfg, False)}
+    if name in UNSCANNED_ONLY:
+        with pytest.raises(registry.UnsupportedModelError, match="scan_layers=false"):
+            family.plan(cfg, True)
+        for path, shape in EXPECTED[name].items():
+            assert unscanned[path] == shape, path
+        assert round(sum(map(math.prod, unscanned.values())) / 1e9, 2) == PARAMS_B[name]
+        return
+    scanned = {l.path: l.shape for l in family.plan(cfg, True)}
     for path, shape in EXPECTED.get(name, {}).items():
         assert scanned[path] == shape, path
     assert ("decoder/logits_dense/kernel" in scanned) == (name not in TIED)
-    assert sum(map(math.prod, scanned.values())) == sum(map(math.prod, unscanned.values()))
+    tower = sum(math.prod(s) for p, s in unscanned.items() if p.startswith("vision_encoder/"))
+    if name in TOWER_UNSCANNED_ONLY:
+        assert tower and not any(p.startswith("vision_encoder/") for p in scanned)
+    else:
+        tower = 0
+    assert sum(map(math.prod, scanned.values())) + tower == sum(map(math.prod, unscanned.values()))
     assert name in PARAMS_B, (
         f"{name}: add its parameter count (billions, in MaxText's tree) to PARAMS_B (docs/adding-a-family.md)"
     )
-    assert round(sum(map(math.prod, scanned.values())) / 1e9, 2) == PARAMS_B[name]
+    assert round((sum(map(math.prod, scanned.values())) + tower) / 1e9, 2) == PARAMS_B[name]
     if name in SPLIT_STACKS:
         for group, n in zip(("dense_layers", "moe_layers"), SPLIT_STACKS[name]):
             assert any(p.startswith(f"decoder/{group}_{n - 1}/") for p in unscanned)
@@ -469,3 +599,70 @@ def test_gemma4_multimodal_real_size_plan_is_maxtexts_whole_tree():
     assert round(sum(map(math.prod, scanned.values())) / 1e9, 2) == 31.27
     unscanned = {l.path: l.shape for l in family.plan(cfg, False)}
     assert {k: v for k, v in unscanned.items() if k.startswith("vision_encoder/")} == gemma4_tower(5376)
+
+
+# Qwen3-VL's language model: all arrays of MaxText 0.2.5's tree with use_multimodal=false (nnx.eval_shape; scanned
+# needs deepstack_visual_indexes_for_vit=[], configs/types.py refuses deepstack with scan_layers=true). Unscanned:
+# 310 / 398 / 579 arrays. The vision tower's arrays: tests/families/test_qwen3_vl_vision.py.
+QWEN3_VL_TEXT = {
+    "qwen3-vl-2b": {
+        "decoder/decoder_norm/scale": (2048,),
+        "decoder/layers/mlp/wi_0/kernel": (2048, 28, 6144),
+        "decoder/layers/mlp/wi_1/kernel": (2048, 28, 6144),
+        "decoder/layers/mlp/wo/kernel": (6144, 28, 2048),
+        "decoder/layers/post_self_attention_layer_norm/scale": (2048, 28),
+        "decoder/layers/pre_self_attention_layer_norm/scale": (2048, 28),
+        "decoder/layers/self_attention/key/kernel": (2048, 28, 8, 128),
+        "decoder/layers/self_attention/key_norm/scale": (128, 28),
+        "decoder/layers/self_attention/out/kernel": (16, 28, 128, 2048),
+        "decoder/layers/self_attention/query/kernel": (2048, 28, 16, 128),
+        "decoder/layers/self_attention/query_norm/scale": (128, 28),
+        "decoder/layers/self_attention/value/kernel": (2048, 28, 8, 128),
+        "token_embedder/embedding": (151936, 2048),
+    },
+    "qwen3-vl-4b": {
+        "decoder/decoder_norm/scale": (2560,),
+        "decoder/layers/mlp/wi_0/kernel": (2560, 36, 9728),
+        "decoder/layers/mlp/wi_1/kernel": (2560, 36, 9728),
+        "decoder/layers/mlp/wo/kernel": (9728, 36, 2560),
+        "decoder/layers/post_self_attention_layer_norm/scale": (2560, 36),
+        "decoder/layers/pre_self_attention_layer_norm/scale": (2560, 36),
+        "decoder/layers/self_attention/key/kernel": (2560, 36, 8, 128),
+        "decoder/layers/self_attention/key_norm/scale": (128, 36),
+        "decoder/layers/self_attention/out/kernel": (32, 36, 128, 2560),
+        "decoder/layers/self_attention/query/kernel": (2560, 36, 32, 128),
+        "decoder/layers/self_attention/query_norm/scale": (128, 36),
+        "decoder/layers/self_attention/value/kernel": (2560, 36, 8, 128),
+        "token_embedder/embedding": (151936, 2560),
+    },
+    "qwen3-vl-30b-a3b": {
+        "decoder/decoder_norm/scale": (2048,),
+        "decoder/layers/moe_block/gate/kernel": (2048, 48, 128),
+        "decoder/layers/moe_block/wi_0": (128, 48, 2048, 768),
+        "decoder/layers/moe_block/wi_1": (128, 48, 2048, 768),
+        "decoder/layers/moe_block/wo": (128, 48, 768, 2048),
+        "decoder/layers/post_self_attention_layer_norm/scale": (2048, 48),
+        "decoder/layers/pre_self_attention_layer_norm/scale": (2048, 48),
+        "decoder/layers/self_attention/key/kernel": (2048, 48, 4, 128),
+        "decoder/layers/self_attention/key_norm/scale": (128, 48),
+        "decoder/layers/self_attention/out/kernel": (32, 48, 128, 2048),
+        "decoder/layers/self_attention/query/kernel": (2048, 48, 32, 128),
+        "decoder/layers/self_attention/query_norm/scale": (128, 48),
+        "decoder/layers/self_attention/value/kernel": (2048, 48, 4, 128),
+        "decoder/logits_dense/kernel": (2048, 151936),
+        "token_embedder/embedding": (151936, 2048),
+    },
+}
+QWEN3_VL_TEXT_UNSCANNED = {"qwen3-vl-2b": 310, "qwen3-vl-4b": 398, "qwen3-vl-30b-a3b": 579}
+
+
+@pytest.mark.parametrize("name", sorted(QWEN3_VL_TEXT))
+def test_qwen3_vl_text_plan_is_maxtexts_whole_text_tree(name, monkeypatch):
+    family, cfg = registry.model(name)
+    monkeypatch.setattr(family, "vision_tower", False)  # the language model alone (MaxText use_multimodal=false)
+    with pytest.warns(UserWarning, match="vision tower"):
+        scanned = {l.path: l.shape for l in family.plan(cfg, True)}
+        unscanned = {l.path: l.shape for l in family.plan(cfg, False)}
+    assert scanned == QWEN3_VL_TEXT[name]
+    assert len(unscanned) == QWEN3_VL_TEXT_UNSCANNED[name]
+    assert sum(map(math.prod, scanned.values())) == sum(map(math.prod, unscanned.values()))

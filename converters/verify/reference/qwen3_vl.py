@@ -9,6 +9,10 @@ rotation is half-split RoPE at angle p * (1 / theta^(2j/D)) -- a product with th
 `RotaryEmbedding` divides, and sin/cos kept in float32 (the rotation is computed in float32 and cast back), where
 `RotaryEmbedding` casts them to the input dtype first. HF's Qwen3-VL text rotary embedding does the same on text
 (three equal position rows, `recomposition_frequencies`).
+
+A prompt holding an image (multimodal checkpoints, reference/qwen3_vl_vision.py `Qwen3VLVisionMixin`): the tower's
+image tokens replace the image-token embeddings, every token turns by its (temporal, height, width) positions
+through the interleaved sections, and the deepstack features are added at the image tokens after the first layers.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import jax.numpy as jnp
 
 from converters.verify.reference import qwen, qwen3_moe
 from converters.verify.reference.common import ModelSpec, require, rope_parameters
+from converters.verify.reference.qwen3_vl_vision import Qwen3VLVisionMixin
 
 MULTIMODAL = ("qwen3_vl", "qwen3_vl_moe")
 
@@ -54,25 +59,27 @@ def text_spec(cfg, **overrides) -> tuple[object, dict]:
     return t, fields
 
 
-class Qwen3VLForward(qwen.Qwen3Forward):
-    """Qwen3-VL dense text model: Qwen3's layer with multimodal RoPE on text positions."""
+class Qwen3VLForward(Qwen3VLVisionMixin, qwen.Qwen3Forward):
+    """Qwen3-VL dense text model: Qwen3's layer with multimodal RoPE; the vision tower for image prompts."""
 
-    rope = staticmethod(rope_text_mrope)
+    rope = staticmethod(Qwen3VLVisionMixin.rope)  # text positions: rope_text_mrope
 
     def make_spec(self, cfg) -> ModelSpec:
         t, fields = text_spec(cfg)
-        return dataclasses.replace(super().make_spec(t), **fields)
+        spec = dataclasses.replace(super().make_spec(t), **fields)
+        return spec.with_options(**dict(self.vision_options(cfg)))
 
 
-class Qwen3VLMoeForward(qwen3_moe.Qwen3MoeForward):
-    """Qwen3-VL-MoE text model: Qwen3-MoE's layer with multimodal RoPE on text positions (HF always renormalises
-    the top-k weights, as MaxText's norm_topk_prob does)."""
+class Qwen3VLMoeForward(Qwen3VLVisionMixin, qwen3_moe.Qwen3MoeForward):
+    """Qwen3-VL-MoE text model: Qwen3-MoE's layer with multimodal RoPE (HF always renormalises the top-k weights, as
+    MaxText's norm_topk_prob does); the vision tower for image prompts."""
 
-    rope = staticmethod(rope_text_mrope)
+    rope = staticmethod(Qwen3VLVisionMixin.rope)  # text positions: rope_text_mrope
 
     def make_spec(self, cfg) -> ModelSpec:
         t, fields = text_spec(cfg)
         # transformers' Qwen3-VL-MoE router has no such flag: it always renormalises the top-k weights, as MaxText
         # (norm_topk_prob: true in the yml) does, whatever a config says
         t.norm_topk_prob = True
-        return dataclasses.replace(super().make_spec(t), **fields)
+        spec = dataclasses.replace(super().make_spec(t), **fields)
+        return spec.with_options(**dict(self.vision_options(cfg)))

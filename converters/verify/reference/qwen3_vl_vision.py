@@ -251,3 +251,201 @@ def vision_features(vs: VisionSpec, g: dict, pixel_values, grid_thw) -> tuple[np
             deep[k].append(np.asarray(f))
         at += n
     return np.concatenate(tokens), [np.concatenate(d) for d in deep]
+
+
+# ------------------------------------------------------------------------------ the tower in the decoder
+
+# layer_markers: where deepstack feature k is added -- after layer k's block (a dense layer), or, when layer k is an
+# MoE layer (whose last stage gets no per-prompt inputs), before layer k + 1 (the same hidden state)
+DEEPSTACK_AFTER = "deepstack_after_{k}"
+DEEPSTACK_BEFORE = "deepstack_before_{k}"
+
+
+def mrope_positions(token_ids: np.ndarray, image_token: int, grids, merge: int) -> np.ndarray:
+    """[3, T] (temporal, height, width) positions of a prompt holding images (HF `get_rope_index`, MaxText's
+    `get_rope_index` for images): text counts on; an image's tokens sit at start + (0, row, col) of its merged grid,
+    and the text after it resumes at start + max(rows, cols)."""
+    ids = np.asarray(token_ids)
+    out = np.zeros((3, ids.shape[0]), np.int64)
+    pos, i, grids = 0, 0, list(grids)
+    while i < ids.shape[0]:
+        if ids[i] != image_token:
+            out[:, i] = pos
+            pos, i = pos + 1, i + 1
+            continue
+        t, h, w = (int(a) for a in grids.pop(0))
+        gh, gw = h // merge, w // merge
+        n = t * gh * gw
+        tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
+        out[:, i : i + n] = np.stack([tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)]) + pos
+        pos, i = pos + max(gh, gw), i + n
+    return out
+
+
+def mrope_frequency_positions(pos3: np.ndarray, section) -> np.ndarray:
+    """[T, D/2] float32: the position each rotary frequency turns by (MaxText `_apply_interleaved_mrope`: frequency j
+    takes the height position when j % 3 == 1 and j < 3 * section[1], the width one when j % 3 == 2 and
+    j < 3 * section[2], else the temporal one). Multiplying by the inverse timescales gives MaxText's angles."""
+    half = int(sum(section))
+    which = np.zeros(half, np.int64)
+    for axis, offset in ((1, 1), (2, 2)):
+        which[offset : section[axis] * 3 : 3] = axis
+    return np.asarray(pos3, np.float32)[which, :].T.copy()
+
+
+def rope_frequency_positions(x, positions, theta: float, dtype):
+    """Half-split RoPE where each frequency has its own position (`positions` [T, D/2], `mrope_frequency_positions`),
+    with the text path's numerics (float32 angles pos * (1 / timescale), float32 sin/cos, cast back once)."""
+    d = x.shape[-1]
+    timescale = theta ** (2 * jnp.arange(d // 2, dtype=jnp.float32) / d)
+    angle = positions.astype(jnp.float32)[:, None, :] * (1.0 / timescale)
+    sin = jnp.sin(jnp.concatenate([angle, angle], axis=-1))
+    cos = jnp.cos(jnp.concatenate([angle, angle], axis=-1))
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return (x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin).astype(dtype)
+
+
+def patchify(image: np.ndarray, temporal_patch: int, patch: int, merge: int) -> np.ndarray:
+    """One image `[C, H, W]` as HF's Qwen2-VL image processor flattens it: repeated over `temporal_patch` frames, cut
+    into patches, the patches ordered merge block by merge block -> `[h*w, C*tps*ps*ps]`."""
+    c, H, W = image.shape
+    h, w = H // patch, W // patch
+    x = np.repeat(image[None], temporal_patch, axis=0)  # [tps, C, H, W]
+    x = x.reshape(temporal_patch, c, h // merge, merge, patch, w // merge, merge, patch)
+    x = x.transpose(2, 5, 3, 6, 1, 0, 4, 7)  # [h/m, w/m, m, m, C, tps, ps, ps]
+    return np.ascontiguousarray(x.reshape(h * w, c * temporal_patch * patch * patch))
+
+
+def image_prompt(config: dict, *, seed: int = 0, tokenizer=None, grid: tuple[int, int] = (8, 12)):
+    """For a multimodal Qwen3-VL config: (token ids, HF model inputs) of a prompt holding one generated image of
+    `grid` (rows, cols) patches: text, <vision_start>, one image token per merged 2x2 block, <vision_end>, text.
+    Pixels normalized as the Qwen3-VL processor does ((x - 0.5) / 0.5); `mm_token_type_ids` marks the image tokens
+    (transformers' 3D positions). None for text-only configs."""
+    from converters.verify.reference.common import hf_config_object
+    from converters.verify.reference.gemma import test_image
+
+    cfg = hf_config_object(config)
+    if cfg.model_type not in ("qwen3_vl", "qwen3_vl_moe"):
+        return None
+    t, v = cfg.get_text_config(), cfg.vision_config
+    image, start, end = int(cfg.image_token_id), int(cfg.vision_start_token_id), int(cfg.vision_end_token_id)
+    special = {image, start, end, int(cfg.video_token_id)}
+    rng = np.random.default_rng(seed + 7919)
+    merge, patch = int(v.spatial_merge_size), int(v.patch_size)
+    rows, cols = (max(merge, g // merge * merge) for g in grid)
+
+    def text(n: int, words: str) -> list[int]:
+        if tokenizer is not None:
+            return [int(i) for i in tokenizer(words, add_special_tokens=False)["input_ids"]]
+        return [int(i) for i in rng.integers(0, int(t.vocab_size), size=n) if int(i) not in special]
+
+    ids = text(12, "Here is a picture:") + [start] + [image] * (rows * cols // merge**2) + [end]
+    ids += text(48, " Describe what it shows, colour by colour, and say where the round shape is. It shows")
+    side = max(rows, cols) * patch
+    img = (test_image(int(v.in_channels), side)[:, : rows * patch, : cols * patch] - 0.5) / 0.5
+    pixels = patchify(img, int(v.temporal_patch_size), patch, merge)
+    types = np.asarray([[1 if i == image else 0 for i in ids]], np.int64)
+    return ids, {
+        "pixel_values": pixels,
+        "image_grid_thw": np.asarray([[1, rows, cols]], np.int64),
+        "mm_token_type_ids": types,
+    }
+
+
+class Qwen3VLVisionMixin:
+    """The tower in a Qwen3-VL `Forward` (put it before the text model's class): the image prompt, its first stage
+    (image tokens in place of the image-token embeddings, 3D positions, deepstack features) and the decoder layers'
+    use of them. `spec` carries `vision` (a VisionSpec) and `image_token` for multimodal configs."""
+
+    def image_prompt(self, config: dict, *, seed: int = 0, tokenizer=None):
+        return image_prompt(config, seed=seed, tokenizer=tokenizer)
+
+    @staticmethod
+    def vision_options(cfg) -> tuple:
+        """`ModelSpec.options` entries of a multimodal config (`cfg`: transformers' Qwen3VLConfig)."""
+        if cfg.model_type not in ("qwen3_vl", "qwen3_vl_moe"):
+            return ()
+        t = cfg.get_text_config()
+        rp = dict(getattr(t, "rope_parameters", None) or {})
+        section = tuple(int(s) for s in (rp.get("mrope_section") or (24, 20, 20)))
+        return (
+            ("vision", vision_spec(cfg.vision_config)),
+            ("image_token", int(cfg.image_token_id)),
+            ("mrope_section", section),
+        )
+
+    def global_keys(self, spec) -> tuple[str, ...]:
+        keys = tuple(super().global_keys(spec))
+        vs = spec.option("vision")
+        return keys + vision_keys(vs) if vs is not None else keys
+
+    def layer_markers(self, spec, l: int) -> dict:
+        out = dict(super().layer_markers(spec, l))
+        vs = spec.option("vision")
+        if vs is None:
+            return out
+        mark = np.zeros((0,), np.float32)
+        if l < len(vs.deepstack) and not self.moe_arrays(spec, l):
+            out[DEEPSTACK_AFTER.format(k=l)] = mark
+        if 0 < l <= len(vs.deepstack) and self.moe_arrays(spec, l - 1):
+            out[DEEPSTACK_BEFORE.format(k=l - 1)] = mark
+        return out
+
+    def multimodal_embed(self, spec, g: dict, rows, index, token_ids: np.ndarray, inputs: dict):
+        vs = spec.option("vision")
+        if vs is None:
+            raise CkptflowError("a prompt with an image needs a multimodal Qwen3-VL config and its vision tower")
+        if "pixel_values_videos" in inputs:
+            raise CkptflowError("video prompts are not verified (MaxText attends across frames, HF within each)")
+        grids = np.asarray(inputs["image_grid_thw"]).reshape(-1, 3)
+        image_token = spec.option("image_token")
+        at = np.flatnonzero(np.asarray(token_ids) == image_token)
+        need = sum(int(t * h * w) // vs.merge**2 for t, h, w in grids)
+        if at.size != need:
+            raise CkptflowError(
+                f"the prompt has {at.size} image tokens; its images (grids {grids.tolist()}) need {need}"
+            )
+        n = len(vs.deepstack)
+        if n >= spec.num_layers and self.moe_arrays(spec, spec.num_layers - 1):
+            raise CkptflowError(
+                f"an image prompt needs more decoder layers than deepstack features ({spec.num_layers} <= {n})"
+                " when the last one is an MoE layer"
+            )
+        tokens, deep = vision_features(vs, g, inputs["pixel_values"], grids)
+        x = self.embed(spec, rows, index)
+        x = x.at[jnp.asarray(at)].set(jnp.asarray(tokens).astype(spec.jdtype))
+        scattered = np.zeros((len(deep), x.shape[0], x.shape[1]), np.float32)
+        for k, f in enumerate(deep):
+            scattered[k, at] = f
+        pos = mrope_frequency_positions(
+            mrope_positions(token_ids, image_token, grids, vs.merge), spec.option("mrope_section")
+        )
+        return x, {"mrope": jnp.asarray(pos), "deepstack": jnp.asarray(scattered)}
+
+    @staticmethod
+    def _deepstack(p: dict, x, deepstack, marker: str):
+        """MaxText's `deepstack_process`: feature k added at the image tokens (its rows are zero elsewhere)."""
+        if deepstack is not None:
+            for k in range(deepstack.shape[0]):
+                if marker.format(k=k) in p:
+                    x = (x.astype(jnp.float32) + deepstack[k]).astype(x.dtype)
+        return x
+
+    def block(self, spec, p: dict, x, positions, mrope=None, deepstack=None):
+        """The text model's block at the image prompt's per-frequency positions, with the deepstack features."""
+        x = self._deepstack(p, x, deepstack, DEEPSTACK_BEFORE)
+        x = super().block(spec, p, x, positions if mrope is None else mrope)
+        return self._deepstack(p, x, deepstack, DEEPSTACK_AFTER)
+
+    def pre_moe(self, spec, p: dict, x, positions, mrope=None, deepstack=None):
+        x = self._deepstack(p, x, deepstack, DEEPSTACK_BEFORE)
+        return super().pre_moe(spec, p, x, positions if mrope is None else mrope)
+
+    @staticmethod
+    def rope(x, positions, theta: float, dtype):
+        """Text prompts: [T] positions (the text model's RoPE); image prompts: [T, D/2] per-frequency positions."""
+        if positions.ndim == 2:
+            return rope_frequency_positions(x, positions, theta, dtype)
+        from converters.verify.reference.qwen3_vl import rope_text_mrope
+
+        return rope_text_mrope(x, positions, theta, dtype)
