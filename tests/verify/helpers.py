@@ -73,9 +73,12 @@ def stack_layers(layers: list[dict], scan: bool) -> dict:
 
 def hf_logits(folder: Path, ids: list[int]) -> np.ndarray:
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    auto = AutoModelForCausalLM
+    if type(AutoConfig.from_pretrained(folder)) not in auto._model_mapping:  # no causal-LM class (Qwen3-VL)
+        auto = AutoModelForImageTextToText
+    model = auto.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].numpy()
 
