@@ -22,8 +22,11 @@ layers/nnx_decoders.py, configs/models/gemma4-31b.yml):
   `decoder/scanned_blocks/global_layer/*` `[.., blocks, ..]` (layer 6b + 5). The remainder block
   (`layers_remainder`) is empty for a multiple of 6 layers. Unscanned: `decoder/layers_<l>`.
 
-Not supported yet, refused with a reason by `dims`: the multimodal checkpoints (`model_type: gemma4`, vision
-tower; convert the `gemma4_text` model), per-layer embeddings (e2b / e4b: `hidden_size_per_layer_input`, MaxText
+Multimodal checkpoints (`model_type: gemma4`, Gemma4ForConditionalGeneration, the published layout): the text
+model's tensors under `model.language_model.*`, the vision tower and projector under `vision_encoder/`
+(converters/families/gemma4_vision.py).
+
+Not supported yet, refused with a reason by `dims`: per-layer embeddings (e2b / e4b: `hidden_size_per_layer_input`, MaxText
 block `gemma4_small`), shared KV layers (`num_kv_shared_layers`), the MoE block (26b: `enable_moe_block`),
 bidirectional attention over all tokens.
 """
@@ -160,7 +163,7 @@ class Gemma4(Family):
     name = "gemma4"
     model_types = ("gemma4_text", "gemma4")
     architectures = ("Gemma4ForCausalLM", "Gemma4ForConditionalGeneration")
-    reference = "converters.verify.reference.gemma4:Gemma4Forward"
+    reference = "converters.verify.reference.gemma4_vision:Gemma4MultimodalForward"  # Gemma4Forward + the tower
     test_models = {
         "gemma4": ("gemma4-31b", _TINY),
         "gemma4-kv": ("gemma4-31b", {**_TINY, "attention_k_eq_v": False}),

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from converters.errors import CkptflowError
@@ -87,6 +87,19 @@ def prompt_vocab_size(config: dict) -> int:
 
     cfg = hf_config_object(config)
     return int(forward_for(cfg.model_type).make_spec(cfg).vocab_size)
+
+
+def _without_placeholders(config: dict, prompts: list[Prompt]) -> list[Prompt]:
+    """Seeded prompts without the image / video / audio placeholder ids of a multimodal model (a reference family with
+    `placeholder_ids`, Gemma 4): in a text prompt transformers embeds those as padding and MaxText as the token, so
+    no conversion could make the two agree there. Prompts from a tokenizer or a file are left as given."""
+    from converters.verify.reference import forward_for
+
+    ids_of = getattr(forward_for(config.get("model_type")), "placeholder_ids", None)
+    bad = set(ids_of(config)) if ids_of is not None else set()
+    if not bad:
+        return prompts
+    return [replace(p, token_ids=[t for t in p.token_ids if t not in bad]) if "seed" in p.meta else p for p in prompts]
 
 
 def _image_prompts(config: dict, seed: int, tokenizer) -> list[Prompt]:
@@ -203,6 +216,7 @@ def verify(
         prompts = build_prompts(
             tokenizer=tokenizer, vocab_size=prompt_vocab_size(ckpt.cfg), prompts_file=prompts_file, seed=seed
         )
+        prompts = _without_placeholders(ckpt.cfg, prompts)
         prompts += _image_prompts(ckpt.cfg, seed, tokenizer)
         reference = {"kind": "hf", "path": str(hf), "dtype": dtype, "model_type": config.get("model_type")}
     else:

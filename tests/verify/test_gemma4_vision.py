@@ -14,10 +14,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
+from converters.core.transforms import Permute
 from converters.families import gemma4_vision as tower
 from converters.verify.reference import gemma4_vision as ref
 
@@ -135,3 +138,124 @@ def test_a_wrong_mapping_is_caught(hf_tower, what):
     else:
         g = to_maxtext(hf, cfg, {path: f})
     assert rel(ref.tokens(spec(cfg), g, pixels, 4), want) > 100 * BOUND
+
+
+# ---------------------------------------------------------------------------- the whole multimodal model, end to end
+
+LAYERS = 12
+EXACT_KL = 1e-8  # float32 noise through the tower and 12 layers: measured 8.5e-10 on the image prompt, 7e-10 on text
+
+
+@pytest.fixture(scope="module")
+def mm_checkpoint(tmp_path_factory):
+    """The tiny gemma4-mm model (float32) and its scanned float32 checkpoint."""
+    from converters.convert import hf_to_maxtext
+    from converters.tiny_models import make_test_model
+
+    root = tmp_path_factory.mktemp("gemma4-mm")
+    src = make_test_model("gemma4-mm", root / "hf", layers=LAYERS, dtype="float32")
+    hf_to_maxtext(src, root / "mt", scan=True, dtype="float32")
+    return src, root / "mt"
+
+
+@pytest.mark.slow
+def test_reference_matches_transformers_with_an_image(mm_checkpoint):
+    """The reference on the converted checkpoint vs Gemma4ForConditionalGeneration (eager, float32) on the image
+    prompt (tower, projector, soft tokens in place of the image tokens, same-image attention on local layers) and
+    on a text prompt without placeholder ids."""
+    import json
+
+    from transformers import AutoModelForImageTextToText
+
+    from converters.io.orbax import read_params
+    from converters.verify.metrics import kl_per_token
+    from converters.verify.reference import ReferenceModel
+
+    src, ckpt = mm_checkpoint
+    cfg = json.loads((src / "config.json").read_text())
+    model = ReferenceModel(read_params(ckpt), cfg)
+    hf = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32, attn_implementation="eager").eval()
+    ids, inputs = ref.image_prompt(cfg)
+    assert sum(inputs["mm_token_type_ids"][0]) == 6 and len(ids) > 8 + 6  # the image run and text past the window
+    with torch.no_grad():
+        want = hf(torch.tensor([ids]), **{k: torch.from_numpy(v) for k, v in inputs.items()}).logits[0].numpy()
+        blind = hf(torch.tensor([ids])).logits[0].numpy()  # no pixels: transformers pads the image tokens
+    got = model.logits(ids, inputs)
+    assert kl_per_token(want, got).max() < EXACT_KL
+    assert kl_per_token(blind, got).max() > 1e-3  # the image matters
+    text = [t for t in np.random.default_rng(3).integers(0, 512, size=200).tolist() if t < 505]  # no placeholders
+    with torch.no_grad():
+        want = hf(torch.tensor([text])).logits[0].numpy()
+    assert kl_per_token(want, model.logits(text)).max() < EXACT_KL
+
+
+@pytest.mark.slow  # ~25 s: the default run has no budget left for it
+def test_converted_checkpoint_verifies_with_an_image(mm_checkpoint):
+    """`verify` on the multimodal checkpoint: the default prompts (seeded, without the placeholder ids) and the
+    generated image prompt pass; layout to float32 noise on every prompt."""
+    from converters.verify import verify
+
+    src, ckpt = mm_checkpoint
+    r = verify(maxtext=ckpt, hf=src)
+    names = [p["name"] for p in r.data["prompts"]]
+    assert names == ["short-0", "short-1", "short-2", "long", "image"]
+    assert r.passed, r.data["verdict"]
+    assert r.data["verdict"]["layout"]["kl_max"] < EXACT_KL
+
+
+def _wrong_tower(kind: str):
+    """The tower's rules with one transform wrong both ways (the inverse undoes it: content passes)."""
+    from converters.core.transforms import Kernel, Reshape
+
+    real_globals, real_layer = tower.global_rules, tower.layer_rules
+
+    def fix(r):
+        if kind == "patch_reshaped" and r.hf.endswith("input_proj.weight"):
+            return dataclasses.replace(r, chain=(Reshape(r.mt_shape, r.hf_shape),))
+        if kind == "positions_reshaped" and r.hf.endswith("position_embedding_table"):
+            return dataclasses.replace(r, chain=(Reshape(r.mt_shape, r.hf_shape),))
+        if kind == "projector_reshaped" and r.hf.endswith("embedding_projection.weight"):
+            return dataclasses.replace(r, chain=(Reshape(r.mt_shape, r.hf_shape),))
+        if kind == "std_swapped" and r.hf.endswith(("std_bias", "std_scale")):
+            return dataclasses.replace(r, mt=r.mt.replace("bias", "X").replace("scale", "bias").replace("X", "scale"))
+        if kind == "query_heads_and_dims" and r.hf.endswith("q_proj.linear.weight"):
+            h, n, d = r.mt_shape
+            return dataclasses.replace(r, chain=(Kernel((h, d, n)), Permute((0, 2, 1))))
+        if kind == "attention_norms_swapped" and r.hf.endswith(
+            ("input_layernorm.weight", "post_attention_layernorm.weight")
+        ):
+            return dataclasses.replace(r, mt=("post" if "input" in r.hf else "pre") + "_attention_norm/scale")
+        return r
+
+    return (lambda d: [fix(r) for r in real_globals(d)]), (lambda v: [fix(r) for r in real_layer(v)])
+
+
+TOWER_WRONG = [
+    "patch_reshaped",
+    "positions_reshaped",
+    "projector_reshaped",
+    "std_swapped",
+    "query_heads_and_dims",
+    "attention_norms_swapped",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", TOWER_WRONG)
+def test_a_wrong_tower_mapping_fails_only_the_image_prompt(kind, mm_checkpoint, tmp_path, monkeypatch):
+    from converters.convert import hf_to_maxtext
+    from converters.verify import verify
+
+    src, _ = mm_checkpoint
+    g, layer = _wrong_tower(kind)
+    monkeypatch.setattr(tower, "global_rules", g)
+    monkeypatch.setattr(tower, "layer_rules", layer)
+    hf_to_maxtext(src, tmp_path / "mt", scan=True, dtype="float32")
+    (tmp_path / "short.jsonl").write_text('{"tokens": [1, 17, 301, 44]}\n')
+    r = verify(maxtext=tmp_path / "mt", hf=src, prompts_file=tmp_path / "short.jsonl")
+    v = r.data["verdict"]
+    assert v["content"]["passed"] and v["content"]["failed"] == 0, v["content"]["failures"]  # the inverse undid it
+    by_name = {p["name"]: p for p in r.data["prompts"]}
+    assert by_name["prompt-0"]["comparisons"]["layout"]["kl_max"] < EXACT_KL  # text never reaches the tower
+    assert by_name["image"]["comparisons"]["layout"]["kl_max"] > 100 * v["layout"]["max_kl"], kind
+    assert not r.passed

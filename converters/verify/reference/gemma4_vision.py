@@ -19,6 +19,7 @@ epsilon for the published models).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -141,3 +142,180 @@ def test_image(rows: int, cols: int) -> np.ndarray:
     disc = ((x - 0.35) ** 2 + (y - 0.4) ** 2 < 0.06).astype(np.float32)
     checker = ((np.floor(x * 7) + np.floor(y * 5)) % 2).astype(np.float32)
     return np.stack([x, y, 0.6 * disc + 0.4 * checker], -1).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- the multimodal model (model_type gemma4)
+
+IMAGE_BLOCKS = "image_blocks"  # carried in a layer's arrays dict to `attend`, as Gemma4Forward's global marker is
+
+
+def _forward_base():
+    from converters.verify.reference.gemma4 import Gemma4Forward
+
+    return Gemma4Forward
+
+
+class Gemma4MultimodalForward(_forward_base()):
+    """Gemma4Forward for `gemma4_text` and multimodal `gemma4` configs (text model + vision tower).
+
+    What MaxText adds for a prompt with an image (layers/nnx_decoders.py, models/gemma4.py, layers/attention_op.py):
+    the tower's soft tokens replace the image tokens' embeddings (`merge_mm_embeddings`, in order; not scaled by
+    sqrt(hidden)), and on the local (sliding-window) layers only, image tokens of one contiguous run also attend to
+    each other: mask = (causal AND window) OR same-image (`_make_bidirectional_block_mask`); global layers stay
+    causal. transformers does the same with `use_bidirectional_attention: vision` and mm_token_type_ids, except that
+    it applies the window after the OR (AND(window, OR(causal, image))): the two differ only for an image run longer
+    than the window (280 soft tokens vs a window of 1024 for the published models: never).
+    """
+
+    def make_spec(self, cfg):
+        if cfg.model_type != "gemma4":
+            return super().make_spec(cfg)
+        spec = super().make_spec(cfg.get_text_config())
+        options = list(spec.options)
+        v = getattr(cfg, "vision_config", None)
+        if v is not None:
+            from converters.verify.reference.common import require
+
+            require(not getattr(v, "use_clipped_linears", False), "clipped linears in the vision tower")
+            require(bool(getattr(v, "standardize", False)), "a vision tower without standardize")
+            require(
+                getattr(v, "hidden_activation", "gelu_pytorch_tanh") in ("gelu_pytorch_tanh", "gelu_tanh"),
+                f"vision hidden_activation={getattr(v, 'hidden_activation', None)!r}",
+            )
+            rp = dict(getattr(v, "rope_parameters", None) or {})
+            vision = (
+                int(v.num_hidden_layers),
+                int(v.hidden_size),
+                int(v.num_attention_heads),
+                int(v.pooling_kernel_size),
+                float(rp.get("rope_theta", 100.0)),
+                float(v.rms_norm_eps),
+            )
+            soft = int(getattr(cfg, "vision_soft_tokens_per_image", None) or v.default_output_length)
+            options += [
+                ("vision", vision),
+                ("vision_patch", int(v.patch_size)),
+                ("image_token", int(cfg.image_token_id)),
+                ("soft_tokens", soft),
+            ]
+        return dataclasses.replace(spec, model_type="gemma4", options=tuple(sorted(options)))
+
+    def global_keys(self, spec):
+        keys = super().global_keys(spec)
+        v = spec.option("vision")
+        return keys if v is None else (*keys, *global_keys(v[0]))
+
+    def image_prompt(self, config: dict, *, seed: int = 0, tokenizer=None):
+        return image_prompt(config, seed=seed, tokenizer=tokenizer)
+
+    def placeholder_ids(self, config: dict) -> tuple[int, ...]:
+        """The image / video / audio placeholder ids of a multimodal config: transformers' Gemma4Model embeds them
+        as the pad token in a text prompt (`get_placeholder_mask`), MaxText as themselves."""
+        if config.get("model_type") != "gemma4":
+            return ()
+        keys = ("image_token_id", "video_token_id", "audio_token_id")
+        return tuple(int(config[k]) for k in keys if config.get(k) is not None)
+
+    def multimodal_embed(self, spec, g: dict, rows, index, token_ids: np.ndarray, inputs: dict):
+        """The prompt's embeddings with the image tokens replaced by the tower's soft tokens, and the image runs that
+        attend to each other on local layers (`block`'s `image_blocks`). inputs: transformers' `pixel_values`
+        `[images, patches, p*p*3]` and `image_position_ids` `[images, patches, 2]` (MaxText's patches and positions)."""
+        from converters.errors import CkptflowError
+        from converters.verify.reference.gemma import image_blocks
+
+        v = spec.option("vision")
+        if v is None:
+            raise CkptflowError("a prompt with an image needs a multimodal gemma4 config and its vision tower")
+        patches = np.asarray(inputs["pixel_values"], np.float32)
+        positions = np.asarray(inputs["image_position_ids"], np.int32)
+        image = spec.option("image_token")
+        at = np.flatnonzero(np.asarray(token_ids) == image)
+        soft = [
+            jitted()(v + (int(pos[:, 0].max()) + 1,), g, jnp.asarray(pt), jnp.asarray(pos))
+            for pt, pos in zip(patches, positions)
+        ]
+        soft = jnp.concatenate(soft)
+        if at.size != soft.shape[0]:
+            raise CkptflowError(f"the prompt has {at.size} image tokens; its image(s) give {soft.shape[0]} soft tokens")
+        x = self.embed(spec, rows, index)
+        x = x.at[jnp.asarray(at)].set(soft.astype(spec.jdtype))
+        return x, {IMAGE_BLOCKS: jnp.asarray(image_blocks(token_ids, image))}
+
+    def attend(self, spec, p: dict, x, positions):
+        """Gemma4Forward.attend (MoE layers reach it through `pre_moe`), with the image runs when there are some."""
+        blocks = p.get(IMAGE_BLOCKS)
+        return super().attend(spec, p, x, positions) if blocks is None else self.attend_image(spec, p, x, positions)
+
+    def attend_image(self, spec, p: dict, x, positions):
+        """The attention half of a layer when the prompt holds an image: Gemma4Forward's, plus same-image attention on
+        local layers (p[IMAGE_BLOCKS]: the image run of each position, 0 for text)."""
+        from converters.verify.reference.gemma import gemma_attention
+        from converters.verify.reference.gemma4 import GLOBAL_MARKER, rope_partial
+
+        blocks = p[IMAGE_BLOCKS]
+        dt, eps = spec.jdtype, spec.norm_eps
+        glob = GLOBAL_MARKER in p
+        h = rms_norm(x, p["pre_self_attention_norm/scale"], eps, dt)
+        q = dense(h, p["self_attention/query/kernel"], dt)
+        k = dense(h, p["self_attention/key/kernel"], dt)
+        v = k if "self_attention/value/kernel" not in p else dense(h, p["self_attention/value/kernel"], dt)
+        q = rms_norm(q, p["self_attention/query_norm/scale"], eps, dt)
+        k = rms_norm(k, p["self_attention/key_norm/scale"], eps, dt)
+        v = rms_norm(v, jnp.ones((v.shape[-1],), dt), eps, dt)
+        theta, fraction = spec.option("global_rope" if glob else "local_rope")
+        q, k = rope_partial(q, positions, theta, fraction, dt), rope_partial(k, positions, theta, fraction, dt)
+        window = None if glob else spec.option("sliding_window")
+        a = gemma_attention(q, k, v, dt, window=window, image_blocks=None if glob else blocks)
+        a = dense(a, p["self_attention/out/kernel"], dt, contract=2)
+        return x + rms_norm(a, p["post_self_attention_norm/scale"], eps, dt)
+
+    def block(self, spec, p: dict, x, positions, image_blocks=None):
+        if image_blocks is None:
+            return super().block(spec, p, x, positions)
+        from converters.verify.reference.common import gated_mlp
+
+        dt, eps = spec.jdtype, spec.norm_eps
+        x = self.attend_image(spec, {**p, IMAGE_BLOCKS: image_blocks}, x, positions)
+        h = rms_norm(x, p["pre_ffw_norm/scale"], eps, dt)
+        m = gated_mlp(h, p["mlp/wi_0/kernel"], p["mlp/wi_1/kernel"], p["mlp/wo/kernel"], dt, gelu_tanh)
+        x = x + rms_norm(m, p["post_ffw_norm/scale"], eps, dt)
+        return x * p["layer_scalar"].astype(dt)
+
+    def pre_moe(self, spec, p: dict, x, positions, image_blocks=None):
+        return super().pre_moe(spec, p if image_blocks is None else {**p, IMAGE_BLOCKS: image_blocks}, x, positions)
+
+
+def image_prompt(config: dict, *, seed: int = 0, tokenizer=None):
+    """For a multimodal Gemma 4 config: (token ids, transformers' model inputs) of a prompt holding one generated
+    image of `vision_soft_tokens_per_image` soft tokens (published: 42 x 60 patches, MaxText's 672 x 960 image).
+    Layout: BOS, text, <boi>, the image tokens, <eoi>, text. `mm_token_type_ids` marks the image tokens (HF's
+    bidirectional attention among them). None for configs without a tower."""
+    if config.get("model_type") != "gemma4" or not config.get("vision_config"):
+        return None
+    from converters.verify.reference.common import hf_config_object
+
+    cfg = hf_config_object(config)
+    t, v = cfg.get_text_config(), cfg.vision_config
+    image, boi, eoi = int(cfg.image_token_id), int(cfg.boi_token_id), int(cfg.eoi_token_id)
+    k, p = int(v.pooling_kernel_size), int(v.patch_size)
+    soft = int(getattr(cfg, "vision_soft_tokens_per_image", None) or v.default_output_length)
+    rows, cols = grid(soft, k)
+    patches, positions = patchify(test_image(rows * p, cols * p), p)
+    rng = np.random.default_rng(seed + 7919)
+    special = {image, boi, eoi, *(int(getattr(cfg, n, -1) or -1) for n in ("video_token_id", "audio_token_id"))}
+
+    def text(n: int, words: str) -> list[int]:
+        if tokenizer is not None:
+            return [int(i) for i in tokenizer(words, add_special_tokens=False)["input_ids"]]
+        return [int(i) for i in rng.integers(0, int(t.vocab_size), size=n) if int(i) not in special]
+
+    bos = getattr(t, "bos_token_id", None)
+    ids = ([int(bos)] if bos is not None else []) + text(12, "Here is a picture:")
+    ids += [boi] + [image] * soft + [eoi]
+    ids += text(48, " Describe what it shows, colour by colour, and say where the round shape is. It shows")
+    types = [1 if i == image else 0 for i in ids]
+    return ids, {
+        "pixel_values": patches[None].astype(np.float32),
+        "image_position_ids": positions[None].astype(np.int64),
+        "mm_token_type_ids": np.asarray([types], np.int64),
+    }
