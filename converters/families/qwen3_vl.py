@@ -12,8 +12,9 @@ layers/embeddings.py `Qwen3OmniMoeThinkerTextRotaryEmbedding`):
     reference computes;
   * the vision tower (`vision_encoder/...`, `use_multimodal: true`): converters/families/qwen3_vl_vision.py. Its
     deepstack features are added to the hidden states after the first decoder layers, which MaxText 0.2.5 runs
-    only with `scan_layers=false` (configs/types.py refuses deepstack scanned): the tower converts unscanned; a
-    scanned conversion holds the language model only (MaxText `use_multimodal=false`), with a warning.
+    only with `scan_layers=false` (configs/types.py refuses deepstack with scan_layers=true), so MaxText loads
+    the unscanned layout only. The tower itself is never scanned and is converted in both layouts, as Gemma3's:
+    a scanned checkpoint holds the whole model and verifies and exports like the unscanned one.
 
 HF layout (transformers `Qwen3VLForConditionalGeneration` / `Qwen3VLMoeForConditionalGeneration`, model types
 `qwen3_vl` / `qwen3_vl_moe`): the language model under `model.language_model.*`, `lm_head.weight` at the top
@@ -287,25 +288,6 @@ class _Qwen3VLBase(common.DecoderOnly):
         if d.extra["vision"] is not None and cls.vision_tower:
             groups += cls.vision_groups(d)
         return groups
-
-    @classmethod
-    def plan(cls, cfg: dict, scan: bool, extras: tuple[str, ...] = (), legacy: str | None = None) -> list:
-        """Scanned, the language model only: MaxText 0.2.5 adds the tower's deepstack features only unscanned."""
-        leaves = super().plan(cfg, scan, extras, legacy)
-        return [leaf for leaf in leaves if not qwen3_vl_vision.is_vision_path(leaf.path)] if scan else leaves
-
-    @classmethod
-    def is_ignored(cls, d: Dims, hf_name: str) -> bool:
-        # asked only about source tensors the plan leaves out: the tower, when converting to the scanned layout
-        if cls.vision_tower and d.extra["vision"] is not None and hf_name.startswith(qwen3_vl_vision.HF):
-            warnings.warn(
-                f"{cls.name}: scanned, the vision tower (model.visual.*) is not converted: MaxText 0.2.5 adds its "
-                "deepstack features only with scan_layers=false; the language model only, as MaxText with "
-                "use_multimodal=false (convert with --no-scan to keep the tower)",
-                stacklevel=2,
-            )
-            return True
-        return super().is_ignored(d, hf_name)
 
     @classmethod
     def export_config(cls, cfg: dict, dtype: str) -> dict:

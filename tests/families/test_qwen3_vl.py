@@ -5,9 +5,9 @@ Tiny models (`converters.tiny_models.TINY["qwen3-vl" / "qwen3-vl-moe"]`): hidden
 tower under `model.visual.*`; the MoE folder stores its fused experts as the published repos do (`gate_up_proj`
 `[X, 64, 96]`, `down_proj` `[X, 48, 64]`). Every transform only moves elements: all four directions (HF -> MaxText
 scanned and unscanned, MaxText -> HF from either layout, back to MaxText), bfloat16 and float32, are bit-exact on every
-language-model tensor. Unscanned, the vision tower converts too (tests/families/test_qwen3_vl_vision.py); scanned,
-`model.visual.*` is skipped with a warning (MaxText 0.2.5 runs deepstack only unscanned) and the checkpoint holds the
-language model only, which exports as Qwen3ForCausalLM / Qwen3MoeForCausalLM.
+tensor. The vision tower converts in both layouts (never scanned itself; its own tests are in
+tests/families/test_qwen3_vl_vision.py). A checkpoint without the tower (MaxText use_multimodal=false) exports as
+Qwen3ForCausalLM / Qwen3MoeForCausalLM.
 """
 
 from __future__ import annotations
@@ -29,21 +29,6 @@ LAYERS, E, N, KV, D, F, X, FX = 3, 64, 4, 2, 32, 96, 4, 48
 SLOW = pytest.mark.slow  # the default run keeps one case of each kind, dense and MoE between them
 T = "model.language_model."
 MOE = "moe_block"
-
-
-def text_tensors(path) -> dict:
-    """The language model's tensors of an HF folder (a scanned conversion leaves the vision tower out)."""
-    return {k: v for k, v in hf_tensors(path).items() if not k.startswith("model.visual.")}
-
-
-def exported(folder, scan: bool) -> dict:
-    """An export's tensors under the source's names. Scanned, the checkpoint holds the language model only and exports
-    as the text model (names without `language_model.`; MoE experts per expert, compared through the re-import)."""
-    out = hf_tensors(folder)
-    if not scan:
-        return out
-    out = {k.replace("model.", T, 1) if k.startswith("model.") else k: v for k, v in out.items()}
-    return {k: v for k, v in out.items() if ".mlp.experts." not in k}
 
 
 def expected_layer(hf: dict, i: int, moe: bool) -> dict:
@@ -91,11 +76,7 @@ def stored(params: dict, rel: str, i: int, scan: bool) -> np.ndarray:
 def test_stored_values_at_every_layer(tiny_model, tmp_path, family, scan):
     src = tiny_model(family, layers=LAYERS)
     moe = family.endswith("moe")
-    if scan:
-        with pytest.warns(UserWarning, match="vision tower"):
-            hf_to_maxtext(src, tmp_path / "mt", scan=scan)
-    else:
-        hf_to_maxtext(src, tmp_path / "mt", scan=scan)
+    hf_to_maxtext(src, tmp_path / "mt", scan=scan)
     params, hf = read_params(tmp_path / "mt"), hf_tensors(src)
     assert np.array_equal(params["token_embedder/embedding"], hf[T + "embed_tokens.weight"])
     assert np.array_equal(params["decoder/decoder_norm/scale"], hf[T + "norm.weight"])
@@ -112,7 +93,7 @@ def test_stored_values_at_every_layer(tiny_model, tmp_path, family, scan):
     per_layer = len(expected_layer(hf, 0, moe))
     tower = sum(k.startswith("vision_encoder/") for k in params)
     assert len(params) == 2 + moe + (per_layer if scan else LAYERS * per_layer) + tower
-    assert tower == (0 if scan else 53)  # the tiny tower's arrays: 3 + 2 blocks x 16 + 3 mergers x 6
+    assert tower == 53  # the tiny tower's arrays, in both layouts: 3 + 2 blocks x 16 + 3 mergers x 6
 
 
 @pytest.mark.parametrize(
@@ -132,11 +113,10 @@ def test_stored_values_at_every_layer(tiny_model, tmp_path, family, scan):
 def test_round_trips_are_bit_exact(tiny_model, tmp_path, family, scan, dtype):
     src = tiny_model(family, layers=LAYERS, dtype=dtype)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the vision tower is skipped (tested above)
+        warnings.simplefilter("ignore", UserWarning)
         hf_to_maxtext(src, tmp_path / "mt", scan=scan, dtype=dtype)  # HF -> MaxText (scanned / unscanned)
         maxtext_to_hf(tmp_path / "mt", tmp_path / "hf", dtype=dtype)  # MaxText (that layout, detected) -> HF
-        want = {k: v for k, v in text_tensors(src).items() if ".mlp.experts." not in k} if scan else hf_tensors(src)
-        assert_bit_exact(want, exported(tmp_path / "hf", scan))
+        assert_bit_exact(hf_tensors(src), hf_tensors(tmp_path / "hf"))
         hf_to_maxtext(tmp_path / "hf", tmp_path / "mt2", scan=scan, dtype=dtype)  # MaxText -> HF -> MaxText
     assert_bit_exact(read_params(tmp_path / "mt"), read_params(tmp_path / "mt2"))
 
@@ -146,11 +126,9 @@ def test_restores_with_plain_orbax_in_maxtext_layout(tiny_model, tmp_path, scan)
     import orbax.checkpoint as ocp
 
     src = tiny_model("qwen3-vl-moe", layers=LAYERS)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # scanned: the vision tower is skipped (tested above)
-        hf_to_maxtext(src, tmp_path / "mt", scan=scan)
+    hf_to_maxtext(src, tmp_path / "mt", scan=scan)
     tree = ocp.PyTreeCheckpointer().restore((tmp_path / "mt" / "0" / "items").absolute())["params"]["params"]
-    assert set(tree) == {"token_embedder", "decoder"} | (set() if scan else {"vision_encoder"})
+    assert set(tree) == {"token_embedder", "decoder", "vision_encoder"}
     cfg = json.loads((src / "config.json").read_text())
     plan = {leaf.path: leaf.shape for leaf in Qwen3VLMoe.plan(cfg, scan)}
     assert {k: v.shape for k, v in read_params(tmp_path / "mt").items()} == plan
@@ -201,13 +179,14 @@ def test_exported_folder_loads_in_transformers_with_the_same_logits(tiny_model, 
 
 
 @pytest.mark.parametrize("family", ["qwen3-vl", pytest.param("qwen3-vl-moe", marks=SLOW)])
-def test_checkpoint_without_vision_tower_exports_the_text_model(tiny_model, tmp_path, family):
-    """A checkpoint lacking the tower (scanned here; MaxText use_multimodal=false) exports as Qwen3ForCausalLM /
-    Qwen3MoeForCausalLM (per-expert tensors), which computes the same text logits."""
+def test_checkpoint_without_vision_tower_exports_the_text_model(tiny_model, tmp_path, family, monkeypatch):
+    """A checkpoint lacking the tower (MaxText use_multimodal=false; written here with the tower switched off)
+    exports as Qwen3ForCausalLM / Qwen3MoeForCausalLM (per-expert tensors), which computes the same text logits."""
     import torch
 
     src = tiny_model(family, layers=LAYERS, dtype="float32")
-    with warnings.catch_warnings():
+    with monkeypatch.context() as m, warnings.catch_warnings():
+        m.setattr(registry.family(family), "vision_tower", False)
         warnings.simplefilter("ignore", UserWarning)
         hf_to_maxtext(src, tmp_path / "mt", scan=True, dtype="float32")
     with pytest.warns(UserWarning, match="writing the text model only"):
@@ -231,7 +210,7 @@ def test_untied_dense_variant_round_trips(tiny_model, tmp_path):
         hf_to_maxtext(src, tmp_path / "mt", scan=True)
         maxtext_to_hf(tmp_path / "mt", tmp_path / "hf")
     assert "decoder/logits_dense/kernel" in read_params(tmp_path / "mt")
-    assert_bit_exact(text_tensors(src), exported(tmp_path / "hf", True))
+    assert_bit_exact(hf_tensors(src), hf_tensors(tmp_path / "hf"))
 
 
 def test_published_configs_are_maxtexts_ymls():
