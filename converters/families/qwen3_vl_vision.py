@@ -194,7 +194,3 @@ def vision_groups(v: dict) -> list[LayerGroup]:
     """The blocks, never scanned: `blocks_<i>` (MaxText sets them as attributes one by one)."""
     n = v["layers"]
     return [LayerGroup(tuple(block_rules(v)), tuple(range(n)), None, tuple(f"{ENCODER}/blocks_{i}" for i in range(n)))]
-
-
-def is_vision_path(path: str) -> bool:
-    return path.startswith("vision_encoder/")

@@ -158,12 +158,14 @@ def _only_the_image_fails_layout(r):
     assert all(p["passed"] for name, p in layout.items() if name != "image")
 
 
+@pytest.mark.slow  # the default run verifies an image prompt in tests/verify/test_qwen3_vl.py (MoE, scanned)
 def test_verify_runs_the_image_prompt(converted):
     hf, mt = converted
     r = verify(maxtext=mt, hf=hf, dtype="float32")
     assert r.passed, r.data["summary"]
-    image = _prompts(r)["image"]
+    image = _prompts(r, "layout")["image"]
     assert image["passed"] and image["kl_max"] < EXACT_KL, image
+    assert any("tanh-approximated GELU" in w for w in r.data["warnings"])  # where MaxText's tower differs from HF
 
 
 def _no_deepstack(monkeypatch):

@@ -39,16 +39,17 @@ def tiny(tmp_path_factory):
 
 def _whole_model_logits(folder, prompts) -> list[np.ndarray]:
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = (
         {"experts_implementation": "eager"}
         if any(k in (folder / "config.json").read_text() for k in ("experts", "n_routed"))
         else {}
     )
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.float32, attn_implementation="eager", **kwargs
-    ).eval()
+    auto = AutoModelForCausalLM
+    if type(AutoConfig.from_pretrained(folder)) not in auto._model_mapping:  # no causal-LM class (Qwen3-VL)
+        from transformers import AutoModelForImageTextToText as auto
+    model = auto.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager", **kwargs).eval()
     out = []
     with torch.no_grad():
         for p in prompts:

@@ -374,6 +374,17 @@ class Qwen3VLVisionMixin:
             ("mrope_section", section),
         )
 
+    def config_warnings(self, cfg) -> list[str]:
+        out = list(super().config_warnings(cfg))
+        if self.vision_options(cfg):
+            out.append(
+                "MaxText 0.2.5's Qwen3-VL vision tower applies tanh-approximated GELU in its patch mergers (HF: exact "
+                "GELU) and rounds the interpolated position embedding to bfloat16 (HF: float32), whatever the "
+                "checkpoint holds; the image prompt's reference follows transformers there (on the tiny test tower "
+                "MaxText's way moves the image tokens by ~2e-4 relative)"
+            )
+        return out
+
     def global_keys(self, spec) -> tuple[str, ...]:
         keys = tuple(super().global_keys(spec))
         vs = spec.option("vision")
