@@ -146,6 +146,7 @@ def test_image(rows: int, cols: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- the multimodal model (model_type gemma4)
 
+MAXTEXT_IMAGE_ID = 258880  # MaxText marks image tokens by this id (multimodal/processor_gemma4.py), not the config's
 IMAGE_BLOCKS = "image_blocks"  # carried in a layer's arrays dict to `attend`, as Gemma4Forward's global marker is
 
 
@@ -199,6 +200,16 @@ class Gemma4MultimodalForward(_forward_base()):
                 ("soft_tokens", soft),
             ]
         return dataclasses.replace(spec, model_type="gemma4", options=tuple(sorted(options)))
+
+    def config_warnings(self, cfg) -> list[str]:
+        out = super().config_warnings(cfg)
+        image = getattr(cfg, "image_token_id", None) if cfg.model_type == "gemma4" else None
+        if getattr(cfg, "vision_config", None) is not None and image is not None and int(image) != MAXTEXT_IMAGE_ID:
+            out.append(
+                f"config image_token_id={image}: MaxText 0.2.5 places image soft tokens at id {MAXTEXT_IMAGE_ID} "
+                "(processor_gemma4.GEMMA4_TOKEN_PLACEHOLDER), whatever the config says; the reference uses the config's"
+            )
+        return out
 
     def global_keys(self, spec):
         keys = super().global_keys(spec)
