@@ -40,7 +40,10 @@ def test_every_reference_forward_belongs_to_a_family():
             ):
                 defined.add(f"{mod.__name__}:{name}")
     defined = {d for d in defined if not d.startswith("converters.verify.reference.common:")}  # the base classes
-    assert defined - declared == set(), "reference forward classes no family names in Family.reference"
+    # the base of a declared reference (Gemma4Forward under Gemma4MultimodalForward) needs no family of its own
+    classes = [getattr(importlib.import_module(r.partition(":")[0]), r.partition(":")[2]) for r in declared]
+    bases = {f"{b.__module__}:{b.__name__}" for c in classes for b in c.__mro__[1:]}
+    assert defined - declared - bases == set(), "reference forward classes no family names in Family.reference"
     assert declared <= defined
 
 
