@@ -183,9 +183,10 @@ def overrides_from_hf(cfg: dict, decoder_block: str, *, ckpt_vocab: int, scanned
             o.pop("rope_max_timescale", None)
         # NB: MaxText's gemma3 query scale is not a config key: head_dim**-0.5 for gemma3-4b/12b,
         # (hidden/heads)**-0.5 for gemma3-27b (models/gemma3.py get_query_pre_attn_scalar)
-    elif decoder_block == "gemma4":
-        # models/gemma4.py: per-type RoPE (local_/global_rope_max_timescale, *_rope_proportion), the global layers'
-        # own head_dim and kv heads, keys as values on global layers (share_kv_projections)
+    elif decoder_block in ("gemma4", "gemma4_small"):
+        # models/gemma4.py (gemma4_small.py alike): per-type RoPE (local_/global_rope_max_timescale,
+        # *_rope_proportion), the global layers' own head_dim and kv heads, keys as values on global layers
+        # (share_kv_projections)
         local = dict(rp.get("sliding_attention") or {})
         full = dict(rp.get("full_attention") or {})
         per_layer = [dict(v) for v in (cfg.get("per_layer_config") or {}).values()]
@@ -206,6 +207,24 @@ def overrides_from_hf(cfg: dict, decoder_block: str, *, ckpt_vocab: int, scanned
             global_num_kv_heads=int(g_kv or o["base_num_kv_heads"]),
             share_kv_projections=k_eq_v,
         )
+        if decoder_block == "gemma4_small":  # models/gemma4_small.py: per-layer inputs, shared KV layers
+            o.update(
+                hidden_size_per_layer_input=int(cfg.get("hidden_size_per_layer_input") or 0),
+                vocab_size_per_layer_input=int(cfg.get("vocab_size_per_layer_input") or 0),
+                num_kv_shared_layers=int(cfg.get("num_kv_shared_layers") or 0),
+                use_double_wide_mlp=bool(cfg.get("use_double_wide_mlp", False)),
+            )
+        if decoder_block == "gemma4" and cfg.get("enable_moe_block"):  # Gemma4MoE (26b): a shared expert of
+            # base_mlp_dim and the routed ones (gemma4-26b.yml: shared_experts 1, norm_topk_prob true)
+            o.update(
+                num_experts=int(cfg["num_experts"]),
+                num_experts_per_tok=int(cfg["top_k_experts"]),
+                base_moe_mlp_dim=int(cfg["moe_intermediate_size"]),
+                shared_experts=1,
+                norm_topk_prob=True,
+            )
+        elif decoder_block == "gemma4":
+            o["num_experts"] = 1  # the dense MLP, whatever the model name's yml says
     elif decoder_block == "olmo3":
         # one rope for every layer (models/olmo3.py passes config.rope_type to all of them): the full-attention layers'
         full = dict(rp.get("full_attention") or rp)

@@ -60,8 +60,11 @@ def tiny_config(family: str, *, layers: int = 2, vocab: int = 512, tied: bool | 
         cfg["vision_config"].update(TINY_VISION)
         return cfg
     if cfg.get("model_type") == "gemma4_text":
-        # transformers makes the last Gemma4 layer global, MaxText every 6th: only multiples of 6 agree
-        layers = -(-layers // 6) * 6
+        # transformers makes the last Gemma4 layer global, MaxText repeats its pattern (every 6th global; gemma4-e2b
+        # every 5th): only multiples of the period agree. KV-shared layers need an unshared donor of each kind before
+        # them: at least two periods
+        period = cfg["layer_types"].index("full_attention") + 1
+        layers = max(-(-layers // period), 2 if dims.get("num_kv_shared_layers") else 1) * period
     cfg.update(dims, num_hidden_layers=layers, vocab_size=vocab, bos_token_id=1, eos_token_id=2)
     if "max_window_layers" in cfg:
         cfg["max_window_layers"] = layers
@@ -114,6 +117,8 @@ def make_test_model(
             )
             norm_one = 0.0 if zero_centred else 1.0
             p.copy_(norm_one + 0.1 * noise if "norm" in name else 0.08 * noise)
+            if name.endswith(("router.scale", "router.per_expert_scale")):  # Gemma4's router scales: ones at init
+                p.copy_(1.0 + 0.3 * noise)
         # DeepSeek-V3's routing correction bias is a float32 buffer (not a parameter) and V3.2's indexer weights_proj a
         # float32 parameter, in the published repos too
         for n, b in model.named_buffers():
@@ -200,9 +205,9 @@ def write_synthetic_checkpoint(out: str | os.PathLike, cfg: dict, *, shard_bytes
 
     family = registry.family_for_config(cfg)
     bf16 = np.dtype(ml_dtypes.bfloat16)
-    tensors = [
-        PlannedTensor(name, leaf.hf_shape, bf16) for leaf in family.plan(cfg, scan=False) for _, name in leaf.hf_names()
-    ]
+    # one tensor per name: a split rule (a fused gate/up) plans one leaf per part, all from the same HF tensor
+    shapes = {name: leaf.hf_shape for leaf in family.plan(cfg, scan=False) for _, name in leaf.hf_names()}
+    tensors = [PlannedTensor(name, shape, bf16) for name, shape in shapes.items()]
     shards = plan_shards(tensors, shard_bytes)
     names = shard_names(len(shards))
     out = Path(out)

@@ -280,8 +280,19 @@ class Family:
     # second is read under the rules' names (e.g. transformers >= 5 saves Gemma3's `vision_tower.vision_model.*`
     # as `vision_tower.*`). Export always writes the rules' names.
     hf_aliases: ClassVar[tuple[tuple[str, str], ...]] = ()
+    # MaxText builds (and loads) a scanned tree of this block; False: unscanned only, `layer_groups` refuses scan with
+    # the reason (Gemma 4 small), and `ckptflow models` lists the unscanned directions only
+    scannable: ClassVar[bool] = True
 
     # ---- to override -------------------------------------------------------------------------------
+    @classmethod
+    def accepts(cls, cfg: dict) -> bool:
+        """Whether this family converts `cfg`, among the families that share its `model_type` (Gemma 4's
+        `gemma4_text`: the dense/MoE block or, with per-layer inputs, the small one). The registry asks the families
+        of a model type in order and takes the first that accepts; a family refuses what it cannot convert in `dims`,
+        with the reason. Default: every config of its model types."""
+        return True
+
     @classmethod
     def dims(cls, cfg: dict) -> Dims:
         raise NotImplementedError

@@ -10,6 +10,7 @@ from converters.errors import UnsupportedModelError
 from converters.families.deepseek import DeepSeek2, DeepSeek3, DeepSeek32
 from converters.families.gemma import Gemma2, Gemma3
 from converters.families.gemma4 import Gemma4
+from converters.families.gemma4_small import Gemma4Small
 from converters.families.gpt_oss import GptOss
 from converters.families.llama import Llama31
 from converters.families.mistral import Mistral
@@ -40,6 +41,7 @@ FAMILIES: dict[str, type[Family]] = {
         Qwen3VLMoe,
         Olmo3,
         Gemma4,
+        Gemma4Small,
     )
 }
 
@@ -67,10 +69,12 @@ def model(name: str) -> tuple[type[Family], dict]:
     raise UnsupportedModelError(f"unknown model {name!r}; supported: {', '.join(model_names())}")
 
 
-def family_for_model_type(model_type: str) -> type[Family]:
-    for f in FAMILIES.values():
-        if model_type in f.model_types:
-            return f
+def family_for_model_type(model_type: str, cfg: dict | None = None) -> type[Family]:
+    """The family converting `model_type`; when several families share it, the first whose `Family.accepts(cfg)`
+    (without `cfg`, or when none accepts: the first, whose `dims` then says why it cannot convert the config)."""
+    candidates = [f for f in FAMILIES.values() if model_type in f.model_types]
+    if candidates:
+        return next((f for f in candidates if cfg is not None and f.accepts(cfg)), candidates[0])
     supported = ", ".join(f"{t} ({f.name})" for f in FAMILIES.values() for t in f.model_types)
     raise UnsupportedModelError(f"no family converts model_type {model_type!r} (supported: {supported})")
 
@@ -82,7 +86,7 @@ def family_for_config(cfg: dict) -> type[Family]:
     archs = cfg.get("architectures")
     names = [str(a) for a in archs] if isinstance(archs, list) else []
     try:
-        f = family_for_model_type(mt)
+        f = family_for_model_type(mt, cfg)
     except UnsupportedModelError:
         arch = ", ".join(names) or "?"
         supported = ", ".join(f"{t} ({f.name})" for f in FAMILIES.values() for t in f.model_types)
@@ -106,7 +110,7 @@ def table() -> list[dict]:
             "family": f.name,
             "hf_model_type": f.model_types[0],
             "architecture": f.architectures[0],
-            "directions": list(DIRECTIONS),
+            "directions": [d.label(scan) for d in Direction for scan in (True, False) if f.scannable or not scan],
         }
         for f in FAMILIES.values()
         for m in f.models

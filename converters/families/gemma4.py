@@ -26,8 +26,9 @@ Multimodal checkpoints (`model_type: gemma4`, Gemma4ForConditionalGeneration, th
 model's tensors under `model.language_model.*`, the vision tower and projector under `vision_encoder/`
 (converters/families/gemma4_vision.py).
 
-Not supported yet, refused with a reason by `dims`: per-layer embeddings (e2b / e4b: `hidden_size_per_layer_input`, MaxText
-block `gemma4_small`), shared KV layers (`num_kv_shared_layers`), the MoE block (26b: `enable_moe_block`),
+Not supported yet, refused with a reason by `dims`: per-layer embeddings and shared KV layers (e2b / e4b:
+`hidden_size_per_layer_input`, `num_kv_shared_layers`; the text models convert as family gemma4-small, MaxText block
+`gemma4_small`, converters/families/gemma4_small.py), the MoE block (26b: `enable_moe_block`),
 bidirectional attention over all tokens.
 """
 
@@ -171,6 +172,13 @@ class Gemma4(Family):
         "gemma4-mm": ("gemma4-31b", _TINY),
     }
     models = {"gemma4-31b": GEMMA4_31B}
+
+    @classmethod
+    def accepts(cls, cfg: dict) -> bool:
+        """Not the small models (per-layer inputs or shared KV layers): the registry gives those gemma4_text configs
+        to `gemma4_small.Gemma4Small`."""
+        text = cfg.get("text_config") or cfg
+        return not (get(text, "hidden_size_per_layer_input") or get(text, "num_kv_shared_layers"))
 
     @classmethod
     def dims(cls, cfg: dict) -> Dims:

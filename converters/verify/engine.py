@@ -23,6 +23,7 @@ activations. So memory follows the largest layer, not the model.
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import threading
@@ -199,18 +200,24 @@ class Engine:
     def _start(self) -> None:
         """Globals (final norm, vision tower), then each prompt up to the first layer's input."""
         emb = self.index.by_path("token_embedder/embedding")
+        # other tables looked up by token id, read by rows like the embedding (Gemma 4's per-layer embedding)
+        tables = [n for n in self.index.row_streamed if n != emb and self.index.tensors[n].leaf.rule.row_axis == 0]
         for stream, model in self.hf.items():
             with self.timer(f"start_{stream}"):
                 if stream == "hf_ckpt":
                     self._check_globals()
                 read = self._hf_weights(stream)
+                model.by_rows(tables)
                 model.load({n: read(n) for n in self.index.globals})
-                rows = (
-                    (lambda ids: self.ckpt.back_gather(emb, ids, runtime=True))
+                gather = (
+                    (lambda name, ids: self.ckpt.back_gather(name, ids, runtime=True))
                     if stream == "hf_ckpt"
-                    else (lambda ids: self.source.gather(emb, ids))
+                    else self.source.gather
                 )
-                self.states[stream] = [model.record(p.token_ids, rows, p.meta.get("inputs")) for p in self.prompts]
+                self.states[stream] = [
+                    model.record(p.token_ids, functools.partial(gather, emb), p.meta.get("inputs"), gather)
+                    for p in self.prompts
+                ]
                 model.release(model.model)
                 if self.ckpt is not None:
                     self.ckpt.release()
@@ -224,6 +231,7 @@ class Engine:
                 uniq = np.unique(np.concatenate(ids))
                 rows = self.ckpt.read_rows("token_embedder/embedding", uniq)
                 vision = {k: v for k, v in g.items() if k not in ref.norm_keys}
+                vision |= {k: self.ckpt.read_rows(k, uniq) for k in ref.row_keys}  # the prompts' rows of these
                 for stream, r in self.mt.items():
                     self.states[stream] = [
                         r.prompt(rows, np.searchsorted(uniq, i), p.token_ids, vision, p.meta.get("inputs"))
@@ -302,7 +310,7 @@ class Engine:
         elif same and all(self.follows):  # identical weights and inputs: identical outputs
             back = None
             for a, b in zip(self.states["hf"], self.states["hf_ckpt"]):
-                b.x = a.x
+                b.follow(a)
             next_step()
         else:
             self._hf_layers("hf_ckpt", layers, back, consume=True, loaded=next_step)

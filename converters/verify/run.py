@@ -86,7 +86,7 @@ def prompt_vocab_size(config: dict) -> int:
     from converters.verify.reference.common import hf_config_object
 
     cfg = hf_config_object(config)
-    return int(forward_for(cfg.model_type).make_spec(cfg).vocab_size)
+    return int(forward_for(cfg.model_type, config).make_spec(cfg).vocab_size)
 
 
 def _without_placeholders(config: dict, prompts: list[Prompt]) -> list[Prompt]:
@@ -107,12 +107,13 @@ def _image_prompts(config: dict, seed: int, tokenizer) -> list[Prompt]:
     its extra model inputs (pixel values, ...) in `meta["inputs"]`. Empty for text-only models."""
     from converters.verify.reference import forward_for
 
-    make = getattr(forward_for(config.get("model_type")), "image_prompt", None)
+    make = getattr(forward_for(config.get("model_type"), config), "image_prompt", None)
     case = make(config, seed=seed, tokenizer=tokenizer) if make is not None else None
     if case is None:
         return []
     ids, inputs = case
-    n = sum(1 for t in inputs.get("token_type_ids", [[]])[0] if t)
+    types = inputs.get("token_type_ids", inputs.get("mm_token_type_ids", [[]]))  # Gemma3 / Qwen3-VL: 1 = image token
+    n = sum(1 for t in types[0] if t)
     return [
         Prompt(
             name="image",

@@ -58,11 +58,39 @@ def test_every_family_has_test_models_of_its_own_models():
             assert isinstance(dims, dict) and dims
 
 
-def test_model_types_and_names_are_unique():
-    types = [t for f in registry.FAMILIES.values() for t in f.model_types]
-    assert len(types) == len(set(types))
+def test_model_names_are_unique_and_shared_model_types_route_by_config():
+    """Families may share a model_type (gemma4_text: the dense/MoE block and the small one with per-layer inputs) only
+    when `Family.accepts` tells their configs apart: exactly one of them accepts each of their published configs."""
     names = registry.model_names()
     assert len(names) == len(set(names))
+    by_type: dict[str, list] = {}
+    for f in registry.FAMILIES.values():
+        for t in f.model_types:
+            by_type.setdefault(t, []).append(f)
+    shared = {t: fs for t, fs in by_type.items() if len(fs) > 1}
+    assert "gemma4_text" in shared
+    for fs in shared.values():
+        for f in fs:
+            for name, cfg in f.models.items():
+                assert [g for g in fs if g.accepts(cfg)] == [f], name
+                assert registry.family_for_config(cfg) is f, name
+
+
+def test_gemma4_text_routes_by_per_layer_inputs_and_kv_sharing():
+    dense = registry.model("gemma4-31b")[1]
+    assert registry.family_for_config(dense).name == "gemma4"
+    for change in ({"hidden_size_per_layer_input": 256}, {"num_kv_shared_layers": 6}):
+        assert registry.family_for_config({**dense, **change}).name == "gemma4-small"
+    absent = {k: v for k, v in dense.items() if k != "hidden_size_per_layer_input"}  # transformers' default: 256
+    assert registry.family_for_config(absent).name == "gemma4-small"
+    assert registry.family_for_config(registry.model("gemma4-e2b")[1]).name == "gemma4-small"
+    # unscanned only: `ckptflow models` lists the two unscanned directions
+    rows = {r["model"]: r["directions"] for r in registry.table()}
+    assert rows["gemma4-e2b"] == ["hf->maxtext (unscanned)", "maxtext->hf (unscanned)"]
+    assert len(rows["gemma4-31b"]) == 4
+    # without a config: the first family of the model type; every family accepts by default
+    assert registry.family_for_model_type("gemma4_text").name == "gemma4"
+    assert registry.family("llama3.1").accepts({})
 
 
 @pytest.mark.parametrize(

@@ -48,11 +48,12 @@ def _load_forward(path: str) -> Forward:
     return cls()
 
 
-def forward_for(model_type: str) -> Forward:
-    """The reference forward pass of the family that converts `model_type` (UnsupportedModelError if none)."""
+def forward_for(model_type: str, config: dict | None = None) -> Forward:
+    """The reference forward pass of the family that converts `model_type` (UnsupportedModelError if none); `config`
+    (the config.json dict) picks among families sharing the model type (`Family.accepts`)."""
     from converters.core import registry
 
-    return forward_of(registry.family_for_model_type(model_type))
+    return forward_of(registry.family_for_model_type(model_type, config))
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,7 +109,7 @@ class Reference:
         if dtype not in DTYPES:
             raise CkptflowError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
         cfg = hf_config_object(config)
-        self.forward = forward_for(cfg.model_type)
+        self.forward = forward_for(cfg.model_type, config)
         spec = dataclasses.replace(self.forward.make_spec(cfg), dtype=dtype)
         # bf16_tied_logits: reproduce MaxText's bfloat16 cast of the tied embedding table in the logits matmul
         # also in float32 runs (see Forward.logits_block).
@@ -146,7 +147,13 @@ class Reference:
     def global_keys(self) -> list[str]:
         """Arrays read whole before the layers (final norm, vision tower); the embedding and the logits kernel are
         read in pieces (`prompt`, `logits`)."""
-        return [k for k in self.forward.global_keys(self.spec) if k not in (EMBEDDING, LOGITS_KERNEL)]
+        return [k for k in self.forward.global_keys(self.spec) if k not in (EMBEDDING, LOGITS_KERNEL, *self.row_keys)]
+
+    @property
+    def row_keys(self) -> list[str]:
+        """Tables besides the embedding of which `prompt` needs only the rows of the prompts' ids (sorted, unique, as
+        the embedding's rows), in its global arrays `g`."""
+        return list(self.forward.row_keys(self.spec))
 
     def layer_reads(self, l: int) -> dict[str, tuple[str, tuple]]:
         return self.forward.layer_reads(self.spec, self.layout, l)
@@ -182,9 +189,8 @@ class Reference:
                 self.spec, self._cast(g), jnp.asarray(rows), jnp.asarray(index), ids, inputs
             )
             return PromptState(x, positions, extra)
-        return PromptState(
-            _jitted(self.forward, "embed")(self.spec, jnp.asarray(rows), jnp.asarray(index, jnp.int32)), positions
-        )
+        x = _jitted(self.forward, "embed")(self.spec, jnp.asarray(rows), jnp.asarray(index, jnp.int32))
+        return PromptState(x, positions, self.forward.prompt_extra(self.spec, g, np.asarray(index), x))
 
     def layer(
         self,
@@ -202,15 +208,19 @@ class Reference:
         if not self.is_moe(l):
             block = _jitted(self.forward, "block")
             for s in states:
-                s.x = block(self.spec, p, s.x, s.positions, **s.extra)
+                out = block(self.spec, p, s.x, s.positions, **s.extra)
+                if isinstance(out, tuple):  # (x, state for later layers): Gemma 4 small's shared K/V
+                    s.x, s.extra = out[0], {**s.extra, **out[1]}
+                else:
+                    s.x = out
             # JAX dispatches asynchronously: wait, so the layer's weights are gone when this returns (not while the
             # next side loads its own) and the time is counted where it is spent
             jax.block_until_ready([s.x for s in states])
             return
         pre, route = _jitted(self.forward, "pre_moe"), _jitted(self.forward, "route")
         for s in states:
-            s.x, s.h = pre(self.spec, p, s.x, s.positions, **s.extra)
-            s.weights = np.asarray(route(self.spec, p, s.h), np.float32)
+            s.x, s.h, *router_input = pre(self.spec, p, s.x, s.positions, **s.extra)
+            s.weights = np.asarray(route(self.spec, p, *(router_input or [s.h])), np.float32)
         routed = self._experts(states, experts)
         post = _jitted(self.forward, "post_moe")
         for s, y in zip(states, routed):
@@ -292,7 +302,7 @@ class ReferenceModel:
         ref = self.ref
         ids = np.clip(np.asarray(token_ids, np.int64), 0, ref.vocab_size - 1)
         uniq, index = np.unique(ids, return_inverse=True)
-        g = {k: self.params[k] for k in ref.global_keys}
+        g = {k: self.params[k] for k in ref.global_keys} | {k: self._read(k, (uniq,)) for k in ref.row_keys}
         state = ref.prompt(self._read(EMBEDDING, (uniq,)), index, token_ids, g, inputs)
         for l in range(ref.num_layers):
             arrays = {rel: self._read(*at) for rel, at in ref.layer_reads(l).items()}

@@ -361,6 +361,18 @@ class Forward:
         uses, `token_ids` indices into them)."""
         return rows.astype(spec.jdtype)[token_ids]
 
+    def row_keys(self, spec: ModelSpec) -> tuple[str, ...]:
+        """Tables among `global_keys` read by rows like the embedding: `prompt_extra` gets the rows of the prompt's
+        ids only. Default: none."""
+        return ()
+
+    def prompt_extra(self, spec: ModelSpec, g: dict, index: np.ndarray, x) -> dict:
+        """Per-prompt inputs every `block` receives as keyword arguments (`PromptState.extra`), from the global arrays
+        as stored (`g`; of `row_keys` only the rows of the prompt's sorted unique ids, `index` into them per
+        position, as the embedding's) and the embedding output x (Gemma 4 small's per-layer inputs). A `block` may
+        also return (x, dict) to add to them for later layers. Default: none."""
+        return {}
+
     def final_norm(self, spec: ModelSpec, g: dict, y):
         """`apply_output_head` up to the logits: the final RMSNorm."""
         return rms_norm(y, g["decoder/decoder_norm/scale"], spec.norm_eps, spec.jdtype)
@@ -381,7 +393,8 @@ class Forward:
 
     # ---- mixture of experts (families whose layers route) -------------------------------------------
     def pre_moe(self, spec: ModelSpec, p: dict, x, positions):
-        """Everything of the layer before its routed experts: (x after attention, the experts' input h)."""
+        """Everything of the layer before its routed experts: (x after attention, the experts' input h), or (x, h, the
+        router's input) when the router sees something else than the experts (Gemma 4: another norm of x)."""
         raise NotImplementedError
 
     def route(self, spec: ModelSpec, p: dict, h):
