@@ -19,10 +19,14 @@ demo: $(BIN)/ckptflow
 # not loaded JAX (forking a process with JAX's threads alive can deadlock the child).
 AIRFLOW_TESTS := tests/dags tests/operators $(wildcard tests/plugins)
 
+# The converter tests run in two worker processes (pytest-xdist), one test file per worker at a time so that a
+# file's cached models are built once: the serial run used a little over one of the two cores.
+TEST_WORKERS ?= 2
+
 test: $(BIN)/ckptflow
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest $(addprefix --ignore=,$(AIRFLOW_TESTS))
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(addprefix --ignore=,$(AIRFLOW_TESTS))
 	$(BIN)/python -m pytest $(AIRFLOW_TESTS)
 
 bench: $(BIN)/ckptflow
