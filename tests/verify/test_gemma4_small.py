@@ -223,3 +223,19 @@ def test_configs_the_reference_refuses(tiny_model):
     with pytest.raises(Exception, match="scan_layers=false only"):
         fwd.detect_layout(spec, ["decoder/layers/self_attention/query/kernel"])
     assert SHAPE["gemma4-e2b"][1] == 5
+
+
+def test_a_following_hf_stream_takes_the_shared_kv_states_too():
+    """verify's checkpoint-side HF stream skips a layer whose weights and input equal the source stream's and takes its
+    output (`HFPrompt.follow`); with KV sharing it must take the K/V that layer stored as well, or a later shared layer
+    it does run finds no donor."""
+    from converters.verify.hf_side import HFPrompt
+
+    theirs, mine = {"sliding_attention": ("k", "v")}, {}
+    a = HFPrompt("x_a", [((), {"shared_kv_states": theirs})] * 3)
+    b = HFPrompt("x_b", [((), {"shared_kv_states": mine})] * 3)
+    b.follow(a)
+    assert b.x == "x_a" and mine == theirs and all(kw["shared_kv_states"] is mine for _, kw in b.layer_kwargs)
+    plain = HFPrompt("y", [((), {})])
+    plain.follow(HFPrompt("z", [((), {})]))
+    assert plain.x == "z"
