@@ -62,7 +62,7 @@ def text_spec(cfg, **overrides) -> tuple[object, dict]:
 class Qwen3VLForward(Qwen3VLVisionMixin, qwen.Qwen3Forward):
     """Qwen3-VL dense text model: Qwen3's layer with multimodal RoPE; the vision tower for image prompts."""
 
-    rope = staticmethod(Qwen3VLVisionMixin.rope)  # text positions: rope_text_mrope
+    rope = staticmethod(Qwen3VLVisionMixin.rope)  # on text positions: rope_text_mrope's numbers
 
     def make_spec(self, cfg) -> ModelSpec:
         t, fields = text_spec(cfg)
@@ -74,7 +74,7 @@ class Qwen3VLMoeForward(Qwen3VLVisionMixin, qwen3_moe.Qwen3MoeForward):
     """Qwen3-VL-MoE text model: Qwen3-MoE's layer with multimodal RoPE (HF always renormalises the top-k weights, as
     MaxText's norm_topk_prob does); the vision tower for image prompts."""
 
-    rope = staticmethod(Qwen3VLVisionMixin.rope)  # text positions: rope_text_mrope
+    rope = staticmethod(Qwen3VLVisionMixin.rope)  # on text positions: rope_text_mrope's numbers
 
     def make_spec(self, cfg) -> ModelSpec:
         t, fields = text_spec(cfg)

@@ -454,9 +454,8 @@ class Qwen3VLVisionMixin:
 
     @staticmethod
     def rope(x, positions, theta: float, dtype):
-        """Text prompts: [T] positions (the text model's RoPE); image prompts: [T, D/2] per-frequency positions."""
-        if positions.ndim == 2:
-            return rope_frequency_positions(x, positions, theta, dtype)
-        from converters.verify.reference.qwen3_vl import rope_text_mrope
-
-        return rope_text_mrope(x, positions, theta, dtype)
+        """Text prompts: [T] positions, every frequency turning by the token's one position (MaxText broadcasts a text
+        position to (t, h, w) = (p, p, p)); image prompts: [T, D/2] per-frequency positions."""
+        if positions.ndim == 1:
+            positions = jnp.broadcast_to(positions.astype(jnp.float32)[:, None], (positions.shape[0], x.shape[-1] // 2))
+        return rope_frequency_positions(x, positions, theta, dtype)
