@@ -1,7 +1,7 @@
-"""Gemma 4 dense text model (MaxText decoder block `gemma4`, model name `gemma4-31b`).
+"""Gemma 4 text model, dense and MoE (MaxText decoder block `gemma4`, model names `gemma4-31b`, `gemma4-26b`).
 
 What MaxText 0.2.5 lays out and computes (src/maxtext/models/gemma4.py, layers/attentions.py, layers/embeddings.py,
-layers/nnx_decoders.py, configs/models/gemma4-31b.yml):
+layers/nnx_decoders.py, layers/moe.py, configs/models/gemma4-31b.yml and gemma4-26b.yml):
 
 * Attention pattern fixed by MaxText: 5 sliding-window layers, then 1 global (`GEMMA4_ATTENTION_PATTERN`);
   layer l is global iff l % 6 == 5. transformers always makes the last layer global, so a model both can express
@@ -21,6 +21,16 @@ layers/nnx_decoders.py, configs/models/gemma4-31b.yml):
   `decoder/scanned_blocks/local_layers/*` nested `[.., blocks, 5, ..]` (entry (b, p) = layer 6b + p) and
   `decoder/scanned_blocks/global_layer/*` `[.., blocks, ..]` (layer 6b + 5). The remainder block
   (`layers_remainder`) is empty for a multiple of 6 layers. Unscanned: `decoder/layers_<l>`.
+* MoE (26b, HF `enable_moe_block`; MaxText `num_experts` > 1, every layer): the layer's `mlp` is `Gemma4MoE`. HF's
+  dense `mlp.*` is its shared expert `mlp/moe_block/shared_experts/{wi_0,wi_1,wo}/kernel` (width `intermediate_size`),
+  on pre_ffw_norm(x), then `mlp/post_feedforward_layernorm_1`. The routed experts run on
+  `mlp/pre_feedforward_layernorm_2`(x), then `mlp/post_feedforward_layernorm_2`; the sum goes through post_ffw_norm.
+  The router (`mlp/moe_block/MoeBlock_0/gate/kernel` `[emb, X]`, HF `router.proj` transposed) sees a scale-free
+  RMSNorm of x times emb**-0.5 times `mlp/pre_forward_scale_2` (HF `router.scale`); weights: softmax over all
+  experts, top-k by logit, renormalised (`norm_topk_prob`), times `MoeBlock_0/per_expert_scale` (HF
+  `router.per_expert_scale`). HF's fused `experts.gate_up_proj` `[X, 2F, emb]` (gate rows, then up rows) splits
+  into `MoeBlock_0/wi_0` / `wi_1` `[X, emb, F]`, `experts.down_proj` `[X, emb, F]` is `wo` `[X, F, emb]`: each
+  expert transposed, moved as is. Scanned, the expert axis stays first: `[X, blocks, 5, ..]` / `[X, blocks, ..]`.
 
 Multimodal checkpoints (`model_type: gemma4`, Gemma4ForConditionalGeneration, the published layout): the text
 model's tensors under `model.language_model.*`, the vision tower and projector under `vision_encoder/`
@@ -28,8 +38,7 @@ model's tensors under `model.language_model.*`, the vision tower and projector u
 
 Not supported yet, refused with a reason by `dims`: per-layer embeddings and shared KV layers (e2b / e4b:
 `hidden_size_per_layer_input`, `num_kv_shared_layers`; the text models convert as family gemma4-small, MaxText block
-`gemma4_small`, converters/families/gemma4_small.py), the MoE block (26b: `enable_moe_block`),
-bidirectional attention over all tokens.
+`gemma4_small`, converters/families/gemma4_small.py), bidirectional attention over all tokens.
 """
 
 from __future__ import annotations
@@ -40,12 +49,14 @@ import math
 from converters.core.mapping import Dims, Family, LayerGroup, Rule
 from converters.core.transforms import Scale
 from converters.errors import MappingError, UnsupportedModelError
-from converters.families import common, gemma4_vision
+from converters.families import common, gemma4_vision, moe_common
 from converters.families.common import L
 
 PATTERN = 6  # MaxText GEMMA4_ATTENTION_PATTERN: 5 local sliding-window layers, then 1 global
 LOCAL = "decoder/scanned_blocks/local_layers"
 GLOBAL = "decoder/scanned_blocks/global_layer"
+MLP = "mlp"  # a MoE layer's MLP (`Gemma4MoE`): the router scale and the extra norms
+MOE = "mlp/moe_block/MoeBlock_0"  # its routed experts and router (`RoutedMoE`)
 
 # transformers' Gemma4TextConfig defaults for keys a config may leave out: what transformers assumes is what the
 # checkpoint means
@@ -63,6 +74,9 @@ TEXT_DEFAULTS = {
     "hidden_size_per_layer_input": 256,
     "num_kv_shared_layers": 0,
     "enable_moe_block": False,
+    "num_experts": None,
+    "top_k_experts": None,
+    "moe_intermediate_size": None,
     "use_bidirectional_attention": None,
     "tie_word_embeddings": True,
     "attention_bias": False,
@@ -73,11 +87,17 @@ def layer_types(n: int) -> list[str]:
     return ["full_attention" if i % PATTERN == PATTERN - 1 else "sliding_attention" for i in range(n)]
 
 
-def _text(hidden: int, mlp: int, layers: int, heads: int, kv: int, global_kv: int) -> dict:
+def _text(
+    hidden: int, mlp: int, layers: int, heads: int, kv: int, global_kv: int, moe: tuple[int, int, int] | None = None
+) -> dict:
     """The text model's HF config.json (Gemma4ForCausalLM): dimensions, window, RoPE, eps, soft-cap and vocabulary
     from MaxText's configs/models/gemma4-*.yml; token ids, dtype and the flags from the text_config of MaxText's
-    checkpoint_conversion/utils/hf_model_configs.py `gemma4_31b_dict` (the published google/gemma-4-31b-it); eos
-    [1, 106] is that config's top-level list."""
+    checkpoint_conversion/utils/hf_model_configs.py `gemma4_31b_dict` / `gemma4_26b_dict` (the published
+    google/gemma-4-31b-it / gemma-4-26b-a4b-it); eos [1, 106] is that config's top-level list. `moe`: (experts,
+    experts per token, expert width) of the MoE block (the yml's num_experts, num_experts_per_tok, base_moe_mlp_dim)."""
+    experts = {}
+    if moe:
+        experts = {"num_experts": moe[0], "top_k_experts": moe[1], "moe_intermediate_size": moe[2]}
     return {
         "architectures": ["Gemma4ForCausalLM"],
         "model_type": "gemma4_text",
@@ -86,7 +106,8 @@ def _text(hidden: int, mlp: int, layers: int, heads: int, kv: int, global_kv: in
         "attention_k_eq_v": True,
         "bos_token_id": 2,
         "dtype": "bfloat16",
-        "enable_moe_block": False,
+        "enable_moe_block": bool(moe),
+        **experts,
         "eos_token_id": [1, 106],
         "final_logit_softcapping": 30.0,
         "global_head_dim": 512,
@@ -120,6 +141,9 @@ def _text(hidden: int, mlp: int, layers: int, heads: int, kv: int, global_kv: in
 
 
 GEMMA4_31B = _text(5376, 21504, 60, 32, 16, 4)
+# configs/models/gemma4-26b.yml: the shared MLP is base_mlp_dim (2112; moe.py RoutedAndSharedMoE sizes a gemma4 block's
+# shared expert by mlp_dim), each of the 128 routed experts base_moe_mlp_dim (704)
+GEMMA4_26B = _text(2816, 2112, 30, 16, 8, 2, moe=(128, 8, 704))
 
 # Tiny test models: hidden 72 so sqrt(hidden) is not a power of two, heads x head_dim != hidden, global layers with
 # another head_dim and kv heads (as 31b), a window of 8 so it acts on short prompts, a soft-cap that bites.
@@ -134,6 +158,9 @@ _TINY = {
     "sliding_window": 8,
     "final_logit_softcapping": 5.0,
 }
+# The MoE block (as 26b): 4 experts, 2 per token, expert width 40 (neither hidden 72 nor the shared MLP's 96, so a
+# projection sized from the wrong width fails on shape)
+_TINY_MOE = {**_TINY, "enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 40}
 
 
 def get(cfg: dict, key: str):
@@ -160,6 +187,40 @@ def global_attention_dims(cfg: dict) -> tuple[int, int]:
     return head_dim, int(global_kv or kv)
 
 
+def moe_dims(cfg: dict) -> dict:
+    """`Dims.extra` of the MoE block: routed experts, experts per token, expert width; {} without `enable_moe_block`
+    (transformers builds the MoE only with it, whatever `num_experts` says)."""
+    if not get(cfg, "enable_moe_block"):
+        return {}
+    vals = {k: get(cfg, k) for k in ("num_experts", "top_k_experts", "moe_intermediate_size")}
+    missing = [k for k, v in vals.items() if not v]
+    if missing:
+        raise MappingError(f"gemma4: enable_moe_block=true but no {', '.join(missing)} in config.json")
+    experts, top_k, width = (int(v) for v in vals.values())
+    if experts < 2 or not 0 < top_k <= experts:
+        raise MappingError(
+            f"gemma4: num_experts={experts}, top_k_experts={top_k}; MaxText's gemma4 block routes only with >= 2 "
+            "experts (num_experts > 1) and top-k among them"
+        )
+    return {"experts": experts, "top_k": top_k, "moe_mlp": width}
+
+
+def moe_rules(d: Dims) -> list[Rule]:
+    """The MLP of a MoE layer (26b; MaxText models/gemma4.py `Gemma4MoE`, layers/moe.py `RoutedAndSharedMoE` +
+    `RoutedMoE`): HF's dense `mlp` is the shared expert, the router's scale and per-expert scale and the three extra
+    norms move as is, the router and experts as in moe_common (fused `experts.gate_up_proj` split in halves)."""
+    return [
+        *common.gated_mlp(d, mt=f"{MLP}/moe_block/shared_experts"),
+        common.vector(L + "pre_feedforward_layernorm_2.weight", f"{MLP}/pre_feedforward_layernorm_2/scale", d.emb),
+        common.vector(L + "post_feedforward_layernorm_1.weight", f"{MLP}/post_feedforward_layernorm_1/scale", d.emb),
+        common.vector(L + "post_feedforward_layernorm_2.weight", f"{MLP}/post_feedforward_layernorm_2/scale", d.emb),
+        common.vector(L + "router.scale", f"{MLP}/pre_forward_scale_2", d.emb),
+        *moe_common.router(d, L + "router.proj", f"{MOE}/gate"),
+        common.vector(L + "router.per_expert_scale", f"{MOE}/per_expert_scale", moe_common.experts(d)),
+        *moe_common.fused_glu(d, L + "experts", MOE, d.extra["moe_mlp"]),
+    ]
+
+
 class Gemma4(Family):
     name = "gemma4"
     model_types = ("gemma4_text", "gemma4")
@@ -168,10 +229,11 @@ class Gemma4(Family):
     test_models = {
         "gemma4": ("gemma4-31b", _TINY),
         "gemma4-kv": ("gemma4-31b", {**_TINY, "attention_k_eq_v": False}),
+        "gemma4-moe": ("gemma4-26b", _TINY_MOE),
         # Gemma4ForConditionalGeneration: the `gemma4` text model with a tiny tower (gemma4_vision.TINY_VISION)
         "gemma4-mm": ("gemma4-31b", _TINY),
     }
-    models = {"gemma4-31b": GEMMA4_31B}
+    models = {"gemma4-31b": GEMMA4_31B, "gemma4-26b": GEMMA4_26B}
 
     @classmethod
     def accepts(cls, cfg: dict) -> bool:
@@ -187,7 +249,6 @@ class Gemma4(Family):
         refuse = [
             (get(cfg, "hidden_size_per_layer_input"), "per-layer embeddings (e2b/e4b, MaxText block gemma4_small)"),
             (get(cfg, "num_kv_shared_layers"), "shared KV layers (num_kv_shared_layers)"),
-            (get(cfg, "enable_moe_block") or cfg.get("num_experts"), "the MoE block (26b)"),
             (get(cfg, "use_bidirectional_attention") == "all", "bidirectional attention over all tokens"),
         ]
         for bad, what in refuse:
@@ -220,6 +281,7 @@ class Gemma4(Family):
                 "global_head_dim": g_head_dim,
                 "global_kv_heads": g_kv,
                 "k_eq_v": bool(get(cfg, "attention_k_eq_v")),
+                **moe_dims(cfg),
                 **layout,
             },
         )
@@ -259,7 +321,7 @@ class Gemma4(Family):
             common.vector(L + "post_feedforward_layernorm.weight", "post_ffw_norm/scale", d.emb),
             *common.qk_norms(a),
             *attn,
-            *common.gated_mlp(d),
+            *(moe_rules(d) if d.extra.get("experts") else common.gated_mlp(d)),
             common.vector(L + "layer_scalar", "layer_scalar", 1),
         )
         return tuple(gemma4_vision.text_names(d, rules))  # model.language_model.* in a multimodal checkpoint

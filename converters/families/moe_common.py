@@ -8,7 +8,7 @@ scanned `[E, L, ...]` (expert axis 0, layer axis 1). The engine builds those fro
 from __future__ import annotations
 
 from converters.core.mapping import Dims, Rule, require
-from converters.core.transforms import Kernel
+from converters.core.transforms import Chunks, Kernel
 from converters.errors import UnsupportedModelError
 
 # Tiny test models of the MoE families: top-2 routing, heads * head_dim != hidden.
@@ -41,6 +41,25 @@ def per_expert_glu(d: Dims, hf: str, mt: str, names: tuple[str, str, str]) -> li
         Rule(f"{hf}.{gate}.weight", f"{mt}/wi_0", hf_shape=(F, E), mt_shape=(E, F), chain=(Kernel((E, F)),), experts=X),
         Rule(f"{hf}.{up}.weight", f"{mt}/wi_1", hf_shape=(F, E), mt_shape=(E, F), chain=(Kernel((E, F)),), experts=X),
         Rule(f"{hf}.{down}.weight", f"{mt}/wo", hf_shape=(E, F), mt_shape=(F, E), chain=(Kernel((F, E)),), experts=X),
+    ]
+
+
+def fused_glu(d: Dims, hf: str, mt: str, mlp: int) -> list[Rule]:
+    """transformers' fused experts `{hf}.gate_up_proj` `[X, 2F, emb]` (per expert: gate rows, then up rows) and
+    `{hf}.down_proj` `[X, emb, F]` <-> stacked `wi_0` / `wi_1` `[X, emb, F]` and `wo` `[X, F, emb]`, read one expert
+    row at a time (each expert transposed). `mlp` is the expert width F."""
+    E, F, X = d.emb, mlp, experts(d)
+    return [
+        Rule(
+            f"{hf}.gate_up_proj",
+            (f"{mt}/wi_0", f"{mt}/wi_1"),
+            hf_shape=(2 * F, E),
+            mt_shape=(E, F),
+            chain=(Kernel((E, F)),),
+            experts=X,
+            split=Chunks(2, axis=0),
+        ),
+        Rule(f"{hf}.down_proj", f"{mt}/wo", hf_shape=(E, F), mt_shape=(F, E), chain=(Kernel((F, E)),), experts=X),
     ]
 
 

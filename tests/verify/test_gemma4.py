@@ -1,5 +1,6 @@
 """Gemma 4 reference forward (plain-scale norms, q/k/v norms, keys as values on global layers, partial RoPE on global
-layers, sliding window on local ones, layer scalars, soft-capped tied logits) and verification.
+layers, sliding window on local ones, layer scalars, soft-capped tied logits; 26b's MoE block: shared expert, scaled
+router, top-k of the softmax renormalised, per-expert scales, streamed experts) and verification.
 
 1. The JAX reference against transformers on weights laid out by numpy (not the converter), float32, 300 tokens:
    KL < 1e-9, scanned and unscanned, with and without `attention_k_eq_v`; the window, the global layers' partial
@@ -9,6 +10,13 @@ layers, sliding window on local ones, layer scalars, soft-capped tied logits) an
 3. One wrong mapping per transform the family has, each undone by its own inverse (so content passes): verify's
    layout check fails every one on two 4-token prompts by more than 100x its threshold.
 4. A damaged checkpoint fails content, by name.
+
+The MoE model (`gemma4-moe`) has the same checks: the reference against transformers (KL < 1e-9; without the
+per-expert scale or the router scale it no longer matches), converted float32 checkpoints verify with the experts
+streamed (at most 3 held at once), and one wrong mapping per MoE transform fails layout. Its bfloat16 runs are not a
+precision check: on a random tiny MoE (4 experts, near-uniform router) a 1-ulp change moves a near-tied top-2 choice,
+and transformers' own bfloat16 run is as far from its float32 one (measured: KL 0.34 max on the long prompt, for
+transformers and the reference alike), so the MoE checkpoints verify in float32.
 """
 
 from __future__ import annotations
@@ -23,12 +31,13 @@ import pytest
 
 from converters.convert import hf_to_maxtext
 from converters.core.mapping import LayerGroup
-from converters.core.transforms import Kernel, Offset, Permute, RopeInterleave, Scale
+from converters.core.transforms import Kernel, Offset, Permute, Reshape, RopeInterleave, Scale
 from converters.errors import UnsupportedModelError
-from converters.families.gemma4 import GLOBAL, LOCAL, Gemma4
+from converters.families.gemma4 import GLOBAL, LOCAL, MOE, Gemma4
 from converters.verify import verify
 from converters.verify.metrics import kl_per_token
 from converters.verify.reference import ReferenceModel
+from converters.verify.reference.gemma4 import MOE_NORMS
 from tests.verify.helpers import (
     assert_reference_matches_transformers,
     hf_float32,
@@ -39,6 +48,7 @@ from tests.verify.helpers import (
 )
 
 LAYERS, P = 12, 6
+SLOW = pytest.mark.slow  # the MoE model's heavier checks (the default run's time budget)
 EXACT_KL = 1e-9
 SHORT = '{"tokens": [1, 17, 301, 44]}\n{"tokens": [9, 2, 250, 3]}\n'
 
@@ -74,6 +84,20 @@ def to_maxtext(folder: Path, scan: bool) -> dict:
             "mlp/wo/kernel": hf[p + "mlp.down_proj.weight"].T,
             "layer_scalar": hf[p + "layer_scalar"],
         }
+        if cfg.get("enable_moe_block"):  # models/gemma4.py Gemma4MoE, layers/moe.py RoutedAndSharedMoE
+            for m in ("wi_0", "wi_1", "wo"):
+                lay[f"mlp/moe_block/shared_experts/{m}/kernel"] = lay.pop(f"mlp/{m}/kernel")
+            f = cfg["moe_intermediate_size"]
+            gate_up = hf[p + "experts.gate_up_proj"]  # [X, 2F, E]: gate rows, then up rows
+            lay |= {
+                **{f"mlp/{n}/scale": hf[f"{p}{n}.weight"] for n in MOE_NORMS},
+                "mlp/pre_forward_scale_2": hf[p + "router.scale"],
+                f"{MOE}/gate/kernel": hf[p + "router.proj.weight"].T,
+                f"{MOE}/per_expert_scale": hf[p + "router.per_expert_scale"],
+                f"{MOE}/wi_0": gate_up[:, :f].transpose(0, 2, 1),
+                f"{MOE}/wi_1": gate_up[:, f:].transpose(0, 2, 1),
+                f"{MOE}/wo": hf[p + "experts.down_proj"].transpose(0, 2, 1),
+            }
         if a + "v_proj.weight" in hf:
             lay["self_attention/value/kernel"] = hf[a + "v_proj.weight"].T.reshape(e, k, d)
         layers.append(lay)
@@ -93,11 +117,37 @@ def to_maxtext(folder: Path, scan: bool) -> dict:
     return out | {f"{GLOBAL}/{key}": np.stack([lay[key] for lay in glob], axis=1) for key in glob[0]}
 
 
-@pytest.mark.parametrize("family", ["gemma4", "gemma4-kv"])
-@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unscanned"])
+@pytest.mark.parametrize(
+    "scan, family",
+    [
+        *((scan, family) for family in ("gemma4", "gemma4-kv") for scan in (True, False)),
+        (True, "gemma4-moe"),
+        pytest.param(False, "gemma4-moe", marks=SLOW),
+    ],
+    ids=lambda v: {True: "scanned", False: "unscanned"}.get(v, v),
+)
 def test_reference_matches_transformers(tiny_model, family, scan):
     src = tiny_model(family, layers=LAYERS, dtype="float32")
     assert_reference_matches_transformers(src, to_maxtext(src, scan), EXACT_KL)
+
+
+@SLOW
+def test_the_router_scales_are_applied(tiny_model):
+    """Both scales the router adds to a plain softmax top-k act: with either set to ones the reference no longer
+    matches transformers (and the routed experts matter: without them neither)."""
+    src = tiny_model("gemma4-moe", layers=LAYERS, dtype="float32")
+    cfg = json.loads((src / "config.json").read_text())
+    params = to_maxtext(src, True)
+    ids = [int(i) for i in np.random.default_rng(3).integers(0, 512, size=300)]
+    want = hf_logits(src, ids)
+    for key in (f"{MOE}/per_expert_scale", "mlp/pre_forward_scale_2", f"{MOE}/wo"):
+        changed = {
+            k: (np.ones_like(v) if key != f"{MOE}/wo" else np.zeros_like(v)) if k.endswith(key) else v
+            for k, v in params.items()
+        }
+        kl = kl_per_token(want, ReferenceModel(changed, cfg).logits(ids))
+        print(key, "KL max", kl.max())
+        assert kl.max() > 1e-4, key
 
 
 def test_the_window_the_partial_rope_and_the_softcap_are_applied(tiny_model):
@@ -136,6 +186,50 @@ def test_converted_checkpoint_verifies(converted, family, scan):
     assert r.data["warnings"] == []
 
 
+@pytest.fixture(scope="module")
+def moe_f32(tmp_path_factory):
+    """`moe_f32(scan)` -> (HF folder, checkpoint) of the 12-layer gemma4-moe model, both float32, built once each."""
+    from converters.tiny_models import make_test_model
+
+    root = tmp_path_factory.mktemp("gemma4-moe-f32")
+    hf = make_test_model("gemma4-moe", root / "hf", layers=LAYERS, dtype="float32")
+    cache: dict = {}
+
+    def make(scan: bool):
+        if scan not in cache:
+            hf_to_maxtext(hf, root / f"mt-{scan}", scan=scan, dtype="float32")
+            cache[scan] = root / f"mt-{scan}"
+        return hf, cache[scan]
+
+    return make
+
+
+@SLOW
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unscanned"])
+def test_converted_moe_checkpoint_verifies_with_streamed_experts(moe_f32, scan, monkeypatch):
+    """float32 (see the module docstring): passes with no warning, the embedding the one tensor within its bound; every
+    MoE layer reads each expert it uses once, and holds at most EXPERT_WINDOW + 1 of them."""
+    from converters.verify import experts
+
+    held = []
+    run = experts.ExpertFeed.run
+
+    def tracked_run(self, jobs):
+        run(self, jobs)
+        held.append((self.reads, self.peak))
+
+    monkeypatch.setattr(experts.ExpertFeed, "run", tracked_run)
+    hf, ckpt = moe_f32(scan)
+    r = verify(maxtext=ckpt, hf=hf)
+    v = r.data["verdict"]
+    assert r.passed, v
+    assert r.data["prompts"][-1]["name"] == "long" and r.data["prompts"][-1]["num_tokens"] >= 400
+    assert v["content"]["passed"] and v["content"]["within_bound"] == 1
+    assert v["layout"]["kl_max"] < EXACT_KL and r.data["warnings"] == []
+    assert len(held) == LAYERS and all(reads <= 4 and peak <= 3 for reads, peak in held), held
+    assert r.data["timing"]["expert_reads"] == sum(reads for reads, _ in held)
+
+
 def _wrong(kind: str):
     """Gemma4's rules with one mistake per kind of transform the family has, undone by its inverse."""
     rules = Gemma4.kind_rules
@@ -161,6 +255,20 @@ def _wrong(kind: str):
                 mt = "post_self_attention_norm/scale" if "input" in r.hf else "pre_self_attention_norm/scale"
             elif kind == "gate_for_up" and r.hf.endswith(("gate_proj.weight", "up_proj.weight")):
                 mt = "mlp/wi_1/kernel" if "gate" in r.hf else "mlp/wi_0/kernel"
+            elif kind == "expert_gate_up_swapped" and r.hf.endswith("experts.gate_up_proj"):
+                mt = tuple(reversed(r.mt))  # the up half as wi_0
+            elif kind == "router_not_transposed" and r.hf.endswith("router.proj.weight"):
+                chain = (Reshape(r.mt_shape, r.hf_shape),)
+            elif kind == "expert_down_not_transposed" and r.hf.endswith("experts.down_proj"):
+                chain = (Reshape(r.mt_shape, r.hf_shape),)
+            elif kind == "shared_routed_norms_swapped" and r.hf.endswith(
+                ("post_feedforward_layernorm_1.weight", "post_feedforward_layernorm_2.weight")
+            ):
+                mt = r.mt.replace("_1/", "_2/") if "_1." in r.hf else r.mt.replace("_2/", "_1/")
+            elif kind == "router_scale_for_experts_norm" and r.hf.endswith(
+                ("router.scale", "pre_feedforward_layernorm_2.weight")
+            ):
+                mt = "mlp/pre_feedforward_layernorm_2/scale" if "router" in r.hf else "mlp/pre_forward_scale_2"
             out.append(dataclasses.replace(r, chain=chain, mt=mt) if (chain, mt) != (r.chain, r.mt) else r)
         return tuple(out)
 
@@ -189,9 +297,25 @@ WRONG = [
 ]
 
 
+# one per transform of the MoE block (26b): the fused experts' split, the router's and experts' transposes, and two
+# plausible mix-ups of same-shaped vectors
+WRONG_MOE = [
+    "expert_gate_up_swapped",
+    pytest.param("router_not_transposed", marks=SLOW),
+    pytest.param("expert_down_not_transposed", marks=SLOW),
+    pytest.param("shared_routed_norms_swapped", marks=SLOW),
+    pytest.param("router_scale_for_experts_norm", marks=SLOW),
+]
+
+
+@pytest.mark.parametrize("kind", WRONG_MOE)
+def test_a_moe_mapping_wrong_both_ways_fails_layout(kind, tiny_model, tmp_path, monkeypatch):
+    test_a_mapping_wrong_both_ways_fails_layout(kind, tiny_model, tmp_path, monkeypatch, family="gemma4-moe")
+
+
 @pytest.mark.parametrize("kind", WRONG)
-def test_a_mapping_wrong_both_ways_fails_layout(kind, tiny_model, tmp_path, monkeypatch):
-    src = tiny_model("gemma4", layers=LAYERS, dtype="float32")
+def test_a_mapping_wrong_both_ways_fails_layout(kind, tiny_model, tmp_path, monkeypatch, family="gemma4"):
+    src = tiny_model(family, layers=LAYERS, dtype="float32")
     if kind == "layer_stacks":
         monkeypatch.setattr(Gemma4, "layer_groups", classmethod(_transposed_blocks))
     else:
@@ -236,7 +360,11 @@ def test_configs_the_reference_refuses(tiny_model):
     rp = cfg["rope_parameters"]
     for changes, reason in (
         ({"hidden_size_per_layer_input": 16}, "per-layer embeddings"),
-        ({"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 8}, "MoE"),
+        ({"enable_moe_block": True, "num_experts": 1, "top_k_experts": 1, "moe_intermediate_size": 8}, "num_experts=1"),
+        (
+            {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 5, "moe_intermediate_size": 8},
+            "top_k_experts=5",
+        ),
         ({"rope_parameters": {**rp, "sliding_attention": {"rope_type": "linear", "factor": 2.0}}}, "rope_type"),
     ):
         with pytest.raises(UnsupportedModelError, match=reason):

@@ -1,4 +1,4 @@
-"""Gemma 4 dense text model (HF `gemma4_text`, MaxText block `gemma4`, model `gemma4-31b`).
+"""Gemma 4 text model, dense and MoE (HF `gemma4_text`, MaxText block `gemma4`, models `gemma4-31b`, `gemma4-26b`).
 
 What MaxText 0.2.5 computes (src/maxtext/models/gemma4.py `Gemma4DecoderLayer`, layers/attentions.py,
 layers/embeddings.py `RotaryEmbedding` / `Gemma4PartialRotaryEmbedding`, layers/nnx_decoders.py), for a checkpoint
@@ -15,19 +15,32 @@ laid out by converters/families/gemma4.py:
     its norm), RoPE theta 1e6 on the first `partial_rotary_factor` of each half of the head (the rest passes
     through); local layers RoPE theta 1e4 over the whole head and a sliding window (key j visible from query i
     iff i - window < j <= i).
+  * MoE layers (26b; models/gemma4.py `Gemma4MoE`, layers/moe.py `RoutedAndSharedMoE` / `RoutedMoE.get_topk`, with
+    base.yml's `float32_gate_logits: false`, `float32_weight_sum: true`, dropless): after attention, x goes three
+    ways. The shared expert: GELU(tanh)-gated MLP on pre_ffw_norm(x), then `post_feedforward_layernorm_1`. The
+    router: logits = (scale-free RMSNorm(x) * emb**-0.5 * `pre_forward_scale_2`) @ gate kernel, all in the compute
+    dtype; probabilities = float32 softmax over all experts; the top-k experts by logit keep their probabilities
+    (cast to the compute dtype), renormalised to sum one (`norm_topk_prob`), times their `per_expert_scale`. The
+    routed experts: GELU(tanh)-gated experts on `pre_feedforward_layernorm_2`(x), summed with those weights in
+    float32 (streamed one expert at a time), then `post_feedforward_layernorm_2`. The two sums go through
+    post_ffw_norm into the residual; the sum times `layer_scalar`. HF computes the same (softmax, top-k of the
+    probabilities, renormalise, per-expert scale; its router multiplies by the scale before emb**-0.5, a float
+    rounding apart).
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from converters.errors import CkptflowError
-from converters.families.gemma4 import GLOBAL, LOCAL, PATTERN, is_global, layer_types
+from converters.families.gemma4 import GLOBAL, LOCAL, MLP, MOE, PATTERN, is_global, layer_types
 from converters.verify.reference.common import Layout, ModelSpec, dense, gated_mlp, require, rms_norm
 from converters.verify.reference.gemma import _GemmaBase, _mlp_keys, _norm_keys, gelu_tanh, gemma_attention
 
 GLOBAL_MARKER = "global_attention"
+MOE_NORMS = ("pre_feedforward_layernorm_2", "post_feedforward_layernorm_1", "post_feedforward_layernorm_2")
 
 
 def rope_partial(x, positions, theta: float, fraction: float, dtype):
@@ -64,7 +77,6 @@ class Gemma4Forward(_GemmaBase):
         require(not getattr(cfg, "attention_bias", False), "attention_bias=true")
         require(not getattr(cfg, "hidden_size_per_layer_input", 0), "per-layer embeddings (e2b/e4b)")
         require(not getattr(cfg, "num_kv_shared_layers", 0), "shared KV layers")
-        require(not getattr(cfg, "enable_moe_block", False), "the MoE block")
         require(getattr(cfg, "use_bidirectional_attention", None) != "all", "bidirectional attention")
         n = int(cfg.num_hidden_layers)
         require(
@@ -83,6 +95,10 @@ class Gemma4Forward(_GemmaBase):
             ("k_eq_v", bool(cfg.attention_k_eq_v)),
             ("final_softcap", float(cfg.final_logit_softcapping or 0.0) or None),
         ]
+        if getattr(cfg, "enable_moe_block", False):
+            experts, top_k = int(cfg.num_experts or 0), int(cfg.top_k_experts or 0)
+            require(experts >= 2 and 0 < top_k <= experts, f"num_experts={experts}, top_k_experts={top_k}")
+            options += [("experts", experts), ("top_k", top_k)]
         heads = int(cfg.num_attention_heads)
         return ModelSpec(
             model_type=cfg.model_type,
@@ -103,7 +119,20 @@ class Gemma4Forward(_GemmaBase):
     def layer_keys(self, spec: ModelSpec) -> tuple[str, ...]:
         attn = tuple(f"self_attention/{m}/kernel" for m in ("query", "key", "value", "out"))
         norms = ("self_attention/query_norm/scale", "self_attention/key_norm/scale")
-        return (*_norm_keys(), *norms, *attn, *_mlp_keys(), "layer_scalar")
+        if not spec.option("experts"):
+            return (*_norm_keys(), *norms, *attn, *_mlp_keys(), "layer_scalar")
+        moe = (
+            *_mlp_keys(f"{MLP}/moe_block/shared_experts"),
+            *(f"{MLP}/{n}/scale" for n in MOE_NORMS),
+            f"{MLP}/pre_forward_scale_2",
+            f"{MOE}/gate/kernel",
+            f"{MOE}/per_expert_scale",
+            *self.moe_arrays(spec, 0),
+        )
+        return (*_norm_keys(), *norms, *attn, *moe, "layer_scalar")
+
+    def moe_arrays(self, spec: ModelSpec, l: int) -> tuple[str, ...]:
+        return (f"{MOE}/wi_0", f"{MOE}/wi_1", f"{MOE}/wo") if spec.option("experts") else ()
 
     def keys_of_layer(self, spec: ModelSpec, l: int) -> tuple[str, ...]:
         keys = self.layer_keys(spec)
@@ -134,7 +163,8 @@ class Gemma4Forward(_GemmaBase):
         return Layout(scanned=scanned, num_layers=spec.num_layers)
 
     # ---- compute --------------------------------------------------------------------------------
-    def block(self, spec: ModelSpec, p: dict, x, positions):
+    def attend(self, spec: ModelSpec, p: dict, x, positions):
+        """The attention half of a layer: x plus the normed attention output."""
         dt, eps = spec.jdtype, spec.norm_eps
         glob = GLOBAL_MARKER in p
         h = rms_norm(x, p["pre_self_attention_norm/scale"], eps, dt)
@@ -149,8 +179,46 @@ class Gemma4Forward(_GemmaBase):
         k = rope_partial(k, positions, theta, fraction, dt)
         a = gemma_attention(q, k, v, dt, window=None if glob else spec.option("sliding_window"))
         a = dense(a, p["self_attention/out/kernel"], dt, contract=2)
-        x = x + rms_norm(a, p["post_self_attention_norm/scale"], eps, dt)
+        return x + rms_norm(a, p["post_self_attention_norm/scale"], eps, dt)
+
+    def block(self, spec: ModelSpec, p: dict, x, positions):
+        dt, eps = spec.jdtype, spec.norm_eps
+        x = self.attend(spec, p, x, positions)
         h = rms_norm(x, p["pre_ffw_norm/scale"], eps, dt)
         m = gated_mlp(h, p["mlp/wi_0/kernel"], p["mlp/wi_1/kernel"], p["mlp/wo/kernel"], dt, gelu_tanh)
+        x = x + rms_norm(m, p["post_ffw_norm/scale"], eps, dt)
+        return x * p["layer_scalar"].astype(dt)
+
+    # ---- MoE layers (26b) -------------------------------------------------------------------------
+    def pre_moe(self, spec: ModelSpec, p: dict, x, positions):
+        """(x after attention, the routed experts' input, the router's input)."""
+        dt, eps = spec.jdtype, spec.norm_eps
+        x = self.attend(spec, p, x, positions)
+        h = rms_norm(x, p[f"{MLP}/pre_feedforward_layernorm_2/scale"], eps, dt)
+        unscaled = rms_norm(x, jnp.ones((x.shape[-1],), dt), eps, dt)  # gate_norm: with_scale=False
+        r = unscaled * spec.hidden_size**-0.5 * p[f"{MLP}/pre_forward_scale_2"].astype(dt)  # in Gemma4MoE's order
+        return x, h, r
+
+    def route(self, spec: ModelSpec, p: dict, r):
+        dt = spec.jdtype
+        logits = dense(r, p[f"{MOE}/gate/kernel"], dt)
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        _, top = jax.lax.top_k(logits, spec.option("top_k"))  # by logit, as get_topk's gemma4 branch
+        w = jnp.take_along_axis(probs, top, axis=-1).astype(dt)
+        w = w / w.sum(axis=-1, keepdims=True)  # norm_topk_prob
+        w = w * p[f"{MOE}/per_expert_scale"].astype(dt)[top]
+        rows = jnp.arange(r.shape[0])[:, None]
+        return jnp.zeros((r.shape[0], spec.option("experts")), dt).at[rows, top].set(w)
+
+    def expert(self, spec: ModelSpec, w: dict, h):
+        return gated_mlp(h, w["wi_0"], w["wi_1"], w["wo"], spec.jdtype, gelu_tanh)
+
+    def post_moe(self, spec: ModelSpec, p: dict, x, h, routed):
+        dt, eps = spec.jdtype, spec.norm_eps
+        s = f"{MLP}/moe_block/shared_experts"
+        shared = rms_norm(x, p["pre_ffw_norm/scale"], eps, dt)
+        shared = gated_mlp(shared, p[f"{s}/wi_0/kernel"], p[f"{s}/wi_1/kernel"], p[f"{s}/wo/kernel"], dt, gelu_tanh)
+        m = rms_norm(shared, p[f"{MLP}/post_feedforward_layernorm_1/scale"], eps, dt)
+        m = m + rms_norm(routed, p[f"{MLP}/post_feedforward_layernorm_2/scale"], eps, dt)
         x = x + rms_norm(m, p["post_ffw_norm/scale"], eps, dt)
         return x * p["layer_scalar"].astype(dt)
