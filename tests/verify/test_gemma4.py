@@ -369,3 +369,22 @@ def test_configs_the_reference_refuses(tiny_model):
     ):
         with pytest.raises(UnsupportedModelError, match=reason):
             fwd.make_spec(hf_config_object({**cfg, **changes}))
+
+
+@SLOW
+def test_multimodal_moe_checkpoint_verifies(tmp_path, monkeypatch):
+    """The published 26b is multimodal (model_type gemma4, Gemma4ForConditionalGeneration): its MoE text model under
+    model.language_model.* with the vision tower converts in both layouts and verifies, the image prompt included
+    (float32: see the module docstring)."""
+    from converters import tiny_models
+    from converters.families.gemma4 import _TINY_MOE
+
+    monkeypatch.setitem(tiny_models.TINY, "gemma4-moe-mm", ("gemma4-26b", _TINY_MOE))
+    hf = tiny_models.make_test_model("gemma4-moe-mm", tmp_path / "hf", layers=P, dtype="float32")
+    assert json.loads((hf / "config.json").read_text())["text_config"]["enable_moe_block"]
+    for scan in (True, False):
+        hf_to_maxtext(hf, tmp_path / f"mt-{scan}", scan=scan, dtype="float32")
+        r = verify(maxtext=tmp_path / f"mt-{scan}", hf=hf)
+        v = r.data["verdict"]
+        assert r.passed and v["layout"]["kl_max"] < EXACT_KL, v
+        assert "image" in [p["name"] for p in r.data["prompts"]]
