@@ -68,7 +68,7 @@ def stored(params: dict, rel: str, i: int, scan: bool) -> np.ndarray:
     "scan, family",
     [
         (True, "qwen3-vl-moe"),
-        (False, "qwen3-vl"),
+        pytest.param(False, "qwen3-vl", marks=SLOW),
         pytest.param(True, "qwen3-vl", marks=SLOW),
         pytest.param(False, "qwen3-vl-moe", marks=SLOW),
     ],
@@ -100,7 +100,7 @@ def test_stored_values_at_every_layer(tiny_model, tmp_path, family, scan):
     "scan, dtype, family",
     [
         (True, "bfloat16", "qwen3-vl-moe"),
-        (False, "float32", "qwen3-vl"),
+        pytest.param(False, "float32", "qwen3-vl", marks=SLOW),
         *(
             pytest.param(scan, dtype, family, marks=SLOW)
             for scan in (True, False)
