@@ -593,6 +593,19 @@ def test_gemma4_multimodal_real_size_plan_is_maxtexts_whole_tree():
     assert {k: v for k, v in unscanned.items() if k.startswith("vision_encoder/")} == gemma4_tower(5376)
 
 
+def test_gemma4_26b_multimodal_real_size_plan_is_maxtexts_whole_tree():
+    """google/gemma-4-26b-a4b-it's layout (the MoE text model in Gemma4ForConditionalGeneration, 31b's tower) plans
+    exactly MaxText 0.2.5's gemma4-26b tree with use_multimodal=true: 47 text + 356 tower arrays (403; 25.81 B)."""
+    from converters.families.gemma4_vision import multimodal_config
+
+    family, text = registry.model("gemma4-26b")
+    cfg = multimodal_config(text)
+    assert registry.family_for_config(cfg) is family
+    scanned = {l.path: l.shape for l in family.plan(cfg, True)}
+    assert scanned == EXPECTED["gemma4-26b"] | gemma4_tower(2816)
+    assert round(sum(map(math.prod, scanned.values())) / 1e9, 2) == 25.81
+
+
 # Qwen3-VL's language model: all arrays of MaxText 0.2.5's tree with use_multimodal=false (nnx.eval_shape; scanned
 # needs deepstack_visual_indexes_for_vit=[], configs/types.py refuses deepstack with scan_layers=true). Unscanned:
 # 310 / 398 / 579 arrays. The vision tower's arrays: tests/families/test_qwen3_vl_vision.py.
