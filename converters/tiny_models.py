@@ -149,8 +149,16 @@ def make_test_model(
 
 def _published_expert_layout(folder: Path) -> None:
     """Store Qwen3-VL-MoE's fused experts as the Qwen/Qwen3-VL-*-A*B repos do (`gate_up_proj` `[X, emb, 2F]`,
-    `down_proj` `[X, F, emb]`); transformers >= 5 writes its in-memory transpose and reads both."""
+    `down_proj` `[X, F, emb]`); transformers >= 5 writes its in-memory transpose and reads both. The config then
+    names the transformers version that wrote that layout, as the published one does (it decides how the
+    converter reads the experts: converters/families/qwen3_vl.py)."""
+    import json
+
     from safetensors.torch import load_file, save_file
+
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["transformers_version"] = "4.57.0.dev0"
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
     for path in folder.glob("*.safetensors"):
         tensors = load_file(path)

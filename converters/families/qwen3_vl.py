@@ -22,8 +22,9 @@ HF layout (transformers `Qwen3VLForConditionalGeneration` / `Qwen3VLMoeForCondit
 (the text_config's is not what transformers reads). The MoE experts are fused per layer, as published and as
 MaxText's own hook reads them: `mlp.experts.gate_up_proj` `[X, emb, 2F]` (gate columns, then up columns ->
 `wi_0`, `wi_1` without a transpose) and `mlp.experts.down_proj` `[X, F, emb]` (= `wo`). transformers >= 5 saves
-them transposed (`[X, 2F, emb]`, `[X, emb, F]`, its in-memory layout; it reads both); such a folder is refused
-by the shape check -- the published layout is what is read and written.
+them as it holds them, transposed (`[X, 2F, emb]`: gate rows, then up rows; `[X, emb, F]`), and reads both (by
+shape). Which one a folder holds follows its config's `transformers_version` (the published repos say 4.57); it is
+read and exported in that layout, and the shape check refuses a folder that says otherwise.
 
 transformers has no text-only causal LM for Qwen3-VL (`Qwen3VLTextModel` has no LM head), so model types
 `qwen3_vl_text` / `qwen3_vl_moe_text` are refused. A MaxText checkpoint without the vision tower (MaxText
@@ -38,7 +39,7 @@ import warnings
 from typing import ClassVar
 
 from converters.core.mapping import Dims, LayerGroup, Rule
-from converters.core.transforms import Chunks
+from converters.core.transforms import Chunks, Kernel
 from converters.errors import UnsupportedModelError
 from converters.families import common, moe_common, qwen3_vl_vision
 from converters.families.qwen3_moe import Qwen3Moe
@@ -147,6 +148,13 @@ def tiny_multimodal(cfg: dict, dims: dict, *, layers: int, vocab: int, tied: boo
     if tied is not None:
         cfg["tie_word_embeddings"] = tied
     return cfg
+
+
+def saved_by_transformers_5(cfg: dict) -> bool:
+    """Whether the folder's fused experts are transformers >= 5's in-memory transpose: its config says it was written
+    by transformers 5 or later (the published Qwen3-VL-MoE repos: 4.57.0.dev0, the layout MaxText's hook reads)."""
+    major = str(cfg.get("transformers_version") or "0").split(".")[0]
+    return major.isdigit() and int(major) >= 5
 
 
 class _Qwen3VLBase(common.DecoderOnly):
@@ -347,6 +355,7 @@ class Qwen3VLMoe(_Qwen3VLBase):
         d = super().dims(cfg)
         t = cls.text_config(cfg)
         Qwen3Moe.dims(t)  # the qwen3_moe block's refusals: dense layers, shared experts, too few experts
+        d.extra["experts_transposed"] = saved_by_transformers_5(cfg)
         return moe_common.moe_dims(d, t, cls.name, experts_key="num_experts", mlp_key="moe_intermediate_size")
 
     @classmethod
@@ -356,6 +365,26 @@ class Qwen3VLMoe(_Qwen3VLBase):
         if not d.extra["fused_experts"]:  # the text-only export (Qwen3MoeForCausalLM): one tensor per expert
             names = ("gate_proj", "up_proj", "down_proj")
             return rules + moe_common.per_expert_glu(d, p + "mlp.experts.{e}", "moe_block", names)
+        if d.extra["experts_transposed"]:  # transformers >= 5: [2F, emb] per expert (gate rows, then up rows), [emb, F]
+            return rules + [
+                Rule(
+                    p + "mlp.experts.gate_up_proj",
+                    ("moe_block/wi_0", "moe_block/wi_1"),
+                    hf_shape=(2 * F, E),
+                    mt_shape=(E, F),
+                    chain=(Kernel((E, F)),),
+                    experts=X,
+                    split=Chunks(2, axis=0),
+                ),
+                Rule(
+                    p + "mlp.experts.down_proj",
+                    "moe_block/wo",
+                    hf_shape=(E, F),
+                    mt_shape=(F, E),
+                    chain=(Kernel((F, E)),),
+                    experts=X,
+                ),
+            ]
         return rules + [
             Rule(
                 p + "mlp.experts.gate_up_proj",

@@ -256,3 +256,40 @@ def test_refuses_what_it_cannot_convert():
     for change in ({"mlp_only_layers": [0]}, {"decoder_sparse_step": 2}):
         with pytest.raises(UnsupportedModelError):
             Qwen3VLMoe.plan({**moe, "text_config": {**moe["text_config"], **change}}, scan=True)
+
+
+@SLOW
+def test_transformers_5_expert_layout_converts_and_exports_in_its_own_layout(tiny_model, tmp_path):
+    """transformers >= 5 saves the fused experts transposed (`gate_up_proj` `[X, 2F, emb]`, `down_proj` `[X, emb, F]`)
+    with its version in config.json: the same MaxText arrays as the published layout, exported back bit for bit in
+    the folder's own layout; a published-layout folder claiming transformers 5 is refused by the shape check."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from converters.errors import MappingError
+
+    src = tiny_model("qwen3-vl-moe", layers=2)
+    t5 = tmp_path / "t5"
+    shutil.copytree(src, t5)
+    cfg = json.loads((t5 / "config.json").read_text())
+    (t5 / "config.json").write_text(json.dumps({**cfg, "transformers_version": "5.24.0"}))
+    for f in t5.glob("*.safetensors"):
+        tensors = load_file(f)
+        fused = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+        save_file({k: v.transpose(1, 2).contiguous() if k.endswith(fused) else v for k, v in tensors.items()}, f)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        hf_to_maxtext(src, tmp_path / "mt", scan=True)
+        hf_to_maxtext(t5, tmp_path / "mt5", scan=True)
+        assert_bit_exact(read_params(tmp_path / "mt"), read_params(tmp_path / "mt5"))
+        maxtext_to_hf(tmp_path / "mt5", tmp_path / "back")
+    back = hf_tensors(tmp_path / "back")
+    assert back[T + "layers.1.mlp.experts.gate_up_proj"].shape == (X, 2 * FX, E)
+    assert_bit_exact(hf_tensors(t5), back)
+    (tmp_path / "lying").mkdir()
+    for f in src.iterdir():
+        shutil.copy(f, tmp_path / "lying" / f.name)
+    (tmp_path / "lying" / "config.json").write_text(json.dumps({**cfg, "transformers_version": "5.0.0"}))
+    with pytest.raises(MappingError, match="gate_up_proj"):
+        hf_to_maxtext(tmp_path / "lying", tmp_path / "mt6", scan=True)
