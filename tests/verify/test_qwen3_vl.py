@@ -9,6 +9,13 @@ and verification.
 4. Plausible wrong mappings: the fused gate_up_proj split as GPT-OSS's (interleaved columns), and Llama's interleaved
    RoPE on q/k. The inverse undoes each, so content passes; layout fails by far more than 100x its threshold.
 5. A damaged checkpoint (q/k permuted) fails content by name.
+
+Measured against MaxText 0.2.5 itself (bench/maxtext_logits.py, use_multimodal=false,
+deepstack_visual_indexes_for_vit=[], float32, 128 random tokens, tiny 3-layer models converted by ckptflow):
+KL(HF || MaxText) max 1.3e-13 (MoE unscanned),
+1.5e-13 (MoE scanned), 7.1e-7 (dense tied, scanned: MaxText's bfloat16 cast of the tied table in the logits;
+KL(reference with bf16_tied_logits || MaxText) 1.3e-13); a 2-layer qwen3-vl-2b at real dimensions, bfloat16
+checkpoint, 64 tokens: 2.3e-12.
 """
 
 from __future__ import annotations
