@@ -289,96 +289,42 @@ EXPECTED |= {
     "olmo3-32b": _olmo3(5120, 40, 8, 27648, 64),
 }
 
-# all 29 arrays of MaxText 0.2.5's gemma4-31b tree (nnx.eval_shape): 10 scanned blocks of 5 local layers (nested
-# [.., 10, 5, ..]) and 1 global layer (head_dim 512, 4 kv heads, no value kernel: keys are the values); tied
-EXPECTED |= {
-    "gemma4-31b": {
-        "decoder/decoder_norm/scale": (5376,),
-        "decoder/scanned_blocks/global_layer/layer_scalar": (1, 10),
-        "decoder/scanned_blocks/global_layer/mlp/wi_0/kernel": (5376, 10, 21504),
-        "decoder/scanned_blocks/global_layer/mlp/wi_1/kernel": (5376, 10, 21504),
-        "decoder/scanned_blocks/global_layer/mlp/wo/kernel": (21504, 10, 5376),
-        "decoder/scanned_blocks/global_layer/post_ffw_norm/scale": (5376, 10),
-        "decoder/scanned_blocks/global_layer/post_self_attention_norm/scale": (5376, 10),
-        "decoder/scanned_blocks/global_layer/pre_ffw_norm/scale": (5376, 10),
-        "decoder/scanned_blocks/global_layer/pre_self_attention_norm/scale": (5376, 10),
-        "decoder/scanned_blocks/global_layer/self_attention/key/kernel": (5376, 10, 4, 512),
-        "decoder/scanned_blocks/global_layer/self_attention/key_norm/scale": (512, 10),
-        "decoder/scanned_blocks/global_layer/self_attention/out/kernel": (32, 10, 512, 5376),
-        "decoder/scanned_blocks/global_layer/self_attention/query/kernel": (5376, 10, 32, 512),
-        "decoder/scanned_blocks/global_layer/self_attention/query_norm/scale": (512, 10),
-        "decoder/scanned_blocks/local_layers/layer_scalar": (1, 10, 5),
-        "decoder/scanned_blocks/local_layers/mlp/wi_0/kernel": (5376, 10, 5, 21504),
-        "decoder/scanned_blocks/local_layers/mlp/wi_1/kernel": (5376, 10, 5, 21504),
-        "decoder/scanned_blocks/local_layers/mlp/wo/kernel": (21504, 10, 5, 5376),
-        "decoder/scanned_blocks/local_layers/post_ffw_norm/scale": (5376, 10, 5),
-        "decoder/scanned_blocks/local_layers/post_self_attention_norm/scale": (5376, 10, 5),
-        "decoder/scanned_blocks/local_layers/pre_ffw_norm/scale": (5376, 10, 5),
-        "decoder/scanned_blocks/local_layers/pre_self_attention_norm/scale": (5376, 10, 5),
-        "decoder/scanned_blocks/local_layers/self_attention/key/kernel": (5376, 10, 5, 16, 256),
-        "decoder/scanned_blocks/local_layers/self_attention/key_norm/scale": (256, 10, 5),
-        "decoder/scanned_blocks/local_layers/self_attention/out/kernel": (32, 10, 5, 256, 5376),
-        "decoder/scanned_blocks/local_layers/self_attention/query/kernel": (5376, 10, 5, 32, 256),
-        "decoder/scanned_blocks/local_layers/self_attention/query_norm/scale": (256, 10, 5),
-        "decoder/scanned_blocks/local_layers/self_attention/value/kernel": (5376, 10, 5, 16, 256),
-        "token_embedder/embedding": (262144, 5376),
-    },
-}
 
-# all 47 arrays of MaxText 0.2.5's gemma4-26b tree (nnx.eval_shape): 5 scanned blocks of 5 local layers (nested
-# [.., 5, 5, ..]) and 1 global layer (head_dim 512, 2 kv heads, keys as values); every layer MoE (`Gemma4MoE`): a
-# shared expert of 2112, 128 routed experts of 704 (`[128, blocks, (5,) ..]`: the expert axis first), the router, its
-# scale and per-expert scale, three extra norms; tied
+def _gemma4(e: int, blocks: int, heads: int, kv: int, global_kv: int, mlp: int, moe: tuple[int, int] = ()) -> dict:
+    """Every array of MaxText 0.2.5's gemma4 tree (nnx.eval_shape): `blocks` scanned blocks of 5 local layers (nested
+    [.., blocks, 5, ..]; head_dim 256) and 1 global layer ([.., blocks, ..]; head_dim 512, `global_kv` kv heads, no
+    value kernel: keys are the values); tied. `moe` = (experts, expert width): every layer `Gemma4MoE`, the dense
+    MLP of `mlp` its shared expert, the routed experts `[X, blocks, (5,) ..]` (the expert axis first), the router,
+    its scale and per-expert scale, three extra norms."""
+    out = {"decoder/decoder_norm/scale": (e,), "token_embedder/embedding": (262144, e)}
+    for kind, s, k, d in (("global_layer", (blocks,), global_kv, 512), ("local_layers", (blocks, 5), kv, 256)):
+        layer = {
+            "layer_scalar": (1, *s),
+            "self_attention/key/kernel": (e, *s, k, d),
+            "self_attention/key_norm/scale": (d, *s),
+            "self_attention/out/kernel": (heads, *s, d, e),
+            "self_attention/query/kernel": (e, *s, heads, d),
+            "self_attention/query_norm/scale": (d, *s),
+        }
+        norms = ("pre_self_attention_norm", "post_self_attention_norm", "pre_ffw_norm", "post_ffw_norm")
+        layer |= {f"{n}/scale": (e, *s) for n in norms}
+        if kind == "local_layers":
+            layer["self_attention/value/kernel"] = (e, *s, k, d)
+        dense = "mlp/moe_block/shared_experts/" if moe else "mlp/"
+        layer |= {f"{dense}{m}/kernel": (e, *s, mlp) for m in ("wi_0", "wi_1")} | {f"{dense}wo/kernel": (mlp, *s, e)}
+        if moe:
+            x, f, r = *moe, "mlp/moe_block/MoeBlock_0/"
+            layer |= {r + "gate/kernel": (e, *s, x), r + "per_expert_scale": (x, *s), r + "wo": (x, *s, f, e)}
+            layer |= {r + m: (x, *s, e, f) for m in ("wi_0", "wi_1")}
+            norms = ("post_feedforward_layernorm_1", "post_feedforward_layernorm_2", "pre_feedforward_layernorm_2")
+            layer |= {f"mlp/{n}/scale": (e, *s) for n in norms} | {"mlp/pre_forward_scale_2": (e, *s)}
+        out |= {f"decoder/scanned_blocks/{kind}/{key}": shape for key, shape in layer.items()}
+    return out
+
+
 EXPECTED |= {
-    "gemma4-26b": {
-        "decoder/decoder_norm/scale": (2816,),
-        "decoder/scanned_blocks/global_layer/layer_scalar": (1, 5),
-        "decoder/scanned_blocks/global_layer/mlp/moe_block/MoeBlock_0/gate/kernel": (2816, 5, 128),
-        "decoder/scanned_blocks/global_layer/mlp/moe_block/MoeBlock_0/per_expert_scale": (128, 5),
-        "decoder/scanned_blocks/global_layer/mlp/moe_block/MoeBlock_0/wi_0": (128, 5, 2816, 704),
-        "decoder/scanned_blocks/global_layer/mlp/moe_block/MoeBlock_0/wi_1": (128, 5, 2816, 704),
-        "decoder/scanned_blocks/global_layer/mlp/moe_block/MoeBlock_0/wo": (128, 5, 704, 2816),
-        "decoder/scanned_blocks/global_layer/mlp/moe_block/shared_experts/wi_0/kernel": (2816, 5, 2112),
-        "decoder/scanned_blocks/global_layer/mlp/moe_block/shared_experts/wi_1/kernel": (2816, 5, 2112),
-        "decoder/scanned_blocks/global_layer/mlp/moe_block/shared_experts/wo/kernel": (2112, 5, 2816),
-        "decoder/scanned_blocks/global_layer/mlp/post_feedforward_layernorm_1/scale": (2816, 5),
-        "decoder/scanned_blocks/global_layer/mlp/post_feedforward_layernorm_2/scale": (2816, 5),
-        "decoder/scanned_blocks/global_layer/mlp/pre_feedforward_layernorm_2/scale": (2816, 5),
-        "decoder/scanned_blocks/global_layer/mlp/pre_forward_scale_2": (2816, 5),
-        "decoder/scanned_blocks/global_layer/post_ffw_norm/scale": (2816, 5),
-        "decoder/scanned_blocks/global_layer/post_self_attention_norm/scale": (2816, 5),
-        "decoder/scanned_blocks/global_layer/pre_ffw_norm/scale": (2816, 5),
-        "decoder/scanned_blocks/global_layer/pre_self_attention_norm/scale": (2816, 5),
-        "decoder/scanned_blocks/global_layer/self_attention/key/kernel": (2816, 5, 2, 512),
-        "decoder/scanned_blocks/global_layer/self_attention/key_norm/scale": (512, 5),
-        "decoder/scanned_blocks/global_layer/self_attention/out/kernel": (16, 5, 512, 2816),
-        "decoder/scanned_blocks/global_layer/self_attention/query/kernel": (2816, 5, 16, 512),
-        "decoder/scanned_blocks/global_layer/self_attention/query_norm/scale": (512, 5),
-        "decoder/scanned_blocks/local_layers/layer_scalar": (1, 5, 5),
-        "decoder/scanned_blocks/local_layers/mlp/moe_block/MoeBlock_0/gate/kernel": (2816, 5, 5, 128),
-        "decoder/scanned_blocks/local_layers/mlp/moe_block/MoeBlock_0/per_expert_scale": (128, 5, 5),
-        "decoder/scanned_blocks/local_layers/mlp/moe_block/MoeBlock_0/wi_0": (128, 5, 5, 2816, 704),
-        "decoder/scanned_blocks/local_layers/mlp/moe_block/MoeBlock_0/wi_1": (128, 5, 5, 2816, 704),
-        "decoder/scanned_blocks/local_layers/mlp/moe_block/MoeBlock_0/wo": (128, 5, 5, 704, 2816),
-        "decoder/scanned_blocks/local_layers/mlp/moe_block/shared_experts/wi_0/kernel": (2816, 5, 5, 2112),
-        "decoder/scanned_blocks/local_layers/mlp/moe_block/shared_experts/wi_1/kernel": (2816, 5, 5, 2112),
-        "decoder/scanned_blocks/local_layers/mlp/moe_block/shared_experts/wo/kernel": (2112, 5, 5, 2816),
-        "decoder/scanned_blocks/local_layers/mlp/post_feedforward_layernorm_1/scale": (2816, 5, 5),
-        "decoder/scanned_blocks/local_layers/mlp/post_feedforward_layernorm_2/scale": (2816, 5, 5),
-        "decoder/scanned_blocks/local_layers/mlp/pre_feedforward_layernorm_2/scale": (2816, 5, 5),
-        "decoder/scanned_blocks/local_layers/mlp/pre_forward_scale_2": (2816, 5, 5),
-        "decoder/scanned_blocks/local_layers/post_ffw_norm/scale": (2816, 5, 5),
-        "decoder/scanned_blocks/local_layers/post_self_attention_norm/scale": (2816, 5, 5),
-        "decoder/scanned_blocks/local_layers/pre_ffw_norm/scale": (2816, 5, 5),
-        "decoder/scanned_blocks/local_layers/pre_self_attention_norm/scale": (2816, 5, 5),
-        "decoder/scanned_blocks/local_layers/self_attention/key/kernel": (2816, 5, 5, 8, 256),
-        "decoder/scanned_blocks/local_layers/self_attention/key_norm/scale": (256, 5, 5),
-        "decoder/scanned_blocks/local_layers/self_attention/out/kernel": (16, 5, 5, 256, 2816),
-        "decoder/scanned_blocks/local_layers/self_attention/query/kernel": (2816, 5, 5, 16, 256),
-        "decoder/scanned_blocks/local_layers/self_attention/query_norm/scale": (256, 5, 5),
-        "decoder/scanned_blocks/local_layers/self_attention/value/kernel": (2816, 5, 5, 8, 256),
-        "token_embedder/embedding": (262144, 2816),
-    },
+    "gemma4-31b": _gemma4(5376, 10, 32, 16, 4, 21504),  # 29 arrays
+    "gemma4-26b": _gemma4(2816, 5, 16, 8, 2, 2112, moe=(128, 704)),  # 47 arrays: 128 experts of 704
 }
 
 
@@ -578,32 +524,21 @@ def gemma4_tower(emb: int) -> dict:
     return out
 
 
-def test_gemma4_multimodal_real_size_plan_is_maxtexts_whole_tree():
-    """The published Gemma4ForConditionalGeneration layout of gemma4-31b plans exactly MaxText 0.2.5's tree with
-    use_multimodal=true: its 29 text arrays plus the 356 of the tower (385; 31.27 B, 0.58 B of them the tower)."""
+@pytest.mark.parametrize("name, emb, params_b", [("gemma4-31b", 5376, 31.27), ("gemma4-26b", 2816, 25.81)])
+def test_gemma4_multimodal_real_size_plan_is_maxtexts_whole_tree(name, emb, params_b):
+    """The published Gemma4ForConditionalGeneration layouts plan exactly MaxText 0.2.5's tree with
+    use_multimodal=true, the text arrays plus the 356 of the tower: gemma4-31b 29 + 356 = 385 (31.27 B, 0.58 B of
+    them the tower); google/gemma-4-26b-a4b-it (the MoE text model, 31b's tower) 47 + 356 = 403 (25.81 B)."""
     from converters.families.gemma4_vision import multimodal_config
 
-    family, text = registry.model("gemma4-31b")
+    family, text = registry.model(name)
     cfg = multimodal_config(text)
     assert registry.family_for_config(cfg) is family
     scanned = {l.path: l.shape for l in family.plan(cfg, True)}
-    assert scanned == EXPECTED["gemma4-31b"] | gemma4_tower(5376)
-    assert round(sum(map(math.prod, scanned.values())) / 1e9, 2) == 31.27
+    assert scanned == EXPECTED[name] | gemma4_tower(emb)
+    assert round(sum(map(math.prod, scanned.values())) / 1e9, 2) == params_b
     unscanned = {l.path: l.shape for l in family.plan(cfg, False)}
-    assert {k: v for k, v in unscanned.items() if k.startswith("vision_encoder/")} == gemma4_tower(5376)
-
-
-def test_gemma4_26b_multimodal_real_size_plan_is_maxtexts_whole_tree():
-    """google/gemma-4-26b-a4b-it's layout (the MoE text model in Gemma4ForConditionalGeneration, 31b's tower) plans
-    exactly MaxText 0.2.5's gemma4-26b tree with use_multimodal=true: 47 text + 356 tower arrays (403; 25.81 B)."""
-    from converters.families.gemma4_vision import multimodal_config
-
-    family, text = registry.model("gemma4-26b")
-    cfg = multimodal_config(text)
-    assert registry.family_for_config(cfg) is family
-    scanned = {l.path: l.shape for l in family.plan(cfg, True)}
-    assert scanned == EXPECTED["gemma4-26b"] | gemma4_tower(2816)
-    assert round(sum(map(math.prod, scanned.values())) / 1e9, 2) == 25.81
+    assert {k: v for k, v in unscanned.items() if k.startswith("vision_encoder/")} == gemma4_tower(emb)
 
 
 # Qwen3-VL's language model: all arrays of MaxText 0.2.5's tree with use_multimodal=false (nnx.eval_shape; scanned
