@@ -42,17 +42,6 @@ PUBLISHED = {  # the vision_config of Qwen/Qwen3-VL-{2B,4B,30B-A3B}-Instruct (Ma
         "num_position_embeddings": 2304,
         "deepstack_visual_indexes": [5, 11, 17],
     },
-    "qwen3-vl-4b": {
-        **TINY,
-        "depth": 24,
-        "hidden_size": 1024,
-        "num_heads": 16,
-        "intermediate_size": 4096,
-        "patch_size": 16,
-        "out_hidden_size": 2560,
-        "num_position_embeddings": 2304,
-        "deepstack_visual_indexes": [5, 11, 17],
-    },
     "qwen3-vl-30b-a3b": {
         **TINY,
         "depth": 27,
@@ -65,154 +54,34 @@ PUBLISHED = {  # the vision_config of Qwen/Qwen3-VL-{2B,4B,30B-A3B}-Instruct (Ma
         "deepstack_visual_indexes": [8, 16, 24],
     },
 }
+PUBLISHED["qwen3-vl-4b"] = {**PUBLISHED["qwen3-vl-2b"], "out_hidden_size": 2560}  # 2b's tower, 4b's width
 
-# MaxText 0.2.5's own tree (create_nnx_abstract_model, use_multimodal=true, scan_layers=false), the tower's arrays:
-# E/ = vision_encoder/Qwen3VLVisionEncoder_0/, P/ = vision_encoder/Qwen3VLVisionProjector_0/, blocks_N = every block
+
+def _maxtext_tower(width: int, mlp: int, out: int, heads: int = 16) -> dict:
+    """One block's arrays (`blocks_N`, the same in every block), the three deepstack mergers and the final one, at a
+    merger width of 4 x `width` (2x2 patches merged)."""
+    d, m = width // heads, 4 * width
+    e = "E/blocks_N/"
+    shapes = {e + f"attn/attn/{k}/kernel": (width, heads, d) for k in ("query", "key", "value")}
+    shapes |= {e + f"attn/attn/{k}/bias": (heads, d) for k in ("query", "key", "value")}
+    shapes |= {e + "attn/attn/out/kernel": (heads, d, width), e + "attn/attn/out/bias": (width,)}
+    shapes |= {e + f"{ln}/{k}": (width,) for ln in ("ln1", "ln2") for k in ("bias", "scale")}
+    shapes |= {e + "mlp/kernel": (width, mlp), e + "mlp/bias": (mlp,)}
+    shapes |= {e + "mlp_out/kernel": (mlp, width), e + "mlp_out/bias": (width,)}
+    for merger, ln in (*((f"E/merger_{i}/", m) for i in range(3)), ("P/merger/", width)):
+        shapes |= {merger + "ln_q/bias": (ln,), merger + "ln_q/scale": (ln,)}
+        shapes |= {merger + "mlp_0/kernel": (m, m), merger + "mlp_0/bias": (m,)}
+        shapes |= {merger + "mlp_2/kernel": (m, out), merger + "mlp_2/bias": (out,)}
+    shapes |= {"E/patch_embed/proj/kernel": (2, 16, 16, 3, width), "E/patch_embed/proj/bias": (width,)}
+    return shapes | {"E/pos_embed_interpolate/pos_embed": (2304, width)}
+
+
+# MaxText 0.2.5's own tree (create_nnx_abstract_model, use_multimodal=true, scan_layers=false), the tower's arrays
+# (count, shapes): E/ = vision_encoder/Qwen3VLVisionEncoder_0/, P/ = vision_encoder/Qwen3VLVisionProjector_0/
 MAXTEXT_TOWER = {
-    "qwen3-vl-2b": (
-        411,
-        {
-            "E/blocks_N/attn/attn/key/bias": (16, 64),
-            "E/blocks_N/attn/attn/key/kernel": (1024, 16, 64),
-            "E/blocks_N/attn/attn/out/bias": (1024,),
-            "E/blocks_N/attn/attn/out/kernel": (16, 64, 1024),
-            "E/blocks_N/attn/attn/query/bias": (16, 64),
-            "E/blocks_N/attn/attn/query/kernel": (1024, 16, 64),
-            "E/blocks_N/attn/attn/value/bias": (16, 64),
-            "E/blocks_N/attn/attn/value/kernel": (1024, 16, 64),
-            "E/blocks_N/ln1/bias": (1024,),
-            "E/blocks_N/ln1/scale": (1024,),
-            "E/blocks_N/ln2/bias": (1024,),
-            "E/blocks_N/ln2/scale": (1024,),
-            "E/blocks_N/mlp/bias": (4096,),
-            "E/blocks_N/mlp/kernel": (1024, 4096),
-            "E/blocks_N/mlp_out/bias": (1024,),
-            "E/blocks_N/mlp_out/kernel": (4096, 1024),
-            "E/merger_0/ln_q/bias": (4096,),
-            "E/merger_0/ln_q/scale": (4096,),
-            "E/merger_0/mlp_0/bias": (4096,),
-            "E/merger_0/mlp_0/kernel": (4096, 4096),
-            "E/merger_0/mlp_2/bias": (2048,),
-            "E/merger_0/mlp_2/kernel": (4096, 2048),
-            "E/merger_1/ln_q/bias": (4096,),
-            "E/merger_1/ln_q/scale": (4096,),
-            "E/merger_1/mlp_0/bias": (4096,),
-            "E/merger_1/mlp_0/kernel": (4096, 4096),
-            "E/merger_1/mlp_2/bias": (2048,),
-            "E/merger_1/mlp_2/kernel": (4096, 2048),
-            "E/merger_2/ln_q/bias": (4096,),
-            "E/merger_2/ln_q/scale": (4096,),
-            "E/merger_2/mlp_0/bias": (4096,),
-            "E/merger_2/mlp_0/kernel": (4096, 4096),
-            "E/merger_2/mlp_2/bias": (2048,),
-            "E/merger_2/mlp_2/kernel": (4096, 2048),
-            "E/patch_embed/proj/bias": (1024,),
-            "E/patch_embed/proj/kernel": (2, 16, 16, 3, 1024),
-            "E/pos_embed_interpolate/pos_embed": (2304, 1024),
-            "P/merger/ln_q/bias": (1024,),
-            "P/merger/ln_q/scale": (1024,),
-            "P/merger/mlp_0/bias": (4096,),
-            "P/merger/mlp_0/kernel": (4096, 4096),
-            "P/merger/mlp_2/bias": (2048,),
-            "P/merger/mlp_2/kernel": (4096, 2048),
-        },
-    ),
-    "qwen3-vl-4b": (
-        411,
-        {
-            "E/blocks_N/attn/attn/key/bias": (16, 64),
-            "E/blocks_N/attn/attn/key/kernel": (1024, 16, 64),
-            "E/blocks_N/attn/attn/out/bias": (1024,),
-            "E/blocks_N/attn/attn/out/kernel": (16, 64, 1024),
-            "E/blocks_N/attn/attn/query/bias": (16, 64),
-            "E/blocks_N/attn/attn/query/kernel": (1024, 16, 64),
-            "E/blocks_N/attn/attn/value/bias": (16, 64),
-            "E/blocks_N/attn/attn/value/kernel": (1024, 16, 64),
-            "E/blocks_N/ln1/bias": (1024,),
-            "E/blocks_N/ln1/scale": (1024,),
-            "E/blocks_N/ln2/bias": (1024,),
-            "E/blocks_N/ln2/scale": (1024,),
-            "E/blocks_N/mlp/bias": (4096,),
-            "E/blocks_N/mlp/kernel": (1024, 4096),
-            "E/blocks_N/mlp_out/bias": (1024,),
-            "E/blocks_N/mlp_out/kernel": (4096, 1024),
-            "E/merger_0/ln_q/bias": (4096,),
-            "E/merger_0/ln_q/scale": (4096,),
-            "E/merger_0/mlp_0/bias": (4096,),
-            "E/merger_0/mlp_0/kernel": (4096, 4096),
-            "E/merger_0/mlp_2/bias": (2560,),
-            "E/merger_0/mlp_2/kernel": (4096, 2560),
-            "E/merger_1/ln_q/bias": (4096,),
-            "E/merger_1/ln_q/scale": (4096,),
-            "E/merger_1/mlp_0/bias": (4096,),
-            "E/merger_1/mlp_0/kernel": (4096, 4096),
-            "E/merger_1/mlp_2/bias": (2560,),
-            "E/merger_1/mlp_2/kernel": (4096, 2560),
-            "E/merger_2/ln_q/bias": (4096,),
-            "E/merger_2/ln_q/scale": (4096,),
-            "E/merger_2/mlp_0/bias": (4096,),
-            "E/merger_2/mlp_0/kernel": (4096, 4096),
-            "E/merger_2/mlp_2/bias": (2560,),
-            "E/merger_2/mlp_2/kernel": (4096, 2560),
-            "E/patch_embed/proj/bias": (1024,),
-            "E/patch_embed/proj/kernel": (2, 16, 16, 3, 1024),
-            "E/pos_embed_interpolate/pos_embed": (2304, 1024),
-            "P/merger/ln_q/bias": (1024,),
-            "P/merger/ln_q/scale": (1024,),
-            "P/merger/mlp_0/bias": (4096,),
-            "P/merger/mlp_0/kernel": (4096, 4096),
-            "P/merger/mlp_2/bias": (2560,),
-            "P/merger/mlp_2/kernel": (4096, 2560),
-        },
-    ),
-    "qwen3-vl-30b-a3b": (
-        459,
-        {
-            "E/blocks_N/attn/attn/key/bias": (16, 72),
-            "E/blocks_N/attn/attn/key/kernel": (1152, 16, 72),
-            "E/blocks_N/attn/attn/out/bias": (1152,),
-            "E/blocks_N/attn/attn/out/kernel": (16, 72, 1152),
-            "E/blocks_N/attn/attn/query/bias": (16, 72),
-            "E/blocks_N/attn/attn/query/kernel": (1152, 16, 72),
-            "E/blocks_N/attn/attn/value/bias": (16, 72),
-            "E/blocks_N/attn/attn/value/kernel": (1152, 16, 72),
-            "E/blocks_N/ln1/bias": (1152,),
-            "E/blocks_N/ln1/scale": (1152,),
-            "E/blocks_N/ln2/bias": (1152,),
-            "E/blocks_N/ln2/scale": (1152,),
-            "E/blocks_N/mlp/bias": (4304,),
-            "E/blocks_N/mlp/kernel": (1152, 4304),
-            "E/blocks_N/mlp_out/bias": (1152,),
-            "E/blocks_N/mlp_out/kernel": (4304, 1152),
-            "E/merger_0/ln_q/bias": (4608,),
-            "E/merger_0/ln_q/scale": (4608,),
-            "E/merger_0/mlp_0/bias": (4608,),
-            "E/merger_0/mlp_0/kernel": (4608, 4608),
-            "E/merger_0/mlp_2/bias": (2048,),
-            "E/merger_0/mlp_2/kernel": (4608, 2048),
-            "E/merger_1/ln_q/bias": (4608,),
-            "E/merger_1/ln_q/scale": (4608,),
-            "E/merger_1/mlp_0/bias": (4608,),
-            "E/merger_1/mlp_0/kernel": (4608, 4608),
-            "E/merger_1/mlp_2/bias": (2048,),
-            "E/merger_1/mlp_2/kernel": (4608, 2048),
-            "E/merger_2/ln_q/bias": (4608,),
-            "E/merger_2/ln_q/scale": (4608,),
-            "E/merger_2/mlp_0/bias": (4608,),
-            "E/merger_2/mlp_0/kernel": (4608, 4608),
-            "E/merger_2/mlp_2/bias": (2048,),
-            "E/merger_2/mlp_2/kernel": (4608, 2048),
-            "E/patch_embed/proj/bias": (1152,),
-            "E/patch_embed/proj/kernel": (2, 16, 16, 3, 1152),
-            "E/pos_embed_interpolate/pos_embed": (2304, 1152),
-            "P/merger/ln_q/bias": (1152,),
-            "P/merger/ln_q/scale": (1152,),
-            "P/merger/mlp_0/bias": (4608,),
-            "P/merger/mlp_0/kernel": (4608, 4608),
-            "P/merger/mlp_2/bias": (2048,),
-            "P/merger/mlp_2/kernel": (4608, 2048),
-        },
-    ),
+    "qwen3-vl-2b": (411, _maxtext_tower(1024, 4096, 2048)),
+    "qwen3-vl-4b": (411, _maxtext_tower(1024, 4096, 2560)),
+    "qwen3-vl-30b-a3b": (459, _maxtext_tower(1152, 4304, 2048)),
 }
 
 
