@@ -541,57 +541,35 @@ def test_gemma4_multimodal_real_size_plan_is_maxtexts_whole_tree(name, emb, para
     assert {k: v for k, v in unscanned.items() if k.startswith("vision_encoder/")} == gemma4_tower(emb)
 
 
+def _qwen3_vl_text(e: int, layers: int, heads: int, kv: int, mlp: int, experts: int = 0) -> dict:
+    """The scanned language model (head_dim 128, vocabulary 151936): dense layers tied; `experts` routed experts of
+    width `mlp` under `moe_block` (`[X, layers, ..]`), untied."""
+    s = "decoder/layers/"
+    out = {"decoder/decoder_norm/scale": (e,), "token_embedder/embedding": (151936, e)}
+    out |= {s + f"{k}_self_attention_layer_norm/scale": (e, layers) for k in ("pre", "post")}
+    out |= {
+        s + f"self_attention/{k}/kernel": (e, layers, n, 128) for k, n in (("query", heads), ("key", kv), ("value", kv))
+    }
+    out |= {s + f"self_attention/{k}_norm/scale": (128, layers) for k in ("query", "key")}
+    out[s + "self_attention/out/kernel"] = (heads, layers, 128, e)
+    if not experts:
+        return (
+            out
+            | {s + f"mlp/{k}/kernel": (e, layers, mlp) for k in ("wi_0", "wi_1")}
+            | {s + "mlp/wo/kernel": (mlp, layers, e)}
+        )
+    out |= {s + f"moe_block/{k}": (experts, layers, e, mlp) for k in ("wi_0", "wi_1")}
+    out |= {s + "moe_block/wo": (experts, layers, mlp, e), s + "moe_block/gate/kernel": (e, layers, experts)}
+    return out | {"decoder/logits_dense/kernel": (e, 151936)}
+
+
 # Qwen3-VL's language model: all arrays of MaxText 0.2.5's tree with use_multimodal=false (nnx.eval_shape; scanned
 # needs deepstack_visual_indexes_for_vit=[], configs/types.py refuses deepstack with scan_layers=true). Unscanned:
 # 310 / 398 / 579 arrays. The vision tower's arrays: tests/families/test_qwen3_vl_vision.py.
 QWEN3_VL_TEXT = {
-    "qwen3-vl-2b": {
-        "decoder/decoder_norm/scale": (2048,),
-        "decoder/layers/mlp/wi_0/kernel": (2048, 28, 6144),
-        "decoder/layers/mlp/wi_1/kernel": (2048, 28, 6144),
-        "decoder/layers/mlp/wo/kernel": (6144, 28, 2048),
-        "decoder/layers/post_self_attention_layer_norm/scale": (2048, 28),
-        "decoder/layers/pre_self_attention_layer_norm/scale": (2048, 28),
-        "decoder/layers/self_attention/key/kernel": (2048, 28, 8, 128),
-        "decoder/layers/self_attention/key_norm/scale": (128, 28),
-        "decoder/layers/self_attention/out/kernel": (16, 28, 128, 2048),
-        "decoder/layers/self_attention/query/kernel": (2048, 28, 16, 128),
-        "decoder/layers/self_attention/query_norm/scale": (128, 28),
-        "decoder/layers/self_attention/value/kernel": (2048, 28, 8, 128),
-        "token_embedder/embedding": (151936, 2048),
-    },
-    "qwen3-vl-4b": {
-        "decoder/decoder_norm/scale": (2560,),
-        "decoder/layers/mlp/wi_0/kernel": (2560, 36, 9728),
-        "decoder/layers/mlp/wi_1/kernel": (2560, 36, 9728),
-        "decoder/layers/mlp/wo/kernel": (9728, 36, 2560),
-        "decoder/layers/post_self_attention_layer_norm/scale": (2560, 36),
-        "decoder/layers/pre_self_attention_layer_norm/scale": (2560, 36),
-        "decoder/layers/self_attention/key/kernel": (2560, 36, 8, 128),
-        "decoder/layers/self_attention/key_norm/scale": (128, 36),
-        "decoder/layers/self_attention/out/kernel": (32, 36, 128, 2560),
-        "decoder/layers/self_attention/query/kernel": (2560, 36, 32, 128),
-        "decoder/layers/self_attention/query_norm/scale": (128, 36),
-        "decoder/layers/self_attention/value/kernel": (2560, 36, 8, 128),
-        "token_embedder/embedding": (151936, 2560),
-    },
-    "qwen3-vl-30b-a3b": {
-        "decoder/decoder_norm/scale": (2048,),
-        "decoder/layers/moe_block/gate/kernel": (2048, 48, 128),
-        "decoder/layers/moe_block/wi_0": (128, 48, 2048, 768),
-        "decoder/layers/moe_block/wi_1": (128, 48, 2048, 768),
-        "decoder/layers/moe_block/wo": (128, 48, 768, 2048),
-        "decoder/layers/post_self_attention_layer_norm/scale": (2048, 48),
-        "decoder/layers/pre_self_attention_layer_norm/scale": (2048, 48),
-        "decoder/layers/self_attention/key/kernel": (2048, 48, 4, 128),
-        "decoder/layers/self_attention/key_norm/scale": (128, 48),
-        "decoder/layers/self_attention/out/kernel": (32, 48, 128, 2048),
-        "decoder/layers/self_attention/query/kernel": (2048, 48, 32, 128),
-        "decoder/layers/self_attention/query_norm/scale": (128, 48),
-        "decoder/layers/self_attention/value/kernel": (2048, 48, 4, 128),
-        "decoder/logits_dense/kernel": (2048, 151936),
-        "token_embedder/embedding": (151936, 2048),
-    },
+    "qwen3-vl-2b": _qwen3_vl_text(2048, 28, 16, 8, 6144),
+    "qwen3-vl-4b": _qwen3_vl_text(2560, 36, 32, 8, 9728),
+    "qwen3-vl-30b-a3b": _qwen3_vl_text(2048, 48, 32, 4, 768, experts=128),
 }
 QWEN3_VL_TEXT_UNSCANNED = {"qwen3-vl-2b": 310, "qwen3-vl-4b": 398, "qwen3-vl-30b-a3b": 579}
 
