@@ -187,6 +187,28 @@ def global_attention_dims(cfg: dict) -> tuple[int, int]:
     return head_dim, int(global_kv or kv)
 
 
+def text_dims(cfg: dict, block: str, layers: int, **extra) -> Dims:
+    """The Dims of a Gemma 4 text model (MaxText block `block`, gemma4 or gemma4_small): tied output, no attention
+    biases, the global layers' attention shape in `extra` with the block's own entries."""
+    if get(cfg, "tie_word_embeddings") is False:
+        raise MappingError(f"{block}: tie_word_embeddings=false; MaxText's {block} block ties the output")
+    if get(cfg, "attention_bias"):
+        raise MappingError(f"{block}: attention_bias=true; MaxText's {block} block has no attention biases")
+    heads = int(get(cfg, "num_attention_heads"))
+    g_head_dim, g_kv = global_attention_dims(cfg)
+    return Dims(
+        emb=int(get(cfg, "hidden_size")),
+        heads=heads,
+        kv_heads=int(get(cfg, "num_key_value_heads") or heads),
+        head_dim=int(get(cfg, "head_dim")),
+        mlp=int(get(cfg, "intermediate_size")),
+        vocab=int(get(cfg, "vocab_size")),
+        layers=layers,
+        tied=True,
+        extra={"global_head_dim": g_head_dim, "global_kv_heads": g_kv, **extra},
+    )
+
+
 def moe_dims(cfg: dict) -> dict:
     """`Dims.extra` of the MoE block: routed experts, experts per token, expert width; {} without `enable_moe_block`
     (transformers builds the MoE only with it, whatever `num_experts` says)."""
@@ -254,10 +276,6 @@ class Gemma4(Family):
         for bad, what in refuse:
             if bad:
                 raise UnsupportedModelError(f"gemma4: {what} is not supported yet")
-        if get(cfg, "tie_word_embeddings") is False:
-            raise MappingError("gemma4: tie_word_embeddings=false; MaxText's gemma4 block ties the output")
-        if get(cfg, "attention_bias"):
-            raise MappingError("gemma4: attention_bias=true; MaxText's gemma4 block has no attention biases")
         n = int(get(cfg, "num_hidden_layers"))
         types = list(cfg.get("layer_types") or [])
         if n % PATTERN or (types and types != layer_types(n)):
@@ -266,25 +284,7 @@ class Gemma4(Family):
                 "global and transformers makes the last layer global, so only a multiple of 6 layers in that pattern "
                 "can be converted"
             )
-        heads = int(get(cfg, "num_attention_heads"))
-        g_head_dim, g_kv = global_attention_dims(cfg)
-        return Dims(
-            emb=int(get(cfg, "hidden_size")),
-            heads=heads,
-            kv_heads=int(get(cfg, "num_key_value_heads") or heads),
-            head_dim=int(get(cfg, "head_dim")),
-            mlp=int(get(cfg, "intermediate_size")),
-            vocab=int(get(cfg, "vocab_size")),
-            layers=n,
-            tied=True,
-            extra={
-                "global_head_dim": g_head_dim,
-                "global_kv_heads": g_kv,
-                "k_eq_v": bool(get(cfg, "attention_k_eq_v")),
-                **moe_dims(cfg),
-                **layout,
-            },
-        )
+        return text_dims(cfg, "gemma4", n, k_eq_v=bool(get(cfg, "attention_k_eq_v")), **moe_dims(cfg), **layout)
 
     @classmethod
     def ignored(cls, d: Dims) -> list[str]:

@@ -46,7 +46,7 @@ from converters.core.transforms import Kernel, Scale
 from converters.errors import MappingError, UnsupportedModelError
 from converters.families import common
 from converters.families.common import L
-from converters.families.gemma4 import get, global_attention_dims
+from converters.families.gemma4 import get, text_dims
 
 PLE = "decoder/per_layer_embedder"
 PERIODS = (5, 6)  # MaxText GEMMA4_E2B_ATTENTION_PATTERN (gemma4-e2b), GEMMA4_E4B_ATTENTION_PATTERN (every other name)
@@ -168,10 +168,6 @@ class Gemma4Small(Family):
         for bad, what in refuse:
             if bad:
                 raise UnsupportedModelError(f"gemma4-small: {what} is not supported")
-        if get(cfg, "tie_word_embeddings") is False:
-            raise MappingError("gemma4-small: tie_word_embeddings=false; MaxText's gemma4_small block ties the output")
-        if get(cfg, "attention_bias"):
-            raise MappingError("gemma4-small: attention_bias=true; MaxText's gemma4_small block has no biases")
         n = int(get(cfg, "num_hidden_layers"))
         # transformers' default: every 6th layer global, and the last one
         types = list(cfg.get("layer_types") or [*layer_types(n - 1, 6), "full_attention"])
@@ -189,26 +185,15 @@ class Gemma4Small(Family):
                 f"gemma4-small: {shared} KV-shared of {n} layers: each shared layer needs an earlier unshared layer of "
                 "its kind to take K/V from"
             )
-        heads = int(get(cfg, "num_attention_heads"))
-        g_head_dim, g_kv = global_attention_dims(cfg)
-        return Dims(
-            emb=int(get(cfg, "hidden_size")),
-            heads=heads,
-            kv_heads=int(get(cfg, "num_key_value_heads") or heads),
-            head_dim=int(get(cfg, "head_dim")),
-            mlp=int(get(cfg, "intermediate_size")),
-            vocab=int(get(cfg, "vocab_size")),
-            layers=n,
-            tied=True,
-            extra={
-                "global_head_dim": g_head_dim,
-                "global_kv_heads": g_kv,
-                "period": period,
-                "first_shared": first,
-                "double_wide": bool(get(cfg, "use_double_wide_mlp")),
-                "ple": int(get(cfg, "hidden_size_per_layer_input") or 0),
-                "ple_vocab": int(get(cfg, "vocab_size_per_layer_input") or 0),
-            },
+        return text_dims(
+            cfg,
+            "gemma4_small",
+            n,
+            period=period,
+            first_shared=first,
+            double_wide=bool(get(cfg, "use_double_wide_mlp")),
+            ple=int(get(cfg, "hidden_size_per_layer_input") or 0),
+            ple_vocab=int(get(cfg, "vocab_size_per_layer_input") or 0),
         )
 
     @classmethod

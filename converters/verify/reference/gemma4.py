@@ -68,52 +68,60 @@ def _rope_entry(params: dict | None, kinds: tuple[str, ...], default_theta: floa
     return float(params.get("rope_theta", default_theta)), fraction
 
 
+def text_spec(cfg, period: int, options: list) -> ModelSpec:
+    """The ModelSpec of a Gemma 4 text model whose global layers are every `period`-th (gemma4 / gemma4_small):
+    tied output, no biases, causal; the attention shapes, window, RoPE and soft-cap as options, with `options` of the
+    block's own."""
+    require(bool(getattr(cfg, "tie_word_embeddings", True)), "tie_word_embeddings=false")
+    require(not getattr(cfg, "attention_bias", False), "attention_bias=true")
+    require(getattr(cfg, "use_bidirectional_attention", None) != "all", "bidirectional attention")
+    rp = dict(cfg.rope_parameters or {})
+    local_theta, local_fraction = _rope_entry(rp.get("sliding_attention"), ("default",), 10000.0)
+    global_theta, global_fraction = _rope_entry(rp.get("full_attention"), ("default", "proportional"), 1e6)
+    local, g = cfg.per_layer_config[0], cfg.per_layer_config[period - 1]  # the per-layer attributes
+    options = [
+        ("sliding_window", int(cfg.sliding_window)),
+        ("local_rope", (local_theta, local_fraction)),
+        ("global_rope", (global_theta, global_fraction)),
+        ("global_attention", (int(g.num_key_value_heads), int(g.head_dim))),
+        ("final_softcap", float(cfg.final_logit_softcapping or 0.0) or None),
+        *options,
+    ]
+    heads = int(cfg.num_attention_heads)
+    return ModelSpec(
+        model_type=cfg.model_type,
+        vocab_size=int(cfg.vocab_size),
+        hidden_size=int(cfg.hidden_size),
+        num_layers=int(cfg.num_hidden_layers),
+        num_heads=heads,
+        num_kv_heads=int(local.num_key_value_heads or heads),
+        head_dim=int(local.head_dim),
+        intermediate_size=int(cfg.intermediate_size),
+        norm_eps=float(cfg.rms_norm_eps),
+        rope_theta=local_theta,
+        tie_word_embeddings=True,
+        options=tuple(sorted(options)),
+    )
+
+
 class Gemma4Forward(_GemmaBase):
     """Text decoder; scanned `decoder/scanned_blocks/{local_layers,global_layer}` or unscanned `decoder/layers_<l>`."""
 
     def make_spec(self, cfg) -> ModelSpec:
         require(cfg.model_type == "gemma4_text", f"model_type {cfg.model_type!r} (only the text model gemma4_text)")
-        require(bool(getattr(cfg, "tie_word_embeddings", True)), "tie_word_embeddings=false")
-        require(not getattr(cfg, "attention_bias", False), "attention_bias=true")
         require(not getattr(cfg, "hidden_size_per_layer_input", 0), "per-layer embeddings (e2b/e4b)")
         require(not getattr(cfg, "num_kv_shared_layers", 0), "shared KV layers")
-        require(getattr(cfg, "use_bidirectional_attention", None) != "all", "bidirectional attention")
         n = int(cfg.num_hidden_layers)
         require(
             n % PATTERN == 0 and list(cfg.layer_types) == layer_types(n),
             "a layer pattern other than MaxText's 5 local + 1 global",
         )
-        rp = dict(cfg.rope_parameters or {})
-        local_theta, local_fraction = _rope_entry(rp.get("sliding_attention"), ("default",), 10000.0)
-        global_theta, global_fraction = _rope_entry(rp.get("full_attention"), ("default", "proportional"), 1e6)
-        local, g = cfg.per_layer_config[0], cfg.per_layer_config[PATTERN - 1]  # the per-layer attributes
-        options = [
-            ("sliding_window", int(cfg.sliding_window)),
-            ("local_rope", (local_theta, local_fraction)),
-            ("global_rope", (global_theta, global_fraction)),
-            ("global_attention", (int(g.num_key_value_heads), int(g.head_dim))),
-            ("k_eq_v", bool(cfg.attention_k_eq_v)),
-            ("final_softcap", float(cfg.final_logit_softcapping or 0.0) or None),
-        ]
+        options = [("k_eq_v", bool(cfg.attention_k_eq_v))]
         if getattr(cfg, "enable_moe_block", False):
             experts, top_k = int(cfg.num_experts or 0), int(cfg.top_k_experts or 0)
             require(experts >= 2 and 0 < top_k <= experts, f"num_experts={experts}, top_k_experts={top_k}")
             options += [("experts", experts), ("top_k", top_k)]
-        heads = int(cfg.num_attention_heads)
-        return ModelSpec(
-            model_type=cfg.model_type,
-            vocab_size=int(cfg.vocab_size),
-            hidden_size=int(cfg.hidden_size),
-            num_layers=n,
-            num_heads=heads,
-            num_kv_heads=int(local.num_key_value_heads or heads),
-            head_dim=int(local.head_dim),
-            intermediate_size=int(cfg.intermediate_size),
-            norm_eps=float(cfg.rms_norm_eps),
-            rope_theta=local_theta,
-            tie_word_embeddings=True,
-            options=tuple(sorted(options)),
-        )
+        return text_spec(cfg, PATTERN, options)
 
     # ---- layout -----------------------------------------------------------------------------------
     def layer_keys(self, spec: ModelSpec) -> tuple[str, ...]:
@@ -163,8 +171,9 @@ class Gemma4Forward(_GemmaBase):
         return Layout(scanned=scanned, num_layers=spec.num_layers)
 
     # ---- compute --------------------------------------------------------------------------------
-    def attend(self, spec: ModelSpec, p: dict, x, positions):
-        """The attention half of a layer: x plus the normed attention output."""
+    def attend(self, spec: ModelSpec, p: dict, x, positions, image_blocks=None):
+        """The attention half of a layer: x plus the normed attention output. `image_blocks` (the image run of each
+        position, 0 for text): local layers also attend within each image, as MaxText's gemma4 block."""
         dt, eps = spec.jdtype, spec.norm_eps
         glob = GLOBAL_MARKER in p
         h = rms_norm(x, p["pre_self_attention_norm/scale"], eps, dt)
@@ -177,7 +186,8 @@ class Gemma4Forward(_GemmaBase):
         theta, fraction = spec.option("global_rope" if glob else "local_rope")
         q = rope_partial(q, positions, theta, fraction, dt)
         k = rope_partial(k, positions, theta, fraction, dt)
-        a = gemma_attention(q, k, v, dt, window=None if glob else spec.option("sliding_window"))
+        window, blocks = (None, None) if glob else (spec.option("sliding_window"), image_blocks)
+        a = gemma_attention(q, k, v, dt, window=window, image_blocks=blocks)
         a = dense(a, p["self_attention/out/kernel"], dt, contract=2)
         return x + rms_norm(a, p["post_self_attention_norm/scale"], eps, dt)
 

@@ -35,7 +35,7 @@ from converters.errors import CkptflowError
 from converters.families.gemma4_small import PERIODS, PLE, first_shared, kv_donor, layer_types
 from converters.verify.reference.common import EMBEDDING, Layout, ModelSpec, dense, gated_mlp, require, rms_norm
 from converters.verify.reference.gemma import _GemmaBase, _mlp_keys, _norm_keys, gelu_tanh, gemma_attention
-from converters.verify.reference.gemma4 import GLOBAL_MARKER, _rope_entry, rope_partial
+from converters.verify.reference.gemma4 import GLOBAL_MARKER, rope_partial, text_spec
 
 PLE_TABLE = f"{PLE}/embed_tokens_per_layer"
 PLE_PROJ = f"{PLE}/per_layer_model_projection/kernel"
@@ -66,21 +66,14 @@ class Gemma4SmallForward(_GemmaBase):
 
     def make_spec(self, cfg) -> ModelSpec:
         require(cfg.model_type == "gemma4_text", f"model_type {cfg.model_type!r} (only the text model gemma4_text)")
-        require(bool(getattr(cfg, "tie_word_embeddings", True)), "tie_word_embeddings=false")
-        require(not getattr(cfg, "attention_bias", False), "attention_bias=true")
         require(not getattr(cfg, "enable_moe_block", False), "the MoE block")
         require(not getattr(cfg, "attention_k_eq_v", False), "attention_k_eq_v (gemma4_small has value projections)")
-        require(getattr(cfg, "use_bidirectional_attention", None) != "all", "bidirectional attention")
         n = int(cfg.num_hidden_layers)
         types = list(cfg.layer_types)
         period = next((p for p in PERIODS if types == layer_types(n, p)), None)
         require(period is not None, "a layer pattern other than MaxText's 4 + 1 (gemma4-e2b) or 5 + 1 local/global")
         shared = int(getattr(cfg, "num_kv_shared_layers", 0) or 0)
         require(shared < n, "every layer KV-shared")
-        rp = dict(cfg.rope_parameters or {})
-        local_theta, local_fraction = _rope_entry(rp.get("sliding_attention"), ("default",), 10000.0)
-        global_theta, global_fraction = _rope_entry(rp.get("full_attention"), ("default", "proportional"), 1e6)
-        local, g = cfg.per_layer_config[0], cfg.per_layer_config[period - 1]
         ple = int(getattr(cfg, "hidden_size_per_layer_input", 0) or 0)
         ple = ple if int(getattr(cfg, "vocab_size_per_layer_input", 0) or 0) else 0
         # read by the rows of the embedding's ids
@@ -89,31 +82,12 @@ class Gemma4SmallForward(_GemmaBase):
             "vocab_size_per_layer_input != vocab_size",
         )
         options = [
-            ("sliding_window", int(cfg.sliding_window)),
-            ("local_rope", (local_theta, local_fraction)),
-            ("global_rope", (global_theta, global_fraction)),
-            ("global_attention", (int(g.num_key_value_heads), int(g.head_dim))),
             ("period", period),
             ("kv_shared", shared),
             ("ple", ple),
             ("ple_vocab", int(getattr(cfg, "vocab_size_per_layer_input", 0) or 0)),
-            ("final_softcap", float(cfg.final_logit_softcapping or 0.0) or None),
         ]
-        heads = int(cfg.num_attention_heads)
-        return ModelSpec(
-            model_type=cfg.model_type,
-            vocab_size=int(cfg.vocab_size),
-            hidden_size=int(cfg.hidden_size),
-            num_layers=n,
-            num_heads=heads,
-            num_kv_heads=int(local.num_key_value_heads or heads),
-            head_dim=int(local.head_dim),
-            intermediate_size=int(cfg.intermediate_size),
-            norm_eps=float(cfg.rms_norm_eps),
-            rope_theta=local_theta,
-            tie_word_embeddings=True,
-            options=tuple(sorted(options)),
-        )
+        return text_spec(cfg, period, options)
 
     # ---- layout -----------------------------------------------------------------------------------
     def _types(self, spec: ModelSpec) -> list[str]:

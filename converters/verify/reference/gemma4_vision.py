@@ -253,47 +253,20 @@ class Gemma4MultimodalForward(_forward_base()):
         return x, {IMAGE_BLOCKS: jnp.asarray(image_blocks(token_ids, image))}
 
     def attend(self, spec, p: dict, x, positions):
-        """Gemma4Forward.attend (MoE layers reach it through `pre_moe`), with the image runs when there are some."""
-        blocks = p.get(IMAGE_BLOCKS)
-        return super().attend(spec, p, x, positions) if blocks is None else self.attend_image(spec, p, x, positions)
-
-    def attend_image(self, spec, p: dict, x, positions):
-        """The attention half of a layer when the prompt holds an image: Gemma4Forward's, plus same-image attention on
-        local layers (p[IMAGE_BLOCKS]: the image run of each position, 0 for text)."""
-        from converters.verify.reference.gemma import gemma_attention
-        from converters.verify.reference.gemma4 import GLOBAL_MARKER, rope_partial
-
-        blocks = p[IMAGE_BLOCKS]
-        dt, eps = spec.jdtype, spec.norm_eps
-        glob = GLOBAL_MARKER in p
-        h = rms_norm(x, p["pre_self_attention_norm/scale"], eps, dt)
-        q = dense(h, p["self_attention/query/kernel"], dt)
-        k = dense(h, p["self_attention/key/kernel"], dt)
-        v = k if "self_attention/value/kernel" not in p else dense(h, p["self_attention/value/kernel"], dt)
-        q = rms_norm(q, p["self_attention/query_norm/scale"], eps, dt)
-        k = rms_norm(k, p["self_attention/key_norm/scale"], eps, dt)
-        v = rms_norm(v, jnp.ones((v.shape[-1],), dt), eps, dt)
-        theta, fraction = spec.option("global_rope" if glob else "local_rope")
-        q, k = rope_partial(q, positions, theta, fraction, dt), rope_partial(k, positions, theta, fraction, dt)
-        window = None if glob else spec.option("sliding_window")
-        a = gemma_attention(q, k, v, dt, window=window, image_blocks=None if glob else blocks)
-        a = dense(a, p["self_attention/out/kernel"], dt, contract=2)
-        return x + rms_norm(a, p["post_self_attention_norm/scale"], eps, dt)
+        """Gemma4Forward.attend (MoE layers reach it through `pre_moe`), with same-image attention on local layers
+        when the prompt holds an image (p[IMAGE_BLOCKS]: the image run of each position, 0 for text)."""
+        return super().attend(spec, p, x, positions, image_blocks=p.get(IMAGE_BLOCKS))
 
     def block(self, spec, p: dict, x, positions, image_blocks=None):
-        if image_blocks is None:
-            return super().block(spec, p, x, positions)
-        from converters.verify.reference.common import gated_mlp
-
-        dt, eps = spec.jdtype, spec.norm_eps
-        x = self.attend_image(spec, {**p, IMAGE_BLOCKS: image_blocks}, x, positions)
-        h = rms_norm(x, p["pre_ffw_norm/scale"], eps, dt)
-        m = gated_mlp(h, p["mlp/wi_0/kernel"], p["mlp/wi_1/kernel"], p["mlp/wo/kernel"], dt, gelu_tanh)
-        x = x + rms_norm(m, p["post_ffw_norm/scale"], eps, dt)
-        return x * p["layer_scalar"].astype(dt)
+        return super().block(spec, with_image(p, image_blocks), x, positions)
 
     def pre_moe(self, spec, p: dict, x, positions, image_blocks=None):
-        return super().pre_moe(spec, p if image_blocks is None else {**p, IMAGE_BLOCKS: image_blocks}, x, positions)
+        return super().pre_moe(spec, with_image(p, image_blocks), x, positions)
+
+
+def with_image(p: dict, image_blocks) -> dict:
+    """A layer's arrays with the prompt's image runs, read by `attend`."""
+    return p if image_blocks is None else {**p, IMAGE_BLOCKS: image_blocks}
 
 
 def image_prompt(config: dict, *, seed: int = 0, tokenizer=None):
