@@ -12,12 +12,21 @@ import os
 from pathlib import Path
 
 from converters.core import registry
+from converters.families.deepseek import TRANSFORMERS_MODEL_TYPE
 
 # Per family (`Family.test_models` in converters/families/): the real model whose config is shrunk, and the tiny
 # dimensions; one entry per variant (Gemma3: text only and with its vision tower).
 TINY = {name: spec for f in registry.FAMILIES.values() for name, spec in f.test_models.items()}
 # tensors the models keep in float32 whatever the checkpoint dtype (DeepSeek routing bias, V3.2 indexer weights)
 FP32_TENSORS = ("e_score_correction_bias", "indexer.weights_proj.weight")
+# the `auto_map` of repos published under a model_type transformers does not know (never run: ckptflow reads weights)
+REMOTE_CODE = {
+    "kimi_k2": {
+        "AutoConfig": "configuration_deepseek.DeepseekV3Config",
+        "AutoModel": "modeling_deepseek.DeepseekV3Model",
+        "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM",
+    }
+}
 # gemma3-mm: 28px images of 7px patches (16 patches), pooled 2x2 into 4 soft tokens per image
 TINY_VISION = {
     "hidden_size": 32,
@@ -46,6 +55,10 @@ def tiny_config(family: str, *, layers: int = 2, vocab: int = 512, tied: bool | 
         return tiny_multimodal(tiny_config(family[: -len("-mm")], layers=layers, vocab=vocab, tied=tied))
     if cfg.get("model_type") in ("qwen3_vl", "qwen3_vl_moe"):  # the multimodal layout, with a tiny vision tower
         from converters.families.qwen3_vl import tiny_multimodal
+
+        return tiny_multimodal(cfg, dims, layers=layers, vocab=vocab, tied=tied)
+    if cfg.get("model_type") == "qwen3_5_moe":  # the published multimodal layout, with a tiny vision tower
+        from converters.families.qwen3_5 import tiny_multimodal
 
         return tiny_multimodal(cfg, dims, layers=layers, vocab=vocab, tied=tied)
     if "text_config" in cfg:  # Gemma3: shrink the text model; keep the vision tower only for the multimodal variant
@@ -96,12 +109,14 @@ def make_test_model(
 
     cfg = tiny_config(family, layers=layers, vocab=vocab, tied=tied)
     cfg.pop("architectures", None)
-    model_type = cfg.pop("model_type")
+    published = model_type = cfg.pop("model_type")
     cfg.pop("torch_dtype", None)
+    model_type = TRANSFORMERS_MODEL_TYPE.get(model_type, model_type)  # Kimi-K2: built as DeepSeek-V3
     config = AutoConfig.for_model(model_type, **cfg)
     torch.manual_seed(seed)
     auto = AutoModelForCausalLM
-    if type(config) not in auto._model_mapping:  # no causal-LM class (Qwen3-VL): its image-text-to-text one
+    # no causal-LM class (Qwen3-VL), or one without the tower (Qwen3.5): the image-text-to-text one
+    if type(config) not in auto._model_mapping or model_type == "qwen3_5_moe":
         from transformers import AutoModelForImageTextToText as auto
     model = auto.from_config(config, dtype=torch.float32)
     g = torch.Generator().manual_seed(seed)
@@ -113,7 +128,7 @@ def make_test_model(
             # (Qwen3-Next's too, except the plain gated norm of its delta-net output)
             # (not Gemma4's: it folded the 1 into its weights)
             zero_centred = (model_type.startswith(("gemma2", "gemma3")) and "vision_tower" not in name) or (
-                model_type == "qwen3_next" and "linear_attn.norm" not in name
+                model_type in ("qwen3_next", "qwen3_5_moe") and "linear_attn.norm" not in name and "visual" not in name
             )
             norm_one = 0.0 if zero_centred else 1.0
             p.copy_(norm_one + 0.1 * noise if "norm" in name else 0.08 * noise)
@@ -144,6 +159,12 @@ def make_test_model(
         _published_vision_names(out)
     if model_type == "qwen3_vl_moe":
         _published_expert_layout(out)
+    if published != model_type:  # the published config: its own model_type, loaded through the repo's remote code
+        import json
+
+        saved = json.loads((out / "config.json").read_text())
+        saved.update(model_type=published, auto_map=REMOTE_CODE.get(published, {}))
+        (out / "config.json").write_text(json.dumps(saved, indent=2))
     return out
 
 

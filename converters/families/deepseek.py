@@ -362,6 +362,43 @@ def _v32() -> dict:
     }
 
 
+def _kimi_k2() -> dict:
+    """moonshotai/Kimi-K2-Instruct config.json (MaxText `kimi-k2-1t`, configs/models/kimi-k2-1t.yml), as bf16 (its FP8
+    `quantization_config` is decoded on read), the `auto_map` remote-code entries dropped: DeepSeek-V3's architecture
+    with 64 heads, 384 routed experts, one dense layer, no multi-token prediction, ungrouped routing, its own YaRN."""
+    return {
+        **_v3(),
+        "model_type": "kimi_k2",
+        "bos_token_id": 163584,
+        "eos_token_id": 163585,
+        "first_k_dense_replace": 1,
+        "max_position_embeddings": 131072,
+        "n_group": 1,
+        "n_routed_experts": 384,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 64,
+        "num_nextn_predict_layers": 0,
+        "rope_scaling": {
+            **_YARN,
+            "beta_fast": 1.0,
+            "beta_slow": 1.0,
+            "factor": 32.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+        "rope_theta": 50000.0,
+        "routed_scaling_factor": 2.827,
+        "topk_group": 1,
+        "vocab_size": 163840,
+    }
+
+
+# HF `model_type`s that transformers builds as another one: Kimi-K2's `kimi_k2` is DeepSeek-V3 under its own name
+# (the hub repos map it to their remote DeepseekV3 code; transformers' own kimi_k25 maps its `kimi_k2` text config to
+# deepseek_v3 the same way). ckptflow never runs remote code.
+TRANSFORMERS_MODEL_TYPE = {"kimi_k2": "deepseek_v3"}
+
+
 class DeepSeek2(_DeepSeek):
     name = "deepseek2"
     model_types = ("deepseek_v2",)
@@ -372,9 +409,10 @@ class DeepSeek2(_DeepSeek):
 
 class DeepSeek3(_DeepSeek):
     name = "deepseek3"
-    model_types = ("deepseek_v3",)
     architectures = ("DeepseekV3ForCausalLM",)
-    models = {"deepseek3-671b": _v3()}
+    # Kimi-K2 (`kimi_k2`, DeepseekV3ForCausalLM) is this architecture with its own config; exported as deepseek_v3
+    model_types = ("deepseek_v3", "kimi_k2")
+    models = {"deepseek3-671b": _v3(), "kimi-k2-1t": _kimi_k2()}
     # 4 routing groups of which 2 are kept, so group-limited routing acts; the published YaRN (factor 40, mscale) kept
     test_models = {
         "deepseek3": (
@@ -383,6 +421,17 @@ class DeepSeek3(_DeepSeek):
         )
     }
     correction_bias = True
+
+    @classmethod
+    def export_config(cls, cfg: dict, dtype: str) -> dict:
+        """A Kimi-K2 source exports as `deepseek_v3` (transformers has no `kimi_k2`; its repos load it only through
+        their remote code, which `auto_map` names): the same architecture, so transformers loads it natively."""
+        out = super().export_config(cfg, dtype)
+        if out.get("model_type") in TRANSFORMERS_MODEL_TYPE:
+            out["model_type"] = TRANSFORMERS_MODEL_TYPE[out["model_type"]]
+            out["architectures"] = list(cls.architectures[:1])
+            out.pop("auto_map", None)
+        return out
 
 
 class DeepSeek32(DeepSeek3):

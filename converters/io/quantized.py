@@ -20,6 +20,19 @@ FP8 block scales (`quant_method == "fp8"`, the official deepseek-ai/DeepSeek-V3 
 `weight_block_size` = [b0, b1] block (128 x 128), which -- despite its name -- *multiplies* the block's values. A uint8
 scale is an E8M0 exponent, 2^(s - 127). The decoded tensor is `bf16(fp32(W) * fp32(scale))` under the name `W`, the
 scale tensor hidden; unquantized tensors (embeddings, norms, router, correction bias) pass through unchanged.
+
+compressed-tensors int4 "pack-quantized" (`quant_method == "compressed-tensors"`, `format == "pack-quantized"`: the
+official moonshotai/Kimi-K2-Thinking repo, whose routed experts are int4 and everything else bf16): a linear weight
+`W` `[out, in]` is stored as
+  * `W_packed`: int32 `[out, ceil(in/8)]`, eight 4-bit codes per word along `in`, element k of a word in bits
+    4k..4k+3 (the first element in the low nibble; dense, little-endian words); a code c is the signed value c - 8;
+  * `W_scale`: bf16/fp16/fp32 `[out, ceil(in/g)]`, one factor per group of g (`group_size`, 32 in Kimi) consecutive
+    inputs of a row (symmetric: no zero point);
+  * `W_shape`: int `[2]`, the unpacked `[out, in]`.
+The decoded tensor is `bf16(fp32(c - 8) * fp32(scale))` under the name `W` (what compressed-tensors' own decompress
+computes in bf16: the product of a 4-bit integer and a bf16 scale is exact in float32, rounded once), `W_scale` and
+`W_shape` hidden. Only weight-only, symmetric, group- or channel-wise int4 without activation ordering is read; any
+other scheme (zero points, int8, activation quantization, `g_idx`) is refused with its reason.
 """
 
 from __future__ import annotations
@@ -191,6 +204,141 @@ class Fp8Folder:
         return sum(t.nbytes for t in self.tensors.values())
 
 
+INT4_BITS = 4
+INT4_OFFSET = 8  # codes are stored unsigned, value + 8
+
+
+def decode_int4_groups(packed: np.ndarray, scale: np.ndarray, in_features: int, group: int) -> np.ndarray:
+    """int32 `[m, ceil(in/8)]` packed codes and `[m, ceil(in/group)]` scales -> bfloat16 `[m, in]`."""
+    if packed.dtype != np.int32:
+        raise CorruptFileError(f"int4 packed weights must be int32, got {packed.dtype}")
+    m = packed.shape[0]
+    if packed.shape[1] != -(-in_features // 8) or scale.shape != (m, -(-in_features // group)):
+        raise CorruptFileError(
+            f"int4 packed {list(packed.shape)} / scale {list(scale.shape)} do not hold a [{m}, {in_features}] weight "
+            f"in groups of {group}"
+        )
+    words = packed.astype("<i4").view(np.uint8)  # 4 little-endian bytes per word, 2 codes per byte, low nibble first
+    codes = np.empty((m, words.shape[1] * 2), np.int8)
+    codes[:, 0::2] = words & 0x0F
+    codes[:, 1::2] = words >> 4
+    values = (codes[:, :in_features] - INT4_OFFSET).astype(np.float32)
+    factors = scale.astype(np.float32)[:, np.arange(in_features) // group]
+    return (values * factors).astype(BF16)
+
+
+def _int4_scheme(qc: dict, where: Path) -> int:
+    """The group size of a compressed-tensors int4 pack-quantized config, or UnsupportedModelError with why not."""
+
+    def refuse(why: str):
+        raise UnsupportedModelError(
+            f"{where}: compressed-tensors checkpoint not supported: {why} (ckptflow reads weight-only symmetric int4 "
+            "pack-quantized weights, as moonshotai/Kimi-K2-Thinking)"
+        )
+
+    groups = qc.get("config_groups") or {}
+    if not isinstance(groups, dict) or not groups:
+        refuse("no config_groups")
+    status = qc.get("quantization_status", "compressed")
+    if status != "compressed":
+        refuse(f"quantization_status {status!r}")
+    sizes = set()
+    for name, g in groups.items():
+        w = (g or {}).get("weights") or {}
+        fmt = (g or {}).get("format") or qc.get("format")
+        if fmt != "pack-quantized":
+            refuse(f"group {name}: format {fmt!r}")
+        if (g or {}).get("input_activations") or (g or {}).get("output_activations"):
+            refuse(f"group {name}: quantized activations")
+        if w.get("num_bits") != INT4_BITS or w.get("type", "int") != "int" or not w.get("symmetric", True):
+            refuse(f"group {name}: {w.get('num_bits')}-bit {w.get('type')} symmetric={w.get('symmetric')}")
+        if w.get("actorder") or w.get("dynamic"):
+            refuse(f"group {name}: activation ordering / dynamic weights")
+        strategy = w.get("strategy")
+        size = w.get("group_size")
+        if strategy == "group" and isinstance(size, int) and size > 0:
+            sizes.add(size)
+        elif strategy == "channel":
+            sizes.add(0)  # one scale per row
+        else:
+            refuse(f"group {name}: strategy {strategy!r} with group_size {size!r}")
+    if len(sizes) != 1:
+        refuse(f"several group sizes {sorted(sizes)}")
+    return sizes.pop()
+
+
+class Int4Folder:
+    """A `SafetensorsFolder` view in which every `X_packed` + `X_scale` (+ `X_shape`) reads as the decoded bf16 `X`
+    (compressed-tensors pack-quantized int4, groups of `group` inputs; 0: one group per row)."""
+
+    def __init__(self, folder: SafetensorsFolder, group: int):
+        self.inner = folder
+        self.folder = folder.folder
+        self.group = group
+        self.tensors: dict[str, TensorInfo] = {}
+        self._quantized: dict[str, tuple[TensorInfo, TensorInfo, TensorInfo | None]] = {}
+        names = folder.tensors
+        for name, info in names.items():
+            if not name.endswith("_packed"):
+                base = name.rsplit("_", 1)[0]
+                if name.endswith(("_scale", "_shape")) and base + "_packed" in names:
+                    continue
+                if name.endswith(("_zero_point", "_g_idx")) and base.rsplit("_", 1)[0] + "_packed" in names:
+                    raise UnsupportedModelError(f"{folder.folder}: {name}: int4 zero points / g_idx not supported")
+                self.tensors[name] = info
+                continue
+            base = name[: -len("_packed")]
+            scale = names.get(base + "_scale")
+            if scale is None or len(info.shape) != 2 or info.dtype != np.int32 or len(scale.shape) != 2:
+                raise CorruptFileError(
+                    f"{folder.folder}: int4 {name} {info.dtype} {list(info.shape)} without a 2-D {base}_scale"
+                )
+            if base in names:
+                raise CorruptFileError(f"{folder.folder}: both {base} and its int4 packing are present")
+            out_dim, words = info.shape
+            in_dim = words * 8 if not group else min(words * 8, scale.shape[1] * group)
+            if (
+                scale.shape[0] != out_dim
+                or -(-in_dim // 8) != words
+                or -(-in_dim // (group or in_dim)) != scale.shape[1]
+            ):
+                raise CorruptFileError(
+                    f"{folder.folder}: int4 {name} {list(info.shape)} does not match {base}_scale {list(scale.shape)}"
+                    f" in groups of {group or 'a row'}"
+                )
+            shape = (out_dim, in_dim)
+            self.tensors[base] = TensorInfo(base, BF16, shape, -1, out_dim * in_dim * BF16.itemsize, info.path)
+            self._quantized[base] = (info, scale, names.get(base + "_shape"))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        if name in self.tensors:
+            return self.tensors[name]
+        return self.inner.info(name)
+
+    def read(self, name: str, rows: slice | None = None) -> np.ndarray:
+        q = self._quantized.get(name)
+        if q is None:
+            return self.inner.read(name, rows)
+        packed, scale, stored = q
+        shape = self.tensors[name].shape
+        if stored is not None:
+            want = tuple(int(n) for n in self.inner.read(stored.name).reshape(-1))
+            if want != shape:  # the packing pads `in` up to 8 codes (and the scales to whole groups)
+                raise UnsupportedModelError(
+                    f"{self.folder}: int4 {name} is {list(want)}, packed as {list(shape)}: padded rows not supported"
+                )
+        w = self.inner.read(packed.name, rows)
+        s = self.inner.read(scale.name, rows)
+        return decode_int4_groups(w, s, shape[1], self.group or shape[1])
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
 def decoded_source(folder: SafetensorsFolder, cfg: dict):
     """The folder as the family mapping expects it: itself, or a decoding view for a quantized checkpoint."""
     qc = cfg.get("quantization_config")
@@ -210,7 +358,10 @@ def decoded_source(folder: SafetensorsFolder, cfg: dict):
                 "(ckptflow reads e4m3 with 2-D block scales, as the DeepSeek repos)"
             )
         return Fp8Folder(folder, (block[0], block[1]))
+    if method == "compressed-tensors":
+        return Int4Folder(folder, _int4_scheme(qc, Path(folder.folder)))
     raise UnsupportedModelError(
         f"{Path(folder.folder)}: quantized checkpoint (quant_method {method!r}) not supported; "
-        "ckptflow reads bf16/fp16/fp32 weights, MXFP4 (gpt-oss) and FP8 block-scaled (DeepSeek)"
+        "ckptflow reads bf16/fp16/fp32 weights, MXFP4 (gpt-oss), FP8 block-scaled (DeepSeek) and int4 pack-quantized "
+        "(compressed-tensors, Kimi-K2-Thinking)"
     )

@@ -119,6 +119,23 @@ EXPECTED = {
         "decoder/layers/layers_0/GptOssMlp/wo": (128, 18, 2880, 2880),
         "decoder/layers/layers_0/GptOssMlp/gate/kernel": (2880, 18, 128),
     },
+    # Llama 4: 4-layer scanned blocks (12 each); whole trees compared with MaxText 0.2.5's abstract model (55 / 47
+    # arrays scanned, 128e 531 unscanned) in tests/families/test_llama4.py's notes
+    "llama4-17b-16e": {
+        "decoder/layers/layers_3/Llama4MoEBlock_0/MoeBlock_0/wi_0": (16, 12, 5120, 8192),
+        "decoder/layers/layers_0/Llama4MoEBlock_0/MoeBlock_0/wo": (16, 12, 8192, 5120),
+        "decoder/layers/layers_0/Llama4MoEBlock_0/MoeBlock_0/gate/kernel": (5120, 12, 16),
+        "decoder/layers/layers_2/Llama4MoEBlock_0/shared_experts/wo/kernel": (8192, 12, 5120),
+        "decoder/layers/layers_1/self_attention/query/kernel": (5120, 12, 40, 128),
+        "decoder/layers/layers_1/self_attention/out/kernel": (40, 12, 128, 5120),
+    },
+    "llama4-17b-128e": {
+        "decoder/layers/layers_0/mlp/wi_0/kernel": (5120, 12, 16384),
+        "decoder/layers/layers_2/mlp/wo/kernel": (16384, 12, 5120),
+        "decoder/layers/layers_1/Llama4MoEBlock_0/MoeBlock_0/wi_1": (128, 12, 5120, 8192),
+        "decoder/layers/layers_3/Llama4MoEBlock_0/shared_experts/wi_0/kernel": (5120, 12, 8192),
+        "decoder/layers/layers_3/Llama4MoEBlock_0/MoeBlock_0/gate/kernel": (5120, 12, 128),
+    },
     # Gemma2: one scanned layer per (local, global) pair of HF layers; vocab padded 256000 -> 256128
     "gemma2-2b": {
         "token_embedder/embedding": (256128, 2304),
@@ -195,6 +212,21 @@ EXPECTED = {
         "decoder/moe_layers/DeepSeekMoeBlock_0/MoeBlock_0/gate/bias": (256, 58),
         "decoder/moe_layers/DeepSeekMoeBlock_0/MoeBlock_0/wi_1": (256, 58, 7168, 2048),
         "decoder/moe_layers/DeepSeekMoeBlock_0/shared_experts/wo/kernel": (2048, 58, 7168),
+    },
+    # Kimi-K2: DeepSeek-V3's layout, 1 dense + 60 MoE layers of 384 experts; 31 of the 32 scanned arrays (all 1035
+    # unscanned) equal nnx.eval_shape of MaxText 0.2.5's kimi-k2-1t. The scanned gate/bias is (60, 384) there: as
+    # for deepseek3-671b, ckptflow stacks it (384, 60) (layer axis at 1) -- see the note at SPLIT_STACKS
+    "kimi-k2-1t": {
+        "token_embedder/embedding": (163840, 7168),
+        "decoder/logits_dense/kernel": (7168, 163840),
+        "decoder/dense_layers/self_attention/wq_b/kernel": (1536, 1, 64, 192),
+        "decoder/dense_layers/self_attention/wkv_b/kernel": (512, 1, 64, 256),
+        "decoder/dense_layers/mlp/wi_0/kernel": (7168, 1, 18432),
+        "decoder/moe_layers/self_attention/out/kernel": (64, 60, 128, 7168),
+        "decoder/moe_layers/DeepSeekMoeBlock_0/MoeBlock_0/gate/kernel": (7168, 60, 384),
+        "decoder/moe_layers/DeepSeekMoeBlock_0/MoeBlock_0/wi_0": (384, 60, 7168, 2048),
+        "decoder/moe_layers/DeepSeekMoeBlock_0/MoeBlock_0/wo": (384, 60, 2048, 7168),
+        "decoder/moe_layers/DeepSeekMoeBlock_0/shared_experts/wi_1/kernel": (7168, 60, 2048),
     },
     "deepseek3.2-671b": {
         "decoder/dense_layers/self_attention/indexer/wq_b/kernel": (1536, 3, 64, 128),
@@ -398,12 +430,15 @@ PARAMS_B = {
     "mixtral-8x22b": 140.63,
     "gpt-oss-20b": 20.91,
     "gpt-oss-120b": 116.83,
+    "llama4-17b-16e": 107.77,  # text model only (the vision tower is not converted)
+    "llama4-17b-128e": 400.71,
     # MaxText's arrays: Gemma2 with 128 padded vocab rows, Gemma3 without 64 rows and with the 0.42B vision tower
     # DeepSeek without the multi-token-prediction layer: V2-Lite 15.7B, V3 671B (685B with MTP)
     # (V3.2: V3 plus 0.85B of indexer)
     "deepseek2-16b": 15.71,
     "deepseek3-671b": 671.03,
     "deepseek3.2-671b": 671.88,
+    "kimi-k2-1t": 1026.41,  # "1T": MaxText's tree for kimi-k2-1t holds the same 1026.41 B
     # Qwen3-Next "80B" without its mtp.* module
     "qwen3-next-80b-a3b": 79.67,
     "gemma2-2b": 2.61,
@@ -442,7 +477,14 @@ TIED = {
 # MaxText decoder layers when that is not the HF layer count: Gemma2 holds (local, global) pairs
 MAXTEXT_LAYERS = {"gemma2-2b": 13, "gemma2-9b": 21, "gemma2-27b": 23}
 # DeepSeek: (dense, MoE) layers, stacked as decoder/dense_layers and decoder/moe_layers (unscanned *_layers_<i>)
-SPLIT_STACKS = {"deepseek2-16b": (1, 26), "deepseek3-671b": (3, 58), "deepseek3.2-671b": (3, 58)}
+# (MaxText 0.2.5's abstract tree and its standalone converter stack DeepSeek's 1-D `gate/bias` (layers, experts):
+# ckptflow writes (experts, layers) for deepseek3* and kimi-k2-1t; left as found, reported)
+SPLIT_STACKS = {
+    "deepseek2-16b": (1, 26),
+    "deepseek3-671b": (3, 58),
+    "deepseek3.2-671b": (3, 58),
+    "kimi-k2-1t": (1, 60),
+}
 
 
 @pytest.mark.parametrize("name", registry.model_names())

@@ -261,3 +261,70 @@ def test_fp8_weight_without_scales_is_refused(fp8_twins, tmp_path):
     save_file(broken / "model.safetensors", {n: src.read(n) for n in src.tensors if n != gone})
     with pytest.raises(CorruptFileError, match="kv_b_proj"):
         hf_to_maxtext(broken, tmp_path / "out")
+
+
+# ---- compressed-tensors int4 pack-quantized (moonshotai/Kimi-K2-Thinking) ----
+# The end-to-end twin test on a tiny Kimi is tests/families/test_kimi.py. The decoder was also checked against
+# compressed-tensors 0.20.0's own pack_to_int32 / unpack_from_int32 / dequantize (outside the project venv):
+# bit-identical on 29,376,256 elements, real expert shapes [2048, 7168] and [7168, 2048] included.
+INT4_GROUP = {
+    "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32},
+    "input_activations": None,
+}
+INT4_QC = {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"group_0": INT4_GROUP}}
+
+
+def test_int4_word_layout_and_group_scales():
+    from converters.io.quantized import decode_int4_groups
+
+    # compressed-tensors packs [-8, -7, 0, 7, 1, 2, 3, 4] as 0xCBA9F810: element k in bits 4k..4k+3, stored + 8
+    word = np.array([[np.uint32(0xCBA9F810).view(np.int32)]], np.int32)
+    got = decode_int4_groups(word, np.ones((1, 1), BF16), 8, 32)
+    np.testing.assert_array_equal(got.astype(np.float32), [[-8, -7, 0, 7, 1, 2, 3, 4]])
+    # 64 inputs: codes 0..15 repeated, groups of 32 scaled by 0.5 and 3 (bf16 products rounded once)
+    codes = np.tile(np.arange(16, dtype=np.uint32), 4).reshape(1, 8, 8)
+    packed = (codes << (4 * np.arange(8, dtype=np.uint32))).sum(axis=-1, dtype=np.uint32).view(np.int32)
+    scale = np.array([[0.5, 3]], BF16)
+    want = (np.tile(np.arange(16) - 8, 4) * np.repeat([0.5, 3], 32)).astype(BF16)
+    np.testing.assert_array_equal(decode_int4_groups(packed, scale, 64, 32), want[None])
+    with pytest.raises(CorruptFileError, match="do not hold"):
+        decode_int4_groups(packed, scale, 96, 32)
+
+
+def test_int4_folder_rows_and_refusals(tmp_path):
+    from converters.io.quantized import Int4Folder
+
+    rng = np.random.default_rng(0)
+    packed = rng.integers(-(2**31), 2**31, (6, 8), dtype=np.int64).astype(np.int32)
+    scale = rng.random((6, 2)).astype(BF16)
+    save_file(
+        tmp_path / "model.safetensors",
+        {"w.weight_packed": packed, "w.weight_scale": scale, "w.weight_shape": np.array([6, 64], np.int32)},
+    )
+    view = decoded_source(SafetensorsFolder(tmp_path), {"quantization_config": INT4_QC})
+    assert (
+        isinstance(view, Int4Folder) and list(view.tensors) == ["w.weight"] and view.info("w.weight").shape == (6, 64)
+    )
+    whole = view.read("w.weight")
+    np.testing.assert_array_equal(view.read("w.weight", slice(2, 5)).view(np.uint16), whole[2:5].view(np.uint16))
+    for bad, why in (
+        ({"symmetric": False}, "symmetric=False"),
+        ({"num_bits": 8}, "8-bit"),
+        ({"strategy": "tensor"}, "strategy"),
+        ({"actorder": "group"}, "activation ordering"),
+    ):
+        qc = {**INT4_QC, "config_groups": {"g": {**INT4_GROUP, "weights": {**INT4_GROUP["weights"], **bad}}}}
+        with pytest.raises(UnsupportedModelError, match=why):
+            decoded_source(SafetensorsFolder(tmp_path), {"quantization_config": qc})
+    acts = {**INT4_QC, "config_groups": {"g": {**INT4_GROUP, "input_activations": {"num_bits": 8}}}}
+    with pytest.raises(UnsupportedModelError, match="quantized activations"):
+        decoded_source(SafetensorsFolder(tmp_path), {"quantization_config": acts})
+    with pytest.raises(UnsupportedModelError, match="format 'float-quantized'"):
+        decoded_source(SafetensorsFolder(tmp_path), {"quantization_config": {**INT4_QC, "format": "float-quantized"}})
+    # a weight_shape the packing had to pad (in = 60: 8 words, 2 groups) is refused, not read with 4 extra columns
+    save_file(
+        tmp_path / "model.safetensors",
+        {"w.weight_packed": packed, "w.weight_scale": scale, "w.weight_shape": np.array([6, 60], np.int32)},
+    )
+    with pytest.raises(UnsupportedModelError, match="padded"):
+        decoded_source(SafetensorsFolder(tmp_path), {"quantization_config": INT4_QC}).read("w.weight")
