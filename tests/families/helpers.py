@@ -3,6 +3,7 @@
 `model_cache` builds the cached tiny HF models behind each test module's `hf_model` fixture;
 `hf_tensors` / `bits` / `assert_bit_exact` / `round_trip` are the round-trip checks every family test needs;
 `exported_logits` runs transformers on a source folder and on its float32 export;
+`attention_kernels` / `qk_norms` / `mlp_kernels` / `gemma4_layer` lay one HF layer's tensors out as MaxText arrays;
 `deepseek_layout` / `qwen3_next_layout` lay HF tensors out as MaxText arrays with plain numpy, independently of the
 converter, as MaxText's own converters lay them out (`convert_deepseek_family_ckpt.py` /
 `convert_qwen3_next_scanned.py` under src/maxtext/checkpoint_conversion/standalone_scripts/ in
@@ -113,6 +114,93 @@ def exported_logits(src: Path, tmp: Path, ids: list[list[int]], *, scan: bool):
         want = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)(ids).logits
         got = AutoModelForCausalLM.from_pretrained(tmp / "hf", dtype=torch.float32)(ids).logits
     return want, got
+
+
+# config fields every exported text config carries over as the source had them (each family's test adds its own)
+CONFIG_KEYS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "vocab_size",
+    "tie_word_embeddings",
+    "rope_parameters",
+    "rms_norm_eps",
+    "sliding_window",
+    "max_position_embeddings",
+)
+
+
+def assert_config_kept(a, b, *keys: str) -> None:
+    """Exported config `b` has source config `a`'s value for every field of CONFIG_KEYS and `keys`."""
+    for key in CONFIG_KEYS + keys:
+        assert getattr(b, key) == getattr(a, key), key
+
+
+def attention_kernels(hf: dict, a: str, e: int, n: int, kv: int, d: int, module: str = "self_attention") -> dict:
+    """The q/k/v/o projections under HF prefix `a` (`model.layers.<i>.self_attn.`) as MaxText's
+    `<module>/{query,key,value,out}/kernel`: [E, N, D], [E, KV, D] twice, [N, D, E] (transposed, then reshaped)."""
+    return {
+        f"{module}/query/kernel": hf[a + "q_proj.weight"].T.reshape(e, n, d),
+        f"{module}/key/kernel": hf[a + "k_proj.weight"].T.reshape(e, kv, d),
+        f"{module}/value/kernel": hf[a + "v_proj.weight"].T.reshape(e, kv, d),
+        f"{module}/out/kernel": hf[a + "o_proj.weight"].T.reshape(n, d, e),
+    }
+
+
+def qk_norms(hf: dict, a: str, module: str = "self_attention") -> dict:
+    """The q/k norm weights under HF prefix `a` as MaxText's `<module>/{query,key}_norm/scale`, as they are."""
+    return {f"{module}/query_norm/scale": hf[a + "q_norm.weight"], f"{module}/key_norm/scale": hf[a + "k_norm.weight"]}
+
+
+def mlp_kernels(hf: dict, m: str, module: str = "mlp") -> dict:
+    """The gated MLP under HF prefix `m` (`model.layers.<i>.mlp.`) as MaxText's `<module>/{wi_0,wi_1,wo}/kernel`
+    (gate, up, down; transposed)."""
+    names = (("wi_0", "gate_proj"), ("wi_1", "up_proj"), ("wo", "down_proj"))
+    return {f"{module}/{mt}/kernel": hf[f"{m}{name}.weight"].T for mt, name in names}
+
+
+def gemma4_layer(hf: dict, i: int, e: int, n: int, kv: int, d: int) -> dict:
+    """MaxText arrays of Gemma 4 HF layer i (src/maxtext/models/gemma4.py / gemma4_small.py names) with numpy,
+    independently of the converter: plain norms (no +1), q/k/v/o with this layer's kv heads and head_dim; key,
+    key_norm and value only where HF has them (KV-shared layers have none; global layers with attention_k_eq_v no
+    v_proj: callers assert which); with a router (26b, models/gemma4.py Gemma4MoE): the dense MLP is the shared
+    expert, HF's fused experts.gate_up_proj [X, 2F, E] is cut in halves (gate rows, then up rows)."""
+    p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
+    out = {
+        "pre_self_attention_norm/scale": hf[p + "input_layernorm.weight"],
+        "post_self_attention_norm/scale": hf[p + "post_attention_layernorm.weight"],
+        "pre_ffw_norm/scale": hf[p + "pre_feedforward_layernorm.weight"],
+        "post_ffw_norm/scale": hf[p + "post_feedforward_layernorm.weight"],
+        "self_attention/query_norm/scale": hf[a + "q_norm.weight"],
+        "self_attention/query/kernel": hf[a + "q_proj.weight"].T.reshape(e, n, d),
+        "self_attention/out/kernel": hf[a + "o_proj.weight"].T.reshape(n, d, e),
+        "layer_scalar": hf[p + "layer_scalar"],
+    }
+    if a + "k_proj.weight" in hf:
+        out["self_attention/key_norm/scale"] = hf[a + "k_norm.weight"]
+        out["self_attention/key/kernel"] = hf[a + "k_proj.weight"].T.reshape(e, kv, d)
+    if a + "v_proj.weight" in hf:
+        out["self_attention/value/kernel"] = hf[a + "v_proj.weight"].T.reshape(e, kv, d)
+    if p + "router.proj.weight" not in hf:
+        return out | mlp_kernels(hf, p + "mlp.")
+    moe = "mlp/moe_block/MoeBlock_0"
+    gate_up = hf[p + "experts.gate_up_proj"]
+    half = gate_up.shape[1] // 2
+    norms = ("pre_feedforward_layernorm_2", "post_feedforward_layernorm_1", "post_feedforward_layernorm_2")
+    return (
+        out
+        | mlp_kernels(hf, p + "mlp.", "mlp/moe_block/shared_experts")
+        | {
+            **{f"mlp/{k}/scale": hf[f"{p}{k}.weight"] for k in norms},
+            "mlp/pre_forward_scale_2": hf[p + "router.scale"],
+            f"{moe}/gate/kernel": hf[p + "router.proj.weight"].T,
+            f"{moe}/per_expert_scale": hf[p + "router.per_expert_scale"],
+            f"{moe}/wi_0": gate_up[:, :half].transpose(0, 2, 1),
+            f"{moe}/wi_1": gate_up[:, half:].transpose(0, 2, 1),
+            f"{moe}/wo": hf[p + "experts.down_proj"].transpose(0, 2, 1),
+        }
+    )
 
 
 def deepseek_layout(hf: dict, cfg: dict, scan: bool) -> dict:

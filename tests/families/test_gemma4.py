@@ -31,7 +31,15 @@ from converters.core import registry
 from converters.errors import MappingError, UnsupportedModelError
 from converters.families.gemma4 import GEMMA4_26B, GEMMA4_31B, GLOBAL, LOCAL, Gemma4
 from converters.io.orbax import read_params
-from tests.families.helpers import IDS, assert_close, exported_logits, hf_tensors, ulp_distance
+from tests.families.helpers import (
+    IDS,
+    assert_close,
+    assert_config_kept,
+    exported_logits,
+    gemma4_layer,
+    hf_tensors,
+    ulp_distance,
+)
 
 LAYERS, P, BLOCKS = 12, 6, 2
 E, N, KV, D, GKV, GD, F = 72, 4, 2, 16, 1, 32, 96
@@ -41,46 +49,12 @@ SLOW = pytest.mark.slow  # the MoE model's other layouts and dtypes (the default
 
 
 def expected_layer(hf: dict, i: int, k_eq_v: bool) -> dict:
-    """MaxText arrays of HF layer i, laid out with numpy independently of the converter (src/maxtext/models/gemma4.py
-    names; plain norms, no +1; global layers i % 6 == 5: their own head_dim / kv heads, no value kernel with
-    attention_k_eq_v)."""
-    p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
-    glob = i % P == P - 1
+    """MaxText arrays of HF layer i, laid out with numpy independently of the converter (`gemma4_layer`; global
+    layers i % 6 == 5: their own head_dim / kv heads, no value kernel with attention_k_eq_v)."""
+    a, glob = f"model.layers.{i}.self_attn.", i % P == P - 1
     kv, d = ((GKV if k_eq_v else KV), GD) if glob else (KV, D)  # transformers: the global kv heads only with k_eq_v
-    out = {
-        "pre_self_attention_norm/scale": hf[p + "input_layernorm.weight"],
-        "post_self_attention_norm/scale": hf[p + "post_attention_layernorm.weight"],
-        "pre_ffw_norm/scale": hf[p + "pre_feedforward_layernorm.weight"],
-        "post_ffw_norm/scale": hf[p + "post_feedforward_layernorm.weight"],
-        "self_attention/query_norm/scale": hf[a + "q_norm.weight"],
-        "self_attention/key_norm/scale": hf[a + "k_norm.weight"],
-        "self_attention/query/kernel": hf[a + "q_proj.weight"].T.reshape(E, N, d),
-        "self_attention/key/kernel": hf[a + "k_proj.weight"].T.reshape(E, kv, d),
-        "self_attention/out/kernel": hf[a + "o_proj.weight"].T.reshape(N, d, E),
-        "mlp/wi_0/kernel": hf[p + "mlp.gate_proj.weight"].T,
-        "mlp/wi_1/kernel": hf[p + "mlp.up_proj.weight"].T,
-        "mlp/wo/kernel": hf[p + "mlp.down_proj.weight"].T,
-        "layer_scalar": hf[p + "layer_scalar"],
-    }
-    if p + "router.proj.weight" in hf:  # MoE (models/gemma4.py Gemma4MoE): the dense MLP is the shared expert
-        for m in ("wi_0", "wi_1", "wo"):
-            out[f"mlp/moe_block/shared_experts/{m}/kernel"] = out.pop(f"mlp/{m}/kernel")
-        gate_up = hf[p + "experts.gate_up_proj"]  # [X, 2F, E]: gate rows, then up rows
-        half = gate_up.shape[1] // 2
-        out |= {
-            "mlp/pre_feedforward_layernorm_2/scale": hf[p + "pre_feedforward_layernorm_2.weight"],
-            "mlp/post_feedforward_layernorm_1/scale": hf[p + "post_feedforward_layernorm_1.weight"],
-            "mlp/post_feedforward_layernorm_2/scale": hf[p + "post_feedforward_layernorm_2.weight"],
-            "mlp/pre_forward_scale_2": hf[p + "router.scale"],
-            f"{MOE}/gate/kernel": hf[p + "router.proj.weight"].T,
-            f"{MOE}/per_expert_scale": hf[p + "router.per_expert_scale"],
-            f"{MOE}/wi_0": gate_up[:, :half].transpose(0, 2, 1),
-            f"{MOE}/wi_1": gate_up[:, half:].transpose(0, 2, 1),
-            f"{MOE}/wo": hf[p + "experts.down_proj"].transpose(0, 2, 1),
-        }
-    if not (glob and k_eq_v):
-        out["self_attention/value/kernel"] = hf[a + "v_proj.weight"].T.reshape(E, kv, d)
-    return out
+    assert a + "k_proj.weight" in hf and (a + "v_proj.weight" in hf) == (not (glob and k_eq_v)), i
+    return gemma4_layer(hf, i, E, N, kv, d)
 
 
 def stored(params: dict, rel: str, i: int, scan: bool) -> np.ndarray:
@@ -249,29 +223,20 @@ def test_exported_folder_loads_in_transformers(tiny_model, tmp_path, family, sca
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     a, b = AutoConfig.from_pretrained(src), AutoConfig.from_pretrained(tmp_path / "hf")
     assert type(b) is Gemma4TextConfig
-    for key in (
-        "hidden_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "intermediate_size",
-        "vocab_size",
-        "tie_word_embeddings",
-        "rope_parameters",
-        "rms_norm_eps",
-        "sliding_window",
+    assert_config_kept(
+        a,
+        b,
         "layer_types",
         "final_logit_softcapping",
         "attention_k_eq_v",
         "hidden_size_per_layer_input",
-        "max_position_embeddings",
         "pad_token_id",
         "eos_token_id",
         "enable_moe_block",
         "num_experts",
         "top_k_experts",
         "moe_intermediate_size",
-    ):
-        assert getattr(b, key) == getattr(a, key), key
+    )
     assert b.enable_moe_block == (family == "gemma4-moe")
     for layer in (0, P - 1):
         la, lb = a.per_layer_config[layer], b.per_layer_config[layer]

@@ -28,7 +28,15 @@ from converters.core import registry
 from converters.errors import MappingError, UnsupportedModelError
 from converters.families.gemma4_small import GEMMA4_E2B, GEMMA4_E4B, Gemma4Small
 from converters.io.orbax import read_params
-from tests.families.helpers import IDS, assert_close, exported_logits, hf_tensors, ulp_distance
+from tests.families.helpers import (
+    IDS,
+    assert_close,
+    assert_config_kept,
+    exported_logits,
+    gemma4_layer,
+    hf_tensors,
+    ulp_distance,
+)
 
 MODELS = ["gemma4-e2b", "gemma4-e4b"]
 E, N, D, GD, F, PL = 72, 4, 16, 32, 96, 8
@@ -37,36 +45,20 @@ SHAPE = {"gemma4-e2b": (10, 5, 1, 6, True), "gemma4-e4b": (12, 6, 2, 8, False)}
 
 
 def expected_layer(hf: dict, family: str, i: int) -> dict:
-    """MaxText arrays of HF layer i, laid out with numpy independently of the converter (models/gemma4_small.py
-    names; plain norms; global layers i % period == period - 1 their own head_dim; shared layers no key / value /
+    """MaxText arrays of HF layer i, laid out with numpy independently of the converter (`gemma4_layer` plus the
+    per-layer input arrays; global layers i % period == period - 1 their own head_dim; shared layers no key / value /
     key_norm and, on e2b, twice the MLP)."""
     n, period, kv, first, wide = SHAPE[family]
     p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
     d = GD if i % period == period - 1 else D
     f = 2 * F if wide and i >= first else F
-    out = {
-        "pre_self_attention_norm/scale": hf[p + "input_layernorm.weight"],
-        "post_self_attention_norm/scale": hf[p + "post_attention_layernorm.weight"],
-        "pre_ffw_norm/scale": hf[p + "pre_feedforward_layernorm.weight"],
-        "post_ffw_norm/scale": hf[p + "post_feedforward_layernorm.weight"],
-        "self_attention/query_norm/scale": hf[a + "q_norm.weight"],
-        "self_attention/query/kernel": hf[a + "q_proj.weight"].T.reshape(E, N, d),
-        "self_attention/out/kernel": hf[a + "o_proj.weight"].T.reshape(N, d, E),
-        "mlp/wi_0/kernel": hf[p + "mlp.gate_proj.weight"].T,
-        "mlp/wi_1/kernel": hf[p + "mlp.up_proj.weight"].T,
-        "mlp/wo/kernel": hf[p + "mlp.down_proj.weight"].T,
-        "layer_scalar": hf[p + "layer_scalar"],
+    assert (a + "k_proj.weight" in hf) == (a + "v_proj.weight" in hf) == (i < first), i
+    out = gemma4_layer(hf, i, E, N, kv, d) | {
         "per_layer_input_gate/kernel": hf[p + "per_layer_input_gate.weight"].T,
         "per_layer_projection/kernel": hf[p + "per_layer_projection.weight"].T,
         "post_per_layer_input_norm/scale": hf[p + "post_per_layer_input_norm.weight"],
     }
     assert out["mlp/wi_0/kernel"].shape == (E, f)
-    if i < first:
-        out["self_attention/key_norm/scale"] = hf[a + "k_norm.weight"]
-        out["self_attention/key/kernel"] = hf[a + "k_proj.weight"].T.reshape(E, kv, d)
-        out["self_attention/value/kernel"] = hf[a + "v_proj.weight"].T.reshape(E, kv, d)
-    else:
-        assert a + "k_proj.weight" not in hf
     return out
 
 
@@ -165,17 +157,10 @@ def test_exported_folder_loads_in_transformers(tiny_model, tmp_path, family):
     torch.testing.assert_close(got, want, rtol=0, atol=2e-4)
     a, b = AutoConfig.from_pretrained(src), AutoConfig.from_pretrained(tmp_path / "hf")
     assert type(b) is Gemma4TextConfig
-    for key in (
-        "hidden_size",
-        "num_hidden_layers",
-        "num_attention_heads",
+    assert_config_kept(
+        a,
+        b,
         "num_key_value_heads",
-        "intermediate_size",
-        "vocab_size",
-        "tie_word_embeddings",
-        "rope_parameters",
-        "rms_norm_eps",
-        "sliding_window",
         "layer_types",
         "final_logit_softcapping",
         "hidden_size_per_layer_input",
@@ -183,11 +168,9 @@ def test_exported_folder_loads_in_transformers(tiny_model, tmp_path, family):
         "num_kv_shared_layers",
         "use_double_wide_mlp",
         "attention_k_eq_v",
-        "max_position_embeddings",
         "pad_token_id",
         "eos_token_id",
-    ):
-        assert getattr(b, key) == getattr(a, key), key
+    )
     assert b.kv_sharing_modes == a.kv_sharing_modes and b.kv_sharing_modes.count("reuse") == 4
     period = SHAPE[family][1]
     assert (b.per_layer_config[period - 1].head_dim, b.per_layer_config[0].head_dim) == (GD, D)

@@ -23,7 +23,15 @@ import pytest
 from converters.convert import hf_to_maxtext, maxtext_to_hf
 from converters.core import registry
 from converters.io.orbax import read_params
-from tests.families.helpers import IDS, assert_close, exported_logits, hf_tensors, model_cache, ulp_distance
+from tests.families.helpers import (
+    IDS,
+    assert_close,
+    assert_config_kept,
+    exported_logits,
+    hf_tensors,
+    model_cache,
+    ulp_distance,
+)
 
 FAMILY, LAYERS = "mistral", 3
 E, N, KV, D, F = 64, 4, 2, 32, 96
@@ -126,21 +134,7 @@ def test_exported_folder_loads_in_transformers(tiny_model, tmp_path, family, sca
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     a, b = AutoConfig.from_pretrained(src), AutoConfig.from_pretrained(tmp_path / "hf")
     assert type(b) is MistralConfig
-    for key in (
-        "hidden_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "head_dim",
-        "intermediate_size",
-        "vocab_size",
-        "tie_word_embeddings",
-        "rope_parameters",
-        "rms_norm_eps",
-        "sliding_window",
-        "max_position_embeddings",
-    ):
-        assert getattr(b, key) == getattr(a, key), key
+    assert_config_kept(a, b, "num_key_value_heads", "head_dim")
     exported = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert exported["architectures"] == ["MistralForCausalLM"] and exported["model_type"] == "mistral"
     assert exported["dtype"] == "float32"

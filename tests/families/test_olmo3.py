@@ -26,7 +26,16 @@ from converters.core import registry
 from converters.errors import MappingError
 from converters.families.olmo3 import Olmo3
 from converters.io.orbax import read_params
-from tests.families.helpers import IDS, assert_bit_exact, hf_tensors, round_trip
+from tests.families.helpers import (
+    IDS,
+    assert_bit_exact,
+    assert_config_kept,
+    attention_kernels,
+    hf_tensors,
+    mlp_kernels,
+    qk_norms,
+    round_trip,
+)
 
 LAYERS, P = 8, 4
 E, N, KV, D, F = 64, 4, 2, 32, 96
@@ -39,15 +48,9 @@ def expected_layer(hf: dict, i: int) -> dict:
     return {
         "post_self_attention_layer_norm/scale": hf[p + "post_attention_layernorm.weight"],
         "post_mlp_layer_norm/scale": hf[p + "post_feedforward_layernorm.weight"],
-        "attention/query/kernel": hf[a + "q_proj.weight"].T.reshape(E, N, D),
-        "attention/key/kernel": hf[a + "k_proj.weight"].T.reshape(E, KV, D),
-        "attention/value/kernel": hf[a + "v_proj.weight"].T.reshape(E, KV, D),
-        "attention/out/kernel": hf[a + "o_proj.weight"].T.reshape(N, D, E),
-        "attention/query_norm/scale": hf[a + "q_norm.weight"],
-        "attention/key_norm/scale": hf[a + "k_norm.weight"],
-        "mlp/wi_0/kernel": hf[p + "mlp.gate_proj.weight"].T,
-        "mlp/wi_1/kernel": hf[p + "mlp.up_proj.weight"].T,
-        "mlp/wo/kernel": hf[p + "mlp.down_proj.weight"].T,
+        **attention_kernels(hf, a, E, N, KV, D, module="attention"),
+        **qk_norms(hf, a, module="attention"),
+        **mlp_kernels(hf, p + "mlp."),
     }
 
 
@@ -153,24 +156,7 @@ def test_exported_folder_loads_in_transformers(tiny_model, tmp_path, family, sca
     assert torch.equal(got, want)
     a, b = AutoConfig.from_pretrained(src), AutoConfig.from_pretrained(tmp_path / "hf")
     assert type(b) is Olmo3Config
-    for key in (
-        "hidden_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "head_dim",
-        "intermediate_size",
-        "vocab_size",
-        "tie_word_embeddings",
-        "rope_parameters",
-        "rms_norm_eps",
-        "sliding_window",
-        "layer_types",
-        "max_position_embeddings",
-        "pad_token_id",
-        "eos_token_id",
-    ):
-        assert getattr(b, key) == getattr(a, key), key
+    assert_config_kept(a, b, "num_key_value_heads", "head_dim", "layer_types", "pad_token_id", "eos_token_id")
     if family == "olmo3":
         assert b.rope_parameters["full_attention"]["rope_type"] == "yarn"
         assert b.rope_parameters["sliding_attention"]["rope_type"] == "default"

@@ -23,7 +23,7 @@ from converters.core import registry
 from converters.errors import UnsupportedModelError
 from converters.families.qwen3_vl import Qwen3VL, Qwen3VLMoe
 from converters.io.orbax import read_params
-from tests.families.helpers import IDS, assert_bit_exact, hf_tensors
+from tests.families.helpers import IDS, assert_bit_exact, attention_kernels, hf_tensors, mlp_kernels, qk_norms
 
 LAYERS, E, N, KV, D, F, X, FX = 3, 64, 4, 2, 32, 96, 4, 48
 SLOW = pytest.mark.slow  # the default run keeps one case of each kind, dense and MoE between them
@@ -38,12 +38,8 @@ def expected_layer(hf: dict, i: int, moe: bool) -> dict:
     out = {
         "pre_self_attention_layer_norm/scale": hf[p + "input_layernorm.weight"],
         "post_self_attention_layer_norm/scale": hf[p + "post_attention_layernorm.weight"],
-        "self_attention/query/kernel": hf[a + "q_proj.weight"].T.reshape(E, N, D),
-        "self_attention/key/kernel": hf[a + "k_proj.weight"].T.reshape(E, KV, D),
-        "self_attention/value/kernel": hf[a + "v_proj.weight"].T.reshape(E, KV, D),
-        "self_attention/out/kernel": hf[a + "o_proj.weight"].T.reshape(N, D, E),
-        "self_attention/query_norm/scale": hf[a + "q_norm.weight"],
-        "self_attention/key_norm/scale": hf[a + "k_norm.weight"],
+        **attention_kernels(hf, a, E, N, KV, D),
+        **qk_norms(hf, a),
     }
     if moe:
         gate_up = hf[p + "mlp.experts.gate_up_proj"]
@@ -52,8 +48,7 @@ def expected_layer(hf: dict, i: int, moe: bool) -> dict:
         out[f"{MOE}/wi_0"], out[f"{MOE}/wi_1"] = gate_up[..., :FX], gate_up[..., FX:]
         out[f"{MOE}/wo"] = hf[p + "mlp.experts.down_proj"]
     else:
-        for mt, name in (("wi_0", "gate_proj"), ("wi_1", "up_proj"), ("wo", "down_proj")):
-            out[f"mlp/{mt}/kernel"] = hf[f"{p}mlp.{name}.weight"].T
+        out |= mlp_kernels(hf, p + "mlp.")
     return out
 
 

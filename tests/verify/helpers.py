@@ -3,7 +3,8 @@
 `converted_cache` is the body of a module-scoped `converted` fixture; `hf_float32` / `stack_layers` are the plain-numpy
 pieces of each test's independent HF -> MaxText layout; `hf_logits` runs transformers in float32 and
 `assert_reference_matches_transformers` compares the JAX reference with it; `save_tree` writes
-a (deliberately damaged) restored Orbax tree beside a copy of the source checkpoint's sidecar.
+a (deliberately damaged) restored Orbax tree beside a copy of the source checkpoint's sidecar;
+`assert_fails_layout_only` is the check every deliberately wrong mapping must meet.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import numpy as np
 
 from converters.convert import hf_to_maxtext
 from tests.families.helpers import hf_tensors
+
+SHORT = '{"tokens": [1, 17, 301, 44]}\n{"tokens": [9, 2, 250, 3]}\n'  # two 4-token prompts
 
 
 def converted_cache(hf_model, tmp_path_factory, family: str):
@@ -111,3 +114,18 @@ def save_tree(tree: dict, src: Path, dst: Path) -> Path:
     ocp.PyTreeCheckpointer().save((dst / "0" / "items").absolute(), tree)
     shutil.copytree(src / "ckptflow", dst / "ckptflow")
     return dst
+
+
+def assert_fails_layout_only(mt: Path, hf: Path, tmp_path: Path, label: str = "") -> None:
+    """verify of checkpoint `mt`, written with a wrong mapping that its own inverse undoes, on the two SHORT prompts:
+    content passes with no failure (every tensor maps back exactly), layout fails by more than 100x its threshold,
+    and so does the run."""
+    from converters.verify import verify
+
+    (tmp_path / "short.jsonl").write_text(SHORT)
+    r = verify(maxtext=mt, hf=hf, prompts_file=tmp_path / "short.jsonl")
+    v = r.data["verdict"]
+    print(label, "layout KL", v["layout"]["kl_max"])
+    assert v["content"]["passed"] and v["content"]["failed"] == 0, v["content"]["failures"]  # the inverse undid it
+    assert not v["layout"]["passed"] and v["layout"]["kl_max"] > 100 * v["layout"]["max_kl"], v["layout"]
+    assert not r.passed

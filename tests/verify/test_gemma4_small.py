@@ -31,6 +31,8 @@ from converters.verify.reference import ReferenceModel
 from converters.verify.reference import gemma4_small as ref_module
 from tests.families.test_gemma4_small import SHAPE, expected_layer
 from tests.verify.helpers import (
+    SHORT,
+    assert_fails_layout_only,
     assert_reference_matches_transformers,
     hf_float32,
     hf_logits,
@@ -40,7 +42,6 @@ from tests.verify.helpers import (
 )
 
 EXACT_KL = 1e-9
-SHORT = '{"tokens": [1, 17, 301, 44]}\n{"tokens": [9, 2, 250, 3]}\n'
 PLE = "decoder/per_layer_embedder/"
 
 
@@ -177,13 +178,7 @@ def test_a_mapping_wrong_both_ways_fails_layout(kind, tiny_model, tmp_path, monk
     else:
         monkeypatch.setattr(Gemma4Small, "kind_rules", _wrong_layers(kind))
     hf_to_maxtext(src, tmp_path / "mt", scan=False, dtype="float32")
-    (tmp_path / "short.jsonl").write_text(SHORT)
-    r = verify(maxtext=tmp_path / "mt", hf=src, prompts_file=tmp_path / "short.jsonl")
-    v = r.data["verdict"]
-    print(kind, "layout KL", v["layout"]["kl_max"])
-    assert v["content"]["passed"] and v["content"]["failed"] == 0, v["content"]["failures"]  # the inverse undid it
-    assert not v["layout"]["passed"] and v["layout"]["kl_max"] > 100 * v["layout"]["max_kl"], v["layout"]
-    assert not r.passed
+    assert_fails_layout_only(tmp_path / "mt", src, tmp_path, kind)
 
 
 @pytest.mark.slow

@@ -27,6 +27,8 @@ from converters.verify import verify
 from converters.verify.metrics import kl_per_token
 from converters.verify.reference import ReferenceModel
 from tests.verify.helpers import (
+    SHORT,
+    assert_fails_layout_only,
     assert_reference_matches_transformers,
     embed_and_head,
     hf_float32,
@@ -36,7 +38,6 @@ from tests.verify.helpers import (
 
 EXACT_KL = 1e-9
 FLOAT32_MAX_KL = 1e-6  # bf16 rounding of the scaled query only
-SHORT = '{"tokens": [1, 17, 301, 44]}\n{"tokens": [9, 2, 250, 3]}\n'
 
 
 def to_maxtext(folder: Path, scan: bool) -> dict:
@@ -107,12 +108,7 @@ def test_llama_mapping_fails_layout_on_a_short_prompt(tiny_model, tmp_path, monk
     src = tiny_model("mistral", dtype="float32")
     monkeypatch.setattr(Mistral, "layer_rules", Llama31.layer_rules)
     hf_to_maxtext(src, tmp_path / "mt", scan=True, dtype="float32")
-    (tmp_path / "short.jsonl").write_text(SHORT)
-    r = verify(maxtext=tmp_path / "mt", hf=src, prompts_file=tmp_path / "short.jsonl")
-    v = r.data["verdict"]
-    assert v["content"]["passed"], v["content"]["failures"]  # the inverse undid the mistake
-    assert not v["layout"]["passed"] and v["layout"]["kl_max"] > 100 * v["layout"]["max_kl"], v["layout"]
-    assert not r.passed
+    assert_fails_layout_only(tmp_path / "mt", src, tmp_path)
 
 
 def test_unscaled_query_fails_content_by_name(damaged, tmp_path):

@@ -30,7 +30,10 @@ from converters.families.olmo3 import Olmo3
 from converters.verify import verify
 from converters.verify.metrics import kl_per_token
 from converters.verify.reference import ReferenceModel
+from tests.families.helpers import attention_kernels, mlp_kernels, qk_norms
 from tests.verify.helpers import (
+    SHORT,
+    assert_fails_layout_only,
     assert_reference_matches_transformers,
     embed_and_head,
     hf_float32,
@@ -42,7 +45,6 @@ from tests.verify.helpers import (
 
 LAYERS, P = 8, 4
 EXACT_KL = 1e-9
-SHORT = '{"tokens": [1, 17, 301, 44]}\n{"tokens": [9, 2, 250, 3]}\n'
 
 
 def to_maxtext(folder: Path, scan: bool) -> dict:
@@ -55,16 +57,10 @@ def to_maxtext(folder: Path, scan: bool) -> dict:
         p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
         layers.append(
             {
-                "attention/query/kernel": hf[a + "q_proj.weight"].T.reshape(e, n, d),
-                "attention/key/kernel": hf[a + "k_proj.weight"].T.reshape(e, k, d),
-                "attention/value/kernel": hf[a + "v_proj.weight"].T.reshape(e, k, d),
-                "attention/out/kernel": hf[a + "o_proj.weight"].T.reshape(n, d, e),
-                "attention/query_norm/scale": hf[a + "q_norm.weight"],
-                "attention/key_norm/scale": hf[a + "k_norm.weight"],
+                **attention_kernels(hf, a, e, n, k, d, module="attention"),
+                **qk_norms(hf, a, module="attention"),
                 "post_self_attention_layer_norm/scale": hf[p + "post_attention_layernorm.weight"],
-                "mlp/wi_0/kernel": hf[p + "mlp.gate_proj.weight"].T,
-                "mlp/wi_1/kernel": hf[p + "mlp.up_proj.weight"].T,
-                "mlp/wo/kernel": hf[p + "mlp.down_proj.weight"].T,
+                **mlp_kernels(hf, p + "mlp."),
                 "post_mlp_layer_norm/scale": hf[p + "post_feedforward_layernorm.weight"],
             }
         )
@@ -226,15 +222,7 @@ def test_a_mapping_wrong_both_ways_fails_layout(kind, tiny_model, tmp_path, monk
     else:
         monkeypatch.setattr(Olmo3, "layer_rules", _wrong(kind))
     hf_to_maxtext(src, tmp_path / "mt", scan=True, dtype="float32")
-    (tmp_path / "short.jsonl").write_text(SHORT)
-    r = verify(maxtext=tmp_path / "mt", hf=src, prompts_file=tmp_path / "short.jsonl")
-    v = r.data["verdict"]
-    print(kind, "layout KL", v["layout"]["kl_max"])
-    assert v["content"]["passed"] and v["content"]["failed"] == 0, v["content"][
-        "failures"
-    ]  # the inverse undid the mistake
-    assert not v["layout"]["passed"] and v["layout"]["kl_max"] > 100 * v["layout"]["max_kl"], v["layout"]
-    assert not r.passed
+    assert_fails_layout_only(tmp_path / "mt", src, tmp_path, kind)
 
 
 def _olmo3_with(out: Path, cfg: dict, **changes) -> Path:

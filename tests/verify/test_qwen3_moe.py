@@ -17,7 +17,7 @@ import pytest
 from converters.errors import UnsupportedModelError
 from converters.verify import DEFAULT_MAX_KL, verify
 from converters.verify.reference import ReferenceModel
-from tests.families.helpers import model_cache
+from tests.families.helpers import attention_kernels, model_cache, qk_norms
 from tests.verify.helpers import (
     assert_reference_matches_transformers,
     converted_cache,
@@ -57,12 +57,8 @@ def to_maxtext(folder: Path, scan: bool) -> dict:
         lay = {
             "pre_self_attention_layer_norm/scale": hf[p + "input_layernorm.weight"],
             "post_self_attention_layer_norm/scale": hf[p + "post_attention_layernorm.weight"],
-            "self_attention/query/kernel": hf[p + "self_attn.q_proj.weight"].T.reshape(e, n, d),
-            "self_attention/key/kernel": hf[p + "self_attn.k_proj.weight"].T.reshape(e, k, d),
-            "self_attention/value/kernel": hf[p + "self_attn.v_proj.weight"].T.reshape(e, k, d),
-            "self_attention/out/kernel": hf[p + "self_attn.o_proj.weight"].T.reshape(n, d, e),
-            "self_attention/query_norm/scale": hf[p + "self_attn.q_norm.weight"],
-            "self_attention/key_norm/scale": hf[p + "self_attn.k_norm.weight"],
+            **attention_kernels(hf, p + "self_attn.", e, n, k, d),
+            **qk_norms(hf, p + "self_attn."),
             f"{MOE}/gate/kernel": hf[p + "mlp.gate.weight"].T,
         }
         for mt, name in (("wi_0", "gate_proj"), ("wi_1", "up_proj"), ("wo", "down_proj")):

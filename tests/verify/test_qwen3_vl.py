@@ -31,12 +31,18 @@ from converters.core.transforms import Deinterleave
 from converters.families import common
 from converters.families.qwen3_vl import Qwen3VL, Qwen3VLMoe
 from converters.verify import verify
+from tests.families.helpers import attention_kernels, mlp_kernels, qk_norms
 from tests.families.test_qwen3_vl_vision import maxtext_hooks
-from tests.verify.helpers import assert_reference_matches_transformers, hf_float32, stack_layers
+from tests.verify.helpers import (
+    SHORT,
+    assert_fails_layout_only,
+    assert_reference_matches_transformers,
+    hf_float32,
+    stack_layers,
+)
 
 LAYERS, EXACT_KL = 3, 1e-9
 T = "model.language_model."
-SHORT = '{"tokens": [1, 17, 301, 44]}\n{"tokens": [9, 2, 250, 3]}\n'
 pytestmark = pytest.mark.filterwarnings("ignore:qwen3-vl:UserWarning")  # the vision tower is skipped (tested there)
 
 
@@ -58,12 +64,8 @@ def to_maxtext(folder: Path, scan: bool) -> dict:
         lay = {
             "pre_self_attention_layer_norm/scale": hf[p + "input_layernorm.weight"],
             "post_self_attention_layer_norm/scale": hf[p + "post_attention_layernorm.weight"],
-            "self_attention/query/kernel": hf[a + "q_proj.weight"].T.reshape(e, n, d),
-            "self_attention/key/kernel": hf[a + "k_proj.weight"].T.reshape(e, k, d),
-            "self_attention/value/kernel": hf[a + "v_proj.weight"].T.reshape(e, k, d),
-            "self_attention/out/kernel": hf[a + "o_proj.weight"].T.reshape(n, d, e),
-            "self_attention/query_norm/scale": hf[a + "q_norm.weight"],
-            "self_attention/key_norm/scale": hf[a + "k_norm.weight"],
+            **attention_kernels(hf, a, e, n, k, d),
+            **qk_norms(hf, a),
         }
         if "moe_intermediate_size" in t:
             f = t["moe_intermediate_size"]
@@ -72,8 +74,7 @@ def to_maxtext(folder: Path, scan: bool) -> dict:
             lay["moe_block/wi_0"], lay["moe_block/wi_1"] = gate_up[..., :f], gate_up[..., f:]
             lay["moe_block/wo"] = hf[p + "mlp.experts.down_proj"]
         else:
-            for mt, name in (("wi_0", "gate_proj"), ("wi_1", "up_proj"), ("wo", "down_proj")):
-                lay[f"mlp/{mt}/kernel"] = hf[f"{p}mlp.{name}.weight"].T
+            lay |= mlp_kernels(hf, p + "mlp.")
         layers.append(lay)
     # the tower as MaxText's hooks lay it out: a multimodal config's reference reads it (used by image prompts only)
     return out | stack_layers(layers, scan) | maxtext_hooks(hf, cfg["vision_config"])
@@ -151,12 +152,7 @@ def test_plausible_wrong_mapping_fails_layout(tiny_model, tmp_path, monkeypatch,
     src = tiny_model(family, layers=LAYERS, dtype="float32")
     monkeypatch.setattr(cls, attr, classmethod(wrong))
     hf_to_maxtext(src, tmp_path / "mt", scan=True, dtype="float32")
-    (tmp_path / "short.jsonl").write_text(SHORT)
-    r = verify(maxtext=tmp_path / "mt", hf=src, prompts_file=tmp_path / "short.jsonl")
-    v = r.data["verdict"]
-    assert v["content"]["passed"], v["content"]["failures"]  # the inverse undid the mistake
-    assert not v["layout"]["passed"] and v["layout"]["kl_max"] > 100 * v["layout"]["max_kl"], v["layout"]
-    assert not r.passed
+    assert_fails_layout_only(tmp_path / "mt", src, tmp_path, mistake)
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from converters.errors import CkptflowError, UnsupportedModelError
 from converters.verify.metrics import kl_per_token
 from converters.verify.reference import ReferenceModel, forward_for
 from converters.verify.reference.qwen import Qwen3Forward
+from tests.families.helpers import attention_kernels, mlp_kernels, qk_norms
 
 EXACT_KL = 1e-9
 
@@ -54,13 +55,8 @@ def to_maxtext(model, scan: bool) -> dict:
         lay = {
             "pre_self_attention_layer_norm/scale": sd[p + "input_layernorm.weight"],
             "post_self_attention_layer_norm/scale": sd[p + "post_attention_layernorm.weight"],
-            "self_attention/query/kernel": sd[p + "self_attn.q_proj.weight"].T.reshape(e, n, d),
-            "self_attention/key/kernel": sd[p + "self_attn.k_proj.weight"].T.reshape(e, k, d),
-            "self_attention/value/kernel": sd[p + "self_attn.v_proj.weight"].T.reshape(e, k, d),
-            "self_attention/out/kernel": sd[p + "self_attn.o_proj.weight"].T.reshape(n, d, e),
-            "mlp/wi_0/kernel": sd[p + "mlp.gate_proj.weight"].T,
-            "mlp/wi_1/kernel": sd[p + "mlp.up_proj.weight"].T,
-            "mlp/wo/kernel": sd[p + "mlp.down_proj.weight"].T,
+            **attention_kernels(sd, p + "self_attn.", e, n, k, d),
+            **mlp_kernels(sd, p + "mlp."),
         }
         if cfg.model_type == "llama":  # interleaved RoPE layout, 1/sqrt(D) baked into the query
             lay["self_attention/query/kernel"] = _interleave(lay["self_attention/query/kernel"]) / np.sqrt(d)
@@ -69,8 +65,7 @@ def to_maxtext(model, scan: bool) -> dict:
             for mt, hf in (("query", "q"), ("key", "k"), ("value", "v")):
                 lay[f"self_attention/{mt}/bias"] = sd[p + f"self_attn.{hf}_proj.bias"].reshape(-1, d)
         if cfg.model_type == "qwen3":
-            lay["self_attention/query_norm/scale"] = sd[p + "self_attn.q_norm.weight"]
-            lay["self_attention/key_norm/scale"] = sd[p + "self_attn.k_norm.weight"]
+            lay |= qk_norms(sd, p + "self_attn.")
         layers.append(lay)
     if scan:
         for key in layers[0]:
