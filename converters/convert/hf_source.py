@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from converters.convert.common import listing
 from converters.core import registry
 from converters.core.mapping import Family, Leaf
+from converters.core.transforms import Fusion, Slices
 from converters.errors import CkptflowError, MappingError
 from converters.io import quantized
 from converters.io.files import read_json
-from converters.io.safetensors import SafetensorsFolder
+from converters.io.safetensors import SafetensorsFolder, TensorInfo
 
 
 def load_hf_config(src: Path, hf_config: str | None = None, model: str | None = None) -> dict:
@@ -55,6 +58,79 @@ def with_aliases(family: type[Family], folder: SafetensorsFolder) -> Safetensors
     return folder
 
 
+class FusedFolder:
+    """A folder view in which the parts of every `Fusion` read as the one fused tensor the rules name, and the tensor
+    of every `Slices` as its views (what they replace hidden). One whose tensors are not all present is left out:
+    validation then reports what is missing."""
+
+    def __init__(self, folder, fusions: list[Fusion | Slices]):
+        self.inner = folder
+        self.folder = folder.folder
+        self.tensors = dict(folder.tensors)
+        self._fused: dict[str, Fusion] = {}
+        self._sliced: dict[str, tuple[TensorInfo, tuple]] = {}
+        for f in fusions:
+            if isinstance(f, Slices):
+                info = folder.tensors.get(f.disk)
+                if info is None:
+                    continue
+                del self.tensors[f.disk]
+                for name, index in f.views:
+                    shape = _sliced_shape(info, index)
+                    nbytes = int(np.prod(shape)) * info.dtype.itemsize
+                    self.tensors[name] = TensorInfo(name, info.dtype, shape, -1, nbytes, info.path)
+                    self._sliced[name] = (info, index)
+                continue
+            infos = [folder.tensors.get(n) for n, _ in f.parts]
+            if any(i is None for i in infos):
+                continue
+            for n, _ in f.parts:
+                del self.tensors[n]
+            shape = (sum(i.shape[0] for i in infos), *infos[0].shape[1:])  # a fusion joins rows
+            nbytes = int(np.prod(shape)) * infos[0].dtype.itemsize
+            self.tensors[f.name] = TensorInfo(f.name, infos[0].dtype, shape, -1, nbytes, infos[0].path)
+            self._fused[f.name] = f
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        if name in self.tensors:
+            return self.tensors[name]
+        return self.inner.info(name)
+
+    def read(self, name: str, rows: slice | None = None) -> np.ndarray:
+        if name in self._sliced:
+            info, index = self._sliced[name]
+            if rows is not None:
+                raise ValueError(f"{name}: a slice of {info.name} is read whole")
+            row = self.inner.read(info.name, slice(index[0], index[0] + 1))[0]
+            return np.ascontiguousarray(row[index[1:]])
+        f = self._fused.get(name)
+        if f is None:
+            return self.inner.read(name, rows)
+        if rows is not None:
+            raise ValueError(f"{name}: a fused tensor is read whole")
+        return np.ascontiguousarray(f.join([self.inner.read(n) for n, _ in f.parts]))
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def _sliced_shape(info: TensorInfo, index: tuple) -> tuple[int, ...]:
+    """The shape of `disk[index]` (index[0] an int row, then slices) without reading it."""
+    rest = info.shape[1:]
+    shape = [len(range(*s.indices(n))) for s, n in zip(index[1:], rest)]
+    return tuple(shape) + tuple(rest[len(index) - 1 :])
+
+
 def hf_source(src: Path, family: type[Family], cfg: dict):
-    """An HF folder's tensors as the rules name them: aliases resolved, quantized sources decoded while read."""
-    return quantized.decoded_source(with_aliases(family, SafetensorsFolder(src)), cfg)
+    """An HF folder's tensors as the rules name them: aliases resolved, quantized sources decoded while read, the
+    parts of fused tensors (`Family.hf_fusions`) read as one."""
+    folder = quantized.decoded_source(with_aliases(family, SafetensorsFolder(src)), cfg)
+    try:
+        fusions = family.hf_fusions(family.dims(cfg))
+    except CkptflowError:  # a config the family refuses: the caller's own dims call reports it
+        fusions = []
+    return FusedFolder(folder, fusions) if fusions else folder

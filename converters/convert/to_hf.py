@@ -25,7 +25,7 @@ from converters.convert.dropped_rows import load_dropped_rows
 from converters.core import registry
 from converters.core.direction import Direction
 from converters.core.mapping import Family, Leaf, Piece
-from converters.core.transforms import run_chain
+from converters.core.transforms import Fusion, run_chain
 from converters.errors import CkptflowError, MappingError
 from converters.io.files import read_json
 from converters.io.malloc import fix_mmap_threshold
@@ -112,6 +112,20 @@ def export_tensors(plan: list[Leaf]) -> list[tuple[Leaf, str, list[Piece] | None
     return out
 
 
+def unfused(tensors: list, fusions: list) -> list:
+    """`export_tensors` with each fused tensor (`Family.hf_fusions`) written as its parts: (leaf, HF name, pieces,
+    (fusion, part index) or None)."""
+    by_name = {f.name: f for f in fusions if isinstance(f, Fusion)}  # `Slices` views are written as the rules name them
+    out = []
+    for leaf, name, pieces in tensors:
+        f = by_name.get(name)
+        if f is None:
+            out.append((leaf, name, pieces, None))
+        else:
+            out.extend((leaf, part, pieces, (f, k)) for k, (part, _) in enumerate(f.parts))
+    return out
+
+
 # ----------------------------------------------------------------------------------------- reading and writing
 
 
@@ -172,7 +186,7 @@ class _Export:
     dtype_name: str
     dtype: np.dtype
     options: dict  # as the manifest records them
-    tensors: list  # export_tensors(plan)
+    tensors: list  # unfused(export_tensors(plan), ...)
     planned: list[PlannedTensor]  # every HF tensor as written, in order
     shards: list[list[PlannedTensor]]
     names: list[str]  # the shards' file names
@@ -200,8 +214,8 @@ def _write_shards(folder: Path, exp: _Export, mine: list[bool], progress) -> _Wr
     bar = progress(written.bytes, written.count) if progress else None
     dropped = load_dropped_rows(exp.plan, exp.reader.root)
     jobs = (
-        (name, reads, make)
-        for leaf, name, pieces in todo
+        (name, reads, make if part is None else (lambda xs, make=make, part=part: part[0].take(make(xs), part[1])))
+        for leaf, name, pieces, part in todo
         for reads, make in _tensor_blocks(leaf, pieces, leaf.rule.out_dtype(exp.dtype), dropped)
     )
     blocks = read_ahead(_pipelined_reads(jobs, exp.reader), depth=1)
@@ -322,8 +336,11 @@ def _prepare(
     cfg = family.config_for_checkpoint(cfg, set(reader.arrays))
     scan, plan = choose_plan(family, cfg, {k: reader.shape(k) for k in reader.arrays})
     options = {"scan_layers": scan, "dtype": dtype_name, "shard_bytes": shard_bytes}
-    tensors = export_tensors(plan)
-    planned = [PlannedTensor(name, leaf.hf_shape, leaf.rule.out_dtype(dtype)) for leaf, name, _ in tensors]
+    tensors = unfused(export_tensors(plan), family.hf_fusions(family.dims(cfg)))
+    planned = [
+        PlannedTensor(name, leaf.hf_shape if part is None else part[0].parts[part[1]][1], leaf.rule.out_dtype(dtype))
+        for leaf, name, _, part in tensors
+    ]
     shards = plan_shards(planned, shard_bytes)
     return _Export(
         reader,

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from converters.core.transforms import Split, Transform, run_chain
+from converters.core.transforms import Fusion, Slices, Split, Transform, run_chain
 from converters.errors import CkptflowError
 
 SCAN_AXIS = 1  # MaxText's default param_scan_axis: the layer axis is inserted at position 1
@@ -317,6 +317,12 @@ class Family:
                 tuple(f"decoder/layers_{i}" for i in range(n)),
             )
         ]
+
+    @classmethod
+    def hf_fusions(cls, d: Dims) -> list[Fusion | Slices]:
+        """HF tensors stored as several that the rules read as one (`Fusion`), or stored as one that the rules read as
+        several (`Slices`); none by default."""
+        return []
 
     @classmethod
     def ignored(cls, d: Dims) -> list[str]:

@@ -17,6 +17,7 @@ from converters.families.mistral import Mistral
 from converters.families.mixtral import Mixtral
 from converters.families.olmo3 import Olmo3
 from converters.families.qwen import Qwen3, Qwen25
+from converters.families.qwen3_5 import Qwen3_5Moe
 from converters.families.qwen3_moe import Qwen3Moe
 from converters.families.qwen3_next import Qwen3Next
 from converters.families.qwen3_vl import Qwen3VL, Qwen3VLMoe
@@ -37,6 +38,7 @@ FAMILIES: dict[str, type[Family]] = {
         DeepSeek3,
         DeepSeek32,
         Qwen3Next,
+        Qwen3_5Moe,
         Qwen3VL,
         Qwen3VLMoe,
         Olmo3,

@@ -227,6 +227,34 @@ class Chunks(Split):
         return np.concatenate(parts, axis=self.axis)
 
 
+@dataclass(frozen=True, repr=False)
+class Fusion:
+    """Several HF tensors that the rules read as one (the inverse of `Split`; Qwen3.5's `in_proj_qkv` + `in_proj_z`
+    -> Qwen3-Next's `in_proj_qkvz`). `name`: the fused tensor the rules name; `parts`: (name, shape) of the tensors
+    on disk, equal but for axis 0; `join(xs)` builds the fused tensor from them (their rows, reordered), `take(x, k)`
+    is part k of it -- exact inverses that only move elements. Reading presents `name` in place of the parts
+    (converters/convert/hf_source.py); export writes the parts (converters/convert/to_hf.py)."""
+
+    name: str
+    parts: tuple[tuple[str, tuple[int, ...]], ...]
+    join: object  # Callable[[list[np.ndarray]], np.ndarray]
+    take: object  # Callable[[np.ndarray, int], np.ndarray]
+
+    def __repr__(self) -> str:
+        return f"Fusion({self.name!r} <- {[n for n, _ in self.parts]})"
+
+
+@dataclass(frozen=True)
+class Slices:
+    """One HF tensor that the rules read as several, each `disk[index]` with `index[0]` an int (a row of the leading
+    axis): Qwen3.5's published fused experts, `gate_up_proj` `[X, 2F, emb]`, read as transformers' per-expert
+    `experts.{e}.gate_proj` / `up_proj` `[F, emb]`. Reading presents the `views` (name, index) in place of `disk`
+    (converters/convert/hf_source.py); export writes the views' names."""
+
+    disk: str
+    views: tuple[tuple[str, tuple], ...]
+
+
 def run_chain(
     chain: tuple[Transform, ...], x: np.ndarray, out_dtype: np.dtype | None, inverse: bool = False
 ) -> np.ndarray:

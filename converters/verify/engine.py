@@ -111,17 +111,19 @@ class Engine:
         else:
             self.index = TensorIndex(family.plan(config, scan=False))
         unconverted = tuple(family.ignored(family.dims(config)))  # e.g. a vision tower the family does not convert
+        # HF tensors stored as several that the rules read as one (Qwen3.5's in_proj_qkv + in_proj_z)
+        fusions = tuple(family.hf_fusions(family.dims(config)))
         self.content = ContentCheck(ckpt.dtype.name) if source is not None and ckpt is not None else None
         self.nonfinite = NonFinite()  # NaN / Inf in the source's tensors, by name
         self.hf: dict[str, HFModel] = {}
         self.mt: dict[str, Reference] = {}
         if source is not None and ckpt is None:  # golden making: the HF model alone, in the requested dtype
-            self.hf["hf"] = HFModel(config, dtype, unconverted)
+            self.hf["hf"] = HFModel(config, dtype, unconverted, fusions)
         elif source is not None:
-            self.hf["hf"] = HFModel(config, "float32", unconverted)
-            self.hf["hf_ckpt"] = HFModel(ckpt.cfg, "float32", unconverted)
+            self.hf["hf"] = HFModel(config, "float32", unconverted, fusions)
+            self.hf["hf_ckpt"] = HFModel(ckpt.cfg, "float32", unconverted, fusions)
             if dtype == "bfloat16":
-                self.hf["hf_bf16"] = HFModel(config, "bfloat16", unconverted)
+                self.hf["hf_bf16"] = HFModel(config, "bfloat16", unconverted, fusions)
         if ckpt is not None:
             for name, dt in (("maxtext", "float32"), ("maxtext_bf16", "bfloat16")):
                 if dt == dtype or (name == "maxtext" and source is not None):

@@ -33,6 +33,7 @@ from typing import Callable
 
 import numpy as np
 
+from converters.core.transforms import Fusion
 from converters.errors import CkptflowError
 
 log = logging.getLogger("ckptflow.verify")
@@ -142,7 +143,7 @@ class HFPrompt:
 class HFModel:
     """transformers' model of `config` (a config.json dict) in `dtype`, weights loaded stage by stage."""
 
-    def __init__(self, config: dict, dtype: str = "float32", unconverted: tuple[str, ...] = ()):
+    def __init__(self, config: dict, dtype: str = "float32", unconverted: tuple[str, ...] = (), fusions: tuple = ()):
         import torch
         from transformers import CONFIG_MAPPING, AutoModelForCausalLM
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -197,6 +198,7 @@ class HFModel:
         self._row_tables: dict[str, object] = {}  # checkpoint name -> embedding module looked up by id (`by_rows`)
         # regexes of tensors the conversion leaves out (an unconverted vision tower): never loaded, never run on text
         self._unconverted = tuple(re.compile(p) for p in unconverted)
+        self._fusions = {f.name: f for f in fusions if isinstance(f, Fusion)}
 
     @property
     def num_layers(self) -> int:
@@ -226,6 +228,7 @@ class HFModel:
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
 
+        tensors = self._unfused(tensors)
         state = {name: to_torch(a) if isinstance(a, np.ndarray) else a for name, a in tensors.items()}
         info, _ = convert_and_load_state_dict_in_model(
             self.model,
@@ -255,6 +258,20 @@ class HFModel:
             raise CkptflowError(
                 f"no tensor for {', '.join(empty[:5])} (transformers' {type(self.model).__name__} expects them)"
             )
+
+    def _unfused(self, tensors: dict) -> dict:
+        """Fused tensors the rules name (`Family.hf_fusions`) as the parts transformers expects."""
+        if not any(n in self._fusions for n in tensors):
+            return tensors
+        out = {}
+        for name, a in tensors.items():
+            f = self._fusions.get(name)
+            if f is None:
+                out[name] = a
+                continue
+            x = a if isinstance(a, np.ndarray) else a.float().numpy()
+            out.update((part, f.take(x, k)) for k, (part, _) in enumerate(f.parts))
+        return out
 
     def release(self, module) -> None:
         """Put a module's parameters and checkpoint buffers back on the meta device: the memory goes with the last
