@@ -441,6 +441,8 @@ PARAMS_B = {
     "kimi-k2-1t": 1026.41,  # "1T": MaxText's tree for kimi-k2-1t holds the same 1026.41 B
     # Qwen3-Next "80B" without its mtp.* module
     "qwen3-next-80b-a3b": 79.67,
+    "qwen3.5-35b-a3b": 34.66,
+    "qwen3.5-397b-a17b": 396.35,
     "gemma2-2b": 2.61,
     "gemma2-9b": 9.24,
     "gemma2-27b": 27.23,
@@ -522,13 +524,14 @@ def test_real_size_plan(name):
     # every unscanned layer leaf is the scanned leaf with the layer axis removed (axis 1, also for [E, L, ...]
     # expert stacks); GPT-OSS scans two interleaved stacks, decoder/layers/layers_0 and layers_1; Qwen3-Next nests
     # layer 0 in decoder/layers/local_layers with two layer axes, [.., blocks, 3, ..], Gemma4 in
-    # decoder/scanned_blocks/local_layers, [.., blocks, 5, ..]
+    # decoder/scanned_blocks/local_layers, [.., blocks, 5, ..]; Qwen3.5 in decoder/layers/layer_0, [.., blocks, ..]
     for path, shape in unscanned.items():
         if path.startswith("decoder/layers_0/"):
             s = (
                 scanned.get(path.replace("layers_0", "layers", 1))
                 or scanned.get(path.replace("layers_0", "layers/local_layers", 1))
                 or scanned.get(path.replace("layers_0", "scanned_blocks/local_layers", 1))
+                or scanned.get(path.replace("layers_0", "layers/layer_0", 1))
                 or scanned[path.replace("layers_0", "layers/layers_0", 1)]
             )
             k = len(s) - len(shape)  # the stacked axes, from axis 1 on
