@@ -79,6 +79,15 @@ def _config_diffs(a: dict, b: dict) -> list[str]:
     return [f for f in _ARCH_FIELDS if (f in a or f in b) and a.get(f) != b.get(f)]
 
 
+def _as_transformers_builds_it(config: dict) -> dict:
+    """The config under the model_type transformers builds it as: Kimi-K2's `kimi_k2` is DeepSeek-V3 (its repos load it
+    through remote code, never run here). Both sides of verify then see the same deepseek_v3 model."""
+    from converters.families.deepseek import TRANSFORMERS_MODEL_TYPE
+
+    mt = config.get("model_type")
+    return {**config, "model_type": TRANSFORMERS_MODEL_TYPE[mt]} if mt in TRANSFORMERS_MODEL_TYPE else config
+
+
 def prompt_vocab_size(config: dict) -> int:
     """Token ids both sides can embed: the reference spec's vocabulary (the HF one, read from a nested
     `text_config` for multimodal configs, and cut to the rows MaxText holds: Gemma3 262144 of 262208)."""
@@ -208,6 +217,7 @@ def verify(
         registry.family_for_config(config)  # unsupported model type or class: fail before reading anything
         tokenizer = load_tokenizer(sidecar, cfg_dir)
 
+    config = _as_transformers_builds_it(config)
     ckpt = CheckpointWeights(items, config)
     family = registry.family_for_config(config)
     source = None
@@ -448,7 +458,7 @@ def make_golden(
 
     if dtype not in DTYPE_CHOICES:
         raise CkptflowError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPE_CHOICES)})")
-    config = read_config(hf)
+    config = _as_transformers_builds_it(read_config(hf))
     family = registry.family_for_config(config)
     tokenizer = load_tokenizer(hf)
     prompts = build_prompts(

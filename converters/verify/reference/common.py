@@ -83,7 +83,12 @@ def hf_config_object(config: dict):
     """
     from transformers import CONFIG_MAPPING  # local import: heavy
 
+    from converters.families.deepseek import TRANSFORMERS_MODEL_TYPE
+
     model_type = config.get("model_type")
+    if model_type in TRANSFORMERS_MODEL_TYPE:  # Kimi-K2's kimi_k2 is DeepSeek-V3 under its own name
+        model_type = TRANSFORMERS_MODEL_TYPE[model_type]
+        config = {**config, "model_type": model_type}
     if model_type not in CONFIG_MAPPING:
         raise UnsupportedModelError(f"unknown model_type {model_type!r} in config.json")
     try:
