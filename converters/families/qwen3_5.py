@@ -21,10 +21,13 @@ Qwen3-Next's (converters/families/qwen3_next.py, converters/verify/reference/qwe
     tying the top-level flag;
   * RoPE: `use_mrope` with `mrope_section [11, 11, 10]` over the 64 rotary dims; a text token's three positions are
     its one position, so on text it is the partial half-split RoPE Qwen3-Next's reference computes.
-Not converted (refused or skipped, with the reason): the vision tower `model.visual.*` (skipped with a warning, as
-MaxText with use_multimodal=false; transformers initialises it randomly on export, text logits are unaffected); the
-`-fp8` repos (per-expert FP8 tensors with 128x128 block scales); the multi-token-prediction module `mtp.*` (skipped,
-as by transformers and MaxText).
+The `-fp8` repos (Qwen/Qwen3.5-*-FP8: float8 e4m3 projections with a `weight_scale_inv` per 128x128 block, the experts
+per expert, as MaxText's param_mapping.py reads them) are decoded while read, as DeepSeek-V3's
+(converters/io/quantized.py `Fp8Folder`, before the fusions above), into the bf16 model's tree; MaxText's own
+`qwen3.5-*-fp8` model names, which hold float8 kernels with `kernel_scale` arrays, are not written.
+Not converted (skipped, with the reason): the vision tower `model.visual.*` (with a warning, as MaxText with
+use_multimodal=false; transformers initialises it randomly on export, text logits are unaffected); the
+multi-token-prediction module `mtp.*` (as by transformers and MaxText).
 """
 
 from __future__ import annotations
@@ -231,10 +234,10 @@ class Qwen3_5Moe(Qwen3Next):
                 f"{cls.name}: model_type {cfg.get('model_type')!r}: convert the Qwen3_5MoeForConditionalGeneration "
                 "checkpoint (model_type qwen3_5_moe, the published layout)"
             )
-        if cfg.get("quantization_config"):
+        qc = cfg.get("quantization_config")
+        if qc and (not isinstance(qc, dict) or qc.get("quant_method") != "fp8"):
             raise UnsupportedModelError(
-                f"{cls.name}: quantized (-fp8) Qwen3.5 checkpoints are not converted yet (per-expert FP8 tensors with "
-                "block scales); convert the bf16 repo"
+                f"{cls.name}: quantization_config {qc!r}: only the FP8 block-scaled (-fp8) repos are read"
             )
         t = dict(cfg.get("text_config") or {})
         rp = t.get("rope_parameters") or {}

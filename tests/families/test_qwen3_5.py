@@ -146,6 +146,48 @@ def test_exported_folder_loads_in_transformers_with_same_logits(hf_model, tmp_pa
     assert torch.equal(got, want)
 
 
+# the -fp8 repos' quantized projections (MaxText's configs/models/qwen3.5-*-fp8.yml: all but the embedding, lm_head,
+# router, shared_expert_gate, conv1d, in_proj_b/a, A_log, dt_bias and the norms)
+FP8_QUANTIZED = ("_proj.weight", "in_proj_qkv.weight", "in_proj_z.weight")
+
+
+@pytest.mark.slow
+def test_fp8_source_converts_like_its_dequantized_twin(hf_model, tmp_path):
+    """An FP8 folder (16x16 blocks: the tiny tensors are smaller than 128x128) converts to the checkpoint of its bf16
+    twin (the decoded values), bit for bit, and verifies against the FP8 folder; the export is the twin, without
+    quantization_config."""
+    from tests.io.test_quantized import BF16, quantize_fp8
+
+    src = hf_model()
+    quantized, twin = {}, {}
+    for name, t in hf_tensors(src).items():
+        if name.endswith(FP8_QUANTIZED) and "in_proj_b" not in name and "in_proj_a" not in name:
+            q, scale = quantize_fp8(t)
+            quantized[name], quantized[name + "_scale_inv"] = q, scale
+            full = np.repeat(np.repeat(scale, 16, 0), 16, 1)[: t.shape[0], : t.shape[1]]
+            twin[name] = (q.astype(np.float32) * full).astype(BF16)
+        else:
+            quantized[name] = twin[name] = t
+    assert (
+        sum(n.endswith("_scale_inv") for n in quantized) == 8 * (3 + 8 * 3) + 6 * 3 + 2 * 4
+    )  # shared + routed experts; GDN; attention
+    cfg = json.loads((src / "config.json").read_text())
+    qc = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [16, 16]}
+    fp8 = write_folder(src, tmp_path / "fp8", quantized)
+    (fp8 / "config.json").write_text(json.dumps({**cfg, "quantization_config": qc}))
+    twin_dir = write_folder(src, tmp_path / "twin", twin)
+    hf_to_maxtext(fp8, tmp_path / "a", scan=True)
+    hf_to_maxtext(twin_dir, tmp_path / "b", scan=True)
+    assert_bit_exact(read_params(tmp_path / "b"), read_params(tmp_path / "a"))
+    maxtext_to_hf(tmp_path / "a", tmp_path / "hf")
+    assert "quantization_config" not in json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert_bit_exact(twin, hf_tensors(tmp_path / "hf"))
+    from converters.verify import verify
+
+    r = verify(maxtext=tmp_path / "a", hf=fp8)  # against the FP8 folder itself, decoded as the conversion reads it
+    assert r.passed and r.data["summary"]["kl_max"] < 1e-9, r.data["summary"]
+
+
 # MaxText 0.2.5's own abstract tree of qwen3.5-35b-a3b (nnx.eval_shape at real size, scan_layers=true; the 673
 # unscanned arrays were compared the same way): per cycle position p, the layer axis at 1
 _MT_GDN = {
@@ -213,7 +255,7 @@ def test_real_models_and_unsupported_variants():
     fam, cfg = registry.model("qwen3.5-35b-a3b")
     text = cfg["text_config"]
     for bad, match in (
-        ({**cfg, "quantization_config": {"quant_method": "fp8"}}, "fp8"),
+        ({**cfg, "quantization_config": {"quant_method": "mxfp4"}}, "FP8"),
         ({**cfg, "model_type": "qwen3_5_moe_text"}, "Qwen3_5MoeForConditionalGeneration"),
         ({**cfg, "text_config": {**text, "shared_expert_intermediate_size": 1024}}, "shared_expert"),
         ({**cfg, "text_config": {**text, "layer_types": ["full_attention"] * 40}}, "layer_types"),
