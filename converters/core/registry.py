@@ -13,6 +13,7 @@ from converters.families.gemma4 import Gemma4
 from converters.families.gemma4_small import Gemma4Small
 from converters.families.gpt_oss import GptOss
 from converters.families.llama import Llama31
+from converters.families.llama4 import Llama4
 from converters.families.mistral import Mistral
 from converters.families.mixtral import Mixtral
 from converters.families.olmo3 import Olmo3
@@ -44,6 +45,7 @@ FAMILIES: dict[str, type[Family]] = {
         Olmo3,
         Gemma4,
         Gemma4Small,
+        Llama4,
     )
 }
 

@@ -180,6 +180,8 @@ class HFModel:
         m = self.model
         self.text_config = m.config.get_text_config()
         self.decoder = m.get_decoder()
+        if not hasattr(self.decoder, "layers"):  # Llama4ForCausalLM: base_model_prefix names no attribute of it
+            self.decoder = m.model
         self.layers = self.decoder.layers
         self.embed = m.get_input_embeddings()
         self.head = m.get_output_embeddings()
@@ -320,11 +322,14 @@ class HFModel:
             module = self.model.get_submodule(path)
             self._lazy[(module, name)] = module._parameters.pop(name)
             setattr(module, name, _ExpertSlices(fetch, full))
+            if type(module).__name__ == "Llama4TextExperts" and "forward" not in vars(module):
+                module.forward = functools.partial(_llama4_experts, module)
 
     def remove_experts(self) -> None:
         for (module, name), meta in self._lazy.items():
             delattr(module, name)
             module._parameters[name] = meta
+            vars(module).pop("forward", None)
         self._lazy.clear()
 
     # ---- stages ---------------------------------------------------------------------------------------------
@@ -388,6 +393,11 @@ class HFModel:
         for i, layer in enumerate(self.layers):
             layer.forward = recorder(i)
         extra = {k: torch.from_numpy(np.asarray(v)) for k, v in (inputs or {}).items()}
+        # Llama 4 moves the ids to `embed_tokens.weight.device` before the lookup: a CPU placeholder, not meta
+        meta_weight = emb._parameters["weight"]
+        emb._parameters["weight"] = nn.Parameter(
+            torch.empty((0, meta_weight.shape[-1]), dtype=meta_weight.dtype), False
+        )
         if "pixel_values" in extra:
             extra["pixel_values"] = extra["pixel_values"].to(self.dtype)
         try:
@@ -395,6 +405,7 @@ class HFModel:
         except _Stop:
             pass
         finally:
+            emb._parameters["weight"] = meta_weight
             del emb.forward
             for m, _ in tables:
                 del m.forward
@@ -458,6 +469,21 @@ class _ExpertSlices:
 
     def __getitem__(self, e):
         return self.fetch(int(e))[self.name]
+
+
+def _llama4_experts(module, hidden_states):
+    """transformers' Llama4TextExperts.forward (one bmm over all experts of the whole fused tensors) one expert at a
+    time. Its input is every token once per expert, scaled by that expert's router score: 0 for the experts a
+    token does not use, whose output rows are then exactly 0 (silu(0) * 0), so an expert no token uses is skipped."""
+    import torch
+
+    h = hidden_states.view(module.num_experts, -1, module.hidden_size)
+    out = torch.zeros_like(h)
+    for e in range(module.num_experts):
+        if bool(h[e].any()):
+            gate, up = torch.matmul(h[e], module.gate_up_proj[e]).chunk(2, dim=-1)
+            out[e] = torch.matmul(up * module.act_fn(gate), module.down_proj[e])
+    return out.view(-1, module.hidden_size)
 
 
 def _has_experts(cfg) -> bool:
