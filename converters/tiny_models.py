@@ -61,6 +61,10 @@ def tiny_config(family: str, *, layers: int = 2, vocab: int = 512, tied: bool | 
         from converters.families.qwen3_5 import tiny_multimodal
 
         return tiny_multimodal(cfg, dims, layers=layers, vocab=vocab, tied=tied)
+    if cfg.get("model_type") == "llama4":  # the text model, or (`-mm`) the published multimodal layout
+        from converters.families.llama4 import tiny_config as llama4_tiny
+
+        return llama4_tiny(family, cfg, dims, layers=layers, vocab=vocab, tied=tied)
     if "text_config" in cfg:  # Gemma3: shrink the text model; keep the vision tower only for the multimodal variant
         text = {**cfg["text_config"], "architectures": ["Gemma3ForCausalLM"], "tie_word_embeddings": True}
         text.update(dims, num_hidden_layers=layers, vocab_size=vocab, bos_token_id=1, eos_token_id=2)
@@ -115,8 +119,8 @@ def make_test_model(
     config = AutoConfig.for_model(model_type, **cfg)
     torch.manual_seed(seed)
     auto = AutoModelForCausalLM
-    # no causal-LM class (Qwen3-VL), or one without the tower (Qwen3.5): the image-text-to-text one
-    if type(config) not in auto._model_mapping or model_type == "qwen3_5_moe":
+    # no causal-LM class (Qwen3-VL), or one without the tower (Qwen3.5, Llama 4): the image-text-to-text one
+    if type(config) not in auto._model_mapping or model_type in ("qwen3_5_moe", "llama4"):
         from transformers import AutoModelForImageTextToText as auto
     model = auto.from_config(config, dtype=torch.float32)
     g = torch.Generator().manual_seed(seed)

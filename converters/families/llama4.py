@@ -21,13 +21,28 @@ chunks of `chunk_attn_window_size`; every `nope_layer_interval`-th layer (4) has
 scales its query by MaxText's fixed temperature tuning (0.1, floor 8192); routing is top-1 with a sigmoid score
 multiplied into the expert's input.
 
-Only the text model (`Llama4ForCausalLM`, model_type `llama4_text`) is converted. `models` holds the published
-`text_config` of each release as a `Llama4ForCausalLM` config. A multimodal checkpoint
-(`Llama4ForConditionalGeneration`, model_type `llama4`: `language_model.model.*`, `vision_model.*`,
-`multi_modal_projector.*`) is refused: the vision tower is not mapped yet.
+Two HF layouts of the same language model, converted to the same MaxText arrays:
+  * the text model, `Llama4ForCausalLM` (model_type `llama4_text`): `model.*`, `lm_head.weight`;
+  * the multimodal checkpoint the meta-llama/Llama-4-{Scout-17B-16E,Maverick-17B-128E}(-Instruct) repos publish,
+    `Llama4ForConditionalGeneration` (model_type `llama4`, the text model's config in `text_config`): the language
+    model under `language_model.` (`language_model.model.*`, `language_model.lm_head.weight`; transformers 4.51,
+    which wrote the repos, and transformers 5 name them alike), read by the text model's rules under that prefix, as
+    Qwen3.5's (converters/families/qwen3_5.py). Not converted: the vision tower `vision_model.*` and
+    `multi_modal_projector.*` (skipped with a warning, as MaxText with use_multimodal=false).
+`models` holds the published multimodal configs (their `text_config`s rebuilt from MaxText's ymls, `LLAMA4_SCOUT` /
+`LLAMA4_MAVERICK` as `Llama4ForCausalLM` configs).
+Export (MaxText -> HF) writes the layout of the config it is given: a checkpoint converted from a text model (its
+sidecar config `llama4_text`, or `--hf-config` a Llama4ForCausalLM config) stays a `Llama4ForCausalLM` folder; one
+converted from a multimodal folder, or exported with `--model llama4-17b-*` (the published configs), is written as
+the multimodal checkpoint's language model (`Llama4ForConditionalGeneration`, `language_model.*`, no tower tensors:
+transformers initialises the tower randomly, text logits are unaffected), as Qwen3.5's exports.
 """
 
 from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
 
 from converters.core.mapping import Dims, LayerGroup, Rule, require
 from converters.core.transforms import Chunks, Kernel
@@ -39,6 +54,7 @@ CYCLE = 4  # MaxText's inhomogeneous_layer_cycle_interval for both models: the s
 NOPE_INTERVAL = 4  # MaxText's nope_layer_interval for both models
 MOE = "Llama4MoEBlock_0"
 FF = L + "feed_forward."
+TEXT = "language_model."  # the language model's prefix in a multimodal (Llama4ForConditionalGeneration) checkpoint
 
 
 def _published(experts: int, step: int, max_pos: int, rope_scaling, qk_norm: bool) -> dict:
@@ -96,6 +112,50 @@ _SCOUT_ROPE = {
 LLAMA4_SCOUT = _published(16, 1, 10485760, _SCOUT_ROPE, True)
 LLAMA4_MAVERICK = _published(128, 2, 1048576, None, False)
 
+# the published vision_config (both releases; MaxText's llama4 ymls: hidden_size_for_vit 1408, 34 layers, 16 heads,
+# intermediate 5632, image 336 / patch 14, pixel shuffle 0.5, projector 4096)
+_VISION = {
+    "attention_dropout": 0.0,
+    "hidden_act": "gelu",
+    "hidden_size": 1408,
+    "image_size": 336,
+    "initializer_range": 0.02,
+    "intermediate_size": 5632,
+    "model_type": "llama4_vision_model",
+    "multi_modal_projector_bias": False,
+    "norm_eps": 1e-05,
+    "num_attention_heads": 16,
+    "num_channels": 3,
+    "num_hidden_layers": 34,
+    "patch_size": 14,
+    "pixel_shuffle_ratio": 0.5,
+    "projector_dropout": 0.0,
+    "projector_input_dim": 4096,
+    "projector_output_dim": 4096,
+    "rope_theta": 10000,
+    "vision_feature_layer": -1,
+    "vision_feature_select_strategy": "default",
+    "vision_output_dim": 4096,
+}
+
+
+def multimodal(text: dict) -> dict:
+    """The published Llama4ForConditionalGeneration config.json around a text model's config."""
+    t = {k: v for k, v in text.items() if k != "architectures"}
+    return {
+        "architectures": ["Llama4ForConditionalGeneration"],
+        "boi_token_index": 200080,
+        "eoi_token_index": 200081,
+        "image_token_index": 200092,
+        "model_type": "llama4",
+        "text_config": t,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.51.0.dev0",
+        "vision_config": copy.deepcopy(_VISION),
+    }
+
+
 # Tiny test models: heads * head_dim != hidden, top-1 (the only routing MaxText's llama4 block has), a 32-token
 # chunk the long verification prompt crosses many times. 4 layers: RoPE, RoPE, RoPE, NoPE.
 _TINY = {
@@ -111,6 +171,35 @@ _TINY = {
     "no_rope_layers": None,
     "pad_token_id": 0,
 }
+# the multimodal test model's vision tower (skipped by the conversion): one block, 28px images of 14px patches
+TINY_VISION = {
+    "hidden_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 48,
+    "image_size": 28,
+    "patch_size": 14,
+    "vision_output_dim": 32,
+    "projector_input_dim": 32,
+    "projector_output_dim": 32,
+}
+
+
+def tiny_config(name: str, cfg: dict, dims: dict, *, layers: int, vocab: int, tied: bool | None) -> dict:
+    """A tiny Llama 4 config from a published (multimodal) one (converters/tiny_models.py `tiny_config`): the text
+    model (`Llama4ForCausalLM`), or for a `-mm` test model the multimodal checkpoint with a tiny vision tower."""
+    text = {**cfg["text_config"], "architectures": ["Llama4ForCausalLM"]}
+    text.update(dims, num_hidden_layers=layers, vocab_size=vocab, bos_token_id=1, eos_token_id=2)
+    if tied is not None:
+        text["tie_word_embeddings"] = tied
+    if not name.endswith("-mm"):
+        return text
+    out = multimodal(text)
+    out["vision_config"].update(TINY_VISION)
+    for i, k in enumerate(("boi_token_index", "eoi_token_index", "image_token_index")):
+        out[k] = vocab - 3 + i
+    out["tie_word_embeddings"] = text["tie_word_embeddings"]
+    return out
 
 
 def moe_layer(l: int, step: int) -> bool:
@@ -128,17 +217,44 @@ class Llama4(common.DecoderOnly):
         "llama4": ("llama4-17b-16e", dict(_TINY)),
         # Maverick's path: dense and MoE layers interleaved, no qk norm, no rope scaling
         "llama4-interleaved": ("llama4-17b-128e", dict(_TINY)),
+        # the published multimodal layout (Llama4ForConditionalGeneration) around Maverick's path, a tiny tower
+        "llama4-mm": ("llama4-17b-128e", dict(_TINY)),
     }
-    models = {"llama4-17b-16e": LLAMA4_SCOUT, "llama4-17b-128e": LLAMA4_MAVERICK}
+    models = {"llama4-17b-16e": multimodal(LLAMA4_SCOUT), "llama4-17b-128e": multimodal(LLAMA4_MAVERICK)}
+    # the multimodal checkpoint's vision tower and projector (not converted)
+    ignored_hf = (r".*rotary_emb\.inv_freq", r"vision_model\..*", r"multi_modal_projector\..*")
 
     @classmethod
     def dims(cls, cfg: dict) -> Dims:
-        if cfg.get("model_type") == "llama4" or cfg.get("vision_config") is not None:
+        if cfg.get("model_type") == "llama4":  # Llama4ForConditionalGeneration: the language model in text_config
+            t = cfg.get("text_config")
+            if not isinstance(t, dict) or t.get("model_type", "llama4_text") != "llama4_text":
+                raise UnsupportedModelError(
+                    f"{cls.name}: a multimodal (model_type llama4) config.json needs the text model's config in "
+                    "text_config (model_type llama4_text)"
+                )
+            if bool(cfg.get("tie_word_embeddings", False)) != bool(t.get("tie_word_embeddings", False)):
+                raise UnsupportedModelError(
+                    f"{cls.name}: tie_word_embeddings differs between config.json and its text_config"
+                )
+            d = cls._text_dims(t)
+            d.extra["multimodal"] = True
+            if cfg.get("vision_config"):
+                warnings.warn(
+                    f"{cls.name}: the vision tower (vision_model.*, multi_modal_projector.*) is not converted: the "
+                    "language model only, as MaxText with use_multimodal=false",
+                    stacklevel=3,
+                )
+            return d
+        if cfg.get("vision_config") is not None or cfg.get("text_config") is not None:
             raise UnsupportedModelError(
-                "llama4: multimodal checkpoints (Llama4ForConditionalGeneration) are not supported yet: the vision "
-                "tower (vision_model.*, multi_modal_projector.*) is not mapped; convert the text model "
-                "(Llama4ForCausalLM) instead"
+                f"{cls.name}: model_type {cfg.get('model_type')!r} with a vision_config / text_config: a multimodal "
+                "Llama 4 checkpoint is model_type llama4 (Llama4ForConditionalGeneration)"
             )
+        return cls._text_dims(cfg)
+
+    @classmethod
+    def _text_dims(cls, cfg: dict) -> Dims:
         d = moe_common.moe_dims(
             super().dims(cfg), cfg, cls.name, experts_key="num_local_experts", mlp_key="intermediate_size"
         )
@@ -161,7 +277,19 @@ class Llama4(common.DecoderOnly):
             )
         d.extra["step"] = step
         d.extra["dense_mlp"] = int(require(cfg, "intermediate_size_mlp", cls.name)) if step > 1 else None
+        d.extra["multimodal"] = False
         return d
+
+    @classmethod
+    def _text(cls, d: Dims, rules) -> list[Rule]:
+        """The text model's rules, under the multimodal checkpoint's `language_model.` prefix when it is one."""
+        if not d.extra["multimodal"]:
+            return list(rules)
+        return [dataclasses.replace(r, hf=TEXT + r.hf) for r in rules]
+
+    @classmethod
+    def global_rules(cls, d: Dims) -> list[Rule]:
+        return cls._text(d, super().global_rules(d))
 
     @classmethod
     def kind_rules(cls, d: Dims, moe: bool) -> tuple[Rule, ...]:
@@ -173,22 +301,27 @@ class Llama4(common.DecoderOnly):
         ]
         if not moe:
             F = d.extra["dense_mlp"]
-            return (*rules, *_glu(E, F, FF, "mlp"))
+            return tuple(cls._text(d, (*rules, *_glu(E, F, FF, "mlp"))))
         F, X = d.mlp, moe_common.experts(d)
         x = f"{MOE}/MoeBlock_0"
-        return (
-            *rules,
-            *moe_common.router(d, FF + "router", f"{x}/gate"),
-            Rule(
-                FF + "experts.gate_up_proj",
-                (f"{x}/wi_0", f"{x}/wi_1"),
-                hf_shape=(E, 2 * F),
-                mt_shape=(E, F),
-                experts=X,
-                split=Chunks(2, axis=1),  # gate columns first, then up (transformers' gate_up.chunk(2, -1))
-            ),
-            Rule(FF + "experts.down_proj", f"{x}/wo", hf_shape=(F, E), mt_shape=(F, E), experts=X),
-            *_glu(E, F, FF + "shared_expert.", f"{MOE}/shared_experts"),
+        return tuple(
+            cls._text(
+                d,
+                (
+                    *rules,
+                    *moe_common.router(d, FF + "router", f"{x}/gate"),
+                    Rule(
+                        FF + "experts.gate_up_proj",
+                        (f"{x}/wi_0", f"{x}/wi_1"),
+                        hf_shape=(E, 2 * F),
+                        mt_shape=(E, F),
+                        experts=X,
+                        split=Chunks(2, axis=1),  # gate columns first, then up (transformers' gate_up.chunk(2, -1))
+                    ),
+                    Rule(FF + "experts.down_proj", f"{x}/wo", hf_shape=(F, E), mt_shape=(F, E), experts=X),
+                    *_glu(E, F, FF + "shared_expert.", f"{MOE}/shared_experts"),
+                ),
+            )
         )
 
     @classmethod
@@ -215,6 +348,15 @@ class Llama4(common.DecoderOnly):
             )
             for p in range(CYCLE)
         ]
+
+    @classmethod
+    def export_config(cls, cfg: dict, dtype: str) -> dict:
+        out = super().export_config(cfg, dtype)
+        if isinstance(out.get("text_config"), dict):  # the multimodal layout: its text model's dtype too
+            t = out["text_config"] = dict(out["text_config"])
+            t.pop("torch_dtype", None)
+            t["dtype"] = dtype
+        return out
 
 
 def _glu(E: int, F: int, hf: str, mt: str) -> list[Rule]:

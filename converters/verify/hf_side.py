@@ -167,6 +167,8 @@ class HFModel:
             cfg = CONFIG_MAPPING[model_type].from_dict(copy.deepcopy(config))
             with _parameters_on_meta():
                 kwargs = {"experts_implementation": "eager"} if _has_experts(cfg) else {}
+                # a multimodal Llama 4 config (`llama4`): AutoModelForCausalLM builds its language model alone,
+                # Llama4ForCausalLM on `text_config`, which loads the folder's `language_model.*` tensors
                 auto = AutoModelForCausalLM
                 if type(cfg) not in auto._model_mapping:  # no causal-LM class (Qwen3-VL): its image-text-to-text one
                     from transformers import AutoModelForImageTextToText as auto

@@ -6,22 +6,28 @@ Maverick's path: dense, MoE, dense, MoE): 4 heads x head_dim 32 != hidden 64, 4 
 with a plain-numpy layout of the HF tensors (gate_up_proj's first half -> wi_0, second -> wi_1, no transpose;
 down_proj as is; router and Linear weights transposed; no RoPE permutation, no query scale -- the layout
 MaxText's standalone_scripts/llama4_ckpt_unscanned.py writes for scale_query=False).
+
+The multimodal checkpoint (`["llama4-mm"]`: Llama4ForConditionalGeneration around Maverick's path, a one-block vision
+tower; the published repos' and transformers 5's key names, `language_model.model.*`, `language_model.lm_head.weight`,
+`vision_model.*`, `multi_modal_projector.*`) converts to the arrays of its text twin (the same language-model tensors
+saved as a Llama4ForCausalLM folder) bit for bit, with the vision tower skipped and a warning.
 """
 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 
-from converters.convert import hf_to_maxtext
+from converters.convert import hf_to_maxtext, maxtext_to_hf
 from converters.core import registry
 from converters.errors import UnsupportedModelError
-from converters.families.llama4 import LLAMA4_MAVERICK, LLAMA4_SCOUT, Llama4
+from converters.families.llama4 import LLAMA4_MAVERICK, LLAMA4_SCOUT, TEXT, Llama4, multimodal
 from converters.io.orbax import read_params
 from converters.tiny_models import tiny_config
-from tests.families.helpers import bits, exported_logits, hf_tensors, model_cache, round_trip
+from tests.families.helpers import assert_bit_exact, bits, exported_logits, hf_tensors, model_cache, round_trip
 
 LAYERS, EXPERTS = 4, 4
 E, N, KV, D, F, FD = 64, 4, 2, 32, 48, 96
@@ -36,6 +42,29 @@ def scout(tmp_path_factory):
 @pytest.fixture(scope="module")
 def maverick(tmp_path_factory):
     return model_cache(tmp_path_factory, "llama4-interleaved", LAYERS)
+
+
+@pytest.fixture(scope="module")
+def mm(tmp_path_factory):
+    return model_cache(tmp_path_factory, "llama4-mm", LAYERS)
+
+
+VISION = "the vision tower (vision_model.*, multi_modal_projector.*) is not converted"
+
+
+def text_twin(src, out):
+    """The language model of multimodal folder `src` saved as a Llama4ForCausalLM folder (same tensors, bytes as
+    stored), with `text_config` as its config."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((src / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg["text_config"], "architectures": ["Llama4ForCausalLM"]}))
+    tensors = {}
+    for f in src.glob("*.safetensors"):
+        tensors.update({k[len(TEXT) :]: v for k, v in load_file(f).items() if k.startswith(TEXT)})
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
 
 
 def expected_layer(hf: dict, i: int, moe: bool) -> dict:
@@ -150,9 +179,89 @@ def test_published_configs_are_maxtexts_ymls():
     assert LLAMA4_SCOUT["rope_scaling"]["rope_type"] == "llama3" and LLAMA4_MAVERICK["rope_scaling"] is None
 
 
+def test_multimodal_folder_holds_the_published_key_names(mm):
+    names = set(hf_tensors(mm()))
+    cfg = json.loads((mm() / "config.json").read_text())
+    assert cfg["model_type"] == "llama4" and cfg["architectures"] == ["Llama4ForConditionalGeneration"]
+    assert {"language_model.lm_head.weight", "language_model.model.embed_tokens.weight"} <= names
+    assert "language_model.model.layers.1.feed_forward.experts.gate_up_proj" in names
+    assert {n.split(".")[0] for n in names} == {"language_model", "vision_model", "multi_modal_projector"}
+
+
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unscanned"])
+def test_multimodal_converts_to_its_text_twins_arrays(mm, tmp_path, scan):
+    src = mm()
+    twin = text_twin(src, tmp_path / "twin")
+    with pytest.warns(UserWarning, match=re.escape(VISION)):
+        hf_to_maxtext(src, tmp_path / "mt", scan=scan)
+    hf_to_maxtext(twin, tmp_path / "mt-twin", scan=scan)
+    params, want = read_params(tmp_path / "mt"), read_params(tmp_path / "mt-twin")
+    assert len(params) == 47  # 4 layers (2 dense, 2 MoE) + embedding, final norm, logits kernel
+    assert_bit_exact(params, want)
+    # and the arrays are the text model's layout (not merely equal to another run of the same rules)
+    assert mismatches(params, hf_tensors(twin), scan, step=2) == []
+
+
+def test_multimodal_round_trip_and_exports(mm, tmp_path):
+    """Multimodal folder -> MaxText -> HF: its own layout (Llama4ForConditionalGeneration, the language model's tensors
+    bit for bit, no tower); back to MaxText bit-exact; with the text twin's config the same checkpoint exports as
+    the text model (Llama4ForCausalLM); transformers loads both with the source's logits."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    src = mm("float32")
+    hf_to_maxtext(src, tmp_path / "mt", scan=True, dtype="float32")
+    maxtext_to_hf(tmp_path / "mt", tmp_path / "hf", dtype="float32")
+    source, back = hf_tensors(src), hf_tensors(tmp_path / "hf")
+    assert_bit_exact({k: v for k, v in source.items() if k.startswith(TEXT)}, back)
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["architectures"] == ["Llama4ForConditionalGeneration"] and cfg["model_type"] == "llama4"
+    assert cfg["text_config"]["dtype"] == "float32" and cfg["text_config"]["no_rope_layers"] == [1, 1, 1, 0]
+    hf_to_maxtext(tmp_path / "hf", tmp_path / "mt2", scan=True, dtype="float32")
+    assert_bit_exact(read_params(tmp_path / "mt"), read_params(tmp_path / "mt2"))
+
+    twin = text_twin(src, tmp_path / "twin")
+    maxtext_to_hf(tmp_path / "mt", tmp_path / "hf-text", dtype="float32", hf_config=str(twin / "config.json"))
+    assert json.loads((tmp_path / "hf-text" / "config.json").read_text())["architectures"] == ["Llama4ForCausalLM"]
+    assert_bit_exact(hf_tensors(twin), hf_tensors(tmp_path / "hf-text"))
+
+    ids = torch.tensor([list(range(3, 73))])  # past the 32-token chunk
+    with torch.no_grad():  # the language model (transformers 5.24's text-only Llama4ForConditionalGeneration.forward
+        # fails on its own output class)
+        want, got = (
+            AutoModelForImageTextToText.from_pretrained(f, dtype=torch.float32).language_model(input_ids=ids).logits
+            for f in (src, tmp_path / "hf")
+        )
+        text = AutoModelForCausalLM.from_pretrained(tmp_path / "hf-text", dtype=torch.float32)(ids).logits
+    assert torch.equal(got, want) and torch.equal(text, want)
+
+
+def test_published_configs_are_the_multimodal_repos():
+    for name, text in (("llama4-17b-16e", LLAMA4_SCOUT), ("llama4-17b-128e", LLAMA4_MAVERICK)):
+        family, cfg = registry.model(name)
+        assert family is Llama4 and registry.family_for_config(cfg) is Llama4
+        assert cfg["model_type"] == "llama4" and cfg["architectures"] == ["Llama4ForConditionalGeneration"]
+        assert cfg["text_config"] == {k: v for k, v in text.items() if k != "architectures"}
+        v = cfg["vision_config"]  # MaxText's ymls: hidden_size_for_vit 1408, 34 layers, projector 4096
+        assert (v["hidden_size"], v["num_hidden_layers"], v["projector_output_dim"]) == (1408, 34, 4096)
+        with pytest.warns(UserWarning, match="vision tower"):
+            d = Llama4.dims(cfg)
+        assert (d.layers, d.extra["step"]) == (48, text["interleave_moe_layer_step"])
+    assert multimodal(LLAMA4_SCOUT)["text_config"]["model_type"] == "llama4_text"
+
+
 def test_multimodal_and_unexpressible_configs_are_refused():
-    with pytest.raises(UnsupportedModelError, match="vision tower"):
-        Llama4.dims({"model_type": "llama4", "text_config": {}, "vision_config": {}})
+    mm_cfg = tiny_config("llama4-mm", layers=4)
+    with pytest.raises(UnsupportedModelError, match="text_config"):  # a multimodal config without its text model
+        Llama4.dims({**mm_cfg, "text_config": None})
+    with pytest.raises(UnsupportedModelError, match="text_config"):
+        Llama4.dims({**mm_cfg, "text_config": {**mm_cfg["text_config"], "model_type": "llama4_vision_model"}})
+    with pytest.raises(UnsupportedModelError, match="tie_word_embeddings"):
+        Llama4.dims({**mm_cfg, "tie_word_embeddings": True})
+    with pytest.raises(UnsupportedModelError, match="model_type 'llama4_text' with a vision_config"):
+        Llama4.dims({**tiny_config("llama4", layers=4), "vision_config": mm_cfg["vision_config"]})
+    with pytest.raises(UnsupportedModelError, match="num_experts_per_tok=2"):  # the text model's checks still run
+        Llama4.dims({**mm_cfg, "text_config": {**mm_cfg["text_config"], "num_experts_per_tok": 2}})
     cfg = tiny_config("llama4-interleaved", layers=4)
     with pytest.raises(UnsupportedModelError, match="num_experts_per_tok"):
         Llama4.dims({**cfg, "num_experts_per_tok": 2})

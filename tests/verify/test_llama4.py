@@ -11,6 +11,9 @@ plus a shared expert, interleaved dense layers) and verification.
    them): Llama 3.1's RoPE permutation (MaxText's llama_or_mistral_ckpt permutes for llama3, not for llama4), and
    the baked 1/sqrt(head_dim) query scale (that script's default `scale_query`, which llama4 sets to False since
    the block scales at run time).
+5. A multimodal folder (Llama4ForConditionalGeneration, `language_model.*` + an unconverted vision tower) verifies
+   against its conversion: transformers' language model on one side (Llama4ForCausalLM, as AutoModelForCausalLM
+   builds it from the multimodal config), the reference on `text_config` on the other.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from tests.verify.helpers import (
 
 LAYERS = 4
 EXACT_KL = 1e-9
-MODELS = {"scout": "llama4", "maverick": "llama4-interleaved"}
+MODELS = {"scout": "llama4", "maverick": "llama4-interleaved", "multimodal": "llama4-mm"}
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +101,17 @@ def test_converted_checkpoint_verifies(models, converted, which, scan):
     assert r.data["prompts"][-1]["num_tokens"] > 10 * 32  # the long prompt crosses the 32-token chunk
     assert r.data["maxtext"]["layout"] == ("scanned" if scan else "unscanned")
     assert r.data.get("warnings", []) == [] or all("attention_chunk_size" in w for w in r.data["warnings"])
+
+
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unscanned"])
+def test_multimodal_folder_verifies(models, converted, scan):
+    r = verify(maxtext=converted["multimodal"](scan), hf=models["multimodal"]())
+    s = r.data["summary"]
+    assert r.passed and s["kl_max"] < EXACT_KL and r.data["verdict"]["layout"]["kl_max"] < EXACT_KL, s
+    assert r.data["verdict"]["content"]["passed"]
+    assert r.data["reference"]["model_type"] == "llama4" and r.data["maxtext"]["num_layers"] == LAYERS
+    assert r.data["prompts"][-1]["num_tokens"] > 10 * 32
+    assert all("attention_chunk_size" in w for w in r.data["warnings"]), r.data["warnings"]
 
 
 def _with_attention(monkeypatch, **flags):

@@ -15,6 +15,8 @@ What MaxText 0.2.5 computes per layer l (layers/attentions.py `Attention.__call_
     on the unscaled input (routed + shared), residual.
 transformers' Llama4ForCausalLM computes the same (Llama4Router / Llama4TextMoe scale the expert input by the
 sigmoid score; `no_rope_layers`, `layer_types` chunked_attention, Llama4TextL2Norm after RoPE).
+A multimodal checkpoint (HF `llama4`, Llama4ForConditionalGeneration) is its language model's: the text config is
+`text_config`, the vision tower is not converted (MaxText with use_multimodal=false).
 """
 
 from __future__ import annotations
@@ -75,8 +77,14 @@ class Llama4Forward(PatternStacked):
     pattern = ("chunked_attention",) * (INTERVAL - 1) + ("full_attention",)
     label = "Llama 4"
 
+    @staticmethod
+    def text(cfg):
+        """The language model's config: a multimodal (`llama4`) config's `text_config`."""
+        return cfg.get_text_config() if getattr(cfg, "model_type", "") == "llama4" else cfg
+
     def make_spec(self, cfg) -> ModelSpec:
-        require(getattr(cfg, "model_type", "") == "llama4_text", "a multimodal Llama 4 (the vision tower)")
+        cfg = self.text(cfg)
+        require(getattr(cfg, "model_type", "") == "llama4_text", f"model_type {getattr(cfg, 'model_type', None)!r}")
         require(getattr(cfg, "hidden_act", "silu") == "silu", f"hidden_act={cfg.hidden_act!r}")
         require(not getattr(cfg, "attention_bias", False), "attention_bias=true (MaxText's llama4 block has none)")
         require(int(cfg.num_experts_per_tok) == 1, "num_experts_per_tok != 1 (MaxText's llama4 routing is top-1)")
@@ -113,6 +121,7 @@ class Llama4Forward(PatternStacked):
         )
 
     def config_warnings(self, cfg) -> list[str]:
+        cfg = self.text(cfg)
         out = []
         rp = rope_parameters(cfg)
         if rp.get("rope_type") == "llama3":
