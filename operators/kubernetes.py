@@ -242,7 +242,9 @@ def largest_tensor_elements(config: dict) -> int:
     c = _text_config(config)
     h, vocab = int(c["hidden_size"]), int(c["vocab_size"])
     experts, expert_inter = _experts(c)
-    return max(vocab * h, h * int(c["intermediate_size"]), experts * h * expert_inter)
+    # dense MLP widths: Qwen3.5 has only a shared expert's, Llama 4 Maverick's dense layers their own
+    dense = (c.get(k) for k in ("intermediate_size", "intermediate_size_mlp", "shared_expert_intermediate_size"))
+    return max(vocab * h, h * max(int(x or 0) for x in dense), experts * h * expert_inter)
 
 
 # Per step: CPU request, fixed memory, and what grows with the model. `ckptflow convert` streams one array
