@@ -225,6 +225,23 @@ def overrides_from_hf(cfg: dict, decoder_block: str, *, ckpt_vocab: int, scanned
             )
         elif decoder_block == "gemma4":
             o["num_experts"] = 1  # the dense MLP, whatever the model name's yml says
+    elif decoder_block == "llama4":
+        # models/llama4.py: MoE every interleave_moe_layer_step-th layer (routed + shared expert of moe_mlp_dim),
+        # dense layers of mlp_dim (Maverick's intermediate_size_mlp), chunked attention on RoPE layers; the NoPE
+        # interval (4) and the temperature-tuning constants are the yml's / hard-coded
+        step = int(cfg.get("interleave_moe_layer_step") or 1)
+        o.update(
+            num_experts=int(cfg["num_local_experts"]),
+            num_experts_per_tok=int(cfg["num_experts_per_tok"]),
+            base_moe_mlp_dim=int(cfg["intermediate_size"]),
+            base_mlp_dim=int(cfg["intermediate_size_mlp"] if step > 1 else cfg["intermediate_size"]),
+            interleave_moe_layer_step=step,
+            shared_experts=1,
+            use_qk_norm=bool(cfg.get("use_qk_norm", False)),
+            chunk_attn_window_size=int(cfg.get("attention_chunk_size") or 0),
+            # MaxText's llama3 frequency scaling uses its own constants (factor 8, 1 / 4, 8192), Scout's
+            rope_use_scale=rp.get("rope_type", rp.get("type")) == "llama3",
+        )
     elif decoder_block == "olmo3":
         # one rope for every layer (models/olmo3.py passes config.rope_type to all of them): the full-attention layers'
         full = dict(rp.get("full_attention") or rp)

@@ -14,6 +14,12 @@ plus a shared expert, interleaved dense layers) and verification.
 5. A multimodal folder (Llama4ForConditionalGeneration, `language_model.*` + an unconverted vision tower) verifies
    against its conversion: transformers' language model on one side (Llama4ForCausalLM, as AutoModelForCausalLM
    builds it from the multimodal config), the reference on `text_config` on the other.
+
+MaxText 0.2.5's own forward (bench/maxtext_logits.py in its venv, model names llama4-17b-16e / -128e with the tiny
+dimensions) on ckptflow's float32 conversions of 8-layer tiny models, 300 random tokens (9 chunk boundaries), against
+transformers: KL max 6.7e-13 / 7.3e-13 (Scout's path, scanned / unscanned) and 1.2e-13 / 1.2e-13 (Maverick's), top-1
+identical on every token. So MaxText computes what transformers does on these checkpoints, chunks and NoPE layers
+included (temperature tuning only acts past 8192 tokens).
 """
 
 from __future__ import annotations
