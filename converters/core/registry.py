@@ -112,8 +112,9 @@ def table() -> list[dict]:
         {
             "model": m,
             "family": f.name,
-            "hf_model_type": f.model_types[0],
-            "architecture": f.architectures[0],
+            # the published checkpoint's own (Kimi-K2: kimi_k2; Llama 4: the multimodal class)
+            "hf_model_type": f.models[m].get("model_type") or f.model_types[0],
+            "architecture": (f.models[m].get("architectures") or f.architectures)[0],
             "directions": [d.label(scan) for d in Direction for scan in (True, False) if f.scannable or not scan],
         }
         for f in FAMILIES.values()

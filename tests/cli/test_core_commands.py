@@ -27,6 +27,12 @@ def test_models_json_lists_every_family():
     # all four directions, or the two unscanned ones for a block MaxText builds only unscanned (Gemma 4 small)
     assert all(len(r["directions"]) == (4 if registry.family(r["family"]).scannable else 2) for r in rows)
     assert {r["model"] for r in rows if len(r["directions"]) == 2} == {"gemma4-e2b", "gemma4-e4b"}
+    # the published checkpoint's own model_type / class, not the family's first
+    by = {r["model"]: r for r in rows}
+    assert by["kimi-k2-1t"]["hf_model_type"] == "kimi_k2"
+    assert by["llama4-17b-16e"]["architecture"] == "Llama4ForConditionalGeneration"
+    table = {line.split()[0]: line for line in run("models").stdout.splitlines()[1:] if line.strip()}
+    assert table["gemma4-e2b"].endswith("unscanned only") and table["llama3.1-8b"].endswith("scanned and unscanned")
 
 
 def test_convert_round_trip_and_inspect(tiny_model, tmp_path, capsys):

@@ -28,9 +28,7 @@ def run(args) -> int:
     wa = max(len(r["architecture"]) for r in rows) + 2
     print(f"{'model':<{wm}}{'family':<{wf}}{'HF architecture':<{wa}}directions")
     for r in rows:
-        print(
-            f"{r['model']:<{wm}}{r['family']:<{wf}}{r['architecture']:<{wa}}HF->MaxText and MaxText->HF, scanned and "
-            f"unscanned"
-        )
+        layouts = "scanned and unscanned" if any("(scanned)" in d for d in r["directions"]) else "unscanned only"
+        print(f"{r['model']:<{wm}}{r['family']:<{wf}}{r['architecture']:<{wa}}HF->MaxText and MaxText->HF, {layouts}")
     print(f"\nfamilies: {', '.join(registry.FAMILIES)} (other sizes of these architectures are read from config.json)")
     return 0
