@@ -11,7 +11,9 @@ Usage (one sequence, positions 0..T-1, float32 throughout, dot-product attention
         --maxtext /tmp/llama-mt/0/items --hf-config /tmp/llama-mt/ckptflow/hf/config.json \
         --model-name llama3.1-8b --ids ids.npy --out maxtext_logits.npy [--set key=value ...]
 
-  --maxtext      the Orbax item directory (what MaxText takes as load_parameters_path), e.g. OUT/0/items
+  --maxtext      the Orbax item directory (what MaxText takes as load_parameters_path), e.g. OUT/0/items; convert
+                 with `--dtype float32` to compare with a float32 transformers run (a bf16 checkpoint differs from
+                 its float32 source by the rounding alone: KL ~1e-5 on the tiny models)
   --hf-config    the HF config.json the checkpoint was converted from (ckptflow keeps it in OUT/ckptflow/hf/)
   --model-name   the MaxText base model whose yml (maxtext/configs/models/<name>.yml) gives the architecture;
                  its dimensions are overridden from the HF config (see `overrides_from_hf`)
