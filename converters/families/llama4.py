@@ -27,15 +27,17 @@ Two HF layouts of the same language model, converted to the same MaxText arrays:
     `Llama4ForConditionalGeneration` (model_type `llama4`, the text model's config in `text_config`): the language
     model under `language_model.` (`language_model.model.*`, `language_model.lm_head.weight`; transformers 4.51,
     which wrote the repos, and transformers 5 name them alike), read by the text model's rules under that prefix, as
-    Qwen3.5's (converters/families/qwen3_5.py). Not converted: the vision tower `vision_model.*` and
-    `multi_modal_projector.*` (skipped with a warning, as MaxText with use_multimodal=false).
+    Qwen3.5's (converters/families/qwen3_5.py). Its vision tower `vision_model.*` and projector
+    `multi_modal_projector.*` convert to MaxText's `vision_encoder/...` (use_multimodal=true), never scanned:
+    converters/families/llama4_vision.py.
 `models` holds the published multimodal configs (their `text_config`s rebuilt from MaxText's ymls, `LLAMA4_SCOUT` /
 `LLAMA4_MAVERICK` as `Llama4ForCausalLM` configs).
 Export (MaxText -> HF) writes the layout of the config it is given: a checkpoint converted from a text model (its
 sidecar config `llama4_text`, or `--hf-config` a Llama4ForCausalLM config) stays a `Llama4ForCausalLM` folder; one
 converted from a multimodal folder, or exported with `--model llama4-17b-*` (the published configs), is written as
-the multimodal checkpoint's language model (`Llama4ForConditionalGeneration`, `language_model.*`, no tower tensors:
-transformers initialises the tower randomly, text logits are unaffected), as Qwen3.5's exports.
+the multimodal checkpoint (`Llama4ForConditionalGeneration`, `language_model.*` and the tower). A checkpoint without
+the tower (MaxText use_multimodal=false) exports as the text model, `Llama4ForCausalLM` (with a warning), even given
+a multimodal config, as Gemma 4's and Qwen3-VL's.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ import warnings
 from converters.core.mapping import Dims, LayerGroup, Rule, require
 from converters.core.transforms import Chunks, Kernel
 from converters.errors import UnsupportedModelError
-from converters.families import common, moe_common
+from converters.families import common, llama4_vision, moe_common
 from converters.families.common import L
 
 CYCLE = 4  # MaxText's inhomogeneous_layer_cycle_interval for both models: the scanned block is 4 layers
@@ -171,18 +173,7 @@ _TINY = {
     "no_rope_layers": None,
     "pad_token_id": 0,
 }
-# the multimodal test model's vision tower (skipped by the conversion): one block, 28px images of 14px patches
-TINY_VISION = {
-    "hidden_size": 32,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "intermediate_size": 48,
-    "image_size": 28,
-    "patch_size": 14,
-    "vision_output_dim": 32,
-    "projector_input_dim": 32,
-    "projector_output_dim": 32,
-}
+TINY_VISION = llama4_vision.TINY_VISION  # the multimodal test model's tower
 
 
 def tiny_config(name: str, cfg: dict, dims: dict, *, layers: int, vocab: int, tied: bool | None) -> dict:
@@ -218,11 +209,10 @@ class Llama4(common.DecoderOnly):
         # Maverick's path: dense and MoE layers interleaved, no qk norm, no rope scaling
         "llama4-interleaved": ("llama4-17b-128e", dict(_TINY)),
         # the published multimodal layout (Llama4ForConditionalGeneration) around Maverick's path, a tiny tower
+        # (llama4_vision.TINY_VISION)
         "llama4-mm": ("llama4-17b-128e", dict(_TINY)),
     }
     models = {"llama4-17b-16e": multimodal(LLAMA4_SCOUT), "llama4-17b-128e": multimodal(LLAMA4_MAVERICK)}
-    # the multimodal checkpoint's vision tower and projector (not converted)
-    ignored_hf = (r".*rotary_emb\.inv_freq", r"vision_model\..*", r"multi_modal_projector\..*")
 
     @classmethod
     def dims(cls, cfg: dict) -> Dims:
@@ -239,12 +229,8 @@ class Llama4(common.DecoderOnly):
                 )
             d = cls._text_dims(t)
             d.extra["multimodal"] = True
-            if cfg.get("vision_config"):
-                warnings.warn(
-                    f"{cls.name}: the vision tower (vision_model.*, multi_modal_projector.*) is not converted: the "
-                    "language model only, as MaxText with use_multimodal=false",
-                    stacklevel=3,
-                )
+            # the tower (transformers' Llama4VisionConfig defaults when vision_config is absent)
+            d.extra["vision"] = llama4_vision.vision_dims(cfg.get("vision_config"), d.emb)
             return d
         if cfg.get("vision_config") is not None or cfg.get("text_config") is not None:
             raise UnsupportedModelError(
@@ -278,6 +264,7 @@ class Llama4(common.DecoderOnly):
         d.extra["step"] = step
         d.extra["dense_mlp"] = int(require(cfg, "intermediate_size_mlp", cls.name)) if step > 1 else None
         d.extra["multimodal"] = False
+        d.extra["vision"] = None
         return d
 
     @classmethod
@@ -289,7 +276,8 @@ class Llama4(common.DecoderOnly):
 
     @classmethod
     def global_rules(cls, d: Dims) -> list[Rule]:
-        return cls._text(d, super().global_rules(d))
+        v = d.extra["vision"]
+        return cls._text(d, super().global_rules(d)) + (llama4_vision.global_rules(v) if v else [])
 
     @classmethod
     def kind_rules(cls, d: Dims, moe: bool) -> tuple[Rule, ...]:
@@ -331,12 +319,14 @@ class Llama4(common.DecoderOnly):
     @classmethod
     def layer_groups(cls, d: Dims, scan: bool) -> list[LayerGroup]:
         n, step = d.layers, d.extra["step"]
+        v = d.extra["vision"]
+        tower = llama4_vision.layer_groups(v) if v else []  # never scanned
         if not scan:
             return [
                 LayerGroup(cls.kind_rules(d, moe), ls, None, tuple(f"decoder/layers_{i}" for i in ls))
                 for moe in (False, True)
                 if (ls := tuple(i for i in range(n) if moe_layer(i, step) == moe))
-            ]
+            ] + tower
         if n % CYCLE:
             raise UnsupportedModelError(
                 f"llama4: a scanned checkpoint needs a multiple of {CYCLE} layers (MaxText scans 4-layer blocks), "
@@ -347,7 +337,20 @@ class Llama4(common.DecoderOnly):
                 cls.kind_rules(d, moe_layer(p, step)), tuple(range(p, n, CYCLE)), f"decoder/layers/layers_{p}", ()
             )
             for p in range(CYCLE)
-        ]
+        ] + tower
+
+    @classmethod
+    def config_for_checkpoint(cls, cfg: dict, stored: set[str]) -> dict:
+        """A checkpoint without the tower (MaxText use_multimodal=false) exports as the text model,
+        Llama4ForCausalLM, even when the config is the multimodal one."""
+        if cfg.get("model_type") == "llama4" and not any(k.startswith("vision_encoder/") for k in stored):
+            warnings.warn(
+                f"{cls.name}: the checkpoint has no vision tower (MaxText use_multimodal=false): writing the text "
+                "model only, Llama4ForCausalLM (model_type llama4_text)",
+                stacklevel=3,
+            )
+            return text_only(cfg)
+        return cfg
 
     @classmethod
     def export_config(cls, cfg: dict, dtype: str) -> dict:
@@ -357,6 +360,17 @@ class Llama4(common.DecoderOnly):
             t.pop("torch_dtype", None)
             t["dtype"] = dtype
         return out
+
+
+def text_only(cfg: dict) -> dict:
+    """The Llama4ForCausalLM (llama4_text) config of a multimodal config's language model."""
+    t = {k: v for k, v in (cfg.get("text_config") or {}).items() if k not in ("architectures", "torch_dtype", "dtype")}
+    t.update(model_type="llama4_text", architectures=["Llama4ForCausalLM"])
+    t["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings", t.get("tie_word_embeddings", False)))
+    for k in ("dtype", "torch_dtype"):
+        if cfg.get(k) is not None:
+            t[k] = cfg[k]
+    return t
 
 
 def _glu(E: int, F: int, hf: str, mt: str) -> list[Rule]:

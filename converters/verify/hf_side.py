@@ -167,10 +167,10 @@ class HFModel:
             cfg = CONFIG_MAPPING[model_type].from_dict(copy.deepcopy(config))
             with _parameters_on_meta():
                 kwargs = {"experts_implementation": "eager"} if _has_experts(cfg) else {}
-                # a multimodal Llama 4 config (`llama4`): AutoModelForCausalLM builds its language model alone,
-                # Llama4ForCausalLM on `text_config`, which loads the folder's `language_model.*` tensors
+                # a multimodal Llama 4 config (`llama4`): AutoModelForCausalLM would build its language model alone;
+                # the conversion holds the vision tower too, which only Llama4ForConditionalGeneration loads
                 auto = AutoModelForCausalLM
-                if type(cfg) not in auto._model_mapping:  # no causal-LM class (Qwen3-VL): its image-text-to-text one
+                if type(cfg) not in auto._model_mapping or model_type == "llama4":  # no causal-LM class (Qwen3-VL)
                     from transformers import AutoModelForImageTextToText as auto
                 self.model = auto.from_config(cfg, dtype=self.dtype, attn_implementation="eager", **kwargs).eval()
         except CkptflowError:
@@ -183,7 +183,8 @@ class HFModel:
         self.text_config = m.config.get_text_config()
         self.decoder = m.get_decoder()
         if not hasattr(self.decoder, "layers"):  # Llama4ForCausalLM: base_model_prefix names no attribute of it
-            self.decoder = m.model
+            # (Llama4ForConditionalGeneration's get_decoder is that Llama4ForCausalLM)
+            self.decoder = getattr(self.decoder, "model", None) or m.model
         self.layers = self.decoder.layers
         self.embed = m.get_input_embeddings()
         self.head = m.get_output_embeddings()

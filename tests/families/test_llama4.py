@@ -7,23 +7,23 @@ with a plain-numpy layout of the HF tensors (gate_up_proj's first half -> wi_0, 
 down_proj as is; router and Linear weights transposed; no RoPE permutation, no query scale -- the layout
 MaxText's standalone_scripts/llama4_ckpt_unscanned.py writes for scale_query=False).
 
-The multimodal checkpoint (`["llama4-mm"]`: Llama4ForConditionalGeneration around Maverick's path, a one-block vision
+The multimodal checkpoint (`["llama4-mm"]`: Llama4ForConditionalGeneration around Maverick's path, a two-block vision
 tower; the published repos' and transformers 5's key names, `language_model.model.*`, `language_model.lm_head.weight`,
-`vision_model.*`, `multi_modal_projector.*`) converts to the arrays of its text twin (the same language-model tensors
-saved as a Llama4ForCausalLM folder) bit for bit, with the vision tower skipped and a warning.
+`vision_model.*`, `multi_modal_projector.*`) converts its language model to the arrays of its text twin (the same
+language-model tensors saved as a Llama4ForCausalLM folder) bit for bit, and its tower to `vision_encoder/...`
+(tests/families/test_llama4_vision.py).
 """
 
 from __future__ import annotations
 
 import json
-import re
 
 import numpy as np
 import pytest
 
 from converters.convert import hf_to_maxtext, maxtext_to_hf
 from converters.core import registry
-from converters.errors import UnsupportedModelError
+from converters.errors import MappingError, UnsupportedModelError
 from converters.families.llama4 import LLAMA4_MAVERICK, LLAMA4_SCOUT, TEXT, Llama4, multimodal
 from converters.io.orbax import read_params
 from converters.tiny_models import tiny_config
@@ -47,9 +47,6 @@ def maverick(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mm(tmp_path_factory):
     return model_cache(tmp_path_factory, "llama4-mm", LAYERS)
-
-
-VISION = "the vision tower (vision_model.*, multi_modal_projector.*) is not converted"
 
 
 def text_twin(src, out):
@@ -192,20 +189,22 @@ def test_multimodal_folder_holds_the_published_key_names(mm):
 def test_multimodal_converts_to_its_text_twins_arrays(mm, tmp_path, scan):
     src = mm()
     twin = text_twin(src, tmp_path / "twin")
-    with pytest.warns(UserWarning, match=re.escape(VISION)):
-        hf_to_maxtext(src, tmp_path / "mt", scan=scan)
+    hf_to_maxtext(src, tmp_path / "mt", scan=scan)
     hf_to_maxtext(twin, tmp_path / "mt-twin", scan=scan)
     params, want = read_params(tmp_path / "mt"), read_params(tmp_path / "mt-twin")
-    assert len(params) == 47  # 4 layers (2 dense, 2 MoE) + embedding, final norm, logits kernel
-    assert_bit_exact(params, want)
+    assert len(want) == 47  # 4 layers (2 dense, 2 MoE) + embedding, final norm, logits kernel
+    assert len(params) == 47 + 42  # and the tower's: 10 + 2 blocks of 16
+    assert_bit_exact({k: v for k, v in params.items() if not k.startswith("vision_encoder/")}, want)
     # and the arrays are the text model's layout (not merely equal to another run of the same rules)
     assert mismatches(params, hf_tensors(twin), scan, step=2) == []
 
 
 def test_multimodal_round_trip_and_exports(mm, tmp_path):
-    """Multimodal folder -> MaxText -> HF: its own layout (Llama4ForConditionalGeneration, the language model's tensors
-    bit for bit, no tower); back to MaxText bit-exact; with the text twin's config the same checkpoint exports as
-    the text model (Llama4ForCausalLM); transformers loads both with the source's logits."""
+    """Multimodal folder -> MaxText -> HF: its own layout (Llama4ForConditionalGeneration, every tensor bit for bit,
+    the tower's too); back to MaxText bit-exact; the text twin's checkpoint (no tower, MaxText use_multimodal=false)
+    given the multimodal config exports as the text model (Llama4ForCausalLM, with a warning), and the multimodal
+    checkpoint given the text config is refused (its tower has no place); transformers loads both exports with the
+    source's logits."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -213,7 +212,7 @@ def test_multimodal_round_trip_and_exports(mm, tmp_path):
     hf_to_maxtext(src, tmp_path / "mt", scan=True, dtype="float32")
     maxtext_to_hf(tmp_path / "mt", tmp_path / "hf", dtype="float32")
     source, back = hf_tensors(src), hf_tensors(tmp_path / "hf")
-    assert_bit_exact({k: v for k, v in source.items() if k.startswith(TEXT)}, back)
+    assert_bit_exact(source, back)
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg["architectures"] == ["Llama4ForConditionalGeneration"] and cfg["model_type"] == "llama4"
     assert cfg["text_config"]["dtype"] == "float32" and cfg["text_config"]["no_rope_layers"] == [1, 1, 1, 0]
@@ -221,7 +220,11 @@ def test_multimodal_round_trip_and_exports(mm, tmp_path):
     assert_bit_exact(read_params(tmp_path / "mt"), read_params(tmp_path / "mt2"))
 
     twin = text_twin(src, tmp_path / "twin")
-    maxtext_to_hf(tmp_path / "mt", tmp_path / "hf-text", dtype="float32", hf_config=str(twin / "config.json"))
+    with pytest.raises(MappingError, match="vision_encoder/"):
+        maxtext_to_hf(tmp_path / "mt", tmp_path / "refused", dtype="float32", hf_config=str(twin / "config.json"))
+    hf_to_maxtext(twin, tmp_path / "mt-text", scan=True, dtype="float32")
+    with pytest.warns(UserWarning, match="no vision tower"):
+        maxtext_to_hf(tmp_path / "mt-text", tmp_path / "hf-text", dtype="float32", hf_config=str(src / "config.json"))
     assert json.loads((tmp_path / "hf-text" / "config.json").read_text())["architectures"] == ["Llama4ForCausalLM"]
     assert_bit_exact(hf_tensors(twin), hf_tensors(tmp_path / "hf-text"))
 
@@ -244,8 +247,8 @@ def test_published_configs_are_the_multimodal_repos():
         assert cfg["text_config"] == {k: v for k, v in text.items() if k != "architectures"}
         v = cfg["vision_config"]  # MaxText's ymls: hidden_size_for_vit 1408, 34 layers, projector 4096
         assert (v["hidden_size"], v["num_hidden_layers"], v["projector_output_dim"]) == (1408, 34, 4096)
-        with pytest.warns(UserWarning, match="vision tower"):
-            d = Llama4.dims(cfg)
+        d = Llama4.dims(cfg)
+        assert d.extra["vision"]["layers"] == 34
         assert (d.layers, d.extra["step"]) == (48, text["interleave_moe_layer_step"])
     assert multimodal(LLAMA4_SCOUT)["text_config"]["model_type"] == "llama4_text"
 

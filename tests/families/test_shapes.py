@@ -120,7 +120,8 @@ EXPECTED = {
         "decoder/layers/layers_0/GptOssMlp/gate/kernel": (2880, 18, 128),
     },
     # Llama 4: 4-layer scanned blocks (12 each); whole trees compared with MaxText 0.2.5's abstract model (55 / 47
-    # arrays scanned, 128e 531 unscanned) in tests/families/test_llama4.py's notes
+    # arrays scanned, 128e 531 unscanned) in tests/families/test_llama4.py's notes; the vision tower's 554 arrays in
+    # tests/families/test_llama4_vision.py
     "llama4-17b-16e": {
         "decoder/layers/layers_3/Llama4MoEBlock_0/MoeBlock_0/wi_0": (16, 12, 5120, 8192),
         "decoder/layers/layers_0/Llama4MoEBlock_0/MoeBlock_0/wo": (16, 12, 8192, 5120),
@@ -430,8 +431,8 @@ PARAMS_B = {
     "mixtral-8x22b": 140.63,
     "gpt-oss-20b": 20.91,
     "gpt-oss-120b": 116.83,
-    "llama4-17b-16e": 107.77,  # text model only (the vision tower is not converted)
-    "llama4-17b-128e": 400.71,
+    "llama4-17b-16e": 108.64,  # MaxText's use_multimodal=true tree: 0.87 B of it the vision tower
+    "llama4-17b-128e": 401.58,
     # MaxText's arrays: Gemma2 with 128 padded vocab rows, Gemma3 without 64 rows and with the 0.42B vision tower
     # DeepSeek without the multi-token-prediction layer: V2-Lite 15.7B, V3 671B (685B with MTP)
     # (V3.2: V3 plus 0.85B of indexer)

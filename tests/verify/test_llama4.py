@@ -11,9 +11,11 @@ plus a shared expert, interleaved dense layers) and verification.
    them): Llama 3.1's RoPE permutation (MaxText's llama_or_mistral_ckpt permutes for llama3, not for llama4), and
    the baked 1/sqrt(head_dim) query scale (that script's default `scale_query`, which llama4 sets to False since
    the block scales at run time).
-5. A multimodal folder (Llama4ForConditionalGeneration, `language_model.*` + an unconverted vision tower) verifies
-   against its conversion: transformers' language model on one side (Llama4ForCausalLM, as AutoModelForCausalLM
-   builds it from the multimodal config), the reference on `text_config` on the other.
+5. A multimodal folder (Llama4ForConditionalGeneration, `language_model.*` + the vision tower, converted too)
+   verifies against its conversion on text prompts: transformers' Llama4ForConditionalGeneration (which loads the
+   tower: its tensors are content-checked with the other globals) running its language model on one side, the
+   reference on `text_config` on the other. No image prompt: the tower's outputs are compared with MaxText's own
+   in tests/families/test_llama4_vision.py's notes.
 
 MaxText 0.2.5's own forward (bench/maxtext_logits.py in its venv, model names llama4-17b-16e / -128e with the tiny
 dimensions) on ckptflow's float32 conversions of 8-layer tiny models, 300 random tokens (9 chunk boundaries), against

@@ -16,7 +16,7 @@ What MaxText 0.2.5 computes per layer l (layers/attentions.py `Attention.__call_
 transformers' Llama4ForCausalLM computes the same (Llama4Router / Llama4TextMoe scale the expert input by the
 sigmoid score; `no_rope_layers`, `layer_types` chunked_attention, Llama4TextL2Norm after RoPE).
 A multimodal checkpoint (HF `llama4`, Llama4ForConditionalGeneration) is its language model's: the text config is
-`text_config`, the vision tower is not converted (MaxText with use_multimodal=false).
+`text_config`; its vision tower (converted, converters/families/llama4_vision.py) is not run: text prompts only.
 """
 
 from __future__ import annotations
