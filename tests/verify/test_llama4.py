@@ -36,7 +36,7 @@ from converters.families import common
 from converters.families.llama4 import Llama4
 from converters.verify import verify
 from converters.verify.reference.llama4 import Llama4Forward
-from tests.families.helpers import model_cache
+from tests.families.helpers import hf_tensors, model_cache
 from tests.families.test_llama4 import expected_layer
 from tests.verify.helpers import (
     assert_fails_layout_only,
@@ -117,6 +117,10 @@ def test_multimodal_folder_verifies(models, converted, scan):
     s = r.data["summary"]
     assert r.passed and s["kl_max"] < EXACT_KL and r.data["verdict"]["layout"]["kl_max"] < EXACT_KL, s
     assert r.data["verdict"]["content"]["passed"]
+    # every tensor of the folder content-checked bit-exact, the vision tower's 42 too
+    tensors = hf_tensors(models["multimodal"]())
+    assert sum(k.startswith(("vision_model.", "multi_modal_projector.")) for k in tensors) == 42
+    assert r.data["verdict"]["content"]["bit_exact"] == r.data["verdict"]["content"]["tensors"] == len(tensors)
     assert r.data["reference"]["model_type"] == "llama4" and r.data["maxtext"]["num_layers"] == LAYERS
     assert r.data["prompts"][-1]["num_tokens"] > 10 * 32
     assert all("attention_chunk_size" in w for w in r.data["warnings"]), r.data["warnings"]
