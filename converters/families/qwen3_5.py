@@ -25,9 +25,14 @@ The `-fp8` repos (Qwen/Qwen3.5-*-FP8: float8 e4m3 projections with a `weight_sca
 per expert, as MaxText's param_mapping.py reads them) are decoded while read, as DeepSeek-V3's
 (converters/io/quantized.py `Fp8Folder`, before the fusions above), into the bf16 model's tree; MaxText's own
 `qwen3.5-*-fp8` model names, which hold float8 kernels with `kernel_scale` arrays, are not written.
-Not converted (skipped, with the reason): the vision tower `model.visual.*` (with a warning, as MaxText with
-use_multimodal=false; transformers initialises it randomly on export, text logits are unaffected); the
-multi-token-prediction module `mtp.*` (as by transformers and MaxText).
+The vision tower `model.visual.*` (transformers `Qwen3_5MoeVisionModel`) goes to MaxText's
+`vision_encoder/Qwen3_5MoeVisionEncoder_0` + `Qwen3_5MoeVisionProjector_0` (models/qwen3_5_vision.py: Qwen3-Omni's
+tower classes under new names, as Qwen3-VL's): Qwen3-VL's tower rules (converters/families/qwen3_vl_vision.py) under
+these names, without deepstack mergers (`deepstack_visual_indexes_for_vit: []` in MaxText's ymls; transformers has
+none). Never scanned (`blocks_<i>` in both layouts of the text model), nothing scaled: bit-exact both ways. A MaxText
+checkpoint without the tower (use_multimodal=false) exports the multimodal config without it, with a warning
+(transformers initialises model.visual.* randomly; text logits are unaffected).
+Not converted: the multi-token-prediction module `mtp.*` (skipped, as by transformers and MaxText).
 """
 
 from __future__ import annotations
@@ -41,10 +46,13 @@ import numpy as np
 from converters.core.mapping import Dims, LayerGroup, Rule
 from converters.core.transforms import Fusion, Slices
 from converters.errors import UnsupportedModelError
-from converters.families import moe_common
+from converters.families import moe_common, qwen3_vl_vision
 from converters.families.qwen3_next import Qwen3Next
 
 TEXT = "model.language_model."
+ENCODER = "vision_encoder/Qwen3_5MoeVisionEncoder_0"  # MaxText layers/encoders.py, vision_encoder_block qwen3_5
+PROJECTOR = "vision_encoder/Qwen3_5MoeVisionProjector_0"
+NO_TOWER = "_ckptflow_checkpoint_without_tower"  # config_for_checkpoint's mark: a MaxText checkpoint without the tower
 _MROPE = {"mrope_interleaved": True, "mrope_section": [11, 11, 10], "partial_rotary_factor": 0.25}
 
 
@@ -119,7 +127,7 @@ def _published(hidden, layers, heads, value_heads, experts, top_k, mlp) -> dict:
 
 
 # Tiny test model: Qwen3-Next's tiny dims (2 key / 4 value GDN heads, key dim 16 != value dim 24, full attention
-# 4 x 32 with 8 rotary dims = mrope_section [2, 1, 1]) and a one-block vision tower (skipped by the conversion)
+# 4 x 32 with 8 rotary dims = mrope_section [2, 1, 1]) and a one-block vision tower (head_dim 16, a 4x4 position grid)
 TINY_TEXT = {
     **moe_common.TINY,
     "moe_intermediate_size": 32,
@@ -224,8 +232,7 @@ class Qwen3_5Moe(Qwen3Next):
         "qwen3.5-35b-a3b": _published(2048, 40, 16, 32, 256, 8, 512),
         "qwen3.5-397b-a17b": _published(4096, 60, 32, 64, 512, 10, 1024),
     }
-    # the multi-token-prediction module and (not converted yet) the vision tower
-    ignored_hf = (r".*rotary_emb\.inv_freq", r"mtp\..*", r"model\.visual\..*")
+    ignored_hf = (r".*rotary_emb\.inv_freq", r"mtp\..*")  # the multi-token-prediction module
 
     @classmethod
     def dims(cls, cfg: dict) -> Dims:
@@ -246,13 +253,27 @@ class Qwen3_5Moe(Qwen3Next):
         t.setdefault("intermediate_size", t.get("moe_intermediate_size"))
         d = super().dims(t)
         d.tied = bool(cfg.get("tie_word_embeddings", False))
-        if cfg.get("vision_config"):
+        vision = cfg.get("vision_config") if not cfg.get(NO_TOWER) else None
+        d.extra["vision"] = vision and qwen3_vl_vision.vision_dims(
+            vision, d.emb, family=cls.name, encoder=ENCODER, projector=PROJECTOR, deepstack=False
+        )
+        return d
+
+    @classmethod
+    def ignored(cls, d: Dims) -> list[str]:
+        return super().ignored(d) + ([] if d.extra["vision"] else [r"model\.visual\..*"])
+
+    @classmethod
+    def config_for_checkpoint(cls, cfg: dict, stored: set[str]) -> dict:
+        """A checkpoint without the tower (MaxText use_multimodal=false) exports the language model only."""
+        if cfg.get("vision_config") and not any(k.startswith("vision_encoder/") for k in stored):
             warnings.warn(
-                f"{cls.name}: the vision tower (model.visual.*) is not converted: the language model only, as MaxText "
-                "with use_multimodal=false",
+                f"{cls.name}: the checkpoint has no vision tower (MaxText use_multimodal=false): an export holds the "
+                "language model only (transformers initialises model.visual.* randomly; text logits are unaffected)",
                 stacklevel=3,
             )
-        return d
+            return {**cfg, NO_TOWER: True}
+        return cfg
 
     @classmethod
     def _text(cls, rules: list[Rule]) -> list[Rule]:
@@ -261,7 +282,8 @@ class Qwen3_5Moe(Qwen3Next):
 
     @classmethod
     def global_rules(cls, d: Dims) -> list[Rule]:
-        return [r if r.hf == "lm_head.weight" else cls._text([r])[0] for r in super().global_rules(d)]
+        rules = [r if r.hf == "lm_head.weight" else cls._text([r])[0] for r in super().global_rules(d)]
+        return rules + (qwen3_vl_vision.vision_rules(d.extra["vision"]) if d.extra["vision"] else [])
 
     @classmethod
     def kind_rules(cls, d: Dims, kind: str) -> tuple[Rule, ...]:
@@ -279,6 +301,12 @@ class Qwen3_5Moe(Qwen3Next):
 
     @classmethod
     def layer_groups(cls, d: Dims, scan: bool) -> list[LayerGroup]:
+        # the tower's blocks: never scanned (MaxText sets them one by one, `blocks_<i>`)
+        tower = qwen3_vl_vision.vision_groups(d.extra["vision"]) if d.extra["vision"] else []
+        return cls._text_groups(d, scan) + tower
+
+    @classmethod
+    def _text_groups(cls, d: Dims, scan: bool) -> list[LayerGroup]:
         if not scan:
             return super().layer_groups(d, scan)
         n, c, kinds = d.layers, d.extra["interval"], d.extra["kinds"]
@@ -299,6 +327,7 @@ class Qwen3_5Moe(Qwen3Next):
     @classmethod
     def export_config(cls, cfg: dict, dtype: str) -> dict:
         out = super().export_config(cfg, dtype)
+        out.pop(NO_TOWER, None)
         t = out["text_config"] = dict(out.get("text_config") or {})
         t.pop("torch_dtype", None)
         t["dtype"] = dtype

@@ -1,7 +1,9 @@
 """Qwen3-VL's vision tower (HF `model.visual.*`, MaxText `vision_encoder/Qwen3VLVisionEncoder_0` + `..Projector_0`).
 
 Not a family of its own: the rules the Qwen3-VL family adds for a multimodal checkpoint (MaxText
-`use_multimodal=true`, `vision_encoder_block: qwen3_vl`). The tower is never scanned.
+`use_multimodal=true`, `vision_encoder_block: qwen3_vl`). The tower is never scanned. Qwen3.5 MoE's tower
+(converters/families/qwen3_5.py) is the same without deepstack mergers, under MaxText's `Qwen3_5MoeVision*` names:
+`vision_dims(..., encoder=, projector=, deepstack=False)`.
 
 What MaxText 0.2.5 lays out (models/qwen3.py `Qwen3OmniMoeVision*`, which `models/qwen3_vl_vision.py` subclasses
 unchanged; layers/embeddings.py; the real-size tree from `create_nnx_abstract_model`):
@@ -50,30 +52,46 @@ VISION_DEFAULTS = {
 }
 
 
-def vision_dims(vision_config: dict, text_hidden: int | None = None) -> dict:
-    """The tower's sizes from HF's `vision_config`, refusing what MaxText's tower cannot hold."""
-    v = {k: vision_config.get(k, default) for k, default in VISION_DEFAULTS.items()}
+def vision_dims(
+    vision_config: dict,
+    text_hidden: int | None = None,
+    *,
+    family: str = "qwen3_vl",
+    encoder: str = ENCODER,
+    projector: str = PROJECTOR,
+    deepstack: bool = True,
+) -> dict:
+    """The tower's sizes from HF's `vision_config`, refusing what MaxText's tower cannot hold. `encoder` / `projector`:
+    MaxText's module paths (Qwen3.5's tower is this one under its own class names); `deepstack` False: a tower without
+    deepstack mergers (Qwen3.5: transformers has none, whatever `deepstack_visual_indexes` says; a non-empty list is
+    refused, as MaxText would build mergers the checkpoint cannot fill)."""
+    defaults = VISION_DEFAULTS if deepstack else {**VISION_DEFAULTS, "deepstack_visual_indexes": []}
+    v = {k: vision_config.get(k, default) for k, default in defaults.items()}
+    if not deepstack and v["deepstack_visual_indexes"]:
+        raise MappingError(
+            f"{family}: deepstack_visual_indexes {v['deepstack_visual_indexes']}: this tower has no deepstack mergers"
+        )
     for k in ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size"):
         if not (isinstance(v[k], int) and not isinstance(v[k], bool) and v[k] > 0):
-            raise MappingError(f"qwen3_vl: vision_config.{k} must be a positive integer, got {v[k]!r}")
+            raise MappingError(f"{family}: vision_config.{k} must be a positive integer, got {v[k]!r}")
     for k in ("temporal_patch_size", "spatial_merge_size", "out_hidden_size", "num_position_embeddings"):
         if not (isinstance(v[k], int) and not isinstance(v[k], bool) and v[k] > 0):
-            raise MappingError(f"qwen3_vl: vision_config.{k} must be a positive integer, got {v[k]!r}")
+            raise MappingError(f"{family}: vision_config.{k} must be a positive integer, got {v[k]!r}")
     H, N = v["hidden_size"], v["num_heads"]
     if H % N:
-        raise MappingError(f"qwen3_vl: vision hidden_size {H} is not a multiple of num_heads {N}")
+        raise MappingError(f"{family}: vision hidden_size {H} is not a multiple of num_heads {N}")
     side = int(round(v["num_position_embeddings"] ** 0.5))
     if side * side != v["num_position_embeddings"]:
         # MaxText (and HF) read the table as a square grid of int(sqrt(n)) rows
         raise MappingError(
-            f"qwen3_vl: vision num_position_embeddings={v['num_position_embeddings']} is not a square grid"
+            f"{family}: vision num_position_embeddings={v['num_position_embeddings']} is not a square grid"
         )
     deep = [int(i) for i in v["deepstack_visual_indexes"]]
     if any(not 0 <= i < v["depth"] for i in deep):
-        raise MappingError(f"qwen3_vl: deepstack_visual_indexes {deep} out of range for depth {v['depth']}")
+        raise MappingError(f"{family}: deepstack_visual_indexes {deep} out of range for depth {v['depth']}")
     if text_hidden is not None and v["out_hidden_size"] != text_hidden:
         raise MappingError(
-            f"qwen3_vl: vision out_hidden_size {v['out_hidden_size']} != text hidden_size {text_hidden}; the image "
+            f"{family}: vision out_hidden_size {v['out_hidden_size']} != text hidden_size {text_hidden}; the image "
             "tokens replace text embeddings"
         )
     merge = v["spatial_merge_size"]
@@ -92,6 +110,8 @@ def vision_dims(vision_config: dict, text_hidden: int | None = None) -> dict:
         "positions": v["num_position_embeddings"],
         "deepstack": tuple(deep),
         "hidden_act": v["hidden_act"],
+        "encoder": encoder,
+        "projector": projector,
     }
 
 
@@ -122,27 +142,26 @@ def _merger(hf: str, mt: str, norm: int, merged: int, out: int) -> list[Rule]:
 def vision_rules(v: dict) -> list[Rule]:
     """The tower's arrays outside its blocks: patch embedding, position table, deepstack mergers, projector."""
     H, C, P, T = v["hidden"], v["channels"], v["patch"], v["temporal_patch"]
+    enc, proj = v["encoder"], v["projector"]
     rules = [
         Rule(
             HF + "patch_embed.proj.weight",
-            f"{ENCODER}/patch_embed/proj/kernel",
+            f"{enc}/patch_embed/proj/kernel",
             hf_shape=(H, C, T, P, P),
             mt_shape=(T, P, P, C, H),
             chain=(Permute((2, 3, 4, 1, 0)),),  # torch Conv3d [out, in, t, h, w] -> flax [t, h, w, in, out]
         ),
-        common.vector(HF + "patch_embed.proj.bias", f"{ENCODER}/patch_embed/proj/bias", H),
+        common.vector(HF + "patch_embed.proj.bias", f"{enc}/patch_embed/proj/bias", H),
         Rule(
             HF + "pos_embed.weight",
-            f"{ENCODER}/pos_embed_interpolate/pos_embed",
+            f"{enc}/pos_embed_interpolate/pos_embed",
             hf_shape=(v["positions"], H),
             mt_shape=(v["positions"], H),
         ),
     ]
     for k in range(len(v["deepstack"])):  # post-shuffle norm: LayerNorm over the 4H merged features
-        rules += _merger(
-            f"{HF}deepstack_merger_list.{k}.", f"{ENCODER}/merger_{k}/", v["merged"], v["merged"], v["out"]
-        )
-    rules += _merger(f"{HF}merger.", f"{PROJECTOR}/merger/", H, v["merged"], v["out"])  # pre-shuffle norm over H
+        rules += _merger(f"{HF}deepstack_merger_list.{k}.", f"{enc}/merger_{k}/", v["merged"], v["merged"], v["out"])
+    rules += _merger(f"{HF}merger.", f"{proj}/merger/", H, v["merged"], v["out"])  # pre-shuffle norm over H
     return rules
 
 
@@ -192,5 +211,5 @@ def block_rules(v: dict) -> list[Rule]:
 
 def vision_groups(v: dict) -> list[LayerGroup]:
     """The blocks, never scanned: `blocks_<i>` (MaxText sets them as attributes one by one)."""
-    n = v["layers"]
-    return [LayerGroup(tuple(block_rules(v)), tuple(range(n)), None, tuple(f"{ENCODER}/blocks_{i}" for i in range(n)))]
+    n, e = v["layers"], v["encoder"]
+    return [LayerGroup(tuple(block_rules(v)), tuple(range(n)), None, tuple(f"{e}/blocks_{i}" for i in range(n)))]

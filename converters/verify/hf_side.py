@@ -170,7 +170,8 @@ class HFModel:
                 # a multimodal Llama 4 config (`llama4`): AutoModelForCausalLM would build its language model alone;
                 # the conversion holds the vision tower too, which only Llama4ForConditionalGeneration loads
                 auto = AutoModelForCausalLM
-                if type(cfg) not in auto._model_mapping or model_type == "llama4":  # no causal-LM class (Qwen3-VL)
+                # (and Qwen3.5: its AutoModelForCausalLM is the language model alone, without the tower)
+                if type(cfg) not in auto._model_mapping or model_type in ("llama4", "qwen3_5_moe"):
                     from transformers import AutoModelForImageTextToText as auto
                 self.model = auto.from_config(cfg, dtype=self.dtype, attn_implementation="eager", **kwargs).eval()
         except CkptflowError:

@@ -5,9 +5,9 @@ fused experts (`gate_up_proj` / `down_proj`) read as transformers' per-expert te
 
 Tiny model (`converters.tiny_models.TINY["qwen3.5-moe"]`): 8 layers (scanned: 2 blocks), hidden 64, full attention
 4 x 32 with a 32-wide output gate per head, delta net 2 key heads x 16 / 4 value heads x 24, 8 experts, top-2, a
-one-block vision tower (not converted). Every transform only moves elements: round trips are bit-exact. Stored values
-are compared with a plain-numpy layout (`next_layout`: the HF tensors fused per key head with explicit loops, then
-Qwen3-Next's `qwen3_next_layout`).
+one-block vision tower (converted: tests/families/test_qwen3_5_vision.py). Every transform only moves elements: round
+trips are bit-exact. Stored values are compared with a plain-numpy layout (`next_layout`: the HF tensors fused per
+key head with explicit loops, then Qwen3-Next's `qwen3_next_layout`).
 
 Checked against MaxText 0.2.5 itself (scratch scripts, not run here): its own `to_maxtext` on this tiny model in the
 published layout (fused experts, bf16) gives trees bit-identical to ckptflow's, 70/70 arrays scanned and 137/137
@@ -82,7 +82,8 @@ def write_folder(src, out, tensors: dict):
 
 @pytest.fixture(scope="module")
 def hf_model(tmp_path_factory):
-    """(dtype, tower) -> folder: transformers' tiny model; without the tower: its language model only."""
+    """(dtype, tower) -> folder: transformers' tiny model; without the tower: its language model only (the config
+    without vision_config, so nothing asks for model.visual.*)."""
     cache: dict = {}
 
     def make(dtype: str = "bfloat16", tower: bool = False):
@@ -93,7 +94,11 @@ def hf_model(tmp_path_factory):
         if not tower and (dtype, False) not in cache:
             full = cache[(dtype, True)]
             text = {k: v for k, v in hf_tensors(full).items() if not k.startswith("model.visual.")}
-            cache[(dtype, False)] = write_folder(full, tmp_path_factory.mktemp(f"q35-{dtype}-text") / "m", text)
+            out = write_folder(full, tmp_path_factory.mktemp(f"q35-{dtype}-text") / "m", text)
+            cfg = json.loads((out / "config.json").read_text())
+            del cfg["vision_config"]
+            (out / "config.json").write_text(json.dumps(cfg))
+            cache[(dtype, False)] = out
         return cache[(dtype, tower)]
 
     return make
@@ -117,17 +122,19 @@ def test_stored_values_and_bit_exact_round_trips(hf_model, tmp_path, scan):
 
 @pytest.mark.slow
 def test_published_fused_experts_and_vision_tower(hf_model, tmp_path):
-    """The published layout (fused experts, the vision tower beside the language model) converts to the same
-    checkpoint, the tower skipped with a warning; the export writes transformers' per-expert tensors, bit-exact."""
+    """The published layout (fused experts, the vision tower beside the language model) converts to the text
+    model's arrays plus the tower's (`vision_encoder/`); the export writes transformers' per-expert tensors and the
+    tower, bit-exact."""
     full = hf_model(tower=True)
     hf = hf_tensors(full)
     published = write_folder(full, tmp_path / "pub", fuse_experts(hf, 8))
-    with pytest.warns(UserWarning, match="vision tower"):
-        hf_to_maxtext(published, tmp_path / "mt", scan=True)
+    hf_to_maxtext(published, tmp_path / "mt", scan=True)
     hf_to_maxtext(hf_model(), tmp_path / "mt_ref", scan=True)
-    assert_bit_exact(read_params(tmp_path / "mt_ref"), read_params(tmp_path / "mt"))
+    params = read_params(tmp_path / "mt")
+    assert any(k.startswith("vision_encoder/Qwen3_5MoeVisionEncoder_0/blocks_0/") for k in params)
+    assert_bit_exact(read_params(tmp_path / "mt_ref"), {k: v for k, v in params.items() if "vision_encoder" not in k})
     maxtext_to_hf(tmp_path / "mt", tmp_path / "hf")
-    assert_bit_exact({k: v for k, v in hf.items() if not k.startswith("model.visual.")}, hf_tensors(tmp_path / "hf"))
+    assert_bit_exact(hf, hf_tensors(tmp_path / "hf"))
 
 
 @pytest.mark.slow
@@ -231,8 +238,9 @@ def test_real_size_tree_is_maxtexts():
     for p in range(4):
         for k, v in {**(_MT_FULL if p == 3 else _MT_GDN), **_MT_LAYER}.items():
             want[f"decoder/layers/layer_{p}/{k}"] = v
-    with pytest.warns(UserWarning, match="vision tower"):
-        assert {l.path: l.shape for l in fam.plan(cfg, scan=True)} == want
+    plan = {l.path: l.shape for l in fam.plan(cfg, scan=True)}
+    # the vision tower's 441 arrays: tests/families/test_qwen3_5_vision.py
+    assert {k: v for k, v in plan.items() if not k.startswith("vision_encoder/")} == want
 
 
 def test_real_models_and_unsupported_variants():
@@ -241,8 +249,7 @@ def test_real_models_and_unsupported_variants():
         "qwen3.5-397b-a17b": (4096, 512, 64),
     }.items():
         fam, cfg = registry.model(name)
-        with pytest.warns(UserWarning, match="vision tower"):
-            d = fam.dims(cfg)
+        d = fam.dims(cfg)
         hf = {n: l.hf_shape for l in fam.plan(cfg, scan=False) for _, n in l.hf_names()}
         assert hf[TEXT + "layers.0.linear_attn.in_proj_qkvz.weight"] == (4096 + 2 * 128 * value_heads, hidden)
         assert (
@@ -250,7 +257,7 @@ def test_real_models_and_unsupported_variants():
             == 3 * d.layers // 4
         )
         assert fam.is_ignored(d, "mtp.layers.0.mlp.experts.3.up_proj.weight")
-        assert fam.is_ignored(d, "model.visual.blocks.0.attn.qkv.weight")
+        assert not fam.is_ignored(d, "model.visual.blocks.0.attn.qkv.weight")  # converted
         assert d.extra["experts"] == experts
     fam, cfg = registry.model("qwen3.5-35b-a3b")
     text = cfg["text_config"]

@@ -141,9 +141,12 @@ def to_hf(mt: dict, dtype=np.float32) -> dict:
     return out
 
 
-def maxtext_hooks(hf: dict, vision: dict = TINY) -> dict:
-    """The tower as MaxText 0.2.5's converter lays it out (param_mapping.py QWEN3_VL_..._HOOK_FN), in numpy."""
-    v, E, P = {**tower.VISION_DEFAULTS, **vision}, tower.ENCODER, tower.PROJECTOR
+def maxtext_hooks(
+    hf: dict, vision: dict = TINY, *, encoder: str = tower.ENCODER, projector: str = tower.PROJECTOR
+) -> dict:
+    """The tower as MaxText 0.2.5's converter lays it out (param_mapping.py QWEN3_VL_..._HOOK_FN; QWEN3_5_..._HOOK_FN
+    the same under Qwen3.5's `encoder` / `projector` names), in numpy."""
+    v, E, P = {**tower.VISION_DEFAULTS, **vision}, encoder, projector
     H, N = v["hidden_size"], v["num_heads"]
     D = H // N
     g = lambda k: hf[tower.HF + k]  # noqa: E731

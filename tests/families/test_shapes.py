@@ -442,8 +442,8 @@ PARAMS_B = {
     "kimi-k2-1t": 1026.41,  # "1T": MaxText's tree for kimi-k2-1t holds the same 1026.41 B
     # Qwen3-Next "80B" without its mtp.* module
     "qwen3-next-80b-a3b": 79.67,
-    "qwen3.5-35b-a3b": 34.66,
-    "qwen3.5-397b-a17b": 396.35,
+    "qwen3.5-35b-a3b": 35.11,  # with the 0.45 B vision tower (MaxText use_multimodal=true)
+    "qwen3.5-397b-a17b": 396.80,
     "gemma2-2b": 2.61,
     "gemma2-9b": 9.24,
     "gemma2-27b": 27.23,
