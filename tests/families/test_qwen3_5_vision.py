@@ -3,6 +3,10 @@
 `Qwen3_5MoeVisionProjector_0`, without deepstack mergers, never scanned.
 
 Checked against MaxText 0.2.5 itself (scratch scripts, not run here):
+  * its own to_maxtext (param_mapping.py QWEN3_5 mapping and hooks, use_multimodal=true; a numpy loader in place of
+    its torch one) on the tiny model in the published layout (4 text layers, fused experts, bf16, the one-block
+    tower) gives trees bit-identical to ckptflow's conversion of the same folder: 95/95 arrays (25 of them the
+    tower's) scanned and 95/95 unscanned;
   * its abstract trees (use_multimodal=true, nnx.eval_shape at real size) hold exactly `plan`'s paths and shapes:
     qwen3.5-35b-a3b 511 arrays scanned / 1114 unscanned, qwen3.5-397b-a17b 511 / 1449, 441 of them the tower's
     (0.447 B / 0.456 B parameters), no deepstack merger;
