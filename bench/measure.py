@@ -117,25 +117,113 @@ def pyplot():
 
 
 def synthetic_config(model: str, layers: int) -> dict:
-    """The published HF config of `model` (a MaxText model name) with `layers` decoder layers."""
+    """The published HF config of `model` (a MaxText model name) with `layers` decoder layers: for a multimodal config
+    (Qwen3.5, Llama 4) its `text_config`'s, and a per-layer `layer_types` list cut to the first `layers`."""
     cfg = registry.model(model)[1]
-    cfg["num_hidden_layers"] = layers
+    text = cfg.get("text_config", cfg)
+    text["num_hidden_layers"] = layers
+    if isinstance(text.get("layer_types"), list):
+        text["layer_types"] = text["layer_types"][:layers]
     return cfg
 
 
 def synthetic_params(model: str, layers: int) -> int:
-    """Parameter count of `synthetic_model(model, layers)` (every HF tensor it writes)."""
+    """Parameter count of `synthetic_model(model, layers)` (every HF tensor it writes, once: a split rule plans one
+    leaf per part of the same HF tensor)."""
     cfg = synthetic_config(model, layers)
-    return sum(
-        math.prod(leaf.hf_shape) * len(leaf.hf_names())
+    shapes = {
+        name: leaf.hf_shape
         for leaf in registry.family_for_config(cfg).plan(cfg, scan=False)
-    )
+        for _, name in leaf.hf_names()
+    }
+    return sum(math.prod(s) for s in shapes.values())
 
 
-def synthetic_model(model: str, layers: int, dest: Path) -> Path:
+def synthetic_model(model: str, layers: int, dest: Path, int4: bool = False) -> Path:
     """Random bf16 weights of `model`'s real dimensions with `layers` layers in `dest`, unless it already exists
-    (written tensor by tensor, never held in memory whole)."""
+    (written tensor by tensor, never held in memory whole). `int4`: the routed experts as Kimi-K2-Thinking stores
+    them (`write_synthetic_int4`)."""
     if not dest.exists():
-        print(f"building synthetic {model} with {layers} layers in {dest} ...", file=sys.stderr)
-        write_synthetic_checkpoint(dest, synthetic_config(model, layers))
+        kind = "int4-expert" if int4 else "bf16"
+        print(f"building synthetic {kind} {model} with {layers} layers in {dest} ...", file=sys.stderr)
+        cfg = synthetic_config(model, layers)
+        (write_synthetic_int4 if int4 else write_synthetic_checkpoint)(dest, cfg)
     return dest
+
+
+INT4_GROUP = 32  # Kimi-K2-Thinking's group_size
+# Kimi-K2-Thinking's quantization_config (as tests/families/test_kimi.py): only the routed experts are int4
+INT4_CONFIG = {
+    "quant_method": "compressed-tensors",
+    "format": "pack-quantized",
+    "quantization_status": "compressed",
+    "kv_cache_scheme": None,
+    "config_groups": {
+        "group_0": {
+            "targets": ["Linear"],
+            "input_activations": None,
+            "output_activations": None,
+            "weights": {
+                "num_bits": 4,
+                "type": "int",
+                "symmetric": True,
+                "strategy": "group",
+                "group_size": INT4_GROUP,
+                "dynamic": False,
+                "actorder": None,
+                "observer": "minmax",
+            },
+        }
+    },
+    "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
+}
+
+
+def write_synthetic_int4(out: Path, cfg: dict, shard_bytes: int = 5 << 30, seed: int = 0) -> Path:
+    """As `write_synthetic_checkpoint`, but every routed expert's weight stored as compressed-tensors pack-quantized
+    int4 (Kimi-K2-Thinking): `X_packed` int32 `[out, in/8]` (random codes: every nibble is a valid code),
+    `X_scale` bf16 `[out, in/32]` (random, |s| in [2^-7, 2^-5)), `X_shape` int32 `[2]`; the rest random bf16."""
+    import json
+
+    import ml_dtypes
+    import numpy as np
+
+    from converters.io.safetensors import PlannedTensor, ShardWriter, plan_shards, shard_names, write_index
+
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    family = registry.family_for_config(cfg)
+    shapes = {name: leaf.hf_shape for leaf in family.plan(cfg, scan=False) for _, name in leaf.hf_names()}
+    tensors = []
+    for name, shape in shapes.items():
+        if ".mlp.experts." in name and name.endswith(".weight") and len(shape) == 2 and shape[1] % INT4_GROUP == 0:
+            tensors += [
+                PlannedTensor(name + "_packed", (shape[0], shape[1] // 8), np.dtype(np.int32)),
+                PlannedTensor(name + "_scale", (shape[0], shape[1] // INT4_GROUP), bf16),
+                PlannedTensor(name + "_shape", (2,), np.dtype(np.int32)),
+            ]
+        else:
+            tensors.append(PlannedTensor(name, shape, bf16))
+    shards = plan_shards(tensors, shard_bytes)
+    names = shard_names(len(shards))
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for shard, fname in zip(shards, names):
+        w = ShardWriter(out / fname, shard)
+        for t in shard:
+            if t.name.endswith("_shape"):
+                w.write(t.name, np.array(shapes[t.name[: -len("_shape")]], np.int32))
+                continue
+            rows_per_block = max(1, (64 << 20) // max(1, t.nbytes // max(1, t.shape[0])))
+            for start in range(0, t.shape[0], rows_per_block):
+                rows = min(rows_per_block, t.shape[0] - start)
+                if t.dtype == np.int32:
+                    w.write(
+                        t.name, rng.integers(0, 1 << 32, size=(rows,) + t.shape[1:], dtype=np.uint32).view(np.int32)
+                    )
+                    continue
+                bits = rng.integers(0, 1 << 16, size=(rows,) + t.shape[1:], dtype=np.uint16)
+                w.write(t.name, ((bits & np.uint16(0x81FF)) | np.uint16(0x3C00)).view(bf16))
+        w.close()
+    write_index(out, shards, names)
+    (out / "config.json").write_text(json.dumps({**cfg, "quantization_config": INT4_CONFIG}, indent=2) + "\n")
+    return out
