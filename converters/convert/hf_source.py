@@ -13,6 +13,7 @@ from converters.core.transforms import Fusion, Slices
 from converters.errors import CkptflowError, MappingError
 from converters.io import quantized
 from converters.io.files import read_json
+from converters.io.folder_view import FolderView
 from converters.io.safetensors import SafetensorsFolder, TensorInfo
 
 
@@ -58,15 +59,13 @@ def with_aliases(family: type[Family], folder: SafetensorsFolder) -> Safetensors
     return folder
 
 
-class FusedFolder:
+class FusedFolder(FolderView):
     """A folder view in which the parts of every `Fusion` read as the one fused tensor the rules name, and the tensor
     of every `Slices` as its views (what they replace hidden). One whose tensors are not all present is left out:
     validation then reports what is missing."""
 
     def __init__(self, folder, fusions: list[Fusion | Slices]):
-        self.inner = folder
-        self.folder = folder.folder
-        self.tensors = dict(folder.tensors)
+        super().__init__(folder, dict(folder.tensors))
         self._fused: dict[str, Fusion] = {}
         self._sliced: dict[str, tuple[TensorInfo, tuple]] = {}
         for f in fusions:
@@ -91,14 +90,6 @@ class FusedFolder:
             self.tensors[f.name] = TensorInfo(f.name, infos[0].dtype, shape, -1, nbytes, infos[0].path)
             self._fused[f.name] = f
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def info(self, name: str) -> TensorInfo:
-        if name in self.tensors:
-            return self.tensors[name]
-        return self.inner.info(name)
-
     def read(self, name: str, rows: slice | None = None) -> np.ndarray:
         if name in self._sliced:
             info, index = self._sliced[name]
@@ -112,10 +103,6 @@ class FusedFolder:
         if rows is not None:
             raise ValueError(f"{name}: a fused tensor is read whole")
         return np.ascontiguousarray(f.join([self.inner.read(n) for n, _ in f.parts]))
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
 
 
 def _sliced_shape(info: TensorInfo, index: tuple) -> tuple[int, ...]:

@@ -44,6 +44,7 @@ import ml_dtypes
 import numpy as np
 
 from converters.errors import CorruptFileError, UnsupportedModelError
+from converters.io.folder_view import FolderView
 from converters.io.safetensors import SafetensorsFolder, TensorInfo
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -73,13 +74,11 @@ class _Mxfp4Tensor:
     scales: TensorInfo
 
 
-class Mxfp4Folder:
+class Mxfp4Folder(FolderView):
     """A `SafetensorsFolder` view in which every `X_blocks` + `X_scales` pair reads as the decoded `X`."""
 
     def __init__(self, folder: SafetensorsFolder):
-        self.inner = folder
-        self.folder = folder.folder
-        self.tensors: dict[str, TensorInfo] = {}
+        super().__init__(folder)
         self._quantized: dict[str, _Mxfp4Tensor] = {}
         names = folder.tensors
         for name, info in names.items():
@@ -104,14 +103,6 @@ class Mxfp4Folder:
             self.tensors[base] = TensorInfo(base, BF16, shape, -1, int(np.prod(shape)) * BF16.itemsize, info.path)
             self._quantized[base] = _Mxfp4Tensor(info, scales)
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def info(self, name: str) -> TensorInfo:
-        if name in self.tensors:
-            return self.tensors[name]
-        return self.inner.info(name)  # raises the folder's missing-tensor error
-
     def read(self, name: str, rows: slice | None = None) -> np.ndarray:
         q = self._quantized.get(name)
         if q is None:
@@ -121,10 +112,6 @@ class Mxfp4Folder:
         blocks = self.inner.read(q.blocks.name, rows)
         scales = self.inner.read(q.scales.name, rows)
         return np.ascontiguousarray(np.swapaxes(decode_mxfp4(blocks, scales), -1, -2), dtype=BF16)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
 
 
 def decode_fp8_blocks(w: np.ndarray, scale: np.ndarray, block: tuple[int, int], row0: int = 0) -> np.ndarray:
@@ -145,16 +132,14 @@ def decode_fp8_blocks(w: np.ndarray, scale: np.ndarray, block: tuple[int, int], 
     return (w.astype(np.float32) * scale[rows][:, cols]).astype(BF16)
 
 
-class Fp8Folder:
+class Fp8Folder(FolderView):
     """A `SafetensorsFolder` view in which every float8 `X` with an `X_scale_inv` reads as the decoded bfloat16 `X`."""
 
     SUFFIX = "_scale_inv"
 
     def __init__(self, folder: SafetensorsFolder, block: tuple[int, int]):
-        self.inner = folder
-        self.folder = folder.folder
+        super().__init__(folder)
         self.block = block
-        self.tensors: dict[str, TensorInfo] = {}
         self._scales: dict[str, TensorInfo] = {}
         names = folder.tensors
         for name, info in names.items():
@@ -177,14 +162,6 @@ class Fp8Folder:
             )
             self._scales[name] = scale
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def info(self, name: str) -> TensorInfo:
-        if name in self.tensors:
-            return self.tensors[name]
-        return self.inner.info(name)
-
     def read(self, name: str, rows: slice | None = None) -> np.ndarray:
         scale = self._scales.get(name)
         if scale is None:
@@ -198,10 +175,6 @@ class Fp8Folder:
             else self.inner.read(scale.name)
         )
         return decode_fp8_blocks(w, s, self.block, start)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
 
 
 INT4_BITS = 4
@@ -267,15 +240,13 @@ def _int4_scheme(qc: dict, where: Path) -> int:
     return sizes.pop()
 
 
-class Int4Folder:
+class Int4Folder(FolderView):
     """A `SafetensorsFolder` view in which every `X_packed` + `X_scale` (+ `X_shape`) reads as the decoded bf16 `X`
     (compressed-tensors pack-quantized int4, groups of `group` inputs; 0: one group per row)."""
 
     def __init__(self, folder: SafetensorsFolder, group: int):
-        self.inner = folder
-        self.folder = folder.folder
+        super().__init__(folder)
         self.group = group
-        self.tensors: dict[str, TensorInfo] = {}
         self._quantized: dict[str, tuple[TensorInfo, TensorInfo, TensorInfo | None]] = {}
         names = folder.tensors
         for name, info in names.items():
@@ -310,14 +281,6 @@ class Int4Folder:
             self.tensors[base] = TensorInfo(base, BF16, shape, -1, out_dim * in_dim * BF16.itemsize, info.path)
             self._quantized[base] = (info, scale, names.get(base + "_shape"))
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def info(self, name: str) -> TensorInfo:
-        if name in self.tensors:
-            return self.tensors[name]
-        return self.inner.info(name)
-
     def read(self, name: str, rows: slice | None = None) -> np.ndarray:
         q = self._quantized.get(name)
         if q is None:
@@ -333,10 +296,6 @@ class Int4Folder:
         w = self.inner.read(packed.name, rows)
         s = self.inner.read(scale.name, rows)
         return decode_int4_groups(w, s, shape[1], self.group or shape[1])
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
 
 
 def decoded_source(folder: SafetensorsFolder, cfg: dict):
