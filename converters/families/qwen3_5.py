@@ -265,15 +265,17 @@ class Qwen3_5Moe(Qwen3Next):
 
     @classmethod
     def config_for_checkpoint(cls, cfg: dict, stored: set[str]) -> dict:
-        """A checkpoint without the tower (MaxText use_multimodal=false) exports the language model only."""
-        if cfg.get("vision_config") and not any(k.startswith("vision_encoder/") for k in stored):
+        """A checkpoint without the tower (MaxText use_multimodal=false) exports the language model only (and verify
+        runs no image prompt on it): the config marked `NO_TOWER`, with a warning if it describes a tower."""
+        if any(k.startswith("vision_encoder/") for k in stored):
+            return cfg
+        if cfg.get("vision_config"):
             warnings.warn(
                 f"{cls.name}: the checkpoint has no vision tower (MaxText use_multimodal=false): an export holds the "
                 "language model only (transformers initialises model.visual.* randomly; text logits are unaffected)",
                 stacklevel=3,
             )
-            return {**cfg, NO_TOWER: True}
-        return cfg
+        return {**cfg, NO_TOWER: True}
 
     @classmethod
     def _text(cls, rules: list[Rule]) -> list[Rule]:

@@ -180,6 +180,9 @@ class Qwen3NextForward(Forward):
         gate = jax.nn.sigmoid(dense(h, p["mlp/shared_expert_gate/kernel"], dt))
         return x + (routed + gate * shared).astype(dt)
 
+    # RoPE on the rotary part of q / k ([T] positions; Qwen3.5's image prompts: per-frequency positions)
+    rotary = staticmethod(rope_halves)
+
     def full_attention(self, spec: ModelSpec, p: dict, h, positions):
         dt, d, r = spec.jdtype, spec.head_dim, spec.option("rotary_dim")
         a = "attention/attention/"
@@ -188,8 +191,8 @@ class Qwen3NextForward(Forward):
         q = rms_norm_1p(q, p[a + "query_norm/scale"], spec.norm_eps, dt)
         k = rms_norm_1p(dense(h, p[a + "key/kernel"], dt), p[a + "key_norm/scale"], spec.norm_eps, dt)
         v = dense(h, p[a + "value/kernel"], dt)
-        q = jnp.concatenate([rope_halves(q[..., :r], positions, spec.rope_theta, dt), q[..., r:]], axis=-1)
-        k = jnp.concatenate([rope_halves(k[..., :r], positions, spec.rope_theta, dt), k[..., r:]], axis=-1)
+        q = jnp.concatenate([self.rotary(q[..., :r], positions, spec.rope_theta, dt), q[..., r:]], axis=-1)
+        k = jnp.concatenate([self.rotary(k[..., :r], positions, spec.rope_theta, dt), k[..., r:]], axis=-1)
         out = causal_attention(q * (d**-0.5), k, v, dt)  # [T, N, D]
         out = (out * jax.nn.sigmoid(gate.astype(jnp.float32)).astype(dt)).reshape(out.shape[0], -1)
         return dense(out, p[a + "out/kernel"], dt)

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from converters.errors import CkptflowError
+from converters.families.qwen3_5 import NO_TOWER
 from converters.families.qwen3_vl_vision import ENCODER, PROJECTOR
 from converters.verify.reference.common import require
 
@@ -56,14 +57,17 @@ class VisionSpec(NamedTuple):
     deepstack: tuple[int, ...]
     rope_theta: float = ROPE_THETA
     maxtext_numerics: bool = False
+    encoder: str = ENCODER  # MaxText's module paths (Qwen3.5: `Qwen3_5MoeVisionEncoder_0` / `..Projector_0`)
+    projector: str = PROJECTOR
 
     @property
     def head_dim(self) -> int:
         return self.hidden // self.heads
 
 
-def vision_spec(v, *, maxtext_numerics: bool = False) -> VisionSpec:
-    """From a transformers `Qwen3VLVisionConfig`; refuses what MaxText's tower does not compute."""
+def vision_spec(v, *, maxtext_numerics: bool = False, encoder: str = ENCODER, projector: str = PROJECTOR) -> VisionSpec:
+    """From a transformers `Qwen3VLVisionConfig` (or Qwen3.5's, which has no deepstack); refuses what MaxText's tower
+    does not compute."""
     act = getattr(v, "hidden_act", "gelu_pytorch_tanh")
     require(act in ("gelu_pytorch_tanh", "gelu_tanh"), f"vision hidden_act={act!r} (MaxText's blocks use GELU tanh)")
     rp = dict(getattr(v, "rope_parameters", None) or {})
@@ -83,8 +87,10 @@ def vision_spec(v, *, maxtext_numerics: bool = False) -> VisionSpec:
         merge=int(v.spatial_merge_size),
         out=int(v.out_hidden_size),
         positions=int(v.num_position_embeddings),
-        deepstack=tuple(int(i) for i in v.deepstack_visual_indexes),
+        deepstack=tuple(int(i) for i in (getattr(v, "deepstack_visual_indexes", None) or ())),
         maxtext_numerics=maxtext_numerics,
+        encoder=encoder,
+        projector=projector,
     )
 
 
@@ -110,14 +116,14 @@ BLOCK_KEYS = (
 def vision_keys(vs: VisionSpec) -> tuple[str, ...]:
     """Every array of the tower (global keys of the Qwen3-VL reference when the checkpoint is multimodal)."""
     keys = [
-        f"{ENCODER}/patch_embed/proj/kernel",
-        f"{ENCODER}/patch_embed/proj/bias",
-        f"{ENCODER}/pos_embed_interpolate/pos_embed",
+        f"{vs.encoder}/patch_embed/proj/kernel",
+        f"{vs.encoder}/patch_embed/proj/bias",
+        f"{vs.encoder}/pos_embed_interpolate/pos_embed",
     ]
-    keys += [f"{ENCODER}/blocks_{i}/{k}" for i in range(vs.layers) for k in BLOCK_KEYS]
+    keys += [f"{vs.encoder}/blocks_{i}/{k}" for i in range(vs.layers) for k in BLOCK_KEYS]
     for k in range(len(vs.deepstack)):
-        keys += _merger_keys(f"{ENCODER}/merger_{k}/")
-    keys += _merger_keys(f"{PROJECTOR}/merger/")
+        keys += _merger_keys(f"{vs.encoder}/merger_{k}/")
+    keys += _merger_keys(f"{vs.projector}/merger/")
     return tuple(keys)
 
 
@@ -196,16 +202,16 @@ def vision_image(vs: VisionSpec, g: dict, patches, grid: tuple[int, int, int]):
     p = lambda k: g[k].astype(f32)  # noqa: E731
     x = patches.astype(f32).reshape(-1, vs.channels, vs.temporal_patch, vs.patch, vs.patch)
     # flax conv on channels-last patches, stride = kernel: each output is one patch's dot with the kernel
-    x = jnp.einsum("scijk,ijkch->sh", x, p(f"{ENCODER}/patch_embed/proj/kernel"))
-    x = x + p(f"{ENCODER}/patch_embed/proj/bias")
+    x = jnp.einsum("scijk,ijkch->sh", x, p(f"{vs.encoder}/patch_embed/proj/kernel"))
+    x = x + p(f"{vs.encoder}/patch_embed/proj/bias")
     row, col = block_coords(t, h, w, vs.merge)
-    pos = interpolated_positions(p(f"{ENCODER}/pos_embed_interpolate/pos_embed"), row, col, h, w)
+    pos = interpolated_positions(p(f"{vs.encoder}/pos_embed_interpolate/pos_embed"), row, col, h, w)
     if vs.maxtext_numerics:
         pos = pos.astype(jnp.bfloat16).astype(f32)
     x = x + pos
     deep = []
     for i in range(vs.layers):
-        b = f"{ENCODER}/blocks_{i}/"
+        b = f"{vs.encoder}/blocks_{i}/"
         a = b + "attn/attn/"
         y = layer_norm(x, p(b + "ln1/scale"), p(b + "ln1/bias"))
         q = jnp.einsum("sh,hnd->snd", y, p(a + "query/kernel")) + p(a + "query/bias")
@@ -220,8 +226,8 @@ def vision_image(vs: VisionSpec, g: dict, patches, grid: tuple[int, int, int]):
         y = jax.nn.gelu(y @ p(b + "mlp/kernel") + p(b + "mlp/bias"), approximate=True)
         x = x + y @ p(b + "mlp_out/kernel") + p(b + "mlp_out/bias")
         if i in vs.deepstack:
-            deep.append(_merger(vs, g, f"{ENCODER}/merger_{vs.deepstack.index(i)}/", x, True))
-    return _merger(vs, g, f"{PROJECTOR}/merger/", x, False), deep
+            deep.append(_merger(vs, g, f"{vs.encoder}/merger_{vs.deepstack.index(i)}/", x, True))
+    return _merger(vs, g, f"{vs.projector}/merger/", x, False), deep
 
 
 @functools.lru_cache(maxsize=None)
@@ -325,7 +331,7 @@ def image_prompt(config: dict, *, seed: int = 0, tokenizer=None, grid: tuple[int
     from converters.verify.reference.gemma import test_image
 
     cfg = hf_config_object(config)
-    if cfg.model_type not in ("qwen3_vl", "qwen3_vl_moe"):
+    if cfg.model_type not in ("qwen3_vl", "qwen3_vl_moe", "qwen3_5_moe") or config.get(NO_TOWER):
         return None
     t, v = cfg.get_text_config(), cfg.vision_config
     image, start, end = int(cfg.image_token_id), int(cfg.vision_start_token_id), int(cfg.vision_end_token_id)
@@ -378,10 +384,10 @@ class Qwen3VLVisionMixin:
         out = list(super().config_warnings(cfg))
         if self.vision_options(cfg):
             out.append(
-                "MaxText 0.2.5's Qwen3-VL vision tower applies tanh-approximated GELU in its patch mergers (HF: exact "
-                "GELU) and rounds the interpolated position embedding to bfloat16 (HF: float32), whatever the "
-                "checkpoint holds; the image prompt's reference follows transformers there (on the tiny test tower "
-                "MaxText's way moves the image tokens by ~2e-4 relative)"
+                "MaxText 0.2.5's Qwen3-VL (and Qwen3.5) vision tower applies tanh-approximated GELU in its patch "
+                "mergers (HF: exact GELU) and rounds the interpolated position embedding to bfloat16 (HF: float32), "
+                "whatever the checkpoint holds; the image prompt's reference follows transformers there (on the tiny "
+                "test tower MaxText's way moves the image tokens by ~2e-4 relative)"
             )
         return out
 
