@@ -69,10 +69,7 @@ def vision_dims(vision_config: dict | None, text_hidden: int) -> dict:
     """The tower's sizes from HF's `vision_config` (transformers' defaults for what it leaves out), refusing what
     MaxText's tower cannot hold."""
     v = {k: (vision_config or {}).get(k, default) for k, default in VISION_DEFAULTS.items()}
-    for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_channels", "intermediate_size"):
-        if not (isinstance(v[k], int) and not isinstance(v[k], bool) and v[k] > 0):
-            raise MappingError(f"llama4: vision_config.{k} must be a positive integer, got {v[k]!r}")
-    for k in ("vision_output_dim", "image_size", "patch_size", "projector_input_dim", "projector_output_dim"):
+    for k in (k for k in VISION_DEFAULTS if k not in ("pixel_shuffle_ratio", "multi_modal_projector_bias")):
         if not (isinstance(v[k], int) and not isinstance(v[k], bool) and v[k] > 0):
             raise MappingError(f"llama4: vision_config.{k} must be a positive integer, got {v[k]!r}")
     H, N, r = v["hidden_size"], v["num_attention_heads"], float(v["pixel_shuffle_ratio"])
