@@ -195,9 +195,13 @@ def decode_int4_groups(packed: np.ndarray, scale: np.ndarray, in_features: int, 
     codes = np.empty((m, words.shape[1] * 2), np.int8)
     codes[:, 0::2] = words & 0x0F
     codes[:, 1::2] = words >> 4
-    values = (codes[:, :in_features] - INT4_OFFSET).astype(np.float32)
-    factors = scale.astype(np.float32)[:, np.arange(in_features) // group]
-    return (values * factors).astype(BF16)
+    # each group's codes times its scale in place (a [m, groups, group] view), not against a full-size gathered
+    # scale array: the same float32 products, ~10x faster on a Kimi-K2 expert
+    groups = scale.shape[1]
+    values = np.zeros((m, groups * group), np.float32)
+    np.subtract(codes[:, :in_features], INT4_OFFSET, out=values[:, :in_features], casting="unsafe")
+    values.reshape(m, groups, group)[...] *= scale.astype(np.float32)[:, :, None]
+    return values[:, :in_features].astype(BF16)
 
 
 def _int4_scheme(qc: dict, where: Path) -> int:
