@@ -127,7 +127,7 @@ def _image_prompts(config: dict, seed: int, tokenizer) -> list[Prompt]:
         Prompt(
             name="image",
             token_ids=ids,
-            text=f"[prompt with a generated test image: {n} image tokens]",
+            text=f"[prompt with a generated test image: {n} image tokens]" if n else "[prompt with a test image]",
             meta={"inputs": inputs},
         )
     ]

@@ -14,8 +14,7 @@ plus a shared expert, interleaved dense layers) and verification.
 5. A multimodal folder (Llama4ForConditionalGeneration, `language_model.*` + the vision tower, converted too)
    verifies against its conversion on text prompts: transformers' Llama4ForConditionalGeneration (which loads the
    tower: its tensors are content-checked with the other globals) running its language model on one side, the
-   reference on `text_config` on the other. No image prompt: the tower's outputs are compared with MaxText's own
-   in tests/families/test_llama4_vision.py's notes.
+   reference on `text_config` on the other, and an image prompt through the tower (tests/verify/test_llama4_vision.py).
 
 MaxText 0.2.5's own forward (bench/maxtext_logits.py in its venv, model names llama4-17b-16e / -128e with the tiny
 dimensions) on ckptflow's float32 conversions of 8-layer tiny models, 300 random tokens (9 chunk boundaries), against
@@ -124,8 +123,9 @@ def test_multimodal_folder_verifies(models, converted, scan):
     assert sum(k.startswith(("vision_model.", "multi_modal_projector.")) for k in tensors) == 42
     assert r.data["verdict"]["content"]["bit_exact"] == r.data["verdict"]["content"]["tensors"] == len(tensors)
     assert r.data["reference"]["model_type"] == "llama4" and r.data["maxtext"]["num_layers"] == LAYERS
-    assert r.data["prompts"][-1]["num_tokens"] > 10 * 32
-    assert all("attention_chunk_size" in w for w in r.data["warnings"]), r.data["warnings"]
+    prompts = {p["name"]: p for p in r.data["prompts"]}
+    assert prompts["long"]["num_tokens"] > 10 * 32 and "image" in prompts  # the image prompt: test_llama4_vision.py
+    assert all("attention_chunk_size" in w or "image_token_index" in w for w in r.data["warnings"]), r.data["warnings"]
 
 
 def _with_attention(monkeypatch, **flags):

@@ -16,7 +16,8 @@ What MaxText 0.2.5 computes per layer l (layers/attentions.py `Attention.__call_
 transformers' Llama4ForCausalLM computes the same (Llama4Router / Llama4TextMoe scale the expert input by the
 sigmoid score; `no_rope_layers`, `layer_types` chunked_attention, Llama4TextL2Norm after RoPE).
 A multimodal checkpoint (HF `llama4`, Llama4ForConditionalGeneration) is its language model's: the text config is
-`text_config`; its vision tower (converted, converters/families/llama4_vision.py) is not run: text prompts only.
+`text_config`; its vision tower (converted, converters/families/llama4_vision.py) runs on the image prompt
+(reference/llama4_vision.py: the projected image features at the image tokens' positions).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from converters.verify.reference.common import (
     rope_parameters,
 )
 from converters.verify.reference.llama import MAXTEXT_LLAMA3_SCALING, rope_interleaved
+from converters.verify.reference.llama4_vision import Llama4VisionMixin
 
 MOE = "Llama4MoEBlock_0"
 ROUTED = f"{MOE}/MoeBlock_0"
@@ -73,7 +75,7 @@ def chunked_attention(q, k, v, dtype, chunk: int | None):
     return jnp.einsum("kgts,skd->tkgd", weights, v.astype(dtype)).reshape(t, n, d).astype(dtype)
 
 
-class Llama4Forward(PatternStacked):
+class Llama4Forward(Llama4VisionMixin, PatternStacked):
     pattern = ("chunked_attention",) * (INTERVAL - 1) + ("full_attention",)
     label = "Llama 4"
 
@@ -83,6 +85,7 @@ class Llama4Forward(PatternStacked):
         return cfg.get_text_config() if getattr(cfg, "model_type", "") == "llama4" else cfg
 
     def make_spec(self, cfg) -> ModelSpec:
+        vision = self.vision_options(cfg)
         cfg = self.text(cfg)
         require(getattr(cfg, "model_type", "") == "llama4_text", f"model_type {getattr(cfg, 'model_type', None)!r}")
         require(getattr(cfg, "hidden_act", "silu") == "silu", f"hidden_act={cfg.hidden_act!r}")
@@ -117,12 +120,13 @@ class Llama4Forward(PatternStacked):
                 ("rope_scaling", scaling),
                 ("step", step),
                 ("temperature_tuning", tuning),
+                *vision,
             ),
         )
 
     def config_warnings(self, cfg) -> list[str]:
+        out = self.vision_warnings(cfg)
         cfg = self.text(cfg)
-        out = []
         rp = rope_parameters(cfg)
         if rp.get("rope_type") == "llama3":
             diffs = [f"{k}={rp[k]!r}" for k, v in MAXTEXT_LLAMA3_SCALING.items() if k in rp and float(rp[k]) != v]
@@ -140,6 +144,9 @@ class Llama4Forward(PatternStacked):
         return out
 
     # ---- layout ---------------------------------------------------------------------------------
+    def global_keys(self, spec: ModelSpec) -> tuple[str, ...]:
+        return (*super().global_keys(spec), *self.vision_keys(spec))
+
     def is_moe_layer(self, spec: ModelSpec, l: int) -> bool:
         return (l + 1) % spec.option("step") == 0
 
