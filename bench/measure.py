@@ -20,6 +20,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from converters.core import registry  # noqa: E402
+from converters.families.deepseek import KIMI_K2_THINKING_INT4_GROUP, KIMI_K2_THINKING_QUANTIZATION  # noqa: E402
 from converters.tiny_models import write_synthetic_checkpoint  # noqa: E402
 
 
@@ -151,34 +152,6 @@ def synthetic_model(model: str, layers: int, dest: Path, int4: bool = False) -> 
     return dest
 
 
-INT4_GROUP = 32  # Kimi-K2-Thinking's group_size
-# Kimi-K2-Thinking's quantization_config (as tests/families/test_kimi.py): only the routed experts are int4
-INT4_CONFIG = {
-    "quant_method": "compressed-tensors",
-    "format": "pack-quantized",
-    "quantization_status": "compressed",
-    "kv_cache_scheme": None,
-    "config_groups": {
-        "group_0": {
-            "targets": ["Linear"],
-            "input_activations": None,
-            "output_activations": None,
-            "weights": {
-                "num_bits": 4,
-                "type": "int",
-                "symmetric": True,
-                "strategy": "group",
-                "group_size": INT4_GROUP,
-                "dynamic": False,
-                "actorder": None,
-                "observer": "minmax",
-            },
-        }
-    },
-    "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
-}
-
-
 def write_synthetic_int4(out: Path, cfg: dict, shard_bytes: int = 5 << 30, seed: int = 0) -> Path:
     """As `write_synthetic_checkpoint`, but every routed expert's weight stored as compressed-tensors pack-quantized
     int4 (Kimi-K2-Thinking): `X_packed` int32 `[out, in/8]` (random codes: every nibble is a valid code),
@@ -195,10 +168,15 @@ def write_synthetic_int4(out: Path, cfg: dict, shard_bytes: int = 5 << 30, seed:
     shapes = {name: leaf.hf_shape for leaf in family.plan(cfg, scan=False) for _, name in leaf.hf_names()}
     tensors = []
     for name, shape in shapes.items():
-        if ".mlp.experts." in name and name.endswith(".weight") and len(shape) == 2 and shape[1] % INT4_GROUP == 0:
+        if (
+            ".mlp.experts." in name
+            and name.endswith(".weight")
+            and len(shape) == 2
+            and shape[1] % KIMI_K2_THINKING_INT4_GROUP == 0
+        ):
             tensors += [
                 PlannedTensor(name + "_packed", (shape[0], shape[1] // 8), np.dtype(np.int32)),
-                PlannedTensor(name + "_scale", (shape[0], shape[1] // INT4_GROUP), bf16),
+                PlannedTensor(name + "_scale", (shape[0], shape[1] // KIMI_K2_THINKING_INT4_GROUP), bf16),
                 PlannedTensor(name + "_shape", (2,), np.dtype(np.int32)),
             ]
         else:
@@ -225,5 +203,7 @@ def write_synthetic_int4(out: Path, cfg: dict, shard_bytes: int = 5 << 30, seed:
                 w.write(t.name, ((bits & np.uint16(0x81FF)) | np.uint16(0x3C00)).view(bf16))
         w.close()
     write_index(out, shards, names)
-    (out / "config.json").write_text(json.dumps({**cfg, "quantization_config": INT4_CONFIG}, indent=2) + "\n")
+    (out / "config.json").write_text(
+        json.dumps({**cfg, "quantization_config": KIMI_K2_THINKING_QUANTIZATION}, indent=2) + "\n"
+    )
     return out

@@ -393,6 +393,34 @@ def _kimi_k2() -> dict:
     }
 
 
+KIMI_K2_THINKING_INT4_GROUP = 32
+# moonshotai/Kimi-K2-Thinking's quantization_config: only the routed experts are int4 (compressed-tensors
+# pack-quantized, symmetric, groups of 32 inputs); attention, shared experts and the dense MLP stay bf16
+KIMI_K2_THINKING_QUANTIZATION = {
+    "quant_method": "compressed-tensors",
+    "format": "pack-quantized",
+    "quantization_status": "compressed",
+    "kv_cache_scheme": None,
+    "config_groups": {
+        "group_0": {
+            "targets": ["Linear"],
+            "input_activations": None,
+            "output_activations": None,
+            "weights": {
+                "num_bits": 4,
+                "type": "int",
+                "symmetric": True,
+                "strategy": "group",
+                "group_size": KIMI_K2_THINKING_INT4_GROUP,
+                "dynamic": False,
+                "actorder": None,
+                "observer": "minmax",
+            },
+        }
+    },
+    "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
+}
+
 # HF `model_type`s that transformers builds as another one: Kimi-K2's `kimi_k2` is DeepSeek-V3 under its own name
 # (the hub repos map it to their remote DeepseekV3 code; transformers' own kimi_k25 maps its `kimi_k2` text config to
 # deepseek_v3 the same way). ckptflow never runs remote code.

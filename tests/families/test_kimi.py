@@ -24,7 +24,7 @@ from converters import tiny_models
 from converters.convert import hf_to_maxtext, maxtext_to_hf
 from converters.core import registry
 from converters.families import moe_common
-from converters.families.deepseek import DeepSeek3
+from converters.families.deepseek import KIMI_K2_THINKING_INT4_GROUP, KIMI_K2_THINKING_QUANTIZATION, DeepSeek3
 from converters.io.orbax import read_params
 from converters.io.safetensors import save_file
 from tests.families.helpers import assert_bit_exact, deepseek_layout, hf_tensors, round_trip
@@ -32,32 +32,6 @@ from tests.families.helpers import assert_bit_exact, deepseek_layout, hf_tensors
 LAYERS = 3
 BF16 = np.dtype(ml_dtypes.bfloat16)
 DIMS = {**DeepSeek3.test_models["deepseek3"][1], "n_group": 1, "topk_group": 1}
-GROUP = 32  # Kimi-K2-Thinking's group_size
-# Kimi-K2-Thinking's quantization_config: only routed experts are int4 (ignore: attention, shared experts, dense MLP)
-INT4_CONFIG = {
-    "quant_method": "compressed-tensors",
-    "format": "pack-quantized",
-    "quantization_status": "compressed",
-    "kv_cache_scheme": None,
-    "config_groups": {
-        "group_0": {
-            "targets": ["Linear"],
-            "input_activations": None,
-            "output_activations": None,
-            "weights": {
-                "num_bits": 4,
-                "type": "int",
-                "symmetric": True,
-                "strategy": "group",
-                "group_size": GROUP,
-                "dynamic": False,
-                "actorder": None,
-                "observer": "minmax",
-            },
-        }
-    },
-    "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
-}
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +105,7 @@ def pack_int4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """float `[out, in]` -> (int32 `[out, in/8]` packed codes, bf16 `[out, in/32]` scales, the bf16 dequantized values):
     symmetric round-to-nearest codes in [-8, 7], stored + 8, element k of a word in bits 4k..4k+3."""
     out_dim, in_dim = w.shape
-    x = w.astype(np.float32).reshape(out_dim, in_dim // GROUP, GROUP)
+    x = w.astype(np.float32).reshape(out_dim, in_dim // KIMI_K2_THINKING_INT4_GROUP, KIMI_K2_THINKING_INT4_GROUP)
     scale = (np.abs(x).max(axis=-1) / 7).astype(BF16)
     codes = np.clip(np.rint(x / np.maximum(scale.astype(np.float32), 1e-30)[..., None]), -8, 7).astype(np.int64)
     values = (codes * scale.astype(np.float32)[..., None]).astype(BF16).reshape(out_dim, in_dim)
@@ -156,7 +130,7 @@ def int4_twins(kimi, tmp_path_factory):
             quantized[name] = twin[name] = t
     cfg = json.loads((src / "config.json").read_text())
     for folder, tensors, extra in (
-        (root / "int4", quantized, {"quantization_config": INT4_CONFIG}),
+        (root / "int4", quantized, {"quantization_config": KIMI_K2_THINKING_QUANTIZATION}),
         (root / "twin", twin, {}),
     ):
         folder.mkdir()
