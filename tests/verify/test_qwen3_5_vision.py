@@ -11,13 +11,19 @@ and when the tower was written with a wrong rule that its inverse undoes (conten
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from converters.families import qwen3_vl_vision as tower
 from converters.verify import verify
-from converters.verify.reference import qwen3_vl_vision as ref
-from tests.verify.test_qwen3_vl_vision import EXACT_KL, WRONG, _broken, _only_the_image_fails_layout, _prompts
+from tests.verify.test_qwen3_vl_vision import (
+    EXACT_KL,
+    WRONG,
+    _broken,
+    _only_the_image_fails_layout,
+    _prompts,
+    no_image_tokens,
+    text_positions,
+)
 
 
 @pytest.fixture(scope="module")
@@ -44,22 +50,8 @@ def test_verify_runs_the_image_prompt(converted, scan):
     assert any("tanh-approximated GELU" in w for w in r.data["warnings"])  # where MaxText's tower differs from HF
 
 
-def _text_positions(monkeypatch):
-    monkeypatch.setattr(ref, "mrope_positions", lambda ids, *a: np.broadcast_to(np.arange(len(ids)), (3, len(ids))))
-
-
-def _no_image_tokens(monkeypatch):
-    features = ref.vision_features
-
-    def zero_tokens(*a):
-        tokens, deep = features(*a)
-        return np.zeros_like(tokens), deep
-
-    monkeypatch.setattr(ref, "vision_features", zero_tokens)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("leave_out", [_text_positions, _no_image_tokens], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("leave_out", [text_positions, no_image_tokens], ids=lambda f: f.__name__)
 def test_the_image_prompt_needs_every_part(converted, monkeypatch, leave_out):
     hf, root = converted
     leave_out(monkeypatch)

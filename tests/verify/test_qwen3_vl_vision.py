@@ -181,11 +181,13 @@ def _no_deepstack(monkeypatch):
     monkeypatch.setattr(ref.Qwen3VLVisionMixin, "multimodal_embed", without_deepstack)
 
 
-def _text_positions(monkeypatch):
+def text_positions(monkeypatch):
+    """Image tokens rotated at their text positions, not the 3-D ones (Qwen3.5's image test uses it too)."""
     monkeypatch.setattr(ref, "mrope_positions", lambda ids, *a: np.broadcast_to(np.arange(len(ids)), (3, len(ids))))
 
 
-def _no_image_tokens(monkeypatch):
+def no_image_tokens(monkeypatch):
+    """The image features zeroed (the prompt's image tokens carry nothing)."""
     features = ref.vision_features
 
     def zero_tokens(*a):
@@ -196,7 +198,7 @@ def _no_image_tokens(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("leave_out", [_no_deepstack, _text_positions, _no_image_tokens], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("leave_out", [_no_deepstack, text_positions, no_image_tokens], ids=lambda f: f.__name__)
 def test_the_image_prompt_needs_every_part(converted, monkeypatch, leave_out):
     """A reference without the deepstack additions, at text positions, or without the image tokens fails the image
     prompt only: each of the three really is exercised."""
