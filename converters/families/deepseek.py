@@ -427,6 +427,12 @@ KIMI_K2_THINKING_QUANTIZATION = {
 TRANSFORMERS_MODEL_TYPE = {"kimi_k2": "deepseek_v3"}
 
 
+def as_transformers_builds_it(config: dict) -> dict:
+    """`config` under the model_type transformers builds it as (Kimi-K2's `kimi_k2` -> `deepseek_v3`), else itself."""
+    mt = config.get("model_type")
+    return {**config, "model_type": TRANSFORMERS_MODEL_TYPE[mt]} if mt in TRANSFORMERS_MODEL_TYPE else config
+
+
 class DeepSeek2(_DeepSeek):
     name = "deepseek2"
     model_types = ("deepseek_v2",)

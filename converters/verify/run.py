@@ -79,15 +79,6 @@ def _config_diffs(a: dict, b: dict) -> list[str]:
     return [f for f in _ARCH_FIELDS if (f in a or f in b) and a.get(f) != b.get(f)]
 
 
-def _as_transformers_builds_it(config: dict) -> dict:
-    """The config under the model_type transformers builds it as: Kimi-K2's `kimi_k2` is DeepSeek-V3 (its repos load it
-    through remote code, never run here). Both sides of verify then see the same deepseek_v3 model."""
-    from converters.families.deepseek import TRANSFORMERS_MODEL_TYPE
-
-    mt = config.get("model_type")
-    return {**config, "model_type": TRANSFORMERS_MODEL_TYPE[mt]} if mt in TRANSFORMERS_MODEL_TYPE else config
-
-
 def prompt_vocab_size(config: dict) -> int:
     """Token ids both sides can embed: the reference spec's vocabulary (the HF one, read from a nested
     `text_config` for multimodal configs, and cut to the rows MaxText holds: Gemma3 262144 of 262208)."""
@@ -184,6 +175,7 @@ def verify(
 ) -> VerifyResult:
     """Verify a MaxText checkpoint against its HF source (or a golden file). Raises CkptflowError on bad input."""
     from converters.core import registry
+    from converters.families.deepseek import as_transformers_builds_it
     from converters.io.orbax import find_items_dir, find_sidecar_dir
     from converters.verify.engine import Engine
     from converters.verify.golden import GoldenFile
@@ -217,7 +209,9 @@ def verify(
         registry.family_for_config(config)  # unsupported model type or class: fail before reading anything
         tokenizer = load_tokenizer(sidecar, cfg_dir)
 
-    config = _as_transformers_builds_it(config)
+    # Kimi-K2's kimi_k2 as the deepseek_v3 it is (its repos load it through remote code, never run here): both
+    # sides of verify then build the same model
+    config = as_transformers_builds_it(config)
     ckpt = CheckpointWeights(items, config)
     family = registry.family_for_config(config)
     source = None
@@ -452,13 +446,14 @@ def make_golden(
 ) -> Path:
     """Run the HF model on the prompts, one layer at a time, and save its logits as a golden JSON-lines file."""
     from converters.core import registry
+    from converters.families.deepseek import as_transformers_builds_it
     from converters.verify.engine import Engine
     from converters.verify.golden import GoldenWriter, estimated_size_bytes, human_bytes
     from converters.verify.weights import SourceWeights
 
     if dtype not in DTYPE_CHOICES:
         raise CkptflowError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPE_CHOICES)})")
-    config = _as_transformers_builds_it(read_config(hf))
+    config = as_transformers_builds_it(read_config(hf))
     family = registry.family_for_config(config)
     tokenizer = load_tokenizer(hf)
     prompts = build_prompts(

@@ -83,12 +83,10 @@ def hf_config_object(config: dict):
     """
     from transformers import CONFIG_MAPPING  # local import: heavy
 
-    from converters.families.deepseek import TRANSFORMERS_MODEL_TYPE
+    from converters.families.deepseek import as_transformers_builds_it
 
+    config = as_transformers_builds_it(config)  # Kimi-K2's kimi_k2 is DeepSeek-V3 under its own name
     model_type = config.get("model_type")
-    if model_type in TRANSFORMERS_MODEL_TYPE:  # Kimi-K2's kimi_k2 is DeepSeek-V3 under its own name
-        model_type = TRANSFORMERS_MODEL_TYPE[model_type]
-        config = {**config, "model_type": model_type}
     if model_type not in CONFIG_MAPPING:
         raise UnsupportedModelError(f"unknown model_type {model_type!r} in config.json")
     try:
@@ -172,18 +170,22 @@ def rope_halves(x, positions, theta: float, dtype):
     return out.astype(dtype)
 
 
-def causal_attention(q, k, v, dtype):
+def causal_attention(q, k, v, dtype, *, chunk: int | None = None):
     """Causal grouped-query attention (MaxText dot-product semantics, softmax in float32).
 
     q: [T, N, D] (already scaled as the family requires), k, v: [S, K, D]. Query head n uses kv head
-    n // (N/K), the grouping MaxText's `btkgd` reshape implies. Returns [T, N, D] in `dtype`.
+    n // (N/K), the grouping MaxText's `btkgd` reshape implies. With `chunk` (MaxText's AttentionType.CHUNK,
+    Llama 4) a query sees only the keys of its own chunk of `chunk` positions. Returns [T, N, D] in `dtype`.
     """
     t, n, d = q.shape
     kv = k.shape[1]
     g = n // kv
     qg = q.reshape(t, kv, g, d)
     scores = jnp.einsum("tkgd,skd->kgts", qg, k).astype(jnp.float32)
-    causal = jnp.arange(t)[:, None] >= jnp.arange(k.shape[0])[None, :]
+    qi, kj = jnp.arange(t)[:, None], jnp.arange(k.shape[0])[None, :]
+    causal = qi >= kj
+    if chunk:
+        causal = causal & (qi // chunk == kj // chunk)
     scores = jnp.where(causal[None, None], scores, MASK_VALUE)
     weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
     out = jnp.einsum("kgts,skd->tkgd", weights, v.astype(dtype))

@@ -29,10 +29,10 @@ import numpy as np
 from converters.verify.reference.common import (
     ATTENTION_KEYS,
     GATED_MLP_KEYS,
-    MASK_VALUE,
     ModelSpec,
     PatternStacked,
     base_spec,
+    causal_attention,
     dense,
     gated_mlp,
     require,
@@ -58,21 +58,6 @@ def is_nope(l: int) -> bool:
 def l2_norm(x, eps: float):
     """MaxText attentions.py L2Norm (no weight), in x's dtype."""
     return x * jax.lax.rsqrt(jnp.mean(x**2, axis=-1, keepdims=True) + eps)
-
-
-def chunked_attention(q, k, v, dtype, chunk: int | None):
-    """Causal GQA attention, restricted to the query's chunk when `chunk` is set. q: [T, N, D] (scaled)."""
-    t, n, d = q.shape
-    kv = k.shape[1]
-    g = n // kv
-    scores = jnp.einsum("tkgd,skd->kgts", q.reshape(t, kv, g, d), k).astype(jnp.float32)
-    qi, kj = jnp.arange(t)[:, None], jnp.arange(k.shape[0])[None, :]
-    mask = kj <= qi
-    if chunk:
-        mask = mask & (qi // chunk == kj // chunk)
-    scores = jnp.where(mask[None, None], scores, MASK_VALUE)
-    weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    return jnp.einsum("kgts,skd->tkgd", weights, v.astype(dtype)).reshape(t, n, d).astype(dtype)
 
 
 class Llama4Forward(Llama4VisionMixin, PatternStacked):
@@ -185,7 +170,7 @@ class Llama4Forward(Llama4VisionMixin, PatternStacked):
             pos = positions.astype(jnp.float32)
             scale = jnp.log(jnp.floor((pos + 1.0) / TEMP_FLOOR) + 1.0) * TEMP_SCALE + 1.0
             q = (q * scale[:, None, None]).astype(dt)
-        a = chunked_attention(q, k, v, dt, None if nope else spec.option("chunk"))
+        a = causal_attention(q, k, v, dt, chunk=None if nope else spec.option("chunk"))
         x = x + dense(a, p["self_attention/out/kernel"], dt, contract=2)
         return x, rms_norm(x, p["post_self_attention_layer_norm/scale"], spec.norm_eps, dt)
 
