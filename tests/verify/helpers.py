@@ -74,27 +74,31 @@ def stack_layers(layers: list[dict], scan: bool) -> dict:
     return {f"decoder/layers_{i}/{key}": v for i, lay in enumerate(layers) for key, v in lay.items()}
 
 
-def hf_logits(folder: Path, ids: list[int]) -> np.ndarray:
+def hf_logits(folder: Path, ids: list[int], config=None) -> np.ndarray:
+    """transformers' float32 logits of `folder` on `ids`; `config`: a transformers config object to build it with
+    instead of the folder's own (Kimi-K2's kimi_k2 as DeepseekV3Config)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     auto = AutoModelForCausalLM
-    if type(AutoConfig.from_pretrained(folder)) not in auto._model_mapping:  # no causal-LM class (Qwen3-VL)
+    if type(config or AutoConfig.from_pretrained(folder)) not in auto._model_mapping:  # no causal-LM class (Qwen3-VL)
         auto = AutoModelForImageTextToText
-    model = auto.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    kwargs = {"config": config} if config is not None else {}
+    model = auto.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager", **kwargs).eval()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].numpy()
 
 
-def assert_reference_matches_transformers(src: Path, params: dict, max_kl: float):
+def assert_reference_matches_transformers(src: Path, params: dict, max_kl: float, hf_config=None):
     """The JAX reference on `params` (a numpy layout of float32 folder `src`) against transformers on 300 random
-    tokens: HF logits are not flat and the per-token KL stays below `max_kl`. Returns the ReferenceModel."""
+    tokens (built with `hf_config` when given, see `hf_logits`): HF logits are not flat and the per-token KL stays
+    below `max_kl`. Returns the ReferenceModel."""
     from converters.verify.metrics import kl_per_token
     from converters.verify.reference import ReferenceModel
 
     ref = ReferenceModel(params, json.loads((src / "config.json").read_text()))
     ids = [int(i) for i in np.random.default_rng(3).integers(0, 512, size=300)]
-    hf = hf_logits(src, ids)
+    hf = hf_logits(src, ids, hf_config)
     assert float(np.std(hf)) > 0.5
     assert kl_per_token(hf, ref.logits(ids)).max() < max_kl
     return ref

@@ -19,35 +19,25 @@ import pytest
 from converters.convert import hf_to_maxtext
 from converters.io import quantized
 from converters.verify import verify
-from converters.verify.metrics import kl_per_token
-from converters.verify.reference import ReferenceModel
 from tests.families.helpers import deepseek_layout, hf_tensors
 from tests.families.test_kimi import int4_twins, kimi  # noqa: F401 (fixtures)
+from tests.verify.helpers import assert_reference_matches_transformers
 
 EXACT_KL = 1e-9  # float32 on both sides: only summation order differs (measured ~1e-13)
 
 
 @pytest.mark.slow  # a float32 model of its own, and a 300-token forward both ways (~15 s)
 def test_reference_matches_transformers(kimi):  # noqa: F811
-    import torch
-    from transformers import AutoModelForCausalLM, DeepseekV3Config
+    from transformers import DeepseekV3Config
 
     src = kimi("float32")
     cfg = json.loads((src / "config.json").read_text())
     assert cfg["rope_parameters"]["factor"] == 32 and cfg["rope_parameters"]["beta_fast"] == 1 and cfg["n_group"] == 1
-    as_v3 = {k: v for k, v in cfg.items() if k != "auto_map"} | {"model_type": "deepseek_v3"}
-    model = AutoModelForCausalLM.from_pretrained(
-        src, config=DeepseekV3Config(**as_v3), dtype=torch.float32, attn_implementation="eager"
-    ).eval()
+    as_v3 = DeepseekV3Config(**{k: v for k, v in cfg.items() if k != "auto_map"} | {"model_type": "deepseek_v3"})
     hf = {k: v.astype(np.float32) for k, v in hf_tensors(src).items()}
-    ids = [int(i) for i in np.random.default_rng(3).integers(0, 512, size=300)]
-    with torch.no_grad():
-        want = model(torch.tensor([ids])).logits[0].numpy()
-    assert float(np.std(want)) > 0.5
     for scan in (True, False):
-        # the kimi_k2 config itself: the reference builds it as deepseek_v3 (converters/verify/reference/common.py)
-        ref = ReferenceModel(deepseek_layout(hf, cfg, scan), cfg)
-        assert kl_per_token(want, ref.logits(ids)).max() < EXACT_KL
+        # the reference gets the kimi_k2 config itself and builds it as deepseek_v3 (reference/common.py)
+        assert_reference_matches_transformers(src, deepseek_layout(hf, cfg, scan), EXACT_KL, hf_config=as_v3)
 
 
 # two conversions and two verify runs (~18 s): the default run checks the kimi_k2 -> deepseek_v3 reading here

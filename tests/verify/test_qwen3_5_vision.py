@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import pytest
 
-from converters.families import qwen3_vl_vision as tower
 from converters.verify import verify
 from tests.verify.test_qwen3_vl_vision import (
     EXACT_KL,
-    WRONG,
-    _broken,
     _only_the_image_fails_layout,
     _prompts,
+    assert_wrong_tower_rule_fails_image_only,
     no_image_tokens,
     text_positions,
 )
@@ -64,14 +62,5 @@ def test_the_image_prompt_needs_every_part(converted, monkeypatch, leave_out):
 @pytest.mark.parametrize("mistake", ["qkv bias interleaved", "patch rows/cols swapped"])
 def test_a_wrong_tower_mapping_fails_verify(converted, tmp_path, monkeypatch, mistake):
     """Written and read back with the same wrong rule: content passes, the layout check fails on the image prompt."""
-    from converters.convert import hf_to_maxtext
-
-    hf, _ = converted
-    rules, blocks = _broken(*WRONG[mistake][:1], **WRONG[mistake][1])
-    monkeypatch.setattr(tower, "vision_rules", rules)
-    monkeypatch.setattr(tower, "block_rules", blocks)
-    hf_to_maxtext(hf, tmp_path / "mt", scan=False, dtype="float32")
-    r = verify(maxtext=tmp_path / "mt", hf=hf, dtype="float32")
+    r = assert_wrong_tower_rule_fails_image_only(converted[0], tmp_path, monkeypatch, mistake)
     print(mistake, "image prompt layout KL", _prompts(r, "layout")["image"]["kl_max"])
-    assert r.data["verdict"]["content"]["passed"], r.data["verdict"]
-    _only_the_image_fails_layout(r)

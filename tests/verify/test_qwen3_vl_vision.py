@@ -212,9 +212,14 @@ def test_the_image_prompt_needs_every_part(converted, monkeypatch, leave_out):
 def test_a_wrong_tower_mapping_fails_verify(converted, tmp_path, monkeypatch, mistake):
     """Written and read back with the same wrong rule: content passes (the inverse undoes it), the layout check
     fails on the image prompt, the text prompts pass."""
+    assert_wrong_tower_rule_fails_image_only(converted[0], tmp_path, monkeypatch, mistake)
+
+
+def assert_wrong_tower_rule_fails_image_only(hf, tmp_path, monkeypatch, mistake: str):
+    """Convert `hf` with the tower rule `WRONG[mistake]` (written and read back alike) and verify: content passes,
+    only the image prompt fails layout. Returns the report (Qwen3.5's tower test uses it too)."""
     from converters.convert import hf_to_maxtext
 
-    hf, _ = converted
     rules, blocks = _broken(*WRONG[mistake][:1], **WRONG[mistake][1])
     monkeypatch.setattr(tower, "vision_rules", rules)
     monkeypatch.setattr(tower, "block_rules", blocks)
@@ -222,3 +227,4 @@ def test_a_wrong_tower_mapping_fails_verify(converted, tmp_path, monkeypatch, mi
     r = verify(maxtext=tmp_path / "mt", hf=hf, dtype="float32")
     assert r.data["verdict"]["content"]["passed"], r.data["verdict"]
     _only_the_image_fails_layout(r)
+    return r
