@@ -90,6 +90,9 @@ def tiny_config(family: str, *, layers: int = 2, vocab: int = 512, tied: bool | 
             "full_attention" if (i + 1) % cfg["full_attention_interval"] == 0 else "linear_attention"
             for i in range(layers)
         ]
+    if "compress_ratios" in cfg:  # DeepSeek-V4: the published pattern and hash-routed prefix, cut to the tiny depth
+        cfg["compress_ratios"] = dims.get("compress_ratios", cfg["compress_ratios"])[:layers]
+        cfg["num_hash_layers"] = min(cfg["num_hash_layers"], layers)
     if "layer_types" in cfg:  # GPT-OSS: the published pattern, cut to the tiny depth
         cfg["layer_types"] = [cfg["layer_types"][i % len(cfg["layer_types"])] for i in range(layers)]
     if tied is not None:
@@ -147,10 +150,18 @@ def make_test_model(
                 b.copy_(1.0 + 0.1 * torch.randn(b.shape, generator=g))
             if n.endswith(("vision_tower.std_bias", "vision_tower.std_scale")):  # Gemma4's tower: uninitialised buffers
                 b.copy_(float(n.endswith("scale")) + 0.1 * torch.randn(b.shape, generator=g))
+            if n.endswith("tid2eid"):  # DeepSeek-V4's hash routing (zeros at init): top_k distinct experts per token
+                experts = config.n_routed_experts
+                b.copy_(torch.stack([torch.randperm(experts, generator=g)[: b.shape[1]] for _ in range(b.shape[0])]))
+        # DeepSeek-V4 keeps its norms, hyper-connections, sinks and position biases in float32 (in the published
+        # repo too): transformers' own list of them
+        strict = (
+            tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) if model_type == "deepseek_v4" else ()
+        )
         fp32 = {
             n: t.detach().clone()
             for n, t in [*model.named_parameters(), *model.named_buffers()]
-            if n.endswith(FP32_TENSORS)
+            if n.endswith(FP32_TENSORS) or any(m in n.split(".") for m in strict)
         }
     model = model.to(getattr(torch, dtype))
     with torch.no_grad():
@@ -163,6 +174,10 @@ def make_test_model(
         _published_vision_names(out)
     if model_type == "qwen3_vl_moe":
         _published_expert_layout(out)
+    if model_type == "deepseek_v4":  # the names of deepseek-ai/DeepSeek-V4-* on disk (transformers reads both)
+        from converters.families.deepseek4 import published_name
+
+        rename_on_disk(out, published_name)
     if published != model_type:  # the published config: its own model_type, loaded through the repo's remote code
         import json
 
@@ -203,24 +218,22 @@ def _published_vision_names(folder: Path) -> None:
 
     transformers >= 5 writes `vision_tower.*` and reads both; converters must handle the published names.
     """
+    prefix = "vision_tower."
+    rename_on_disk(folder, lambda k: "vision_tower.vision_model." + k[len(prefix) :] if k.startswith(prefix) else k)
+
+
+def rename_on_disk(folder: Path, rename) -> None:
+    """Rename every tensor of a saved folder (its safetensors files and index) by `rename(name)`."""
     from safetensors.torch import load_file, save_file
 
     for path in folder.glob("*.safetensors"):
-        tensors = load_file(path)
-        renamed = {
-            ("vision_tower.vision_model." + k[len("vision_tower.") :] if k.startswith("vision_tower.") else k): v
-            for k, v in tensors.items()
-        }
-        save_file(renamed, path, metadata={"format": "pt"})
+        save_file({rename(k): v for k, v in load_file(path).items()}, path, metadata={"format": "pt"})
     index = folder / "model.safetensors.index.json"
     if index.exists():
         import json
 
         data = json.loads(index.read_text())
-        data["weight_map"] = {
-            ("vision_tower.vision_model." + k[len("vision_tower.") :] if k.startswith("vision_tower.") else k): v
-            for k, v in data["weight_map"].items()
-        }
+        data["weight_map"] = {rename(k): v for k, v in data["weight_map"].items()}
         index.write_text(json.dumps(data, indent=2) + "\n")
 
 

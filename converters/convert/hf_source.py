@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -51,11 +52,17 @@ def validate_hf_source(family: type[Family], cfg: dict, plan: list[Leaf], src: S
 
 
 def with_aliases(family: type[Family], folder: SafetensorsFolder) -> SafetensorsFolder:
-    """Tensors some writers name differently, renamed to the names the rules use (`Family.hf_aliases`)."""
+    """Tensors some writers name differently, renamed to the names the rules use (`Family.hf_aliases`,
+    `Family.hf_renames`)."""
     for want, alt in family.hf_aliases:
         names = folder.tensors
         if not any(n.startswith(want) for n in names) and any(n.startswith(alt) for n in names):
             folder.tensors = {(want + n[len(alt) :] if n.startswith(alt) else n): info for n, info in names.items()}
+    for pattern, repl in family.hf_renames:
+        names = folder.tensors
+        renamed = {n: re.sub(pattern, repl, n) for n in names if re.fullmatch(pattern, n)}
+        if renamed and not any(new in names for new in renamed.values()):
+            folder.tensors = {renamed.get(n, n): info for n, info in names.items()}
     return folder
 
 

@@ -99,6 +99,18 @@ def choose_plan(family: type[Family], cfg: dict, stored: dict[str, tuple[int, ..
     return scan, plan
 
 
+def check_fills(reader, plan: list[Leaf]) -> None:
+    """Arrays only MaxText has (`Rule.fill`) must still hold their import value: HF has no place for anything else."""
+    for leaf in plan:
+        if leaf.rule.fill is not None:
+            x = reader.read(leaf.path)
+            if not np.all(x == leaf.rule.fill):
+                raise MappingError(
+                    f"{leaf.path} holds values other than {leaf.rule.fill} (changed by training?): the HF model has "
+                    "no such weight, so exporting would lose them"
+                )
+
+
 def export_tensors(plan: list[Leaf]) -> list[tuple[Leaf, str, list[Piece] | None]]:
     """(leaf, HF name, its pieces or None when row-streamed) for every HF tensor of the model, each once."""
     out: list = []
@@ -216,7 +228,7 @@ def _write_shards(folder: Path, exp: _Export, mine: list[bool], progress) -> _Wr
     jobs = (
         (name, reads, make if part is None else (lambda xs, make=make, part=part: part[0].take(make(xs), part[1])))
         for leaf, name, pieces, part in todo
-        for reads, make in _tensor_blocks(leaf, pieces, leaf.rule.out_dtype(exp.dtype), dropped)
+        for reads, make in _tensor_blocks(leaf, pieces, leaf.rule.hf_out_dtype(exp.dtype), dropped)
     )
     blocks = read_ahead(_pipelined_reads(jobs, exp.reader), depth=1)
     for shard, fname, m in zip(exp.shards, exp.names, mine):
@@ -335,10 +347,11 @@ def _prepare(
     family = registry.family_for_config(cfg)
     cfg = family.config_for_checkpoint(cfg, set(reader.arrays))
     scan, plan = choose_plan(family, cfg, {k: reader.shape(k) for k in reader.arrays})
+    check_fills(reader, plan)
     options = {"scan_layers": scan, "dtype": dtype_name, "shard_bytes": shard_bytes}
     tensors = unfused(export_tensors(plan), family.hf_fusions(family.dims(cfg)))
     planned = [
-        PlannedTensor(name, leaf.hf_shape if part is None else part[0].parts[part[1]][1], leaf.rule.out_dtype(dtype))
+        PlannedTensor(name, leaf.hf_shape if part is None else part[0].parts[part[1]][1], leaf.rule.hf_out_dtype(dtype))
         for leaf, name, _, part in tensors
     ]
     shards = plan_shards(planned, shard_bytes)

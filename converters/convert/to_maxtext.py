@@ -104,6 +104,10 @@ def array_units(
     `files`: source file name -> its rank in source order (where each unit's bytes are)."""
     r = leaf.rule
     shape = leaf.shape
+    if r.fill is not None:  # an array only MaxText has: one constant block
+        return [
+            _Unit((), math.prod(shape) * dtype.itemsize, (len(files), 0), lambda: np.full(shape, r.fill, dtype))
+        ], shape
     if not leaf.row_streamed:  # whole tensors, layer slices, (expert, layer) slices
         nbytes = math.prod(leaf.piece_shape) * dtype.itemsize
 
@@ -180,10 +184,11 @@ def _blocks(units: list[_Unit]) -> Iterator[tuple[tuple, np.ndarray]]:
         yield u.index, u.produce()
 
 
-def _nest(flat: dict[str, object]) -> dict:
+def _nest(flat: dict[str, object], collections: dict[str, str] | None = None) -> dict:
+    """The tree of `{collection: {...}}` (`params` unless `collections` names another for a path)."""
     tree: dict = {}
     for path, v in flat.items():
-        node = tree
+        node = tree.setdefault((collections or {}).get(path, "params"), {})
         *parents, last = path.split("/")
         for p in parents:
             node = node.setdefault(p, {})
@@ -218,7 +223,7 @@ def _write(
     o = conv.options
     write_checkpoint(
         root,
-        _nest(arrays),
+        _nest(arrays, {w.leaf.path: w.leaf.rule.collection for w in work}),
         scan_layers=o["scan_layers"],
         use_ocdbt=o["use_ocdbt"],
         use_zarr3=o["use_zarr3"],

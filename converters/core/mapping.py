@@ -50,6 +50,22 @@ class Rule:
     `dtype`: a tensor the model keeps in this dtype whatever `--dtype` says (DeepSeek-V3's float32
     `e_score_correction_bias`): stored so in the MaxText checkpoint and written so on export.
 
+    `hf_dtype`: the dtype the HF tensor is written in on export when it differs from the MaxText one (DeepSeek-V4's
+    `tid2eid`: int64 in HF, float32 in MaxText, which keeps every variable inexact); values must convert exactly.
+
+    `collection`: the Flax collection the MaxText array is stored in (`params/<collection>/...` in the checkpoint);
+    MaxText keeps some non-trainable variables apart (DeepSeek-V4's `Tid2EidVar`, `MoEBiasVar`). Paths stay unique
+    across collections, so the rest of the engine names arrays by path alone.
+
+    `scan_axis`: the axis a scanned stack inserts its layer axis at: SCAN_AXIS for parameters; MaxText stacks the
+    variables of other collections at 0 (`MoEBiasVar` `[L, E]`, src/maxtext/layers/nnx_decoders.py).
+
+    `part_shapes`: for a `split` whose parts differ in shape (`Sections`), each part's MaxText shape, in order
+    (`mt_shape` is then the first's).
+
+    `fill`: an array only MaxText has (DeepSeek-V4's `mhc_norm/scale`): no HF tensor (`hf` is ""); import writes this
+    value everywhere, export checks the array still holds only it (anything else has no HF place and would be lost).
+
     `runtime_chain`: where MaxText's computation differs from HF's float32 computation by more than the stored
     values say, the chain that maps HF values to what MaxText computes with (Gemma3's embedding: the table holds
     x * bf16(sqrt(hidden)), HF multiplies by the exact sqrt(hidden) in float32). Verification inverts it to give
@@ -67,10 +83,23 @@ class Rule:
     experts: int = 0
     split: Split | None = None
     dtype: str | None = None
+    hf_dtype: str | None = None
+    collection: str = "params"
+    scan_axis: int = SCAN_AXIS
+    part_shapes: tuple[tuple[int, ...], ...] | None = None
+    fill: float | None = None
     runtime_chain: tuple[Transform, ...] | None = None
+
+    def __post_init__(self):
+        assert (self.fill is None) == bool(self.hf), f"{self.mt}: a rule has an HF tensor or a fill value, not both"
+        assert self.part_shapes is None or (self.split is not None and len(self.part_shapes) == self.split.n)
 
     def out_dtype(self, default: np.dtype) -> np.dtype:
         return np.dtype(self.dtype) if self.dtype else default
+
+    def hf_out_dtype(self, default: np.dtype) -> np.dtype:
+        """The dtype the HF tensor is written in on export."""
+        return np.dtype(self.hf_dtype) if self.hf_dtype else self.out_dtype(default)
 
     @property
     def fused_experts(self) -> bool:
@@ -86,7 +115,15 @@ class Rule:
         `runtime_chain` where the rule has one; `dtype` None: as computed, see `run_chain`)."""
         chain = self.runtime_chain if runtime and self.runtime_chain is not None else self.chain
         xs = [run_chain(chain, p, dtype, inverse=True) for p in pieces]
-        return xs[0] if self.split is None else self.split.join(xs)
+        x = xs[0] if self.split is None else self.split.join(xs)
+        if self.hf_dtype and np.dtype(self.hf_dtype).kind in "iu":
+            # float MaxText storage of integer HF values (tid2eid): exact only if every value is a whole number
+            if not np.array_equal(x, np.round(x)):
+                raise CkptflowError(
+                    f"{self.hf}: MaxText values are not whole numbers, cannot be written as {self.hf_dtype}"
+                )
+            return x.astype(self.hf_dtype)
+        return x
 
 
 @dataclass(frozen=True)
@@ -139,19 +176,21 @@ class Leaf:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        s = self.rule.mt_shape
-        if self.rule.experts:
-            s = (self.rule.experts,) + s
+        r = self.rule
+        s = r.part_shapes[self.split_index] if r.part_shapes else r.mt_shape
+        if r.experts:
+            s = (r.experts,) + s
         if self.hf_layers is None:
             return s
-        return s[:SCAN_AXIS] + self.stack_shape + s[SCAN_AXIS:]
+        a = r.scan_axis
+        return s[:a] + self.stack_shape + s[a:]
 
     def layer_at(self, index: tuple) -> int | None:
         """The HF layer of the piece at `index` (a `Piece.index`)."""
         if self.hf_layers is None:
             return self.hf_layer
-        k = len(self.stack_shape)
-        return self.hf_layers[int(np.ravel_multi_index(tuple(index[SCAN_AXIS : SCAN_AXIS + k]), self.stack_shape))]
+        k, a = len(self.stack_shape), self.rule.scan_axis
+        return self.hf_layers[int(np.ravel_multi_index(tuple(index[a : a + k]), self.stack_shape))]
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
@@ -171,7 +210,7 @@ class Leaf:
         if self.rule.experts:
             s[0] = 1
         for a in range(len(self.stack_shape)):
-            s[SCAN_AXIS + a] = 1
+            s[self.rule.scan_axis + a] = 1
         return tuple(s)
 
     def hf_name(self, layer: int | None = None, expert: int | None = None) -> str:
@@ -180,8 +219,11 @@ class Leaf:
         return self.rule.hf.format(i=layer, e=expert) if "{" in self.rule.hf else self.rule.hf
 
     def pieces(self) -> list[Piece]:
-        """Every piece of this array, layer by layer and expert by expert within a layer."""
+        """Every piece of this array, layer by layer and expert by expert within a layer (none for a `fill` array,
+        which no HF tensor fills)."""
         r = self.rule
+        if r.fill is not None:
+            return []
         layers = list(enumerate(self.hf_layers)) if self.hf_layers is not None else [(None, self.hf_layer)]
         out = []
         for j, layer in layers:
@@ -191,7 +233,7 @@ class Leaf:
                     index[0] = e
                 if j is not None:
                     at = np.unravel_index(j, self.stack_shape)  # one index per stacked axis
-                    index[SCAN_AXIS : SCAN_AXIS + len(at)] = [int(a) for a in at]
+                    index[r.scan_axis : r.scan_axis + len(at)] = [int(a) for a in at]
                 while index and index[-1] == slice(None):
                     index.pop()
                 out.append(Piece(tuple(index), self.hf_name(layer, e), e if r.fused_experts else None))
@@ -280,6 +322,9 @@ class Family:
     # second is read under the rules' names (e.g. transformers >= 5 saves Gemma3's `vision_tower.vision_model.*`
     # as `vision_tower.*`). Export always writes the rules' names.
     hf_aliases: ClassVar[tuple[tuple[str, str], ...]] = ()
+    # (regex of a name another writer uses, the rules' name as its replacement): renamed when the source has no tensor
+    # of the replaced name already (transformers saves DeepSeek-V4's `attn.kv_norm` as `attn.norm`)
+    hf_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
     # MaxText builds (and loads) a scanned tree of this block; False: unscanned only, `layer_groups` refuses scan with
     # the reason (Gemma 4 small), and `ckptflow models` lists the unscanned directions only
     scannable: ClassVar[bool] = True
@@ -385,7 +430,7 @@ class Family:
         for g in [*groups, *(g for x in extras for g in optional[x])]:
             for r in g.rules:
                 if scan and g.stacked is not None:
-                    nested_ok = g.stack is None or len(r.mt_shape) + bool(r.experts) >= SCAN_AXIS
+                    nested_ok = g.stack is None or len(r.mt_shape) + bool(r.experts) >= r.scan_axis
                     assert nested_ok, f"{r.hf}: a nested stack of arrays with fewer than SCAN_AXIS axes"
                     leaves.extend(_leaves(r, f"{g.stacked}/", hf_layers=g.hf_layers, stack=g.stack))
                 else:

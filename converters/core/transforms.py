@@ -227,6 +227,28 @@ class Chunks(Split):
         return np.concatenate(parts, axis=self.axis)
 
 
+@dataclass(repr=False)
+class Sections(Split):
+    """Part k is the k-th run of `sizes[k]` consecutive entries along axis 0, reshaped to `shapes[k]`; `rest` is the
+    HF tensor's shape after axis 0 (DeepSeek-V4's hyper-connection `hc_*_fn` rows and `hc_*_base` entries: n pre, n
+    post, then n*n residual ones, the last an `[n, n]` matrix in MaxText). `join` puts each part back as its rows."""
+
+    sizes: tuple[int, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    rest: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        assert len(self.sizes) == len(self.shapes), (self.sizes, self.shapes)
+        self.n = len(self.sizes)
+
+    def take(self, x, k):
+        start = sum(self.sizes[:k])
+        return x[start : start + self.sizes[k]].reshape(self.shapes[k])
+
+    def join(self, parts):
+        return np.concatenate([p.reshape((n, *self.rest)) for p, n in zip(parts, self.sizes)], axis=0)
+
+
 @dataclass(frozen=True, repr=False)
 class Fusion:
     """Several HF tensors that the rules read as one (the inverse of `Split`; Qwen3.5's `in_proj_qkv` + `in_proj_z`

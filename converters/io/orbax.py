@@ -31,6 +31,9 @@ Index = tuple  # a tuple of slices / ints into the global array
 PieceFn = Callable[[], Iterator[tuple[Index, np.ndarray]]]
 
 PARAM_ROOTS = ("token_embedder", "decoder", "vision_encoder", "mtp_block")
+# Flax collections MaxText keeps beside `params` for non-trainable variables (src/maxtext/layers/moe.py), stored as
+# `params/<collection>/...`; their arrays are read under their paths like the parameters'
+VARIABLE_COLLECTIONS = ("Tid2EidVar", "MoEBiasVar")
 TXN_BYTES = 64 << 20  # data buffered per write transaction (per worker) before it is committed
 SIDECAR_DIR = Path("ckptflow")  # ckptflow's own files beside a MaxText checkpoint it wrote (in the checkpoint's root)
 HF_SIDECAR = SIDECAR_DIR / "hf"  # the source HF config and tokenizer, so converting back needs no extra arguments
@@ -91,9 +94,11 @@ def write_checkpoint(
     digests: dict | None = None,
     txn_bytes: int = TXN_BYTES,
 ) -> Path:
-    """Write `params` (a nested dict of LazyArray / np.ndarray) as MaxText's step-0 checkpoint under `root`.
+    """Write `params` (`{collection: nested dict of LazyArray / np.ndarray}`, the trainable ones under "params") as
+    MaxText's step-0 checkpoint under `root`.
 
-    Produces `<root>/0/items` with the tree `{step, params: {params: ...}, opt_state: {}}` and step metadata
+    Produces `<root>/0/items` with the tree `{step, params: {params: ..., <other collection>: ...}, opt_state: {}}`
+    (MaxText's Linen variable collections: src/maxtext/checkpoint_conversion/to_maxtext.py) and step metadata
     `{"scan_layers": ...}`, as MaxText's `to_maxtext` does. Returns the items path.
 
     `process_id`: write the arrays into `ocdbt.process_<id>` as process `id` of a multi-process save does (a part of
@@ -110,7 +115,7 @@ def write_checkpoint(
     lazy = LazyArrayHandler(
         WriteOptions(workers=workers, progress=progress, process_id=process_id, digests=digests, txn_bytes=txn_bytes)
     )
-    tree = {"step": 0, "params": {"params": params}, "opt_state": {}}
+    tree = {"step": 0, "params": params, "opt_state": {}}
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True, max_to_keep=None)
     handler = ocp.PyTreeCheckpointHandler(
         use_ocdbt=use_ocdbt,
@@ -250,7 +255,10 @@ class CheckpointReader:
             cut = next((i for i, k in enumerate(norm) if k in PARAM_ROOTS), None)
             if cut is None:
                 continue
-            prefixes.add(tuple(norm[:cut]))
+            prefix = tuple(norm[:cut])
+            if prefix and prefix[-1] in VARIABLE_COLLECTIONS:  # params/<collection>: beside the parameters
+                prefix = prefix[:-1] + ("params",)
+            prefixes.add(prefix)
             self.arrays["/".join(norm[cut:])] = StoredArray(".".join(str(k) for k in keys), (), np.dtype("float32"))
         if not self.arrays:
             raise CkptflowError(f"{self.items}: no MaxText parameters (token_embedder/decoder) in this checkpoint")

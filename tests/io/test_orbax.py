@@ -235,7 +235,7 @@ def test_concurrent_writes_keep_their_own_options(tmp_path):
         try:
             write_checkpoint(
                 tmp_path / tag,
-                {"decoder": {n: a for n, (_, a) in run["arrays"].items()}},
+                {"params": {"decoder": {n: a for n, (_, a) in run["arrays"].items()}}},
                 scan_layers=True,
                 workers=run["workers"],
                 progress=run["progress"],
