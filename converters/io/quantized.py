@@ -15,11 +15,11 @@ tensor is presented under the name without `_blocks`, with its last two axes swa
 GPT-OSS's `gate_up_proj` `[E, emb, 2F]` and `down_proj` `[E, F, emb]`, the layout of the BF16 repos), in
 bfloat16 -- every decoded value is exactly representable there (2 significant bits times a power of two).
 
-FP8 block scales (`quant_method == "fp8"`, the official deepseek-ai/DeepSeek-V3 / V3.2 repos): a linear weight `W`
-`[M, N]` is stored as float8 e4m3 with a float32 companion `W_scale_inv` `[ceil(M/b0), ceil(N/b1)]`, one factor per
-`weight_block_size` = [b0, b1] block (128 x 128), which -- despite its name -- *multiplies* the block's values. A uint8
-scale is an E8M0 exponent, 2^(s - 127). The decoded tensor is `bf16(fp32(W) * fp32(scale))` under the name `W`, the
-scale tensor hidden; unquantized tensors (embeddings, norms, router, correction bias) pass through unchanged.
+FP8 block scales (`quant_method == "fp8"`, the official deepseek-ai/DeepSeek-V3 / V3.2 repos, and DeepSeek-V4-Flash /
+-Pro with their FP4 routed experts, `.scale` names and E8M0 scales): converters/io/quantized_fp8.py. A weight `W` is
+float8 e4m3 with one factor per `weight_block_size` (128 x 128) block; the decoded tensor is `bf16(fp32(W) * scale)`
+under the name `W`, the scale tensor hidden; unquantized tensors (embeddings, norms, router, correction bias) pass
+through unchanged.
 
 compressed-tensors int4 "pack-quantized" (`quant_method == "compressed-tensors"`, `format == "pack-quantized"`: the
 official moonshotai/Kimi-K2-Thinking repo, whose routed experts are int4 and everything else bf16): a linear weight
@@ -40,19 +40,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
 from converters.errors import CorruptFileError, UnsupportedModelError
 from converters.io.folder_view import FolderView
+from converters.io.quantized_fp8 import (  # noqa: F401 - decode_fp8_blocks / decode_fp4_groups: importable from here too
+    BF16,
+    EXPERT_DTYPES,
+    FP4_VALUES,
+    SCALE_BIAS,
+    Fp8Folder,
+    decode_fp4_groups,
+    decode_fp8_blocks,
+)
 from converters.io.safetensors import SafetensorsFolder, TensorInfo
 
-BF16 = np.dtype(ml_dtypes.bfloat16)
-FP4_VALUES = np.array(
-    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32
-)
 MXFP4_BLOCK = 32  # values per scale
-SCALE_BIAS = 127  # E8M0
 
 
 def decode_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -112,69 +115,6 @@ class Mxfp4Folder(FolderView):
         blocks = self.inner.read(q.blocks.name, rows)
         scales = self.inner.read(q.scales.name, rows)
         return np.ascontiguousarray(np.swapaxes(decode_mxfp4(blocks, scales), -1, -2), dtype=BF16)
-
-
-def decode_fp8_blocks(w: np.ndarray, scale: np.ndarray, block: tuple[int, int], row0: int = 0) -> np.ndarray:
-    """float8 `[m, N]` (rows row0.. of the full tensor) times its block scales -> bfloat16 `[m, N]`.
-
-    `scale` holds the scale rows of the blocks those rows fall in, starting at block row0 // block[0]."""
-    if scale.dtype == np.uint8:  # E8M0
-        scale = np.ldexp(np.float32(1), scale.astype(np.int32) - SCALE_BIAS)
-    scale = scale.astype(np.float32)
-    m, n = w.shape
-    first = row0 // block[0]
-    rows = (np.arange(row0, row0 + m) // block[0]) - first
-    cols = np.arange(n) // block[1]
-    if rows.size and (rows.max() >= scale.shape[0] or (n and cols.max() >= scale.shape[1])):
-        raise CorruptFileError(
-            f"FP8 scales {list(scale.shape)} do not cover a [{m}, {n}] weight in {block[0]}x{block[1]} blocks"
-        )
-    return (w.astype(np.float32) * scale[rows][:, cols]).astype(BF16)
-
-
-class Fp8Folder(FolderView):
-    """A `SafetensorsFolder` view in which every float8 `X` with an `X_scale_inv` reads as the decoded bfloat16 `X`."""
-
-    SUFFIX = "_scale_inv"
-
-    def __init__(self, folder: SafetensorsFolder, block: tuple[int, int]):
-        super().__init__(folder)
-        self.block = block
-        self._scales: dict[str, TensorInfo] = {}
-        names = folder.tensors
-        for name, info in names.items():
-            if name.endswith(self.SUFFIX) and name[: -len(self.SUFFIX)] in names:
-                continue
-            scale = names.get(name + self.SUFFIX)
-            if scale is None:
-                if "float8" in str(info.dtype):
-                    raise CorruptFileError(f"{folder.folder}: {name} is {info.dtype} without {name}{self.SUFFIX}")
-                self.tensors[name] = info
-                continue
-            want = tuple(-(-n // b) for n, b in zip(info.shape, block))
-            if len(info.shape) != 2 or scale.shape != want:
-                raise CorruptFileError(
-                    f"{folder.folder}: FP8 {name} {list(info.shape)} does not match {name}{self.SUFFIX} "
-                    f"{list(scale.shape)} for {block[0]}x{block[1]} blocks"
-                )
-            self.tensors[name] = TensorInfo(
-                name, BF16, info.shape, -1, int(np.prod(info.shape)) * BF16.itemsize, info.path
-            )
-            self._scales[name] = scale
-
-    def read(self, name: str, rows: slice | None = None) -> np.ndarray:
-        scale = self._scales.get(name)
-        if scale is None:
-            return self.inner.read(name, rows)
-        start = 0 if rows is None else rows.start or 0
-        w = self.inner.read(name, rows)
-        stop = start + w.shape[0]
-        s = (
-            self.inner.read(scale.name, slice(start // self.block[0], -(-stop // self.block[0])))
-            if w.shape[0]
-            else self.inner.read(scale.name)
-        )
-        return decode_fp8_blocks(w, s, self.block, start)
 
 
 INT4_BITS = 4
@@ -302,6 +242,38 @@ class Int4Folder(FolderView):
         return decode_int4_groups(w, s, shape[1], self.group or shape[1])
 
 
+SCALE_FMTS = (None, "float", "ue8m0")
+V4_BLOCK = [128, 128]
+
+
+def _fp8_scheme(qc: dict, cfg: dict, where: Path) -> tuple[tuple[int, int], str | None]:
+    """The block size and expert storage of an FP8 config, or UnsupportedModelError with why not."""
+
+    def refuse(why: str):
+        raise UnsupportedModelError(
+            f"{where}: FP8 checkpoint not supported: {why} (ckptflow reads e4m3 with 2-D block scales, float or "
+            "ue8m0, as the DeepSeek-V3 / V4 repos)"
+        )
+
+    fmt = qc.get("fmt", "e4m3")
+    block = qc.get("weight_block_size") or [128, 128]
+    if fmt != "e4m3":
+        refuse(f"fmt {fmt!r}")
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        refuse(f"weight_block_size {block!r}")
+    if qc.get("scale_fmt") not in SCALE_FMTS:
+        refuse(f"scale_fmt {qc.get('scale_fmt')!r}")
+    # DeepSeek-V4 ships expert_dtype at the top of config.json; transformers (and V4.1) keep it in quantization_config
+    expert_dtype = qc.get("expert_dtype", cfg.get("expert_dtype"))
+    if cfg.get("expert_dtype", expert_dtype) != expert_dtype:
+        refuse(f"expert_dtype {cfg['expert_dtype']!r} in the config but {expert_dtype!r} in quantization_config")
+    if expert_dtype is not None and expert_dtype not in EXPERT_DTYPES:
+        refuse(f"expert_dtype {expert_dtype!r} (one of {', '.join(EXPERT_DTYPES)})")
+    if (expert_dtype is not None or cfg.get("model_type") == "deepseek_v4") and block != V4_BLOCK:
+        refuse(f"weight_block_size {block} for DeepSeek-V4, whose scales are per 128x128 block")
+    return (block[0], block[1]), expert_dtype
+
+
 def decoded_source(folder: SafetensorsFolder, cfg: dict):
     """The folder as the family mapping expects it: itself, or a decoding view for a quantized checkpoint."""
     qc = cfg.get("quantization_config")
@@ -311,16 +283,7 @@ def decoded_source(folder: SafetensorsFolder, cfg: dict):
     if method == "mxfp4":
         return Mxfp4Folder(folder)
     if method == "fp8":
-        fmt = qc.get("fmt", "e4m3")
-        block = qc.get("weight_block_size") or [128, 128]
-        if fmt != "e4m3" or not (
-            isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)
-        ):
-            raise UnsupportedModelError(
-                f"{Path(folder.folder)}: FP8 checkpoint with fmt {fmt!r} / weight_block_size {block!r} not supported "
-                "(ckptflow reads e4m3 with 2-D block scales, as the DeepSeek repos)"
-            )
-        return Fp8Folder(folder, (block[0], block[1]))
+        return Fp8Folder(folder, *_fp8_scheme(qc, cfg, Path(folder.folder)))
     if method == "compressed-tensors":
         return Int4Folder(folder, _int4_scheme(qc, Path(folder.folder)))
     raise UnsupportedModelError(

@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 import ml_dtypes
 import numpy as np
 
-from converters.errors import CkptflowError, CorruptFileError, MappingError
+from converters.errors import CkptflowError, CorruptFileError, MappingError, UnsupportedModelError
 from converters.io import direct_io
 from converters.outputs.hashing import content_hasher
 
@@ -32,6 +32,7 @@ DTYPES: dict[str, np.dtype] = {
     "BF16": np.dtype(ml_dtypes.bfloat16),
     "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
     "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "F8_E8M0": np.dtype(ml_dtypes.float8_e8m0fnu),  # unsigned power-of-two scales, 2^(byte - 127); 0xFF is NaN
     "I64": np.dtype(np.int64),
     "I32": np.dtype(np.int32),
     "I16": np.dtype(np.int16),
@@ -42,7 +43,13 @@ DTYPES: dict[str, np.dtype] = {
     "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
 }
+# Packed FP4 (E2M1), two values per byte, the first in the low nibble (`torch.float4_e2m1fn_x2`): the header's shape
+# counts values, ours counts bytes (the last axis halved), so that row ranges and byte sizes work as for the others.
+FP4X2 = np.dtype([("e2m1x2", np.uint8)])
+DTYPES["F4"] = FP4X2
 TAGS: dict[np.dtype, str] = {v: k for k, v in DTYPES.items()}
+# tags of the format that ckptflow does not read: named in the error instead of "unknown"
+UNREAD_TAGS = ("F8_E4M3FNUZ", "F8_E5M2FNUZ", "F6_E2M3", "F6_E3M2", "C64")
 
 # A header is JSON describing tensors; 100 MB is the limit the reference implementation enforces too.
 MAX_HEADER_BYTES = 100_000_000
@@ -120,6 +127,11 @@ class SafetensorsFile:
         if not isinstance(entry, dict):
             raise self._fail(f"entry {name!r} is not an object")
         tag = entry.get("dtype")
+        if tag in UNREAD_TAGS:
+            raise UnsupportedModelError(
+                f"{self.path}: tensor {name!r} has dtype {tag}, which ckptflow does not read (it reads "
+                f"{', '.join(DTYPES)})"
+            )
         if not isinstance(tag, str) or tag not in DTYPES:
             raise self._fail(f"tensor {name!r} has unknown dtype {tag!r}")
         shape = entry.get("shape")
@@ -127,6 +139,10 @@ class SafetensorsFile:
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
         ):
             raise self._fail(f"tensor {name!r} has an invalid shape {shape!r}")
+        if tag == "F4":
+            if not shape or shape[-1] % 2:
+                raise self._fail(f"packed FP4 tensor {name!r} has shape {shape}: its last axis must be even")
+            shape = shape[:-1] + [shape[-1] // 2]  # bytes
         offs = entry.get("data_offsets")
         if (
             not isinstance(offs, list)
@@ -295,7 +311,8 @@ def _header_bytes(tensors: Sequence[PlannedTensor], metadata: dict[str, str]) ->
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for t in tensors:
-        header[t.name] = {"dtype": TAGS[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        shape = list(t.shape) if t.dtype != FP4X2 else [*t.shape[:-1], 2 * t.shape[-1]]  # F4 counts values
+        header[t.name] = {"dtype": TAGS[t.dtype], "shape": shape, "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as the reference writer does
