@@ -150,17 +150,17 @@ class Fp8Folder(FolderView):
     def __init__(self, folder: SafetensorsFolder, block: tuple[int, int], expert_dtype: str | None = None):
         super().__init__(folder)
         self.block = block
-        self._scales: dict[str, TensorInfo] = {}
+        self._scales: dict[str, str] = {}  # weight -> its scale, as the folder names them (aliases applied)
         self._fp4: set[str] = set()
         names = folder.tensors
-        scale_of: dict[str, TensorInfo] = {}
+        scale_of: dict[str, str] = {}
         for name in names:
             found = [s for s in (name + self.SUFFIX, _v4_scale_name(name)) if s and s in names]
             if len(found) > 1:
                 raise CorruptFileError(f"{folder.folder}: {name} has two scales, {found[0]} and {found[1]}")
             if found:
-                scale_of[name] = names[found[0]]
-        hidden = {s.name for s in scale_of.values()}
+                scale_of[name] = found[0]
+        hidden = set(scale_of.values())
         for name, info in names.items():
             if name in hidden:
                 continue
@@ -175,10 +175,11 @@ class Fp8Folder(FolderView):
                 self._add_quantized(folder, name, info, scale)
             _check_expert(folder, name, info, scale, expert_dtype)
 
-    def _add_quantized(self, folder, name: str, info: TensorInfo, scale: TensorInfo) -> None:
+    def _add_quantized(self, folder, name: str, info: TensorInfo, scale_name: str) -> None:
         where = f"{folder.folder}: {name}"
+        scale = folder.tensors[scale_name]
         if scale.dtype not in (E8M0, np.uint8, np.float32, BF16, np.float16):
-            raise CorruptFileError(f"{where}: its scale {scale.name} is {scale.dtype}, not float or E8M0")
+            raise CorruptFileError(f"{where}: its scale {scale_name} is {scale.dtype}, not float or E8M0")
         if len(info.shape) != 2:
             raise CorruptFileError(f"{where} {list(info.shape)} with block scales is not a matrix")
         if info.dtype == FP8:
@@ -192,15 +193,15 @@ class Fp8Folder(FolderView):
             self._fp4.add(name)
         else:
             raise CorruptFileError(
-                f"{where} is {info.dtype} but has a scale {scale.name} (ckptflow decodes float8 e4m3 with block "
+                f"{where} is {info.dtype} but has a scale {scale_name} (ckptflow decodes float8 e4m3 with block "
                 "scales and FP4 packed as int8 / F4)"
             )
         if scale.shape != want:
             raise CorruptFileError(
-                f"{where} {list(shape)} does not match its scale {scale.name} {list(scale.shape)} for {what}"
+                f"{where} {list(shape)} does not match its scale {scale_name} {list(scale.shape)} for {what}"
             )
         self.tensors[name] = TensorInfo(name, BF16, shape, -1, int(np.prod(shape)) * BF16.itemsize, info.path)
-        self._scales[name] = scale
+        self._scales[name] = scale_name
 
     def read(self, name: str, rows: slice | None = None) -> np.ndarray:
         scale = self._scales.get(name)
@@ -209,13 +210,13 @@ class Fp8Folder(FolderView):
         w = self.inner.read(name, rows)
         try:
             if name in self._fp4:  # one scale row per weight row
-                return decode_fp4_groups(w, self.inner.read(scale.name, rows))
+                return decode_fp4_groups(w, self.inner.read(scale, rows))
             start = 0 if rows is None else rows.start or 0
             stop = start + w.shape[0]
             s = (
-                self.inner.read(scale.name, slice(start // self.block[0], -(-stop // self.block[0])))
+                self.inner.read(scale, slice(start // self.block[0], -(-stop // self.block[0])))
                 if w.shape[0]
-                else self.inner.read(scale.name)
+                else self.inner.read(scale)
             )
             return decode_fp8_blocks(w, s, self.block, start)
         except CorruptFileError as e:
@@ -226,7 +227,7 @@ def _v4_scale_name(name: str) -> str | None:
     return name[: -len(".weight")] + ".scale" if name.endswith(".weight") else None
 
 
-def _check_expert(folder, name: str, info: TensorInfo, scale: TensorInfo | None, expert_dtype: str | None) -> None:
+def _check_expert(folder, name: str, info: TensorInfo, scale: str | None, expert_dtype: str | None) -> None:
     """A routed expert stored otherwise than `expert_dtype` says: refused, rather than decoded on a guess."""
     if expert_dtype is None or not _ROUTED_EXPERT.search(name):
         return
@@ -237,5 +238,5 @@ def _check_expert(folder, name: str, info: TensorInfo, scale: TensorInfo | None,
     if kind != expert_dtype:
         raise CorruptFileError(
             f"{folder.folder}: routed expert {name} is stored as {kind} ({info.dtype}"
-            f"{' with ' + scale.name if scale else ''}), but the config says expert_dtype {expert_dtype!r}"
+            f"{' with ' + scale if scale else ''}), but the config says expert_dtype {expert_dtype!r}"
         )

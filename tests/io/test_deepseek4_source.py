@@ -167,6 +167,19 @@ def test_matches_independent_decode_and_maxtext_dequantizer(tmp_path):
         assert hashlib.sha256(got.tobytes()).hexdigest() == MAXTEXT_DIGESTS[name], name
 
 
+def test_aliased_names_read_their_scales(tmp_path):
+    """A family's hf_aliases rename the folder's keys (converters/convert/hf_source.py with_aliases), not the tensors'
+    own names: weights and scales are looked up by the keys."""
+    t = stress_tensors()
+    folder = SafetensorsFolder(write_folder(tmp_path / "q", {"model." + n: a for n, a in t.items()}))
+    folder.tensors = {n[len("model.") :]: info for n, info in folder.tensors.items()}
+    view = decoded_source(folder, V4_CFG)
+    assert sorted(view.tensors) == sorted(n for n in t if not n.endswith(".scale"))
+    name = "layers.0.ffn.experts.0.w1"
+    want = ref_fp4(t[name + ".weight"], t[name + ".scale"])
+    assert np.array_equal(bits(view.read(name + ".weight", slice(3, 9))), bits(want[3:9]))
+
+
 def test_f4_storage_and_uint8_scales_decode_alike(tmp_path):
     t = stress_tensors()
     name = "layers.0.ffn.experts.0.w1"
