@@ -142,8 +142,8 @@ class Fp8Folder(FolderView):
     """A `SafetensorsFolder` view in which every weight with block scales reads as the decoded bfloat16 weight:
     float8 `X` with `X_scale_inv` (V3) or `<m>.weight` with `<m>.scale` (V4, whose FP4 weights decode too).
 
-    `expert_dtype` (V4's "fp4" / "fp8" / "bf16"): the storage every routed expert `...experts.<e>.w1/w2/w3.weight` must
-    have; None: not checked."""
+    `expert_dtype` (V4's "fp4" / "fp8" / "bf16"): the format every quantized routed expert
+    `...experts.<e>.w1/w2/w3.weight` must have; None: not checked."""
 
     SUFFIX = "_scale_inv"
 
@@ -228,15 +228,14 @@ def _v4_scale_name(name: str) -> str | None:
 
 
 def _check_expert(folder, name: str, info: TensorInfo, scale: str | None, expert_dtype: str | None) -> None:
-    """A routed expert stored otherwise than `expert_dtype` says: refused, rather than decoded on a guess."""
-    if expert_dtype is None or not _ROUTED_EXPERT.search(name):
+    """A routed expert quantized otherwise than `expert_dtype` says: refused, rather than decoded on a guess. An
+    unquantized one is read whatever the config says: a dequantized copy (MaxText's deepseek_dequantize.py output)
+    keeps the original config.json."""
+    if expert_dtype is None or scale is None or not _ROUTED_EXPERT.search(name):
         return
-    if scale is None:
-        kind = "bf16" if info.dtype in (BF16, np.float32, np.float16) else str(info.dtype)
-    else:
-        kind = "fp8" if info.dtype == FP8 else "fp4"
+    kind = "fp8" if info.dtype == FP8 else "fp4"
     if kind != expert_dtype:
         raise CorruptFileError(
-            f"{folder.folder}: routed expert {name} is stored as {kind} ({info.dtype}"
-            f"{' with ' + scale if scale else ''}), but the config says expert_dtype {expert_dtype!r}"
+            f"{folder.folder}: routed expert {name} is stored as {kind} ({info.dtype} with {scale}), but the config "
+            f"says expert_dtype {expert_dtype!r}"
         )

@@ -314,6 +314,14 @@ def test_view_matches_transformers_dequantized_load(v4, monkeypatch):
         assert np.array_equal(got, want.astype(np.float32)), name
 
 
+def test_dequantized_copy_with_the_original_config_reads_as_is(v4):
+    """MaxText's deepseek_dequantize.py writes bf16 weights and leaves config.json alone: still expert_dtype fp4."""
+    _, q, twin = v4
+    folder = SafetensorsFolder(twin)
+    view = decoded_source(folder, json.loads((q / "config.json").read_text()))
+    assert isinstance(view, Fp8Folder) and view.tensors == folder.tensors
+
+
 def test_one_expert_at_a_time(v4):
     """Reading an expert reads that expert's bytes and scale only (a row range: those rows only), never the stack."""
     _, q, _ = v4
