@@ -16,7 +16,8 @@ over its own wall time), the number that scale-out estimates are built on.
 
 Models too large for the disk (Kimi-K2, Qwen3.5-397B): a few layers of the real dimensions, the steps picked with
 `--steps`, one part run alone with `--part I/N` / `--export-part I/N`, outputs deleted as soon as possible with
-`--lean` (and the source with `--drop-source`), Kimi-K2-Thinking's int4 experts with `--int4`; `--estimate`
+`--lean` (and the source with `--drop-source`), Kimi-K2-Thinking's int4 experts with `--int4`, DeepSeek-V4's FP4
+experts and FP8 linears with `--fp4`; `--estimate`
 extrapolates each step to the real depth over 1/16/64 pods (docs/performance.md, "Kimi-K2 (1T) and Qwen3.5-397B"):
 
   python bench/convert_bench.py --model kimi-k2-1t --layers 2 --steps scan --part 0/2 --repeat 1 --lean --estimate
@@ -183,6 +184,7 @@ def run_one(
     part: str | None = None,
     export_part: str | None = None,
     int4: bool = False,
+    fp4: bool = False,
     lean: bool = False,
     drop_source: bool = False,
 ) -> dict:
@@ -190,7 +192,8 @@ def run_one(
     `I/N` alone (one pod's share, no finalize; the export reads a full scanned import, or else the unscanned one).
     `lean`: each output is deleted as soon as no later step of the round needs it, and with `drop_source` the
     source after its last reader (for models whose source and outputs do not fit on the disk together)."""
-    src = synthetic_model(model, layers, work / f"hf-{layers}{'-int4' if int4 else ''}", int4=int4)
+    quant = "int4" if int4 else "fp4" if fp4 else None
+    src = synthetic_model(model, layers, work / f"hf-{layers}{'-' + quant if quant else ''}", int4=int4, fp4=fp4)
     nbytes = dir_bytes(src)
     ck = [sys.executable, "-m", "converters", "convert"]
     imp = ["--part", part] if part else []
@@ -213,9 +216,9 @@ def run_one(
     suffix = {"scan": f", part {part}" if part else "", "noscan": f", part {part}" if part else ""}
     frm = "scanned" if exp_src == "mt-scan" else "unscanned"
     suffix["export"] = f" (from {frm}{f', part {export_part}' if export_part else ''})"
-    if int4:
-        suffix["scan"] = suffix.get("scan", "") + ", int4 source"
-        suffix["noscan"] = suffix.get("noscan", "") + ", int4 source"
+    if quant:
+        suffix["scan"] = suffix.get("scan", "") + f", {quant} source"
+        suffix["noscan"] = suffix.get("noscan", "") + f", {quant} source"
     names = {k: table[k][0] + suffix.get(k, "") for k in order}
     # Rounds of every step in turn, so that the disk's and the VM's moods (cp alone varied 6-20 s for the same
     # 5.6 GB here) fall on every step alike; each step reports its median, fastest and slowest round.
@@ -265,7 +268,7 @@ def run_one(
         "model": model,
         "layers": layers,
         "model_GB": round(nbytes / 1e9, 3),
-        "source": "int4 experts" if int4 else "bf16",
+        "source": f"{quant} experts" if quant else "bf16",
         "rounds": repeat,
         "warm_vm": warm_vm,
         "steps": rows,
@@ -444,6 +447,11 @@ def main() -> int:
         help="synthetic source with int4 routed experts (compressed-tensors pack-quantized, as Kimi-K2-Thinking)",
     )
     p.add_argument(
+        "--fp4",
+        action="store_true",
+        help="synthetic source with FP4 routed experts and FP8 linears, UE8M0 scales (as DeepSeek-V4-Flash)",
+    )
+    p.add_argument(
         "--lean",
         action="store_true",
         help="delete every output as soon as no later step needs it (large models on a small disk)",
@@ -463,6 +471,8 @@ def main() -> int:
     layers = [int(x) for x in a.sizes.split(",")] if a.sizes else [a.layers]
     a.out.mkdir(parents=True, exist_ok=True)
     steps = tuple(x for x in a.steps.split(",") if x)
+    if a.int4 and a.fp4:
+        p.error("--int4 and --fp4 are two different sources: choose one")
     if set(steps) - set(STEPS):
         p.error(f"--steps: unknown {sorted(set(steps) - set(STEPS))}; choose from {list(STEPS)}")
     results = [
@@ -479,6 +489,7 @@ def main() -> int:
             part=a.part,
             export_part=a.export_part,
             int4=a.int4,
+            fp4=a.fp4,
             lean=a.lean,
             drop_source=a.drop_source,
         )

@@ -140,15 +140,15 @@ def synthetic_params(model: str, layers: int) -> int:
     return sum(math.prod(s) for s in shapes.values())
 
 
-def synthetic_model(model: str, layers: int, dest: Path, int4: bool = False) -> Path:
+def synthetic_model(model: str, layers: int, dest: Path, int4: bool = False, fp4: bool = False) -> Path:
     """Random bf16 weights of `model`'s real dimensions with `layers` layers in `dest`, unless it already exists
     (written tensor by tensor, never held in memory whole). `int4`: the routed experts as Kimi-K2-Thinking stores
-    them (`write_synthetic_int4`)."""
+    them (`write_synthetic_int4`); `fp4`: FP4 experts and FP8 linears as DeepSeek-V4-Flash (`write_synthetic_fp4`)."""
     if not dest.exists():
-        kind = "int4-expert" if int4 else "bf16"
+        kind = "int4-expert" if int4 else "fp4-expert" if fp4 else "bf16"
         print(f"building synthetic {kind} {model} with {layers} layers in {dest} ...", file=sys.stderr)
         cfg = synthetic_config(model, layers)
-        (write_synthetic_int4 if int4 else write_synthetic_checkpoint)(dest, cfg)
+        (write_synthetic_int4 if int4 else write_synthetic_fp4 if fp4 else write_synthetic_checkpoint)(dest, cfg)
     return dest
 
 
@@ -206,4 +206,64 @@ def write_synthetic_int4(out: Path, cfg: dict, shard_bytes: int = 5 << 30, seed:
     (out / "config.json").write_text(
         json.dumps({**cfg, "quantization_config": KIMI_K2_THINKING_QUANTIZATION}, indent=2) + "\n"
     )
+    return out
+
+
+def write_synthetic_fp4(out: Path, cfg: dict, shard_bytes: int = 5 << 30, seed: int = 0) -> Path:
+    """As `write_synthetic_checkpoint`, but quantized as deepseek-ai/DeepSeek-V4-Flash ships it
+    (converters/io/quantized_fp8.py): routed experts FP4 as `I8` `[out, in/2]` (random bytes: every nibble is a
+    valid code) with `F8_E8M0` `<m>.scale` `[out, in/32]`, the FP8 linears `F8_E4M3` (random codes but NaN) with
+    `F8_E8M0` `[ceil(out/128), ceil(in/128)]` scales, all scales 2^-7..2^0; the rest random bf16."""
+    import json
+
+    import ml_dtypes
+    import numpy as np
+
+    from converters.io.quantized_fp8 import E8M0, FP4_GROUP, FP8, V4_FP4_EXPERT, V4_FP8_LINEAR
+    from converters.io.safetensors import PlannedTensor, ShardWriter, plan_shards, shard_names, write_index
+
+    qc = cfg.get("quantization_config") or {}
+    if qc.get("quant_method") != "fp8" or qc.get("weight_block_size") != [128, 128]:
+        raise SystemExit(f"--fp4: {cfg.get('model_type')} has no DeepSeek-V4 quantization_config")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    family = registry.family_for_config(cfg)
+    shapes = {name: leaf.hf_shape for leaf in family.plan(cfg, scan=False) for _, name in leaf.hf_names()}
+    tensors = []
+    for name, shape in shapes.items():
+        scale = name[: -len(".weight")] + ".scale"
+        if V4_FP4_EXPERT.search(name):
+            tensors += [
+                PlannedTensor(name, (shape[0], shape[1] // 2), np.dtype(np.int8)),
+                PlannedTensor(scale, (shape[0], shape[1] // FP4_GROUP), E8M0),
+            ]
+        elif V4_FP8_LINEAR.search(name):
+            tensors += [
+                PlannedTensor(name, shape, FP8),
+                PlannedTensor(scale, (-(-shape[0] // 128), -(-shape[1] // 128)), E8M0),
+            ]
+        else:
+            tensors.append(PlannedTensor(name, shape, bf16))
+    shards = plan_shards(tensors, shard_bytes)
+    names = shard_names(len(shards))
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for shard, fname in zip(shards, names):
+        w = ShardWriter(out / fname, shard)
+        for t in shard:
+            rows_per_block = max(1, (64 << 20) // max(1, t.nbytes // max(1, t.shape[0])))
+            for start in range(0, t.shape[0], rows_per_block):
+                size = (min(rows_per_block, t.shape[0] - start),) + t.shape[1:]
+                if t.dtype == E8M0:
+                    w.write(t.name, rng.integers(120, 128, size=size, dtype=np.uint8).view(E8M0))
+                elif t.dtype in (FP8, np.int8):
+                    b = rng.integers(0, 256, size=size, dtype=np.uint8)
+                    if t.dtype == FP8:
+                        b[(b & 0x7F) == 0x7F] = 0x7E  # no NaN codes
+                    w.write(t.name, b.view(t.dtype))
+                else:
+                    bits = rng.integers(0, 1 << 16, size=size, dtype=np.uint16)
+                    w.write(t.name, ((bits & np.uint16(0x81FF)) | np.uint16(0x3C00)).view(bf16))
+        w.close()
+    write_index(out, shards, names)
+    (out / "config.json").write_text(json.dumps({**cfg, "expert_dtype": "fp4"}, indent=2) + "\n")
     return out

@@ -60,6 +60,12 @@ _E2M1_PAIR_BITS = (
 _E4M3_VALUES = np.arange(256, dtype=np.uint8).view(FP8).astype(np.float32)
 _E8M0_FACTORS = np.append(np.ldexp(np.float32(1), np.arange(255) - SCALE_BIAS), np.nan).astype(np.float32)
 _ROUTED_EXPERT = re.compile(r"(^|\.)experts\.\d+\.w[123]\.weight$")
+# The tensors deepseek-ai/DeepSeek-V4-Flash quantizes (DeepSeek's inference/model.py, the shards' dtypes), for writers
+# of synthetic sources (the test quantizer, the benchmark); the decoder goes by each tensor's dtype, not by its name.
+V4_FP8_LINEAR = re.compile(
+    r"(^|\.)(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|attn\.indexer\.wq_b|ffn\.shared_experts\.w[123]|e_proj|h_proj)\.weight$"
+)
+V4_FP4_EXPERT = re.compile(r"(^|\.)ffn\.experts\.\d+\.w[123]\.weight$")
 
 
 def scale_factors(scale: np.ndarray) -> np.ndarray:

@@ -25,6 +25,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from converters.io.quantized_fp8 import V4_FP4_EXPERT, V4_FP8_LINEAR
 from converters.io.safetensors import INDEX_NAME, SafetensorsFolder, save_file
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -42,10 +43,7 @@ V4_QUANTIZATION = {
     "scale_fmt": "ue8m0",
     "weight_block_size": [BLOCK, BLOCK],
 }
-FP8_LINEAR = re.compile(
-    r"(^|\.)(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|attn\.indexer\.wq_b|ffn\.shared_experts\.w[123]|e_proj|h_proj)\.weight$"
-)
-ROUTED_EXPERT = re.compile(r"(^|\.)ffn\.experts\.\d+\.w[123]\.weight$")
+FP8_LINEAR, ROUTED_EXPERT = V4_FP8_LINEAR, V4_FP4_EXPERT  # which tensors the published checkpoint quantizes
 
 
 def e8m0(exponent: np.ndarray) -> np.ndarray:
