@@ -38,6 +38,7 @@ import ml_dtypes
 import numpy as np
 
 from converters.errors import CorruptFileError
+from converters.io import buffers
 from converters.io.folder_view import FolderView
 from converters.io.safetensors import FP4X2, SafetensorsFolder, TensorInfo
 
@@ -96,7 +97,7 @@ def decode_fp8_blocks(w: np.ndarray, scale: np.ndarray, block: tuple[int, int], 
     first = row0 // b0
     if m and (((row0 + m - 1) // b0 - first) >= factors.shape[0] or (n and -(-n // b1) > factors.shape[1])):
         raise CorruptFileError(f"FP8 scales {list(scale.shape)} do not cover a [{m}, {n}] weight in {b0}x{b1} blocks")
-    out = np.empty((m, n), BF16)
+    out = buffers.empty((m, n), BF16)  # reused memory: no fresh pages to fault in
     buf = np.empty((min(m, CHUNK_ROWS), n), np.float32)
     r = 0
     while r < m:  # chunks within one block row: one row of factors, repeated over each block's columns
@@ -128,7 +129,7 @@ def decode_fp4_groups(packed: np.ndarray, scale: np.ndarray, group: int = FP4_GR
     # a 2-significant-bit value times a power of two is exact in bfloat16 (whose exponent range is float32's), so
     # its bits are the float32's top half: the same result as rounding, without the rounding pass
     exact = scale.dtype in (E8M0, np.uint8)
-    out = np.empty((m, n), np.uint16 if exact else BF16)
+    out = buffers.empty((m, n), np.uint16 if exact else BF16)  # reused memory: no fresh pages to fault in
     codes = packed.view(np.uint8)
     buf = np.empty((min(m, CHUNK_ROWS), n // 2), np.uint64)  # each byte's two float32 values
     for r in range(0, m, CHUNK_ROWS):
