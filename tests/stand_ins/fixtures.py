@@ -131,3 +131,32 @@ def gcs_objects(bucket: str, prefix: str = "") -> dict[str, bytes]:
 
     client = storage.Client()
     return {b.name: b.download_as_bytes() for b in client.list_blobs(bucket, prefix=prefix)}
+
+
+def kube_env(kubeconfig: str | os.PathLike) -> dict[str, str]:
+    """Environment pointing the `kubernetes` clients (KUBECONFIG) and Airflow's `kubernetes_default` connection
+    (extra `kube_config_path`) at a kubeconfig, e.g. the Kubernetes API stand-in's; for this or child processes."""
+    conn = {"conn_type": "kubernetes", "extra": {"kube_config_path": str(kubeconfig), "namespace": "default"}}
+    return {"KUBECONFIG": str(kubeconfig), "AIRFLOW_CONN_KUBERNETES_DEFAULT": json.dumps(conn)}
+
+
+@pytest.fixture
+def kube(monkeypatch, tmp_path_factory):
+    """The Kubernetes API stand-in (tests/stand_ins/kube_api.py) on 127.0.0.1, its pods run as local processes.
+
+    KUBECONFIG and the `kubernetes_default` Airflow connection point at it, so the real `kubernetes` /
+    `kubernetes_asyncio` clients and the cncf.kubernetes provider in this process talk to it; `kube_env(
+    kube.kubeconfig)` gives the same for child processes. Register images with `kube.add_image(name, argv)`.
+    Everything it started (pods' processes, threads, the HTTP server) is stopped afterwards."""
+    from tests.stand_ins.kube_api import KubeApiServer
+
+    with KubeApiServer(tmp_path_factory.mktemp("kube")) as server:
+        for k, v in kube_env(server.kubeconfig).items():
+            monkeypatch.setenv(k, v)
+        # both clients read KUBECONFIG once, at import
+        import kubernetes.config.kube_config as sync_kube_config
+        import kubernetes_asyncio.config.kube_config as async_kube_config
+
+        monkeypatch.setattr(sync_kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(server.kubeconfig))
+        monkeypatch.setattr(async_kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(server.kubeconfig))
+        yield server
