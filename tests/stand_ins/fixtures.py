@@ -133,30 +133,36 @@ def gcs_objects(bucket: str, prefix: str = "") -> dict[str, bytes]:
     return {b.name: b.download_as_bytes() for b in client.list_blobs(bucket, prefix=prefix)}
 
 
-def kube_env(kubeconfig: str | os.PathLike) -> dict[str, str]:
-    """Environment pointing the `kubernetes` clients (KUBECONFIG) and Airflow's `kubernetes_default` connection
-    (extra `kube_config_path`) at a kubeconfig, e.g. the Kubernetes API stand-in's; for this or child processes."""
+def kube_env(kubeconfig: str | os.PathLike, *, kubeconfig_var: bool = False) -> dict[str, str]:
+    """Environment pointing Airflow's `kubernetes_default` connection (extra `kube_config_path`) at a kubeconfig, e.g.
+    the Kubernetes API stand-in's; for this or child processes. `kubeconfig_var` also sets KUBECONFIG, which the
+    provider must NOT see together with the connection: a deferrable KubernetesPodOperator loads $KUBECONFIG into the
+    trigger's `config_dict`, and the trigger's hook then refuses a connection that also has `kube_config_path`
+    ("Options kube_config_path, kube_config, in_cluster, and config_dict are mutually exclusive")."""
     conn = {"conn_type": "kubernetes", "extra": {"kube_config_path": str(kubeconfig), "namespace": "default"}}
-    return {"KUBECONFIG": str(kubeconfig), "AIRFLOW_CONN_KUBERNETES_DEFAULT": json.dumps(conn)}
+    env = {"AIRFLOW_CONN_KUBERNETES_DEFAULT": json.dumps(conn)}
+    if kubeconfig_var:
+        env["KUBECONFIG"] = str(kubeconfig)
+    return env
 
 
 @pytest.fixture
 def kube(monkeypatch, tmp_path_factory):
     """The Kubernetes API stand-in (tests/stand_ins/kube_api.py) on 127.0.0.1, its pods run as local processes.
 
-    KUBECONFIG and the `kubernetes_default` Airflow connection point at it, so the real `kubernetes` /
-    `kubernetes_asyncio` clients and the cncf.kubernetes provider in this process talk to it; `kube_env(
-    kube.kubeconfig)` gives the same for child processes. Register images with `kube.add_image(name, argv)`.
-    Everything it started (pods' processes, threads, the HTTP server) is stopped afterwards."""
+    The `kubernetes_default` Airflow connection points at it (see `kube_env`; KUBECONFIG is left alone), so the
+    cncf.kubernetes provider in this process talks to it; the clients' default kubeconfig location is patched too
+    (`kubernetes.config.load_kube_config()`), and `kube.kubeconfig` is the file. Register images with
+    `kube.add_image(name, argv)`. Everything it started (pods' processes, threads, the HTTP server) is stopped after."""
+    import kubernetes.config.kube_config as sync_kube_config
+    import kubernetes_asyncio.config.kube_config as async_kube_config
+
     from tests.stand_ins.kube_api import KubeApiServer
 
     with KubeApiServer(tmp_path_factory.mktemp("kube")) as server:
         for k, v in kube_env(server.kubeconfig).items():
             monkeypatch.setenv(k, v)
-        # both clients read KUBECONFIG once, at import
-        import kubernetes.config.kube_config as sync_kube_config
-        import kubernetes_asyncio.config.kube_config as async_kube_config
-
+        monkeypatch.delenv("KUBECONFIG", raising=False)
         monkeypatch.setattr(sync_kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(server.kubeconfig))
         monkeypatch.setattr(async_kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(server.kubeconfig))
         yield server

@@ -17,10 +17,13 @@ from pathlib import Path
 import pytest
 from kubernetes import client, config, watch
 
+from operators.embedded import session_home
 from tests.stand_ins.fixtures import kube  # noqa: F401
 from tests.stand_ins.kube_api import KubeApiServer, Node, rewrite_paths
 
+session_home()  # the provider tests import Airflow: a throwaway home, as the Airflow suites have
 PY = sys.executable
+REPO = Path(__file__).resolve().parents[2]
 
 
 def api(server) -> client.CoreV1Api:
@@ -493,7 +496,7 @@ def test_cli_serves_a_kubeconfig(tmp_path):
         [PY, "-m", "tests.stand_ins.kube_api", "--port", "0", "--workdir", str(tmp_path), "--node-label", "pool=cpu"],
         stdout=subprocess.PIPE,
         text=True,
-        cwd=Path(__file__).resolve().parents[2],
+        cwd=REPO,
     )
     try:
         path = proc.stdout.readline().strip()
@@ -507,3 +510,81 @@ def test_cli_serves_a_kubeconfig(tmp_path):
     finally:
         proc.terminate()
         assert proc.wait(10) == 0
+
+
+KPO_DAG = """
+import sys
+from datetime import timedelta
+
+import pendulum
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from airflow.sdk import DAG
+
+common = dict(namespace="default", image="python:3.11", get_logs=True, on_finish_action="delete_pod",
+              poll_interval=0.2, startup_check_interval_seconds=1, do_xcom_push=False)
+loop = "import time\\nfor i in range(3):\\n print('{} line', i); time.sleep(0.2)"
+with DAG("kpo_on_stand_in", schedule=None, start_date=pendulum.datetime(2026, 1, 1), catchup=False):
+    KubernetesPodOperator(task_id="sync_pod", name="sync-pod", cmds=[sys.executable, "-u", "-c", loop.format("sync")],
+                          **common)
+    KubernetesPodOperator(task_id="deferred_pod", name="deferred-pod", deferrable=True,
+                          cmds=[sys.executable, "-u", "-c", loop.format("deferred")], **common)
+    KubernetesPodOperator(task_id="flaky", name="flaky", retries=1, retry_delay=timedelta(seconds=0),
+                          cmds=[sys.executable, "-c", "print('flaky ok')"], **common)
+"""
+
+KPO_RUNNER = """
+import json, os, sys
+from pathlib import Path
+
+from operators.embedded import configure, migrate
+
+home = Path(sys.argv[1])
+configure(home / "airflow", dags_folder=home / "dags")
+from tests.stand_ins.fixtures import kube_env
+from tests.stand_ins.kube_api import KubeApiServer
+
+with KubeApiServer(home / "kube") as kube:
+    os.environ.update(kube_env(kube.kubeconfig))
+    kube.fail_next("flaky-*", times=1, exit_code=3)
+    migrate()
+    from airflow.dag_processing.dagbag import DagBag
+
+    dag = DagBag(dag_folder=str(home / "dags")).get_dag("kpo_on_stand_in")
+    run = dag.test()
+    summary = {
+        "run": str(run.state),
+        "tasks": {ti.task_id: [str(ti.state), ti.try_number] for ti in run.get_task_instances()},
+        "changes": [[r.method, r.path, r.body] for r in kube.requests if r.method != "GET"],
+        "pods_left": [p["metadata"]["name"] for p in kube.pods()],
+    }
+print("SUMMARY " + json.dumps(summary))
+"""
+
+
+def test_kubernetes_pod_operator_runs_on_the_stand_in(tmp_path):
+    """The real KubernetesPodOperator in a real task run (`dag.test()`, its own Airflow home, in a child process):
+    sync with streamed logs, deferrable through KubernetesPodTrigger, and a retry after a pod failure."""
+    (tmp_path / "dags").mkdir()
+    (tmp_path / "dags" / "kpo_dag.py").write_text(KPO_DAG)
+    (tmp_path / "runner.py").write_text(KPO_RUNNER)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "CKPTFLOW_TEST", "KUBECONFIG"))}
+    env["PYTHONPATH"] = str(REPO)
+    out = subprocess.run(
+        [PY, str(tmp_path / "runner.py"), str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-3000:]
+    summary = json.loads(text.split("SUMMARY ", 1)[1].splitlines()[0])
+    assert summary["run"] == "success", text[-3000:]
+    assert summary["tasks"] == {
+        "sync_pod": ["success", 1],
+        "deferred_pod": ["success", 1],
+        "flaky": ["success", 2],
+    }
+    for line in ("[base] sync line 0", "[base] sync line 2", "deferred line 2", "injected failure, exit code 3"):
+        assert line in text
+    assert "trigger emitted an error event" not in text
+    flaky = [(m, p.rsplit("/", 1)[-1], b) for m, p, b in summary["changes"] if "flaky" in p or "flaky" in b]
+    assert [m for m, _, _ in flaky] == ["POST", "PATCH", "DELETE", "POST", "DELETE"]
+    assert json.loads(flaky[1][2]) == {"metadata": {"labels": {"already_checked": "True"}}}
+    assert summary["pods_left"] == []
