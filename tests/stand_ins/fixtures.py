@@ -152,14 +152,16 @@ def kube(monkeypatch, tmp_path_factory):
 
     The `kubernetes_default` Airflow connection points at it (see `kube_env`; KUBECONFIG is left alone), so the
     cncf.kubernetes provider in this process talks to it; the clients' default kubeconfig location is patched too
-    (`kubernetes.config.load_kube_config()`), and `kube.kubeconfig` is the file. Register images with
+    (`kubernetes.config.load_kube_config()`), and `kube.kubeconfig` is the file. Namespaces: default, kube-system,
+    ckptflow. Register images with
     `kube.add_image(name, argv)`. Everything it started (pods' processes, threads, the HTTP server) is stopped after."""
     import kubernetes.config.kube_config as sync_kube_config
     import kubernetes_asyncio.config.kube_config as async_kube_config
 
     from tests.stand_ins.kube_api import KubeApiServer
 
-    with KubeApiServer(tmp_path_factory.mktemp("kube")) as server:
+    namespaces = ("default", "kube-system", "ckptflow")  # ckptflow: operators.kubernetes' default namespace
+    with KubeApiServer(tmp_path_factory.mktemp("kube"), namespaces=namespaces) as server:
         for k, v in kube_env(server.kubeconfig).items():
             monkeypatch.setenv(k, v)
         monkeypatch.delenv("KUBECONFIG", raising=False)

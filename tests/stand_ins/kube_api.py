@@ -34,16 +34,20 @@ The kubelet (one thread per pod, `_PodRun`):
     Otherwise the pod stays Pending with PodScheduled=False reason Unschedulable and a Warning FailedScheduling
     event; `set_nodes`/`add_node_labels` reschedule waiting pods, as a cluster autoscaler would.
   * then volumes are set up as local folders under the workdir: emptyDir -> a fresh folder per pod (removed with the
-    pod), hostPath -> the path as is, persistentVolumeClaim -> `pvc/{ns}/{claim}` (shared across pods, kept),
+    pod), hostPath -> the path as is, persistentVolumeClaim -> `pvc/{ns}/{claim}` (shared across pods, kept; no
+    PVC objects needed), csi (e.g. GCS FUSE) -> `csi/{driver}/{bucketName}[/{only-dir}]` (shared, kept),
     secret / configMap -> files written from the stored object (items, defaultMode, optional); a missing secret or
     configmap keeps the pod in ContainerCreating with FailedMount events until it appears. Other volume types are
-    served as empty folders with a Warning event.
+    served as empty folders with a Warning event. `pvc_path()` / `csi_path()` name the shared folders.
   * init containers run one after another, then all containers together, each as a LOCAL PROCESS (its own session /
     process group, stdout+stderr interleaved into one log as a node captures them, a timestamp per line). argv
     follows container entrypoint semantics: `command` + `args`; without `command`, the `Image` registered for the
     image (`images={"ckptflow:1": Image(entrypoint=[...], cmd=[...], env={...}, working_dir=...)}`, or a bare argv
     list as the entrypoint) gives ENTRYPOINT (+ CMD when there are no `args`). No argv, or an executable that cannot
-    be started: terminated reason StartError, exit code 128 (as runc reports it).
+    be started: terminated reason StartError, exit code 128 (as runc reports it). An executable named without a
+    path (`command: [ckptflow]`) is looked up on the container's PATH: give it with `extra_env` or the `Image`'s env
+    (e.g. the venv's bin folder first). securityContext (runAsUser...) is ignored: every process runs as this user,
+    so a pod can do whatever the test process can (mind the commands you give it).
   * env: a minimal base (PATH, LANG, HOME -> a per-pod folder, HOSTNAME, KUBERNETES_SERVICE_HOST/PORT), the server's
     `extra_env`, the image's env, then `envFrom` (secretRef / configMapRef, prefix, optional), then `env` (value,
     valueFrom secretKeyRef / configMapKeyRef / fieldRef: metadata.name, namespace, uid, labels['k'],
@@ -61,11 +65,11 @@ The kubelet (one thread per pod, `_PodRun`):
   * status as a node reports it: phase Pending (scheduling, volumes, init containers) -> Running -> Succeeded/Failed
     (restartPolicy is treated as Never: containers are not restarted), containerStatuses / initContainerStatuses
     with state.waiting (ContainerCreating, PodInitializing, CreateContainerConfigError, ErrImagePull) / running
-    (startedAt) / terminated (exitCode, reason Completed/Error/StartError/DeadlineExceeded, startedAt, finishedAt,
-    containerID, message for FallbackToLogsOnError), conditions PodReadyToStartContainers/Initialized/Ready/
-    ContainersReady/PodScheduled, podIP and hostIP 127.0.0.1 (the processes really listen there), startTime,
-    qosClass, activeDeadlineSeconds. Events: Scheduled, Pulled, Created, Started, Killing, FailedScheduling,
-    FailedMount, Failed.
+    (startedAt) / terminated (exitCode, reason Completed/Error/StartError, startedAt, finishedAt, containerID,
+    message for FallbackToLogsOnError), conditions PodReadyToStartContainers/Initialized/Ready/ContainersReady/
+    PodScheduled, podIP and hostIP 127.0.0.1 (the processes really listen there), startTime, qosClass,
+    activeDeadlineSeconds (containers killed, phase Failed, status.reason DeadlineExceeded). Events: Scheduled,
+    Pulled, Created, Started, Killing, FailedScheduling, FailedMount, Failed.
   * DELETE (grace from the body's or the query's gracePeriodSeconds, else spec.terminationGracePeriodSeconds) of a
     pod with live processes sets metadata.deletionTimestamp, emits Killing, sends SIGTERM to each container's
     process group and SIGKILL after the grace period; the object disappears once they are gone. Pods without
@@ -73,10 +77,14 @@ The kubelet (one thread per pod, `_PodRun`):
     exits, whatever else is left in its process group is killed, as when a container's PID 1 exits.
 
 Test hooks: `requests` (every request: method, path, query, body text, in order; `pod_specs()`; `seen_tokens`),
+`where(text)` (every request body, container log -- deleted pods' included --, event and pod where a text appears),
 `set_nodes` / `add_node_labels`, `fail_next(pattern, times, exit_code)` (the next pods whose name matches the
 fnmatch pattern run a process that exits with that code instead of their command), `bad_images` (pull errors),
 `fail_requests(method, path_regex, status, times)` (API errors), `restart_api()` / `stop_api()` / `start_api()` (the
 HTTP side goes away and comes back on the same port; pods keep running), and `pod`, `logs`, `events`, `wait_for`.
+Over HTTP too (same bearer token), for a stand-in run as its own process: GET /stand-in/requests, GET
+/stand-in/where?text=..., POST /stand-in/fail-next {"pattern", "times", "exit_code", "after"}, POST
+/stand-in/node-labels {"labels": {...}, "node": 0}.
 
 Run it on its own:  python -m tests.stand_ins.kube_api --port 8001 --workdir /tmp/kube [--image IMG=ARGV ...]
 [--node-label k=v ...] [--env K=V ...] prints the kubeconfig path, serves until interrupted (its pods are killed).
@@ -359,7 +367,8 @@ class Node:
 
 @dataclass
 class Image:
-    """What an image would bring: ENTRYPOINT, CMD, ENV, WORKDIR (paths local to this machine)."""
+    """What an image would bring: ENTRYPOINT, CMD, ENV, WORKDIR (paths local to this machine). `env` may set PATH
+    (where `command: [name]` is looked up) and PYTHONPATH, e.g. `Image(env={"PATH": f"{venv}/bin:/usr/bin:/bin"})`."""
 
     entrypoint: list[str] = field(default_factory=list)
     cmd: list[str] = field(default_factory=list)
@@ -403,6 +412,7 @@ class KubeState:
         self.history: list[tuple[int, str, str, dict]] = []  # (rv, resource, type, object)
         self.runs: dict[str, _PodRun] = {}  # pod uid -> run
         self.logs: dict[tuple[str, str], _Log] = {}  # (pod uid, container) -> log
+        self.removed_logs: list[tuple[str, str, str, _Log]] = []  # (namespace, pod, container, log) of deleted pods
         self.requests: list[Request] = []
         self.seen_tokens: list[str] = []
         self.failures: list[list] = []  # [pattern, times left, exit code, seconds before exiting]
@@ -523,6 +533,7 @@ class _PodRun:
         self.volumes: dict[str, Path] = {}
         self.failure: tuple[int, float] | None = None
         self.deadline_exceeded = False
+        self.pod_reason: tuple[str, str] | None = None  # status.reason / message of the pod
         self.t0 = time.time()
         for c in self.spec["containers"] + (self.spec.get("initContainers") or []):
             state.logs[(self.uid, c["name"])] = _Log()
@@ -569,6 +580,8 @@ class _PodRun:
             order = ["PodReadyToStartContainers", "Initialized", "Ready", "ContainersReady", "PodScheduled"]
             status = pod["status"]
             status["phase"] = self.phase
+            if self.pod_reason:
+                status["reason"], status["message"] = self.pod_reason
             status["conditions"] = [copy.deepcopy(self.conditions[t]) for t in order if t in self.conditions]
             if self.node is not None:
                 pod["spec"]["nodeName"] = self.node.name
@@ -600,10 +613,12 @@ class _PodRun:
         }
 
     def _event(self, reason: str, message: str, **kw) -> None:
-        with self.st.lock:
-            pod = self._pod()
-            if pod is not None:
-                self.st.event(pod, reason, message, **kw)
+        with self.st.lock:  # a pod already removed (force delete) still gets its events, as on a node
+            pod = self._pod() or {
+                "metadata": {"name": self.name, "namespace": self.ns, "uid": self.uid},
+                "spec": {"nodeName": self.node.name if self.node else None},
+            }
+            self.st.event(pod, reason, message, **kw)
 
     def _sleep(self, seconds: float) -> None:
         if self.stop.wait(seconds):
@@ -633,7 +648,7 @@ class _PodRun:
 
     def _cleanup(self) -> None:
         for uid, c in [k for k in self.st.logs if k[0] == self.uid]:
-            del self.st.logs[(uid, c)]
+            self.st.removed_logs.append((self.ns, self.name, c, self.st.logs.pop((uid, c))))
         self.st.runs.pop(self.uid, None)
         shutil.rmtree(self.root, ignore_errors=True)
 
@@ -692,6 +707,10 @@ class _PodRun:
             return p
         if "persistentVolumeClaim" in v:
             p = self.st.workdir / "pvc" / self.ns / v["persistentVolumeClaim"]["claimName"]
+            p.mkdir(parents=True, exist_ok=True)
+            return p
+        if "csi" in v:  # e.g. GCS FUSE: one folder per driver and bucket, shared by every pod that mounts it
+            p = csi_folder(self.st.workdir, v["csi"], name)
             p.mkdir(parents=True, exist_ok=True)
             return p
         p = self.root / "volumes" / name
@@ -916,9 +935,13 @@ class _PodRun:
                 rc = proc.wait(0.2)
             except subprocess.TimeoutExpired:
                 if deadline and time.time() - self.t0 > deadline and not self.stop.is_set():
-                    self.deadline_exceeded = True
-                    self.stop.set()
-                    self.grace = 0
+                    with self.st.lock:
+                        self.deadline_exceeded = True
+                        msg = "Pod was active on the node longer than the specified deadline"
+                        self.pod_reason = ("DeadlineExceeded", msg)
+                        self._event("DeadlineExceeded", msg, type="Warning")
+                        self.grace = 0
+                        self.stop.set()
         try:  # whatever is left in the "container" dies with its main process
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -935,8 +958,6 @@ class _PodRun:
             "finishedAt": _now(),
             "containerID": self.statuses[c["name"]].get("containerID"),
         }
-        if self.deadline_exceeded:
-            term["reason"] = "DeadlineExceeded" if code else term["reason"]
         if code and c.get("terminationMessagePolicy") == "FallbackToLogsOnError":
             tail = b"".join(line for _, line in log.lines[-80:])[-2048:]
             term["message"] = tail.decode("utf-8", "replace")
@@ -1035,15 +1056,6 @@ class _PodRun:
         with self.st.lock:
             codes = [self._exit_code(n) for n in self.names]
             self.phase = "Succeeded" if all(x == 0 for x in codes) and not self.stop.is_set() else "Failed"
-            if self.deadline_exceeded:
-                self.phase = "Failed"
-                with self.st.lock:
-                    pod = self._pod()
-                    if pod:
-                        pod["status"].update(
-                            reason="DeadlineExceeded",
-                            message="Pod was active on the node longer than the specified deadline",
-                        )
             self._publish()
 
     def _kill_all(self, grace: float) -> None:
@@ -1073,6 +1085,20 @@ class _PodRun:
         self.grace = min(self.grace, grace) if self.deleting else grace
         self.deleting = True
         self.stop.set()
+
+
+def csi_folder(workdir: Path, csi: dict, volume_name: str = "volume") -> Path:
+    """The local folder of a CSI volume: `csi/{driver}/{bucketName or volumeHandle}[/{only-dir}]` (GCS FUSE's
+    `only-dir` mount option mounts a folder of the bucket)."""
+    attrs = csi.get("volumeAttributes") or {}
+    p = (
+        workdir
+        / "csi"
+        / csi.get("driver", "unknown")
+        / (attrs.get("bucketName") or attrs.get("volumeHandle") or volume_name)
+    )
+    opts = dict(o.split("=", 1) for o in (attrs.get("mountOptions") or "").split(",") if "=" in o)
+    return p / opts["only-dir"] if opts.get("only-dir") else p
 
 
 def _signal_group(p: subprocess.Popen, sig: int) -> None:
@@ -1495,6 +1521,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str, path: str, q: dict, body) -> None:
         st = self.state
+        if path.startswith("/stand-in/"):
+            return self._control(method, path, q, body)
         if path in ("/healthz", "/livez", "/readyz"):
             return self._send(200, b"ok", "text/plain")
         if path == "/version":
@@ -1610,6 +1638,27 @@ class _Handler(BaseHTTPRequestHandler):
                 405, "MethodNotAllowed", f"the server does not allow this method on the requested resource ({method})"
             )
         raise ApiError(404, "NotFound", "the server could not find the requested resource")
+
+    def _control(self, method: str, path: str, q: dict, body) -> None:
+        """Test hooks over HTTP, for a stand-in run as its own process (not a Kubernetes API; same token)."""
+        st, body = self.state, body if isinstance(body, dict) else {}
+        with st.lock:
+            if (method, path) == ("GET", "/stand-in/requests"):
+                return self._json(200, [r.__dict__ for r in st.requests])
+            if (method, path) == ("GET", "/stand-in/where"):
+                return self._json(200, self.server.owner.where(q.get("text", "")))
+            if (method, path) == ("POST", "/stand-in/fail-next"):
+                self.server.owner.fail_next(
+                    body["pattern"],
+                    int(body.get("times", 1)),
+                    int(body.get("exit_code", 1)),
+                    float(body.get("after", 0)),
+                )
+                return self._json(200, {"failures": st.failures})
+            if (method, path) == ("POST", "/stand-in/node-labels"):
+                self.server.owner.add_node_labels(body.get("labels") or {}, int(body.get("node", 0)))
+                return self._json(200, {"nodes": [n.to_json() for n in st.nodes]})
+        raise ApiError(404, "NotFound", f"no stand-in control {method} {path}")
 
     # ---------------------------------------------------------------------------------------- resources
 
@@ -2004,6 +2053,7 @@ class KubeApiServer:
         httpd.server_bind()
         httpd.server_activate()
         httpd.stopping = threading.Event()
+        httpd.owner = self
         httpd.conns = set()
         httpd.conn_lock = threading.Lock()
         self.httpd = httpd
@@ -2165,6 +2215,39 @@ class KubeApiServer:
                 )
                 if ns == namespace and (name is None or e["involvedObject"]["name"] == name)
             ]
+
+    def where(self, text: str) -> list[str]:
+        """Everywhere `text` was seen: request bodies ("POST /api/v1/..."), container logs of current and deleted
+        pods ("log ns/pod/container"), events ("event ns/name"), pod objects ("pod ns/name"). For checks such as
+        "the token is in the Secret only": `kube.where(token) == ["POST /api/v1/namespaces/ns/secrets"]`."""
+        out = []
+        with self.state.lock:
+            for r in self.state.requests:
+                if r.path.startswith("/stand-in/"):
+                    continue
+                if text in r.body or text in urllib.parse.unquote(r.path) or text in json.dumps(r.query):
+                    out.append(f"{r.method} {r.path}")
+            names = {p["metadata"]["uid"]: (ns, n) for (ns, n), p in self.state.objects["pods"].items()}
+            logs = [(*names.get(uid, ("?", "?")), c, log) for (uid, c), log in self.state.logs.items()]
+            for ns, pod, c, log in self.state.removed_logs + logs:
+                if any(text.encode() in line for _, line in log.lines):
+                    out.append(f"log {ns}/{pod}/{c}")
+            for resource in ("events", "pods", "configmaps"):
+                for (ns, n), obj in self.state.objects[resource].items():
+                    if text in json.dumps(obj):
+                        out.append(f"{resource[:-1]} {ns}/{n}")
+        return out
+
+    def pvc_path(self, claim: str, namespace: str = "default") -> Path:
+        """The local folder standing for a persistentVolumeClaim (shared by every pod that mounts the claim)."""
+        return self.workdir / "pvc" / namespace / claim
+
+    def csi_path(self, driver: str, bucket: str, only_dir: str = "") -> Path:
+        """The local folder standing for a CSI volume (GCS FUSE: its bucket, and `only-dir` folder if mounted so)."""
+        opts = f"only-dir={only_dir}" if only_dir else ""
+        return csi_folder(
+            self.workdir, {"driver": driver, "volumeAttributes": {"bucketName": bucket, "mountOptions": opts}}
+        )
 
     def wait_for(self, predicate, timeout: float = 10.0, interval: float = 0.02):
         """Poll `predicate()` until truthy; returns its value, raises TimeoutError."""

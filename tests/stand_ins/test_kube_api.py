@@ -19,7 +19,7 @@ from kubernetes import client, config, watch
 
 from operators.embedded import session_home
 from tests.stand_ins.fixtures import kube  # noqa: F401
-from tests.stand_ins.kube_api import KubeApiServer, Node, rewrite_paths
+from tests.stand_ins.kube_api import TOKEN, KubeApiServer, Node, rewrite_paths
 
 session_home()  # the provider tests import Airflow: a throwaway home, as the Airflow suites have
 PY = sys.executable
@@ -155,6 +155,12 @@ def test_failing_pods_report_failed_with_exit_code(kube):
     assert kube.wait_phase("convert-a")["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 7
     assert kube.wait_phase("convert-b")["status"]["phase"] == "Succeeded"
 
+    # activeDeadlineSeconds: killed, Failed, DeadlineExceeded
+    v1.create_namespaced_pod("default", pod_body("slow", "import time; time.sleep(30)", activeDeadlineSeconds=1))
+    pod = kube.wait_phase("slow", timeout=5)
+    assert (pod["status"]["phase"], pod["status"]["reason"]) == ("Failed", "DeadlineExceeded")
+    assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] in (137, 143)
+
     # an executable that does not exist: StartError 128, as runc reports it
     body = pod_body("noexec", "")
     body["spec"]["containers"][0]["command"] = ["/nonexistent/tool"]
@@ -267,7 +273,7 @@ def test_api_errors_are_status_objects(kube):
     assert [p.metadata.name for p in v1.list_namespaced_pod("default", label_selector=sel).items] == ["dup"]
     assert v1.read_namespaced_pod("dup", "default").metadata.annotations == {"a": "b"}
     assert v1.list_namespaced_pod("default", field_selector="status.phase=Bogus").items == []
-    assert [n.metadata.name for n in v1.list_namespace().items] == ["default", "kube-system"]
+    assert [n.metadata.name for n in v1.list_namespace().items] == ["ckptflow", "default", "kube-system"]
     v1.read_namespace("default")
     # secrets: create, get, list, delete
     v1.create_namespaced_secret("default", {"metadata": {"name": "s"}, "stringData": {"k": "v"}})
@@ -354,6 +360,79 @@ def test_volumes_pvc_hostpath_secret_and_init_containers(kube, tmp_path):
     assert kube.pod("waits")["status"]["containerStatuses"][0]["state"]["waiting"]["reason"] == "ContainerCreating"
     v1.create_namespaced_secret("default", {"metadata": {"name": "later"}, "stringData": {"k": "K"}})
     assert kube.wait_phase("waits")["status"]["phase"] == "Succeeded" and kube.logs("waits") == "K\n"
+
+
+def test_project_shaped_pods_share_a_gcsfuse_volume(kube, tmp_path):
+    """Pods as operators.kubernetes builds them: namespace ckptflow, `command: [ckptflow]` looked up on the image's
+    PATH, a GCS FUSE CSI work volume (one folder per bucket and only-dir, shared by the pods), HF_TOKEN from a Secret,
+    a non-root security context, a service account, TPU-style node selector and toleration."""
+    from tests.stand_ins.kube_api import Image
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tool = bin_dir / "ckptflow"
+    tool.write_text(
+        f"#!{PY}\n"
+        "import os, pathlib, sys\n"
+        "cmd, path = sys.argv[1:3]\n"
+        "if cmd == 'write':\n"
+        "    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)\n"
+        "    pathlib.Path(path).write_text(f'token of {len(os.environ[\"HF_TOKEN\"])} chars')\n"
+        "print(cmd, pathlib.Path(path).read_text())\n"
+    )
+    tool.chmod(0o755)
+    kube.add_image("ckptflow-converter", Image(env={"PATH": f"{bin_dir}:/usr/bin:/bin"}))
+    kube.add_node_labels({"cloud.google.com/gke-tpu-accelerator": "tpu-v6e-slice"})
+    v1 = api(kube)
+    v1.create_namespaced_secret("ckptflow", {"metadata": {"name": "hf-run-1"}, "stringData": {"token": "hf_abcdef"}})
+    driver = "gcsfuse.csi.storage.gke.io"
+    volume = {
+        "name": "ckptflow-work",
+        "csi": {
+            "driver": driver,
+            "volumeAttributes": {
+                "bucketName": "ckpt-bucket",
+                "mountOptions": "implicit-dirs,uid=1000,gid=0,only-dir=w",
+            },
+        },
+    }
+    for name, args in (
+        ("ckptflow-download", ["write", "/ckptflow-work/run1/a.txt"]),
+        ("ckptflow-verify", ["read", "/ckptflow-work/run1/a.txt"]),
+    ):
+        body = {
+            "metadata": {
+                "name": name,
+                "labels": {"app.kubernetes.io/name": "ckptflow"},
+                "annotations": {"gke-gcsfuse/volumes": "true"},
+            },
+            "spec": {
+                "restartPolicy": "Never",
+                "serviceAccountName": "ckptflow",
+                "securityContext": {"runAsUser": 1000, "runAsGroup": 0, "fsGroup": 0, "runAsNonRoot": True},
+                "nodeSelector": {"cloud.google.com/gke-tpu-accelerator": "tpu-v6e-slice"},
+                "tolerations": [{"key": "google.com/tpu", "operator": "Exists", "effect": "NoSchedule"}],
+                "volumes": [volume],
+                "containers": [
+                    {
+                        "name": "base",
+                        "image": "ckptflow-converter:latest",
+                        "command": ["ckptflow"],
+                        "args": args,
+                        "env": [
+                            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-run-1", "key": "token"}}}
+                        ],
+                        "volumeMounts": [{"name": "ckptflow-work", "mountPath": "/ckptflow-work"}],
+                    }
+                ],
+            },
+        }
+        v1.create_namespaced_pod("ckptflow", body)
+        pod = kube.wait_phase(name, namespace="ckptflow")
+        assert pod["status"]["phase"] == "Succeeded", kube.logs(name, namespace="ckptflow")
+    assert kube.logs("ckptflow-verify", namespace="ckptflow") == "read token of 9 chars\n"
+    assert (kube.csi_path(driver, "ckpt-bucket", "w") / "run1" / "a.txt").read_text() == "token of 9 chars"
+    assert kube.where("hf_abcdef") == ["POST /api/v1/namespaces/ckptflow/secrets"]
 
 
 def test_provider_pod_manager_sync(kube, capsys):
@@ -461,7 +540,9 @@ def test_event_watch_and_token_never_in_pod_specs(kube):
     kube.wait_phase("watched")
     assert kube.logs("watched") == "14\n"
     assert kube.pod_specs() and not any("hf_NEVERinSPEC" in b for b in kube.pod_specs())
-    assert any("hf_NEVERinSPEC" in r.body for r in kube.requests if "/secrets" in r.path)
+    assert kube.where("hf_NEVERinSPEC") == ["POST /api/v1/namespaces/default/secrets"]
+    v1.delete_namespaced_pod("watched", "default")
+    assert kube.where("14\n") == ["log default/watched/base"]  # deleted pods' logs are kept for such checks
 
 
 def test_close_leaves_nothing_running(tmp_path):
@@ -507,6 +588,25 @@ def test_cli_serves_a_kubeconfig(tmp_path):
         while v1.read_namespaced_pod("cli", "default").status.phase != "Succeeded" and time.time() < deadline:
             time.sleep(0.05)
         assert log_text(v1, "cli") == "from cli\n"
+        # the test hooks over HTTP
+        headers = {"Authorization": f"Bearer {TOKEN}"}  # the CLI's default token
+        host = v1.api_client.configuration.host
+        req = urllib.request.Request(
+            f"{host}/stand-in/fail-next",
+            json.dumps({"pattern": "cli-*", "exit_code": 5}).encode(),
+            headers,
+            method="POST",
+        )
+        urllib.request.urlopen(req).read()
+        v1.create_namespaced_pod("default", pod_body("cli-2", "print('never')", nodeSelector={"pool": "cpu"}))
+        deadline = time.time() + 10
+        while v1.read_namespaced_pod("cli-2", "default").status.phase != "Failed" and time.time() < deadline:
+            time.sleep(0.05)
+        term = v1.read_namespaced_pod("cli-2", "default").status.container_statuses[0].state.terminated
+        assert term.exit_code == 5
+        req = urllib.request.Request(f"{host}/stand-in/where?text=from%20cli", headers=headers)
+        seen = json.loads(urllib.request.urlopen(req).read())
+        assert seen == ["POST /api/v1/namespaces/default/pods", "log default/cli/base", "pod default/cli"]
     finally:
         proc.terminate()
         assert proc.wait(10) == 0
