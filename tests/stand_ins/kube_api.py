@@ -2,7 +2,9 @@
 
 The real `kubernetes` and `kubernetes_asyncio` clients (and through them the cncf.kubernetes provider's
 KubernetesPodOperator, PodManager, AsyncKubernetesHook and KubernetesPodTrigger) talk to it through a kubeconfig
-(`KubeApiServer.kubeconfig`) exactly as to a cluster: plain HTTP, a bearer token, core/v1 JSON.
+(`KubeApiServer.kubeconfig`) exactly as to a cluster: plain HTTP (or HTTPS with `tls=True`: a self-signed
+certificate for 127.0.0.1 made with the `openssl` CLI, `ca_cert`, in the kubeconfig as certificate-authority-data, as
+a GKE cluster's endpoint and CA would be), a bearer token, core/v1 JSON.
 
 API (core/v1 only; every object carries apiVersion/kind/metadata with uid, resourceVersion, creationTimestamp):
 
@@ -106,6 +108,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -1402,6 +1405,9 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def setup(self):
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.settimeout(self.timeout)
+            self.request.do_handshake()
         super().setup()
         with self.server.conn_lock:
             self.server.conns.add(self.request)
@@ -2032,6 +2038,7 @@ class KubeApiServer:
         namespaces: tuple[str, ...] = ("default", "kube-system"),
         token: str | None = TOKEN,
         timing: dict | None = None,
+        tls: bool = False,
     ):
         self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -2041,6 +2048,8 @@ class KubeApiServer:
         self.httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.kubeconfig = self.workdir / "kubeconfig"
+        self.tls = tls
+        self.ca_cert = self.workdir / "tls" / "cert.pem"  # with tls: the server's self-signed cert, its own CA
 
     # ----------------------------------------------------------------------------------------- lifecycle
 
@@ -2052,6 +2061,11 @@ class KubeApiServer:
         httpd.block_on_close = True
         httpd.server_bind()
         httpd.server_activate()
+        if self.tls:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*self._certificate())
+            httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True, do_handshake_on_connect=False)
+        httpd.handle_error = lambda request, address: None  # clients that hang up, failed TLS handshakes
         httpd.stopping = threading.Event()
         httpd.owner = self
         httpd.conns = set()
@@ -2063,6 +2077,25 @@ class KubeApiServer:
         )
         self._thread.start()
         self.write_kubeconfig(self.kubeconfig)
+
+    def _certificate(self) -> tuple[Path, Path]:
+        """A self-signed certificate for 127.0.0.1 / localhost (made once per workdir with the `openssl` CLI)."""
+        key = self.ca_cert.with_name("key.pem")
+        if not self.ca_cert.exists():
+            self.ca_cert.parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run(
+                ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+                + ["-keyout", str(key), "-out", str(self.ca_cert), "-days", "7", "-subj", "/CN=kube-stand-in"]
+                + [
+                    "-addext",
+                    "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                    "-addext",
+                    "basicConstraints=critical,CA:TRUE",
+                ],
+                check=True,
+                capture_output=True,
+            )
+        return self.ca_cert, key
 
     def stop_api(self) -> None:
         """The HTTP side goes away (listening socket and open connections, watches and log streams included);
@@ -2121,14 +2154,22 @@ class KubeApiServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def write_kubeconfig(self, path: str | os.PathLike, namespace: str = "default") -> Path:
-        """A kubeconfig (JSON, which is YAML) for this server: cluster `kube-stand-in`, insecure, a token user."""
+        """A kubeconfig (JSON, which is YAML) for this server: cluster `kube-stand-in` (plain HTTP, or with tls its CA
+        certificate), a token user."""
+        if self.tls:
+            cluster = {
+                "server": self.url,
+                "certificate-authority-data": base64.b64encode(self.ca_cert.read_bytes()).decode(),
+            }
+        else:
+            cluster = {"server": self.url, "insecure-skip-tls-verify": True}
         cfg = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "kube-stand-in", "cluster": {"server": self.url, "insecure-skip-tls-verify": True}}],
+            "clusters": [{"name": "kube-stand-in", "cluster": cluster}],
             "users": [{"name": "kube-stand-in", "user": {"token": self.token} if self.token else {}}],
             "contexts": [
                 {

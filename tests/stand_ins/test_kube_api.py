@@ -303,6 +303,34 @@ def test_api_restart_keeps_pods_running(kube):
     assert log_text(v1, "long") == "a\nb\n"
 
 
+def test_tls_with_the_ca_in_the_kubeconfig(tmp_path):
+    """HTTPS as a GKE endpoint: the clients verify the stand-in's certificate with the kubeconfig's CA."""
+    import kubernetes_asyncio.client as async_client
+    import kubernetes_asyncio.config as async_config
+
+    with KubeApiServer(tmp_path, tls=True) as server:
+        assert server.url.startswith("https://")
+        v1 = api(server)
+        v1.create_namespaced_pod("default", pod_body("tls", "print('over tls')"))
+        server.wait_phase("tls")
+        assert log_text(v1, "tls") == "over tls\n"
+
+        async def read():
+            cfg = async_client.Configuration()
+            await async_config.load_kube_config(config_file=str(server.kubeconfig), client_configuration=cfg)
+            async with async_client.ApiClient(cfg) as c:
+                return (await async_client.CoreV1Api(c).read_namespaced_pod("tls", "default")).status.phase
+
+        assert asyncio.run(read()) == "Succeeded"
+        insecure = client.Configuration()  # no CA: the certificate is refused
+        insecure.host = server.url
+        with pytest.raises(Exception, match="CERTIFICATE_VERIFY_FAILED"):
+            client.CoreV1Api(client.ApiClient(insecure)).list_namespace(_request_timeout=5)
+        server.restart_api()
+        assert [n.metadata.name for n in api(server).list_namespace().items] == ["default", "kube-system"]
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("kube-stand-in")]
+
+
 def test_mount_rewriting():
     m = {"/data": "/tmp/w/d", "/data/sub": "/tmp/w/s", "/mnt/x": "/tmp/w/x"}
     assert rewrite_paths("/data", m) == "/tmp/w/d"
