@@ -13,6 +13,7 @@ API (core/v1 only; every object carries apiVersion/kind/metadata with uid, resou
     GET  /api/v1/nodes[/{name}]                                  the configured nodes (`Node`), for information
     GET|POST                /api/v1/namespaces/{ns}/{kind}       list (labelSelector, fieldSelector, limit/continue,
                                                                  watch=true, resourceVersion, timeoutSeconds) / create
+    DELETE                  /api/v1/namespaces/{ns}/{kind}       deletecollection (labelSelector, fieldSelector)
     GET|PUT|PATCH|DELETE    /api/v1/namespaces/{ns}/{kind}/{name}
     GET  /api/v1/{kind}                                          list (and watch) across namespaces
         kind: pods, secrets, configmaps, events
@@ -1563,10 +1564,10 @@ class _Handler(BaseHTTPRequestHandler):
             res = [
                 ("namespaces", False, ["create", "delete", "get", "list", "watch"]),
                 ("nodes", False, ["get", "list"]),
-                ("pods", True, ["create", "delete", "get", "list", "patch", "update", "watch"]),
+                ("pods", True, ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]),
                 ("pods/log", True, ["get"]),
                 ("pods/status", True, ["get"]),
-                ("secrets", True, ["create", "delete", "get", "list", "patch", "update", "watch"]),
+                ("secrets", True, ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]),
                 ("configmaps", True, ["create", "delete", "get", "list", "patch", "update", "watch"]),
                 ("events", True, ["create", "delete", "get", "list", "patch", "update", "watch"]),
             ]
@@ -1626,6 +1627,8 @@ class _Handler(BaseHTTPRequestHandler):
                     return self._list(resource, ns, q)
                 if method == "POST":
                     return self._create(resource, ns, body, q)
+                if method == "DELETE":
+                    return self._delete_collection(resource, ns, body, q)
             elif len(rest) == 1:
                 if method == "GET":
                     return self._json(200, self._get(resource, ns, rest[0]))
@@ -1875,8 +1878,22 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, out)
 
     def _delete(self, resource: str, ns: str, name: str, body, q: dict) -> None:
+        self._json(200, self._delete_one(resource, ns, name, body if isinstance(body, dict) else {}, q))
+
+    def _delete_collection(self, resource: str, ns: str, body, q: dict) -> None:
+        """deletecollection: every object the label/field selectors match, each as a single DELETE would."""
+        match = self._selected(resource, ns, q)
+        with self.state.lock:
+            names = [n for (_, n), o in sorted(self.state.objects[resource].items()) if match(o)]
+            for n in names:
+                self._delete_one(resource, ns, n, body if isinstance(body, dict) else {}, q)
+        self._json(
+            200,
+            {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "details": {"kind": resource}},
+        )
+
+    def _delete_one(self, resource: str, ns: str, name: str, opts: dict, q: dict) -> dict:
         st = self.state
-        opts = body if isinstance(body, dict) else {}
         grace = opts.get("gracePeriodSeconds", q.get("gracePeriodSeconds"))
         with st.lock:
             cur = st.objects[resource].get((ns, name))
@@ -1891,19 +1908,16 @@ class _Handler(BaseHTTPRequestHandler):
                         f"Precondition failed: {k} in precondition: {pre[k]}, {k} in object meta: {cur['metadata'][k]}",
                     )
             if q.get("dryRun"):
-                return self._json(200, copy.deepcopy(cur))
+                return copy.deepcopy(cur)
             if resource != "pods":
                 st.remove(resource, ns, name)
-                return self._json(
-                    200,
-                    {
-                        "kind": "Status",
-                        "apiVersion": "v1",
-                        "metadata": {},
-                        "status": "Success",
-                        "details": {"name": name, "kind": resource, "uid": cur["metadata"]["uid"]},
-                    },
-                )
+                return {
+                    "kind": "Status",
+                    "apiVersion": "v1",
+                    "metadata": {},
+                    "status": "Success",
+                    "details": {"name": name, "kind": resource, "uid": cur["metadata"]["uid"]},
+                }
             grace = float(cur["spec"].get("terminationGracePeriodSeconds", 30) if grace is None else grace)
             run = st.runs.get(cur["metadata"]["uid"])
             live = run is not None and not run.finished and any(p.poll() is None for p in run.procs.values())
@@ -1922,7 +1936,7 @@ class _Handler(BaseHTTPRequestHandler):
                     st.record("pods", "MODIFIED", cur)
                 run.terminate(grace)
                 out = copy.deepcopy(cur)
-        self._json(200, out)
+        return out
 
     # --------------------------------------------------------------------------------------------- logs
 

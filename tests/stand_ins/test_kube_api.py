@@ -281,6 +281,13 @@ def test_api_errors_are_status_objects(kube):
     assert [s.metadata.name for s in v1.list_namespaced_secret("default").items] == ["s"]
     v1.delete_namespaced_secret("s", "default")
     assert v1.list_namespaced_secret("default").items == []
+    for i in range(3):
+        labels = {"ckptflow/run": "r1" if i < 2 else "r2"}
+        v1.create_namespaced_secret(
+            "default", {"metadata": {"name": f"s{i}", "labels": labels}, "stringData": {"k": "v"}}
+        )
+    v1.delete_collection_namespaced_secret("default", label_selector="ckptflow/run=r1")
+    assert [s.metadata.name for s in v1.list_namespaced_secret("default").items] == ["s2"]
     # a wrong token
     bad = client.Configuration()
     bad.host, bad.api_key = kube.url, {"authorization": "Bearer nope"}
