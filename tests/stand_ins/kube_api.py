@@ -90,7 +90,9 @@ Over HTTP too (same bearer token), for a stand-in run as its own process: GET /s
 /stand-in/node-labels {"labels": {...}, "node": 0}.
 
 Run it on its own:  python -m tests.stand_ins.kube_api --port 8001 --workdir /tmp/kube [--image IMG=ARGV ...]
-[--node-label k=v ...] [--env K=V ...] prints the kubeconfig path, serves until interrupted (its pods are killed).
+[--node-label k=v ...] [--env K=V ...] [--namespace NS ...] [--tls] [--token T] prints the kubeconfig path (one line)
+and serves until SIGTERM/SIGINT (its pods are killed then). Point Airflow at it with the `kubernetes_default`
+connection, extra `kube_config_path` (tests/stand_ins/fixtures.py `kube_env`), not with KUBECONFIG as well.
 """
 
 from __future__ import annotations
@@ -2335,7 +2337,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--image", action="append", default=[], metavar="IMAGE=ARGV", help="default entrypoint of an image")
     ap.add_argument("--node-label", action="append", default=[], metavar="K=V")
     ap.add_argument("--env", action="append", default=[], metavar="K=V", help="environment of every container")
-    ap.add_argument("--namespace", action="append", default=[], help="namespaces to create (default: default)")
+    ap.add_argument("--namespace", action="append", default=[], help="namespaces (default: default, kube-system)")
+    ap.add_argument("--tls", action="store_true", help="HTTPS with a self-signed certificate (CA in the kubeconfig)")
+    ap.add_argument("--token", default=TOKEN, help="the bearer token clients must send ('' for none)")
     a = ap.parse_args(argv)
     images = {k: shlex.split(v) for k, _, v in (s.partition("=") for s in a.image)}
     labels = dict(s.split("=", 1) for s in a.node_label)
@@ -2347,6 +2351,8 @@ def main(argv: list[str] | None = None) -> None:
         extra_env=env,
         nodes=[Node(labels=labels)],
         namespaces=tuple(a.namespace) or ("default", "kube-system"),
+        tls=a.tls,
+        token=a.token or None,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
