@@ -82,7 +82,7 @@ The kubelet (one thread per pod, `_PodRun`):
 Test hooks: `requests` (every request: method, path, query, body text, in order; `pod_specs()`; `seen_tokens`),
 `where(text)` (every request body, container log -- deleted pods' included --, event and pod where a text appears),
 `set_nodes` / `add_node_labels`, `fail_next(pattern, times, exit_code)` (the next pods whose name matches the
-fnmatch pattern run a process that exits with that code instead of their command), `bad_images` (pull errors),
+fnmatch pattern run a process that exits with that code instead of their command), `fail_pulls(image)`,
 `fail_requests(method, path_regex, status, times)` (API errors), `restart_api()` / `stop_api()` / `start_api()` (the
 HTTP side goes away and comes back on the same port; pods keep running), and `pod`, `logs`, `events`, `wait_for`.
 Over HTTP too (same bearer token), for a stand-in run as its own process: GET /stand-in/requests, GET
@@ -862,7 +862,6 @@ class _PodRun:
 
     def _launch(self, c: dict, path: str) -> tuple[subprocess.Popen | None, str | None]:
         """Start one container's process (or say why it cannot start). Retries config errors until deletion."""
-        image = _lookup_image(self.st.images, c.get("image", ""))
         if c.get("image", "") in self.st.bad_images:
             msg = f'failed to pull and unpack image "{c["image"]}": not found'
             self._cstatus(c, {"waiting": {"reason": "ErrImagePull", "message": msg}})
@@ -871,6 +870,8 @@ class _PodRun:
             while c.get("image", "") in self.st.bad_images:
                 self._sleep(self.st.timing["retry"])
         self._sleep(self.st.timing["pull"])
+        with self.st.lock:
+            image = _lookup_image(self.st.images, c.get("image", ""))
         self._event("Pulled", f'Container image "{c.get("image")}" already present on machine', path=path)
         mounts = self._mounts(c)
         while True:
@@ -2222,6 +2223,11 @@ class KubeApiServer:
         command, a process that prints one line, waits `after` seconds and exits with `exit_code`."""
         with self.state.lock:
             self.state.failures.append([pattern, times, exit_code, after])
+
+    def fail_pulls(self, image: str, failing: bool = True) -> None:
+        """Containers of `image` wait in ErrImagePull (with a Failed event) until `fail_pulls(image, False)`."""
+        with self.state.lock:
+            (self.state.bad_images.add if failing else self.state.bad_images.discard)(image)
 
     def fail_requests(self, method: str, path_regex: str, status: int = 500, times: int = 1) -> None:
         """The next `times` requests (method or "*", path matching the regex) are answered `status`."""

@@ -520,6 +520,34 @@ def test_provider_pod_manager_sync(kube, capsys):
         asyncio.run(pm.await_pod_start(stuck, schedule_timeout=1, startup_timeout=1, check_interval=0.2))
 
 
+def test_provider_sees_pull_errors_and_retries_api_errors(kube):
+    from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+    from airflow.providers.cncf.kubernetes.utils.pod_manager import PodLaunchFailedException, PodManager
+    from kubernetes.client import models as k8s
+
+    pm = PodManager(kube_client=KubernetesHook(conn_id="kubernetes_default").core_v1_client)
+    kube.fail_pulls("registry.example/missing:1")
+    pod = k8s.V1Pod(
+        metadata=k8s.V1ObjectMeta(name="nopull", namespace="default"),
+        spec=k8s.V1PodSpec(
+            restart_policy="Never", containers=[k8s.V1Container(name="base", image="registry.example/missing:1")]
+        ),
+    )
+    pm.create_pod(pod)
+    with pytest.raises(PodLaunchFailedException, match="Image cannot be pulled"):
+        asyncio.run(pm.await_pod_start(pod, schedule_timeout=5, startup_timeout=5, check_interval=0.1))
+    assert any(e["reason"] == "Failed" and "Failed to pull image" in e["message"] for e in kube.events("nopull"))
+    # a 503 on reading the pod: the provider's generic_api_retry gets through
+    kube.fail_requests("GET", r"/pods/nopull$", status=503, times=1)
+    assert pm.read_pod(pod).status.phase == "Pending"
+    assert [r.path for r in kube.requests if r.path.endswith("/pods/nopull")][-3:] == [
+        "/api/v1/namespaces/default/pods/nopull"
+    ] * 3
+    kube.fail_pulls("registry.example/missing:1", False)
+    kube.add_image("registry.example/missing", [PY, "-c", "print('pulled at last')"])
+    assert kube.wait_phase("nopull")["status"]["phase"] == "Succeeded"
+
+
 def test_provider_async_hook_and_trigger(kube):
     from airflow.providers.cncf.kubernetes.hooks.kubernetes import AsyncKubernetesHook
     from airflow.providers.cncf.kubernetes.triggers.pod import KubernetesPodTrigger
