@@ -6,8 +6,12 @@ chosen per DAG run (the `execution_mode` param) or per task (the `execution_mode
 
 * `local`: a child process of the worker (`operators.local.LocalCommandRunner`); output streamed into the
   task log line by line; exit status 0 is success; killing the task kills the process group.
-* `kubernetes`: a `KubernetesPodOperator` built for the step (`operators.kubernetes.build_pod_operator`)
-  running the same arguments in the converter image on the chosen node pool.
+* `kubernetes`: the operator *is* a `KubernetesPodOperator`: its pod (`operators.kubernetes.pod_fields`) runs the
+  same arguments in the converter image on the chosen node pool. The pod spec is worked out when the task's
+  templates are rendered, so the UI's rendered template fields show it. Deferrable like any pod operator
+  (`deferrable=True`, or Airflow's `[operators] default_deferrable`): the worker slot is freed while the pod runs
+  and the triggerer watches it; a task whose worker died reattaches to its running pod instead of starting a second
+  one. The HF token goes to the pod through a Secret of its own (`operators.pod_secret`), never in the pod spec.
 
 Retries with exponential backoff and a per-step `execution_timeout` are defaults of every operator.
 Failures that retrying cannot fix end the task at once (`AirflowFailException`): bad input (`ckptflow` exit
@@ -36,7 +40,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from airflow.sdk import Asset, AssetAlias, BaseHook, BaseOperator, task
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from airflow.sdk import Asset, AssetAlias, BaseHook, task
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from operators import commands, lineage
@@ -112,12 +117,15 @@ class StepPlan:
     results: dict[str, str]  # step -> where its result file is readable from this worker (path or URI)
 
 
-class CkptflowStepOperator(BaseOperator):
-    """Base of the step operators; `step` names the `ckptflow` subcommand (or `download_finalize`, `finalize`)."""
+class CkptflowStepOperator(KubernetesPodOperator):
+    """Base of the step operators; `step` names the `ckptflow` subcommand (or `download_finalize`, `finalize`).
+
+    A `KubernetesPodOperator` whose pod is planned per run (kubernetes mode), or that runs the command as a local
+    process (local mode, the pod machinery unused)."""
 
     step: ClassVar[str]
     part: int | None = None  # which part of a split step this task instance runs (PartStepOperator only)
-    template_fields = ("execution_mode", "node_pool")
+    template_fields = (*KubernetesPodOperator.template_fields, "execution_mode", "node_pool")
     ui_color = "#e3f0fb"
 
     @classmethod
@@ -148,7 +156,11 @@ class CkptflowStepOperator(BaseOperator):
         hf_conn_id: str = HF_CONN_ID,
         **kwargs,
     ):
-        super().__init__(**{**self.step_defaults(), **kwargs})
+        from operators.kubernetes import POD_OPERATOR_OPTIONS
+
+        # the pod's own fields (image, command, resources, ...) are filled in per run when the step is planned
+        kwargs = {**self.step_defaults(), **POD_OPERATOR_OPTIONS, "name": f"ckptflow-{self.step}", **kwargs}
+        super().__init__(**kwargs)
         self.execution_mode = execution_mode  # None: the run's `execution_mode` param
         self.node_pool = node_pool  # None: the run's `node_pool` param
         self.work_root = work_root
@@ -157,17 +169,24 @@ class CkptflowStepOperator(BaseOperator):
         self._plan: StepPlan | None = None
         self._extras: dict[str, Any] | None = None
         self._runner = None
-        self._pod_operator = None
+        self._hf_secret: str | None = None  # the token Secret this task instance's pod reads (pod_secret)
 
     # ------------------------------------------------------------------------------------------ planning
 
     def render_template_fields(self, context: Context, jinja_env=None) -> None:
         super().render_template_fields(context, jinja_env)
-        # Planned here (before the OpenLineage START event) so lineage can name the concrete datasets.
+        # Planned here (before the OpenLineage START event) so lineage can name the concrete datasets, and the pod's
+        # fields are set here so that the UI's rendered template fields show the pod this try runs.
         try:
             self._plan = self.plan(context)
         except (ValueError, KeyError):
             self._plan = None  # execute() plans again and fails the task with the message
+            return
+        if self._plan.spec.execution_mode == "kubernetes" and self._plan.args:
+            try:
+                self._set_pod_fields(self._plan, context)
+            except AirflowFailException:
+                pass  # execute() raises it again
 
     def plan(self, context: Context) -> StepPlan:
         spec = RunSpec.from_params(context["params"], execution_mode=self.execution_mode, node_pool=self.node_pool)
@@ -217,9 +236,29 @@ class CkptflowStepOperator(BaseOperator):
         self.inlets = [Asset(u) for u in plan.inlets]
         self.before_run(plan)
         if plan.spec.execution_mode == "kubernetes":
-            self._run_in_pod(plan, context)
+            self._set_pod_fields(plan, context)
+            self._executing = True  # a pod found already finished is re-entered from inside execute (see below)
+            try:
+                self._pod_run(plan, lambda: super(CkptflowStepOperator, self).execute(context), context)
+            finally:
+                self._executing = False
         else:
             self._run_locally(plan)
+        self._finish(plan, context)
+
+    def trigger_reentry(self, context: Context, event: dict[str, Any]) -> Any:
+        """Back from the triggerer (deferrable mode): the pod ended; map its exit status and finish the step."""
+        if getattr(self, "_executing", False):  # execute found the pod already finished and did not defer
+            return super().trigger_reentry(context, event)
+        plan = self._plan or self.plan(context)
+        self.inlets = [Asset(u) for u in plan.inlets]
+        self._set_pod_fields(plan, context)  # a mapped part is not rendered again on resuming: its namespace etc.
+        self._hf_secret = self._secret_name(context) if self._needs_token() else None
+        self._pod_run(plan, lambda: super(CkptflowStepOperator, self).trigger_reentry(context, event), context)
+        self._finish(plan, context)
+
+    def _finish(self, plan: StepPlan, context: Context) -> None:
+        """After the command exited 0: the step's checks, then lineage (asset events, OpenLineage extras)."""
         results = {step: read_result(loc) for step, loc in plan.results.items()}
         self.after_run(plan, results)
         if self.step in ("download", DOWNLOAD_FINALIZE):  # now the hub revision is resolved: name the source by its sha
@@ -298,53 +337,113 @@ class CkptflowStepOperator(BaseOperator):
             mask_secret(token)
         return token or None
 
-    def build_pod_operator(self, plan: StepPlan):
-        """The `KubernetesPodOperator` for this step and plan (also used to render and check pod specs)."""
-        from operators.kubernetes import build_pod_operator, node_pool
+    def _set_pod_fields(self, plan: StepPlan, context: Context) -> None:
+        """This try's pod: `operators.kubernetes.pod_fields` for the step, plan and model, set on this operator as
+        `KubernetesPodOperator`'s own arguments would be."""
+        fields = self.pod_fields(plan, context)
+        # KubernetesPodOperator converts some arguments in __init__ (env vars, pull secrets, tolerations): let it
+        converted = KubernetesPodOperator(task_id=f"{self.task_id}.pod", **fields)
+        for name in fields:
+            setattr(self, name, getattr(converted, name))
+        self.pod_request_obj = None
+
+    def pod_fields(self, plan: StepPlan, context: Context | None = None) -> dict:
+        """The pod arguments of this step for `plan` (also used to render and check pod specs without a cluster)."""
+        from operators.kubernetes import node_pool, pod_fields
 
         if plan.spec.model_name is None:
             raise AirflowFailException(
                 "kubernetes mode sizes each pod's memory from the model: choose a model name instead of 'auto'"
             )
+        settings = self._k8s_settings()
+        secret = settings.hf_token_secret
+        if context is not None and self._needs_token():
+            secret = self._secret_name(context)
         timeout = int(self.execution_timeout.total_seconds()) if self.execution_timeout else None
         try:
-            return build_pod_operator(
-                task_id=self.task_id,
+            return pod_fields(
                 step=self.step,
                 part=self.part if plan.spec.parts > 1 else None,
                 args=plan.args,
                 pool=node_pool(plan.spec.node_pool),
                 model=plan.spec.model_name,
-                settings=self._k8s_settings(),
+                settings=settings,
                 timeout_seconds=timeout,
+                hf_token_secret=secret,
             )
         except ValueError as e:  # unknown pool, model too large for the pool
             raise AirflowFailException(str(e)) from None
 
-    def _run_in_pod(self, plan: StepPlan, context: Context) -> None:
-        from airflow.sdk.bases.operator import ExecutorSafeguard
+    def build_pod_operator(self, plan: StepPlan, context: Context | None = None) -> KubernetesPodOperator:
+        """A plain `KubernetesPodOperator` with this step's pod for `plan` (to render and check the pod spec without a
+        cluster: `operators.kubernetes.pod_manifest`)."""
+        from operators.kubernetes import POD_OPERATOR_OPTIONS
 
+        return KubernetesPodOperator(task_id=self.task_id, **self.pod_fields(plan, context), **POD_OPERATOR_OPTIONS)
+
+    # ---- the pod's token Secret (operators.pod_secret)
+
+    def _needs_token(self) -> bool:
+        """A step that reads the hub, with a token in the Airflow connection (not a cluster-synced Secret)."""
+        return self.step in CREDENTIAL_STEPS and not self._k8s_settings().hf_token_secret and bool(self._hf_token())
+
+    def _secret_name(self, context: Context) -> str:
+        from operators.pod_secret import secret_name
+
+        ti = context["ti"]
+        return secret_name(ti.dag_id, ti.run_id, ti.task_id, getattr(ti, "map_index", -1))
+
+    def get_or_create_pod(self, pod_request_obj, context: Context):
+        """The pod (created, or found again after a restart), with this try's token Secret made its dependent."""
+        from operators import pod_secret
+
+        if self._needs_token():
+            self._hf_secret = self._secret_name(context)
+            labels = {"app.kubernetes.io/name": "ckptflow", "ckptflow/step": self.step}
+            pod_secret.create(self.client, self.namespace, self._hf_secret, self._hf_token(), labels)
+        pod = super().get_or_create_pod(pod_request_obj, context)
+        if self._hf_secret:  # the created pod as the API server has it (its uid)
+            remote = self.client.read_namespaced_pod(pod.metadata.name, pod.metadata.namespace)
+            pod_secret.adopt(self.client, self.namespace, self._hf_secret, remote)
+        return pod
+
+    def post_complete_action(self, *, pod, remote_pod, context: Context, result, **kwargs) -> None:
+        try:
+            super().post_complete_action(pod=pod, remote_pod=remote_pod, context=context, result=result, **kwargs)
+        finally:
+            self._delete_secret()
+
+    def _delete_secret(self) -> None:
+        from operators import pod_secret
+
+        if self._hf_secret:
+            try:
+                pod_secret.delete(self.client, self.namespace, self._hf_secret)
+            except Exception as e:  # the garbage collector removes it with the pod anyway
+                self.log.warning("could not delete the token Secret %s: %s", self._hf_secret, e)
+            self._hf_secret = None
+
+    def _pod_run(self, plan: StepPlan, run, context: Context) -> None:
+        """Run (or resume) the pod, turning a failed container's exit status into the step's failure."""
         from operators.kubernetes import container_exit_code
 
-        pod_op = self._pod_operator = self.build_pod_operator(plan)
-        token = ExecutorSafeguard.tracker.set(pod_op)  # this operator runs it as part of its own execute()
         try:
-            pod_op.execute(context)
+            run()
         except AirflowFailException:
             raise
         except AirflowException as e:
-            code = container_exit_code(pod_op.remote_pod, pod_op.base_container_name)
+            pod = self.remote_pod or self.pod
+            code = container_exit_code(pod, self.base_container_name)
             if code is None:  # never ran to an end (scheduling, image pull, API errors): retry
                 raise
             self.on_command_failure(plan, code, str(e).splitlines()[0])
-        finally:
-            ExecutorSafeguard.tracker.reset(token)
 
     def on_kill(self) -> None:
         if self._runner is not None:
             self._runner.terminate()
-        if self._pod_operator is not None:
-            self._pod_operator.on_kill()
+        elif self.pod is not None:
+            super().on_kill()  # deletes the pod (and with it the token Secret)
+            self._delete_secret()
 
     # --------------------------------------------------------------------------------------- OpenLineage
 

@@ -42,6 +42,7 @@ TPU_RESOURCE = "google.com/tpu"
 GCSFUSE_DRIVER = "gcsfuse.csi.storage.gke.io"
 POD_UID, POD_GID = 1000, 0  # the converter image's user (docker/converter.Dockerfile)
 WORK_VOLUME_NAME = "ckptflow-work"
+HF_TOKEN_KEY = "token"  # the key of the HF token in its Secret
 
 
 # Steps that compute on an accelerator when their node pool has one; on a TPU preset the others run on its CPU
@@ -183,8 +184,10 @@ class KubernetesSettings:
     work_volume: WorkVolume = field(default_factory=lambda: WorkVolume("pvc", claim="ckptflow-work"))
     mount_path: str = "/ckptflow-work"
     service_account: str | None = "ckptflow"
-    hf_token_secret: str | None = "ckptflow-hf-token"  # Kubernetes secret holding the HF token
-    hf_token_key: str = "token"
+    # A Kubernetes Secret kept in sync with the HF token by the cluster's own tooling (key `token`), for deployments
+    # where Airflow may not create Secrets; None: the operator hands the `ckptflow_hf` connection's token to each pod
+    # in a Secret of its own (`operators.pod_secret`)
+    hf_token_secret: str | None = None
     gcp_key_secret: str | None = None  # optional key-file secret (prefer Workload Identity)
     image_pull_policy: str = "IfNotPresent"
     image_pull_secrets: tuple[str, ...] = ()
@@ -212,7 +215,6 @@ class KubernetesSettings:
             mount_path=get("MOUNT_PATH", cls.mount_path),
             service_account=get("SERVICE_ACCOUNT", cls.service_account),
             hf_token_secret=get("HF_TOKEN_SECRET", cls.hf_token_secret),
-            hf_token_key=get("HF_TOKEN_KEY", cls.hf_token_key),
             gcp_key_secret=get("GCP_KEY_SECRET"),
             image_pull_policy=get("IMAGE_PULL_POLICY", cls.image_pull_policy),
             image_pull_secrets=tuple(x.strip() for x in (get("IMAGE_PULL_SECRETS", "") or "").split(",") if x.strip()),
@@ -314,9 +316,20 @@ def step_resources(step: str, pool: NodePool, model: str | None) -> dict[str, di
 # ------------------------------------------------------------------------------------------ pod building
 
 
-def build_pod_operator(
+# How every step pod is run, whatever the step: deleted when done or killed, logs streamed into the task log, no
+# XCom sidecar (results are files on the work volume), a random suffix so retries never clash by name.
+POD_OPERATOR_OPTIONS = {
+    "on_finish_action": "delete_pod",
+    "on_kill_action": "delete_pod",
+    "do_xcom_push": False,
+    "get_logs": True,
+    "log_events_on_failure": True,
+    "random_name_suffix": True,
+}
+
+
+def pod_fields(
     *,
-    task_id: str,
     step: str,
     args: list[str],
     pool: NodePool,
@@ -325,19 +338,19 @@ def build_pod_operator(
     timeout_seconds: int | None,
     labels: dict[str, str] | None = None,
     part: int | None = None,
-) -> KubernetesPodOperator:
-    """A `KubernetesPodOperator` running `ckptflow <args>` for one step (retries belong to the caller); `part`
-    names the pod of one part of a split download or convert (each part is a pod of its own, sized like the whole
-    step)."""
-    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    hf_token_secret: str | None = None,
+) -> dict:
+    """The `KubernetesPodOperator` arguments of one step's pod, running `ckptflow <args>`: `part` names the pod of one
+    part of a split download or convert (each part is a pod of its own, sized like the whole step);
+    `hf_token_secret` is the Secret (key `token`) the pod reads `HF_TOKEN` from, when the step needs it."""
     from kubernetes.client import models as k8s
 
     step_pool = pool_for_step(pool, step)
     accelerated = step_pool.is_tpu and step in step_pool.accelerated_steps
     env = [k8s.V1EnvVar(name=k, value=v) for k, v in STEP_ENV.items()]
     env.append(k8s.V1EnvVar(name="JAX_PLATFORMS", value="tpu,cpu" if accelerated else "cpu"))
-    if settings.hf_token_secret and step in CREDENTIAL_STEPS:
-        ref = k8s.V1SecretKeySelector(name=settings.hf_token_secret, key=settings.hf_token_key, optional=True)
+    if hf_token_secret and step in CREDENTIAL_STEPS:
+        ref = k8s.V1SecretKeySelector(name=hf_token_secret, key=HF_TOKEN_KEY)
         env.append(k8s.V1EnvVar(name="HF_TOKEN", value_from=k8s.V1EnvVarSource(secret_key_ref=ref)))
     wv = settings.work_volume
     if wv.kind == "pvc":
@@ -363,40 +376,39 @@ def build_pod_operator(
     labels = {"app.kubernetes.io/name": "ckptflow", "ckptflow/step": step, **(labels or {})}
     if part is not None:
         name, labels["ckptflow/part"] = f"{name}-part-{part}", str(part)
-    return KubernetesPodOperator(
-        task_id=task_id,
-        name=name,
-        namespace=settings.namespace,
-        image=settings.image,
-        image_pull_policy=settings.image_pull_policy,
-        image_pull_secrets=[k8s.V1LocalObjectReference(name=n) for n in settings.image_pull_secrets] or None,
-        cmds=list(POD_ENTRYPOINT),
-        arguments=list(args),
-        env_vars=env,
-        container_resources=k8s.V1ResourceRequirements(requests=res["requests"], limits=res["limits"]),
-        node_selector=dict(step_pool.node_selector),
-        tolerations=[k8s.V1Toleration(**t) for t in step_pool.tolerations()] or None,
-        volumes=volumes,
-        volume_mounts=mounts,
+    return {
+        "name": name,
+        "namespace": settings.namespace,
+        "image": settings.image,
+        "image_pull_policy": settings.image_pull_policy,
+        "image_pull_secrets": [k8s.V1LocalObjectReference(name=n) for n in settings.image_pull_secrets],
+        "cmds": list(POD_ENTRYPOINT),
+        "arguments": list(args),
+        "env_vars": env,
+        "container_resources": k8s.V1ResourceRequirements(requests=res["requests"], limits=res["limits"]),
+        "node_selector": dict(step_pool.node_selector),
+        "tolerations": [k8s.V1Toleration(**t) for t in step_pool.tolerations()],
+        "volumes": volumes,
+        "volume_mounts": mounts,
         # non-root as the image; fsGroup makes a PVC work volume group-writable for it
-        security_context={"runAsUser": POD_UID, "runAsGroup": POD_GID, "fsGroup": POD_GID, "runAsNonRoot": True},
-        labels=labels,
-        annotations=wv.pod_annotations() or None,
-        service_account_name=settings.service_account,
-        schedule_timeout_seconds=step_pool.schedule_timeout_seconds,
-        startup_timeout_seconds=settings.startup_timeout_seconds,
-        active_deadline_seconds=timeout_seconds,
-        kubernetes_conn_id=settings.kubernetes_conn_id,
-        config_file=settings.config_file,
-        in_cluster=settings.in_cluster,
-        on_finish_action="delete_pod",
-        on_kill_action="delete_pod",
-        do_xcom_push=False,  # no sidecar: results are files on the work volume
-        get_logs=True,
-        log_events_on_failure=True,
-        random_name_suffix=True,
-        retries=0,  # the ckptflow operator around it owns retries
-    )
+        "security_context": {"runAsUser": POD_UID, "runAsGroup": POD_GID, "fsGroup": POD_GID, "runAsNonRoot": True},
+        "labels": labels,
+        "annotations": wv.pod_annotations(),
+        "service_account_name": settings.service_account,
+        "schedule_timeout_seconds": step_pool.schedule_timeout_seconds,
+        "startup_timeout_seconds": settings.startup_timeout_seconds,
+        "active_deadline_seconds": timeout_seconds,
+        "kubernetes_conn_id": settings.kubernetes_conn_id,
+        "config_file": settings.config_file,
+        "in_cluster": settings.in_cluster,
+    }
+
+
+def build_pod_operator(*, task_id: str, **fields) -> KubernetesPodOperator:
+    """A plain `KubernetesPodOperator` with a step pod's arguments (`pod_fields`), e.g. to render its manifest."""
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+    return KubernetesPodOperator(task_id=task_id, **pod_fields(**fields), **POD_OPERATOR_OPTIONS, retries=0)
 
 
 def container_exit_code(pod, container: str = "base") -> int | None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -169,72 +168,6 @@ def test_hub_source_token_from_a_connection_and_lineage_pinned_to_the_sha(fast_r
     assert source["facets"]["version"]["datasetVersion"] == "f" * 40
 
 
-@pytest.fixture
-def local_pods(fake_cli, tmp_path, monkeypatch):
-    """Kubernetes mode with each step's pod run as a local process (the stand-in plays the image)."""
-    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
-    from airflow.sdk.exceptions import AirflowException
-    from kubernetes.client import models as k8s
-
-    from operators import kubernetes
-
-    class LocalPod(KubernetesPodOperator):
-        def execute(self, context):
-            assert self.cmds == ["ckptflow"]
-            done = subprocess.run([sys.executable, str(FAKE), *self.arguments], capture_output=True, text=True)
-            terminated = k8s.V1ContainerStateTerminated(exit_code=done.returncode)
-            status = k8s.V1ContainerStatus(
-                name="base",
-                image=self.image,
-                image_id="",
-                ready=False,
-                restart_count=0,
-                state=k8s.V1ContainerState(terminated=terminated),
-            )
-            self.remote_pod = k8s.V1Pod(status=k8s.V1PodStatus(container_statuses=[status]))
-            if done.returncode:
-                raise AirflowException(f"Pod {self.name} returned a failure.\n{done.stderr}")
-
-    real = kubernetes.build_pod_operator
-    pods = []
-
-    def build(**kwargs):
-        pod = real(**kwargs)
-        pod.__class__ = LocalPod
-        pod.allow_nested_operators = False  # running it outside the task runner's blessing would raise
-        pods.append(pod)
-        return pod
-
-    monkeypatch.setattr(kubernetes, "build_pod_operator", build)
-    monkeypatch.setenv("CKPTFLOW_K8S_MOUNT_PATH", str(tmp_path / "mnt"))
-    return pods
-
-
-K8S_CONF = {**CONF, "execution_mode": "kubernetes", "model": "qwen3-0.6b", "node_pool": "tpu-v6e-8"}
-
-
-def test_kubernetes_mode_runs_each_step_in_a_pod(fast_retries, local_pods, fake_cli, tmp_path):
-    dr, tis = run(fast_retries, K8S_CONF)
-    assert dr.state == "success", {k: ti.state for k, ti in tis.items()}
-    assert [p.arguments[0] for p in local_pods] == list(STEPS)
-    assert [c["argv"] for c in fake_cli()] == [p.arguments for p in local_pods]
-    assert all(
-        p.arguments[2].startswith(str(tmp_path / "mnt"))
-        for p in local_pods
-        if p.arguments[0] in ("download", "convert")
-    )
-    # verify computes on the CPU: on a TPU preset it runs on the CPU pool like every other step
-    assert [p.node_selector for p in local_pods] == [{"cloud.google.com/gke-nodepool": "ckptflow-cpu"}] * len(STEPS)
-
-
-def test_kubernetes_mode_maps_the_pod_exit_status(fast_retries, local_pods, fake_cli, monkeypatch):
-    monkeypatch.setenv("FAKE_CKPTFLOW_EXIT", "convert:2")
-    dr, tis = run(fast_retries, K8S_CONF)
-    assert dr.state == "failed"
-    assert tis["convert"].state == "failed" and tis["convert"].try_number == 1  # bad input: not retried
-    assert len(local_pods) == 2
-
-
 # --------------------------------------------------------------------------- download and convert in parts
 
 PARTS_CONF = {**CONF, "parts": 3}
@@ -375,40 +308,3 @@ def test_a_download_finalize_refusing_a_missing_part_is_not_retried(fast_retries
     finalize = tis[(DOWNLOAD_FINALIZE, -1)]
     assert finalize.state == "failed" and finalize.try_number == 1
     assert [part_of(c["argv"]) for c in fake_cli()] == ["download 0/2", "download --finalize"]
-
-
-def test_kubernetes_mode_runs_each_part_in_a_pod_of_its_own(fast_retries, local_pods, fake_cli):
-    dr, tis = run_mapped(fast_retries, {**K8S_CONF, "parts": 2})
-    assert dr.state == "success", {k: ti.state for k, ti in tis.items()}
-    pods = {part_of(p.arguments): p for p in local_pods}
-    assert len(local_pods) == 8 and sorted(pods) == sorted(
-        [
-            "download 0/2",
-            "download 1/2",
-            "download --finalize",
-            "convert 0/2",
-            "convert 1/2",
-            "convert --finalize",
-            "verify",
-            "publish",
-        ]
-    )
-    assert [c["argv"] for c in fake_cli()] == [p.arguments for p in local_pods]
-    names = {key: pod.name for key, pod in pods.items() if key not in ("verify", "publish")}
-    assert names == {
-        "download 0/2": "ckptflow-download-part-0",
-        "download 1/2": "ckptflow-download-part-1",
-        "download --finalize": "ckptflow-download-finalize",
-        "convert 0/2": "ckptflow-convert-part-0",
-        "convert 1/2": "ckptflow-convert-part-1",
-        "convert --finalize": "ckptflow-finalize",
-    }
-    for step in ("download", "convert"):
-        assert (
-            pods[f"{step} 1/2"].labels["ckptflow/part"] == "1" and pods[f"{step} 1/2"].labels["ckptflow/step"] == step
-        )
-    assert pods["download --finalize"].labels["ckptflow/step"] == DOWNLOAD_FINALIZE
-    assert "ckptflow/part" not in pods["download --finalize"].labels
-    # On a TPU preset the parts and the finalizes stay on the CPU pool, like a whole download or convert.
-    for key in names:
-        assert pods[key].node_selector == {"cloud.google.com/gke-nodepool": "ckptflow-cpu"}

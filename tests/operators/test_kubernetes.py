@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import re
+from types import SimpleNamespace
 
 import kubernetes_validate
 import pytest
@@ -31,6 +32,7 @@ from operators.kubernetes import (
     pod_manifest,
     step_resources,
 )
+from operators.pod_secret import secret_name
 
 K8S_VERSIONS = ("1.33", "1.37")
 SECRET = "hf_NEVERinAPodSpec_0123456789"
@@ -86,8 +88,10 @@ def render(dag, conf, settings, monkeypatch, dry_run=True):
     for step in STEPS:
         op = step_operator(dag, step)
         monkeypatch.setattr(op, "kubernetes_settings", settings)
-        plan = op.plan(context_for(dag, conf))
-        kpo = op.build_pod_operator(plan)
+        context = context_for(dag, conf)
+        context["ti"] = SimpleNamespace(dag_id=dag.dag_id, run_id=context["run_id"], task_id=op.task_id, map_index=-1)
+        plan = op.plan(context)
+        kpo = op.build_pod_operator(plan, context)
         if dry_run:
             pod = pod_manifest(kpo)
         else:
@@ -122,9 +126,9 @@ def test_pod_specs_validate_strictly_and_run_the_local_command(convert_dag, sett
         # No secret value anywhere; the token is a secretKeyRef for the steps that talk to the hub.
         assert SECRET not in json.dumps(pod)
         refs = [e["valueFrom"]["secretKeyRef"] for e in container.get("env", []) if "valueFrom" in e]
-        assert refs == (
-            [{"name": "ckptflow-hf-token", "key": "token", "optional": True}] if step in ("download", "publish") else []
-        )
+        # the token Secret of this task instance (operators.pod_secret), made from the Airflow connection
+        name = secret_name("convert_checkpoint", "manual__2026-11-29T12:00:00+00:00", step)
+        assert refs == ([{"name": name, "key": "token"}] if step in ("download", "publish") else [])
 
     # No step computes on a TPU (verify streams the models through the CPU): on a TPU preset every step, verify
     # included, runs on the CPU pool, with no TPU request, no TPU toleration and JAX on the CPU.
@@ -311,8 +315,13 @@ def test_pod_specs_of_a_step_in_parts(convert_dag, settings, pool, monkeypatch, 
     ]
     for key, op in ops:
         monkeypatch.setattr(op, "kubernetes_settings", settings)
-        plan = op.plan(context_for(convert_dag, conf))
-        pods[key] = (pod_manifest(op.build_pod_operator(plan)), plan)
+        context = context_for(convert_dag, conf)
+        map_index = key if isinstance(key, int) else -1
+        context["ti"] = SimpleNamespace(
+            dag_id="convert_checkpoint", run_id=context["run_id"], task_id=op.task_id, map_index=map_index
+        )
+        plan = op.plan(context)
+        pods[key] = (pod_manifest(op.build_pod_operator(plan, context)), plan)
     names = set()
     for key, (pod, plan) in pods.items():
         for version in K8S_VERSIONS:
@@ -338,9 +347,10 @@ def test_pod_specs_of_a_step_in_parts(convert_dag, settings, pool, monkeypatch, 
         assert TPU_RESOURCE not in json.dumps(pod) and SECRET not in json.dumps(pod)
         # Every part of a download and its finalize fetch from the hub: the token as a reference, never a value.
         refs = [e["valueFrom"]["secretKeyRef"] for e in container.get("env", []) if "valueFrom" in e]
-        assert refs == (
-            [{"name": "ckptflow-hf-token", "key": "token", "optional": True}] if step == "download" else []
-        ), key
+        # each part's own Secret (its task instance's)
+        task_id, map_index = (step, key) if is_part else (finalize_step, -1)
+        name = secret_name("convert_checkpoint", "manual__2026-11-29T12:00:00+00:00", task_id, map_index)
+        assert refs == ([{"name": name, "key": "token"}] if step == "download" else []), key
         if is_part:
             assert pod["metadata"]["labels"]["ckptflow/part"] == str(key)
             assert pod["metadata"]["labels"]["ckptflow/step"] == step
