@@ -13,7 +13,7 @@ $(BIN)/ckptflow: requirements.txt pyproject.toml
 	@touch $@
 
 demo: $(BIN)/ckptflow
-	$(BIN)/python scripts/demo.py
+	$(BIN)/python scripts/demo.py $(if $(MODE),--mode $(MODE))
 
 # Airflow's OpenLineage listener forks worker processes; run those tests in a pytest process that has
 # not loaded JAX (forking a process with JAX's threads alive can deadlock the child).

@@ -7,6 +7,13 @@
    download -> convert (HF -> MaxText, scanned) -> verify (logits) -> publish to a local folder;
 4. prints where the checkpoint, the verify report and the lineage events are.
 
+`--mode kubernetes` (`make demo MODE=kubernetes`) runs the same DAG in kubernetes mode, with `parts=2`, every step
+a pod on a local Kubernetes API stand-in (`tests/stand_ins/kube_api.py`: a real API the provider talks to through a
+kubeconfig, whose "kubelet" runs each pod's command as a local process, here the real `ckptflow` of this venv as
+the converter image would): the step operators create, watch and delete their pods, deferrable (Airflow's
+`[operators] default_deferrable`; `dag.test()` runs the triggers in process), the work volume is a PVC folder of
+the stand-in, the HF token path is the per-pod Secret.
+
 Airflow's own log goes to `<out>/airflow-run.log` (`--verbose` shows it instead). Running the demo again
 starts over: the output folder is replaced.
 """
@@ -66,18 +73,52 @@ def fresh(out: Path) -> None:
     (out / MARKER).write_text("made by scripts/demo.py; replaced on every run\n")
 
 
+IMAGE = "ckptflow-converter:demo"
+DEMO_MODELS = {"llama3.1": "llama3.1-8b", "qwen2.5": "qwen2.5-7b", "qwen3": "qwen3-8b"}
+
+
+@contextlib.contextmanager
+def stand_in_cluster(workdir: Path):
+    """The Kubernetes API stand-in with a `ckptflow-cpu` node whose converter image runs this venv's `ckptflow`, and
+    the workers' settings pointing the step pods at it (deferrable, the `kubernetes_default` connection)."""
+    from operators.kubernetes import NODEPOOL_LABEL
+
+    if str(REPO) not in sys.path:  # the stand-in is test infrastructure of the checkout, not installed
+        sys.path.insert(0, str(REPO))
+    from tests.stand_ins.kube_api import Image, KubeApiServer, Node
+
+    image = Image(env={"PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"})
+    nodes = [Node("cpu-node", labels={NODEPOOL_LABEL: "ckptflow-cpu"})]
+    with KubeApiServer(workdir, nodes=nodes, namespaces=("default", "ckptflow"), images={IMAGE: image}) as server:
+        conn = {"conn_type": "kubernetes", "extra": {"kube_config_path": str(server.kubeconfig)}}
+        os.environ.update(
+            {
+                "AIRFLOW_CONN_KUBERNETES_DEFAULT": json.dumps(conn),
+                "CKPTFLOW_K8S_CONN_ID": "kubernetes_default",
+                "CKPTFLOW_K8S_IMAGE": IMAGE,
+            }
+        )
+        yield server
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default ./demo-output)")
     p.add_argument("--family", default="llama3.1", choices=("llama3.1", "qwen2.5", "qwen3"))
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--mode", choices=("local", "kubernetes"), default="local", help="execution mode (default local)")
+    p.add_argument("--parts", type=int, help="parts of download and convert (default: 1 local, 2 kubernetes)")
     p.add_argument("--verbose", action="store_true", help="show Airflow's log instead of writing it to a file")
     args = p.parse_args(argv)
+    kubernetes = args.mode == "kubernetes"
+    parts = args.parts or (2 if kubernetes else 1)
 
     out = args.out.absolute()
     fresh(out)
     home = out / "airflow"
     env = embedded.configure(home)  # before Airflow is imported
+    if kubernetes:  # every pod operator defers (read when the DAG is parsed)
+        os.environ["AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE"] = "True"
     model = out / f"hf-{args.family}-tiny"
     dest = out / "published" / f"{args.family}-tiny" / "maxtext-scanned"
     airflow_log = None if args.verbose else out / "airflow-run.log"
@@ -90,11 +131,14 @@ def main(argv: list[str] | None = None) -> int:
         stderr=subprocess.DEVNULL,
     )
     print(f"Airflow {embedded_version()} embedded: SQLite + LocalExecutor in {home}", flush=True)
-    print(
-        "running DAG convert_checkpoint (download -> convert -> verify -> publish; parts=1), local mode ...", flush=True
-    )
+    cluster = contextlib.nullcontext()
+    if kubernetes:
+        cluster = stand_in_cluster(out / "kube")
+        print("Kubernetes: a local API stand-in (tests/stand_ins/kube_api.py), pods run as local processes", flush=True)
+    steps = "download -> convert -> verify -> publish"
+    print(f"running DAG convert_checkpoint ({steps}; parts={parts}), {args.mode} mode ...", flush=True)
     t0 = time.monotonic()
-    with output_to(airflow_log):
+    with cluster as kube, output_to(airflow_log):
         embedded.migrate()
         from airflow.dag_processing.dagbag import DagBag
 
@@ -103,13 +147,19 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"DAG import errors: {bag.import_errors}")
         dag = bag.get_dag("convert_checkpoint")
         conf = {"source": str(model), "destination": dest.as_uri(), "direction": "hf-to-maxtext", "scan": True}
+        conf["parts"] = parts
+        if kubernetes:  # pods are sized from a registry model (the tiny one is built from llama3.1-8b's config)
+            conf.update(execution_mode="kubernetes", model=DEMO_MODELS[args.family], node_pool="cpu-standard")
         dr = dag.test(run_conf=conf)
+        pods = [r for r in kube.requests if r.method == "POST" and r.path.endswith("/pods")] if kube else []
+        pods_left = kube.pods() if kube else []
         order = [t.task_id for t in dag.topological_sort()]
         tis = sorted(dr.get_task_instances(), key=lambda ti: (order.index(ti.task_id), ti.map_index))
         asset_events = load_asset_events(dr.run_id)
     seconds = time.monotonic() - t0
 
-    run_dir = Path(env["CKPTFLOW_WORK_ROOT"], "convert_checkpoint")
+    work_root = kube.pvc_path("ckptflow-work", "ckptflow") if kube else Path(env["CKPTFLOW_WORK_ROOT"])
+    run_dir = Path(work_root, "convert_checkpoint")
     run_dir = next(run_dir.iterdir(), run_dir)
     report = run_dir / "verify"
     verdict = {}
@@ -121,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     ol = embedded.ol_events(home)
 
     print(f"\nrun {dr.run_id}: {dr.state} in {seconds:.1f} s")
+    if kubernetes:
+        print(f"  {len(pods)} pods created on the stand-in; left when done: {len(pods_left)}")
     for ti in tis:
         note = ""
         if ti.task_id == "verify" and verdict:
