@@ -6,6 +6,7 @@ Behaviour from the environment:
   FAKE_CKPTFLOW_VERIFY     "fail": verify writes a report with passed=false and exits 1
   FAKE_CKPTFLOW_EXIT       "step:code": that step always exits with `code`
   FAKE_CKPTFLOW_HANG       a step name: it hangs (for timeout and kill tests)
+  FAKE_CKPTFLOW_SLEEP      "step:seconds": that step takes this long (a pod still running when its worker dies)
 A step name is the subcommand, or for a step in parts `convert@I` / `download@I` (part I), `finalize` (convert's)
 or `download_finalize`.
 
@@ -151,6 +152,9 @@ def main(argv):
         return int(code.partition(":")[2])
     if os.environ.get("FAKE_CKPTFLOW_HANG") == step:
         time.sleep(600)
+    sleep = os.environ.get("FAKE_CKPTFLOW_SLEEP", "")
+    if sleep.partition(":")[0] == step:
+        time.sleep(float(sleep.partition(":")[2]))
     marker = state / f"failed-once-{step}"
     if os.environ.get("FAKE_CKPTFLOW_FAIL_ONCE") == step and not marker.exists():
         marker.touch()

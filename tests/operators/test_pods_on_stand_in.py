@@ -46,7 +46,7 @@ def cluster(isolated_runs, tmp_path, monkeypatch):
     program.write_text(f'#!/bin/sh\nexec {sys.executable} {FAKE} "$@"\n')
     program.chmod(0o755)
     image_env = {"PATH": f"{bindir}:{os.environ['PATH']}", "FAKE_CKPTFLOW_STATE": str(state)}
-    for var in ("FAKE_CKPTFLOW_EXIT", "FAKE_CKPTFLOW_FAIL_ONCE"):
+    for var in ("FAKE_CKPTFLOW_EXIT", "FAKE_CKPTFLOW_FAIL_ONCE", "FAKE_CKPTFLOW_SLEEP"):
         if os.environ.get(var):
             image_env[var] = os.environ[var]
     nodes = [Node("cpu-node", labels={NODEPOOL_LABEL: "ckptflow-cpu"})]
@@ -99,13 +99,23 @@ def assert_token_only_in_its_secrets(server):
     assert server.pods() == [] and not [n for n in secrets if n.startswith("ckptflow-")], secrets
 
 
-def test_every_step_runs_as_a_pod_and_the_token_stays_in_its_secret(cluster):
+def test_every_step_runs_as_a_pod_and_the_token_stays_in_its_secret(cluster, capfd):
     server, dag, calls = cluster
     dr, tis = run(dag)
     assert dr.state == "success", {k: ti.state for k, ti in tis.items()}
+    log = capfd.readouterr()
+    for step in STEPS:  # each pod's output streamed into its task's log
+        assert f"[base] fake ckptflow {step}: starting" in log.out + log.err, step
     created = [json.loads(b) for m, p, b in changes(server) if m == "POST" and p.endswith("/pods")]
     assert [pod["metadata"]["labels"]["ckptflow/step"] for pod in created] == list(STEPS)
     assert [c["argv"][0] for c in calls()] == list(STEPS)  # the pods ran the image's ckptflow, step by step
+    # the token reached the two steps that talk to the hub, through their Secrets, and no other
+    assert {c["argv"][0]: c["hf_token"] for c in calls()} == {
+        "download": SECRET,
+        "convert": None,
+        "verify": None,
+        "publish": SECRET,
+    }
     for pod in created:
         (container,) = pod["spec"]["containers"]
         assert container["command"] == ["ckptflow"] and pod["spec"]["nodeSelector"] == {NODEPOOL_LABEL: "ckptflow-cpu"}
@@ -244,3 +254,42 @@ def test_each_part_is_a_pod_of_its_own(cluster):
     assert len(refs) == 4 and len(set(refs)) == 4, secrets  # 2 parts, the finalize, publish: a Secret each
     assert [c["argv"][0] for c in calls()].count("convert") == 3
     assert_token_only_in_its_secrets(server)
+
+
+@pytest.fixture
+def slow_convert(monkeypatch):
+    monkeypatch.setenv("FAKE_CKPTFLOW_SLEEP", "convert:3")
+
+
+def test_a_retry_after_a_lost_worker_reattaches_to_the_running_pod(slow_convert, cluster, monkeypatch):
+    """The worker running convert dies while its pod runs (simulated: waiting raises, no cleanup runs, as after a
+    SIGKILL); the next try finds the pod still running, follows it to the end instead of starting a second one."""
+    from operators.ckptflow_operators import CkptflowStepOperator
+
+    server, dag, calls = cluster
+    lost = []
+    wait, complete = CkptflowStepOperator.await_pod_completion, CkptflowStepOperator.post_complete_action
+
+    def dies_once(self, pod):
+        if self.step == "convert" and not lost:
+            lost.append(pod.metadata.name)
+            raise RuntimeError("worker lost")
+        return wait(self, pod)
+
+    skipped = []
+
+    def no_cleanup_when_dead(self, **kwargs):
+        if self.step == "convert" and lost and not skipped:  # the dead worker's try cleans nothing up
+            skipped.append(True)
+            return None
+        return complete(self, **kwargs)
+
+    monkeypatch.setattr(CkptflowStepOperator, "await_pod_completion", dies_once)
+    monkeypatch.setattr(CkptflowStepOperator, "post_complete_action", no_cleanup_when_dead)
+    dr, tis = run(dag)
+    assert dr.state == "success", {k: ti.state for k, ti in tis.items()}
+    assert lost and tis["convert"].try_number == 2
+    convert_pods = [p for m, p, b in changes(server) if m == "POST" and p.endswith("/pods") and '"convert"' in b]
+    assert len(convert_pods) == 1  # reattached: no second pod
+    assert [c["argv"][0] for c in calls()].count("convert") == 1
+    assert server.pods() == []
