@@ -156,16 +156,14 @@ def write_synthetic_int4(out: Path, cfg: dict, shard_bytes: int = 5 << 30, seed:
     """As `write_synthetic_checkpoint`, but every routed expert's weight stored as compressed-tensors pack-quantized
     int4 (Kimi-K2-Thinking): `X_packed` int32 `[out, in/8]` (random codes: every nibble is a valid code),
     `X_scale` bf16 `[out, in/32]` (random, |s| in [2^-7, 2^-5)), `X_shape` int32 `[2]`; the rest random bf16."""
-    import json
-
     import ml_dtypes
     import numpy as np
 
-    from converters.io.safetensors import PlannedTensor, ShardWriter, plan_shards, shard_names, write_index
+    from converters.io.safetensors import PlannedTensor
+    from converters.tiny_models import hf_shapes, random_bf16, write_random_safetensors
 
     bf16 = np.dtype(ml_dtypes.bfloat16)
-    family = registry.family_for_config(cfg)
-    shapes = {name: leaf.hf_shape for leaf in family.plan(cfg, scan=False) for _, name in leaf.hf_names()}
+    shapes = hf_shapes(cfg)
     tensors = []
     for name, shape in shapes.items():
         if (
@@ -181,32 +179,16 @@ def write_synthetic_int4(out: Path, cfg: dict, shard_bytes: int = 5 << 30, seed:
             ]
         else:
             tensors.append(PlannedTensor(name, shape, bf16))
-    shards = plan_shards(tensors, shard_bytes)
-    names = shard_names(len(shards))
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for shard, fname in zip(shards, names):
-        w = ShardWriter(out / fname, shard)
-        for t in shard:
-            if t.name.endswith("_shape"):
-                w.write(t.name, np.array(shapes[t.name[: -len("_shape")]], np.int32))
-                continue
-            rows_per_block = max(1, (64 << 20) // max(1, t.nbytes // max(1, t.shape[0])))
-            for start in range(0, t.shape[0], rows_per_block):
-                rows = min(rows_per_block, t.shape[0] - start)
-                if t.dtype == np.int32:
-                    w.write(
-                        t.name, rng.integers(0, 1 << 32, size=(rows,) + t.shape[1:], dtype=np.uint32).view(np.int32)
-                    )
-                    continue
-                bits = rng.integers(0, 1 << 16, size=(rows,) + t.shape[1:], dtype=np.uint16)
-                w.write(t.name, ((bits & np.uint16(0x81FF)) | np.uint16(0x3C00)).view(bf16))
-        w.close()
-    write_index(out, shards, names)
-    (out / "config.json").write_text(
-        json.dumps({**cfg, "quantization_config": KIMI_K2_THINKING_QUANTIZATION}, indent=2) + "\n"
-    )
-    return out
+
+    def fill(t, size, rng):
+        if t.name.endswith("_shape"):
+            return np.array(shapes[t.name[: -len("_shape")]], np.int32)
+        if t.dtype == np.int32:
+            return rng.integers(0, 1 << 32, size=size, dtype=np.uint32).view(np.int32)
+        return random_bf16(t, size, rng)
+
+    cfg = {**cfg, "quantization_config": KIMI_K2_THINKING_QUANTIZATION}
+    return write_random_safetensors(out, tensors, cfg, shard_bytes=shard_bytes, seed=seed, fill=fill)
 
 
 def write_synthetic_fp4(out: Path, cfg: dict, shard_bytes: int = 5 << 30, seed: int = 0) -> Path:
@@ -214,22 +196,19 @@ def write_synthetic_fp4(out: Path, cfg: dict, shard_bytes: int = 5 << 30, seed: 
     (converters/io/quantized_fp8.py): routed experts FP4 as `I8` `[out, in/2]` (random bytes: every nibble is a
     valid code) with `F8_E8M0` `<m>.scale` `[out, in/32]`, the FP8 linears `F8_E4M3` (random codes but NaN) with
     `F8_E8M0` `[ceil(out/128), ceil(in/128)]` scales, all scales 2^-7..2^0; the rest random bf16."""
-    import json
-
     import ml_dtypes
     import numpy as np
 
     from converters.io.quantized_fp8 import E8M0, FP4_GROUP, FP8, V4_FP4_EXPERT, V4_FP8_LINEAR
-    from converters.io.safetensors import PlannedTensor, ShardWriter, plan_shards, shard_names, write_index
+    from converters.io.safetensors import PlannedTensor
+    from converters.tiny_models import hf_shapes, random_bf16, write_random_safetensors
 
     qc = cfg.get("quantization_config") or {}
     if qc.get("quant_method") != "fp8" or qc.get("weight_block_size") != [128, 128]:
         raise SystemExit(f"--fp4: {cfg.get('model_type')} has no DeepSeek-V4 quantization_config")
     bf16 = np.dtype(ml_dtypes.bfloat16)
-    family = registry.family_for_config(cfg)
-    shapes = {name: leaf.hf_shape for leaf in family.plan(cfg, scan=False) for _, name in leaf.hf_names()}
     tensors = []
-    for name, shape in shapes.items():
+    for name, shape in hf_shapes(cfg).items():
         scale = name[: -len(".weight")] + ".scale"
         if V4_FP4_EXPERT.search(name):
             tensors += [
@@ -243,27 +222,16 @@ def write_synthetic_fp4(out: Path, cfg: dict, shard_bytes: int = 5 << 30, seed: 
             ]
         else:
             tensors.append(PlannedTensor(name, shape, bf16))
-    shards = plan_shards(tensors, shard_bytes)
-    names = shard_names(len(shards))
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for shard, fname in zip(shards, names):
-        w = ShardWriter(out / fname, shard)
-        for t in shard:
-            rows_per_block = max(1, (64 << 20) // max(1, t.nbytes // max(1, t.shape[0])))
-            for start in range(0, t.shape[0], rows_per_block):
-                size = (min(rows_per_block, t.shape[0] - start),) + t.shape[1:]
-                if t.dtype == E8M0:
-                    w.write(t.name, rng.integers(120, 128, size=size, dtype=np.uint8).view(E8M0))
-                elif t.dtype in (FP8, np.int8):
-                    b = rng.integers(0, 256, size=size, dtype=np.uint8)
-                    if t.dtype == FP8:
-                        b[(b & 0x7F) == 0x7F] = 0x7E  # no NaN codes
-                    w.write(t.name, b.view(t.dtype))
-                else:
-                    bits = rng.integers(0, 1 << 16, size=size, dtype=np.uint16)
-                    w.write(t.name, ((bits & np.uint16(0x81FF)) | np.uint16(0x3C00)).view(bf16))
-        w.close()
-    write_index(out, shards, names)
-    (out / "config.json").write_text(json.dumps({**cfg, "expert_dtype": "fp4"}, indent=2) + "\n")
-    return out
+
+    def fill(t, size, rng):
+        if t.dtype == E8M0:
+            return rng.integers(120, 128, size=size, dtype=np.uint8).view(E8M0)
+        if t.dtype in (FP8, np.int8):
+            b = rng.integers(0, 256, size=size, dtype=np.uint8)
+            if t.dtype == FP8:
+                b[(b & 0x7F) == 0x7F] = 0x7E  # no NaN codes
+            return b.view(t.dtype)
+        return random_bf16(t, size, rng)
+
+    cfg = {**cfg, "expert_dtype": "fp4"}
+    return write_random_safetensors(out, tensors, cfg, shard_bytes=shard_bytes, seed=seed, fill=fill)

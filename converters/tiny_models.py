@@ -242,18 +242,42 @@ def write_synthetic_checkpoint(out: str | os.PathLike, cfg: dict, *, shard_bytes
 
     Values are random bits confined to |x| in [2^-7, 2^-5): no inf/nan, and as incompressible as real weights.
     """
-    import json
-
     import ml_dtypes
     import numpy as np
 
-    from converters.io.safetensors import PlannedTensor, ShardWriter, plan_shards, shard_names, write_index
+    from converters.io.safetensors import PlannedTensor
 
-    family = registry.family_for_config(cfg)
     bf16 = np.dtype(ml_dtypes.bfloat16)
-    # one tensor per name: a split rule (a fused gate/up) plans one leaf per part, all from the same HF tensor
-    shapes = {name: leaf.hf_shape for leaf in family.plan(cfg, scan=False) for _, name in leaf.hf_names()}
-    tensors = [PlannedTensor(name, shape, bf16) for name, shape in shapes.items()]
+    tensors = [PlannedTensor(name, shape, bf16) for name, shape in hf_shapes(cfg).items()]
+    return write_random_safetensors(out, tensors, cfg, shard_bytes=shard_bytes, seed=seed)
+
+
+def hf_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor of the model `cfg` and its shape, once (a split rule plans one leaf per part of a tensor)."""
+    family = registry.family_for_config(cfg)
+    return {name: leaf.hf_shape for leaf in family.plan(cfg, scan=False) for _, name in leaf.hf_names()}
+
+
+def random_bf16(t, size: tuple[int, ...], rng):
+    """Random bf16 bits with |x| in [2^-7, 2^-5) (no inf/nan; as incompressible as real weights)."""
+    import ml_dtypes
+    import numpy as np
+
+    bits = rng.integers(0, 1 << 16, size=size, dtype=np.uint16)
+    return ((bits & np.uint16(0x81FF)) | np.uint16(0x3C00)).view(ml_dtypes.bfloat16)
+
+
+def write_random_safetensors(
+    out: str | os.PathLike, tensors: list, cfg: dict, *, shard_bytes: int = 5 << 30, seed: int = 0, fill=random_bf16
+) -> Path:
+    """`tensors` (`PlannedTensor`s) as safetensors shards with an index and `cfg` as config.json, written in blocks of
+    about 64 MB of rows made by `fill(tensor, block shape, rng)`."""
+    import json
+
+    import numpy as np
+
+    from converters.io.safetensors import ShardWriter, plan_shards, shard_names, write_index
+
     shards = plan_shards(tensors, shard_bytes)
     names = shard_names(len(shards))
     out = Path(out)
@@ -264,9 +288,7 @@ def write_synthetic_checkpoint(out: str | os.PathLike, cfg: dict, *, shard_bytes
         for t in shard:
             rows_per_block = max(1, (64 << 20) // max(1, t.nbytes // max(1, t.shape[0])))
             for start in range(0, t.shape[0], rows_per_block):
-                rows = min(rows_per_block, t.shape[0] - start)
-                bits = rng.integers(0, 1 << 16, size=(rows,) + t.shape[1:], dtype=np.uint16)
-                w.write(t.name, ((bits & np.uint16(0x81FF)) | np.uint16(0x3C00)).view(bf16))
+                w.write(t.name, fill(t, (min(rows_per_block, t.shape[0] - start),) + t.shape[1:], rng))
         w.close()
     write_index(out, shards, names)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
