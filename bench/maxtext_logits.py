@@ -37,6 +37,9 @@ What MaxText 0.2.5 does that matters when comparing with transformers (seen on c
   * DeepSeek-V3 group-limited routing: MaxText's shipped ymls leave n_routing_groups=-1; this script sets
     n_routing_groups / topk_routing_group from the HF config (n_group / topk_group) as HF routes;
   * scanned Qwen3-Next: 0.2.5 stores a block as decoder/layers/{local_layers,global_layer}, not layer_0..3;
+  * DeepSeek-V4 (deepseek4-tiny): no YaRN for the compressed layers (the published rope_scaling is not expressible),
+    the shared expert not clipped at swiglu_limit (transformers clips it), the scanned block's HCA ratio fixed at 128;
+    on tiny float32 checkpoints without those three MaxText matches transformers to KL ~3e-11;
   * OLMo 3: every layer gets the one `rope_type`, so a YaRN config rotates the sliding-window layers by YaRN too,
     where transformers uses plain RoPE there (rope_parameters per layer type): pick --model-name olmo3-7b-pt (plain)
     or olmo3-7b (YaRN), and compare with transformers given the same rope on both layer types.
@@ -88,7 +91,7 @@ def overrides_from_hf(cfg: dict, decoder_block: str, *, ckpt_vocab: int, scanned
         "base_num_query_heads": heads,
         "base_num_kv_heads": int(_get(cfg, "num_key_value_heads", default=heads)),
         "head_dim": int(_get(cfg, "head_dim", default=hidden // heads)),
-        "base_mlp_dim": int(cfg["intermediate_size"]),
+        "base_mlp_dim": int(_get(cfg, "intermediate_size", "moe_intermediate_size")),  # DeepSeek-V4: moe_ only
         "base_num_decoder_layers": int(cfg["num_hidden_layers"]),
         "vocab_size": int(ckpt_vocab),
         "normalization_layer_epsilon": float(_get(cfg, "rms_norm_eps", "layer_norm_epsilon", default=1e-6)),
@@ -164,6 +167,46 @@ def overrides_from_hf(cfg: dict, decoder_block: str, *, ckpt_vocab: int, scanned
             )
         if rp.get("rope_type", rp.get("type")) == "yarn":
             yarn()
+    elif decoder_block == "deepseek4":
+        # models/deepseek4.py: per-layer compress_ratios (0 sliding, 4 CSA, > 4 HCA; the scanned block hard-codes
+        # HCA 128), the hash-routed prefix, mHC streams, grouped output projection; no YaRN (DeepSeekV4RotaryEmbedding
+        # takes a theta only), so the compressed layers' rope_scaling is not expressible
+        # (the published config.json's compress_ratios / num_hash_layers / qk_rope_head_dim, or transformers' saved
+        # layer_types + compress_rates / mlp_layer_types / partial_rotary_factor)
+        n = int(cfg["num_hidden_layers"])
+        rates = {"sliding_attention": 0, **dict(cfg.get("compress_rates") or {})}
+        ratios = cfg.get("compress_ratios") or [rates[t] for t in cfg["layer_types"]]
+        hashed = cfg.get("num_hash_layers")
+        if hashed is None:
+            hashed = sum(1 for t in cfg.get("mlp_layer_types") or [] if t == "hash_moe")
+        ropes = dict(cfg.get("rope_parameters") or {})
+        head_dim = int(cfg["head_dim"])
+        rope_dim = cfg.get("qk_rope_head_dim") or head_dim * float(cfg.get("partial_rotary_factor") or 64 / 512)
+        o.update(
+            base_moe_mlp_dim=int(cfg["moe_intermediate_size"]),
+            num_experts=int(cfg["n_routed_experts"]),
+            num_experts_per_tok=int(cfg["num_experts_per_tok"]),
+            shared_experts=1,
+            routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+            routed_score_func=str(cfg.get("scoring_func", "sqrtsoftplus")),
+            mlp_activations_limit=float(cfg.get("swiglu_limit") or 0.0),
+            q_lora_rank=int(cfg["q_lora_rank"]),
+            qk_rope_head_dim=int(rope_dim),
+            first_num_hash_layers=int(hashed),
+            mhc_expansion_rate=int(cfg.get("hc_mult", 4)),
+            sinkhorn_iterations=int(cfg.get("hc_sinkhorn_iters", 20)),
+            indexer_n_heads=int(cfg["index_n_heads"]),
+            indexer_head_dim=int(cfg["index_head_dim"]),
+            indexer_topk=int(cfg["index_topk"]),
+            o_groups=int(cfg["o_groups"]),
+            o_lora_rank=int(cfg["o_lora_rank"]),
+            sliding_window_size=int(cfg["sliding_window"]),
+            compress_ratios=[int(r) for r in ratios[:n]],
+            rope_max_timescale=float(dict(ropes.get("main") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))),
+            compressed_rope_max_timescale=float(
+                dict(ropes.get("compress") or {}).get("rope_theta", cfg.get("compress_rope_theta", 160000.0))
+            ),
+        )
     elif decoder_block == "gemma2":
         # one MaxText gemma2 layer is a (local, global) pair of HF layers
         o["base_num_decoder_layers"] = int(cfg["num_hidden_layers"]) // 2
@@ -278,9 +321,13 @@ def checkpoint_shapes(path: str) -> dict:
     meta = ocp.PyTreeCheckpointer().metadata(path)
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
-    params = tree["params"]["params"]
-    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: hasattr(x, "shape"))[0]
-    return {"/".join(str(getattr(k, "key", k)) for k in kp): tuple(v.shape) for kp, v in flat}
+    out = {}
+    # DeepSeek-V4's non-Param variables are written beside params as MaxText's converter writes them
+    # (params/Tid2EidVar/..., params/MoEBiasVar/...), under the same paths
+    for collection, params in tree["params"].items():
+        flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: hasattr(x, "shape"))[0]
+        out |= {"/".join(str(getattr(k, "key", k)) for k in kp): tuple(v.shape) for kp, v in flat}
+    return out
 
 
 def read_ids(path: str) -> np.ndarray:
@@ -335,6 +382,7 @@ def maxtext_logits(ckpt: str, model_name: str, overrides: dict, ids: np.ndarray,
     mesh = jax.sharding.Mesh(devices, config.mesh_axes)
     # what MaxText's tests/utils/forward_pass_logit_checker.py does (NNX decoder): build + restore in one call
     model = model_creation_utils.from_pretrained(config, mesh=mesh, model_mode=MODEL_MODE_TRAIN)
+    restore_collections(model, ckpt)
     check_loaded(model, ckpt_shapes)
 
     batch = int(config.global_batch_size_to_train_on)  # 1 on one CPU device
@@ -346,6 +394,36 @@ def maxtext_logits(ckpt: str, model_name: str, overrides: dict, ids: np.ndarray,
             decoder_input_tokens=tokens, decoder_positions=positions, decoder_segment_ids=segments, enable_dropout=False
         )
     return np.asarray(logits[0], dtype=np.float32)
+
+
+def restore_collections(model, ckpt: str) -> None:
+    """The variables stored beside `params/params` (DeepSeek-V4's `params/Tid2EidVar`, `params/MoEBiasVar`, as
+    MaxText's converter writes them and its `checkpointing.load_params_from_path` reads them): `from_pretrained`
+    restores `params/params` only and leaves those variables deleted, so they are read here and set by path."""
+    import jax
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    stored = ocp.PyTreeCheckpointer().metadata(ckpt)
+    tree = getattr(getattr(stored, "item_metadata", stored), "tree", stored)
+    if set(tree["params"]) == {"params"}:
+        return
+    restored = ocp.PyTreeCheckpointer().restore(ckpt)["params"]
+    flat = {}
+    for collection, sub in restored.items():
+        if collection != "params":
+            for kp, v in jax.tree_util.tree_flatten_with_path(sub)[0]:
+                flat["/".join(str(getattr(k, "key", k)) for k in kp)] = v
+    state = nnx.state(model)
+    for path, var in nnx.to_flat_state(state):
+        key = "/".join(str(k) for k in path)
+        if key in flat:
+            var.set_value(jnp.asarray(flat.pop(key), var.get_value().dtype))
+    nnx.update(model, state)
+    if flat:
+        raise SystemExit(f"checkpoint variables the model does not have: {sorted(flat)[:5]}")
+    print("restored the non-params collections by path", file=sys.stderr)
 
 
 def check_loaded(model, ckpt_shapes: dict) -> None:
@@ -428,6 +506,8 @@ def main(argv=None) -> None:
     # unscanned checkpoints hold decoder/layers_<i>, dense_layers_<i>, moe_layers_<i> (scanned: stacked
     # decoder/layers, dense_layers, moe_layers; Gemma3 adds decoder/layers_remainder)
     scanned = not any(re.match(r"decoder/(\w+_)?layers_\d+/", k) for k in shapes)
+    # DeepSeek-V4 keeps its hash-routed prefix unscanned (decoder/layers_<i>) beside decoder/scanned_blocks
+    scanned = scanned or any(k.startswith("decoder/scanned_blocks/") for k in shapes)
     overrides = overrides_from_hf(
         hf_cfg, decoder_block, ckpt_vocab=shapes["token_embedder/embedding"][0], scanned=scanned
     )

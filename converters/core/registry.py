@@ -8,6 +8,7 @@ from converters.core.direction import Direction
 from converters.core.mapping import Family
 from converters.errors import UnsupportedModelError
 from converters.families.deepseek import DeepSeek2, DeepSeek3, DeepSeek32
+from converters.families.deepseek4 import DeepseekV4
 from converters.families.gemma import Gemma2, Gemma3
 from converters.families.gemma4 import Gemma4
 from converters.families.gemma4_small import Gemma4Small
@@ -38,6 +39,7 @@ FAMILIES: dict[str, type[Family]] = {
         DeepSeek2,
         DeepSeek3,
         DeepSeek32,
+        DeepseekV4,
         Qwen3Next,
         Qwen3_5Moe,
         Qwen3VL,

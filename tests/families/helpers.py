@@ -4,10 +4,10 @@
 `hf_tensors` / `bits` / `assert_bit_exact` / `round_trip` are the round-trip checks every family test needs;
 `exported_logits` runs transformers on a source folder and on its float32 export;
 `attention_kernels` / `qk_norms` / `mlp_kernels` / `gemma4_layer` lay one HF layer's tensors out as MaxText arrays;
-`deepseek_layout` / `qwen3_next_layout` lay HF tensors out as MaxText arrays with plain numpy, independently of the
-converter, as MaxText's own converters lay them out (`convert_deepseek_family_ckpt.py` /
-`convert_qwen3_next_scanned.py` under src/maxtext/checkpoint_conversion/standalone_scripts/ in
-AI-Hypercomputer/maxtext), for the family and
+`deepseek_layout` / `deepseek4_layout` / `qwen3_next_layout` lay HF tensors out as MaxText arrays with plain numpy,
+independently of the converter, as MaxText's own converters lay them out (`convert_deepseek_family_ckpt.py` /
+`convert_qwen3_next_scanned.py` under src/maxtext/checkpoint_conversion/standalone_scripts/ in AI-Hypercomputer/maxtext;
+DeepSeek-V4: the DEEPSEEK_V4 mapping and hooks of checkpoint_conversion/utils/param_mapping.py), for the family and
 verification tests.
 """
 
@@ -331,4 +331,99 @@ def qwen3_next_layout(hf: dict, cfg: dict, scan: bool, legacy: bool = False) -> 
             out[f"decoder/layers/global_layer/{k}"] = np.stack([block[-1][k] for block in blocks], axis=1)
     else:
         out.update({f"decoder/layers_{i}/{k}": v for i, lay in enumerate(per_layer) for k, v in lay.items()})
+    return out
+
+
+def deepseek4_ratios(cfg: dict) -> list[int]:
+    """Each layer's compress ratio from transformers' saved config (`layer_types`, `compress_rates`)."""
+    return [0 if t == "sliding_attention" else cfg["compress_rates"][t] for t in cfg["layer_types"]]
+
+
+def deepseek4_layer_layout(hf: dict, cfg: dict, i: int) -> dict:
+    """HF layer i (the published names) in MaxText's layout, by numpy."""
+    p, n, emb = f"layers.{i}.", cfg["hc_mult"], cfg["hidden_size"]
+    heads, head_dim, groups = cfg["num_attention_heads"], cfg["head_dim"], cfg["o_groups"]
+    t = {
+        "pre_self_attention_layer_norm/scale": hf[p + "attn_norm.weight"],
+        "post_self_attention_layer_norm/scale": hf[p + "ffn_norm.weight"],
+    }
+    for mt, name in (("mhc_attention", "hc_attn"), ("mhc_mlp", "hc_ffn")):
+        fn, base, scale = hf[p + name + "_fn"], hf[p + name + "_base"], hf[p + name + "_scale"]
+        t |= {
+            f"{mt}/pre_alpha": fn[:n].T,
+            f"{mt}/post_alpha": fn[n : 2 * n].T,
+            f"{mt}/res_alpha": fn[2 * n :].T,
+            f"{mt}/pre_beta": base[:n],
+            f"{mt}/post_beta": base[n : 2 * n],
+            f"{mt}/res_beta": base[2 * n :].reshape(n, n),
+            f"{mt}/pre_alpha_scale": scale[0:1],
+            f"{mt}/post_alpha_scale": scale[1:2],
+            f"{mt}/res_alpha_scale": scale[2:3],
+            f"{mt}/mhc_norm/scale": np.ones(n * emb, np.float32),
+        }
+    a, s = p + "attn.", "self_attention/"
+    wo_a = hf[a + "wo_a.weight"]  # [G*R, H*D/G]: group g's R rows
+    t |= {
+        s + "wq_a/kernel": hf[a + "wq_a.weight"].T,
+        s + "q_norm/scale": hf[a + "q_norm.weight"],
+        s + "wq_b/kernel": hf[a + "wq_b.weight"].T.reshape(-1, heads, head_dim),
+        s + "wkv/kernel": hf[a + "wkv.weight"].T.reshape(emb, 1, head_dim),
+        s + "kv_norm/scale": hf[a + "kv_norm.weight"],
+        s + "sinks": hf[a + "attn_sink"],
+        s + "o_a_proj/kernel": wo_a.reshape(groups, -1, wo_a.shape[1]).transpose(0, 2, 1),
+        s + "o_b_proj/kernel": hf[a + "wo_b.weight"].T,
+    }
+
+    def compressor(mt: str, name: str) -> None:
+        t.update(
+            {
+                f"{mt}/kv_proj/kernel": hf[name + "wkv.weight"].T,
+                f"{mt}/gate_proj/kernel": hf[name + "wgate.weight"].T,
+                f"{mt}/kv_norm/scale": hf[name + "norm.weight"],
+                f"{mt}/position_bias": hf[name + "ape"],
+            }
+        )
+
+    r = deepseek4_ratios(cfg)[i]
+    if r == 4:
+        compressor(s + "csa_compressor", a + "compressor.")
+        compressor(s + "csa_compressor/indexer", a + "indexer.compressor.")
+        t[s + "csa_compressor/indexer/q_proj/kernel"] = hf[a + "indexer.wq_b.weight"].T
+        t[s + "csa_compressor/indexer/weights_proj/kernel"] = hf[a + "indexer.weights_proj.weight"].T
+    elif r:
+        compressor(s + "hca_compressor", a + "compressor.")
+    f, moe = p + "ffn.", "mlp/MoeBlock_0/"
+    t[moe + "gate/kernel"] = hf[f + "gate.weight"].T
+    if f + "gate.tid2eid" in hf:
+        t[moe + "tid2eid"] = hf[f + "gate.tid2eid"].astype(np.float32)
+    else:
+        t[moe + "gate/bias"] = hf[f + "gate.bias"]
+    for mt, w in (("wi_0", "w1"), ("wi_1", "w3"), ("wo", "w2")):
+        t[moe + mt] = np.stack([hf[f"{f}experts.{e}.{w}.weight"].T for e in range(cfg["n_routed_experts"])])
+        t[f"mlp/shared_experts/{mt}/kernel"] = hf[f"{f}shared_experts.{w}.weight"].T
+    return t
+
+
+def deepseek4_layout(hf: dict, cfg: dict, scan: bool, layers: list[dict] | None = None) -> dict:
+    """The whole checkpoint: the hash-routed layers always `decoder/layers_<i>`; scanned, the rest stacked in
+    `decoder/scanned_blocks/layers_0` (HCA) / `layers_1` (CSA) on axis 1 (the MoEBiasVar gate bias on axis 0)."""
+    layers = layers or [deepseek4_layer_layout(hf, cfg, i) for i in range(cfg["num_hidden_layers"])]
+    out = {
+        "token_embedder/embedding": hf["embed.weight"],
+        "decoder/decoder_norm/scale": hf["norm.weight"],
+        "decoder/logits_dense/kernel": hf["head.weight"].T,
+        "decoder/hc_head/hc_fn": hf["hc_head_fn"].T,
+        "decoder/hc_head/hc_base": hf["hc_head_base"],
+        "decoder/hc_head/hc_scale": hf["hc_head_scale"],
+    }
+    hashed = sum(1 for x in cfg["mlp_layer_types"] if x == "hash_moe")
+    for i, t in enumerate(layers):
+        if not scan or i < hashed:
+            out |= {f"decoder/layers_{i}/{k}": v for k, v in t.items()}
+    if scan:
+        for s in (0, 1):
+            block = layers[hashed + s :: 2]
+            for k in block[0]:
+                axis = 0 if k.endswith("gate/bias") else 1
+                out[f"decoder/scanned_blocks/layers_{s}/{k}"] = np.stack([lay[k] for lay in block], axis=axis)
     return out

@@ -137,6 +137,23 @@ EXPECTED = {
         "decoder/layers/layers_3/Llama4MoEBlock_0/shared_experts/wi_0/kernel": (5120, 12, 8192),
         "decoder/layers/layers_3/Llama4MoEBlock_0/MoeBlock_0/gate/kernel": (5120, 12, 128),
     },
+    # DeepSeek-V4: the 3 hash-routed layers unscanned in both layouts, then 20 blocks [HCA, CSA]; MaxText 0.2.5's whole
+    # abstract tree (220 arrays scanned, 1930 unscanned) is what the plan gives, shapes and collections alike
+    # (tests/families/test_deepseek4.py's notes); `gate/bias` (MoEBiasVar) stacks its layer axis first
+    "deepseek4-284b": {
+        "decoder/layers_0/mlp/MoeBlock_0/tid2eid": (129280, 6),
+        "decoder/layers_2/self_attention/csa_compressor/position_bias": (4, 1024),
+        "decoder/layers_2/self_attention/csa_compressor/indexer/q_proj/kernel": (1024, 8192),
+        "decoder/scanned_blocks/layers_0/self_attention/hca_compressor/position_bias": (128, 20, 512),
+        "decoder/scanned_blocks/layers_1/self_attention/o_a_proj/kernel": (8, 20, 4096, 1024),
+        "decoder/scanned_blocks/layers_1/self_attention/wq_b/kernel": (1024, 20, 64, 512),
+        "decoder/scanned_blocks/layers_0/mlp/MoeBlock_0/wi_0": (256, 20, 4096, 2048),
+        "decoder/scanned_blocks/layers_0/mlp/MoeBlock_0/gate/bias": (20, 256),
+        "decoder/scanned_blocks/layers_1/mhc_attention/res_alpha": (16384, 20, 16),
+        "decoder/scanned_blocks/layers_1/mhc_mlp/res_beta": (4, 20, 4),
+        "decoder/scanned_blocks/layers_1/mhc_mlp/mhc_norm/scale": (16384, 20),
+        "decoder/hc_head/hc_fn": (16384, 4),
+    },
     # Gemma2: one scanned layer per (local, global) pair of HF layers; vocab padded 256000 -> 256128
     "gemma2-2b": {
         "token_embedder/embedding": (256128, 2304),
@@ -406,6 +423,13 @@ EXPECTED |= {
 }
 # MaxText builds these only unscanned (nnx_decoders.py, configs/types.py refuse scan_layers=true)
 UNSCANNED_ONLY = {"gemma4-e2b", "gemma4-e4b"}
+# DeepSeek-V4: layers 0-2 unscanned in both layouts; layer 3 (HCA) and 4 (CSA) are the first of each block stack
+SCANNED_BLOCKS = {
+    "deepseek4-284b": {
+        "decoder/layers_3/": "decoder/scanned_blocks/layers_0/",
+        "decoder/layers_4/": "decoder/scanned_blocks/layers_1/",
+    }
+}
 PARAMS_B = {
     "qwen3-vl-2b": 2.13,  # Qwen3-VL: MaxText's use_multimodal=true tree, vision tower included
     "qwen3-vl-4b": 4.44,
@@ -442,6 +466,7 @@ PARAMS_B = {
     "kimi-k2-1t": 1026.41,  # "1T": MaxText's tree for kimi-k2-1t holds the same 1026.41 B
     # Qwen3-Next "80B" without its mtp.* module
     "qwen3-next-80b-a3b": 79.67,
+    "deepseek4-284b": 284.34,  # "284B", without the MTP layer (MaxText's tree: 284.34 B)
     "qwen3.5-35b-a3b": 35.11,  # with the 0.45 B vision tower (MaxText use_multimodal=true)
     "qwen3.5-397b-a17b": 396.80,
     "gemma2-2b": 2.61,
@@ -480,8 +505,10 @@ TIED = {
 # MaxText decoder layers when that is not the HF layer count: Gemma2 holds (local, global) pairs
 MAXTEXT_LAYERS = {"gemma2-2b": 13, "gemma2-9b": 21, "gemma2-27b": 23}
 # DeepSeek: (dense, MoE) layers, stacked as decoder/dense_layers and decoder/moe_layers (unscanned *_layers_<i>)
-# (MaxText 0.2.5's abstract tree and its standalone converter stack DeepSeek's 1-D `gate/bias` (layers, experts):
-# ckptflow writes (experts, layers) for deepseek3* and kimi-k2-1t; left as found, reported)
+# (MaxText 0.2.5's abstract tree stacks DeepSeek's 1-D `gate/bias` (layers, experts) in its MoEBiasVar collection;
+# ckptflow writes (experts, layers) under params for deepseek3* and kimi-k2-1t, as MaxText's standalone converter
+# does: MaxText's loader transposes it, and its forward runs on it, where it fails on the (layers, experts)
+# MoEBiasVar layout -- measured with bench/maxtext_logits.py on a scanned tiny deepseek3, MaxText 0.2.5)
 SPLIT_STACKS = {
     "deepseek2-16b": (1, 26),
     "deepseek3-671b": (3, 58),
@@ -518,6 +545,13 @@ def test_real_size_plan(name):
                 if path.startswith(f"decoder/{group}_0/"):
                     s = scanned[path.replace(f"{group}_0", group, 1)]
                     assert s[:1] + s[2:] == shape and s[1] == n, path
+        return
+    if name in SCANNED_BLOCKS:  # an unscanned prefix, then blocks: each block layer's leaf with its layer axis removed
+        for unrolled, block in SCANNED_BLOCKS[name].items():
+            for path, shape in unscanned.items():
+                if path.startswith(unrolled):
+                    s = scanned[path.replace(unrolled, block, 1)]
+                    assert len(s) == len(shape) + 1 and shape in (s[:1] + s[2:], s[1:]), path
         return
     L = MAXTEXT_LAYERS.get(name) or family.dims(cfg).layers
     assert any(p.startswith(f"decoder/layers_{L - 1}/") for p in unscanned)
