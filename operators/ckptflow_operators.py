@@ -239,7 +239,7 @@ class CkptflowStepOperator(KubernetesPodOperator):
             self._set_pod_fields(plan, context)
             self._executing = True  # a pod found already finished is re-entered from inside execute (see below)
             try:
-                self._pod_run(plan, lambda: super(CkptflowStepOperator, self).execute(context), context)
+                self._pod_run(plan, lambda: super(CkptflowStepOperator, self).execute(context))
             finally:
                 self._executing = False
         else:
@@ -254,7 +254,7 @@ class CkptflowStepOperator(KubernetesPodOperator):
         self.inlets = [Asset(u) for u in plan.inlets]
         self._set_pod_fields(plan, context)  # a mapped part is not rendered again on resuming: its namespace etc.
         self._hf_secret = self._secret_name(context) if self._needs_token() else None
-        self._pod_run(plan, lambda: super(CkptflowStepOperator, self).trigger_reentry(context, event), context)
+        self._pod_run(plan, lambda: super(CkptflowStepOperator, self).trigger_reentry(context, event))
         self._finish(plan, context)
 
     def _finish(self, plan: StepPlan, context: Context) -> None:
@@ -356,9 +356,9 @@ class CkptflowStepOperator(KubernetesPodOperator):
                 "kubernetes mode sizes each pod's memory from the model: choose a model name instead of 'auto'"
             )
         settings = self._k8s_settings()
-        secret = settings.hf_token_secret
+        secret, optional = settings.hf_token_secret, True  # a cluster-synced Secret, if configured
         if context is not None and self._needs_token():
-            secret = self._secret_name(context)
+            secret, optional = self._secret_name(context), False  # this task instance's own, made before the pod
         timeout = int(self.execution_timeout.total_seconds()) if self.execution_timeout else None
         try:
             return pod_fields(
@@ -370,6 +370,7 @@ class CkptflowStepOperator(KubernetesPodOperator):
                 settings=settings,
                 timeout_seconds=timeout,
                 hf_token_secret=secret,
+                hf_token_optional=optional,
             )
         except ValueError as e:  # unknown pool, model too large for the pool
             raise AirflowFailException(str(e)) from None
@@ -423,7 +424,7 @@ class CkptflowStepOperator(KubernetesPodOperator):
                 self.log.warning("could not delete the token Secret %s: %s", self._hf_secret, e)
             self._hf_secret = None
 
-    def _pod_run(self, plan: StepPlan, run, context: Context) -> None:
+    def _pod_run(self, plan: StepPlan, run) -> None:
         """Run (or resume) the pod, turning a failed container's exit status into the step's failure."""
         from operators.kubernetes import container_exit_code
 

@@ -339,10 +339,12 @@ def pod_fields(
     labels: dict[str, str] | None = None,
     part: int | None = None,
     hf_token_secret: str | None = None,
+    hf_token_optional: bool = False,
 ) -> dict:
     """The `KubernetesPodOperator` arguments of one step's pod, running `ckptflow <args>`: `part` names the pod of one
     part of a split download or convert (each part is a pod of its own, sized like the whole step);
-    `hf_token_secret` is the Secret (key `token`) the pod reads `HF_TOKEN` from, when the step needs it."""
+    `hf_token_secret` is the Secret (key `token`) the pod reads `HF_TOKEN` from, when the step needs it (`optional`: a
+    cluster-synced Secret that may be absent, for public repos)."""
     from kubernetes.client import models as k8s
 
     step_pool = pool_for_step(pool, step)
@@ -350,7 +352,7 @@ def pod_fields(
     env = [k8s.V1EnvVar(name=k, value=v) for k, v in STEP_ENV.items()]
     env.append(k8s.V1EnvVar(name="JAX_PLATFORMS", value="tpu,cpu" if accelerated else "cpu"))
     if hf_token_secret and step in CREDENTIAL_STEPS:
-        ref = k8s.V1SecretKeySelector(name=hf_token_secret, key=HF_TOKEN_KEY)
+        ref = k8s.V1SecretKeySelector(name=hf_token_secret, key=HF_TOKEN_KEY, optional=hf_token_optional or None)
         env.append(k8s.V1EnvVar(name="HF_TOKEN", value_from=k8s.V1EnvVarSource(secret_key_ref=ref)))
     wv = settings.work_volume
     if wv.kind == "pvc":

@@ -371,3 +371,20 @@ def test_a_finalize_of_a_run_in_one_part_runs_no_pod(convert_dag, settings, monk
     monkeypatch.setattr(op, "kubernetes_settings", settings)
     plan = op.plan(context_for(convert_dag, CONF))
     assert plan.args == [] and plan.outlets == []  # execute() returns before building a pod
+
+
+def test_a_cluster_synced_token_secret_is_referenced_instead(convert_dag, settings, monkeypatch):
+    """`CKPTFLOW_K8S_HF_TOKEN_SECRET`: where Airflow may not create Secrets, download and publish reference the one the
+    cluster keeps in sync with the connection (optional: public repos need none), and no per-pod Secret is made."""
+    monkeypatch.setenv("CKPTFLOW_K8S_HF_TOKEN_SECRET", "ckptflow-hf-synced")
+    synced = KubernetesSettings.from_env()
+    pods = render(convert_dag, CONF, synced, monkeypatch)
+    for step, (pod, _, _) in pods.items():
+        env = pod["spec"]["containers"][0].get("env", [])
+        refs = [e["valueFrom"]["secretKeyRef"] for e in env if "valueFrom" in e]
+        want = [{"name": "ckptflow-hf-synced", "key": "token", "optional": True}]
+        assert refs == (want if step in ("download", "publish") else []), step
+        assert SECRET not in json.dumps(pod)
+    op = step_operator(convert_dag, "download")
+    monkeypatch.setattr(op, "kubernetes_settings", synced)
+    assert not op._needs_token()
