@@ -9,8 +9,12 @@ hooks; `tests.families.helpers.deepseek4_layout`, which the verify tests use too
 
 Measured against MaxText 0.2.5 itself (its own venv, not a dependency): its `to_maxtext` on this tiny model (float32)
 and ckptflow's conversion are bit-identical, 310/310 arrays unscanned and 220/220 scanned, in the same collections
-(`params`, `Tid2EidVar`, `MoEBiasVar`); the real-size plan of `deepseek4-284b` is MaxText's abstract tree (1930 / 220
-arrays, 284.34 B; tests/families/test_shapes.py).
+(`params`, `Tid2EidVar`, `MoEBiasVar`); on DeepSeek-V4-Flash's real dimensions with 5 layers (sliding, sliding, CSA,
+HCA 128, CSA) and 4 experts (random bf16, 2.27 B values) its output and ours hold the same values in all 220 arrays,
+scanned and unscanned: the 76 stored bf16 by both bit for bit, the 144 ckptflow keeps in float32 (norms,
+hyper-connections, sinks, position and routing biases, tid2eid) equal to MaxText's bf16 copies (MaxText 48 s / 5.9 GB
+peak, ckptflow 12 s / 0.95 GB); the real-size plan of `deepseek4-284b` is MaxText's abstract tree (1930 / 220 arrays,
+284.34 B; tests/families/test_shapes.py).
 """
 
 from __future__ import annotations
