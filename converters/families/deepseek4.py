@@ -232,7 +232,7 @@ class DeepseekV4(Family):
     reference = "converters.verify.reference.deepseek4:DeepseekV4Forward"
     models = {"deepseek4-284b": _flash()}
     # 7 layers: 2 sliding, 1 CSA (hash-routed), then two scanned blocks [HCA 128, CSA 4]; sizes where each
-    # dimension differs (emb 64, H*D 128, q_lora 48, o_groups 2 x o_lora 24, index 4 x 16)
+    # dimension differs (emb 64, H*D 128, q_lora 48, o_groups 2 x o_lora 24, index 32 x 16)
     _tiny = {
         "hidden_size": 64,
         "num_attention_heads": 4,
@@ -241,7 +241,9 @@ class DeepseekV4(Family):
         "q_lora_rank": 48,
         "o_groups": 2,
         "o_lora_rank": 24,
-        "index_n_heads": 4,
+        # 32 indexer heads: with few, many indexer scores are exactly 0 (every head's ReLU is) and transformers' topk
+        # breaks those ties unlike MaxText's (converters/verify/reference/deepseek4.py)
+        "index_n_heads": 32,
         "index_head_dim": 16,
         "index_topk": 4,
         "sliding_window": 8,

@@ -413,14 +413,11 @@ class Engine:
         for stream, model in self.hf.items():
             with self.timer(stream):
                 read = self._hf_weights(stream)
-                model.load(
-                    {
-                        n: read(n)
-                        for n in self.index.globals
-                        if model.param_name(n)[0].startswith(model.norm_name + ".")
-                    },
-                    scope=model.norm_name,
-                )
+                for scope in model.final_names:
+                    model.load(
+                        {n: read(n) for n in self.index.globals if model.param_name(n)[0].startswith(scope + ".")},
+                        scope=scope,
+                    )
                 for p in self.states[stream]:
                     model.final(p)
                 model.release(model.model)

@@ -193,7 +193,10 @@ class HFModel:
         names = {id(mod): name for name, mod in m.named_modules()}
         self.layer_names = [names[id(layer)] for layer in self.layers]
         self._streamed = (*self.layer_names, names[id(self.embed)], names[id(self.head)])  # loaded piece by piece
-        self.norm_name = names[id(self.decoder.norm)]
+        # what runs after the last layer, in order, with weights of its own: DeepSeek-V4 first collapses its
+        # hyper-connection streams (`hc_head`), every model then applies its final norm
+        self.final_modules = [m for m in (getattr(self.decoder, "hc_head", None), self.decoder.norm) if m is not None]
+        self.final_names = [names[id(m)] for m in self.final_modules]
         mapping = get_model_conversion_mapping(m)
         self._renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
         self._converters = [t for t in mapping if isinstance(t, WeightConverter)]
@@ -433,7 +436,11 @@ class HFModel:
                 prompt.x = self.decoder._deepstack_process(prompt.x, mask, features[i])
 
     def final(self, prompt: HFPrompt) -> None:
-        prompt.x = self.decoder.norm(prompt.x)
+        import torch
+
+        with torch.no_grad():
+            for module in self.final_modules:
+                prompt.x = module(prompt.x)
 
     def logits(self, prompt: HFPrompt, rows) -> np.ndarray:
         """float32 logits `[T, Vb]` of one vocabulary block: `rows` are the output projection's rows (torch)."""

@@ -5,8 +5,10 @@ the output, grouped output projection, hash-routed and biased sqrtsoftplus MoE w
 1. The JAX reference against transformers on weights laid out by numpy (not the converter), float32, one 300-token
    prompt (sliding layers see 8 keys, the CSA layers' indexers keep 4 of up to 75 entries, the HCA layers (ratio 128)
    see 2): KL < 1e-9, scanned and unscanned (measured max 1.6e-12); the converter's checkpoints give the same.
-   The tiny model runs with 32 indexer heads: with 4, about 6% of the indexer's scores are exactly 0 (every head's
-   ReLU is), and torch.topk and jax.lax.top_k (MaxText) break those ties differently.
+   The tiny model has 32 indexer heads: with 4, about 6% of the indexer's scores are exactly 0 (every head's ReLU
+   is), and torch.topk and jax.lax.top_k (MaxText) break those ties differently.
+4. `verify` end to end (content, layout, precision; transformers' side collapses the streams with `hc_head` before its
+   final norm) passes the converter's float32 checkpoints, scanned and unscanned.
 2. Plausible wrong mappings move the logits far beyond the layout check's threshold (1e-5; each test names its KL).
 3. What MaxText cannot express is refused (CSA rate != 4, hash layers not a prefix, several KV heads, ...), the scanned
    layout is MaxText's (HCA / CSA alternating after the hash layers), and the YaRN the published config gives the
@@ -49,10 +51,8 @@ IDS = [int(i) for i in np.random.default_rng(3).integers(0, 512, size=300)]
 def model(tmp_path_factory):
     """(folder, config, float32 HF tensors, transformers' logits on IDS) of the 7-layer tiny model: hash-routed
     sliding, sliding, CSA, then [HCA 128, CSA] twice."""
-    base, dims = tiny_models.TINY["deepseek4"]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(tiny_models.TINY, "deepseek4", (base, {**dims, "index_n_heads": INDEX_HEADS}))
-        src = make_test_model("deepseek4", tmp_path_factory.mktemp("deepseek4") / "hf", layers=LAYERS, dtype="float32")
+    assert tiny_models.TINY["deepseek4"][1]["index_n_heads"] == INDEX_HEADS  # few heads: indexer ties (docstring)
+    src = make_test_model("deepseek4", tmp_path_factory.mktemp("deepseek4") / "hf", layers=LAYERS, dtype="float32")
     cfg = json.loads((src / "config.json").read_text())
     hf = {k: v.astype(np.float32) if v.dtype.kind == "f" else v for k, v in hf_tensors(src).items()}
     want, csa = _transformers(src)
@@ -246,3 +246,16 @@ def test_compressed_yarn_is_transformers_and_warned(model):
     warnings = forward.config_warnings(hf_cfg)
     assert any("YaRN" in w for w in warnings) and any("shared expert" in w for w in warnings)
     assert torch.is_tensor(rotary.compress_inv_freq)
+
+
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unscanned"])
+def test_converted_checkpoint_verifies(model, tmp_path, scan):
+    from converters.verify import verify
+
+    src = model[0]
+    hf_to_maxtext(src, tmp_path / "mt", scan=scan, dtype="float32")
+    r = verify(maxtext=tmp_path / "mt", hf=src)
+    s = r.data["summary"]
+    assert r.passed and s["kl_max"] < EXACT_KL and r.data["verdict"]["layout"]["kl_max"] < EXACT_KL, s
+    assert r.data["verdict"]["content"]["passed"]
+    assert r.data["maxtext"]["layout"] == ("scanned" if scan else "unscanned")
