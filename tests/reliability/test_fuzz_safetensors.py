@@ -63,6 +63,10 @@ dims = st.integers(0, 5)
 odd_dims = st.one_of(st.integers(-3, 8), st.sampled_from([2**31, 2**32, 2**62, 2**63 - 1, 2**63, 2**64, 10**30]))
 
 
+# F4 packs two values per byte (shapes count values, not bytes): tests/io/test_deepseek4_source.py reads it
+VALUE_DTYPES = sorted(t for t in DTYPES if t != "F4")
+
+
 @st.composite
 def valid_file(draw):
     """(header dict, data bytes) of a valid file: contiguous tensors in order."""
@@ -77,7 +81,7 @@ def valid_file(draw):
         header["__metadata__"] = draw(st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=3))
     data = b""
     for name in names:
-        tag = draw(st.sampled_from(sorted(DTYPES)))
+        tag = draw(st.sampled_from(VALUE_DTYPES))
         shape = draw(st.lists(dims, max_size=3))
         nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[tag].itemsize
         header[name] = {"dtype": tag, "shape": shape, "data_offsets": [len(data), len(data) + nbytes]}
@@ -230,7 +234,7 @@ def test_structured_mutations(scratch, data):
         assert outcome == "ok"
         import safetensors.numpy
 
-        if any(header[n]["dtype"] in ("BF16", "F8_E4M3", "F8_E5M2") for n in tensor_names(header)):
+        if any(header[n]["dtype"] in ("BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0") for n in tensor_names(header)):
             return  # safetensors.numpy cannot represent these (plain numpy has no such dtypes)
 
         ref = safetensors.numpy.load_file(scratch)
