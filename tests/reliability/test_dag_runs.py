@@ -69,13 +69,16 @@ states = {ti.task_id: ti.state for ti in dr.get_task_instances()}
 from operators.ckptflow_operators import OPERATORS
 from operators.commands import RunSpec, WorkLayout, step_args
 from operators.kubernetes import KubernetesSettings, build_pod_operator, node_pool, pod_manifest
+from operators.pod_secret import secret_name
 
 spec = RunSpec.from_params({**conf, "model": "llama3.1-8b", "execution_mode": "kubernetes"})
 layout = WorkLayout.for_run("/ckptflow-work", dag.dag_id, dr.run_id)
 pods = {}
 for step in OPERATORS:
+    # the pod reads the token from its task instance's Secret (operators/pod_secret.py), as the step operator sets it
     kpo = build_pod_operator(task_id=step, step=step, args=step_args(step, spec, layout), pool=node_pool("cpu-highmem"),
-                             model=spec.model_name, settings=KubernetesSettings(), timeout_seconds=3600)
+                             model=spec.model_name, settings=KubernetesSettings(), timeout_seconds=3600,
+                             hf_token_secret=secret_name(dag.dag_id, dr.run_id, step))
     pods[step] = pod_manifest(kpo)
 (home / "pod-specs.json").write_text(json.dumps(pods, indent=2, default=str))
 result = {"state": str(dr.state), "tasks": {k: str(v) for k, v in states.items()}, "run_id": dr.run_id}
