@@ -293,3 +293,35 @@ def test_a_retry_after_a_lost_worker_reattaches_to_the_running_pod(slow_convert,
     assert len(convert_pods) == 1  # reattached: no second pod
     assert [c["argv"][0] for c in calls()].count("convert") == 1
     assert server.pods() == []
+
+
+def test_an_api_server_restart_mid_pod_is_ridden_out(slow_convert, cluster):
+    """The API server goes away for a second while convert's pod runs (its log stream and status polls cut): the step
+    follows the same pod to its end, no second pod, no retry."""
+    import threading
+    import time
+
+    server, dag, calls = cluster
+
+    def restart_when_convert_runs():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            pods = server.pods(namespace="ckptflow")
+            if any(
+                p["metadata"]["labels"].get("ckptflow/step") == "convert" and p["status"].get("phase") == "Running"
+                for p in pods
+            ):
+                server.restart_api(downtime=1.0)
+                restarted.append(True)
+                return
+            time.sleep(0.05)
+
+    restarted: list = []
+    watcher = threading.Thread(target=restart_when_convert_runs, daemon=True)
+    watcher.start()
+    dr, tis = run(dag)
+    watcher.join(5)
+    assert restarted and dr.state == "success", {k: ti.state for k, ti in tis.items()}
+    assert tis["convert"].try_number == 1
+    convert_pods = [p for m, p, b in changes(server) if m == "POST" and p.endswith("/pods") and '"convert"' in b]
+    assert len(convert_pods) == 1 and [c["argv"][0] for c in calls()].count("convert") == 1
