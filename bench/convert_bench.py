@@ -183,8 +183,7 @@ def run_one(
     steps: tuple[str, ...] = ("cp", "scan", "noscan", "export"),
     part: str | None = None,
     export_part: str | None = None,
-    int4: bool = False,
-    fp4: bool = False,
+    quant: str | None = None,
     lean: bool = False,
     drop_source: bool = False,
 ) -> dict:
@@ -192,8 +191,7 @@ def run_one(
     `I/N` alone (one pod's share, no finalize; the export reads a full scanned import, or else the unscanned one).
     `lean`: each output is deleted as soon as no later step of the round needs it, and with `drop_source` the
     source after its last reader (for models whose source and outputs do not fit on the disk together)."""
-    quant = "int4" if int4 else "fp4" if fp4 else None
-    src = synthetic_model(model, layers, work / f"hf-{layers}{'-' + quant if quant else ''}", int4=int4, fp4=fp4)
+    src = synthetic_model(model, layers, work / f"hf-{layers}{'-' + quant if quant else ''}", quant)
     nbytes = dir_bytes(src)
     ck = [sys.executable, "-m", "converters", "convert"]
     imp = ["--part", part] if part else []
@@ -441,14 +439,19 @@ def main() -> int:
     )
     p.add_argument("--part", help="run the imports as this one part I/N alone: one pod's share (no finalize)")
     p.add_argument("--export-part", help="run the export as this one part I/N alone (512 MB shards)")
-    p.add_argument(
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
         "--int4",
-        action="store_true",
+        dest="quant",
+        action="store_const",
+        const="int4",
         help="synthetic source with int4 routed experts (compressed-tensors pack-quantized, as Kimi-K2-Thinking)",
     )
-    p.add_argument(
+    source.add_argument(
         "--fp4",
-        action="store_true",
+        dest="quant",
+        action="store_const",
+        const="fp4",
         help="synthetic source with FP4 routed experts and FP8 linears, UE8M0 scales (as DeepSeek-V4-Flash)",
     )
     p.add_argument(
@@ -471,8 +474,6 @@ def main() -> int:
     layers = [int(x) for x in a.sizes.split(",")] if a.sizes else [a.layers]
     a.out.mkdir(parents=True, exist_ok=True)
     steps = tuple(x for x in a.steps.split(",") if x)
-    if a.int4 and a.fp4:
-        p.error("--int4 and --fp4 are two different sources: choose one")
     if set(steps) - set(STEPS):
         p.error(f"--steps: unknown {sorted(set(steps) - set(STEPS))}; choose from {list(STEPS)}")
     results = [
@@ -488,8 +489,7 @@ def main() -> int:
             steps=steps,
             part=a.part,
             export_part=a.export_part,
-            int4=a.int4,
-            fp4=a.fp4,
+            quant=a.quant,
             lean=a.lean,
             drop_source=a.drop_source,
         )

@@ -140,15 +140,16 @@ def synthetic_params(model: str, layers: int) -> int:
     return sum(math.prod(s) for s in shapes.values())
 
 
-def synthetic_model(model: str, layers: int, dest: Path, int4: bool = False, fp4: bool = False) -> Path:
+def synthetic_model(model: str, layers: int, dest: Path, quant: str | None = None) -> Path:
     """Random bf16 weights of `model`'s real dimensions with `layers` layers in `dest`, unless it already exists
-    (written tensor by tensor, never held in memory whole). `int4`: the routed experts as Kimi-K2-Thinking stores
-    them (`write_synthetic_int4`); `fp4`: FP4 experts and FP8 linears as DeepSeek-V4-Flash (`write_synthetic_fp4`)."""
+    (written tensor by tensor, never held in memory whole). `quant` "int4": the routed experts as Kimi-K2-Thinking
+    stores them (`write_synthetic_int4`); "fp4": FP4 experts and FP8 linears as DeepSeek-V4-Flash
+    (`write_synthetic_fp4`)."""
     if not dest.exists():
-        kind = "int4-expert" if int4 else "fp4-expert" if fp4 else "bf16"
+        kind = f"{quant}-expert" if quant else "bf16"
         print(f"building synthetic {kind} {model} with {layers} layers in {dest} ...", file=sys.stderr)
-        cfg = synthetic_config(model, layers)
-        (write_synthetic_int4 if int4 else write_synthetic_fp4 if fp4 else write_synthetic_checkpoint)(dest, cfg)
+        writers = {None: write_synthetic_checkpoint, "int4": write_synthetic_int4, "fp4": write_synthetic_fp4}
+        writers[quant](dest, synthetic_config(model, layers))
     return dest
 
 
