@@ -85,18 +85,13 @@ def stand_in_cluster(workdir: Path):
 
     if str(REPO) not in sys.path:  # the stand-in is test infrastructure of the checkout, not installed
         sys.path.insert(0, str(REPO))
-    from tests.stand_ins.kube_api import Image, KubeApiServer, Node
+    from tests.stand_ins.kube_api import Image, KubeApiServer, Node, kube_env
 
     image = Image(env={"PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"})
     nodes = [Node("cpu-node", labels={NODEPOOL_LABEL: "ckptflow-cpu"})]
     with KubeApiServer(workdir, nodes=nodes, namespaces=("default", "ckptflow"), images={IMAGE: image}) as server:
-        conn = {"conn_type": "kubernetes", "extra": {"kube_config_path": str(server.kubeconfig)}}
         os.environ.update(
-            {
-                "AIRFLOW_CONN_KUBERNETES_DEFAULT": json.dumps(conn),
-                "CKPTFLOW_K8S_CONN_ID": "kubernetes_default",
-                "CKPTFLOW_K8S_IMAGE": IMAGE,
-            }
+            {**kube_env(server.kubeconfig), "CKPTFLOW_K8S_CONN_ID": "kubernetes_default", "CKPTFLOW_K8S_IMAGE": IMAGE}
         )
         yield server
 

@@ -14,6 +14,7 @@ import pytest
 
 from operators.commands import STEPS
 from operators.kubernetes import NODEPOOL_LABEL
+from tests.stand_ins.fixtures import kube  # noqa: F401  (fixture)
 
 FAKE = Path(__file__).with_name("fake_ckptflow.py")
 IMAGE = "ckptflow-converter:test"
@@ -29,15 +30,11 @@ CONF = {
 
 
 @pytest.fixture
-def cluster(isolated_runs, tmp_path, monkeypatch):
-    """The stand-in API with a `ckptflow-cpu` node and the converter image (its `ckptflow` is the stand-in one, on
-    the image's PATH); the workers' settings point the step pods at it; the HF token is in the Airflow connection.
-    Returns (server, DAG, calls of the stand-in ckptflow)."""
-    import kubernetes.config.kube_config as sync_kube_config
-    import kubernetes_asyncio.config.kube_config as async_kube_config
-
-    from tests.stand_ins.fixtures import kube_env
-    from tests.stand_ins.kube_api import Image, KubeApiServer, Node
+def cluster(isolated_runs, kube, tmp_path, monkeypatch):
+    """The stand-in API (`kube`) with a `ckptflow-cpu` node and the converter image (its `ckptflow` is the stand-in
+    one, on the image's PATH); the workers' settings point the step pods at it; the HF token is in the Airflow
+    connection. Returns (server, DAG, calls of the stand-in ckptflow)."""
+    from tests.stand_ins.kube_api import Image, Node
 
     state = tmp_path / "fake-state"
     bindir = tmp_path / "image-bin"
@@ -49,34 +46,28 @@ def cluster(isolated_runs, tmp_path, monkeypatch):
     for var in ("FAKE_CKPTFLOW_EXIT", "FAKE_CKPTFLOW_FAIL_ONCE", "FAKE_CKPTFLOW_SLEEP"):
         if os.environ.get(var):
             image_env[var] = os.environ[var]
-    nodes = [Node("cpu-node", labels={NODEPOOL_LABEL: "ckptflow-cpu"})]
-    with KubeApiServer(tmp_path / "kube", nodes=nodes, namespaces=("default", "ckptflow")) as server:
-        server.add_image(IMAGE, Image(env=image_env))
-        for k, v in kube_env(server.kubeconfig).items():
-            monkeypatch.setenv(k, v)
-        monkeypatch.delenv("KUBECONFIG", raising=False)
-        monkeypatch.setattr(sync_kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(server.kubeconfig))
-        monkeypatch.setattr(async_kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(server.kubeconfig))
-        monkeypatch.setenv("CKPTFLOW_K8S_IMAGE", IMAGE)
-        monkeypatch.setenv("CKPTFLOW_K8S_CONN_ID", "kubernetes_default")
-        monkeypatch.setenv("AIRFLOW_CONN_CKPTFLOW_HF", json.dumps({"conn_type": "generic", "password": SECRET}))
-        dag = isolated_runs
-        saved = {t.task_id: (t.retry_delay, getattr(t, "poll_interval", None)) for t in dag.tasks}
-        for t in dag.tasks:
-            t.retry_delay = type(t.retry_delay)(0)
-            if hasattr(t, "poll_interval"):  # the trigger's and the sync wait's polling
-                t.poll_interval = 0.2
-                t.startup_check_interval_seconds = 0.2
+    kube.set_nodes([Node("cpu-node", labels={NODEPOOL_LABEL: "ckptflow-cpu"})])
+    kube.add_image(IMAGE, Image(env=image_env))
+    monkeypatch.setenv("CKPTFLOW_K8S_IMAGE", IMAGE)
+    monkeypatch.setenv("CKPTFLOW_K8S_CONN_ID", "kubernetes_default")
+    monkeypatch.setenv("AIRFLOW_CONN_CKPTFLOW_HF", json.dumps({"conn_type": "generic", "password": SECRET}))
+    dag = isolated_runs
+    saved = {t.task_id: (t.retry_delay, getattr(t, "poll_interval", None)) for t in dag.tasks}
+    for t in dag.tasks:
+        t.retry_delay = type(t.retry_delay)(0)
+        if hasattr(t, "poll_interval"):  # the trigger's and the sync wait's polling
+            t.poll_interval = 0.2
+            t.startup_check_interval_seconds = 0.2
 
-        def calls():
-            path = state / "calls.jsonl"
-            return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    def calls():
+        path = state / "calls.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
-        yield server, dag, calls
-        for t in dag.tasks:
-            t.retry_delay, poll = saved[t.task_id]
-            if poll is not None:
-                t.poll_interval = poll
+    yield kube, dag, calls
+    for t in dag.tasks:
+        t.retry_delay, poll = saved[t.task_id]
+        if poll is not None:
+            t.poll_interval = poll
 
 
 def run(dag, conf=CONF):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tests.stand_ins.hub_server import HubServer
+from tests.stand_ins.kube_api import kube_env  # noqa: F401  (re-exported: tests import it from here)
 
 TOKEN = "hf_SENTINELtokenDoNotPrint0123456789"
 
@@ -131,19 +132,6 @@ def gcs_objects(bucket: str, prefix: str = "") -> dict[str, bytes]:
 
     client = storage.Client()
     return {b.name: b.download_as_bytes() for b in client.list_blobs(bucket, prefix=prefix)}
-
-
-def kube_env(kubeconfig: str | os.PathLike, *, kubeconfig_var: bool = False) -> dict[str, str]:
-    """Environment pointing Airflow's `kubernetes_default` connection (extra `kube_config_path`) at a kubeconfig, e.g.
-    the Kubernetes API stand-in's; for this or child processes. `kubeconfig_var` also sets KUBECONFIG, which the
-    provider must NOT see together with the connection: a deferrable KubernetesPodOperator loads $KUBECONFIG into the
-    trigger's `config_dict`, and the trigger's hook then refuses a connection that also has `kube_config_path`
-    ("Options kube_config_path, kube_config, in_cluster, and config_dict are mutually exclusive")."""
-    conn = {"conn_type": "kubernetes", "extra": {"kube_config_path": str(kubeconfig), "namespace": "default"}}
-    env = {"AIRFLOW_CONN_KUBERNETES_DEFAULT": json.dumps(conn)}
-    if kubeconfig_var:
-        env["KUBECONFIG"] = str(kubeconfig)
-    return env
 
 
 @pytest.fixture

@@ -92,7 +92,7 @@ Over HTTP too (same bearer token), for a stand-in run as its own process: GET /s
 Run it on its own:  python -m tests.stand_ins.kube_api --port 8001 --workdir /tmp/kube [--image IMG=ARGV ...]
 [--node-label k=v ...] [--env K=V ...] [--namespace NS ...] [--tls] [--token T] prints the kubeconfig path (one line)
 and serves until SIGTERM/SIGINT (its pods are killed then). Point Airflow at it with the `kubernetes_default`
-connection, extra `kube_config_path` (tests/stand_ins/fixtures.py `kube_env`), not with KUBECONFIG as well.
+connection, extra `kube_config_path` (`kube_env`), not with KUBECONFIG as well.
 """
 
 from __future__ import annotations
@@ -2334,6 +2334,19 @@ class KubeApiServer:
         """Process ids of every container process started (alive or not)."""
         with self.state.lock:
             return list(self.state.all_pids)
+
+
+def kube_env(kubeconfig: str | os.PathLike, *, kubeconfig_var: bool = False) -> dict[str, str]:
+    """Environment pointing Airflow's `kubernetes_default` connection (extra `kube_config_path`) at a kubeconfig, e.g.
+    the Kubernetes API stand-in's; for this or child processes. `kubeconfig_var` also sets KUBECONFIG, which the
+    provider must NOT see together with the connection: a deferrable KubernetesPodOperator loads $KUBECONFIG into the
+    trigger's `config_dict`, and the trigger's hook then refuses a connection that also has `kube_config_path`
+    ("Options kube_config_path, kube_config, in_cluster, and config_dict are mutually exclusive")."""
+    conn = {"conn_type": "kubernetes", "extra": {"kube_config_path": str(kubeconfig), "namespace": "default"}}
+    env = {"AIRFLOW_CONN_KUBERNETES_DEFAULT": json.dumps(conn)}
+    if kubeconfig_var:
+        env["KUBECONFIG"] = str(kubeconfig)
+    return env
 
 
 def main(argv: list[str] | None = None) -> None:
